@@ -1,0 +1,516 @@
+-- meshhook_limits: tables, policies and SQL-language functions.
+-- Everything is schema-qualified; SECURITY DEFINER functions pin search_path.
+
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'meshhook_limits_admin') THEN
+    CREATE ROLE meshhook_limits_admin NOLOGIN;
+  END IF;
+END
+$$;
+
+-- Resources with a fixed meaning; any other name is a meter with a window.
+CREATE TABLE meshhook_limits.builtin_resources (
+  resource text PRIMARY KEY,
+  enforced_by text NOT NULL,
+  description text NOT NULL
+);
+INSERT INTO meshhook_limits.builtin_resources VALUES
+  ('concurrent_executions', 'acquire_execution_slot', 'running executions at once'),
+  ('execution_seconds', 'slot deadline, revoked by the reaper', 'wall-clock limit of one execution'),
+  ('memory_bytes', 'heartbeat_execution_slot, release_execution_slot, record_usage', 'peak memory of one execution'),
+  ('storage_bytes', 'record_usage (storage tracking comes later)', 'bytes a tenant stores'),
+  ('requests_per_second', 'check_rate_limit (comes later)', 'request rate per key, with burst');
+
+CREATE TABLE meshhook_limits.plans (
+  plan text PRIMARY KEY CHECK (plan ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+  description text,
+  created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE TABLE meshhook_limits.tenant_plans (
+  tenant_id uuid PRIMARY KEY,
+  plan text NOT NULL REFERENCES meshhook_limits.plans (plan) ON UPDATE CASCADE,
+  assigned_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- One row per configured limit. Scope: global (no plan, tenant, project),
+-- plan, tenant, or project (tenant and project).
+CREATE TABLE meshhook_limits.limits (
+  resource text NOT NULL CHECK (resource ~ '^[a-z][a-z0-9_.]{0,62}$'),
+  plan text REFERENCES meshhook_limits.plans (plan) ON UPDATE CASCADE ON DELETE CASCADE,
+  tenant_id uuid,
+  project_id uuid,
+  limit_value numeric NOT NULL CHECK (limit_value >= 0 AND limit_value < 'Infinity'),
+  warn_ratio numeric NOT NULL DEFAULT 0.8 CHECK (warn_ratio > 0 AND warn_ratio <= 1),
+  window_length interval CHECK (window_length > interval '0'),
+  burst numeric CHECK (burst >= 0 AND burst < 'Infinity'),
+  updated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  CHECK (plan IS NULL OR (tenant_id IS NULL AND project_id IS NULL)),
+  CHECK (project_id IS NULL OR tenant_id IS NOT NULL)
+);
+CREATE UNIQUE INDEX limits_scope_key ON meshhook_limits.limits (
+  tenant_id, project_id, plan, resource) NULLS NOT DISTINCT;
+CREATE INDEX limits_resource ON meshhook_limits.limits (resource);
+
+-- Metered usage: one row per tenant, resource, project (the nil uuid is the
+-- tenant's total) and window.
+CREATE TABLE meshhook_limits.usage_counters (
+  tenant_id uuid NOT NULL,
+  resource text NOT NULL,
+  project_id uuid NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000',
+  window_start timestamptz NOT NULL,
+  used numeric NOT NULL DEFAULT 0,
+  status text NOT NULL DEFAULT 'ok' CHECK (status IN ('ok', 'warning', 'exceeded')),
+  prev_status text NOT NULL DEFAULT 'ok',
+  updated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (tenant_id, resource, project_id, window_start)
+);
+
+-- Every event that was NOTIFYed, since LISTEN does not survive transaction pooling.
+CREATE TABLE meshhook_limits.events (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  tenant_id uuid,
+  event text NOT NULL,
+  resource text,
+  payload jsonb NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX events_tenant ON meshhook_limits.events (tenant_id, id);
+
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.plans', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.tenant_plans', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.limits', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.usage_counters', '');
+
+-- Row-level security: tenants read their own rows, admins read everything,
+-- nobody but the definer functions writes.
+ALTER TABLE meshhook_limits.plans ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.tenant_plans ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.limits ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.usage_counters ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.events ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY admin_all ON meshhook_limits.plans FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY own_plan ON meshhook_limits.plans FOR SELECT USING (
+  plan = (SELECT tp.plan FROM meshhook_limits.tenant_plans tp
+           WHERE tp.tenant_id = (SELECT meshhook_limits.current_tenant())));
+CREATE POLICY admin_all ON meshhook_limits.tenant_plans FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY own_rows ON meshhook_limits.tenant_plans FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
+CREATE POLICY admin_all ON meshhook_limits.limits FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY own_rows ON meshhook_limits.limits FOR SELECT USING (
+  (SELECT meshhook_limits.current_tenant()) IS NOT NULL AND (
+    tenant_id = (SELECT meshhook_limits.current_tenant())
+    OR (tenant_id IS NULL AND plan IS NULL)
+    OR plan = (SELECT tp.plan FROM meshhook_limits.tenant_plans tp
+                WHERE tp.tenant_id = (SELECT meshhook_limits.current_tenant()))));
+CREATE POLICY admin_all ON meshhook_limits.usage_counters FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY own_rows ON meshhook_limits.usage_counters FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
+CREATE POLICY admin_all ON meshhook_limits.events FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY own_rows ON meshhook_limits.events FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
+
+GRANT USAGE ON SCHEMA meshhook_limits TO PUBLIC;
+GRANT SELECT ON meshhook_limits.plans, meshhook_limits.tenant_plans, meshhook_limits.limits,
+  meshhook_limits.usage_counters, meshhook_limits.events, meshhook_limits.builtin_resources TO PUBLIC;
+
+-- Any change to limits, plans or assignments invalidates the backends' caches.
+CREATE FUNCTION meshhook_limits._limits_changed_trigger() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._limits_changed();
+  RETURN NULL;
+END
+$$;
+CREATE TRIGGER limits_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON meshhook_limits.limits
+  FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._limits_changed_trigger();
+CREATE TRIGGER limits_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON meshhook_limits.plans
+  FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._limits_changed_trigger();
+CREATE TRIGGER limits_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON meshhook_limits.tenant_plans
+  FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._limits_changed_trigger();
+
+-- Resolution without identity checks: project → tenant → plan → global.
+CREATE FUNCTION meshhook_limits._resolve(p_tenant uuid, p_project uuid)
+RETURNS TABLE(resource text, limit_value numeric, warn_ratio numeric, window_length interval,
+              burst numeric, source text)
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT DISTINCT ON (l.resource) l.resource, l.limit_value, l.warn_ratio, l.window_length, l.burst,
+         CASE WHEN l.project_id IS NOT NULL THEN 'project'
+              WHEN l.tenant_id IS NOT NULL THEN 'tenant'
+              WHEN l.plan IS NOT NULL THEN 'plan'
+              ELSE 'global' END
+    FROM meshhook_limits.limits l
+   WHERE (l.tenant_id = p_tenant AND l.project_id = p_project)
+      OR (l.tenant_id = p_tenant AND l.project_id IS NULL)
+      OR (l.plan = (SELECT tp.plan FROM meshhook_limits.tenant_plans tp WHERE tp.tenant_id = p_tenant))
+      OR (l.plan IS NULL AND l.tenant_id IS NULL)
+   ORDER BY l.resource,
+            CASE WHEN l.project_id IS NOT NULL THEN 0 WHEN l.tenant_id IS NOT NULL THEN 1
+                 WHEN l.plan IS NOT NULL THEN 2 ELSE 3 END
+$$;
+
+-- What the slot path needs, in integer units.
+CREATE FUNCTION meshhook_limits._slot_limits(p_tenant uuid, p_project uuid)
+RETURNS TABLE(tenant_cap bigint, project_cap bigint, exec_micros bigint, memory_bytes bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT
+    (SELECT pg_catalog.floor(r.limit_value)::bigint FROM meshhook_limits._resolve(p_tenant, NULL) r
+      WHERE r.resource = 'concurrent_executions'),
+    (SELECT pg_catalog.floor(l.limit_value)::bigint FROM meshhook_limits.limits l
+      WHERE l.resource = 'concurrent_executions' AND l.tenant_id = p_tenant
+        AND l.project_id = p_project),
+    (SELECT LEAST(r.limit_value * 1000000, 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
+      WHERE r.resource = 'execution_seconds'),
+    (SELECT LEAST(r.limit_value, 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
+      WHERE r.resource = 'memory_bytes')
+$$;
+
+CREATE FUNCTION meshhook_limits.effective_limits(tenant_id uuid, project_id uuid DEFAULT NULL)
+RETURNS TABLE(resource text, limit_value numeric, warn_ratio numeric, window_length interval,
+              burst numeric, source text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_tenant_access(effective_limits.tenant_id);
+  RETURN QUERY SELECT * FROM meshhook_limits._resolve(effective_limits.tenant_id, effective_limits.project_id);
+END
+$$;
+
+-- Validation shared by set_limit and set_plan_limit. Raises 22023.
+CREATE FUNCTION meshhook_limits._validate_limit(p_resource text, p_limit numeric, p_warn numeric,
+                                                p_window interval, p_burst numeric)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  builtin boolean;
+BEGIN
+  IF p_resource IS NULL OR p_resource !~ '^[a-z][a-z0-9_.]{0,62}$' THEN
+    RAISE EXCEPTION 'invalid resource name %', coalesce(quote_literal(left(p_resource, 80)), 'NULL')
+      USING ERRCODE = '22023',
+            HINT = 'resource names are 1-63 characters of a-z, 0-9, _ and ., starting with a letter';
+  END IF;
+  builtin := p_resource IN ('concurrent_executions', 'execution_seconds', 'memory_bytes',
+                            'storage_bytes', 'requests_per_second');
+  IF p_limit IS NULL OR p_limit = 'NaN' OR p_limit < 0 OR p_limit = 'Infinity' THEN
+    RAISE EXCEPTION 'limit_value must be a finite number >= 0, got %', coalesce(p_limit::text, 'NULL')
+      USING ERRCODE = '22023', HINT = 'use clear_limit to remove a limit';
+  END IF;
+  IF p_resource = 'concurrent_executions' AND p_limit <> trunc(p_limit) THEN
+    RAISE EXCEPTION 'concurrent_executions must be a whole number, got %', p_limit
+      USING ERRCODE = '22023';
+  END IF;
+  IF p_warn IS NULL OR p_warn = 'NaN' OR p_warn <= 0 OR p_warn > 1 THEN
+    RAISE EXCEPTION 'warn_ratio must be in (0, 1], got %', coalesce(p_warn::text, 'NULL')
+      USING ERRCODE = '22023', HINT = 'warn_ratio 0.8 warns at 80% of the limit';
+  END IF;
+  IF NOT builtin AND p_window IS NULL THEN
+    RAISE EXCEPTION 'unknown resource "%" needs a window_length', p_resource
+      USING ERRCODE = '22023',
+            HINT = 'built-in resources are concurrent_executions, execution_seconds, memory_bytes, '
+                   'storage_bytes and requests_per_second; any other name is a meter summed over '
+                   'window_length, e.g. window_length => ''1 day''';
+  END IF;
+  IF builtin AND p_window IS NOT NULL THEN
+    RAISE EXCEPTION 'window_length does not apply to %', p_resource
+      USING ERRCODE = '22023', HINT = 'window_length is for metered resources only';
+  END IF;
+  IF p_window IS NOT NULL AND (p_window <= interval '0' OR p_window > interval '366 days') THEN
+    RAISE EXCEPTION 'window_length must be between 1 microsecond and 366 days, got %', p_window
+      USING ERRCODE = '22023';
+  END IF;
+  IF p_burst IS NOT NULL AND p_resource <> 'requests_per_second' THEN
+    RAISE EXCEPTION 'burst applies to requests_per_second only' USING ERRCODE = '22023';
+  END IF;
+  IF p_burst IS NOT NULL AND (p_burst = 'NaN' OR p_burst < 0 OR p_burst = 'Infinity') THEN
+    RAISE EXCEPTION 'burst must be a finite number >= 0, got %', p_burst USING ERRCODE = '22023';
+  END IF;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.set_limit(resource text, limit_value numeric, tenant_id uuid DEFAULT NULL,
+    project_id uuid DEFAULT NULL, warn_ratio numeric DEFAULT 0.8, window_length interval DEFAULT NULL,
+    burst numeric DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('change limits');
+  PERFORM meshhook_limits._validate_limit(set_limit.resource, set_limit.limit_value, set_limit.warn_ratio,
+                                          set_limit.window_length, set_limit.burst);
+  IF set_limit.project_id IS NOT NULL AND set_limit.tenant_id IS NULL THEN
+    RAISE EXCEPTION 'a project limit needs its tenant_id' USING ERRCODE = '22023',
+      HINT = 'pass tenant_id together with project_id';
+  END IF;
+  INSERT INTO meshhook_limits.limits AS l (resource, tenant_id, project_id, limit_value, warn_ratio,
+                                           window_length, burst)
+  VALUES (set_limit.resource, set_limit.tenant_id, set_limit.project_id, set_limit.limit_value,
+          set_limit.warn_ratio, set_limit.window_length, set_limit.burst)
+  ON CONFLICT (tenant_id, project_id, plan, resource) DO UPDATE
+    SET limit_value = EXCLUDED.limit_value, warn_ratio = EXCLUDED.warn_ratio,
+        window_length = EXCLUDED.window_length, burst = EXCLUDED.burst, updated_at = pg_catalog.now();
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.clear_limit(resource text, tenant_id uuid DEFAULT NULL, project_id uuid DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE n bigint;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('change limits');
+  IF clear_limit.project_id IS NOT NULL AND clear_limit.tenant_id IS NULL THEN
+    RAISE EXCEPTION 'a project limit needs its tenant_id' USING ERRCODE = '22023';
+  END IF;
+  DELETE FROM meshhook_limits.limits l
+   WHERE l.resource = clear_limit.resource AND l.plan IS NULL
+     AND l.tenant_id IS NOT DISTINCT FROM clear_limit.tenant_id
+     AND l.project_id IS NOT DISTINCT FROM clear_limit.project_id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n > 0;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.create_plan(plan text, description text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('manage plans');
+  IF create_plan.plan IS NULL OR create_plan.plan !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
+    RAISE EXCEPTION 'invalid plan name %', coalesce(quote_literal(left(create_plan.plan, 80)), 'NULL')
+      USING ERRCODE = '22023', HINT = 'plan names are 1-63 characters of letters, digits, _ . and -';
+  END IF;
+  INSERT INTO meshhook_limits.plans AS p (plan, description) VALUES (create_plan.plan, create_plan.description)
+  ON CONFLICT (plan) DO UPDATE SET description = EXCLUDED.description;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.drop_plan(plan text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE n bigint;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('manage plans');
+  IF EXISTS (SELECT 1 FROM meshhook_limits.tenant_plans tp WHERE tp.plan = drop_plan.plan) THEN
+    RAISE EXCEPTION 'plan % is still assigned to tenants', quote_literal(drop_plan.plan)
+      USING ERRCODE = '55006', HINT = 'assign those tenants another plan first';
+  END IF;
+  DELETE FROM meshhook_limits.plans p WHERE p.plan = drop_plan.plan;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n > 0;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits._require_plan(p_plan text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  IF p_plan IS NULL OR NOT EXISTS (SELECT 1 FROM meshhook_limits.plans p WHERE p.plan = p_plan) THEN
+    RAISE EXCEPTION 'unknown plan %', coalesce(quote_literal(left(p_plan, 80)), 'NULL')
+      USING ERRCODE = '22023', HINT = 'create it first with meshhook_limits.create_plan(name)';
+  END IF;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.set_plan_limit(plan text, resource text, limit_value numeric,
+    warn_ratio numeric DEFAULT 0.8, window_length interval DEFAULT NULL, burst numeric DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('change limits');
+  PERFORM meshhook_limits._require_plan(set_plan_limit.plan);
+  PERFORM meshhook_limits._validate_limit(set_plan_limit.resource, set_plan_limit.limit_value,
+      set_plan_limit.warn_ratio, set_plan_limit.window_length, set_plan_limit.burst);
+  INSERT INTO meshhook_limits.limits AS l (resource, plan, limit_value, warn_ratio, window_length, burst)
+  VALUES (set_plan_limit.resource, set_plan_limit.plan, set_plan_limit.limit_value, set_plan_limit.warn_ratio,
+          set_plan_limit.window_length, set_plan_limit.burst)
+  ON CONFLICT (tenant_id, project_id, plan, resource) DO UPDATE
+    SET limit_value = EXCLUDED.limit_value, warn_ratio = EXCLUDED.warn_ratio,
+        window_length = EXCLUDED.window_length, burst = EXCLUDED.burst, updated_at = pg_catalog.now();
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.clear_plan_limit(plan text, resource text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE n bigint;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('change limits');
+  DELETE FROM meshhook_limits.limits l WHERE l.plan = clear_plan_limit.plan AND l.resource = clear_plan_limit.resource;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n > 0;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.assign_plan(tenant_id uuid, plan text)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('assign plans');
+  IF assign_plan.tenant_id IS NULL THEN
+    RAISE EXCEPTION 'tenant_id must not be NULL' USING ERRCODE = '22023';
+  END IF;
+  IF assign_plan.plan IS NULL THEN
+    DELETE FROM meshhook_limits.tenant_plans tp WHERE tp.tenant_id = assign_plan.tenant_id;
+    RETURN;
+  END IF;
+  PERFORM meshhook_limits._require_plan(assign_plan.plan);
+  INSERT INTO meshhook_limits.tenant_plans AS tp (tenant_id, plan) VALUES (assign_plan.tenant_id, assign_plan.plan)
+  ON CONFLICT ON CONSTRAINT tenant_plans_pkey DO UPDATE SET plan = EXCLUDED.plan, assigned_at = pg_catalog.now();
+END
+$$;
+
+-- Record an event: keep it, NOTIFY it, and send it to Supabase Realtime where present.
+CREATE FUNCTION meshhook_limits._emit(p_event text, p_tenant uuid, p_resource text, p_value numeric,
+                                      p_limit numeric, p_extra jsonb DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  payload jsonb;
+  channel text := coalesce(nullif(current_setting('meshhook_limits.notify_channel', true), ''), 'meshhook_limits');
+BEGIN
+  payload := jsonb_build_object('event', p_event, 'tenant_id', p_tenant, 'resource', p_resource,
+                                'value', p_value, 'limit', p_limit, 'at', pg_catalog.now());
+  IF p_extra IS NOT NULL AND length((payload || p_extra)::text) < 7900 THEN
+    payload := p_extra || payload;
+  END IF;
+  INSERT INTO meshhook_limits.events (tenant_id, event, resource, payload)
+  VALUES (p_tenant, p_event, p_resource, payload);
+  PERFORM pg_catalog.pg_notify(channel, payload::text);
+  IF pg_catalog.to_regprocedure('realtime.send(jsonb,text,text,boolean)') IS NOT NULL THEN
+    EXECUTE 'SELECT realtime.send($1, $2, $3, true)'
+      USING payload, p_event, 'meshhook_limits:' || coalesce(p_tenant::text, 'admin');
+  END IF;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits._status(p_used numeric, p_limit numeric, p_warn numeric)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN p_limit IS NULL THEN 'ok'
+              WHEN p_used > p_limit THEN 'exceeded'
+              WHEN p_used >= p_limit * p_warn THEN 'warning'
+              ELSE 'ok' END
+$$;
+
+CREATE FUNCTION meshhook_limits.record_usage(tenant_id uuid, resource text, amount numeric,
+                                             project_id uuid DEFAULT NULL)
+RETURNS TABLE(status text, used numeric, limit_value numeric, window_start timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  t uuid := record_usage.tenant_id;
+  r text := record_usage.resource;
+  gauge boolean;
+  eff record;
+  proj record;
+  win interval;
+  ws timestamptz;
+  nil uuid := '00000000-0000-0000-0000-000000000000';
+  row_t record;
+  row_p record;
+  rank_t int;
+  rank_p int;
+BEGIN
+  PERFORM meshhook_limits.require_tenant_access(t);
+  IF r IS NULL OR r !~ '^[a-z][a-z0-9_.]{0,62}$' THEN
+    RAISE EXCEPTION 'invalid resource name %', coalesce(quote_literal(left(r, 80)), 'NULL')
+      USING ERRCODE = '22023';
+  END IF;
+  IF amount IS NULL OR amount = 'NaN' OR amount < 0 OR amount = 'Infinity' THEN
+    RAISE EXCEPTION 'amount must be a finite number >= 0, got %', coalesce(amount::text, 'NULL')
+      USING ERRCODE = '22023', HINT = 'usage only grows; report what was used, not a correction';
+  END IF;
+  IF r IN ('concurrent_executions', 'execution_seconds', 'requests_per_second') THEN
+    RAISE EXCEPTION '% is not metered with record_usage', r USING ERRCODE = '22023',
+      HINT = 'concurrent executions and execution time are enforced by the slot functions, request rates by check_rate_limit';
+  END IF;
+  gauge := r IN ('memory_bytes', 'storage_bytes');
+  SELECT * INTO eff FROM meshhook_limits._resolve(t, NULL) e WHERE e.resource = r;
+  IF record_usage.project_id IS NOT NULL THEN
+    SELECT l.limit_value, l.warn_ratio INTO proj FROM meshhook_limits.limits l
+     WHERE l.resource = r AND l.tenant_id = t AND l.project_id = record_usage.project_id;
+  END IF;
+  IF gauge THEN
+    -- A gauge keeps one row (its latest reading); updated_at says when.
+    ws := 'epoch'::timestamptz;
+  ELSE
+    win := coalesce(eff.window_length,
+                    (SELECT min(l.window_length) FROM meshhook_limits.limits l WHERE l.resource = r));
+    IF win IS NULL THEN
+      RAISE EXCEPTION 'unknown resource "%"', r USING ERRCODE = '22023',
+        HINT = 'define it first: meshhook_limits.set_limit(resource, limit_value, window_length => ''1 day'')';
+    END IF;
+    ws := to_timestamp(floor(extract(epoch FROM pg_catalog.now()) / extract(epoch FROM win))
+                       * extract(epoch FROM win));
+  END IF;
+
+  INSERT INTO meshhook_limits.usage_counters AS u (tenant_id, resource, project_id, window_start, used, status, prev_status)
+  VALUES (t, r, nil, ws, amount, meshhook_limits._status(amount, eff.limit_value, eff.warn_ratio), 'ok')
+  ON CONFLICT (tenant_id, resource, project_id, window_start) DO UPDATE
+    SET used = CASE WHEN gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
+        status = meshhook_limits._status(CASE WHEN gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
+                                         eff.limit_value, eff.warn_ratio),
+        prev_status = u.status, updated_at = pg_catalog.now()
+  RETURNING u.used, u.status, u.prev_status INTO row_t;
+  IF row_t.status <> row_t.prev_status THEN
+    PERFORM meshhook_limits._emit(CASE row_t.status WHEN 'ok' THEN 'limit.recovered'
+                                                    WHEN 'warning' THEN 'limit.warning'
+                                                    ELSE 'limit.exceeded' END,
+                                  t, r, row_t.used, eff.limit_value, NULL);
+  END IF;
+  status := row_t.status; used := row_t.used; limit_value := eff.limit_value; window_start := ws;
+
+  IF record_usage.project_id IS NOT NULL THEN
+    INSERT INTO meshhook_limits.usage_counters AS u (tenant_id, resource, project_id, window_start, used, status, prev_status)
+    VALUES (t, r, record_usage.project_id, ws, amount, meshhook_limits._status(amount, proj.limit_value, proj.warn_ratio), 'ok')
+    ON CONFLICT (tenant_id, resource, project_id, window_start) DO UPDATE
+      SET used = CASE WHEN gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
+          status = meshhook_limits._status(CASE WHEN gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
+                                           proj.limit_value, proj.warn_ratio),
+          prev_status = u.status, updated_at = pg_catalog.now()
+    RETURNING u.used, u.status, u.prev_status INTO row_p;
+    IF row_p.status <> row_p.prev_status THEN
+      PERFORM meshhook_limits._emit(CASE row_p.status WHEN 'ok' THEN 'limit.recovered'
+                                                      WHEN 'warning' THEN 'limit.warning'
+                                                      ELSE 'limit.exceeded' END,
+                                    t, r, row_p.used, proj.limit_value,
+                                    jsonb_build_object('project_id', record_usage.project_id));
+    END IF;
+    rank_t := CASE row_t.status WHEN 'exceeded' THEN 2 WHEN 'warning' THEN 1 ELSE 0 END;
+    rank_p := CASE row_p.status WHEN 'exceeded' THEN 2 WHEN 'warning' THEN 1 ELSE 0 END;
+    IF rank_p > rank_t THEN
+      status := row_p.status; used := row_p.used; limit_value := proj.limit_value;
+    END IF;
+  END IF;
+  RETURN NEXT;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.usage(tenant_id uuid)
+RETURNS TABLE(resource text, used numeric, limit_value numeric, ratio numeric, status text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_tenant_access(usage.tenant_id);
+  RETURN QUERY
+  WITH eff AS (SELECT * FROM meshhook_limits._resolve(usage.tenant_id, NULL)),
+  cur AS (
+    SELECT e.resource, e.limit_value, e.warn_ratio,
+           CASE
+             WHEN e.resource = 'concurrent_executions' THEN meshhook_limits.live_slots(usage.tenant_id)::numeric
+             WHEN e.resource IN ('execution_seconds', 'requests_per_second') THEN NULL
+             ELSE coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
+                             WHERE u.tenant_id = usage.tenant_id AND u.resource = e.resource
+                               AND u.project_id = '00000000-0000-0000-0000-000000000000'
+                               AND (e.window_length IS NULL
+                                    OR u.window_start + e.window_length > pg_catalog.now())
+                             ORDER BY u.window_start DESC LIMIT 1), 0)
+           END AS used
+      FROM eff e)
+  SELECT c.resource, c.used, c.limit_value,
+         CASE WHEN c.used IS NULL OR c.limit_value IS NULL THEN NULL
+              WHEN c.limit_value = 0 THEN CASE WHEN c.used > 0 THEN 'Infinity'::numeric ELSE 0 END
+              ELSE round(c.used / c.limit_value, 4) END,
+         CASE WHEN c.used IS NULL THEN 'ok'
+              ELSE meshhook_limits._status(c.used, c.limit_value, c.warn_ratio) END
+    FROM cur c
+   ORDER BY c.resource;
+END
+$$;

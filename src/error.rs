@@ -1,0 +1,84 @@
+//! The one error type of the crate, mapped once to SQLSTATE, message and hint.
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    /// 22023: an argument is missing or out of range.
+    #[error("{msg}")]
+    InvalidParameter { msg: String, hint: String },
+    /// 42501: the caller may not act for this tenant or change configuration.
+    #[error("{msg}")]
+    Forbidden { msg: String, hint: String },
+    /// 55000: the library is not in shared_preload_libraries.
+    #[error("meshhook_limits is not loaded through shared_preload_libraries")]
+    NotPreloaded,
+    /// 53400: the shared slot table is full.
+    #[error("the shared execution-slot table is full ({0} slots)")]
+    SlotTableFull(usize),
+    /// XX000: an internal query failed.
+    #[error("internal query failed: {0}")]
+    Spi(#[from] pgrx::spi::SpiError),
+}
+
+pub type Result<T> = std::result::Result<T, LimitsError>;
+
+impl LimitsError {
+    pub fn invalid(msg: impl Into<String>, hint: impl Into<String>) -> Self {
+        LimitsError::InvalidParameter { msg: msg.into(), hint: hint.into() }
+    }
+
+    pub fn forbidden(msg: impl Into<String>, hint: impl Into<String>) -> Self {
+        LimitsError::Forbidden { msg: msg.into(), hint: hint.into() }
+    }
+
+    fn code(&self) -> PgSqlErrorCode {
+        match self {
+            LimitsError::InvalidParameter { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            LimitsError::Forbidden { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            LimitsError::NotPreloaded => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            LimitsError::SlotTableFull(_) => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            LimitsError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            LimitsError::InvalidParameter { hint, .. } | LimitsError::Forbidden { hint, .. } => {
+                (!hint.is_empty()).then(|| hint.clone())
+            }
+            LimitsError::NotPreloaded => Some(
+                "add meshhook_limits to shared_preload_libraries in postgresql.conf and restart the server"
+                    .into(),
+            ),
+            LimitsError::SlotTableFull(_) => {
+                Some("release finished slots, or lower the lease so abandoned slots are reclaimed sooner".into())
+            }
+            LimitsError::Spi(_) => None,
+        }
+    }
+
+    /// Raise as a PostgreSQL ERROR. Does not return.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.code(), self.to_string(), "meshhook_limits");
+        if let Some(h) = self.hint() {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+/// Unwrap a result at the SQL boundary, raising the error with its SQLSTATE.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Who is calling: the tenant (from JWT claims or the session setting) and
+//! whether the caller is an administrator.
+//!
+//! Functions of this extension run as SECURITY DEFINER, so `current_user`
+//! inside them is the owner. The caller is the *outer* user: the login role,
+//! or whatever `SET [LOCAL] ROLE` chose (PostgREST's `authenticated`).
+use crate::error::{LimitsError, Result};
+use crate::gucs;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+
+fn claims_text() -> Option<String> {
+    unsafe {
+        let p = pg_sys::GetConfigOption(c"request.jwt.claims".as_ptr(), true, false);
+        if p.is_null() {
+            return None;
+        }
+        let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+        (!s.trim().is_empty()).then_some(s)
+    }
+}
+
+fn parse_uuid(s: &str, origin: &str) -> Result<pgrx::Uuid> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(LimitsError::invalid(
+            format!("{origin} is not a uuid: \"{}\"", truncate(s, 64)),
+            "tenant ids are uuids such as 0b6f6c2e-0000-4000-8000-000000000001",
+        ));
+    }
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
+    }
+    Ok(pgrx::Uuid::from_bytes(bytes))
+}
+
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn claim_at<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.').filter(|p| !p.is_empty()).try_fold(v, |cur, key| cur.get(key))
+}
+
+/// The tenant of the caller, or None when the caller carries no tenant.
+pub fn caller_tenant() -> Result<Option<pgrx::Uuid>> {
+    if let Some(text) = claims_text() {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            LimitsError::invalid(
+                format!("request.jwt.claims is not valid JSON: {e}"),
+                "set request.jwt.claims to the JSON claims of the caller's JWT",
+            )
+        })?;
+        let path = gucs::TENANT_CLAIM
+            .get()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "app_metadata.tenant_id".into());
+        let found = claim_at(&v, &path).or_else(|| v.get("tenant_id"));
+        match found {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => {
+                return parse_uuid(s, "the tenant claim of request.jwt.claims").map(Some)
+            }
+            Some(serde_json::Value::Null) | None => {}
+            Some(other) => {
+                return Err(LimitsError::invalid(
+                    format!("the tenant claim of request.jwt.claims is not a string: {}", truncate(&other.to_string(), 64)),
+                    "put the tenant id as a uuid string in the claim named by meshhook_limits.tenant_claim",
+                ))
+            }
+        }
+        // A JWT is present but names no tenant (e.g. anon): no tenant, and the
+        // session setting must not be used to widen it.
+        return Ok(None);
+    }
+    match gucs::TENANT_ID.get() {
+        Some(c) if !c.to_bytes().is_empty() => {
+            parse_uuid(&c.to_string_lossy(), "meshhook_limits.tenant_id").map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn has_role(member: pg_sys::Oid, role: &CStr) -> bool {
+    unsafe {
+        let oid = pg_sys::get_role_oid(role.as_ptr(), true);
+        oid != pg_sys::InvalidOid && pg_sys::has_privs_of_role(member, oid)
+    }
+}
+
+/// Superuser, `service_role` (where it exists) or a member of `meshhook_limits_admin`.
+pub fn caller_is_admin() -> bool {
+    unsafe {
+        let outer = pg_sys::GetOuterUserId();
+        pg_sys::superuser_arg(outer)
+            || has_role(outer, c"service_role")
+            || has_role(outer, c"meshhook_limits_admin")
+    }
+}
+
+/// The caller may act for `tenant`: it is that tenant, or an administrator.
+pub fn require_act_for(tenant: pgrx::Uuid) -> Result<()> {
+    match caller_tenant()? {
+        Some(t) if t == tenant => Ok(()),
+        _ if caller_is_admin() => Ok(()),
+        Some(t) => Err(LimitsError::forbidden(
+            format!("tenant {t} may not act for tenant {tenant}"),
+            "call with the tenant id of your own JWT claim",
+        )),
+        None => Err(LimitsError::forbidden(
+            format!("no tenant identity to act for tenant {tenant}"),
+            "send a JWT whose claims carry the tenant id, set meshhook_limits.tenant_id, or call as an admin",
+        )),
+    }
+}
+
+pub fn require_admin(what: &str) -> Result<()> {
+    if caller_is_admin() {
+        Ok(())
+    } else {
+        Err(LimitsError::forbidden(
+            format!("only administrators may {what}"),
+            "grant the role meshhook_limits_admin to the caller, or call as service_role",
+        ))
+    }
+}
+
+/// The tenant of the caller (NULL when it has none). Used by RLS policies.
+#[pg_extern(stable, parallel_safe)]
+pub fn current_tenant() -> Option<pgrx::Uuid> {
+    use crate::error::OrRaise;
+    caller_tenant().or_raise()
+}
+
+/// True when the caller is an administrator of meshhook_limits.
+#[pg_extern(stable, parallel_safe)]
+pub fn is_admin() -> bool {
+    caller_is_admin()
+}
+
+/// Raise 22023 for a NULL tenant and 42501 unless the caller may act for it.
+#[pg_extern(stable, parallel_safe)]
+pub fn require_tenant_access(tenant_id: Option<pgrx::Uuid>) {
+    use crate::error::OrRaise;
+    let r = match tenant_id {
+        None => Err(LimitsError::invalid("tenant_id must not be NULL", "pass the uuid of the tenant")),
+        Some(t) => require_act_for(t),
+    };
+    r.or_raise()
+}
+
+/// Raise 42501 unless the caller is an administrator.
+#[pg_extern(stable, parallel_safe)]
+pub fn require_admin_access(action: &str) {
+    use crate::error::OrRaise;
+    require_admin(action).or_raise()
+}

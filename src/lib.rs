@@ -1,0 +1,110 @@
+//! meshhook_limits: limits, execution slots and usage metering for a
+//! Postgres-native multi-tenant workflow engine.
+//!
+//! `lib.rs` stays thin: module lines, `_PG_init` in a fixed order
+//! (preload check → GUCs → shared memory → transaction callbacks), and the
+//! hand-written SQL that defines tables, policies and SQL-language functions.
+use pgrx::prelude::*;
+
+mod error;
+mod gucs;
+mod identity;
+mod limits;
+mod shmem;
+mod slots;
+mod xact;
+
+pgrx::pg_module_magic!();
+
+// Tables, policies, grants and SQL-language functions. The Rust functions
+// that SQL depends on (identity) are created first, hence `requires`.
+extension_sql_file!(
+    "../sql/schema.sql",
+    name = "schema",
+    requires = [identity::current_tenant, identity::is_admin, slots::live_slots]
+);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::init();
+    if preloading {
+        shmem::init();
+    }
+    xact::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn resolution_prefers_project_over_tenant_over_plan_over_global() {
+        Spi::run(
+            "SELECT meshhook_limits.set_limit('concurrent_executions', 50);
+             SELECT meshhook_limits.create_plan('pro');
+             SELECT meshhook_limits.set_plan_limit('pro', 'concurrent_executions', 20);
+             SELECT meshhook_limits.assign_plan('00000000-0000-0000-0000-00000000000a', 'pro');",
+        )
+        .expect("setup");
+        let src = |q: &str| Spi::get_one::<String>(q).expect("query").expect("row");
+        let q = "SELECT source || ':' || limit_value::text FROM meshhook_limits.effective_limits(
+                   '00000000-0000-0000-0000-00000000000a', '00000000-0000-0000-0000-0000000000b1')
+                 WHERE resource = 'concurrent_executions'";
+        assert_eq!(src(q), "plan:20");
+        Spi::run("SELECT meshhook_limits.set_limit('concurrent_executions', 7, '00000000-0000-0000-0000-00000000000a')").expect("tenant");
+        assert_eq!(src(q), "tenant:7");
+        Spi::run("SELECT meshhook_limits.set_limit('concurrent_executions', 3, '00000000-0000-0000-0000-00000000000a', '00000000-0000-0000-0000-0000000000b1')").expect("project");
+        assert_eq!(src(q), "project:3");
+        Spi::run("SELECT meshhook_limits.clear_limit('concurrent_executions', '00000000-0000-0000-0000-00000000000a', '00000000-0000-0000-0000-0000000000b1')").expect("clear");
+        assert_eq!(src(q), "tenant:7");
+    }
+
+    #[pg_test(error = "limit_value must be a finite number >= 0, got -1")]
+    fn negative_limit_is_refused() {
+        Spi::run("SELECT meshhook_limits.set_limit('concurrent_executions', -1)").expect("raises");
+    }
+
+    #[pg_test(error = "unknown resource \"widgets\" needs a window_length")]
+    fn unknown_resource_without_window_is_refused() {
+        Spi::run("SELECT meshhook_limits.set_limit('widgets', 10)").expect("raises");
+    }
+
+    #[pg_test]
+    fn metered_usage_reports_warning_then_exceeded() {
+        Spi::run("SELECT meshhook_limits.set_limit('executions_per_day', 10, window_length => '1 day')")
+            .expect("limit");
+        let t = "'00000000-0000-0000-0000-0000000000c1'";
+        let status = |amount: i32| {
+            Spi::get_one::<String>(&format!(
+                "SELECT status FROM meshhook_limits.record_usage({t}, 'executions_per_day', {amount})"
+            ))
+            .expect("record")
+            .expect("row")
+        };
+        assert_eq!(status(5), "ok");
+        assert_eq!(status(3), "warning");
+        assert_eq!(status(3), "exceeded");
+    }
+
+    #[pg_test]
+    fn slots_outside_preload_report_not_preloaded() {
+        // pgrx's test server preloads the library, so the fast path is on.
+        let granted = Spi::get_one::<bool>(
+            "SELECT granted FROM meshhook_limits.acquire_execution_slot('00000000-0000-0000-0000-0000000000d1')",
+        )
+        .expect("acquire");
+        assert_eq!(granted, Some(true));
+    }
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'meshhook_limits'"]
+    }
+}

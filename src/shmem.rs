@@ -1,0 +1,389 @@
+//! The shared execution-slot table.
+//!
+//! Fixed size, allocated once by the postmaster when the library is preloaded:
+//! a header, `MAX_SLOTS` slot entries and an open-addressing table of live
+//! counts per tenant and per project. All of it sits behind one LWLock that is
+//! held for a few hundred nanoseconds at a time and never across SPI.
+//!
+//! Shared memory does not survive a restart or a crash; `started_at` lets the
+//! slot logic refuse grants for `meshhook_limits.restart_grace` afterwards, so
+//! holders from before the restart learn from their next heartbeat that their
+//! slot is gone before anyone else is admitted in their place.
+use pgrx::pg_sys;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+pub const MAX_SLOTS: usize = 8192;
+/// Power of two, at least twice the number of keys that can be live at once
+/// (each slot has at most one tenant and one project key).
+const COUNTER_CAP: usize = 4 * MAX_SLOTS;
+pub const RUN_ID_MAX: usize = 96;
+
+pub const FREE: u8 = 0;
+pub const LIVE: u8 = 1;
+pub const REVOKED: u8 = 2;
+
+pub const KIND_TENANT: u8 = 1;
+pub const KIND_PROJECT: u8 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RevokeReason {
+    None = 0,
+    LeaseExpired = 1,
+    DeadlineExceeded = 2,
+    MemoryExceeded = 3,
+}
+
+impl RevokeReason {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => RevokeReason::LeaseExpired,
+            2 => RevokeReason::DeadlineExceeded,
+            3 => RevokeReason::MemoryExceeded,
+            _ => RevokeReason::None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::None => "revoked",
+            RevokeReason::LeaseExpired => "lease_expired",
+            RevokeReason::DeadlineExceeded => "deadline_exceeded",
+            RevokeReason::MemoryExceeded => "memory_exceeded",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Slot {
+    pub id: [u8; 16],
+    pub tenant: [u8; 16],
+    pub project: [u8; 16],
+    pub has_project: bool,
+    pub state: u8,
+    pub reason: u8,
+    /// The revocation has been announced (slot.revoked event).
+    pub notified: bool,
+    pub pid: i32,
+    pub acquired_at: i64,
+    pub lease_micros: i64,
+    pub lease_expires: i64,
+    /// i64::MAX when there is no execution_seconds limit.
+    pub deadline: i64,
+    /// -1 when there is no memory_bytes limit.
+    pub memory_limit: i64,
+    pub memory_peak: i64,
+    pub revoked_at: i64,
+    pub run_id_len: u8,
+    pub run_id: [u8; RUN_ID_MAX],
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Counter {
+    key: [u8; 16],
+    kind: u8,
+    count: u32,
+}
+
+#[repr(C)]
+pub struct Header {
+    pub started_at: i64,
+    /// Bumped whenever limits or plans change (at the change and at commit).
+    pub generation: AtomicU64,
+    pub grants: AtomicU64,
+    pub refusals: AtomicU64,
+    pub revocations: AtomicU64,
+    pub cursor: u32,
+    pub live: u32,
+}
+
+#[repr(C)]
+pub struct Table {
+    pub header: Header,
+    pub slots: [Slot; MAX_SLOTS],
+    counters: [Counter; COUNTER_CAP],
+}
+
+struct Shared {
+    lock: *mut pg_sys::LWLock,
+    table: *mut Table,
+}
+
+static mut SHARED: Shared = Shared { lock: std::ptr::null_mut(), table: std::ptr::null_mut() };
+static READY: AtomicBool = AtomicBool::new(false);
+static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
+const TRANCHE: &std::ffi::CStr = c"meshhook_limits";
+
+pub fn init() {
+    unsafe {
+        PREV_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+    READY.store(true, Ordering::Relaxed);
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    unsafe {
+        if let Some(prev) = PREV_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Table>());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    unsafe {
+        if let Some(prev) = PREV_STARTUP {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let table = pg_sys::ShmemInitStruct(
+            c"meshhook_limits slot table".as_ptr(),
+            std::mem::size_of::<Table>(),
+            &mut found,
+        )
+        .cast::<Table>();
+        if !found {
+            // All-zero is a valid empty table; set the start time after.
+            std::ptr::write_bytes(table.cast::<u8>(), 0, std::mem::size_of::<Table>());
+            (*table).header.started_at = pg_sys::GetCurrentTimestamp();
+        }
+        SHARED.table = table;
+        SHARED.lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// True when the library was preloaded and the table exists in this process.
+pub fn available() -> bool {
+    READY.load(Ordering::Relaxed) && unsafe { !(*(&raw const SHARED)).table.is_null() }
+}
+
+pub fn header() -> Option<&'static Header> {
+    if !available() {
+        return None;
+    }
+    unsafe { Some(&(*(*(&raw const SHARED)).table).header) }
+}
+
+/// Exclusive access to the table; released when dropped.
+pub struct Locked {
+    table: *mut Table,
+    lock: *mut pg_sys::LWLock,
+}
+
+impl Locked {
+    pub fn exclusive() -> Option<Locked> {
+        Self::acquire(pg_sys::LWLockMode::LW_EXCLUSIVE)
+    }
+
+    pub fn shared() -> Option<Locked> {
+        Self::acquire(pg_sys::LWLockMode::LW_SHARED)
+    }
+
+    fn acquire(mode: pg_sys::LWLockMode::Type) -> Option<Locked> {
+        if !available() {
+            return None;
+        }
+        unsafe {
+            let s = &*(&raw const SHARED);
+            pg_sys::LWLockAcquire(s.lock, mode);
+            Some(Locked { table: s.table, lock: s.lock })
+        }
+    }
+
+    pub fn t(&mut self) -> &mut Table {
+        unsafe { &mut *self.table }
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.lock) };
+    }
+}
+
+fn hash(key: &[u8; 16], kind: u8) -> usize {
+    // FNV-1a: keys are uuids, already well spread.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(kind);
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h as usize) & (COUNTER_CAP - 1)
+}
+
+impl Table {
+    fn find(&self, key: &[u8; 16], kind: u8) -> Result<usize, usize> {
+        let mut i = hash(key, kind);
+        loop {
+            let c = &self.counters[i];
+            if c.kind == 0 {
+                return Err(i);
+            }
+            if c.kind == kind && &c.key == key {
+                return Ok(i);
+            }
+            i = (i + 1) & (COUNTER_CAP - 1);
+        }
+    }
+
+    pub fn count(&self, key: &[u8; 16], kind: u8) -> u32 {
+        match self.find(key, kind) {
+            Ok(i) => self.counters[i].count,
+            Err(_) => 0,
+        }
+    }
+
+    fn incr(&mut self, key: &[u8; 16], kind: u8) {
+        match self.find(key, kind) {
+            Ok(i) => self.counters[i].count += 1,
+            Err(i) => self.counters[i] = Counter { key: *key, kind, count: 1 },
+        }
+    }
+
+    fn decr(&mut self, key: &[u8; 16], kind: u8) {
+        let Ok(mut i) = self.find(key, kind) else { return };
+        if self.counters[i].count > 1 {
+            self.counters[i].count -= 1;
+            return;
+        }
+        // Backward-shift deletion keeps probe chains intact without tombstones.
+        let mask = COUNTER_CAP - 1;
+        let mut j = i;
+        loop {
+            self.counters[i].kind = 0;
+            loop {
+                j = (j + 1) & mask;
+                if self.counters[j].kind == 0 {
+                    return;
+                }
+                let home = hash(&self.counters[j].key, self.counters[j].kind);
+                // Move j back to i when its home is not cyclically in (i, j].
+                let in_range = if i <= j { i < home && home <= j } else { i < home || home <= j };
+                if !in_range {
+                    break;
+                }
+            }
+            self.counters[i] = self.counters[j];
+            i = j;
+        }
+    }
+
+    /// Count a newly live slot.
+    pub fn count_in(&mut self, s: &Slot) {
+        self.incr(&s.tenant, KIND_TENANT);
+        if s.has_project {
+            self.incr(&s.project, KIND_PROJECT);
+        }
+        self.header.live += 1;
+    }
+
+    fn count_out(&mut self, s: &Slot) {
+        self.decr(&s.tenant, KIND_TENANT);
+        if s.has_project {
+            self.decr(&s.project, KIND_PROJECT);
+        }
+        self.header.live = self.header.live.saturating_sub(1);
+    }
+
+    /// Index of the slot with this id, if any entry holds it.
+    pub fn lookup(&self, id: &[u8; 16]) -> Option<usize> {
+        let idx = u32::from_be_bytes([id[12], id[13], id[14], id[15]]) as usize;
+        (idx < MAX_SLOTS && self.slots[idx].state != FREE && &self.slots[idx].id == id).then_some(idx)
+    }
+
+    /// Free a live slot (release or rollback). Returns false if it was not live.
+    pub fn free_live(&mut self, idx: usize, id: &[u8; 16]) -> bool {
+        let s = self.slots[idx];
+        if s.id != *id || s.state != LIVE {
+            return false;
+        }
+        self.count_out(&s);
+        self.slots[idx].state = FREE;
+        true
+    }
+
+    /// Forget a revoked tombstone (its holder has seen it).
+    pub fn forget(&mut self, idx: usize) {
+        if self.slots[idx].state == REVOKED {
+            self.slots[idx].state = FREE;
+        }
+    }
+
+    /// Revoke a live slot: it stops counting now, and stays as a tombstone so
+    /// its holder learns why from its next heartbeat.
+    pub fn revoke(&mut self, idx: usize, reason: RevokeReason, now: i64) {
+        let s = self.slots[idx];
+        if s.state != LIVE {
+            return;
+        }
+        self.count_out(&s);
+        let e = &mut self.slots[idx];
+        e.state = REVOKED;
+        e.reason = reason as u8;
+        e.notified = false;
+        e.revoked_at = now;
+        self.header.revocations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Revoke every live slot whose lease or deadline has passed, optionally
+    /// only those of one tenant. Returns how many were revoked.
+    pub fn reap(&mut self, now: i64, tenant: Option<&[u8; 16]>) -> usize {
+        let mut n = 0;
+        for idx in 0..MAX_SLOTS {
+            let s = &self.slots[idx];
+            if s.state != LIVE || tenant.is_some_and(|t| &s.tenant != t) {
+                continue;
+            }
+            let reason = if now >= s.deadline {
+                RevokeReason::DeadlineExceeded
+            } else if now >= s.lease_expires {
+                RevokeReason::LeaseExpired
+            } else {
+                continue;
+            };
+            self.revoke(idx, reason, now);
+            n += 1;
+        }
+        n
+    }
+
+    /// A free entry: FREE, or a tombstone that was announced and is old.
+    pub fn allocate(&mut self, now: i64) -> Option<usize> {
+        let start = self.header.cursor as usize % MAX_SLOTS;
+        let mut oldest_tomb: Option<(usize, i64)> = None;
+        for k in 0..MAX_SLOTS {
+            let idx = (start + k) % MAX_SLOTS;
+            let s = &self.slots[idx];
+            if s.state == FREE {
+                self.header.cursor = ((idx + 1) % MAX_SLOTS) as u32;
+                return Some(idx);
+            }
+            if s.state == REVOKED && s.notified && oldest_tomb.is_none_or(|(_, at)| s.revoked_at < at) {
+                oldest_tomb = Some((idx, s.revoked_at));
+            }
+        }
+        let _ = now;
+        oldest_tomb.map(|(idx, _)| idx)
+    }
+
+    /// Earliest moment a live slot matching `pred` ends by lease or deadline.
+    pub fn earliest_end(&self, pred: impl Fn(&Slot) -> bool) -> Option<i64> {
+        self.slots
+            .iter()
+            .filter(|s| s.state == LIVE && pred(s))
+            .map(|s| s.lease_expires.min(s.deadline))
+            .min()
+    }
+}

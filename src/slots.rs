@@ -1,0 +1,533 @@
+//! Execution slots: acquire, heartbeat, release, reap.
+//!
+//! Slots live in the shared table (`shmem`), so admission costs a lock and a
+//! few comparisons and writes no WAL. See `xact` for how they follow the
+//! caller's transaction and `shmem` for what a restart does to them.
+use crate::error::{LimitsError, OrRaise, Result};
+use crate::identity;
+use crate::limits;
+use crate::shmem::{self, Locked, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX};
+use crate::xact::{self, Op};
+use pgrx::prelude::*;
+use pgrx::datum::{Interval, Uuid};
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+
+type Ts = TimestampWithTimeZone;
+
+fn now() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn ts(micros: i64) -> Option<Ts> {
+    if micros == i64::MAX {
+        None
+    } else {
+        Ts::try_from(micros).ok()
+    }
+}
+
+fn interval_micros(i: &Interval, what: &str) -> Result<i64> {
+    let total = i.as_micros();
+    // Months are taken as 30 days, as PostgreSQL's own interval comparison does.
+    i64::try_from(total).map_err(|_| LimitsError::invalid(format!("{what} is out of range"), ""))
+}
+
+thread_local! {
+    static RNG: Cell<u64> = const { Cell::new(0) };
+}
+
+fn random_u64() -> u64 {
+    RNG.with(|r| {
+        let mut s = r.get();
+        if s == 0 {
+            let mut seed = [0u8; 8];
+            let ok = unsafe { pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), 8) };
+            s = if ok { u64::from_le_bytes(seed) } else { 0 };
+            s ^= (unsafe { pg_sys::MyProcPid } as u64) << 32 ^ now() as u64 | 1;
+        }
+        // splitmix64
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        r.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
+}
+
+/// A version-4-shaped uuid whose last four bytes are the table index.
+fn new_slot_id(idx: usize) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[0..8].copy_from_slice(&random_u64().to_le_bytes());
+    id[8..12].copy_from_slice(&random_u64().to_le_bytes()[0..4]);
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id[12..16].copy_from_slice(&(idx as u32).to_be_bytes());
+    id
+}
+
+fn require_shmem() -> Result<()> {
+    if shmem::available() {
+        Ok(())
+    } else {
+        Err(LimitsError::NotPreloaded)
+    }
+}
+
+fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
+    let max = i64::from(crate::gucs::RETRY_AFTER_MAX.get()) * 1000;
+    let wait = earliest_end.map_or(max, |end| (end - now).clamp(10_000, max));
+    Interval::from_micros(wait)
+}
+
+type AcquireRow = (
+    bool,
+    Option<Uuid>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<Ts>,
+    Option<Ts>,
+    Option<Interval>,
+);
+
+fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> AcquireRow {
+    if let Some(h) = shmem::header() {
+        h.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+    (false, None, Some(reason.to_string()), Some(in_use), limit, None, None, Some(retry))
+}
+
+fn acquire(
+    tenant: Option<Uuid>,
+    project: Option<Uuid>,
+    run_id: Option<&str>,
+    lease: Option<Interval>,
+) -> Result<AcquireRow> {
+    let tenant = tenant.ok_or_else(|| {
+        LimitsError::invalid("tenant_id must not be NULL", "pass the uuid of the tenant that runs the execution")
+    })?;
+    let run_id = run_id.unwrap_or("");
+    if run_id.len() > RUN_ID_MAX {
+        return Err(LimitsError::invalid(
+            format!("run_id is {} bytes long; at most {RUN_ID_MAX} are allowed", run_id.len()),
+            "pass a shorter run identifier, such as the run's uuid",
+        ));
+    }
+    let lease_micros = match lease {
+        None => i64::from(crate::gucs::DEFAULT_LEASE.get()) * 1_000_000,
+        Some(i) => {
+            let m = interval_micros(&i, "lease")?;
+            if !(1_000_000..=7 * 86_400_000_000).contains(&m) {
+                return Err(LimitsError::invalid(
+                    "lease must be between 1 second and 7 days",
+                    "heartbeat_execution_slot extends a lease; pass e.g. '30 seconds'",
+                ));
+            }
+            m
+        }
+    };
+    identity::require_act_for(tenant)?;
+    require_shmem()?;
+    let lim = limits::slot_limits(tenant, project)?;
+    let now = now();
+    let t = *tenant.as_bytes();
+    let p = project.map(|p| *p.as_bytes());
+
+    let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
+    let started = l.t().header.started_at;
+    let grace_end = started.saturating_add(crate::gucs::restart_grace_micros());
+    if now < grace_end {
+        drop(l);
+        return Ok(refuse("recovering", 0, lim.tenant_cap, retry_after(Some(grace_end), now)));
+    }
+    let over = |l: &mut Locked| {
+        let tc = i64::from(l.t().count(&t, shmem::KIND_TENANT));
+        let pc = p.map_or(0, |p| i64::from(l.t().count(&p, shmem::KIND_PROJECT)));
+        let tenant_full = lim.tenant_cap.is_some_and(|c| tc >= c);
+        let project_full = lim.project_cap.is_some_and(|c| pc >= c) && p.is_some();
+        (tc, pc, tenant_full, project_full)
+    };
+    let (mut tc, mut pc, mut tf, mut pf) = over(&mut l);
+    if tf || pf {
+        // Reclaim this tenant's abandoned slots before refusing.
+        if l.t().reap(now, Some(&t)) > 0 {
+            (tc, pc, tf, pf) = over(&mut l);
+        }
+    }
+    if tf {
+        let end = l.t().earliest_end(|s| s.tenant == t);
+        drop(l);
+        return Ok(refuse("tenant_limit", tc, lim.tenant_cap, retry_after(end, now)));
+    }
+    if pf {
+        let end = l.t().earliest_end(|s| s.has_project && Some(s.project) == p);
+        drop(l);
+        return Ok(refuse("project_limit", pc, lim.project_cap, retry_after(end, now)));
+    }
+    let Some(idx) = l.t().allocate(now) else {
+        drop(l);
+        return Err(LimitsError::SlotTableFull(MAX_SLOTS));
+    };
+    let id = new_slot_id(idx);
+    let deadline = lim.exec_micros.map_or(i64::MAX, |m| now.saturating_add(m));
+    let mut run = [0u8; RUN_ID_MAX];
+    run[..run_id.len()].copy_from_slice(run_id.as_bytes());
+    let slot = Slot {
+        id,
+        tenant: t,
+        project: p.unwrap_or([0; 16]),
+        has_project: p.is_some(),
+        state: LIVE,
+        reason: 0,
+        notified: false,
+        pid: unsafe { pg_sys::MyProcPid },
+        acquired_at: now,
+        lease_micros,
+        lease_expires: now.saturating_add(lease_micros).min(deadline),
+        deadline,
+        memory_limit: lim.memory_bytes.unwrap_or(-1),
+        memory_peak: 0,
+        revoked_at: 0,
+        run_id_len: run_id.len() as u8,
+        run_id: run,
+    };
+    l.t().slots[idx] = slot;
+    l.t().count_in(&slot);
+    l.t().header.grants.fetch_add(1, Ordering::Relaxed);
+    drop(l);
+    xact::push(idx, id, Op::Acquire);
+
+    // Report the tighter of the two limits.
+    let (in_use, limit) = match (lim.tenant_cap, lim.project_cap.filter(|_| p.is_some())) {
+        (Some(tcap), Some(pcap)) if pcap - (pc + 1) < tcap - (tc + 1) => (pc + 1, Some(pcap)),
+        (None, Some(pcap)) => (pc + 1, Some(pcap)),
+        (tcap, _) => (tc + 1, tcap),
+    };
+    Ok((
+        true,
+        Some(Uuid::from_bytes(id)),
+        Some("granted".into()),
+        Some(in_use),
+        limit,
+        ts(deadline),
+        ts(slot.lease_expires),
+        None,
+    ))
+}
+
+/// Take an execution slot for a tenant (and project). Never raises for a
+/// refusal: returns granted = false with a reason and retry_after.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn acquire_execution_slot(
+    tenant_id: Option<Uuid>,
+    project_id: default!(Option<Uuid>, "NULL"),
+    run_id: default!(Option<&str>, "NULL"),
+    lease: default!(Option<Interval>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(granted, bool),
+        name!(slot_id, Option<Uuid>),
+        name!(reason, Option<String>),
+        name!(in_use, Option<i64>),
+        name!(limit_value, Option<i64>),
+        name!(deadline, Option<Ts>),
+        name!(lease_expires_at, Option<Ts>),
+        name!(retry_after, Option<Interval>),
+    ),
+> {
+    TableIterator::once(acquire(tenant_id, project_id, run_id, lease).or_raise())
+}
+
+fn slot_bytes(slot_id: Option<Uuid>) -> Result<[u8; 16]> {
+    slot_id.map(|s| *s.as_bytes()).ok_or_else(|| {
+        LimitsError::invalid("slot_id must not be NULL", "pass the slot_id that acquire_execution_slot returned")
+    })
+}
+
+/// Snapshot of a slot by id, if any entry holds it.
+fn find(id: &[u8; 16]) -> Result<Option<(usize, Slot)>> {
+    let mut l = Locked::shared().ok_or(LimitsError::NotPreloaded)?;
+    Ok(l.t().lookup(id).map(|idx| (idx, l.t().slots[idx])))
+}
+
+fn emit_revoked(s: &Slot, reason: RevokeReason, value: Option<i64>) -> Result<()> {
+    let extra = serde_json::json!({
+        "slot_id": Uuid::from_bytes(s.id).to_string(),
+        "reason": reason.as_str(),
+        "run_id": String::from_utf8_lossy(&s.run_id[..s.run_id_len as usize]),
+        "project_id": s.has_project.then(|| Uuid::from_bytes(s.project).to_string()),
+    });
+    let (resource, limit) = match reason {
+        RevokeReason::MemoryExceeded => ("memory_bytes", (s.memory_limit >= 0).then_some(s.memory_limit)),
+        RevokeReason::DeadlineExceeded => ("execution_seconds", None),
+        _ => ("concurrent_executions", None),
+    };
+    Spi::run_with_args(
+        "SELECT meshhook_limits._emit('slot.revoked', $1, $2, $3::numeric, $4::numeric, $5::jsonb)",
+        &[
+            Uuid::from_bytes(s.tenant).into(),
+            resource.into(),
+            value.into(),
+            limit.into(),
+            pgrx::JsonB(extra).into(),
+        ],
+    )?;
+    Ok(())
+}
+
+type HeartbeatRow = (bool, Option<String>, Option<Ts>, Option<Ts>);
+
+fn heartbeat(slot_id: Option<Uuid>, memory_bytes: Option<i64>) -> Result<HeartbeatRow> {
+    let id = slot_bytes(slot_id)?;
+    if memory_bytes.is_some_and(|m| m < 0) {
+        return Err(LimitsError::invalid("memory_bytes must be >= 0", "report the execution's current memory in bytes"));
+    }
+    require_shmem()?;
+    let Some((idx, snap)) = find(&id)? else {
+        return Ok((false, Some("not_found".into()), None, None));
+    };
+    identity::require_act_for(Uuid::from_bytes(snap.tenant))?;
+    let now = now();
+    let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
+    if l.t().lookup(&id) != Some(idx) {
+        return Ok((false, Some("not_found".into()), None, None));
+    }
+    let s = l.t().slots[idx];
+    if s.state == REVOKED {
+        let r = RevokeReason::from_u8(s.reason);
+        l.t().forget(idx);
+        drop(l);
+        if !s.notified {
+            emit_revoked(&s, r, None)?;
+        }
+        let reason = r.as_str();
+        return Ok((false, Some(reason.into()), ts(s.deadline), None));
+    }
+    let reason = if now >= s.deadline {
+        Some(RevokeReason::DeadlineExceeded)
+    } else if now >= s.lease_expires {
+        Some(RevokeReason::LeaseExpired)
+    } else if s.memory_limit >= 0 && memory_bytes.is_some_and(|m| m > s.memory_limit) {
+        Some(RevokeReason::MemoryExceeded)
+    } else {
+        None
+    };
+    if let Some(r) = reason {
+        l.t().revoke(idx, r, now);
+        l.t().slots[idx].notified = true;
+        l.t().forget(idx);
+        drop(l);
+        emit_revoked(&s, r, memory_bytes)?;
+        return Ok((false, Some(r.as_str().into()), ts(s.deadline), None));
+    }
+    let e = &mut l.t().slots[idx];
+    e.lease_expires = now.saturating_add(e.lease_micros).min(e.deadline);
+    if let Some(m) = memory_bytes {
+        e.memory_peak = e.memory_peak.max(m);
+    }
+    let expires = e.lease_expires;
+    drop(l);
+    Ok((true, Some("alive".into()), ts(s.deadline), ts(expires)))
+}
+
+/// Extend a slot's lease and report memory. alive = false means the slot is
+/// gone (reason says why) and the execution must stop.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn heartbeat_execution_slot(
+    slot_id: Option<Uuid>,
+    memory_bytes: default!(Option<i64>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(alive, bool),
+        name!(reason, Option<String>),
+        name!(deadline, Option<Ts>),
+        name!(lease_expires_at, Option<Ts>),
+    ),
+> {
+    TableIterator::once(heartbeat(slot_id, memory_bytes).or_raise())
+}
+
+const OUTCOMES: [&str; 5] = ["completed", "failed", "cancelled", "timed_out", "crashed"];
+
+fn release(slot_id: Option<Uuid>, outcome: Option<&str>, memory_peak: Option<i64>) -> Result<bool> {
+    let id = slot_bytes(slot_id)?;
+    let outcome = outcome.unwrap_or("completed");
+    if !OUTCOMES.contains(&outcome) {
+        return Err(LimitsError::invalid(
+            format!("unknown outcome \"{}\"", identity::truncate(outcome, 64)),
+            format!("use one of: {}", OUTCOMES.join(", ")),
+        ));
+    }
+    if memory_peak.is_some_and(|m| m < 0) {
+        return Err(LimitsError::invalid("memory_peak_bytes must be >= 0", "report the execution's peak memory in bytes"));
+    }
+    require_shmem()?;
+    let Some((idx, snap)) = find(&id)? else {
+        return Ok(false);
+    };
+    identity::require_act_for(Uuid::from_bytes(snap.tenant))?;
+    if snap.state == REVOKED {
+        if let Some(mut l) = Locked::exclusive() {
+            if l.t().lookup(&id) == Some(idx) {
+                l.t().forget(idx);
+            }
+        }
+        return Ok(false);
+    }
+    if xact::release_pending(&id) {
+        return Ok(false);
+    }
+    if snap.memory_limit >= 0 && memory_peak.is_some_and(|m| m > snap.memory_limit) {
+        emit_revoked(&snap, RevokeReason::MemoryExceeded, memory_peak)?;
+    }
+    xact::push(idx, id, Op::Release);
+    Ok(true)
+}
+
+/// Give a slot back. Takes effect when the calling transaction commits.
+/// Returns false when the slot was not held (unknown, already released or revoked).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn release_execution_slot(
+    slot_id: Option<Uuid>,
+    outcome: default!(Option<&str>, "'completed'"),
+    memory_peak_bytes: default!(Option<i64>, "NULL"),
+) -> bool {
+    release(slot_id, outcome, memory_peak_bytes).or_raise()
+}
+
+fn reap() -> Result<i64> {
+    identity::require_admin("reap execution slots")?;
+    if !shmem::available() {
+        return Ok(0);
+    }
+    let now = now();
+    let mut to_announce: Vec<Slot> = Vec::new();
+    let n = {
+        let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
+        let n = l.t().reap(now, None);
+        for s in l.t().slots.iter_mut() {
+            if s.state == REVOKED && !s.notified {
+                s.notified = true;
+                to_announce.push(*s);
+            }
+        }
+        n
+    };
+    for s in &to_announce {
+        emit_revoked(s, RevokeReason::from_u8(s.reason), None)?;
+    }
+    Ok(i64::try_from(n.max(to_announce.len())).unwrap_or(i64::MAX))
+}
+
+/// Revoke slots whose lease or deadline has passed and announce every
+/// revocation (slot.revoked). The background worker and pg_cron call this.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn reap_execution_slots() -> i64 {
+    reap().or_raise()
+}
+
+/// Live slots of a tenant (0 when the library is not preloaded).
+#[pg_extern(stable, parallel_safe, strict, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+pub fn live_slots(tenant_id: Uuid) -> i64 {
+    identity::require_act_for(tenant_id).or_raise();
+    match Locked::shared() {
+        Some(mut l) => i64::from(l.t().count(tenant_id.as_bytes(), shmem::KIND_TENANT)),
+        None => 0,
+    }
+}
+
+type SlotRow = (Uuid, Uuid, Option<Uuid>, Option<String>, String, Option<String>, Ts, Option<Ts>, Option<Ts>, i64, i32);
+
+fn list() -> Result<Vec<SlotRow>> {
+    let admin = identity::caller_is_admin();
+    let me = identity::caller_tenant()?;
+    if !admin && me.is_none() {
+        return Ok(Vec::new());
+    }
+    let snapshot: Vec<Slot> = match Locked::shared() {
+        Some(mut l) => l.t().slots.iter().filter(|s| s.state != shmem::FREE).copied().collect(),
+        None => Vec::new(),
+    };
+    Ok(snapshot
+        .into_iter()
+        .filter(|s| admin || me.is_some_and(|m| *m.as_bytes() == s.tenant))
+        .filter_map(|s| {
+            Some((
+                Uuid::from_bytes(s.id),
+                Uuid::from_bytes(s.tenant),
+                s.has_project.then(|| Uuid::from_bytes(s.project)),
+                (s.run_id_len > 0).then(|| String::from_utf8_lossy(&s.run_id[..s.run_id_len as usize]).into_owned()),
+                if s.state == LIVE { "live".to_string() } else { "revoked".to_string() },
+                (s.state == REVOKED).then(|| RevokeReason::from_u8(s.reason).as_str().to_string()),
+                ts(s.acquired_at)?,
+                ts(s.lease_expires),
+                ts(s.deadline),
+                s.memory_peak,
+                s.pid,
+            ))
+        })
+        .collect())
+}
+
+/// Slots the caller may see: all for admins, its own for a tenant.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn slots() -> TableIterator<
+    'static,
+    (
+        name!(slot_id, Uuid),
+        name!(tenant_id, Uuid),
+        name!(project_id, Option<Uuid>),
+        name!(run_id, Option<String>),
+        name!(state, String),
+        name!(revoke_reason, Option<String>),
+        name!(acquired_at, Ts),
+        name!(lease_expires_at, Option<Ts>),
+        name!(deadline, Option<Ts>),
+        name!(memory_peak_bytes, i64),
+        name!(backend_pid, i32),
+    ),
+> {
+    TableIterator::new(list().or_raise())
+}
+
+/// Counters of the slot table since the server started.
+#[pg_extern(stable, parallel_safe)]
+fn slot_stats() -> TableIterator<
+    'static,
+    (
+        name!(preloaded, bool),
+        name!(capacity, i64),
+        name!(live, i64),
+        name!(grants, i64),
+        name!(refusals, i64),
+        name!(revocations, i64),
+        name!(started_at, Option<Ts>),
+    ),
+> {
+    let row = match Locked::shared() {
+        Some(mut l) => {
+            let h = &l.t().header;
+            (
+                true,
+                MAX_SLOTS as i64,
+                i64::from(h.live),
+                h.grants.load(Ordering::Relaxed) as i64,
+                h.refusals.load(Ordering::Relaxed) as i64,
+                h.revocations.load(Ordering::Relaxed) as i64,
+                ts(h.started_at),
+            )
+        }
+        None => (false, 0, 0, 0, 0, 0, None),
+    };
+    TableIterator::once(row)
+}

@@ -1,0 +1,104 @@
+//! Ties slot changes to the caller's transaction.
+//!
+//! An acquired slot counts at once (so concurrent callers never over-admit)
+//! but is freed again if the acquiring (sub)transaction rolls back. A release
+//! takes effect at commit; if the releasing transaction rolls back, the slot
+//! is still held. Commit and abort callbacks cannot fail: they only touch the
+//! shared table under its LWLock.
+use crate::shmem::Locked;
+use pgrx::pg_sys;
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::Ordering;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Acquire,
+    Release,
+}
+
+#[derive(Clone, Copy)]
+pub struct Pending {
+    pub idx: usize,
+    pub id: [u8; 16],
+    pub op: Op,
+    pub subid: pg_sys::SubTransactionId,
+}
+
+thread_local! {
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
+    static BUMP_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
+}
+
+pub fn init() {
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+pub fn push(idx: usize, id: [u8; 16], op: Op) {
+    let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    PENDING.with(|p| p.borrow_mut().push(Pending { idx, id, op, subid }));
+}
+
+/// A release of this slot is already waiting for commit in this transaction.
+pub fn release_pending(id: &[u8; 16]) -> bool {
+    PENDING.with(|p| p.borrow().iter().any(|x| x.op == Op::Release && &x.id == id))
+}
+
+/// Limits changed in this transaction: bump the cache generation at commit.
+pub fn bump_generation_at_commit() {
+    BUMP_AT_COMMIT.with(|b| b.set(true));
+}
+
+fn apply(list: &[Pending], committed: bool) {
+    if list.is_empty() {
+        return;
+    }
+    if let Some(mut l) = Locked::exclusive() {
+        for p in list {
+            let free = matches!((p.op, committed), (Op::Acquire, false) | (Op::Release, true));
+            if free {
+                l.t().free_live(p.idx, &p.id);
+            }
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    let committed = match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => true,
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => false,
+        _ => return,
+    };
+    let list = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    apply(&list, committed);
+    if BUMP_AT_COMMIT.with(|b| b.replace(false)) && committed {
+        if let Some(h) = crate::shmem::header() {
+            h.generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event != pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        return;
+    }
+    // Subtransaction ids grow monotonically, so everything at or above the
+    // aborted one belongs to it or to its children.
+    let undone: Vec<Pending> = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let (gone, keep): (Vec<Pending>, Vec<Pending>) = p.iter().partition(|x| x.subid >= my_subid);
+        *p = keep;
+        gone
+    });
+    apply(&undone, false);
+}

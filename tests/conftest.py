@@ -1,0 +1,136 @@
+"""Integration tests against a real PostgreSQL 15 server with meshhook_limits
+preloaded, run as the `postgres` OS user through scripts/pg.sh.
+
+Each test session gets its own throwaway cluster. Tests isolate themselves by
+using fresh random tenant ids (see `tenant`), so they can share the database.
+"""
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_SH = ROOT / "scripts" / "pg.sh"
+PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+class Cluster:
+    def __init__(self, name: str):
+        self.name = name
+        self.base = Path("/tmp/meshhook_limits") / name
+        self.data = self.base / "data"
+        self.dbname = "mltest"
+
+    def start(self, *conf: str) -> None:
+        out = subprocess.run([str(PG_SH), "start", self.name, *conf], check=True,
+                             capture_output=True, text=True).stdout
+        env = dict(part.split("=", 1) for part in out.replace("export ", "").split())
+        self.host, self.port = env["PGHOST"], int(env["PGPORT"])
+
+    def pg_ctl(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{PG_BIN}/pg_ctl", "-D", str(self.data),
+                        "-l", str(self.base / "server.log"), *args], check=True, capture_output=True)
+
+    def stop(self, mode: str = "fast") -> None:
+        self.pg_ctl("-m", mode, "-w", "stop")
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop (mode 'immediate' is a crash: no shutdown checkpoint) and start again."""
+        self.stop(mode)
+        self.pg_ctl("-w", "-t", "60", "start")
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with self.connect(dbname="postgres") as c:
+                    c.execute("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def dsn(self, dbname: str | None = None, user: str = "postgres") -> str:
+        return f"host={self.host} port={self.port} user={user} dbname={dbname or self.dbname}"
+
+    def connect(self, dbname: str | None = None, user: str = "postgres", autocommit: bool = True,
+                **kw) -> psycopg.Connection:
+        return psycopg.connect(self.dsn(dbname, user), autocommit=autocommit, **kw)
+
+    def sql(self, query: str, params=None, dbname: str | None = None):
+        """Run one statement as the superuser and return all rows (or None)."""
+        with self.connect(dbname) as c:
+            cur = c.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    name = f"pytest-{os.getpid()}"
+    c = Cluster(name)
+    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
+    c.start("meshhook_limits.restart_grace = 0", "fsync = off")
+    with c.connect(dbname="postgres") as conn:
+        conn.execute(f"CREATE DATABASE {c.dbname}")
+    # Supabase's roles, as Supabase creates them.
+    with c.connect() as conn:
+        conn.execute("""
+          DO $$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN NOINHERIT; END IF;
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN CREATE ROLE authenticated NOLOGIN NOINHERIT; END IF;
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN CREATE ROLE service_role NOLOGIN NOINHERIT BYPASSRLS; END IF;
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticator') THEN
+              CREATE ROLE authenticator LOGIN NOINHERIT;
+              GRANT anon, authenticated, service_role TO authenticator;
+            END IF;
+          END $$;""")
+        conn.execute("CREATE EXTENSION meshhook_limits")
+    yield c
+    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def tenant():
+    """A fresh tenant id per test: tests share a database, never a tenant."""
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+def admin(cluster):
+    with cluster.connect() as c:
+        yield c
+
+
+def set_limit(conn, resource, value, tenant=None, project=None, **kw):
+    args = ", ".join(f"{k} => %({k})s" for k in kw)
+    conn.execute(
+        f"SELECT meshhook_limits.set_limit(%(r)s, %(v)s, %(t)s, %(p)s{', ' + args if args else ''})",
+        {"r": resource, "v": value, "t": tenant, "p": project, **kw})
+
+
+def acquire(conn, tenant, project=None, run_id=None, lease=None):
+    return conn.execute(
+        "SELECT * FROM meshhook_limits.acquire_execution_slot(%s, %s, %s, %s::interval)",
+        (tenant, project, run_id, lease)).fetchone()
+
+
+def rpc(conn, claims: dict | None, query: str, params=None, role: str = "authenticated"):
+    """Exactly what PostgREST does per request: a transaction, SET LOCAL ROLE,
+    the JWT claims as a transaction-local setting, then the call."""
+    import json
+    with conn.transaction():
+        conn.execute(f"SET LOCAL ROLE {role}")
+        conn.execute("SELECT set_config('request.jwt.claims', %s, true)",
+                     (json.dumps(claims) if claims is not None else "",))
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else None
+
+
+def sqlstate(excinfo) -> str:
+    return excinfo.value.sqlstate
