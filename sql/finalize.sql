@@ -5,3 +5,8 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_limits(uuid, uuid) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._resolve(uuid, uuid) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits.reap_execution_slots() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION meshhook_limits.reap_execution_slots() TO meshhook_limits_admin;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_lock(uuid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_reap(uuid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_acquire(uuid, uuid, text, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_heartbeat(uuid, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_release(uuid, bigint) FROM PUBLIC;

@@ -90,13 +90,18 @@ mod tests {
     }
 
     #[pg_test]
-    fn slots_outside_preload_report_not_preloaded() {
+    fn shared_memory_slot_is_granted_and_counted() {
         // pgrx's test server preloads the library, so the fast path is on.
         let granted = Spi::get_one::<bool>(
             "SELECT granted FROM meshhook_limits.acquire_execution_slot('00000000-0000-0000-0000-0000000000d1')",
         )
         .expect("acquire");
         assert_eq!(granted, Some(true));
+        let live = Spi::get_one::<i64>(
+            "SELECT meshhook_limits.live_slots('00000000-0000-0000-0000-0000000000d1')",
+        )
+        .expect("live");
+        assert_eq!(live, Some(1));
     }
 }
 
@@ -105,6 +110,6 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'meshhook_limits'"]
+        vec!["shared_preload_libraries = 'meshhook_limits'", "meshhook_limits.restart_grace = 0"]
     }
 }

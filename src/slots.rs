@@ -8,6 +8,8 @@ use crate::identity;
 use crate::limits;
 use crate::shmem::{self, Locked, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX};
 use crate::xact::{self, Op};
+
+mod fallback;
 use pgrx::prelude::*;
 use pgrx::datum::{Interval, Uuid};
 use std::cell::Cell;
@@ -67,13 +69,6 @@ fn new_slot_id(idx: usize) -> [u8; 16] {
     id
 }
 
-fn require_shmem() -> Result<()> {
-    if shmem::available() {
-        Ok(())
-    } else {
-        Err(LimitsError::NotPreloaded)
-    }
-}
 
 fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
     let max = i64::from(crate::gucs::RETRY_AFTER_MAX.get()) * 1000;
@@ -81,7 +76,7 @@ fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
     Interval::from_micros(wait)
 }
 
-type AcquireRow = (
+pub type AcquireRow = (
     bool,
     Option<Uuid>,
     Option<String>,
@@ -129,7 +124,9 @@ fn acquire(
         }
     };
     identity::require_act_for(tenant)?;
-    require_shmem()?;
+    if !shmem::available() {
+        return fallback::acquire(tenant, project, run_id, lease_micros);
+    }
     let lim = limits::slot_limits(tenant, project)?;
     let now = now();
     let t = *tenant.as_bytes();
@@ -279,14 +276,16 @@ fn emit_revoked(s: &Slot, reason: RevokeReason, value: Option<i64>) -> Result<()
     Ok(())
 }
 
-type HeartbeatRow = (bool, Option<String>, Option<Ts>, Option<Ts>);
+pub type HeartbeatRow = (bool, Option<String>, Option<Ts>, Option<Ts>);
 
 fn heartbeat(slot_id: Option<Uuid>, memory_bytes: Option<i64>) -> Result<HeartbeatRow> {
     let id = slot_bytes(slot_id)?;
     if memory_bytes.is_some_and(|m| m < 0) {
         return Err(LimitsError::invalid("memory_bytes must be >= 0", "report the execution's current memory in bytes"));
     }
-    require_shmem()?;
+    if !shmem::available() {
+        return fallback::heartbeat(id, memory_bytes);
+    }
     let Some((idx, snap)) = find(&id)? else {
         return Ok((false, Some("not_found".into()), None, None));
     };
@@ -367,7 +366,9 @@ fn release(slot_id: Option<Uuid>, outcome: Option<&str>, memory_peak: Option<i64
     if memory_peak.is_some_and(|m| m < 0) {
         return Err(LimitsError::invalid("memory_peak_bytes must be >= 0", "report the execution's peak memory in bytes"));
     }
-    require_shmem()?;
+    if !shmem::available() {
+        return fallback::release(id, memory_peak);
+    }
     let Some((idx, snap)) = find(&id)? else {
         return Ok(false);
     };
@@ -405,7 +406,7 @@ fn release_execution_slot(
 fn reap() -> Result<i64> {
     identity::require_admin("reap execution slots")?;
     if !shmem::available() {
-        return Ok(0);
+        return fallback::reap();
     }
     let now = now();
     let mut to_announce: Vec<Slot> = Vec::new();
@@ -441,11 +442,11 @@ pub fn live_slots(tenant_id: Uuid) -> i64 {
     identity::require_act_for(tenant_id).or_raise();
     match Locked::shared() {
         Some(mut l) => i64::from(l.t().count(tenant_id.as_bytes(), shmem::KIND_TENANT)),
-        None => 0,
+        None => fallback::live(tenant_id).or_raise(),
     }
 }
 
-type SlotRow = (Uuid, Uuid, Option<Uuid>, Option<String>, String, Option<String>, Ts, Option<Ts>, Option<Ts>, i64, i32);
+pub type SlotRow = (Uuid, Uuid, Option<Uuid>, Option<String>, String, Option<String>, Ts, Option<Ts>, Option<Ts>, i64, i32);
 
 fn list() -> Result<Vec<SlotRow>> {
     let admin = identity::caller_is_admin();
@@ -455,7 +456,7 @@ fn list() -> Result<Vec<SlotRow>> {
     }
     let snapshot: Vec<Slot> = match Locked::shared() {
         Some(mut l) => l.t().slots.iter().filter(|s| s.state != shmem::FREE).copied().collect(),
-        None => Vec::new(),
+        None => return fallback::list(admin, me),
     };
     Ok(snapshot
         .into_iter()

@@ -1,0 +1,114 @@
+//! Slots without `shared_preload_libraries`: the same contract on the table
+//! `meshhook_limits.fallback_slots` (see sql/schema.sql). Slower, since every
+//! acquire and release writes a row, and announced once per session.
+use super::{AcquireRow, HeartbeatRow, SlotRow, Ts};
+use crate::error::Result;
+use pgrx::datum::{Interval, Uuid};
+use pgrx::prelude::*;
+use std::cell::Cell;
+
+thread_local! {
+    static NOTICED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn notice_once() {
+    if !NOTICED.with(|n| n.replace(true)) {
+        pgrx::notice!(
+            "meshhook_limits is not in shared_preload_libraries: execution slots use a table (slower); \
+             add it to shared_preload_libraries and restart for the shared-memory fast path"
+        );
+    }
+}
+
+pub fn acquire(tenant: Uuid, project: Option<Uuid>, run_id: &str, lease_micros: i64) -> Result<AcquireRow> {
+    notice_once();
+    Spi::connect_mut(|c| {
+        let rows = c.update(
+            "SELECT * FROM meshhook_limits._fallback_acquire($1, $2, $3, $4)",
+            Some(1),
+            &[tenant.into(), project.into(), run_id.into(), lease_micros.into()],
+        )?;
+        let mut out = (false, None, None, None, None, None, None, None);
+        if let Some(r) = rows.into_iter().next() {
+            out = (
+                r.get::<bool>(1)?.unwrap_or(false),
+                r.get::<Uuid>(2)?,
+                r.get::<String>(3)?,
+                r.get::<i64>(4)?,
+                r.get::<i64>(5)?,
+                r.get::<Ts>(6)?,
+                r.get::<Ts>(7)?,
+                r.get::<Interval>(8)?,
+            );
+        }
+        Ok(out)
+    })
+}
+
+pub fn heartbeat(id: [u8; 16], memory: Option<i64>) -> Result<HeartbeatRow> {
+    notice_once();
+    Spi::connect_mut(|c| {
+        let rows = c.update(
+            "SELECT * FROM meshhook_limits._fallback_heartbeat($1, $2)",
+            Some(1),
+            &[Uuid::from_bytes(id).into(), memory.into()],
+        )?;
+        let mut out = (false, Some("not_found".to_string()), None, None);
+        if let Some(r) = rows.into_iter().next() {
+            out = (r.get::<bool>(1)?.unwrap_or(false), r.get::<String>(2)?, r.get::<Ts>(3)?, r.get::<Ts>(4)?);
+        }
+        Ok(out)
+    })
+}
+
+pub fn release(id: [u8; 16], memory: Option<i64>) -> Result<bool> {
+    notice_once();
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT meshhook_limits._fallback_release($1, $2)",
+        &[Uuid::from_bytes(id).into(), memory.into()],
+    )?
+    .unwrap_or(false))
+}
+
+pub fn reap() -> Result<i64> {
+    Ok(Spi::get_one::<i64>("SELECT meshhook_limits._fallback_reap(NULL)")?.unwrap_or(0))
+}
+
+pub fn live(tenant: Uuid) -> Result<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT count(*) FROM meshhook_limits.fallback_slots WHERE tenant_id = $1",
+        &[tenant.into()],
+    )?
+    .unwrap_or(0))
+}
+
+pub fn list(admin: bool, me: Option<Uuid>) -> Result<Vec<SlotRow>> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT slot_id, tenant_id, project_id, run_id, acquired_at, lease_expires_at, deadline, memory_peak
+               FROM meshhook_limits.fallback_slots WHERE $1 OR tenant_id = $2 ORDER BY acquired_at",
+            None,
+            &[admin.into(), me.into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (Some(id), Some(t), Some(at)) = (r.get::<Uuid>(1)?, r.get::<Uuid>(2)?, r.get::<Ts>(5)?) else {
+                continue;
+            };
+            out.push((
+                id,
+                t,
+                r.get::<Uuid>(3)?,
+                r.get::<String>(4)?,
+                "live".to_string(),
+                None,
+                at,
+                r.get::<Ts>(6)?,
+                r.get::<Ts>(7)?,
+                r.get::<i64>(8)?.unwrap_or(0),
+                0,
+            ));
+        }
+        Ok(out)
+    })
+}
