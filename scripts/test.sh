@@ -9,6 +9,10 @@ export CARGO_TERM_COLOR=never
 status=0
 
 if [[ $what == all || $what == rust ]]; then
+  echo "== cargo fmt --check, cargo clippy -D warnings"
+  cargo fmt --check || status=1
+  cargo clippy --quiet --no-default-features --features pg15 -- -D warnings || status=1
+
   echo "== cargo pgrx test (#[pg_test] inside a real server, as the postgres user)"
   work=/tmp/meshhook_limits/pgrx-test
   rm -rf "$work"; mkdir -p "$work"; chown postgres "$work" 2>/dev/null || true

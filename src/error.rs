@@ -25,11 +25,17 @@ pub type Result<T> = std::result::Result<T, LimitsError>;
 
 impl LimitsError {
     pub fn invalid(msg: impl Into<String>, hint: impl Into<String>) -> Self {
-        LimitsError::InvalidParameter { msg: msg.into(), hint: hint.into() }
+        LimitsError::InvalidParameter {
+            msg: msg.into(),
+            hint: hint.into(),
+        }
     }
 
     pub fn forbidden(msg: impl Into<String>, hint: impl Into<String>) -> Self {
-        LimitsError::Forbidden { msg: msg.into(), hint: hint.into() }
+        LimitsError::Forbidden {
+            msg: msg.into(),
+            hint: hint.into(),
+        }
     }
 
     fn code(&self) -> PgSqlErrorCode {

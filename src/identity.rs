@@ -46,7 +46,9 @@ pub fn truncate(s: &str, max: usize) -> String {
 }
 
 fn claim_at<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
-    path.split('.').filter(|p| !p.is_empty()).try_fold(v, |cur, key| cur.get(key))
+    path.split('.')
+        .filter(|p| !p.is_empty())
+        .try_fold(v, |cur, key| cur.get(key))
 }
 
 /// The tenant of the caller, or None when the caller carries no tenant.
@@ -149,7 +151,10 @@ pub fn is_admin() -> bool {
 pub fn require_tenant_access(tenant_id: Option<pgrx::Uuid>) {
     use crate::error::OrRaise;
     let r = match tenant_id {
-        None => Err(LimitsError::invalid("tenant_id must not be NULL", "pass the uuid of the tenant")),
+        None => Err(LimitsError::invalid(
+            "tenant_id must not be NULL",
+            "pass the uuid of the tenant",
+        )),
         Some(t) => require_act_for(t),
     };
     r.or_raise()

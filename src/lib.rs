@@ -21,7 +21,11 @@ pgrx::pg_module_magic!();
 extension_sql_file!(
     "../sql/schema.sql",
     name = "schema",
-    requires = [identity::current_tenant, identity::is_admin, slots::live_slots]
+    requires = [
+        identity::current_tenant,
+        identity::is_admin,
+        slots::live_slots
+    ]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
@@ -74,8 +78,10 @@ mod tests {
 
     #[pg_test]
     fn metered_usage_reports_warning_then_exceeded() {
-        Spi::run("SELECT meshhook_limits.set_limit('executions_per_day', 10, window_length => '1 day')")
-            .expect("limit");
+        Spi::run(
+            "SELECT meshhook_limits.set_limit('executions_per_day', 10, window_length => '1 day')",
+        )
+        .expect("limit");
         let t = "'00000000-0000-0000-0000-0000000000c1'";
         let status = |amount: i32| {
             Spi::get_one::<String>(&format!(
@@ -110,6 +116,9 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'meshhook_limits'", "meshhook_limits.restart_grace = 0"]
+        vec![
+            "shared_preload_libraries = 'meshhook_limits'",
+            "meshhook_limits.restart_grace = 0",
+        ]
     }
 }

@@ -10,7 +10,7 @@
 //! holders from before the restart learn from their next heartbeat that their
 //! slot is gone before anyone else is admitted in their place.
 use pgrx::pg_sys;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 pub const MAX_SLOTS: usize = 8192;
 /// Power of two, at least twice the number of keys that can be live at once
@@ -106,12 +106,9 @@ pub struct Table {
     counters: [Counter; COUNTER_CAP],
 }
 
-struct Shared {
-    lock: *mut pg_sys::LWLock,
-    table: *mut Table,
-}
-
-static mut SHARED: Shared = Shared { lock: std::ptr::null_mut(), table: std::ptr::null_mut() };
+// Set once per process by the startup hook (inherited by forked backends).
+static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+static LOCK: AtomicPtr<pg_sys::LWLock> = AtomicPtr::new(std::ptr::null_mut());
 static READY: AtomicBool = AtomicBool::new(false);
 static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
@@ -158,22 +155,26 @@ unsafe extern "C-unwind" fn shmem_startup() {
             std::ptr::write_bytes(table.cast::<u8>(), 0, std::mem::size_of::<Table>());
             (*table).header.started_at = pg_sys::GetCurrentTimestamp();
         }
-        SHARED.table = table;
-        SHARED.lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+        TABLE.store(table, Ordering::Release);
+        LOCK.store(
+            &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock,
+            Ordering::Release,
+        );
         pg_sys::LWLockRelease(init_lock);
     }
 }
 
 /// True when the library was preloaded and the table exists in this process.
 pub fn available() -> bool {
-    READY.load(Ordering::Relaxed) && unsafe { !(*(&raw const SHARED)).table.is_null() }
+    READY.load(Ordering::Relaxed) && !TABLE.load(Ordering::Acquire).is_null()
 }
 
 pub fn header() -> Option<&'static Header> {
     if !available() {
         return None;
     }
-    unsafe { Some(&(*(*(&raw const SHARED)).table).header) }
+    // SAFETY: the table lives in shared memory for the life of the process.
+    unsafe { Some(&(*TABLE.load(Ordering::Acquire)).header) }
 }
 
 /// Exclusive access to the table; released when dropped.
@@ -195,11 +196,10 @@ impl Locked {
         if !available() {
             return None;
         }
-        unsafe {
-            let s = &*(&raw const SHARED);
-            pg_sys::LWLockAcquire(s.lock, mode);
-            Some(Locked { table: s.table, lock: s.lock })
-        }
+        let (table, lock) = (TABLE.load(Ordering::Acquire), LOCK.load(Ordering::Acquire));
+        // SAFETY: both were set by the startup hook before any backend forked.
+        unsafe { pg_sys::LWLockAcquire(lock, mode) };
+        Some(Locked { table, lock })
     }
 
     pub fn t(&mut self) -> &mut Table {
@@ -248,12 +248,20 @@ impl Table {
     fn incr(&mut self, key: &[u8; 16], kind: u8) {
         match self.find(key, kind) {
             Ok(i) => self.counters[i].count += 1,
-            Err(i) => self.counters[i] = Counter { key: *key, kind, count: 1 },
+            Err(i) => {
+                self.counters[i] = Counter {
+                    key: *key,
+                    kind,
+                    count: 1,
+                }
+            }
         }
     }
 
     fn decr(&mut self, key: &[u8; 16], kind: u8) {
-        let Ok(mut i) = self.find(key, kind) else { return };
+        let Ok(mut i) = self.find(key, kind) else {
+            return;
+        };
         if self.counters[i].count > 1 {
             self.counters[i].count -= 1;
             return;
@@ -270,7 +278,11 @@ impl Table {
                 }
                 let home = hash(&self.counters[j].key, self.counters[j].kind);
                 // Move j back to i when its home is not cyclically in (i, j].
-                let in_range = if i <= j { i < home && home <= j } else { i < home || home <= j };
+                let in_range = if i <= j {
+                    i < home && home <= j
+                } else {
+                    i < home || home <= j
+                };
                 if !in_range {
                     break;
                 }
@@ -300,7 +312,8 @@ impl Table {
     /// Index of the slot with this id, if any entry holds it.
     pub fn lookup(&self, id: &[u8; 16]) -> Option<usize> {
         let idx = u32::from_be_bytes([id[12], id[13], id[14], id[15]]) as usize;
-        (idx < MAX_SLOTS && self.slots[idx].state != FREE && &self.slots[idx].id == id).then_some(idx)
+        (idx < MAX_SLOTS && self.slots[idx].state != FREE && &self.slots[idx].id == id)
+            .then_some(idx)
     }
 
     /// Free a live slot (release or rollback). Returns false if it was not live.
@@ -370,7 +383,10 @@ impl Table {
                 self.header.cursor = ((idx + 1) % MAX_SLOTS) as u32;
                 return Some(idx);
             }
-            if s.state == REVOKED && s.notified && oldest_tomb.is_none_or(|(_, at)| s.revoked_at < at) {
+            if s.state == REVOKED
+                && s.notified
+                && oldest_tomb.is_none_or(|(_, at)| s.revoked_at < at)
+            {
                 oldest_tomb = Some((idx, s.revoked_at));
             }
         }

@@ -3,6 +3,8 @@
 //! Slots live in the shared table (`shmem`), so admission costs a lock and a
 //! few comparisons and writes no WAL. See `xact` for how they follow the
 //! caller's transaction and `shmem` for what a restart does to them.
+// The row types of the SQL functions are spelt out in their signatures.
+#![allow(clippy::type_complexity)]
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::identity;
 use crate::limits;
@@ -10,8 +12,8 @@ use crate::shmem::{self, Locked, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, R
 use crate::xact::{self, Op};
 
 mod fallback;
-use pgrx::prelude::*;
 use pgrx::datum::{Interval, Uuid};
+use pgrx::prelude::*;
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 
@@ -69,7 +71,6 @@ fn new_slot_id(idx: usize) -> [u8; 16] {
     id
 }
 
-
 fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
     let max = i64::from(crate::gucs::RETRY_AFTER_MAX.get()) * 1000;
     let wait = earliest_end.map_or(max, |end| (end - now).clamp(10_000, max));
@@ -91,7 +92,16 @@ fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> Acq
     if let Some(h) = shmem::header() {
         h.refusals.fetch_add(1, Ordering::Relaxed);
     }
-    (false, None, Some(reason.to_string()), Some(in_use), limit, None, None, Some(retry))
+    (
+        false,
+        None,
+        Some(reason.to_string()),
+        Some(in_use),
+        limit,
+        None,
+        None,
+        Some(retry),
+    )
 }
 
 fn acquire(
@@ -101,12 +111,18 @@ fn acquire(
     lease: Option<Interval>,
 ) -> Result<AcquireRow> {
     let tenant = tenant.ok_or_else(|| {
-        LimitsError::invalid("tenant_id must not be NULL", "pass the uuid of the tenant that runs the execution")
+        LimitsError::invalid(
+            "tenant_id must not be NULL",
+            "pass the uuid of the tenant that runs the execution",
+        )
     })?;
     let run_id = run_id.unwrap_or("");
     if run_id.len() > RUN_ID_MAX {
         return Err(LimitsError::invalid(
-            format!("run_id is {} bytes long; at most {RUN_ID_MAX} are allowed", run_id.len()),
+            format!(
+                "run_id is {} bytes long; at most {RUN_ID_MAX} are allowed",
+                run_id.len()
+            ),
             "pass a shorter run identifier, such as the run's uuid",
         ));
     }
@@ -137,7 +153,12 @@ fn acquire(
     let grace_end = started.saturating_add(crate::gucs::restart_grace_micros());
     if now < grace_end {
         drop(l);
-        return Ok(refuse("recovering", 0, lim.tenant_cap, retry_after(Some(grace_end), now)));
+        return Ok(refuse(
+            "recovering",
+            0,
+            lim.tenant_cap,
+            retry_after(Some(grace_end), now),
+        ));
     }
     let over = |l: &mut Locked| {
         let tc = i64::from(l.t().count(&t, shmem::KIND_TENANT));
@@ -156,12 +177,24 @@ fn acquire(
     if tf {
         let end = l.t().earliest_end(|s| s.tenant == t);
         drop(l);
-        return Ok(refuse("tenant_limit", tc, lim.tenant_cap, retry_after(end, now)));
+        return Ok(refuse(
+            "tenant_limit",
+            tc,
+            lim.tenant_cap,
+            retry_after(end, now),
+        ));
     }
     if pf {
-        let end = l.t().earliest_end(|s| s.has_project && Some(s.project) == p);
+        let end = l
+            .t()
+            .earliest_end(|s| s.has_project && Some(s.project) == p);
         drop(l);
-        return Ok(refuse("project_limit", pc, lim.project_cap, retry_after(end, now)));
+        return Ok(refuse(
+            "project_limit",
+            pc,
+            lim.project_cap,
+            retry_after(end, now),
+        ));
     }
     let Some(idx) = l.t().allocate(now) else {
         drop(l);
@@ -241,7 +274,10 @@ fn acquire_execution_slot(
 
 fn slot_bytes(slot_id: Option<Uuid>) -> Result<[u8; 16]> {
     slot_id.map(|s| *s.as_bytes()).ok_or_else(|| {
-        LimitsError::invalid("slot_id must not be NULL", "pass the slot_id that acquire_execution_slot returned")
+        LimitsError::invalid(
+            "slot_id must not be NULL",
+            "pass the slot_id that acquire_execution_slot returned",
+        )
     })
 }
 
@@ -259,7 +295,10 @@ fn emit_revoked(s: &Slot, reason: RevokeReason, value: Option<i64>) -> Result<()
         "project_id": s.has_project.then(|| Uuid::from_bytes(s.project).to_string()),
     });
     let (resource, limit) = match reason {
-        RevokeReason::MemoryExceeded => ("memory_bytes", (s.memory_limit >= 0).then_some(s.memory_limit)),
+        RevokeReason::MemoryExceeded => (
+            "memory_bytes",
+            (s.memory_limit >= 0).then_some(s.memory_limit),
+        ),
         RevokeReason::DeadlineExceeded => ("execution_seconds", None),
         _ => ("concurrent_executions", None),
     };
@@ -281,7 +320,10 @@ pub type HeartbeatRow = (bool, Option<String>, Option<Ts>, Option<Ts>);
 fn heartbeat(slot_id: Option<Uuid>, memory_bytes: Option<i64>) -> Result<HeartbeatRow> {
     let id = slot_bytes(slot_id)?;
     if memory_bytes.is_some_and(|m| m < 0) {
-        return Err(LimitsError::invalid("memory_bytes must be >= 0", "report the execution's current memory in bytes"));
+        return Err(LimitsError::invalid(
+            "memory_bytes must be >= 0",
+            "report the execution's current memory in bytes",
+        ));
     }
     if !shmem::available() {
         return fallback::heartbeat(id, memory_bytes);
@@ -364,7 +406,10 @@ fn release(slot_id: Option<Uuid>, outcome: Option<&str>, memory_peak: Option<i64
         ));
     }
     if memory_peak.is_some_and(|m| m < 0) {
-        return Err(LimitsError::invalid("memory_peak_bytes must be >= 0", "report the execution's peak memory in bytes"));
+        return Err(LimitsError::invalid(
+            "memory_peak_bytes must be >= 0",
+            "report the execution's peak memory in bytes",
+        ));
     }
     if !shmem::available() {
         return fallback::release(id, memory_peak);
@@ -446,7 +491,19 @@ pub fn live_slots(tenant_id: Uuid) -> i64 {
     }
 }
 
-pub type SlotRow = (Uuid, Uuid, Option<Uuid>, Option<String>, String, Option<String>, Ts, Option<Ts>, Option<Ts>, i64, i32);
+pub type SlotRow = (
+    Uuid,
+    Uuid,
+    Option<Uuid>,
+    Option<String>,
+    String,
+    Option<String>,
+    Ts,
+    Option<Ts>,
+    Option<Ts>,
+    i64,
+    i32,
+);
 
 fn list() -> Result<Vec<SlotRow>> {
     let admin = identity::caller_is_admin();
@@ -455,7 +512,13 @@ fn list() -> Result<Vec<SlotRow>> {
         return Ok(Vec::new());
     }
     let snapshot: Vec<Slot> = match Locked::shared() {
-        Some(mut l) => l.t().slots.iter().filter(|s| s.state != shmem::FREE).copied().collect(),
+        Some(mut l) => l
+            .t()
+            .slots
+            .iter()
+            .filter(|s| s.state != shmem::FREE)
+            .copied()
+            .collect(),
         None => return fallback::list(admin, me),
     };
     Ok(snapshot
@@ -466,8 +529,14 @@ fn list() -> Result<Vec<SlotRow>> {
                 Uuid::from_bytes(s.id),
                 Uuid::from_bytes(s.tenant),
                 s.has_project.then(|| Uuid::from_bytes(s.project)),
-                (s.run_id_len > 0).then(|| String::from_utf8_lossy(&s.run_id[..s.run_id_len as usize]).into_owned()),
-                if s.state == LIVE { "live".to_string() } else { "revoked".to_string() },
+                (s.run_id_len > 0).then(|| {
+                    String::from_utf8_lossy(&s.run_id[..s.run_id_len as usize]).into_owned()
+                }),
+                if s.state == LIVE {
+                    "live".to_string()
+                } else {
+                    "revoked".to_string()
+                },
                 (s.state == REVOKED).then(|| RevokeReason::from_u8(s.reason).as_str().to_string()),
                 ts(s.acquired_at)?,
                 ts(s.lease_expires),

@@ -43,7 +43,11 @@ pub fn push(idx: usize, id: [u8; 16], op: Op) {
 
 /// A release of this slot is already waiting for commit in this transaction.
 pub fn release_pending(id: &[u8; 16]) -> bool {
-    PENDING.with(|p| p.borrow().iter().any(|x| x.op == Op::Release && &x.id == id))
+    PENDING.with(|p| {
+        p.borrow()
+            .iter()
+            .any(|x| x.op == Op::Release && &x.id == id)
+    })
 }
 
 /// Limits changed in this transaction: bump the cache generation at commit.
@@ -57,7 +61,10 @@ fn apply(list: &[Pending], committed: bool) {
     }
     if let Some(mut l) = Locked::exclusive() {
         for p in list {
-            let free = matches!((p.op, committed), (Op::Acquire, false) | (Op::Release, true));
+            let free = matches!(
+                (p.op, committed),
+                (Op::Acquire, false) | (Op::Release, true)
+            );
             if free {
                 l.t().free_live(p.idx, &p.id);
             }
@@ -96,7 +103,8 @@ unsafe extern "C-unwind" fn on_subxact(
     // aborted one belongs to it or to its children.
     let undone: Vec<Pending> = PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        let (gone, keep): (Vec<Pending>, Vec<Pending>) = p.iter().partition(|x| x.subid >= my_subid);
+        let (gone, keep): (Vec<Pending>, Vec<Pending>) =
+            p.iter().partition(|x| x.subid >= my_subid);
         *p = keep;
         gone
     });

@@ -20,13 +20,23 @@ fn notice_once() {
     }
 }
 
-pub fn acquire(tenant: Uuid, project: Option<Uuid>, run_id: &str, lease_micros: i64) -> Result<AcquireRow> {
+pub fn acquire(
+    tenant: Uuid,
+    project: Option<Uuid>,
+    run_id: &str,
+    lease_micros: i64,
+) -> Result<AcquireRow> {
     notice_once();
     Spi::connect_mut(|c| {
         let rows = c.update(
             "SELECT * FROM meshhook_limits._fallback_acquire($1, $2, $3, $4)",
             Some(1),
-            &[tenant.into(), project.into(), run_id.into(), lease_micros.into()],
+            &[
+                tenant.into(),
+                project.into(),
+                run_id.into(),
+                lease_micros.into(),
+            ],
         )?;
         let mut out = (false, None, None, None, None, None, None, None);
         if let Some(r) = rows.into_iter().next() {
@@ -55,7 +65,12 @@ pub fn heartbeat(id: [u8; 16], memory: Option<i64>) -> Result<HeartbeatRow> {
         )?;
         let mut out = (false, Some("not_found".to_string()), None, None);
         if let Some(r) = rows.into_iter().next() {
-            out = (r.get::<bool>(1)?.unwrap_or(false), r.get::<String>(2)?, r.get::<Ts>(3)?, r.get::<Ts>(4)?);
+            out = (
+                r.get::<bool>(1)?.unwrap_or(false),
+                r.get::<String>(2)?,
+                r.get::<Ts>(3)?,
+                r.get::<Ts>(4)?,
+            );
         }
         Ok(out)
     })
@@ -92,7 +107,9 @@ pub fn list(admin: bool, me: Option<Uuid>) -> Result<Vec<SlotRow>> {
         )?;
         let mut out = Vec::new();
         for r in rows {
-            let (Some(id), Some(t), Some(at)) = (r.get::<Uuid>(1)?, r.get::<Uuid>(2)?, r.get::<Ts>(5)?) else {
+            let (Some(id), Some(t), Some(at)) =
+                (r.get::<Uuid>(1)?, r.get::<Uuid>(2)?, r.get::<Ts>(5)?)
+            else {
                 continue;
             };
             out.push((
