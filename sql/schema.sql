@@ -154,9 +154,9 @@ CREATE FUNCTION meshhook_limits._slot_limits(p_tenant uuid, p_project uuid)
 RETURNS TABLE(tenant_cap bigint, project_cap bigint, exec_micros bigint, memory_bytes bigint)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   SELECT
-    (SELECT pg_catalog.floor(r.limit_value)::bigint FROM meshhook_limits._resolve(p_tenant, NULL) r
+    (SELECT LEAST(pg_catalog.floor(r.limit_value), 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, NULL) r
       WHERE r.resource = 'concurrent_executions'),
-    (SELECT pg_catalog.floor(l.limit_value)::bigint FROM meshhook_limits.limits l
+    (SELECT LEAST(pg_catalog.floor(l.limit_value), 9e18)::bigint FROM meshhook_limits.limits l
       WHERE l.resource = 'concurrent_executions' AND l.tenant_id = p_tenant
         AND l.project_id = p_project),
     (SELECT LEAST(r.limit_value * 1000000, 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
@@ -411,7 +411,8 @@ BEGIN
   PERFORM meshhook_limits.require_tenant_access(t);
   IF r IS NULL OR r !~ '^[a-z][a-z0-9_.]{0,62}$' THEN
     RAISE EXCEPTION 'invalid resource name %', coalesce(quote_literal(left(r, 80)), 'NULL')
-      USING ERRCODE = '22023';
+      USING ERRCODE = '22023',
+            HINT = 'resource names are 1-63 characters of a-z, 0-9, _ and ., starting with a letter';
   END IF;
   IF amount IS NULL OR amount = 'NaN' OR amount < 0 OR amount = 'Infinity' THEN
     RAISE EXCEPTION 'amount must be a finite number >= 0, got %', coalesce(amount::text, 'NULL')
