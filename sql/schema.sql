@@ -19,8 +19,10 @@ INSERT INTO meshhook_limits.builtin_resources VALUES
   ('concurrent_executions', 'acquire_execution_slot', 'running executions at once'),
   ('execution_seconds', 'slot deadline, revoked by the reaper', 'wall-clock limit of one execution'),
   ('memory_bytes', 'heartbeat_execution_slot, release_execution_slot, record_usage', 'peak memory of one execution'),
-  ('storage_bytes', 'record_usage (storage tracking comes later)', 'bytes a tenant stores'),
-  ('requests_per_second', 'check_rate_limit (comes later)', 'request rate per key, with burst');
+  ('storage_bytes', 'track_storage triggers, record_usage', 'bytes a tenant stores'),
+  ('requests_per_second', 'check_rate_limit', 'request rate, with burst; requests_per_second.<key> for one key'),
+  ('work_mem_bytes', 'apply_session_limits', 'work_mem of a tenant''s statements'),
+  ('temp_file_bytes', 'apply_session_limits', 'temp_file_limit of a tenant''s statements');
 
 CREATE TABLE meshhook_limits.plans (
   plan text PRIMARY KEY CHECK (plan ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
@@ -37,7 +39,7 @@ CREATE TABLE meshhook_limits.tenant_plans (
 -- One row per configured limit. Scope: global (no plan, tenant, project),
 -- plan, tenant, or project (tenant and project).
 CREATE TABLE meshhook_limits.limits (
-  resource text NOT NULL CHECK (resource ~ '^[a-z][a-z0-9_.]{0,62}$'),
+  resource text NOT NULL CHECK (resource ~ '^[a-z][a-z0-9_.-]{0,62}$'),
   plan text REFERENCES meshhook_limits.plans (plan) ON UPDATE CASCADE ON DELETE CASCADE,
   tenant_id uuid,
   project_id uuid,
@@ -184,13 +186,14 @@ RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS
 DECLARE
   builtin boolean;
 BEGIN
-  IF p_resource IS NULL OR p_resource !~ '^[a-z][a-z0-9_.]{0,62}$' THEN
+  IF p_resource IS NULL OR p_resource !~ '^[a-z][a-z0-9_.-]{0,62}$' THEN
     RAISE EXCEPTION 'invalid resource name %', coalesce(quote_literal(left(p_resource, 80)), 'NULL')
       USING ERRCODE = '22023',
-            HINT = 'resource names are 1-63 characters of a-z, 0-9, _ and ., starting with a letter';
+            HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
   END IF;
   builtin := p_resource IN ('concurrent_executions', 'execution_seconds', 'memory_bytes',
-                            'storage_bytes', 'requests_per_second');
+                            'storage_bytes', 'requests_per_second', 'work_mem_bytes', 'temp_file_bytes')
+             OR p_resource LIKE 'requests_per_second.%';
   IF p_limit IS NULL OR p_limit = 'NaN' OR p_limit < 0 OR p_limit = 'Infinity' THEN
     RAISE EXCEPTION 'limit_value must be a finite number >= 0, got %', coalesce(p_limit::text, 'NULL')
       USING ERRCODE = '22023', HINT = 'use clear_limit to remove a limit';
@@ -207,7 +210,7 @@ BEGIN
     RAISE EXCEPTION 'unknown resource "%" needs a window_length', p_resource
       USING ERRCODE = '22023',
             HINT = 'built-in resources are concurrent_executions, execution_seconds, memory_bytes, '
-                   'storage_bytes and requests_per_second; any other name is a meter summed over '
+                   'storage_bytes, requests_per_second[.key], work_mem_bytes and temp_file_bytes; any other name is a meter summed over '
                    'window_length, e.g. window_length => ''1 day''';
   END IF;
   IF builtin AND p_window IS NOT NULL THEN
@@ -218,7 +221,7 @@ BEGIN
     RAISE EXCEPTION 'window_length must be between 1 microsecond and 366 days, got %', p_window
       USING ERRCODE = '22023';
   END IF;
-  IF p_burst IS NOT NULL AND p_resource <> 'requests_per_second' THEN
+  IF p_burst IS NOT NULL AND p_resource <> 'requests_per_second' AND p_resource NOT LIKE 'requests_per_second.%' THEN
     RAISE EXCEPTION 'burst applies to requests_per_second only' USING ERRCODE = '22023';
   END IF;
   IF p_burst IS NOT NULL AND (p_burst = 'NaN' OR p_burst < 0 OR p_burst = 'Infinity') THEN
@@ -409,10 +412,10 @@ DECLARE
   rank_p int;
 BEGIN
   PERFORM meshhook_limits.require_tenant_access(t);
-  IF r IS NULL OR r !~ '^[a-z][a-z0-9_.]{0,62}$' THEN
+  IF r IS NULL OR r !~ '^[a-z][a-z0-9_.-]{0,62}$' THEN
     RAISE EXCEPTION 'invalid resource name %', coalesce(quote_literal(left(r, 80)), 'NULL')
       USING ERRCODE = '22023',
-            HINT = 'resource names are 1-63 characters of a-z, 0-9, _ and ., starting with a letter';
+            HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
   END IF;
   IF amount IS NULL OR amount = 'NaN' OR amount < 0 OR amount = 'Infinity' THEN
     RAISE EXCEPTION 'amount must be a finite number >= 0, got %', coalesce(amount::text, 'NULL')
@@ -669,5 +672,265 @@ BEGIN
                          'reason', 'memory_exceeded'));
   END IF;
   RETURN true;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Rate limits (GCRA in Rust; see src/rate.rs).
+
+-- The rule for a key: requests_per_second.<key> if any scope sets it, else
+-- the tenant's requests_per_second. Burst defaults to one second's worth.
+CREATE FUNCTION meshhook_limits._rate_rule(p_tenant uuid, p_key text)
+RETURNS TABLE(rate float8, burst float8)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT r.limit_value::float8, coalesce(r.burst, GREATEST(r.limit_value, 1))::float8
+    FROM meshhook_limits._resolve(p_tenant, NULL) r
+   WHERE r.resource IN ('requests_per_second.' || p_key, 'requests_per_second')
+   ORDER BY (r.resource = 'requests_per_second')
+   LIMIT 1
+$$;
+
+-- Rate state without shared_preload_libraries. Unlogged: not worth WAL, and
+-- emptied by a crash like the shared-memory table.
+CREATE UNLOGGED TABLE meshhook_limits.rate_state (
+  tenant_id uuid NOT NULL,
+  key text NOT NULL,
+  tat bigint NOT NULL,
+  paused_until bigint NOT NULL DEFAULT 0,
+  PRIMARY KEY (tenant_id, key)
+);
+ALTER TABLE meshhook_limits.rate_state ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.rate_state FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+
+CREATE FUNCTION meshhook_limits._rate_state_lock(p_tenant uuid, p_key text, p_now bigint)
+RETURNS TABLE(tat bigint, paused_until bigint)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  INSERT INTO meshhook_limits.rate_state (tenant_id, key, tat) VALUES (p_tenant, p_key, p_now)
+  ON CONFLICT DO NOTHING;
+  RETURN QUERY SELECT s.tat, s.paused_until FROM meshhook_limits.rate_state s
+                WHERE s.tenant_id = p_tenant AND s.key = p_key FOR UPDATE;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Storage quotas: statement-level triggers with transition tables keep each
+-- tenant's bytes in tracked tables. A tenant's total is one row, so writers
+-- that grow the same tenant serialise on it and the check is exact.
+CREATE TABLE meshhook_limits.tracked_tables (
+  table_schema name NOT NULL,
+  table_name name NOT NULL,
+  tenant_column name NOT NULL,
+  tracked_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (table_schema, table_name)
+);
+CREATE TABLE meshhook_limits.storage_usage (
+  tenant_id uuid NOT NULL,
+  table_schema name NOT NULL,
+  table_name name NOT NULL,
+  bytes bigint NOT NULL,
+  PRIMARY KEY (tenant_id, table_schema, table_name)
+);
+CREATE TABLE meshhook_limits.storage_totals (
+  tenant_id uuid PRIMARY KEY,
+  bytes bigint NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.tracked_tables', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.storage_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.storage_totals', '');
+ALTER TABLE meshhook_limits.tracked_tables ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.storage_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.storage_totals ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.tracked_tables FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.storage_usage FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY own_rows ON meshhook_limits.storage_usage FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
+CREATE POLICY admin_all ON meshhook_limits.storage_totals FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY own_rows ON meshhook_limits.storage_totals FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
+GRANT SELECT ON meshhook_limits.tracked_tables, meshhook_limits.storage_usage, meshhook_limits.storage_totals TO PUBLIC;
+
+-- Apply per-tenant byte deltas of one statement on one table; refuse growth
+-- past storage_bytes (53400), announce crossings of the warn ratio.
+CREATE FUNCTION meshhook_limits._storage_apply(p_schema name, p_table name, p_tenant uuid, p_delta bigint)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE lim record; new_total bigint; old_total bigint; thr numeric;
+BEGIN
+  IF p_tenant IS NULL OR p_delta = 0 THEN
+    RETURN;
+  END IF;
+  INSERT INTO meshhook_limits.storage_totals AS s (tenant_id, bytes) VALUES (p_tenant, p_delta)
+  ON CONFLICT (tenant_id) DO UPDATE SET bytes = s.bytes + EXCLUDED.bytes
+  RETURNING s.bytes INTO new_total;
+  old_total := new_total - p_delta;
+  INSERT INTO meshhook_limits.storage_usage AS u (tenant_id, table_schema, table_name, bytes)
+  VALUES (p_tenant, p_schema, p_table, p_delta)
+  ON CONFLICT (tenant_id, table_schema, table_name) DO UPDATE SET bytes = u.bytes + EXCLUDED.bytes;
+  SELECT * INTO lim FROM meshhook_limits._resolve(p_tenant, NULL) r WHERE r.resource = 'storage_bytes';
+  IF lim.limit_value IS NULL THEN
+    RETURN;
+  END IF;
+  IF p_delta > 0 AND new_total > lim.limit_value THEN
+    RAISE EXCEPTION 'tenant % would store % bytes, over its storage_bytes limit of % (% bytes in use)',
+                    p_tenant, new_total, lim.limit_value, old_total
+      USING ERRCODE = '53400',
+            DETAIL = format('the statement adds %s bytes to %I.%I', p_delta, p_schema, p_table),
+            HINT = 'delete data first, or ask an admin to raise storage_bytes';
+  END IF;
+  thr := lim.limit_value * lim.warn_ratio;
+  IF old_total < thr AND new_total >= thr THEN
+    PERFORM meshhook_limits._emit('limit.warning', p_tenant, 'storage_bytes', new_total, lim.limit_value, NULL);
+  ELSIF old_total >= thr AND new_total < thr THEN
+    PERFORM meshhook_limits._emit('limit.recovered', p_tenant, 'storage_bytes', new_total, lim.limit_value, NULL);
+  END IF;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits._storage_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE col text := TG_ARGV[0]; d record; q text;
+BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    PERFORM meshhook_limits._storage_forget(TG_TABLE_SCHEMA, TG_TABLE_NAME, false);
+    RETURN NULL;
+  END IF;
+  q := CASE TG_OP
+    WHEN 'INSERT' THEN format('SELECT %I AS t, sum(pg_catalog.pg_column_size(n.*))::bigint AS b FROM new_rows n GROUP BY 1', col)
+    WHEN 'DELETE' THEN format('SELECT %I AS t, -sum(pg_catalog.pg_column_size(o.*))::bigint AS b FROM old_rows o GROUP BY 1', col)
+    ELSE format('SELECT t, sum(b)::bigint AS b FROM (SELECT %1$I AS t, pg_catalog.pg_column_size(n.*) AS b FROM new_rows n '
+                'UNION ALL SELECT %1$I, -pg_catalog.pg_column_size(o.*) FROM old_rows o) x GROUP BY 1', col)
+  END;
+  -- Tenants in a fixed order, so concurrent multi-tenant statements cannot deadlock.
+  FOR d IN EXECUTE q || ' ORDER BY 1' LOOP
+    PERFORM meshhook_limits._storage_apply(TG_TABLE_SCHEMA, TG_TABLE_NAME, d.t, d.b);
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.track_storage(tbl regclass, tenant_column name)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE sch name; rel name; typ regtype; kind "char"; counted bigint;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('track storage');
+  IF tbl IS NULL OR tenant_column IS NULL THEN
+    RAISE EXCEPTION 'tbl and tenant_column must not be NULL' USING ERRCODE = '22023';
+  END IF;
+  SELECT n.nspname, c.relname, c.relkind INTO sch, rel, kind
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+  IF kind <> 'r' THEN
+    RAISE EXCEPTION '% is not a plain table', tbl USING ERRCODE = '22023',
+      HINT = 'track each partition (or the tables behind a view) instead';
+  END IF;
+  SELECT a.atttypid::regtype INTO typ FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = tbl AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
+  IF typ IS NULL THEN
+    RAISE EXCEPTION 'table % has no column %', tbl, quote_ident(tenant_column) USING ERRCODE = '22023';
+  ELSIF typ <> 'uuid'::regtype THEN
+    RAISE EXCEPTION 'column % of % is %, not uuid', quote_ident(tenant_column), tbl, typ USING ERRCODE = '22023',
+      HINT = 'the tenant column holds tenant ids, which are uuids';
+  END IF;
+  IF EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t WHERE t.table_schema = sch AND t.table_name = rel) THEN
+    RAISE EXCEPTION '% is already tracked', tbl USING ERRCODE = '22023', HINT = 'untrack_storage it first';
+  END IF;
+  -- No writer may slip between counting and the triggers.
+  EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
+  INSERT INTO meshhook_limits.tracked_tables (table_schema, table_name, tenant_column) VALUES (sch, rel, tenant_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_trunc AFTER TRUNCATE ON %s '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
+  -- Existing rows count from now on; registration itself never refuses.
+  FOR counted IN EXECUTE format(
+      'WITH d AS (SELECT %1$I AS t, sum(pg_catalog.pg_column_size(x.*))::bigint AS b FROM %2$s x WHERE %1$I IS NOT NULL GROUP BY 1),
+            u AS (INSERT INTO meshhook_limits.storage_usage (tenant_id, table_schema, table_name, bytes)
+                  SELECT t, %3$L, %4$L, b FROM d),
+            s AS (INSERT INTO meshhook_limits.storage_totals AS s (tenant_id, bytes) SELECT t, b FROM d
+                  ON CONFLICT (tenant_id) DO UPDATE SET bytes = s.bytes + EXCLUDED.bytes)
+       SELECT coalesce(sum(b), 0)::bigint FROM d', tenant_column, tbl, sch, rel) LOOP
+  END LOOP;
+  RETURN counted;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.untrack_storage(tbl regclass)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE sch name; rel name; d record;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('track storage');
+  SELECT n.nspname, c.relname INTO sch, rel
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+  IF NOT EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t WHERE t.table_schema = sch AND t.table_name = rel) THEN
+    RETURN false;
+  END IF;
+  EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
+  EXECUTE format('DROP TRIGGER IF EXISTS meshhook_limits_storage_ins ON %1$s;
+                  DROP TRIGGER IF EXISTS meshhook_limits_storage_upd ON %1$s;
+                  DROP TRIGGER IF EXISTS meshhook_limits_storage_del ON %1$s;
+                  DROP TRIGGER IF EXISTS meshhook_limits_storage_trunc ON %1$s', tbl);
+  PERFORM meshhook_limits._storage_forget(sch, rel);
+  RETURN true;
+END
+$$;
+
+-- Subtract a table's bytes from its tenants (TRUNCATE, untrack, DROP).
+CREATE FUNCTION meshhook_limits._storage_forget(p_schema name, p_table name, p_untrack boolean DEFAULT true)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE d record;
+BEGIN
+  FOR d IN WITH gone AS (DELETE FROM meshhook_limits.storage_usage u
+                          WHERE u.table_schema = p_schema AND u.table_name = p_table
+                          RETURNING u.tenant_id, u.bytes)
+           SELECT * FROM gone ORDER BY 1 LOOP
+    UPDATE meshhook_limits.storage_totals s SET bytes = s.bytes - d.bytes WHERE s.tenant_id = d.tenant_id;
+  END LOOP;
+  IF p_untrack THEN
+    DELETE FROM meshhook_limits.tracked_tables t WHERE t.table_schema = p_schema AND t.table_name = p_table;
+  END IF;
+END
+$$;
+
+-- A dropped tracked table stops counting.
+CREATE FUNCTION meshhook_limits._storage_on_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE o record;
+BEGIN
+  FOR o IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() x WHERE x.object_type = 'table' LOOP
+    IF EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t WHERE t.table_schema = o.schema_name AND t.table_name = o.object_name) THEN
+      PERFORM meshhook_limits._storage_forget(o.schema_name, o.object_name);
+    END IF;
+  END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER meshhook_limits_storage_drop ON sql_drop
+  EXECUTE FUNCTION meshhook_limits._storage_on_drop();
+
+-- ---------------------------------------------------------------------------
+-- Session limits: hold a tenant's SQL to its limits with PostgreSQL's own
+-- settings, for the current transaction only.
+CREATE FUNCTION meshhook_limits.apply_session_limits(tenant_id uuid)
+RETURNS TABLE(setting text, value text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE r record;
+BEGIN
+  PERFORM meshhook_limits.require_tenant_access(apply_session_limits.tenant_id);
+  FOR r IN SELECT * FROM meshhook_limits._resolve(apply_session_limits.tenant_id, NULL) e
+            WHERE e.resource IN ('execution_seconds', 'work_mem_bytes', 'temp_file_bytes') ORDER BY 1 LOOP
+    setting := CASE r.resource WHEN 'execution_seconds' THEN 'statement_timeout'
+                               WHEN 'work_mem_bytes' THEN 'work_mem' ELSE 'temp_file_limit' END;
+    value := CASE r.resource
+               WHEN 'execution_seconds' THEN GREATEST(1, LEAST(r.limit_value * 1000, 2147483647))::bigint || 'ms'
+               WHEN 'work_mem_bytes' THEN GREATEST(64, LEAST(r.limit_value / 1024, 2147483647))::bigint || 'kB'
+               ELSE LEAST(r.limit_value / 1024, 2147483647)::bigint || 'kB' END;
+    PERFORM pg_catalog.set_config(setting, value, true);
+    RETURN NEXT;
+  END LOOP;
 END
 $$;

@@ -18,6 +18,9 @@ pub static RETRY_AFTER_MAX: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"meshhook_limits"));
 
+/// Replaces the real clock of the rate limiter (epoch seconds; 0 = off). Tests only.
+pub static TEST_CLOCK: GucSetting<f64> = GucSetting::<f64>::new(0.0);
+
 pub fn init() {
     GucRegistry::define_string_guc(
         c"meshhook_limits.tenant_claim",
@@ -70,6 +73,16 @@ pub fn init() {
         c"NOTIFY channel on which events are sent.",
         c"",
         &NOTIFY_CHANNEL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"meshhook_limits.test_clock",
+        c"For tests: the rate limiter's clock in Unix epoch seconds (0 = the real clock).",
+        c"Superuser only. Lets tests replay exact allow/deny sequences.",
+        &TEST_CLOCK,
+        0.0,
+        1e11,
         GucContext::Suset,
         GucFlags::default(),
     );

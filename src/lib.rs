@@ -10,6 +10,7 @@ mod error;
 mod gucs;
 mod identity;
 mod limits;
+mod rate;
 mod shmem;
 mod slots;
 mod xact;

@@ -132,6 +132,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         }
         pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Table>());
         pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+        crate::rate::shmem_request();
     }
 }
 
@@ -156,6 +157,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
             (*table).header.started_at = pg_sys::GetCurrentTimestamp();
         }
         TABLE.store(table, Ordering::Release);
+        crate::rate::shmem_startup();
         LOCK.store(
             &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock,
             Ordering::Release,

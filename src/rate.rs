@@ -1,0 +1,533 @@
+//! Rate limits: GCRA (the generic cell rate algorithm, a token bucket kept
+//! as one timestamp per key) in shared memory.
+//!
+//! Each (tenant, key) has a theoretical arrival time `tat`. With emission
+//! interval `T = 1 / rate` and tolerance `τ = burst × T`, a request of cost c
+//! is allowed when `max(tat, now) + c·T − now ≤ τ`, and then moves `tat` to
+//! that sum. So `burst` requests pass at once, a stream at `rate` always
+//! passes, and a refusal knows exactly when the request would pass.
+//!
+//! The table is fixed: `BUCKETS` sets of `WAYS` entries, behind `PARTITIONS`
+//! LWLocks. A key lives in the set its hash picks. When the set is full, an
+//! idle entry (tat and pause in the past: indistinguishable from a fresh key)
+//! is reused first; if none is idle the entry closest to idle is evicted and
+//! that key starts again with a full burst (counted in `evictions`).
+//!
+//! State is not transactional, like a sequence: a rolled-back transaction
+//! keeps the tokens it spent.
+use crate::error::{LimitsError, OrRaise, Result};
+use crate::identity;
+use pgrx::datum::{Interval, TimestampWithTimeZone, Uuid};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+pub const BUCKETS: usize = 4096;
+pub const WAYS: usize = 8;
+const PARTITIONS: usize = 16;
+pub const KEY_MAX: usize = 64;
+const TRANCHE: &std::ffi::CStr = c"meshhook_limits_rate";
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Entry {
+    used: bool,
+    key_len: u8,
+    tenant: [u8; 16],
+    /// Nanoseconds since 2000-01-01 (PostgreSQL's epoch).
+    tat: i64,
+    paused_until: i64,
+    key: [u8; KEY_MAX],
+}
+
+#[repr(C)]
+pub struct RateTable {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    pub evictions: AtomicU64,
+    sets: [[Entry; WAYS]; BUCKETS],
+}
+
+static RATE: AtomicPtr<RateTable> = AtomicPtr::new(std::ptr::null_mut());
+static LOCKS: AtomicPtr<pg_sys::LWLockPadded> = AtomicPtr::new(std::ptr::null_mut());
+
+pub unsafe fn shmem_request() {
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<RateTable>());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), PARTITIONS as i32);
+    }
+}
+
+/// Called from the slot table's startup hook, under AddinShmemInitLock.
+pub unsafe fn shmem_startup() {
+    unsafe {
+        let mut found = false;
+        let t = pg_sys::ShmemInitStruct(
+            c"meshhook_limits rate table".as_ptr(),
+            std::mem::size_of::<RateTable>(),
+            &mut found,
+        )
+        .cast::<RateTable>();
+        if !found {
+            std::ptr::write_bytes(t.cast::<u8>(), 0, std::mem::size_of::<RateTable>());
+        }
+        RATE.store(t, Ordering::Release);
+        LOCKS.store(
+            pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr()),
+            Ordering::Release,
+        );
+    }
+}
+
+pub fn table() -> Option<&'static RateTable> {
+    let p = RATE.load(Ordering::Acquire);
+    // SAFETY: set once by the startup hook; shared memory outlives the process.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+struct Partition(*mut pg_sys::LWLock);
+
+impl Partition {
+    fn lock(set: usize) -> Option<Partition> {
+        let locks = LOCKS.load(Ordering::Acquire);
+        if locks.is_null() || RATE.load(Ordering::Acquire).is_null() {
+            return None;
+        }
+        // SAFETY: PARTITIONS locks were requested for this tranche.
+        unsafe {
+            let l = &raw mut (*locks.add(set % PARTITIONS)).lock;
+            pg_sys::LWLockAcquire(l, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            Some(Partition(l))
+        }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.0) };
+    }
+}
+
+fn hash(tenant: &[u8; 16], key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tenant.iter().chain(key.iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ (h >> 29)
+}
+
+/// Now, in nanoseconds since 2000-01-01; `meshhook_limits.test_clock` (epoch
+/// seconds, superuser only) replaces the real clock for tests.
+pub fn now_ns() -> i64 {
+    let fake = crate::gucs::TEST_CLOCK.get();
+    if fake > 0.0 {
+        // 946684800 = seconds from 1970-01-01 to 2000-01-01.
+        return ((fake - 946_684_800.0) * 1e9).round() as i64;
+    }
+    unsafe { pg_sys::GetCurrentTimestamp() }.saturating_mul(1000)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rule {
+    /// Requests per second; None = no limit.
+    pub rate: Option<f64>,
+    pub burst: f64,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub remaining: Option<i64>,
+    pub retry_after_ns: Option<i64>,
+}
+
+/// The GCRA step on one entry's state. Pure, so it is unit-tested directly.
+pub fn gcra(
+    tat: i64,
+    paused_until: i64,
+    now: i64,
+    cost: i64,
+    rate: f64,
+    burst: f64,
+) -> (Decision, i64) {
+    if paused_until > now {
+        return (
+            Decision {
+                allowed: false,
+                remaining: Some(0),
+                retry_after_ns: Some(paused_until - now),
+            },
+            tat,
+        );
+    }
+    if rate <= 0.0 {
+        return (
+            Decision {
+                allowed: false,
+                remaining: Some(0),
+                retry_after_ns: None,
+            },
+            tat,
+        );
+    }
+    let t = 1e9 / rate; // ns per token
+    let tau = burst * t;
+    // Work relative to now: absolute nanoseconds do not fit an f64 exactly.
+    let backlog = (tat.max(now) - now) as f64;
+    let debt = backlog + cost as f64 * t;
+    if debt <= tau + 1.0 {
+        let remaining = ((tau - debt) / t + 1e-6).floor().max(0.0) as i64;
+        (
+            Decision {
+                allowed: true,
+                remaining: Some(remaining),
+                retry_after_ns: None,
+            },
+            now + debt.round() as i64,
+        )
+    } else {
+        let remaining = ((tau - backlog) / t + 1e-6).floor().max(0.0) as i64;
+        let retry = (debt - tau).ceil() as i64;
+        (
+            Decision {
+                allowed: false,
+                remaining: Some(remaining),
+                retry_after_ns: Some(retry),
+            },
+            tat,
+        )
+    }
+}
+
+fn with_entry<R>(
+    tenant: &[u8; 16],
+    key: &[u8],
+    now: i64,
+    f: impl FnOnce(&mut Entry) -> R,
+) -> Option<R> {
+    let table = RATE.load(Ordering::Acquire);
+    let set_idx = (hash(tenant, key) as usize) % BUCKETS;
+    let _guard = Partition::lock(set_idx)?;
+    // SAFETY: the partition lock covers this set.
+    let t = unsafe { &mut *table };
+    let set = &mut t.sets[set_idx];
+    let found = set
+        .iter()
+        .position(|e| e.used && &e.tenant == tenant && &e.key[..e.key_len as usize] == key);
+    let idx = match found {
+        Some(i) => i,
+        None => {
+            let idle = |e: &Entry| !e.used || (e.tat <= now && e.paused_until <= now);
+            let i = match set.iter().position(idle) {
+                Some(i) => i,
+                None => {
+                    t.evictions.fetch_add(1, Ordering::Relaxed);
+                    (0..WAYS)
+                        .min_by_key(|&i| set[i].tat.max(set[i].paused_until))
+                        .unwrap_or(0)
+                }
+            };
+            let mut k = [0u8; KEY_MAX];
+            k[..key.len()].copy_from_slice(key);
+            set[i] = Entry {
+                used: true,
+                key_len: key.len() as u8,
+                tenant: *tenant,
+                tat: now,
+                paused_until: 0,
+                key: k,
+            };
+            i
+        }
+    };
+    Some(f(&mut set[idx]))
+}
+
+type Key = ([u8; 16], String);
+thread_local! {
+    static RULES: RefCell<(u64, HashMap<Key, Rule>)> = RefCell::new((u64::MAX, HashMap::new()));
+    static NOTICED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn load_rule(tenant: Uuid, key: &str) -> Result<Rule> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT rate, burst FROM meshhook_limits._rate_rule($1, $2)",
+            Some(1),
+            &[tenant.into(), key.into()],
+        )?;
+        let mut rule = Rule {
+            rate: None,
+            burst: 0.0,
+        };
+        if let Some(r) = rows.into_iter().next() {
+            rule.rate = r.get::<f64>(1)?;
+            rule.burst = r.get::<f64>(2)?.unwrap_or(0.0);
+        }
+        Ok(rule)
+    })
+}
+
+fn rule(tenant: Uuid, key: &str) -> Result<Rule> {
+    let Some(h) = crate::shmem::header() else {
+        return load_rule(tenant, key);
+    };
+    let generation = h.generation.load(Ordering::Acquire);
+    let k: Key = (*tenant.as_bytes(), key.to_string());
+    let hit = RULES.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != generation {
+            c.0 = generation;
+            c.1.clear();
+        }
+        c.1.get(&k).copied()
+    });
+    if let Some(r) = hit {
+        return Ok(r);
+    }
+    let r = load_rule(tenant, key)?;
+    RULES.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 == generation {
+            if c.1.len() >= 10_000 {
+                c.1.clear();
+            }
+            c.1.insert(k, r);
+        }
+    });
+    Ok(r)
+}
+
+fn validate(tenant: Option<Uuid>, key: Option<&str>) -> Result<(Uuid, String)> {
+    let tenant = tenant.ok_or_else(|| {
+        LimitsError::invalid("tenant_id must not be NULL", "pass the uuid of the tenant")
+    })?;
+    let key = key.ok_or_else(|| {
+        LimitsError::invalid(
+            "key must not be NULL",
+            "use 'default' for the tenant's overall rate",
+        )
+    })?;
+    if key.is_empty() || key.len() > KEY_MAX {
+        return Err(LimitsError::invalid(
+            format!("key must be 1 to {KEY_MAX} bytes long, got {}", key.len()),
+            "name the upstream or endpoint being limited, e.g. 'stripe-api'",
+        ));
+    }
+    identity::require_act_for(tenant)?;
+    Ok((tenant, key.to_string()))
+}
+
+fn notice_once() {
+    if !NOTICED.with(|n| n.replace(true)) {
+        pgrx::notice!(
+            "meshhook_limits is not in shared_preload_libraries: rate limits use a table (slower); \
+             add it to shared_preload_libraries and restart for the shared-memory fast path"
+        );
+    }
+}
+
+fn ns_interval(ns: i64) -> Interval {
+    // Round up to the microsecond: retrying after retry_after always passes.
+    Interval::from_micros((ns + 999) / 1000)
+}
+
+fn check(
+    tenant: Option<Uuid>,
+    key: Option<&str>,
+    cost: Option<i32>,
+) -> Result<(bool, Option<i64>, Option<Interval>)> {
+    let cost = i64::from(cost.unwrap_or(1));
+    if cost < 0 {
+        return Err(LimitsError::invalid(
+            format!("cost must be >= 0, got {cost}"),
+            "cost is the number of tokens this request spends",
+        ));
+    }
+    let (tenant, key) = validate(tenant, key)?;
+    let rule = rule(tenant, &key)?;
+    let Some(rate) = rule.rate else {
+        return Ok((true, None, None));
+    };
+    let burst = rule.burst;
+    if cost as f64 > burst && rate > 0.0 {
+        return Err(LimitsError::invalid(
+            format!("cost {cost} exceeds the burst {burst} of key \"{}\": it could never be allowed", identity::truncate(&key, 64)),
+            "raise the burst with set_limit('requests_per_second', rate, tenant_id, burst => n) or lower the cost",
+        ));
+    }
+    let now = now_ns();
+    if table().is_none() {
+        notice_once();
+        return check_in_table(tenant, &key, now, cost, rate, burst);
+    }
+    let d = with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
+        let (d, tat) = gcra(e.tat, e.paused_until, now, cost, rate, burst);
+        e.tat = tat;
+        d
+    })
+    .ok_or(LimitsError::NotPreloaded)?;
+    if let Some(t) = table() {
+        if d.allowed { &t.allowed } else { &t.denied }.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok((d.allowed, d.remaining, d.retry_after_ns.map(ns_interval)))
+}
+
+/// Without shared memory: the same GCRA step on a row locked FOR UPDATE
+/// (transactional here, unlike the shared-memory path).
+fn check_in_table(
+    tenant: Uuid,
+    key: &str,
+    now: i64,
+    cost: i64,
+    rate: f64,
+    burst: f64,
+) -> Result<(bool, Option<i64>, Option<Interval>)> {
+    Spi::connect_mut(|c| {
+        let rows = c.update(
+            "SELECT tat, paused_until FROM meshhook_limits._rate_state_lock($1, $2, $3)",
+            Some(1),
+            &[tenant.into(), key.into(), now.into()],
+        )?;
+        let (mut tat, mut paused) = (now, 0);
+        if let Some(r) = rows.into_iter().next() {
+            tat = r.get::<i64>(1)?.unwrap_or(now);
+            paused = r.get::<i64>(2)?.unwrap_or(0);
+        }
+        let (d, new_tat) = gcra(tat, paused, now, cost, rate, burst);
+        if new_tat != tat {
+            c.update(
+                "UPDATE meshhook_limits.rate_state SET tat = $3 WHERE tenant_id = $1 AND key = $2",
+                None,
+                &[tenant.into(), key.into(), new_tat.into()],
+            )?;
+        }
+        Ok((d.allowed, d.remaining, d.retry_after_ns.map(ns_interval)))
+    })
+}
+
+/// Spend `cost` tokens of the tenant's rate for `key`. Never raises for a
+/// refusal: allowed = false with the exact retry_after.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn check_rate_limit(
+    tenant_id: Option<Uuid>,
+    key: default!(Option<&str>, "'default'"),
+    cost: default!(Option<i32>, "1"),
+) -> TableIterator<
+    'static,
+    (
+        name!(allowed, bool),
+        name!(remaining, Option<i64>),
+        name!(retry_after, Option<Interval>),
+    ),
+> {
+    TableIterator::once(check(tenant_id, key, cost).or_raise())
+}
+
+fn pause(
+    tenant: Option<Uuid>,
+    key: Option<&str>,
+    until: Option<TimestampWithTimeZone>,
+) -> Result<()> {
+    let until = until.ok_or_else(|| {
+        LimitsError::invalid(
+            "until must not be NULL",
+            "pass the time the upstream's Retry-After names",
+        )
+    })?;
+    let (tenant, key) = validate(tenant, key)?;
+    let until_ns = pg_sys::TimestampTz::from(until).saturating_mul(1000);
+    let now = now_ns();
+    if until_ns > now + 7 * 86_400 * 1_000_000_000 {
+        return Err(LimitsError::invalid(
+            "until must be at most 7 days ahead",
+            "a Retry-After longer than that is better handled by disabling the integration",
+        ));
+    }
+    if table().is_none() {
+        notice_once();
+        Spi::run_with_args(
+            "SELECT 1 FROM meshhook_limits._rate_state_lock($1, $2, $4);
+             UPDATE meshhook_limits.rate_state SET paused_until = $3 WHERE tenant_id = $1 AND key = $2",
+            &[tenant.into(), key.as_str().into(), until_ns.into(), now.into()],
+        )?;
+        return Ok(());
+    }
+    with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
+        e.paused_until = until_ns
+    })
+    .ok_or(LimitsError::NotPreloaded)?;
+    Ok(())
+}
+
+/// Refuse `key` for the tenant until `until` (an upstream's 429 Retry-After);
+/// then the normal rate resumes. A time in the past lifts the pause.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn pause_rate_limit(
+    tenant_id: Option<Uuid>,
+    key: Option<&str>,
+    until: Option<TimestampWithTimeZone>,
+) {
+    pause(tenant_id, key, until).or_raise()
+}
+
+/// Counters of the rate table since the server started.
+#[pg_extern(stable, parallel_safe)]
+fn rate_limit_stats() -> TableIterator<
+    'static,
+    (
+        name!(preloaded, bool),
+        name!(capacity, i64),
+        name!(allowed, i64),
+        name!(denied, i64),
+        name!(evictions, i64),
+    ),
+> {
+    let row = match table() {
+        Some(t) => (
+            true,
+            (BUCKETS * WAYS) as i64,
+            t.allowed.load(Ordering::Relaxed) as i64,
+            t.denied.load(Ordering::Relaxed) as i64,
+            t.evictions.load(Ordering::Relaxed) as i64,
+        ),
+        None => (false, 0, 0, 0, 0),
+    };
+    TableIterator::once(row)
+}
+
+#[cfg(test)]
+mod unit {
+    use super::gcra;
+    const S: i64 = 1_000_000_000;
+
+    #[test]
+    fn burst_then_steady_state() {
+        // 2 per second, burst 4: four at once, the fifth waits exactly 0.5 s.
+        let (mut tat, now) = (0, 10 * S);
+        for i in 0..4 {
+            let (d, t) = gcra(tat, 0, now, 1, 2.0, 4.0);
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.remaining, Some(3 - i));
+            tat = t;
+        }
+        let (d, _) = gcra(tat, 0, now, 1, 2.0, 4.0);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_ns, Some(S / 2));
+        let (d, _) = gcra(tat, 0, now + S / 2, 1, 2.0, 4.0);
+        assert!(d.allowed);
+    }
+
+    #[test]
+    fn pause_refuses_until_then_resumes() {
+        let (d, _) = gcra(0, 5 * S, 4 * S, 1, 10.0, 10.0);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_ns, Some(S));
+        assert!(gcra(0, 5 * S, 5 * S, 1, 10.0, 10.0).0.allowed);
+    }
+}
