@@ -106,3 +106,23 @@ def test_fallback_slots_survive_restart(plain):
     with plain.connect() as c:
         assert not acquire(c, t)[0]
         assert c.execute("SELECT alive FROM meshhook_limits.heartbeat_execution_slot(%s)", (slot,)).fetchone()[0]
+
+
+def test_rate_limits_without_preload_same_sequence(plain):
+    t = str(uuid.uuid4())
+    notices = []
+    with plain.connect() as c:
+        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        set_limit(c, "requests_per_second", 2, t, burst=2)
+        c.execute("SET meshhook_limits.test_clock = 1900000000")
+        seq = [c.execute("SELECT allowed, remaining FROM meshhook_limits.check_rate_limit(%s, 'k')", (t,)).fetchone()
+               for _ in range(3)]
+        assert seq == [(True, 1), (True, 0), (False, 0)]
+        retry = c.execute("SELECT retry_after FROM meshhook_limits.check_rate_limit(%s, 'k')", (t,)).fetchone()[0]
+        assert retry.total_seconds() == 0.5
+        c.execute("SET meshhook_limits.test_clock = 1900000000.5")
+        assert c.execute("SELECT allowed FROM meshhook_limits.check_rate_limit(%s, 'k')", (t,)).fetchone()[0]
+        c.execute("SELECT meshhook_limits.pause_rate_limit(%s, 'k', to_timestamp(1900000010))", (t,))
+        c.execute("SET meshhook_limits.test_clock = 1900000005")
+        assert not c.execute("SELECT allowed FROM meshhook_limits.check_rate_limit(%s, 'k')", (t,)).fetchone()[0]
+    assert len([n for n in notices if "rate limits use a table" in n]) == 1
