@@ -487,21 +487,25 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION meshhook_limits.usage(tenant_id uuid)
+CREATE FUNCTION meshhook_limits._usage(tenant_id uuid)
 RETURNS TABLE(resource text, used numeric, limit_value numeric, ratio numeric, status text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 BEGIN
-  PERFORM meshhook_limits.require_tenant_access(usage.tenant_id);
   RETURN QUERY
-  WITH eff AS (SELECT * FROM meshhook_limits._resolve(usage.tenant_id, NULL)),
+  WITH eff AS (SELECT * FROM meshhook_limits._resolve(_usage.tenant_id, NULL)),
   cur AS (
     SELECT e.resource, e.limit_value, e.warn_ratio,
            CASE
-             WHEN e.resource = 'concurrent_executions' THEN meshhook_limits.live_slots(usage.tenant_id)::numeric
-             WHEN e.resource IN ('execution_seconds', 'requests_per_second') THEN NULL
+             WHEN e.resource = 'concurrent_executions' THEN meshhook_limits.live_slots(_usage.tenant_id)::numeric
+             WHEN e.resource = 'storage_bytes' THEN
+               coalesce((SELECT st.bytes FROM meshhook_limits.storage_totals st WHERE st.tenant_id = _usage.tenant_id), 0)
+               + coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
+                            WHERE u.tenant_id = _usage.tenant_id AND u.resource = 'storage_bytes'
+                              AND u.project_id = '00000000-0000-0000-0000-000000000000'), 0)
+             WHEN e.resource NOT IN ('memory_bytes') AND e.window_length IS NULL THEN NULL
              ELSE coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
-                             WHERE u.tenant_id = usage.tenant_id AND u.resource = e.resource
+                             WHERE u.tenant_id = _usage.tenant_id AND u.resource = e.resource
                                AND u.project_id = '00000000-0000-0000-0000-000000000000'
                                AND (e.window_length IS NULL
                                     OR u.window_start + e.window_length > pg_catalog.now())
@@ -516,6 +520,16 @@ BEGIN
               ELSE meshhook_limits._status(c.used, c.limit_value, c.warn_ratio) END
     FROM cur c
    ORDER BY c.resource;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.usage(tenant_id uuid)
+RETURNS TABLE(resource text, used numeric, limit_value numeric, ratio numeric, status text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_tenant_access(usage.tenant_id);
+  RETURN QUERY SELECT * FROM meshhook_limits._usage(usage.tenant_id);
 END
 $$;
 

@@ -18,6 +18,20 @@ pub static RETRY_AFTER_MAX: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"meshhook_limits"));
 
+/// Database the background worker connects to.
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Milliseconds between two ticks of the background worker.
+pub static SAMPLE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Whether the background worker runs.
+pub static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+static QUEUE_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(300);
+static POOL_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.85);
+static POOL_CRITICAL: GucSetting<f64> = GucSetting::<f64>::new(0.9);
+static POOL_CRITICAL_FOR: GucSetting<i32> = GucSetting::<i32>::new(300);
+
 /// Replaces the real clock of the rate limiter (epoch seconds; 0 = off). Tests only.
 pub static TEST_CLOCK: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 
@@ -85,6 +99,92 @@ pub fn init() {
         1e11,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"meshhook_limits.database",
+        c"Database the background worker samples and reaps in.",
+        c"The extension must be created there; the worker waits until it is.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"meshhook_limits.worker",
+        c"Run the background worker (needs shared_preload_libraries).",
+        c"Off: drive meshhook_limits.tick() from pg_cron or any scheduler instead.",
+        &WORKER_ENABLED,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.sample_interval",
+        c"Time between two ticks of the background worker.",
+        c"Each tick samples queues and connections, reaps slots and evaluates alert rules.",
+        &SAMPLE_INTERVAL,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.retention",
+        c"How long queue and pool samples are kept.",
+        c"",
+        &RETENTION,
+        60,
+        366 * 86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.event_retention",
+        c"How long rows of meshhook_limits.events are kept.",
+        c"",
+        &EVENT_RETENTION,
+        60,
+        366 * 86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.queue_window",
+        c"The recent window of queue statistics (failed_recent, p50/p95, error rate).",
+        c"",
+        &QUEUE_WINDOW,
+        10,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_float_guc(
+        c"meshhook_limits.pool_warning",
+        c"Pool utilisation (of max_connections minus reserved) at which pool status is warning.",
+        c"",
+        &POOL_WARNING,
+        0.0,
+        1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"meshhook_limits.pool_critical",
+        c"Pool utilisation at which pool status becomes critical once held for pool_critical_for.",
+        c"",
+        &POOL_CRITICAL,
+        0.0,
+        1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.pool_critical_for",
+        c"How long utilisation must stay at or above pool_critical before the status is critical.",
+        c"",
+        &POOL_CRITICAL_FOR,
+        0,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"meshhook_limits".as_ptr()) };
 }

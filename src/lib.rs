@@ -13,6 +13,7 @@ mod limits;
 mod rate;
 mod shmem;
 mod slots;
+mod worker;
 mod xact;
 
 pgrx::pg_module_magic!();
@@ -28,6 +29,11 @@ extension_sql_file!(
         slots::live_slots
     ]
 );
+extension_sql_file!(
+    "../sql/monitor.sql",
+    name = "monitor",
+    requires = ["schema", slots::reap_execution_slots, slots::slots]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
@@ -36,6 +42,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     if preloading {
         shmem::init();
+        worker::register();
     }
     xact::init();
 }

@@ -476,7 +476,7 @@ fn reap() -> Result<i64> {
 /// revocation (slot.revoked). The background worker and pg_cron call this.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn reap_execution_slots() -> i64 {
+pub fn reap_execution_slots() -> i64 {
     reap().or_raise()
 }
 
@@ -551,7 +551,7 @@ fn list() -> Result<Vec<SlotRow>> {
 /// Slots the caller may see: all for admins, its own for a tenant.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn slots() -> TableIterator<
+pub fn slots() -> TableIterator<
     'static,
     (
         name!(slot_id, Uuid),

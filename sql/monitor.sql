@@ -1,0 +1,506 @@
+-- meshhook_limits: queue health (pg-boss, pgmq), pool pressure, alerting and
+-- tick(), the round the background worker (or pg_cron) runs every interval.
+-- Queue systems are read with dynamic SQL: they may be absent, appear later,
+-- or carry names that need quoting; every identifier goes through %I.
+
+CREATE TABLE meshhook_limits.queue_samples (
+  sampled_at timestamptz NOT NULL,
+  source text NOT NULL CHECK (source IN ('pgboss', 'pgmq')),
+  queue text NOT NULL,
+  queued bigint NOT NULL,
+  active bigint NOT NULL,
+  failed_recent bigint NOT NULL,
+  oldest_age interval,
+  p50_ms numeric,
+  p95_ms numeric,
+  throughput_per_min numeric NOT NULL,
+  error_rate numeric,
+  status text NOT NULL
+);
+CREATE INDEX queue_samples_at ON meshhook_limits.queue_samples (sampled_at);
+
+CREATE TABLE meshhook_limits.pool_samples (
+  sampled_at timestamptz PRIMARY KEY,
+  max_connections int NOT NULL,
+  total int NOT NULL,
+  active int NOT NULL,
+  idle int NOT NULL,
+  idle_in_transaction int NOT NULL,
+  waiting int NOT NULL,
+  utilisation numeric NOT NULL,
+  longest_transaction interval,
+  status text NOT NULL,
+  by_application jsonb NOT NULL,
+  by_role jsonb NOT NULL
+);
+
+-- Thresholds of queue status; queue NULL = the default for a source (or all
+-- sources with source '*'). The most specific row wins.
+CREATE TABLE meshhook_limits.queue_thresholds (
+  source text NOT NULL DEFAULT '*' CHECK (source IN ('*', 'pgboss', 'pgmq')),
+  queue text,
+  warn_queued bigint NOT NULL DEFAULT 1000,
+  crit_queued bigint NOT NULL DEFAULT 10000,
+  warn_oldest_age interval NOT NULL DEFAULT '5 minutes',
+  crit_oldest_age interval NOT NULL DEFAULT '15 minutes',
+  warn_error_rate numeric NOT NULL DEFAULT 0.05,
+  crit_error_rate numeric NOT NULL DEFAULT 0.20,
+  UNIQUE NULLS NOT DISTINCT (source, queue)
+);
+INSERT INTO meshhook_limits.queue_thresholds (source, queue) VALUES ('*', NULL);
+
+-- Alert rules. metric: queue.queued, queue.oldest_age_seconds,
+-- queue.error_rate, queue.failed_recent, pool.utilisation,
+-- pool.idle_in_transaction, pool.waiting, tenant.usage_ratio.
+CREATE TABLE meshhook_limits.alert_rules (
+  name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+  metric text NOT NULL CHECK (metric IN ('queue.queued', 'queue.oldest_age_seconds', 'queue.error_rate',
+      'queue.failed_recent', 'pool.utilisation', 'pool.idle_in_transaction', 'pool.waiting', 'tenant.usage_ratio')),
+  comparison text NOT NULL DEFAULT '>' CHECK (comparison IN ('>', '>=', '<', '<=')),
+  threshold numeric NOT NULL,
+  -- Hysteresis: a firing alert resolves only once the value is back past this
+  -- (NULL = the threshold itself).
+  resolve_threshold numeric,
+  for_duration interval NOT NULL DEFAULT '0' CHECK (for_duration >= interval '0'),
+  severity text NOT NULL DEFAULT 'warning' CHECK (severity IN ('info', 'warning', 'critical')),
+  labels jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(labels) = 'object'),
+  enabled boolean NOT NULL DEFAULT true,
+  description text
+);
+INSERT INTO meshhook_limits.alert_rules (name, metric, threshold, resolve_threshold, for_duration, severity, description) VALUES
+  ('queue_backlog', 'queue.queued', 1000, 800, '2 minutes', 'warning', 'a queue has more than 1000 jobs waiting'),
+  ('queue_oldest_age', 'queue.oldest_age_seconds', 300, 240, '1 minute', 'warning', 'the oldest waiting job is older than 5 minutes'),
+  ('queue_error_rate', 'queue.error_rate', 0.2, 0.1, '5 minutes', 'critical', 'more than 20% of recent jobs failed'),
+  ('pool_utilisation', 'pool.utilisation', 0.9, 0.85, '5 minutes', 'critical', 'connections above 90% of max_connections'),
+  ('tenant_near_limit', 'tenant.usage_ratio', 0.9, 0.8, '0', 'warning', 'a tenant uses more than 90% of a limit');
+
+CREATE TABLE meshhook_limits.alert_states (
+  rule text NOT NULL REFERENCES meshhook_limits.alert_rules (name) ON DELETE CASCADE ON UPDATE CASCADE,
+  series text NOT NULL,
+  labels jsonb NOT NULL,
+  tenant_id uuid,
+  state text NOT NULL CHECK (state IN ('pending', 'firing')),
+  value numeric,
+  since timestamptz NOT NULL,
+  fired_at timestamptz,
+  PRIMARY KEY (rule, series)
+);
+
+CREATE TABLE meshhook_limits.worker_state (
+  id boolean PRIMARY KEY DEFAULT true CHECK (id),
+  last_tick timestamptz,
+  last_tick_ms numeric,
+  ticks bigint NOT NULL DEFAULT 0,
+  errors bigint NOT NULL DEFAULT 0,
+  last_error text
+);
+INSERT INTO meshhook_limits.worker_state DEFAULT VALUES;
+
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.queue_thresholds', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.alert_rules', '');
+
+ALTER TABLE meshhook_limits.queue_samples ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.pool_samples ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.queue_thresholds ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.alert_rules ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.alert_states ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.worker_state ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.queue_samples FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.pool_samples FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.queue_thresholds FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.alert_rules FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.alert_states FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY own_rows ON meshhook_limits.alert_states FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
+CREATE POLICY admin_all ON meshhook_limits.worker_state FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+GRANT SELECT ON meshhook_limits.queue_samples, meshhook_limits.pool_samples, meshhook_limits.queue_thresholds,
+  meshhook_limits.alert_rules, meshhook_limits.alert_states, meshhook_limits.worker_state TO PUBLIC;
+
+CREATE FUNCTION meshhook_limits._queue_status(p_source text, p_queue text, p_queued bigint, p_oldest interval,
+                                              p_error_rate numeric)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT CASE
+    WHEN p_queued >= t.crit_queued OR p_oldest >= t.crit_oldest_age OR p_error_rate >= t.crit_error_rate THEN 'critical'
+    WHEN p_queued >= t.warn_queued OR p_oldest >= t.warn_oldest_age OR p_error_rate >= t.warn_error_rate THEN 'warning'
+    ELSE 'ok' END
+  FROM meshhook_limits.queue_thresholds t
+  WHERE (t.queue = p_queue AND t.source IN (p_source, '*')) OR (t.queue IS NULL AND t.source IN (p_source, '*'))
+  ORDER BY (t.queue IS NULL), (t.source = '*')
+  LIMIT 1
+$$;
+
+-- One sample of every pg-boss queue (v10: job + archive; v11+: job), true
+-- counts in one pass over the job table.
+CREATE FUNCTION meshhook_limits._sample_pgboss(p_at timestamptz, p_window interval) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE n bigint; has_archive boolean; recent text;
+BEGIN
+  IF pg_catalog.to_regclass('pgboss.job') IS NULL OR pg_catalog.to_regclass('pgboss.queue') IS NULL THEN
+    RETURN 0;
+  END IF;
+  has_archive := pg_catalog.to_regclass('pgboss.archive') IS NOT NULL;
+  -- Finished jobs of the window: still in job (v11), or moved to archive (v10).
+  recent := 'SELECT name, state::text AS state, started_on, completed_on FROM pgboss.job
+              WHERE completed_on > $1 - $2 AND state::text IN (''completed'', ''failed'')';
+  IF has_archive THEN
+    recent := recent || ' UNION ALL SELECT name, state::text, started_on, completed_on FROM pgboss.archive
+              WHERE completed_on > $1 - $2 AND state::text IN (''completed'', ''failed'')';
+  END IF;
+  EXECUTE format($q$
+    WITH live AS (
+      SELECT name,
+             count(*) FILTER (WHERE state::text IN ('created', 'retry')) AS queued,
+             count(*) FILTER (WHERE state::text = 'active') AS active,
+             min(created_on) FILTER (WHERE state::text IN ('created', 'retry')) AS oldest
+        FROM pgboss.job WHERE state::text IN ('created', 'retry', 'active') GROUP BY name),
+    done AS (
+      SELECT name,
+             count(*) FILTER (WHERE state = 'failed') AS failed,
+             count(*) FILTER (WHERE state = 'completed') AS completed,
+             count(*) FILTER (WHERE completed_on > $1 - interval '1 minute') AS last_minute,
+             percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM completed_on - started_on) * 1000)
+               FILTER (WHERE state = 'completed' AND started_on IS NOT NULL) AS p50,
+             percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM completed_on - started_on) * 1000)
+               FILTER (WHERE state = 'completed' AND started_on IS NOT NULL) AS p95
+        FROM (%s) r GROUP BY name),
+    s AS (
+      SELECT q.name, coalesce(l.queued, 0) AS queued, coalesce(l.active, 0) AS active,
+             coalesce(d.failed, 0) AS failed, $1 - l.oldest AS oldest_age,
+             round(d.p50::numeric, 3) AS p50, round(d.p95::numeric, 3) AS p95,
+             coalesce(d.last_minute, 0)::numeric AS tput,
+             CASE WHEN coalesce(d.failed, 0) + coalesce(d.completed, 0) > 0
+                  THEN round(d.failed::numeric / (d.failed + d.completed), 4) END AS err
+        FROM pgboss.queue q LEFT JOIN live l ON l.name = q.name LEFT JOIN done d ON d.name = q.name)
+    INSERT INTO meshhook_limits.queue_samples
+      SELECT $1, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50, s.p95, s.tput, s.err,
+             meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err)
+        FROM s $q$, recent) USING p_at, p_window;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- One sample of every pgmq queue in pgmq.meta: queued = visible, active =
+-- read and still invisible, so queued + active = pgmq.metrics().queue_length.
+CREATE FUNCTION meshhook_limits._sample_pgmq(p_at timestamptz, p_window interval) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE q record; n bigint := 0; qt text; at_ text; r record; a record;
+BEGIN
+  IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
+    RETURN 0;
+  END IF;
+  FOR q IN SELECT m.queue_name::text AS name FROM pgmq.meta m ORDER BY 1 LOOP
+    qt := lower('q_' || q.name);
+    at_ := lower('a_' || q.name);
+    CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL;
+    EXECUTE format('SELECT count(*) FILTER (WHERE vt <= $1) AS visible, count(*) FILTER (WHERE vt > $1) AS invisible,
+                           min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I', qt)
+      INTO r USING p_at;
+    a := NULL;
+    IF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL THEN
+      EXECUTE format('SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
+             percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p50,
+             percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p95
+             FROM pgmq.%I WHERE archived_at > $1 - $2', at_)
+        INTO a USING p_at, p_window;
+    END IF;
+    INSERT INTO meshhook_limits.queue_samples
+    VALUES (p_at, 'pgmq', q.name, r.visible, r.invisible, 0, p_at - r.oldest,
+            round(a.p50::numeric, 3), round(a.p95::numeric, 3), coalesce(a.last_minute, 0), NULL,
+            meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL));
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits._sample_pool(p_at timestamptz) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  usable int := current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int;
+  warn numeric := current_setting('meshhook_limits.pool_warning')::numeric;
+  crit numeric := current_setting('meshhook_limits.pool_critical')::numeric;
+  crit_for interval := current_setting('meshhook_limits.pool_critical_for')::interval;
+  s record; st text; held boolean;
+BEGIN
+  SELECT count(*)::int AS total,
+         count(*) FILTER (WHERE a.state = 'active')::int AS active,
+         count(*) FILTER (WHERE a.state = 'idle')::int AS idle,
+         count(*) FILTER (WHERE a.state LIKE 'idle in transaction%')::int AS iit,
+         count(*) FILTER (WHERE a.wait_event_type = 'Lock')::int AS waiting,
+         max(p_at - a.xact_start) AS longest,
+         coalesce((SELECT jsonb_object_agg(k, c) FROM (SELECT coalesce(nullif(b.application_name, ''), '(none)') k, count(*) c
+                    FROM pg_catalog.pg_stat_activity b WHERE b.backend_type = 'client backend' GROUP BY 1) x), '{}') AS by_app,
+         coalesce((SELECT jsonb_object_agg(k, c) FROM (SELECT coalesce(b.usename::text, '(none)') k, count(*) c
+                    FROM pg_catalog.pg_stat_activity b WHERE b.backend_type = 'client backend' GROUP BY 1) x), '{}') AS by_role
+    INTO s
+    FROM pg_catalog.pg_stat_activity a
+   WHERE a.backend_type = 'client backend';
+  -- Critical only once utilisation has stayed at or above the critical
+  -- threshold for crit_for (every sample of that span, and the span covered).
+  held := s.total::numeric / GREATEST(usable, 1) >= crit
+      AND EXISTS (SELECT 1 FROM meshhook_limits.pool_samples p WHERE p.sampled_at <= p_at - crit_for)
+      AND NOT EXISTS (SELECT 1 FROM meshhook_limits.pool_samples p
+                       WHERE p.sampled_at > p_at - crit_for AND p.utilisation < crit);
+  st := CASE WHEN held THEN 'critical'
+             WHEN s.total::numeric / GREATEST(usable, 1) >= warn THEN 'warning' ELSE 'ok' END;
+  INSERT INTO meshhook_limits.pool_samples
+  VALUES (p_at, usable, s.total, s.active, s.idle, s.iit, s.waiting,
+          round(s.total::numeric / GREATEST(usable, 1), 4), s.longest, st, s.by_app, s.by_role)
+  ON CONFLICT (sampled_at) DO NOTHING;
+END
+$$;
+
+-- Current value of every series of a metric, with its labels.
+CREATE FUNCTION meshhook_limits._series(p_metric text)
+RETURNS TABLE(series text, labels jsonb, tenant_id uuid, value numeric)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  IF p_metric LIKE 'queue.%' THEN
+    RETURN QUERY
+      SELECT h.source || ':' || h.queue, jsonb_build_object('source', h.source, 'queue', h.queue), NULL::uuid,
+             CASE p_metric WHEN 'queue.queued' THEN h.queued::numeric
+                           WHEN 'queue.oldest_age_seconds' THEN coalesce(extract(epoch FROM h.oldest_age), 0)
+                           WHEN 'queue.error_rate' THEN h.error_rate
+                           ELSE h.failed_recent::numeric END
+        FROM meshhook_limits._latest_queue_samples() h;
+  ELSIF p_metric LIKE 'pool.%' THEN
+    RETURN QUERY
+      SELECT 'pool', '{}'::jsonb, NULL::uuid,
+             CASE p_metric WHEN 'pool.utilisation' THEN p.utilisation
+                           WHEN 'pool.idle_in_transaction' THEN p.idle_in_transaction::numeric
+                           ELSE p.waiting::numeric END
+        FROM meshhook_limits.pool_samples p ORDER BY p.sampled_at DESC LIMIT 1;
+  ELSIF p_metric = 'tenant.usage_ratio' THEN
+    -- Metered usage in the current window and live slots, against effective limits.
+    RETURN QUERY
+      WITH tenants AS (
+        SELECT DISTINCT u.tenant_id FROM meshhook_limits.usage_counters u
+        UNION SELECT s.tenant_id FROM meshhook_limits.slots() s WHERE s.state = 'live'
+        UNION SELECT t.tenant_id FROM meshhook_limits.storage_totals t)
+      SELECT t.tenant_id::text || ':' || x.resource, jsonb_build_object('tenant_id', t.tenant_id, 'resource', x.resource),
+             t.tenant_id, x.ratio
+        FROM tenants t, LATERAL meshhook_limits._usage(t.tenant_id) x
+       WHERE x.ratio IS NOT NULL;
+  END IF;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits._latest_queue_samples()
+RETURNS SETOF meshhook_limits.queue_samples
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT s.* FROM meshhook_limits.queue_samples s
+   WHERE s.sampled_at = (SELECT max(x.sampled_at) FROM meshhook_limits.queue_samples x)
+$$;
+
+CREATE FUNCTION meshhook_limits._compare(p_value numeric, p_op text, p_threshold numeric) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE p_op WHEN '>' THEN p_value > p_threshold WHEN '>=' THEN p_value >= p_threshold
+                   WHEN '<' THEN p_value < p_threshold ELSE p_value <= p_threshold END
+$$;
+
+-- pending → firing after for_duration (alert.firing), firing → resolved once
+-- the value is back past resolve_threshold (alert.resolved). A series that
+-- disappears resolves too. One event per transition: no storms.
+CREATE FUNCTION meshhook_limits._evaluate_alerts(p_at timestamptz) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE rule record; s record; st record; n bigint := 0; active boolean; clear_thr numeric;
+  seen text[];
+BEGIN
+  FOR rule IN SELECT * FROM meshhook_limits.alert_rules r WHERE r.enabled ORDER BY r.name LOOP
+    seen := '{}';
+    clear_thr := coalesce(rule.resolve_threshold, rule.threshold);
+    FOR s IN SELECT * FROM meshhook_limits._series(rule.metric) x WHERE x.labels @> rule.labels LOOP
+      seen := seen || s.series;
+      SELECT * INTO st FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
+      active := s.value IS NOT NULL AND meshhook_limits._compare(s.value, rule.comparison, rule.threshold);
+      IF st IS NULL OR st.rule IS NULL THEN
+        IF active THEN
+          INSERT INTO meshhook_limits.alert_states VALUES (rule.name, s.series, s.labels, s.tenant_id, 'pending', s.value, p_at, NULL);
+          SELECT * INTO st FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
+        ELSE
+          CONTINUE;
+        END IF;
+      END IF;
+      IF st.state = 'pending' THEN
+        IF NOT active THEN
+          DELETE FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
+        ELSIF p_at - st.since >= rule.for_duration THEN
+          UPDATE meshhook_limits.alert_states a SET state = 'firing', fired_at = p_at, value = s.value
+           WHERE a.rule = rule.name AND a.series = s.series;
+          PERFORM meshhook_limits._emit('alert.firing', s.tenant_id, rule.metric, s.value, rule.threshold,
+            jsonb_build_object('rule', rule.name, 'severity', rule.severity, 'labels', s.labels, 'since', st.since));
+          n := n + 1;
+        ELSE
+          UPDATE meshhook_limits.alert_states a SET value = s.value WHERE a.rule = rule.name AND a.series = s.series;
+        END IF;
+      ELSIF st.state = 'firing' THEN
+        IF s.value IS NULL OR NOT meshhook_limits._compare(s.value, rule.comparison, clear_thr) THEN
+          DELETE FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
+          PERFORM meshhook_limits._emit('alert.resolved', s.tenant_id, rule.metric, s.value, rule.threshold,
+            jsonb_build_object('rule', rule.name, 'severity', rule.severity, 'labels', s.labels, 'since', st.since));
+          n := n + 1;
+        ELSE
+          UPDATE meshhook_limits.alert_states a SET value = s.value WHERE a.rule = rule.name AND a.series = s.series;
+        END IF;
+      END IF;
+    END LOOP;
+    -- Series that are gone (a queue dropped, a tenant idle): resolve or forget.
+    FOR st IN DELETE FROM meshhook_limits.alert_states a
+               WHERE a.rule = rule.name AND NOT (a.series = ANY (seen)) RETURNING a.* LOOP
+      IF st.state = 'firing' THEN
+        PERFORM meshhook_limits._emit('alert.resolved', st.tenant_id, rule.metric, NULL, rule.threshold,
+          jsonb_build_object('rule', rule.name, 'severity', rule.severity, 'labels', st.labels, 'since', st.since));
+        n := n + 1;
+      END IF;
+    END LOOP;
+  END LOOP;
+  -- Rules that were disabled or deleted stop quietly.
+  DELETE FROM meshhook_limits.alert_states a
+   WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.alert_rules r WHERE r.name = a.rule AND r.enabled);
+  RETURN n;
+END
+$$;
+
+-- One round: sample the queues and the pool, reap slots, evaluate alerts,
+-- prune old samples. The worker runs it every sample_interval; without the
+-- worker, pg_cron can: SELECT cron.schedule('meshhook', '1 second', 'SELECT meshhook_limits.tick()').
+CREATE FUNCTION meshhook_limits.tick() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  t0 timestamptz := pg_catalog.clock_timestamp();
+  win interval := current_setting('meshhook_limits.queue_window')::interval;
+  keep interval := current_setting('meshhook_limits.retention')::interval;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('run tick()');
+  BEGIN
+    PERFORM meshhook_limits._sample_pgboss(t0, win);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling pg-boss failed: %', SQLERRM;
+  END;
+  PERFORM meshhook_limits._sample_pgmq_safe(t0, win);
+  PERFORM meshhook_limits._sample_pool(t0);
+  PERFORM meshhook_limits.reap_execution_slots();
+  PERFORM meshhook_limits._evaluate_alerts(t0);
+  DELETE FROM meshhook_limits.queue_samples s WHERE s.sampled_at < t0 - keep;
+  DELETE FROM meshhook_limits.pool_samples s WHERE s.sampled_at < t0 - GREATEST(keep, current_setting('meshhook_limits.pool_critical_for')::interval + interval '1 minute');
+  DELETE FROM meshhook_limits.events e WHERE e.created_at < t0 - current_setting('meshhook_limits.event_retention')::interval;
+  UPDATE meshhook_limits.worker_state SET last_tick = t0, ticks = ticks + 1,
+         last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);
+END
+$$;
+
+-- pgmq sampling queue by queue, so one broken queue cannot stop the others.
+CREATE FUNCTION meshhook_limits._sample_pgmq_safe(p_at timestamptz, p_window interval) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM meshhook_limits._sample_pgmq(p_at, p_window);
+EXCEPTION WHEN OTHERS THEN
+  RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.queue_health()
+RETURNS TABLE(source text, queue text, queued bigint, active bigint, failed_recent bigint, oldest_age interval,
+              p50_ms numeric, p95_ms numeric, throughput_per_min numeric, error_rate numeric, status text,
+              sampled_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT s.source, s.queue, s.queued, s.active, s.failed_recent, s.oldest_age, s.p50_ms, s.p95_ms,
+         s.throughput_per_min, s.error_rate, s.status, s.sampled_at
+    FROM meshhook_limits._latest_queue_samples() s
+   WHERE meshhook_limits.is_admin()
+   ORDER BY 1, 2
+$$;
+
+CREATE FUNCTION meshhook_limits.pool_pressure()
+RETURNS TABLE(max_connections int, total int, active int, idle int, idle_in_transaction int, waiting int,
+              utilisation numeric, longest_transaction interval, status text, sampled_at timestamptz,
+              by_application jsonb, by_role jsonb)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT p.max_connections, p.total, p.active, p.idle, p.idle_in_transaction, p.waiting, p.utilisation,
+         p.longest_transaction, p.status, p.sampled_at, p.by_application, p.by_role
+    FROM meshhook_limits.pool_samples p
+   WHERE meshhook_limits.is_admin()
+   ORDER BY p.sampled_at DESC LIMIT 1
+$$;
+
+-- A pool size a DBA can act on: enough for the busiest moments seen (p95 of
+-- active sessions over the look-back, plus 25% headroom), never more than
+-- 80% of the usable connections so admin and replication sessions still fit.
+CREATE FUNCTION meshhook_limits.pool_recommendation(lookback interval DEFAULT '1 hour')
+RETURNS TABLE(recommended_pool_size int, observed_p95_active numeric, observed_max_total int,
+              usable_connections int, samples bigint, reasoning text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  WITH s AS (
+    SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY p.active)::numeric AS p95, max(p.total) AS mx,
+           max(p.max_connections) AS usable, count(*) AS n
+      FROM meshhook_limits.pool_samples p
+     WHERE p.sampled_at > pg_catalog.now() - lookback AND meshhook_limits.is_admin())
+  SELECT LEAST(GREATEST(ceil(coalesce(s.p95, 0) * 1.25)::int, 2), (s.usable * 0.8)::int), s.p95, s.mx, s.usable, s.n,
+         format('p95 of active sessions over %s is %s; 25%% headroom gives %s; capped at 80%% of %s usable '
+                'connections. Size the transaction pool (e.g. PgBouncer default_pool_size summed over databases) '
+                'to this, and let clients queue in the pooler rather than hold idle server connections.',
+                lookback, coalesce(round(s.p95, 1), 0), ceil(coalesce(s.p95, 0) * 1.25), s.usable)
+    FROM s WHERE s.n > 0
+$$;
+
+-- Alert rules: admins manage them with plain DML through this function.
+CREATE FUNCTION meshhook_limits.set_alert_rule(name text, metric text, threshold numeric,
+    comparison text DEFAULT '>', for_duration interval DEFAULT '0', severity text DEFAULT 'warning',
+    labels jsonb DEFAULT '{}', resolve_threshold numeric DEFAULT NULL, enabled boolean DEFAULT true,
+    description text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('manage alert rules');
+  IF threshold IS NULL OR threshold = 'NaN' THEN
+    RAISE EXCEPTION 'threshold must be a number' USING ERRCODE = '22023';
+  END IF;
+  BEGIN
+    INSERT INTO meshhook_limits.alert_rules AS r (name, metric, comparison, threshold, resolve_threshold,
+        for_duration, severity, labels, enabled, description)
+    VALUES (set_alert_rule.name, set_alert_rule.metric, set_alert_rule.comparison, set_alert_rule.threshold,
+            set_alert_rule.resolve_threshold, set_alert_rule.for_duration, set_alert_rule.severity,
+            coalesce(set_alert_rule.labels, '{}'), coalesce(set_alert_rule.enabled, true), set_alert_rule.description)
+    ON CONFLICT (name) DO UPDATE SET metric = EXCLUDED.metric, comparison = EXCLUDED.comparison,
+      threshold = EXCLUDED.threshold, resolve_threshold = EXCLUDED.resolve_threshold,
+      for_duration = EXCLUDED.for_duration, severity = EXCLUDED.severity, labels = EXCLUDED.labels,
+      enabled = EXCLUDED.enabled, description = EXCLUDED.description;
+  EXCEPTION WHEN check_violation OR not_null_violation THEN
+    RAISE EXCEPTION 'invalid alert rule: %', SQLERRM USING ERRCODE = '22023',
+      HINT = 'metric is one of queue.queued, queue.oldest_age_seconds, queue.error_rate, queue.failed_recent, '
+             'pool.utilisation, pool.idle_in_transaction, pool.waiting, tenant.usage_ratio; comparison one of > >= < <=; '
+             'severity info, warning or critical; for_duration >= 0';
+  END;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.set_queue_thresholds(source text DEFAULT '*', queue text DEFAULT NULL,
+    warn_queued bigint DEFAULT 1000, crit_queued bigint DEFAULT 10000,
+    warn_oldest_age interval DEFAULT '5 minutes', crit_oldest_age interval DEFAULT '15 minutes',
+    warn_error_rate numeric DEFAULT 0.05, crit_error_rate numeric DEFAULT 0.20)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('set queue thresholds');
+  IF warn_queued IS NULL OR crit_queued IS NULL OR warn_queued < 0 OR crit_queued < warn_queued
+     OR warn_oldest_age IS NULL OR crit_oldest_age < warn_oldest_age
+     OR warn_error_rate IS NULL OR warn_error_rate < 0 OR crit_error_rate < warn_error_rate THEN
+    RAISE EXCEPTION 'invalid queue thresholds' USING ERRCODE = '22023',
+      HINT = 'each critical threshold must be >= its warning threshold, and all >= 0';
+  END IF;
+  BEGIN
+    INSERT INTO meshhook_limits.queue_thresholds AS t VALUES (coalesce(set_queue_thresholds.source, '*'),
+      set_queue_thresholds.queue, warn_queued, crit_queued, warn_oldest_age, crit_oldest_age, warn_error_rate, crit_error_rate)
+    ON CONFLICT (source, queue) DO UPDATE SET warn_queued = EXCLUDED.warn_queued, crit_queued = EXCLUDED.crit_queued,
+      warn_oldest_age = EXCLUDED.warn_oldest_age, crit_oldest_age = EXCLUDED.crit_oldest_age,
+      warn_error_rate = EXCLUDED.warn_error_rate, crit_error_rate = EXCLUDED.crit_error_rate;
+  EXCEPTION WHEN check_violation THEN
+    RAISE EXCEPTION 'source must be *, pgboss or pgmq' USING ERRCODE = '22023';
+  END;
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION meshhook_limits.tick() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits.tick() TO meshhook_limits_admin;
