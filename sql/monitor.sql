@@ -47,7 +47,7 @@ CREATE TABLE meshhook_limits.queue_thresholds (
   crit_error_rate numeric NOT NULL DEFAULT 0.20,
   UNIQUE NULLS NOT DISTINCT (source, queue)
 );
-INSERT INTO meshhook_limits.queue_thresholds (source, queue) VALUES ('*', NULL);
+-- Empty by default: without a matching row the column defaults above apply.
 
 -- Alert rules. metric: queue.queued, queue.oldest_age_seconds,
 -- queue.error_rate, queue.failed_recent, pool.utilisation,
@@ -67,7 +67,12 @@ CREATE TABLE meshhook_limits.alert_rules (
   enabled boolean NOT NULL DEFAULT true,
   description text
 );
-INSERT INTO meshhook_limits.alert_rules (name, metric, threshold, resolve_threshold, for_duration, severity, description) VALUES
+-- Built-in rules ship with the extension; a row of the same name in
+-- alert_rules overrides one (enabled = false switches it off). Only
+-- alert_rules is dumped, so pg_dump/restore never collides with them.
+CREATE TABLE meshhook_limits.builtin_alert_rules (LIKE meshhook_limits.alert_rules INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+ALTER TABLE meshhook_limits.builtin_alert_rules ADD PRIMARY KEY (name);
+INSERT INTO meshhook_limits.builtin_alert_rules (name, metric, threshold, resolve_threshold, for_duration, severity, description) VALUES
   ('queue_backlog', 'queue.queued', 1000, 800, '2 minutes', 'warning', 'a queue has more than 1000 jobs waiting'),
   ('queue_oldest_age', 'queue.oldest_age_seconds', 300, 240, '1 minute', 'warning', 'the oldest waiting job is older than 5 minutes'),
   ('queue_error_rate', 'queue.error_rate', 0.2, 0.1, '5 minutes', 'critical', 'more than 20% of recent jobs failed'),
@@ -75,7 +80,7 @@ INSERT INTO meshhook_limits.alert_rules (name, metric, threshold, resolve_thresh
   ('tenant_near_limit', 'tenant.usage_ratio', 0.9, 0.8, '0', 'warning', 'a tenant uses more than 90% of a limit');
 
 CREATE TABLE meshhook_limits.alert_states (
-  rule text NOT NULL REFERENCES meshhook_limits.alert_rules (name) ON DELETE CASCADE ON UPDATE CASCADE,
+  rule text NOT NULL,
   series text NOT NULL,
   labels jsonb NOT NULL,
   tenant_id uuid,
@@ -103,6 +108,8 @@ ALTER TABLE meshhook_limits.queue_samples ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.pool_samples ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.queue_thresholds ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.alert_rules ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meshhook_limits.builtin_alert_rules ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.builtin_alert_rules FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
 ALTER TABLE meshhook_limits.alert_states ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.worker_state ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_all ON meshhook_limits.queue_samples FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
@@ -112,6 +119,7 @@ CREATE POLICY admin_all ON meshhook_limits.alert_rules FOR SELECT USING ((SELECT
 CREATE POLICY admin_all ON meshhook_limits.alert_states FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
 CREATE POLICY own_rows ON meshhook_limits.alert_states FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
 CREATE POLICY admin_all ON meshhook_limits.worker_state FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+GRANT SELECT ON meshhook_limits.builtin_alert_rules TO PUBLIC;
 GRANT SELECT ON meshhook_limits.queue_samples, meshhook_limits.pool_samples, meshhook_limits.queue_thresholds,
   meshhook_limits.alert_rules, meshhook_limits.alert_states, meshhook_limits.worker_state TO PUBLIC;
 
@@ -122,11 +130,23 @@ RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     WHEN p_queued >= t.crit_queued OR p_oldest >= t.crit_oldest_age OR p_error_rate >= t.crit_error_rate THEN 'critical'
     WHEN p_queued >= t.warn_queued OR p_oldest >= t.warn_oldest_age OR p_error_rate >= t.warn_error_rate THEN 'warning'
     ELSE 'ok' END
-  FROM meshhook_limits.queue_thresholds t
-  WHERE (t.queue = p_queue AND t.source IN (p_source, '*')) OR (t.queue IS NULL AND t.source IN (p_source, '*'))
-  ORDER BY (t.queue IS NULL), (t.source = '*')
+  FROM (SELECT x.warn_queued, x.crit_queued, x.warn_oldest_age, x.crit_oldest_age, x.warn_error_rate, x.crit_error_rate,
+               (x.queue IS NULL)::int * 2 + (x.source = '*')::int AS rank
+          FROM meshhook_limits.queue_thresholds x
+         WHERE x.source IN (p_source, '*') AND (x.queue = p_queue OR x.queue IS NULL)
+        UNION ALL
+        SELECT 1000, 10000, interval '5 minutes', interval '15 minutes', 0.05, 0.20, 99) t
+  ORDER BY t.rank
   LIMIT 1
 $$;
+
+-- The rules in force: user rules, and built-in rules not overridden by name.
+CREATE VIEW meshhook_limits.effective_alert_rules AS
+  SELECT u.*, 'user'::text AS origin FROM meshhook_limits.alert_rules u
+  UNION ALL
+  SELECT b.*, 'builtin' FROM meshhook_limits.builtin_alert_rules b
+   WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.alert_rules u WHERE u.name = b.name);
+GRANT SELECT ON meshhook_limits.effective_alert_rules TO PUBLIC;
 
 -- One sample of every pg-boss queue (v10: job + archive; v11+: job), true
 -- counts in one pass over the job table.
@@ -308,7 +328,7 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE rule record; s record; st record; n bigint := 0; active boolean; clear_thr numeric;
   seen text[];
 BEGIN
-  FOR rule IN SELECT * FROM meshhook_limits.alert_rules r WHERE r.enabled ORDER BY r.name LOOP
+  FOR rule IN SELECT * FROM meshhook_limits.effective_alert_rules r WHERE r.enabled ORDER BY r.name LOOP
     seen := '{}';
     clear_thr := coalesce(rule.resolve_threshold, rule.threshold);
     FOR s IN SELECT * FROM meshhook_limits._series(rule.metric) x WHERE x.labels @> rule.labels LOOP
@@ -358,7 +378,7 @@ BEGIN
   END LOOP;
   -- Rules that were disabled or deleted stop quietly.
   DELETE FROM meshhook_limits.alert_states a
-   WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.alert_rules r WHERE r.name = a.rule AND r.enabled);
+   WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.effective_alert_rules r WHERE r.name = a.rule AND r.enabled);
   RETURN n;
 END
 $$;

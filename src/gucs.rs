@@ -35,7 +35,7 @@ static POOL_CRITICAL_FOR: GucSetting<i32> = GucSetting::<i32>::new(300);
 /// Replaces the real clock of the rate limiter (epoch seconds; 0 = off). Tests only.
 pub static TEST_CLOCK: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 
-pub fn init() {
+pub fn init(preloading: bool) {
     GucRegistry::define_string_guc(
         c"meshhook_limits.tenant_claim",
         c"Dot-separated path of the tenant id inside request.jwt.claims.",
@@ -100,6 +100,15 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    define_runtime_gucs();
+    // Postmaster settings can only be defined while preloading.
+    if preloading {
+        define_postmaster_gucs();
+    }
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"meshhook_limits".as_ptr()) };
+}
+
+fn define_postmaster_gucs() {
     GucRegistry::define_string_guc(
         c"meshhook_limits.database",
         c"Database the background worker samples and reaps in.",
@@ -116,6 +125,9 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+}
+
+fn define_runtime_gucs() {
     GucRegistry::define_int_guc(
         c"meshhook_limits.sample_interval",
         c"Time between two ticks of the background worker.",
@@ -186,7 +198,6 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
-    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"meshhook_limits".as_ptr()) };
 }
 
 /// Restart grace in microseconds.

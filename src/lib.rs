@@ -39,7 +39,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
-    gucs::init();
+    gucs::init(preloading);
     if preloading {
         shmem::init();
         worker::register();

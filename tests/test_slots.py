@@ -300,8 +300,9 @@ def test_pg_dump_and_restore_keep_configuration(cluster, admin, tenant, tmp_path
     target = "restored_" + uuid.uuid4().hex[:8]
     admin.execute(f"CREATE DATABASE {target}")
     try:
-        subprocess.run(["/usr/lib/postgresql/15/bin/psql", *env_args, "-d", target, "-v", "ON_ERROR_STOP=1",
-                        "-q", "-f", str(dump)], check=True, capture_output=True)
+        restore = subprocess.run(["/usr/lib/postgresql/15/bin/psql", *env_args, "-d", target, "-v", "ON_ERROR_STOP=1",
+                                  "-q", "-f", str(dump)], capture_output=True, text=True)
+        assert restore.returncode == 0, restore.stderr
         with cluster.connect(dbname=target) as c:
             assert config_snapshot(c) == before
             used = c.execute("SELECT used FROM meshhook_limits.usage(%s) WHERE resource = 'executions_per_day'",

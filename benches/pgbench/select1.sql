@@ -1,0 +1,2 @@
+-- The floor: one round trip that does nothing.
+SELECT 1;
