@@ -254,7 +254,7 @@ BAD_NAMES = {
     "newline": "a\nb",
     "backslash": "a\\b",
 }
-ALLOWED = "1-63 characters of a-z, 0-9, _ and ."
+ALLOWED = "1-63 characters of a-z, 0-9, _, . and -"
 
 
 def _tables_intact(conn):
