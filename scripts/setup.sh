@@ -19,7 +19,7 @@ SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 
 packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-client-$PG_MAJOR
           postgresql-contrib libclang-dev clang pkg-config sudo build-essential ca-certificates)
-[[ $WANT_TEST == 1 ]] && packages+=(python3-venv)
+[[ $WANT_TEST == 1 ]] && packages+=(python3-venv nodejs npm postgresql-$PG_MAJOR-cron prometheus prometheus-postgres-exporter)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,5 +52,6 @@ if [[ $WANT_TEST == 1 ]]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check "pytest>=8" "psycopg[binary]>=3.2"
   fi
+  bash scripts/install-queue-systems.sh
 fi
 log "ready"
