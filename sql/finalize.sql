@@ -14,3 +14,4 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_rule(uuid, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_state_lock(uuid, text, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_apply(name, name, uuid, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_forget(name, name, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._tracked(oid, name, name) FROM PUBLIC;

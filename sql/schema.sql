@@ -737,6 +737,10 @@ CREATE TABLE meshhook_limits.tracked_tables (
   table_name name NOT NULL,
   tenant_column name NOT NULL,
   tracked_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- Identity in this cluster, to follow renames; refreshed from the names
+  -- when it does not match (after pg_dump/restore).
+  relid oid,
+  tenant_attnum smallint,
   PRIMARY KEY (table_schema, table_name)
 );
 CREATE TABLE meshhook_limits.storage_usage (
@@ -800,23 +804,50 @@ BEGIN
 END
 $$;
 
+-- The tracked row of a table: by relid, else by name (then relid is refreshed).
+CREATE FUNCTION meshhook_limits._tracked(p_relid oid, p_schema name, p_table name)
+RETURNS meshhook_limits.tracked_tables
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE t meshhook_limits.tracked_tables;
+BEGIN
+  SELECT * INTO t FROM meshhook_limits.tracked_tables x WHERE x.relid = p_relid;
+  IF NOT FOUND THEN
+    UPDATE meshhook_limits.tracked_tables x
+       SET relid = p_relid,
+           tenant_attnum = (SELECT a.attnum FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid = p_relid AND a.attname = x.tenant_column AND NOT a.attisdropped)
+     WHERE x.table_schema = p_schema AND x.table_name = p_table
+    RETURNING x.* INTO t;
+  END IF;
+  RETURN t;
+END
+$$;
+
 CREATE FUNCTION meshhook_limits._storage_trigger() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE col text := TG_ARGV[0]; d record; q text;
+DECLARE tr meshhook_limits.tracked_tables; col text; d record; q text;
 BEGIN
+  tr := meshhook_limits._tracked(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME);
+  IF tr.table_name IS NULL THEN
+    RETURN NULL;  -- untracked in between; the triggers are about to go
+  END IF;
   IF TG_OP = 'TRUNCATE' THEN
-    PERFORM meshhook_limits._storage_forget(TG_TABLE_SCHEMA, TG_TABLE_NAME, false);
+    PERFORM meshhook_limits._storage_forget(tr.table_schema, tr.table_name, false);
     RETURN NULL;
   END IF;
+  col := tr.tenant_column;
+  -- A row's size is the length of its text form: independent of compression,
+  -- TOAST and header packing, so the same rows always add and subtract alike.
   q := CASE TG_OP
-    WHEN 'INSERT' THEN format('SELECT %I AS t, sum(pg_catalog.pg_column_size(n.*))::bigint AS b FROM new_rows n GROUP BY 1', col)
-    WHEN 'DELETE' THEN format('SELECT %I AS t, -sum(pg_catalog.pg_column_size(o.*))::bigint AS b FROM old_rows o GROUP BY 1', col)
-    ELSE format('SELECT t, sum(b)::bigint AS b FROM (SELECT %1$I AS t, pg_catalog.pg_column_size(n.*) AS b FROM new_rows n '
-                'UNION ALL SELECT %1$I, -pg_catalog.pg_column_size(o.*) FROM old_rows o) x GROUP BY 1', col)
+    WHEN 'INSERT' THEN format('SELECT %I AS t, sum(pg_catalog.octet_length(n.*::text))::bigint AS b FROM new_rows n GROUP BY 1', col)
+    WHEN 'DELETE' THEN format('SELECT %I AS t, -sum(pg_catalog.octet_length(o.*::text))::bigint AS b FROM old_rows o GROUP BY 1', col)
+    ELSE format('SELECT t, sum(b)::bigint AS b FROM (SELECT %1$I AS t, pg_catalog.octet_length(n.*::text) AS b FROM new_rows n '
+                'UNION ALL SELECT %1$I, -pg_catalog.octet_length(o.*::text) FROM old_rows o) x GROUP BY 1', col)
   END;
   -- Tenants in a fixed order, so concurrent multi-tenant statements cannot deadlock.
   FOR d IN EXECUTE q || ' ORDER BY 1' LOOP
-    PERFORM meshhook_limits._storage_apply(TG_TABLE_SCHEMA, TG_TABLE_NAME, d.t, d.b);
+    PERFORM meshhook_limits._storage_apply(tr.table_schema, tr.table_name, d.t, d.b);
   END LOOP;
   RETURN NULL;
 END
@@ -850,7 +881,9 @@ BEGIN
   END IF;
   -- No writer may slip between counting and the triggers.
   EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
-  INSERT INTO meshhook_limits.tracked_tables (table_schema, table_name, tenant_column) VALUES (sch, rel, tenant_column);
+  INSERT INTO meshhook_limits.tracked_tables (table_schema, table_name, tenant_column, relid, tenant_attnum)
+  VALUES (sch, rel, tenant_column, tbl,
+          (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = tenant_column));
   EXECUTE format('CREATE TRIGGER meshhook_limits_storage_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
                  'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
   EXECUTE format('CREATE TRIGGER meshhook_limits_storage_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
@@ -861,7 +894,7 @@ BEGIN
                  'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
   -- Existing rows count from now on; registration itself never refuses.
   FOR counted IN EXECUTE format(
-      'WITH d AS (SELECT %1$I AS t, sum(pg_catalog.pg_column_size(x.*))::bigint AS b FROM %2$s x WHERE %1$I IS NOT NULL GROUP BY 1),
+      'WITH d AS (SELECT %1$I AS t, sum(pg_catalog.octet_length(x.*::text))::bigint AS b FROM %2$s x WHERE %1$I IS NOT NULL GROUP BY 1),
             u AS (INSERT INTO meshhook_limits.storage_usage (tenant_id, table_schema, table_name, bytes)
                   SELECT t, %3$L, %4$L, b FROM d),
             s AS (INSERT INTO meshhook_limits.storage_totals AS s (tenant_id, bytes) SELECT t, b FROM d
@@ -878,9 +911,13 @@ RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_
 DECLARE sch name; rel name; d record;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('track storage');
+  IF tbl IS NULL THEN
+    RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = '22023';
+  END IF;
   SELECT n.nspname, c.relname INTO sch, rel
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
-  IF NOT EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t WHERE t.table_schema = sch AND t.table_name = rel) THEN
+  SELECT t.table_schema, t.table_name INTO sch, rel FROM meshhook_limits._tracked(tbl, sch, rel) t;
+  IF rel IS NULL THEN
     RETURN false;
   END IF;
   EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
@@ -924,6 +961,38 @@ END
 $$;
 CREATE EVENT TRIGGER meshhook_limits_storage_drop ON sql_drop
   EXECUTE FUNCTION meshhook_limits._storage_on_drop();
+
+-- Renames of a tracked table (or its schema move) and of its tenant column
+-- are followed; dropping or retyping the tenant column is refused.
+CREATE FUNCTION meshhook_limits._storage_on_alter() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE c record; t record; cur record; col name; typ regtype;
+BEGIN
+  FOR c IN SELECT DISTINCT x.objid FROM pg_catalog.pg_event_trigger_ddl_commands() x
+            WHERE x.object_type IN ('table', 'table column') LOOP
+    SELECT * INTO t FROM meshhook_limits.tracked_tables tt WHERE tt.relid = c.objid;
+    CONTINUE WHEN NOT FOUND;
+    SELECT n.nspname, r.relname INTO cur
+      FROM pg_catalog.pg_class r JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.objid;
+    SELECT a.attname, a.atttypid::regtype INTO col, typ FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = c.objid AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
+    IF col IS NULL OR typ <> 'uuid'::regtype THEN
+      RAISE EXCEPTION 'column % is the tenant column of tracked table %.%', quote_ident(t.tenant_column),
+                      quote_ident(cur.nspname), quote_ident(cur.relname)
+        USING ERRCODE = '55000', HINT = 'run meshhook_limits.untrack_storage on the table first';
+    END IF;
+    IF (cur.nspname, cur.relname, col) IS DISTINCT FROM (t.table_schema, t.table_name, t.tenant_column) THEN
+      UPDATE meshhook_limits.storage_usage u SET table_schema = cur.nspname, table_name = cur.relname
+       WHERE u.table_schema = t.table_schema AND u.table_name = t.table_name;
+      UPDATE meshhook_limits.tracked_tables tt
+         SET table_schema = cur.nspname, table_name = cur.relname, tenant_column = col
+       WHERE tt.relid = c.objid;
+    END IF;
+  END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER meshhook_limits_storage_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+  EXECUTE FUNCTION meshhook_limits._storage_on_alter();
 
 -- ---------------------------------------------------------------------------
 -- Session limits: hold a tenant's SQL to its limits with PostgreSQL's own
