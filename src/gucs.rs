@@ -32,6 +32,11 @@ static POOL_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.85);
 static POOL_CRITICAL: GucSetting<f64> = GucSetting::<f64>::new(0.9);
 static POOL_CRITICAL_FOR: GucSetting<i32> = GucSetting::<i32>::new(300);
 
+/// Whether metrics() carries per-tenant series.
+pub static METRICS_TENANT_LABELS: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// At most this many tenants get their own series in metrics().
+pub static METRICS_MAX_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(500);
+
 /// Replaces the real clock of the rate limiter (epoch seconds; 0 = off). Tests only.
 pub static TEST_CLOCK: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 
@@ -128,6 +133,24 @@ fn define_postmaster_gucs() {
 }
 
 fn define_runtime_gucs() {
+    GucRegistry::define_bool_guc(
+        c"meshhook_limits.metrics_tenant_labels",
+        c"Whether metrics() exports per-tenant series (tenant_id label).",
+        c"Switch off on installations with very many tenants.",
+        &METRICS_TENANT_LABELS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.metrics_max_tenants",
+        c"At most this many tenants (the busiest) get per-tenant series in metrics().",
+        c"Bounds the label cardinality of a scrape.",
+        &METRICS_MAX_TENANTS,
+        0,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"meshhook_limits.sample_interval",
         c"Time between two ticks of the background worker.",

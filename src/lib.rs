@@ -10,6 +10,7 @@ mod error;
 mod gucs;
 mod identity;
 mod limits;
+mod metrics;
 mod rate;
 mod shmem;
 mod slots;
@@ -33,6 +34,11 @@ extension_sql_file!(
     "../sql/monitor.sql",
     name = "monitor",
     requires = ["schema", slots::reap_execution_slots, slots::slots]
+);
+extension_sql_file!(
+    "../sql/metrics.sql",
+    name = "metrics_sql",
+    requires = ["monitor"]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

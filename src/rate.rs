@@ -350,6 +350,9 @@ fn check(
     let (tenant, key) = validate(tenant, key)?;
     let rule = rule(tenant, &key)?;
     let Some(rate) = rule.rate else {
+        if let Some(t) = table() {
+            t.allowed.fetch_add(1, Ordering::Relaxed);
+        }
         return Ok((true, None, None));
     };
     let burst = rule.burst;

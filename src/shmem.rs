@@ -18,6 +18,8 @@ pub const MAX_SLOTS: usize = 8192;
 const COUNTER_CAP: usize = 4 * MAX_SLOTS;
 pub const RUN_ID_MAX: usize = 96;
 
+pub const REFUSAL_REASONS: [&str; 3] = ["tenant_limit", "project_limit", "recovering"];
+
 pub const FREE: u8 = 0;
 pub const LIVE: u8 = 1;
 pub const REVOKED: u8 = 2;
@@ -95,6 +97,10 @@ pub struct Header {
     pub grants: AtomicU64,
     pub refusals: AtomicU64,
     pub revocations: AtomicU64,
+    /// Refusals by reason: tenant_limit, project_limit, recovering.
+    pub refusals_by: [AtomicU64; 3],
+    /// Revocations by RevokeReason (index = reason code).
+    pub revocations_by: [AtomicU64; 4],
     pub cursor: u32,
     pub live: u32,
 }
@@ -350,6 +356,16 @@ impl Table {
         e.notified = false;
         e.revoked_at = now;
         self.header.revocations.fetch_add(1, Ordering::Relaxed);
+        self.header.revocations_by[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Live slots per tenant, for metrics.
+    pub fn tenant_counts(&self) -> Vec<([u8; 16], u32)> {
+        self.counters
+            .iter()
+            .filter(|c| c.kind == KIND_TENANT && c.count > 0)
+            .map(|c| (c.key, c.count))
+            .collect()
     }
 
     /// Revoke every live slot whose lease or deadline has passed, optionally

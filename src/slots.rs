@@ -91,6 +91,9 @@ pub type AcquireRow = (
 fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> AcquireRow {
     if let Some(h) = shmem::header() {
         h.refusals.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = shmem::REFUSAL_REASONS.iter().position(|r| *r == reason) {
+            h.refusals_by[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
     (
         false,
