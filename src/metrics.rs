@@ -275,7 +275,7 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
         );
         let mut counts = t.tenant_counts();
         drop(lk);
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         if tenant_labels {
             e.declare(
                 "meshhook_limits_tenant_slots_live",
