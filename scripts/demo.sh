@@ -4,8 +4,10 @@
 # extension shows. Run after scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install-queue-systems.sh
 # restart_grace = 0: the demo acquires slots the moment the server is up.
-eval "$(bash scripts/pg.sh start demo "meshhook_limits.restart_grace = 0")"
+# The background worker ticks in the demo database.
+eval "$(bash scripts/pg.sh start demo "meshhook_limits.restart_grace = 0" "meshhook_limits.database = 'meshhook_demo'")"
 psql -X -q -d postgres -c "DROP DATABASE IF EXISTS meshhook_demo WITH (FORCE)" -c "CREATE DATABASE meshhook_demo"
 export PGDATABASE=meshhook_demo
 q() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
@@ -68,18 +70,66 @@ title "live slots"
 q -c "SELECT tenant_id, project_id, run_id, state, lease_expires_at, deadline FROM meshhook_limits.slots() ORDER BY run_id"
 title "usage of globex (plan free)"
 q -c "SELECT * FROM meshhook_limits.usage('$GLOBEX')"
+
+title "rate limit: acme may call its webhook endpoint 5/s with a burst of 3"
+q -v acme=$ACME <<'SQL'
+SELECT meshhook_limits.set_limit('requests_per_second', 5, :'acme', burst => 3);
+SELECT n, r.* FROM generate_series(1, 5) n, LATERAL meshhook_limits.check_rate_limit(:'acme', 'webhooks', 1 + 0 * n) r;
+SQL
+
+title "storage quota: globex may store 4 kB in tracked tables"
+q -v globex=$GLOBEX <<'SQL'
+CREATE TABLE workflow_runs (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id uuid NOT NULL, output text);
+SELECT meshhook_limits.track_storage('workflow_runs', 'tenant_id') AS bytes_counted;
+SELECT meshhook_limits.set_limit('storage_bytes', 4096, :'globex');
+INSERT INTO workflow_runs (tenant_id, output) SELECT :'globex', repeat('x', 300) FROM generate_series(1, 10);
+\set ON_ERROR_STOP 0
+\echo a statement that would exceed the quota is refused (53400):
+INSERT INTO workflow_runs (tenant_id, output) SELECT :'globex', repeat('y', 300) FROM generate_series(1, 5);
+\set ON_ERROR_STOP 1
+SELECT * FROM meshhook_limits.storage_totals;
+SQL
+
+title "queues: pg-boss (npm) and pgmq (crate SQL) with traffic"
+node scripts/demo/queue-traffic.mjs "$PGHOST" "$PGPORT" meshhook_demo
+q -f .cache/pgmq/pgmq.sql >/dev/null
+q <<'SQL'
+SELECT pgmq.create('webhook_retries');
+SELECT pgmq.send_batch('webhook_retries', array_fill('{"attempt": 1}'::jsonb, ARRAY[30]));
+SELECT count(*) AS read_and_invisible FROM pgmq.read('webhook_retries', 60, 5);
+SELECT pgmq.archive('webhook_retries', msg_id) FROM pgmq.read('webhook_retries', 0, 4);
+-- An alert the demo can see fire: more than 100 jobs waiting in any queue.
+SELECT meshhook_limits.set_alert_rule('demo_backlog', 'queue.queued', 100, for_duration => '0',
+                                      severity => 'warning', resolve_threshold => 80);
+SQL
+# Some connections for the pool to show: idle, and idle in a transaction.
+for i in 1 2 3; do psql -X -q -c "SELECT pg_sleep(6)" >/dev/null 2>&1 & done
+psql -X -q -c "BEGIN; SELECT pg_sleep(6); COMMIT" >/dev/null 2>&1 &
+# Wait for two ticks of the background worker (it connects within ~5 s of
+# the demo database being created).
+before=$(q -Atc "SELECT ticks FROM meshhook_limits.worker_state")
+for _ in $(seq 1 100); do
+  now=$(q -Atc "SELECT ticks FROM meshhook_limits.worker_state")
+  (( now >= before + 2 )) && break
+  sleep 0.2
+done
+title "queue health (sampled by the background worker every second)"
+q -c "SELECT source, queue, queued, active, failed_recent, oldest_age, p50_ms, throughput_per_min, error_rate, status FROM meshhook_limits.queue_health()"
+title "pool pressure"
+q -c "SELECT max_connections, total, active, idle, idle_in_transaction, waiting, utilisation, longest_transaction, status, by_application FROM meshhook_limits.pool_pressure()"
+q -c "SELECT recommended_pool_size, observed_p95_active, reasoning FROM meshhook_limits.pool_recommendation()"
+title "alerts"
+q -c "SELECT rule, series, state, value, since FROM meshhook_limits.alert_states ORDER BY rule, series"
 title "events (also sent with NOTIFY on channel meshhook_limits)"
-q -c "SELECT event, tenant_id, resource, payload->>'value' AS value, payload->>'limit' AS limit, payload->>'reason' AS reason FROM meshhook_limits.events ORDER BY id"
-title "slot table"
-q -c "SELECT * FROM meshhook_limits.slot_stats()"
+q -c "SELECT event, tenant_id, resource, payload->>'value' AS value, payload->>'limit' AS limit, coalesce(payload->>'reason', payload->>'rule') AS why FROM meshhook_limits.events ORDER BY id"
+title "metrics() for Prometheus (first lines of $(q -Atc "SELECT count(*) FROM regexp_split_to_table(meshhook_limits.metrics(), E'\\n') l WHERE l NOT LIKE '#%' AND l <> ''") samples)"
+q -Atc "SELECT meshhook_limits.metrics()" | grep -E '^meshhook_limits_(slot_|tenant_slots|queue_queued|pool_utilisation|alerts.*firing|rate_limit_decisions)' | head -20
+wait
 
 cat <<EOF2
 
-Queue health (pg-boss, pgmq), pool pressure, alert rules and Prometheus
-metrics are not built yet (issues 4 and 5); this demo shows limits, slots
-and usage.
-
-The demo server keeps running:
+The demo server keeps running (the worker keeps sampling):
   psql -h $PGHOST -p $PGPORT -U postgres -d meshhook_demo
-  make demo-stop          # stop it (scripts/pg.sh destroy demo removes it)
+  LISTEN meshhook_limits;  -- in psql, to watch events arrive
+  make demo-stop           # stop it (scripts/pg.sh destroy demo removes it)
 EOF2

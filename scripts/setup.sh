@@ -42,6 +42,10 @@ if ! grep -q "pg$PG_MAJOR" "$PGRX_HOME/config.toml" 2>/dev/null; then
 fi
 
 log "building and installing the extension (release)"
+# Unlink the old library first: overwriting a loaded .so in place crashes
+# running backends (SIGBUS); after an unlink they keep their copy mapped.
+cargo build --release --quiet --no-default-features --features pg15 2>/dev/null || true
+$SUDO rm -f "$($PG_CONFIG --pkglibdir)/meshhook_limits.so"
 $SUDO env "PATH=$PATH" "HOME=$HOME" cargo pgrx install --release --pg-config "$PG_CONFIG" 2>&1 \
   | grep -Ev '^\s*(Copying|Writing|Discovered|Finished|Installing)' || true
 test -f "$($PG_CONFIG --pkglibdir)/meshhook_limits.so" || { echo "install failed" >&2; exit 1; }

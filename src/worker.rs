@@ -3,7 +3,8 @@
 //! in one short transaction. It waits for the extension to be created,
 //! reloads the configuration on SIGHUP, exits on SIGTERM, and survives any
 //! error of a tick (the transaction is aborted, the error counted and logged,
-//! the next tick goes on). The postmaster restarts it 5 s after a crash.
+//! the next tick goes on). The postmaster restarts it 5 s after it exits for
+//! any reason but server shutdown.
 use crate::gucs;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys::panic::CaughtError;
@@ -115,5 +116,10 @@ pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
     }
-    pgrx::log!("meshhook_limits worker exiting");
+    // Exit code 1: the postmaster starts the worker again after 5 s, so a
+    // pg_terminate_backend() or DROP DATABASE ... FORCE does not stop
+    // monitoring for good. At shutdown nothing is restarted. To stop it, set
+    // meshhook_limits.worker = off and restart the server.
+    pgrx::log!("meshhook_limits worker exiting; the postmaster restarts it unless the server is shutting down");
+    unsafe { pg_sys::proc_exit(1) };
 }
