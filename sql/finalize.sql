@@ -15,3 +15,6 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_state_lock(uuid, text, bigint) 
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_apply(name, name, uuid, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_forget(name, name, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._tracked(oid, name, name) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._usage_ratios(uuid[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._active_tenants(int, uuid[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._usage(uuid) FROM PUBLIC;

@@ -1,56 +1,26 @@
 -- Rows of metrics() that come from tables: (metric name, labels, value).
 -- Per-tenant series are bounded: the busiest tenants (live slots, passed in
 -- from shared memory) first, then the most recently active, p_max in all.
+-- Live slots per tenant are exported from shared memory (tenant_slots_live).
 CREATE FUNCTION meshhook_limits._metrics_rows(p_tenant_labels boolean, p_max int, p_busiest text[])
 RETURNS TABLE(name text, labels jsonb, value float8)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   WITH
-  nil AS (SELECT '00000000-0000-0000-0000-000000000000'::uuid AS id),
-  candidates AS (
-    SELECT x.tenant_id, min(x.prio) AS prio, max(x.seen) AS seen FROM (
-      SELECT b::uuid AS tenant_id, 0 AS prio, pg_catalog.now() AS seen FROM unnest(p_busiest) b
-      UNION ALL
-      SELECT u.tenant_id, 1, max(u.updated_at) FROM meshhook_limits.usage_counters u
-       WHERE u.updated_at > pg_catalog.now() - interval '1 day' GROUP BY u.tenant_id
-      UNION ALL
-      SELECT s.tenant_id, 1, pg_catalog.now() - interval '1 day' FROM meshhook_limits.storage_totals s WHERE s.bytes > 0
-    ) x GROUP BY x.tenant_id),
   tenants AS (
-    SELECT c.tenant_id FROM candidates c WHERE p_tenant_labels
-     ORDER BY c.prio, c.seen DESC, c.tenant_id LIMIT GREATEST(p_max, 0)),
-  eff AS (
-    SELECT DISTINCT ON (t.tenant_id, l.resource) t.tenant_id, l.resource, l.limit_value, l.window_length
-      FROM tenants t
-      LEFT JOIN meshhook_limits.tenant_plans tp ON tp.tenant_id = t.tenant_id
-      JOIN meshhook_limits.limits l
-        ON (l.tenant_id = t.tenant_id AND l.project_id IS NULL) OR l.plan = tp.plan
-        OR (l.plan IS NULL AND l.tenant_id IS NULL)
-     ORDER BY t.tenant_id, l.resource,
-              CASE WHEN l.tenant_id IS NOT NULL THEN 1 WHEN l.plan IS NOT NULL THEN 2 ELSE 3 END),
-  used AS (
-    SELECT e.tenant_id, e.resource, e.limit_value,
-           CASE
-             WHEN e.resource = 'storage_bytes' THEN
-               coalesce((SELECT st.bytes FROM meshhook_limits.storage_totals st WHERE st.tenant_id = e.tenant_id), 0)
-             WHEN e.window_length IS NOT NULL THEN
-               coalesce((SELECT u.used FROM meshhook_limits.usage_counters u, nil
-                          WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource AND u.project_id = nil.id
-                            AND u.window_start = to_timestamp(floor(extract(epoch FROM pg_catalog.now())
-                                 / extract(epoch FROM e.window_length)) * extract(epoch FROM e.window_length))), 0)
-             WHEN e.resource = 'memory_bytes' THEN
-               (SELECT u.used FROM meshhook_limits.usage_counters u, nil
-                 WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource AND u.project_id = nil.id)
-           END AS used
-      FROM eff e),
+    SELECT x AS tenant_id
+      FROM unnest(CASE WHEN p_tenant_labels
+                       THEN meshhook_limits._active_tenants(GREATEST(p_max, 0), p_busiest::uuid[])
+                       ELSE '{}'::uuid[] END) x),
+  used AS (SELECT * FROM meshhook_limits._usage_ratios(ARRAY(SELECT tenant_id FROM tenants))),
   q AS (SELECT * FROM meshhook_limits._latest_queue_samples()),
   p AS (SELECT * FROM meshhook_limits.pool_samples ORDER BY sampled_at DESC LIMIT 1)
   -- Tenants
-  SELECT 'meshhook_limits_tenant_limit', jsonb_build_object('tenant_id', e.tenant_id, 'resource', e.resource),
-         e.limit_value::float8 FROM eff e
+  SELECT 'meshhook_limits_tenant_limit', jsonb_build_object('tenant_id', u.tenant_id, 'resource', u.resource),
+         u.limit_value::float8 FROM used u
   UNION ALL
   SELECT 'meshhook_limits_tenant_usage_ratio', jsonb_build_object('tenant_id', u.tenant_id, 'resource', u.resource),
          (u.used / u.limit_value)::float8
-    FROM used u WHERE u.used IS NOT NULL AND u.limit_value > 0 AND u.resource <> 'concurrent_executions'
+    FROM used u WHERE u.used IS NOT NULL AND u.limit_value > 0
   UNION ALL
   SELECT 'meshhook_limits_tenant_storage_bytes', jsonb_build_object('tenant_id', s.tenant_id), s.bytes::float8
     FROM meshhook_limits.storage_totals s JOIN tenants t ON t.tenant_id = s.tenant_id

@@ -292,18 +292,89 @@ BEGIN
                            ELSE p.waiting::numeric END
         FROM meshhook_limits.pool_samples p ORDER BY p.sampled_at DESC LIMIT 1;
   ELSIF p_metric = 'tenant.usage_ratio' THEN
-    -- Metered usage in the current window and live slots, against effective limits.
+    -- Every tenant metered in the last day, with live slots, or storing data.
     RETURN QUERY
-      WITH tenants AS (
-        SELECT DISTINCT u.tenant_id FROM meshhook_limits.usage_counters u
-        UNION SELECT s.tenant_id FROM meshhook_limits.slots() s WHERE s.state = 'live'
-        UNION SELECT t.tenant_id FROM meshhook_limits.storage_totals t)
-      SELECT t.tenant_id::text || ':' || x.resource, jsonb_build_object('tenant_id', t.tenant_id, 'resource', x.resource),
-             t.tenant_id, x.ratio
-        FROM tenants t, LATERAL meshhook_limits._usage(t.tenant_id) x
-       WHERE x.ratio IS NOT NULL;
+      SELECT u.tenant_id::text || ':' || u.resource, jsonb_build_object('tenant_id', u.tenant_id, 'resource', u.resource),
+             u.tenant_id, round(u.used / u.limit_value, 6)
+        FROM meshhook_limits._usage_ratios(meshhook_limits._active_tenants(NULL)) u
+       WHERE u.used IS NOT NULL AND u.limit_value > 0;
   END IF;
 END
+$$;
+
+-- Tenants worth watching: live slots first, then the most recently metered,
+-- then those storing data; at most p_max (NULL = all).
+CREATE FUNCTION meshhook_limits._active_tenants(p_max int, p_busiest uuid[] DEFAULT '{}')
+RETURNS uuid[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT coalesce(array_agg(c.tenant_id ORDER BY c.prio, c.seen DESC, c.tenant_id), '{}') FROM (
+    SELECT x.tenant_id, min(x.prio) AS prio, max(x.seen) AS seen FROM (
+      SELECT b AS tenant_id, 0 AS prio, pg_catalog.now() AS seen FROM unnest(p_busiest) b
+      UNION ALL
+      SELECT s.tenant_id, 0, pg_catalog.now() FROM meshhook_limits.slots() s WHERE s.state = 'live' AND p_max IS NULL
+      UNION ALL
+      SELECT u.tenant_id, 1, max(u.updated_at) FROM meshhook_limits.usage_counters u
+       WHERE u.updated_at > pg_catalog.now() - interval '1 day' GROUP BY u.tenant_id
+      UNION ALL
+      SELECT s.tenant_id, 1, pg_catalog.now() - interval '1 day' FROM meshhook_limits.storage_totals s WHERE s.bytes > 0
+    ) x GROUP BY x.tenant_id
+    ORDER BY 2, 3 DESC, 1
+    LIMIT p_max) c
+$$;
+
+-- Usage against effective limits for many tenants at once (tenant scope:
+-- tenant → plan → global), set-based: one pass, not one resolution per tenant.
+-- used is NULL for resources that have no usage (execution_seconds, rates).
+CREATE FUNCTION meshhook_limits._usage_ratios(p_tenants uuid[])
+RETURNS TABLE(tenant_id uuid, resource text, used numeric, limit_value numeric, warn_ratio numeric)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH t AS (SELECT DISTINCT x AS tenant_id FROM unnest(p_tenants) x),
+  eff AS (
+    SELECT DISTINCT ON (t.tenant_id, l.resource) t.tenant_id, l.resource, l.limit_value, l.window_length, l.warn_ratio
+      FROM t
+      LEFT JOIN meshhook_limits.tenant_plans tp ON tp.tenant_id = t.tenant_id
+      JOIN meshhook_limits.limits l
+        ON (l.tenant_id = t.tenant_id AND l.project_id IS NULL) OR l.plan = tp.plan
+        OR (l.plan IS NULL AND l.tenant_id IS NULL)
+     ORDER BY t.tenant_id, l.resource,
+              CASE WHEN l.tenant_id IS NOT NULL THEN 1 WHEN l.plan IS NOT NULL THEN 2 ELSE 3 END),
+  live AS (SELECT s.tenant_id, count(*) AS n FROM meshhook_limits.slots() s
+            WHERE s.state = 'live' GROUP BY s.tenant_id)
+  SELECT e.tenant_id, e.resource,
+         CASE
+           WHEN e.resource = 'concurrent_executions' THEN
+             coalesce((SELECT lv.n FROM live lv WHERE lv.tenant_id = e.tenant_id), 0)::numeric
+           WHEN e.resource = 'storage_bytes' THEN
+             -- Tracked tables, plus the last reading reported with record_usage.
+             coalesce((SELECT st.bytes FROM meshhook_limits.storage_totals st WHERE st.tenant_id = e.tenant_id), 0)
+             + coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
+                          WHERE u.tenant_id = e.tenant_id AND u.resource = 'storage_bytes'
+                            AND u.project_id = '00000000-0000-0000-0000-000000000000'), 0)
+           WHEN e.window_length IS NOT NULL THEN
+             coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
+                        WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource
+                          AND u.project_id = '00000000-0000-0000-0000-000000000000'
+                          AND u.window_start = to_timestamp(floor(extract(epoch FROM pg_catalog.now())
+                               / extract(epoch FROM e.window_length)) * extract(epoch FROM e.window_length))), 0)
+           WHEN e.resource = 'memory_bytes' THEN
+             (SELECT u.used FROM meshhook_limits.usage_counters u
+               WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource
+                 AND u.project_id = '00000000-0000-0000-0000-000000000000')
+         END,
+         e.limit_value, e.warn_ratio
+    FROM eff e
+$$;
+
+-- usage(tenant) without the caller check: one tenant of _usage_ratios.
+CREATE FUNCTION meshhook_limits._usage(p_tenant uuid)
+RETURNS TABLE(resource text, used numeric, limit_value numeric, ratio numeric, status text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT u.resource, u.used, u.limit_value,
+         CASE WHEN u.used IS NULL THEN NULL
+              WHEN u.limit_value = 0 THEN CASE WHEN u.used > 0 THEN 'Infinity'::numeric ELSE 0 END
+              ELSE round(u.used / u.limit_value, 4) END,
+         CASE WHEN u.used IS NULL THEN 'ok' ELSE meshhook_limits._status(u.used, u.limit_value, u.warn_ratio) END
+    FROM meshhook_limits._usage_ratios(ARRAY[p_tenant]) u
+   ORDER BY u.resource
 $$;
 
 CREATE FUNCTION meshhook_limits._latest_queue_samples()

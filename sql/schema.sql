@@ -487,41 +487,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION meshhook_limits._usage(tenant_id uuid)
-RETURNS TABLE(resource text, used numeric, limit_value numeric, ratio numeric, status text)
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-#variable_conflict use_column
-BEGIN
-  RETURN QUERY
-  WITH eff AS (SELECT * FROM meshhook_limits._resolve(_usage.tenant_id, NULL)),
-  cur AS (
-    SELECT e.resource, e.limit_value, e.warn_ratio,
-           CASE
-             WHEN e.resource = 'concurrent_executions' THEN meshhook_limits.live_slots(_usage.tenant_id)::numeric
-             WHEN e.resource = 'storage_bytes' THEN
-               coalesce((SELECT st.bytes FROM meshhook_limits.storage_totals st WHERE st.tenant_id = _usage.tenant_id), 0)
-               + coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
-                            WHERE u.tenant_id = _usage.tenant_id AND u.resource = 'storage_bytes'
-                              AND u.project_id = '00000000-0000-0000-0000-000000000000'), 0)
-             WHEN e.resource NOT IN ('memory_bytes') AND e.window_length IS NULL THEN NULL
-             ELSE coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
-                             WHERE u.tenant_id = _usage.tenant_id AND u.resource = e.resource
-                               AND u.project_id = '00000000-0000-0000-0000-000000000000'
-                               AND (e.window_length IS NULL
-                                    OR u.window_start + e.window_length > pg_catalog.now())
-                             ORDER BY u.window_start DESC LIMIT 1), 0)
-           END AS used
-      FROM eff e)
-  SELECT c.resource, c.used, c.limit_value,
-         CASE WHEN c.used IS NULL OR c.limit_value IS NULL THEN NULL
-              WHEN c.limit_value = 0 THEN CASE WHEN c.used > 0 THEN 'Infinity'::numeric ELSE 0 END
-              ELSE round(c.used / c.limit_value, 4) END,
-         CASE WHEN c.used IS NULL THEN 'ok'
-              ELSE meshhook_limits._status(c.used, c.limit_value, c.warn_ratio) END
-    FROM cur c
-   ORDER BY c.resource;
-END
-$$;
+-- meshhook_limits._usage(tenant) is defined in monitor.sql on top of _usage_ratios.
 
 CREATE FUNCTION meshhook_limits.usage(tenant_id uuid)
 RETURNS TABLE(resource text, used numeric, limit_value numeric, ratio numeric, status text)
