@@ -19,7 +19,7 @@ SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 
 packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-client-$PG_MAJOR
           postgresql-contrib libclang-dev clang pkg-config sudo build-essential ca-certificates)
-[[ $WANT_TEST == 1 ]] && packages+=(python3-venv nodejs npm postgresql-$PG_MAJOR-cron prometheus prometheus-postgres-exporter)
+[[ $WANT_TEST == 1 ]] && packages+=(python3-venv postgresql-$PG_MAJOR-cron prometheus prometheus-postgres-exporter)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

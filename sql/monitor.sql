@@ -95,6 +95,7 @@ CREATE TABLE meshhook_limits.worker_state (
   id boolean PRIMARY KEY DEFAULT true CHECK (id),
   last_tick timestamptz,
   last_tick_ms numeric,
+  queues_sampled_at timestamptz,
   ticks bigint NOT NULL DEFAULT 0,
   errors bigint NOT NULL DEFAULT 0,
   last_error text
@@ -176,7 +177,7 @@ BEGIN
       SELECT name,
              count(*) FILTER (WHERE state = 'failed') AS failed,
              count(*) FILTER (WHERE state = 'completed') AS completed,
-             count(*) FILTER (WHERE completed_on > $1 - interval '1 minute') AS last_minute,
+             count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - interval '1 minute') AS last_minute,
              percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM completed_on - started_on) * 1000)
                FILTER (WHERE state = 'completed' AND started_on IS NOT NULL) AS p50,
              percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM completed_on - started_on) * 1000)
@@ -203,7 +204,8 @@ $$;
 -- read and still invisible, so queued + active = pgmq.metrics().queue_length.
 CREATE FUNCTION meshhook_limits._sample_pgmq(p_at timestamptz, p_window interval) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE q record; n bigint := 0; qt text; at_ text; r record; a record;
+DECLARE q record; n bigint; qt text; at_ text; r record; a record;
+  rows meshhook_limits.queue_samples[] := '{}';
 BEGIN
   IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
     RETURN 0;
@@ -211,24 +213,32 @@ BEGIN
   FOR q IN SELECT m.queue_name::text AS name FROM pgmq.meta m ORDER BY 1 LOOP
     qt := lower('q_' || q.name);
     at_ := lower('a_' || q.name);
-    CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL;
-    EXECUTE format('SELECT count(*) FILTER (WHERE vt <= $1) AS visible, count(*) FILTER (WHERE vt > $1) AS invisible,
-                           min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I', qt)
-      INTO r USING p_at;
-    a := NULL;
-    IF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL THEN
-      EXECUTE format('SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
-             percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p50,
-             percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p95
-             FROM pgmq.%I WHERE archived_at > $1 - $2', at_)
-        INTO a USING p_at, p_window;
-    END IF;
-    INSERT INTO meshhook_limits.queue_samples
-    VALUES (p_at, 'pgmq', q.name, r.visible, r.invisible, 0, p_at - r.oldest,
-            round(a.p50::numeric, 3), round(a.p95::numeric, 3), coalesce(a.last_minute, 0), NULL,
-            meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL));
-    n := n + 1;
+    -- Each queue in its own read-only subtransaction (no XID is assigned):
+    -- a broken or locked queue table is skipped with a warning, the others
+    -- are still sampled.
+    BEGIN
+      CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL;
+      EXECUTE format('SELECT count(*) FILTER (WHERE vt <= $1) AS visible, count(*) FILTER (WHERE vt > $1) AS invisible,
+                             min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I', qt)
+        INTO r USING p_at;
+      a := NULL;
+      IF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL THEN
+        EXECUTE format('SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p95
+               FROM pgmq.%I WHERE archived_at > $1 - $2', at_)
+          INTO a USING p_at, p_window;
+      END IF;
+      rows := rows || ROW(p_at, 'pgmq', q.name, r.visible, r.invisible, 0, p_at - r.oldest,
+                          round(a.p50::numeric, 3), round(a.p95::numeric, 3), coalesce(a.last_minute, 0), NULL,
+                          meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL)
+                         )::meshhook_limits.queue_samples;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM;
+    END;
   END LOOP;
+  INSERT INTO meshhook_limits.queue_samples SELECT * FROM unnest(rows);
+  GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END
 $$;
@@ -381,7 +391,7 @@ CREATE FUNCTION meshhook_limits._latest_queue_samples()
 RETURNS SETOF meshhook_limits.queue_samples
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   SELECT s.* FROM meshhook_limits.queue_samples s
-   WHERE s.sampled_at = (SELECT max(x.sampled_at) FROM meshhook_limits.queue_samples x)
+   WHERE s.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w)
 $$;
 
 CREATE FUNCTION meshhook_limits._compare(p_value numeric, p_op text, p_threshold numeric) RETURNS boolean
@@ -458,7 +468,10 @@ $$;
 -- prune old samples. The worker runs it every sample_interval; without the
 -- worker, pg_cron can: SELECT cron.schedule('meshhook', '1 second', 'SELECT meshhook_limits.tick()').
 CREATE FUNCTION meshhook_limits.tick() RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '200ms'   -- a locked queue table is skipped, never waited on
+AS $$
 DECLARE
   t0 timestamptz := pg_catalog.clock_timestamp();
   win interval := current_setting('meshhook_limits.queue_window')::interval;
@@ -471,6 +484,8 @@ BEGIN
     RAISE WARNING 'meshhook_limits: sampling pg-boss failed: %', SQLERRM;
   END;
   PERFORM meshhook_limits._sample_pgmq_safe(t0, win);
+  -- queue_health() and the alert rules read the samples of this time.
+  UPDATE meshhook_limits.worker_state SET queues_sampled_at = t0;
   PERFORM meshhook_limits._sample_pool(t0);
   PERFORM meshhook_limits.reap_execution_slots();
   PERFORM meshhook_limits._evaluate_alerts(t0);
