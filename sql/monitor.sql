@@ -474,10 +474,14 @@ SET lock_timeout = '200ms'   -- a locked queue table is skipped, never waited on
 AS $$
 DECLARE
   t0 timestamptz := pg_catalog.clock_timestamp();
-  win interval := current_setting('meshhook_limits.queue_window')::interval;
-  keep interval := current_setting('meshhook_limits.retention')::interval;
+  win interval;
+  keep interval;
 BEGIN
+  -- The first call of a session (pg_cron opens one per run) loads the library
+  -- here, which defines the settings read below.
   PERFORM meshhook_limits.require_admin_access('run tick()');
+  win := current_setting('meshhook_limits.queue_window')::interval;
+  keep := current_setting('meshhook_limits.retention')::interval;
   BEGIN
     PERFORM meshhook_limits._sample_pgboss(t0, win);
   EXCEPTION WHEN OTHERS THEN

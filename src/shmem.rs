@@ -335,6 +335,14 @@ impl Table {
         true
     }
 
+    /// The slot.revoked event of this tombstone was committed.
+    pub fn mark_announced(&mut self, idx: usize, id: &[u8; 16]) {
+        let s = &mut self.slots[idx];
+        if s.state == REVOKED && &s.id == id {
+            s.notified = true;
+        }
+    }
+
     /// Forget a revoked tombstone (its holder has seen it).
     pub fn forget(&mut self, idx: usize) {
         if self.slots[idx].state == REVOKED {

@@ -429,7 +429,7 @@ fn release(slot_id: Option<Uuid>, outcome: Option<&str>, memory_peak: Option<i64
         }
         return Ok(false);
     }
-    if xact::release_pending(&id) {
+    if xact::pending(&id, Op::Release) {
         return Ok(false);
     }
     if snap.memory_limit >= 0 && memory_peak.is_some_and(|m| m > snap.memory_limit) {
@@ -457,20 +457,22 @@ fn reap() -> Result<i64> {
         return fallback::reap();
     }
     let now = now();
-    let mut to_announce: Vec<Slot> = Vec::new();
+    let mut to_announce: Vec<(usize, Slot)> = Vec::new();
     let n = {
         let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
         let n = l.t().reap(now, None);
-        for s in l.t().slots.iter_mut() {
-            if s.state == REVOKED && !s.notified {
-                s.notified = true;
-                to_announce.push(*s);
+        for (idx, s) in l.t().slots.iter().enumerate() {
+            if s.state == REVOKED && !s.notified && !xact::pending(&s.id, Op::Announce) {
+                to_announce.push((idx, *s));
             }
         }
         n
     };
-    for s in &to_announce {
+    // The events are part of this transaction; the slots count as announced
+    // only once it commits (xact::Op::Announce), so a rollback loses nothing.
+    for (idx, s) in &to_announce {
         emit_revoked(s, RevokeReason::from_u8(s.reason), None)?;
+        xact::push(*idx, s.id, Op::Announce);
     }
     Ok(i64::try_from(n.max(to_announce.len())).unwrap_or(i64::MAX))
 }

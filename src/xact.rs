@@ -14,6 +14,9 @@ use std::sync::atomic::Ordering;
 pub enum Op {
     Acquire,
     Release,
+    /// A revocation was announced (slot.revoked) in this transaction: mark it
+    /// so at commit; after a rollback the next reap announces it again.
+    Announce,
 }
 
 #[derive(Clone, Copy)]
@@ -41,13 +44,9 @@ pub fn push(idx: usize, id: [u8; 16], op: Op) {
     PENDING.with(|p| p.borrow_mut().push(Pending { idx, id, op, subid }));
 }
 
-/// A release of this slot is already waiting for commit in this transaction.
-pub fn release_pending(id: &[u8; 16]) -> bool {
-    PENDING.with(|p| {
-        p.borrow()
-            .iter()
-            .any(|x| x.op == Op::Release && &x.id == id)
-    })
+/// An operation on this slot is already waiting for commit in this transaction.
+pub fn pending(id: &[u8; 16], op: Op) -> bool {
+    PENDING.with(|p| p.borrow().iter().any(|x| x.op == op && &x.id == id))
 }
 
 /// Limits changed in this transaction: bump the cache generation at commit.
@@ -61,12 +60,12 @@ fn apply(list: &[Pending], committed: bool) {
     }
     if let Some(mut l) = Locked::exclusive() {
         for p in list {
-            let free = matches!(
-                (p.op, committed),
-                (Op::Acquire, false) | (Op::Release, true)
-            );
-            if free {
-                l.t().free_live(p.idx, &p.id);
+            match (p.op, committed) {
+                (Op::Acquire, false) | (Op::Release, true) => {
+                    l.t().free_live(p.idx, &p.id);
+                }
+                (Op::Announce, true) => l.t().mark_announced(p.idx, &p.id),
+                _ => {}
             }
         }
     }
