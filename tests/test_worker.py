@@ -1,0 +1,250 @@
+"""The background worker against a real server (DESIGN.md "Background
+worker"): it retries until its database exists, waits for CREATE EXTENSION,
+ticks every sample_interval, reloads on SIGHUP, survives failing ticks,
+reaps expired leases, comes back after a crash, and exits for good on
+SIGTERM. And tick() driven by pg_cron on a server without the preload."""
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from conftest import PG_SH, Cluster, acquire, set_limit
+
+WORKER = "meshhook_limits worker"
+
+
+def log_text(c: Cluster) -> str:
+    return (c.base / "server.log").read_text(errors="replace")
+
+
+def wait_for(pred, timeout: float, step: float = 0.05):
+    """Poll pred() until it returns something truthy; return it (or the last falsy value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            v = pred()
+        except psycopg.OperationalError:
+            v = None
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(step)
+
+
+def worker_pids(c: Cluster) -> list[int]:
+    with c.connect(dbname="postgres") as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = %s", (WORKER,)).fetchall()]
+
+
+def state(c: Cluster):
+    """(ticks, errors, last_error, seconds since last_tick)"""
+    return c.sql("SELECT ticks, errors, last_error, extract(epoch FROM clock_timestamp() - last_tick)::float8 "
+                 "FROM meshhook_limits.worker_state")[0]
+
+
+def ticks_during(c: Cluster, seconds: float) -> int:
+    before = state(c)[0]
+    time.sleep(seconds)
+    return state(c)[0] - before
+
+
+@pytest.fixture(scope="module")
+def wc():
+    """A cluster whose worker is pointed at a database that does not exist yet."""
+    name = f"pytest-worker-{os.getpid()}"
+    c = Cluster(name)
+    c.dbname = "mlworker"
+    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
+    c.start(f"meshhook_limits.database = '{c.dbname}'", "meshhook_limits.restart_grace = 0", "fsync = off")
+    yield c
+    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
+
+
+def test_worker_retries_until_database_exists_then_waits_for_extension(wc):
+    # The first start fails (FATAL, exit code 1): the database does not exist.
+    assert wait_for(lambda: 'database "mlworker" does not exist' in log_text(wc), 5), log_text(wc)[-2000:]
+    with wc.connect(dbname="postgres") as conn:
+        conn.execute(f"CREATE DATABASE {wc.dbname}")
+    t0 = time.monotonic()
+    # The postmaster starts it again after restart_time (5 s).
+    pids = wait_for(lambda: worker_pids(wc), 8)
+    assert len(pids) == 1, "worker not restarted after its database appeared"
+    assert time.monotonic() - t0 < 7
+    assert wc.sql("SELECT datname FROM pg_stat_activity WHERE pid = %s", (pids[0],)) == [(wc.dbname,)]
+    assert wait_for(lambda: "waiting for CREATE EXTENSION" in log_text(wc), 3), log_text(wc)[-2000:]
+    time.sleep(1.5)  # it keeps waiting (and says so once, not every second)
+    assert log_text(wc).count("waiting for CREATE EXTENSION") == 1
+    assert worker_pids(wc) == pids
+    with wc.connect() as conn:
+        conn.execute("CREATE EXTENSION meshhook_limits")
+    assert wait_for(lambda: state(wc)[0] >= 1, 2.5), "no tick within 2.5 s of CREATE EXTENSION"
+
+
+def test_worker_ticks_every_sample_interval(wc):
+    n = ticks_during(wc, 3.0)
+    assert 2 <= n <= 4, f"{n} ticks in 3 s at sample_interval = 1 s"
+    ticks, errors, last_error, age = state(wc)
+    assert errors == 0 and last_error is None
+    assert age < 1.5
+    assert wc.sql("SELECT count(*) > 0 FROM meshhook_limits.pool_samples")[0][0]
+
+
+def test_sighup_reloads_sample_interval(wc):
+    try:
+        with wc.connect() as conn:
+            conn.execute("ALTER SYSTEM SET meshhook_limits.sample_interval = '200ms'")
+            conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)
+        n = ticks_during(wc, 2.0)
+        assert 7 <= n <= 12, f"{n} ticks in 2 s at sample_interval = 200ms"
+    finally:
+        with wc.connect() as conn:
+            conn.execute("ALTER SYSTEM RESET meshhook_limits.sample_interval")
+            conn.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    n = ticks_during(wc, 2.0)
+    assert 1 <= n <= 3, f"{n} ticks in 2 s after RESET (back to 1 s)"
+
+
+def test_worker_survives_failing_ticks(wc):
+    pids = worker_pids(wc)
+    with wc.connect() as conn:
+        conn.execute("""CREATE FUNCTION public.ml_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+                        BEGIN RAISE EXCEPTION 'ml_boom: injected failure'; END $$""")
+        conn.execute("CREATE TRIGGER ml_boom BEFORE INSERT ON meshhook_limits.pool_samples "
+                     "FOR EACH ROW EXECUTE FUNCTION public.ml_boom()")
+        try:
+            ticks0, errors0, _, _ = state(wc)
+            time.sleep(2.5)
+            ticks1, errors1, last_error, _ = state(wc)
+            assert errors1 - errors0 >= 2, (errors0, errors1)
+            assert "ml_boom: injected failure" in (last_error or "")
+            assert ticks1 - ticks0 <= 1  # at most one tick that was already past the insert
+            assert worker_pids(wc) == pids, "the worker died on a failing tick"
+        finally:
+            conn.execute("DROP TRIGGER ml_boom ON meshhook_limits.pool_samples")
+            conn.execute("DROP FUNCTION public.ml_boom()")
+    assert wait_for(lambda: state(wc)[0] > ticks1, 2.5), "no tick after the cause was removed"
+    errors2 = state(wc)[1]
+    time.sleep(1.2)
+    assert state(wc)[1] == errors2, "still failing after the cause was removed"
+    assert "meshhook_limits worker: tick failed" in log_text(wc)
+    assert worker_pids(wc) == pids
+
+
+def test_worker_reaps_expired_lease_and_notifies(wc):
+    tenant = str(uuid.uuid4())
+    with wc.connect() as admin, wc.connect() as listener:
+        listener.execute("LISTEN meshhook_limits")
+        set_limit(admin, "concurrent_executions", 5, tenant)
+        row = acquire(admin, tenant, lease="1 second")
+        t0 = time.monotonic()
+        assert row[0], row
+        slot = str(row[1])
+        got = None
+        for n in listener.notifies(timeout=4.0):
+            p = json.loads(n.payload)
+            if p["event"] == "slot.revoked" and p.get("slot_id") == slot:
+                got = p
+                break
+        elapsed = time.monotonic() - t0
+        assert got is not None, "no slot.revoked within 4 s of a 1 s lease"
+        assert elapsed <= 3.0, f"slot.revoked {elapsed:.2f} s after acquire (lease 1 s)"
+        assert got["tenant_id"] == tenant and got["reason"] == "lease_expired"
+        assert got["resource"] == "concurrent_executions"
+        hb = admin.execute("SELECT alive, reason FROM meshhook_limits.heartbeat_execution_slot(%s)",
+                           (slot,)).fetchone()
+        assert hb[0] is False
+        assert admin.execute("SELECT meshhook_limits.live_slots(%s)", (tenant,)).fetchone()[0] == 0
+
+
+def test_worker_comes_back_after_crash(wc):
+    [pid] = worker_pids(wc)
+    os.kill(pid, signal.SIGKILL)  # the postmaster resets every backend (crash recovery)
+    t0 = time.monotonic()
+    time.sleep(0.3)
+    wc.wait_ready()
+    new = wait_for(lambda: [p for p in worker_pids(wc) if p != pid], 10)
+    assert new, "worker not back within 10 s of a crash"
+    before = state(wc)[0]
+    assert wait_for(lambda: state(wc)[0] >= before + 2, 4), "worker back but not ticking"
+    assert time.monotonic() - t0 < 10
+    assert "terminated by signal 9" in log_text(wc)
+
+
+def test_sigterm_worker_exits_and_is_restarted_after_5_s(wc):
+    """pg_terminate_backend sends SIGTERM: the worker leaves its loop and
+    exits with code 1, so the postmaster starts it again after restart_time
+    (5 s) -- monitoring does not stop for good (README: "whenever it exits
+    ... the postmaster starts it again after 5 s")."""
+    [pid] = worker_pids(wc)
+    assert wc.sql("SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
+    t0 = time.monotonic()
+    assert wait_for(lambda: pid not in worker_pids(wc), 3), "worker still running 3 s after SIGTERM"
+    assert wait_for(lambda: f"(PID {pid}) exited with exit code 1" in log_text(wc), 2), log_text(wc)[-2000:]
+    assert "meshhook_limits worker exiting" in log_text(wc)
+    ticks = state(wc)[0]
+    time.sleep(4.0)
+    assert worker_pids(wc) == [], "restarted before restart_time (5 s)"
+    assert state(wc)[0] == ticks, "something ticked while the worker was gone"
+    new = wait_for(lambda: worker_pids(wc), 4)
+    assert new and new != [pid], "worker not restarted within 8 s of SIGTERM"
+    assert 4.5 <= time.monotonic() - t0 <= 8
+    assert wait_for(lambda: state(wc)[0] > ticks, 2.5), "restarted worker does not tick"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def croncluster():
+    """A server with pg_cron preloaded and meshhook_limits not preloaded (so no
+    worker): pg_cron runs tick(). Set up before the other tests of this module,
+    since pg_cron before 1.5 (Debian bookworm ships 1.4.2) cannot schedule by
+    the second, only every minute: the wait then overlaps the other tests."""
+    name = f"pytest-cron-{os.getpid()}"
+    c = Cluster(name)
+    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
+    c.start("shared_preload_libraries = 'pg_cron'", f"cron.database_name = '{c.dbname}'",
+            f"cron.host = '{c.base}'", "fsync = off")
+    with c.connect(dbname="postgres") as conn:
+        conn.execute(f"CREATE DATABASE {c.dbname}")
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_cron")
+        conn.execute("CREATE EXTENSION meshhook_limits")
+        c.cron_version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'").fetchone()[0]
+        try:
+            conn.execute("SELECT cron.schedule('meshhook', '1 second', 'SELECT meshhook_limits.tick()')")
+            c.cron_every = 1.0
+        except psycopg.errors.InvalidParameterValue:  # pg_cron < 1.5: "invalid schedule: 1 second"
+            conn.execute("SELECT cron.schedule('meshhook', '* * * * *', 'SELECT meshhook_limits.tick()')")
+            c.cron_every = 60.0
+    c.scheduled_at = time.monotonic()
+    yield c
+    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
+
+
+def test_pg_cron_drives_tick_without_preload(croncluster):
+    c = croncluster
+    assert c.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = %s", (WORKER,)) == [(0,)]
+    want = 2 if c.cron_every == 1.0 else 1
+    # Wait for pg_cron to have run the job `want` times (succeeded or not).
+    timeout = c.scheduled_at + (6 if c.cron_every == 1.0 else 65) - time.monotonic()
+    wait_for(lambda: c.sql("SELECT count(*) FROM cron.job_run_details WHERE status IN ('succeeded', 'failed')"
+                           )[0][0] >= want, max(timeout, 1), step=0.2)
+    runs = c.sql("SELECT status, return_message FROM cron.job_run_details ORDER BY runid")
+    assert runs, f"pg_cron {c.cron_version} ran nothing"
+    assert all(r[0] == "succeeded" for r in runs), f"pg_cron {c.cron_version} runs: {runs}"
+    assert state(c)[0] >= want, f"worker_state.ticks = {state(c)[0]} after {len(runs)} pg_cron runs"
+    with c.connect() as conn:
+        p = conn.execute("SELECT total, sampled_at FROM meshhook_limits.pool_pressure()").fetchone()
+        assert p is not None and p[0] >= 1
+
+
+def test_tick_as_first_call_of_a_session_without_preload(croncluster):
+    """What every pg_cron job does: a fresh connection whose first statement is
+    tick(), with the library not loaded yet in that session."""
+    with croncluster.connect() as conn:
+        conn.execute("SELECT meshhook_limits.tick()")
