@@ -18,3 +18,4 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._tracked(oid, name, name) FROM PUBLIC
 REVOKE EXECUTE ON FUNCTION meshhook_limits._usage_ratios(uuid[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._active_tenants(int, uuid[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._usage(uuid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._meter(uuid, text, uuid, timestamptz, numeric, boolean, numeric, numeric, jsonb) FROM PUBLIC;

@@ -392,6 +392,30 @@ RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
               ELSE 'ok' END
 $$;
 
+-- Add to one meter row (a gauge replaces its value) and announce a change of
+-- status: edge-triggered, one event per transition.
+CREATE FUNCTION meshhook_limits._meter(p_tenant uuid, p_resource text, p_project uuid, p_window timestamptz,
+    p_amount numeric, p_gauge boolean, p_limit numeric, p_warn numeric, p_extra jsonb,
+    OUT used numeric, OUT status text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE prev text;
+BEGIN
+  INSERT INTO meshhook_limits.usage_counters AS u (tenant_id, resource, project_id, window_start, used, status, prev_status)
+  VALUES (p_tenant, p_resource, p_project, p_window, p_amount, meshhook_limits._status(p_amount, p_limit, p_warn), 'ok')
+  ON CONFLICT (tenant_id, resource, project_id, window_start) DO UPDATE
+    SET used = CASE WHEN p_gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
+        status = meshhook_limits._status(CASE WHEN p_gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
+                                         p_limit, p_warn),
+        prev_status = u.status, updated_at = pg_catalog.now()
+  RETURNING u.used, u.status, u.prev_status INTO used, status, prev;
+  IF status <> prev THEN
+    PERFORM meshhook_limits._emit(CASE status WHEN 'ok' THEN 'limit.recovered' WHEN 'warning' THEN 'limit.warning'
+                                              ELSE 'limit.exceeded' END,
+                                  p_tenant, p_resource, used, p_limit, p_extra);
+  END IF;
+END
+$$;
+
 CREATE FUNCTION meshhook_limits.record_usage(tenant_id uuid, resource text, amount numeric,
                                              project_id uuid DEFAULT NULL)
 RETURNS TABLE(status text, used numeric, limit_value numeric, window_start timestamptz)
@@ -445,38 +469,11 @@ BEGIN
                        * extract(epoch FROM win));
   END IF;
 
-  INSERT INTO meshhook_limits.usage_counters AS u (tenant_id, resource, project_id, window_start, used, status, prev_status)
-  VALUES (t, r, nil, ws, amount, meshhook_limits._status(amount, eff.limit_value, eff.warn_ratio), 'ok')
-  ON CONFLICT (tenant_id, resource, project_id, window_start) DO UPDATE
-    SET used = CASE WHEN gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
-        status = meshhook_limits._status(CASE WHEN gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
-                                         eff.limit_value, eff.warn_ratio),
-        prev_status = u.status, updated_at = pg_catalog.now()
-  RETURNING u.used, u.status, u.prev_status INTO row_t;
-  IF row_t.status <> row_t.prev_status THEN
-    PERFORM meshhook_limits._emit(CASE row_t.status WHEN 'ok' THEN 'limit.recovered'
-                                                    WHEN 'warning' THEN 'limit.warning'
-                                                    ELSE 'limit.exceeded' END,
-                                  t, r, row_t.used, eff.limit_value, NULL);
-  END IF;
+  row_t := meshhook_limits._meter(t, r, nil, ws, amount, gauge, eff.limit_value, eff.warn_ratio, NULL);
   status := row_t.status; used := row_t.used; limit_value := eff.limit_value; window_start := ws;
-
   IF record_usage.project_id IS NOT NULL THEN
-    INSERT INTO meshhook_limits.usage_counters AS u (tenant_id, resource, project_id, window_start, used, status, prev_status)
-    VALUES (t, r, record_usage.project_id, ws, amount, meshhook_limits._status(amount, proj.limit_value, proj.warn_ratio), 'ok')
-    ON CONFLICT (tenant_id, resource, project_id, window_start) DO UPDATE
-      SET used = CASE WHEN gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
-          status = meshhook_limits._status(CASE WHEN gauge THEN EXCLUDED.used ELSE u.used + EXCLUDED.used END,
-                                           proj.limit_value, proj.warn_ratio),
-          prev_status = u.status, updated_at = pg_catalog.now()
-    RETURNING u.used, u.status, u.prev_status INTO row_p;
-    IF row_p.status <> row_p.prev_status THEN
-      PERFORM meshhook_limits._emit(CASE row_p.status WHEN 'ok' THEN 'limit.recovered'
-                                                      WHEN 'warning' THEN 'limit.warning'
-                                                      ELSE 'limit.exceeded' END,
-                                    t, r, row_p.used, proj.limit_value,
+    row_p := meshhook_limits._meter(t, r, record_usage.project_id, ws, amount, gauge, proj.limit_value, proj.warn_ratio,
                                     jsonb_build_object('project_id', record_usage.project_id));
-    END IF;
     rank_t := CASE row_t.status WHEN 'exceeded' THEN 2 WHEN 'warning' THEN 1 ELSE 0 END;
     rank_p := CASE row_p.status WHEN 'exceeded' THEN 2 WHEN 'warning' THEN 1 ELSE 0 END;
     IF rank_p > rank_t THEN

@@ -18,13 +18,65 @@ pub struct SlotLimits {
     pub memory_bytes: Option<i64>,
 }
 
-type Key = ([u8; 16], Option<[u8; 16]>);
-
-thread_local! {
-    static CACHE: RefCell<(u64, HashMap<Key, SlotLimits>)> = RefCell::new((u64::MAX, HashMap::new()));
+/// A per-backend cache of values derived from the limit tables, dropped as a
+/// whole when the shared generation moves (any change to limits, plans or
+/// assignments). Without shared memory there is no generation: no caching.
+pub struct GenerationCache<K, V> {
+    generation: u64,
+    map: HashMap<K, V>,
 }
 
 const CACHE_MAX: usize = 10_000;
+
+impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
+    pub fn new() -> Self {
+        GenerationCache {
+            generation: u64::MAX,
+            map: HashMap::new(),
+        }
+    }
+
+    /// The cached value for `key`, or `load()` it (and cache it when the
+    /// generation did not move meanwhile).
+    pub fn get_or_load(
+        cell: &'static std::thread::LocalKey<RefCell<Self>>,
+        key: K,
+        load: impl FnOnce() -> Result<V>,
+    ) -> Result<V> {
+        let Some(h) = crate::shmem::header() else {
+            return load();
+        };
+        let generation = h.generation.load(Ordering::Acquire);
+        let hit = cell.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.generation != generation {
+                c.generation = generation;
+                c.map.clear();
+            }
+            c.map.get(&key).copied()
+        });
+        if let Some(v) = hit {
+            return Ok(v);
+        }
+        let v = load()?;
+        cell.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.generation == generation {
+                if c.map.len() >= CACHE_MAX {
+                    c.map.clear();
+                }
+                c.map.insert(key, v);
+            }
+        });
+        Ok(v)
+    }
+}
+
+type Key = ([u8; 16], Option<[u8; 16]>);
+
+thread_local! {
+    static CACHE: RefCell<GenerationCache<Key, SlotLimits>> = RefCell::new(GenerationCache::new());
+}
 
 fn load(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
     Spi::connect(|c| {
@@ -46,33 +98,8 @@ fn load(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
 }
 
 pub fn slot_limits(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
-    let Some(h) = crate::shmem::header() else {
-        return load(tenant, project);
-    };
-    let generation = h.generation.load(Ordering::Acquire);
     let key: Key = (*tenant.as_bytes(), project.map(|p| *p.as_bytes()));
-    let hit = CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != generation {
-            c.0 = generation;
-            c.1.clear();
-        }
-        c.1.get(&key).copied()
-    });
-    if let Some(v) = hit {
-        return Ok(v);
-    }
-    let v = load(tenant, project)?;
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 == generation {
-            if c.1.len() >= CACHE_MAX {
-                c.1.clear();
-            }
-            c.1.insert(key, v);
-        }
-    });
-    Ok(v)
+    GenerationCache::get_or_load(&CACHE, key, || load(tenant, project))
 }
 
 /// Called by the triggers on limits, plans and plan assignments.

@@ -17,11 +17,11 @@
 //! keeps the tokens it spent.
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::identity;
+use crate::limits::GenerationCache;
 use pgrx::datum::{Interval, TimestampWithTimeZone, Uuid};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 pub const BUCKETS: usize = 4096;
@@ -248,7 +248,7 @@ fn with_entry<R>(
 
 type Key = ([u8; 16], String);
 thread_local! {
-    static RULES: RefCell<(u64, HashMap<Key, Rule>)> = RefCell::new((u64::MAX, HashMap::new()));
+    static RULES: RefCell<GenerationCache<Key, Rule>> = RefCell::new(GenerationCache::new());
     static NOTICED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -272,33 +272,9 @@ fn load_rule(tenant: Uuid, key: &str) -> Result<Rule> {
 }
 
 fn rule(tenant: Uuid, key: &str) -> Result<Rule> {
-    let Some(h) = crate::shmem::header() else {
-        return load_rule(tenant, key);
-    };
-    let generation = h.generation.load(Ordering::Acquire);
-    let k: Key = (*tenant.as_bytes(), key.to_string());
-    let hit = RULES.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != generation {
-            c.0 = generation;
-            c.1.clear();
-        }
-        c.1.get(&k).copied()
-    });
-    if let Some(r) = hit {
-        return Ok(r);
-    }
-    let r = load_rule(tenant, key)?;
-    RULES.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 == generation {
-            if c.1.len() >= 10_000 {
-                c.1.clear();
-            }
-            c.1.insert(k, r);
-        }
-    });
-    Ok(r)
+    GenerationCache::get_or_load(&RULES, (*tenant.as_bytes(), key.to_string()), || {
+        load_rule(tenant, key)
+    })
 }
 
 fn validate(tenant: Option<Uuid>, key: Option<&str>) -> Result<(Uuid, String)> {
