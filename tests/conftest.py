@@ -70,14 +70,26 @@ class Cluster:
             return cur.fetchall() if cur.description else None
 
 
+def fresh_cluster(suffix: str, *conf: str, dbname: str = "mltest", create_db: bool = True) -> Cluster:
+    """A new throwaway cluster (any old one of that name is removed) with extra
+    postgresql.conf lines; destroy it with `destroy_cluster`."""
+    c = Cluster(f"pytest-{suffix}-{os.getpid()}" if suffix else f"pytest-{os.getpid()}")
+    c.dbname = dbname
+    destroy_cluster(c)
+    c.start(*conf)
+    if create_db and dbname != "postgres":
+        with c.connect(dbname="postgres") as conn:
+            conn.execute(f"CREATE DATABASE {dbname}")
+    return c
+
+
+def destroy_cluster(c: Cluster) -> None:
+    subprocess.run([str(PG_SH), "destroy", c.name], check=False, capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def cluster():
-    name = f"pytest-{os.getpid()}"
-    c = Cluster(name)
-    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
-    c.start("meshhook_limits.restart_grace = 0", "fsync = off")
-    with c.connect(dbname="postgres") as conn:
-        conn.execute(f"CREATE DATABASE {c.dbname}")
+    c = fresh_cluster("", "meshhook_limits.restart_grace = 0", "fsync = off")
     # Supabase's roles, as Supabase creates them.
     with c.connect() as conn:
         conn.execute("""
@@ -92,7 +104,7 @@ def cluster():
           END $$;""")
         conn.execute("CREATE EXTENSION meshhook_limits")
     yield c
-    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
+    destroy_cluster(c)
 
 
 @pytest.fixture

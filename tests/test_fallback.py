@@ -1,28 +1,21 @@
 """Without shared_preload_libraries the slot functions keep their contract on
 a table (slower, durable), with a notice once per session."""
-import os
-import subprocess
 import threading
 import time
 import uuid
 
 import pytest
 
-from conftest import PG_SH, Cluster, acquire, set_limit
+from conftest import acquire, destroy_cluster, fresh_cluster, set_limit
 
 
 @pytest.fixture(scope="module")
 def plain():
-    name = f"pytest-nopreload-{os.getpid()}"
-    c = Cluster(name)
-    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
-    c.start("shared_preload_libraries = ''", "fsync = off")
-    with c.connect(dbname="postgres") as conn:
-        conn.execute(f"CREATE DATABASE {c.dbname}")
+    c = fresh_cluster("nopreload", "shared_preload_libraries = ''", "fsync = off")
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION meshhook_limits")
     yield c
-    subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
+    destroy_cluster(c)
 
 
 def test_slots_work_without_preload_with_one_notice(plain):
