@@ -110,16 +110,16 @@ ALTER TABLE meshhook_limits.pool_samples ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.queue_thresholds ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.alert_rules ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.builtin_alert_rules ENABLE ROW LEVEL SECURITY;
-CREATE POLICY admin_all ON meshhook_limits.builtin_alert_rules FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.builtin_alert_rules FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 ALTER TABLE meshhook_limits.alert_states ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.worker_state ENABLE ROW LEVEL SECURITY;
-CREATE POLICY admin_all ON meshhook_limits.queue_samples FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
-CREATE POLICY admin_all ON meshhook_limits.pool_samples FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
-CREATE POLICY admin_all ON meshhook_limits.queue_thresholds FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
-CREATE POLICY admin_all ON meshhook_limits.alert_rules FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
-CREATE POLICY admin_all ON meshhook_limits.alert_states FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.queue_samples FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+CREATE POLICY admin_all ON meshhook_limits.pool_samples FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+CREATE POLICY admin_all ON meshhook_limits.queue_thresholds FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+CREATE POLICY admin_all ON meshhook_limits.alert_rules FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+CREATE POLICY admin_all ON meshhook_limits.alert_states FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_rows ON meshhook_limits.alert_states FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
-CREATE POLICY admin_all ON meshhook_limits.worker_state FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.worker_state FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 GRANT SELECT ON meshhook_limits.builtin_alert_rules TO PUBLIC;
 GRANT SELECT ON meshhook_limits.queue_samples, meshhook_limits.pool_samples, meshhook_limits.queue_thresholds,
   meshhook_limits.alert_rules, meshhook_limits.alert_states, meshhook_limits.worker_state TO PUBLIC;
@@ -338,40 +338,46 @@ CREATE FUNCTION meshhook_limits._usage_ratios(p_tenants uuid[])
 RETURNS TABLE(tenant_id uuid, resource text, used numeric, limit_value numeric, warn_ratio numeric)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   WITH t AS (SELECT DISTINCT x AS tenant_id FROM unnest(p_tenants) x),
+  -- Equality joins per level (hashable), most specific first.
   eff AS (
-    SELECT DISTINCT ON (t.tenant_id, l.resource) t.tenant_id, l.resource, l.limit_value, l.window_length, l.warn_ratio
-      FROM t
-      LEFT JOIN meshhook_limits.tenant_plans tp ON tp.tenant_id = t.tenant_id
-      JOIN meshhook_limits.limits l
-        ON (l.tenant_id = t.tenant_id AND l.project_id IS NULL) OR l.plan = tp.plan
-        OR (l.plan IS NULL AND l.tenant_id IS NULL)
-     ORDER BY t.tenant_id, l.resource,
-              CASE WHEN l.tenant_id IS NOT NULL THEN 1 WHEN l.plan IS NOT NULL THEN 2 ELSE 3 END),
+    SELECT DISTINCT ON (x.tenant_id, x.resource) x.tenant_id, x.resource, x.limit_value, x.window_length, x.warn_ratio
+      FROM (
+        SELECT t.tenant_id, l.resource, l.limit_value, l.window_length, l.warn_ratio, 1 AS rank
+          FROM t JOIN meshhook_limits.limits l ON l.tenant_id = t.tenant_id AND l.project_id IS NULL
+        UNION ALL
+        SELECT t.tenant_id, l.resource, l.limit_value, l.window_length, l.warn_ratio, 2
+          FROM t JOIN meshhook_limits.tenant_plans tp ON tp.tenant_id = t.tenant_id
+                 JOIN meshhook_limits.limits l ON l.plan = tp.plan
+        UNION ALL
+        SELECT t.tenant_id, g.resource, g.limit_value, g.window_length, g.warn_ratio, 3
+          FROM t CROSS JOIN (SELECT * FROM meshhook_limits.limits l WHERE l.tenant_id IS NULL AND l.plan IS NULL) g) x
+     ORDER BY x.tenant_id, x.resource, x.rank),
   live AS (SELECT s.tenant_id, count(*) AS n FROM meshhook_limits.slots() s
-            WHERE s.state = 'live' GROUP BY s.tenant_id)
+            WHERE s.state = 'live' GROUP BY s.tenant_id),
+  nil AS (SELECT '00000000-0000-0000-0000-000000000000'::uuid AS id)
   SELECT e.tenant_id, e.resource,
          CASE
-           WHEN e.resource = 'concurrent_executions' THEN
-             coalesce((SELECT lv.n FROM live lv WHERE lv.tenant_id = e.tenant_id), 0)::numeric
+           WHEN e.resource = 'concurrent_executions' THEN coalesce(lv.n, 0)::numeric
            WHEN e.resource = 'storage_bytes' THEN
              -- Tracked tables, plus the last reading reported with record_usage.
-             coalesce((SELECT st.bytes FROM meshhook_limits.storage_totals st WHERE st.tenant_id = e.tenant_id), 0)
-             + coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
+             coalesce(st.bytes, 0)
+             + coalesce((SELECT u.used FROM meshhook_limits.usage_counters u, nil
                           WHERE u.tenant_id = e.tenant_id AND u.resource = 'storage_bytes'
-                            AND u.project_id = '00000000-0000-0000-0000-000000000000'), 0)
+                            AND u.project_id = nil.id AND u.window_start = 'epoch'), 0)
            WHEN e.window_length IS NOT NULL THEN
-             coalesce((SELECT u.used FROM meshhook_limits.usage_counters u
-                        WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource
-                          AND u.project_id = '00000000-0000-0000-0000-000000000000'
+             coalesce((SELECT u.used FROM meshhook_limits.usage_counters u, nil
+                        WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource AND u.project_id = nil.id
                           AND u.window_start = to_timestamp(floor(extract(epoch FROM pg_catalog.now())
                                / extract(epoch FROM e.window_length)) * extract(epoch FROM e.window_length))), 0)
            WHEN e.resource = 'memory_bytes' THEN
-             (SELECT u.used FROM meshhook_limits.usage_counters u
-               WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource
-                 AND u.project_id = '00000000-0000-0000-0000-000000000000')
+             (SELECT u.used FROM meshhook_limits.usage_counters u, nil
+               WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource AND u.project_id = nil.id
+                 AND u.window_start = 'epoch')
          END,
          e.limit_value, e.warn_ratio
     FROM eff e
+    LEFT JOIN live lv ON lv.tenant_id = e.tenant_id
+    LEFT JOIN meshhook_limits.storage_totals st ON st.tenant_id = e.tenant_id
 $$;
 
 -- usage(tenant) without the caller check: one tenant of _usage_ratios.
@@ -519,7 +525,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
   SELECT s.source, s.queue, s.queued, s.active, s.failed_recent, s.oldest_age, s.p50_ms, s.p95_ms,
          s.throughput_per_min, s.error_rate, s.status, s.sampled_at
     FROM meshhook_limits._latest_queue_samples() s
-   WHERE meshhook_limits.is_admin()
+   WHERE meshhook_limits.can_monitor()
    ORDER BY 1, 2
 $$;
 
@@ -531,7 +537,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
   SELECT p.max_connections, p.total, p.active, p.idle, p.idle_in_transaction, p.waiting, p.utilisation,
          p.longest_transaction, p.status, p.sampled_at, p.by_application, p.by_role
     FROM meshhook_limits.pool_samples p
-   WHERE meshhook_limits.is_admin()
+   WHERE meshhook_limits.can_monitor()
    ORDER BY p.sampled_at DESC LIMIT 1
 $$;
 
@@ -546,7 +552,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY p.active)::numeric AS p95, max(p.total) AS mx,
            max(p.max_connections) AS usable, count(*) AS n
       FROM meshhook_limits.pool_samples p
-     WHERE p.sampled_at > pg_catalog.now() - lookback AND meshhook_limits.is_admin())
+     WHERE p.sampled_at > pg_catalog.now() - lookback AND meshhook_limits.can_monitor())
   SELECT LEAST(GREATEST(ceil(coalesce(s.p95, 0) * 1.25)::int, 2), (s.usable * 0.8)::int), s.p95, s.mx, s.usable, s.n,
          format('p95 of active sessions over %s is %s; 25%% headroom gives %s; capped at 80%% of %s usable '
                 'connections. Size the transaction pool (e.g. PgBouncer default_pool_size summed over databases) '

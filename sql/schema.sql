@@ -6,6 +6,10 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'meshhook_limits_admin') THEN
     CREATE ROLE meshhook_limits_admin NOLOGIN;
   END IF;
+  -- Read-only: metrics, queue health, pool pressure, every tenant's usage.
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'meshhook_limits_monitor') THEN
+    CREATE ROLE meshhook_limits_monitor NOLOGIN;
+  END IF;
 END
 $$;
 
@@ -54,6 +58,8 @@ CREATE TABLE meshhook_limits.limits (
 CREATE UNIQUE INDEX limits_scope_key ON meshhook_limits.limits (
   tenant_id, project_id, plan, resource) NULLS NOT DISTINCT;
 CREATE INDEX limits_resource ON meshhook_limits.limits (resource);
+CREATE INDEX limits_plan ON meshhook_limits.limits (plan, resource) WHERE plan IS NOT NULL;
+CREATE INDEX limits_global ON meshhook_limits.limits (resource) WHERE tenant_id IS NULL AND plan IS NULL;
 
 -- Metered usage: one row per tenant, resource, project (the nil uuid is the
 -- tenant's total) and window.
@@ -93,22 +99,22 @@ ALTER TABLE meshhook_limits.limits ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.usage_counters ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.events ENABLE ROW LEVEL SECURITY;
 
-CREATE POLICY admin_all ON meshhook_limits.plans FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.plans FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_plan ON meshhook_limits.plans FOR SELECT USING (
   plan = (SELECT tp.plan FROM meshhook_limits.tenant_plans tp
            WHERE tp.tenant_id = (SELECT meshhook_limits.current_tenant())));
-CREATE POLICY admin_all ON meshhook_limits.tenant_plans FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.tenant_plans FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_rows ON meshhook_limits.tenant_plans FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
-CREATE POLICY admin_all ON meshhook_limits.limits FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.limits FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_rows ON meshhook_limits.limits FOR SELECT USING (
   (SELECT meshhook_limits.current_tenant()) IS NOT NULL AND (
     tenant_id = (SELECT meshhook_limits.current_tenant())
     OR (tenant_id IS NULL AND plan IS NULL)
     OR plan = (SELECT tp.plan FROM meshhook_limits.tenant_plans tp
                 WHERE tp.tenant_id = (SELECT meshhook_limits.current_tenant()))));
-CREATE POLICY admin_all ON meshhook_limits.usage_counters FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.usage_counters FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_rows ON meshhook_limits.usage_counters FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
-CREATE POLICY admin_all ON meshhook_limits.events FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.events FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_rows ON meshhook_limits.events FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
 
 GRANT USAGE ON SCHEMA meshhook_limits TO PUBLIC;
@@ -136,19 +142,22 @@ CREATE FUNCTION meshhook_limits._resolve(p_tenant uuid, p_project uuid)
 RETURNS TABLE(resource text, limit_value numeric, warn_ratio numeric, window_length interval,
               burst numeric, source text)
 LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT DISTINCT ON (l.resource) l.resource, l.limit_value, l.warn_ratio, l.window_length, l.burst,
-         CASE WHEN l.project_id IS NOT NULL THEN 'project'
-              WHEN l.tenant_id IS NOT NULL THEN 'tenant'
-              WHEN l.plan IS NOT NULL THEN 'plan'
-              ELSE 'global' END
-    FROM meshhook_limits.limits l
-   WHERE (l.tenant_id = p_tenant AND l.project_id = p_project)
-      OR (l.tenant_id = p_tenant AND l.project_id IS NULL)
-      OR (l.plan = (SELECT tp.plan FROM meshhook_limits.tenant_plans tp WHERE tp.tenant_id = p_tenant))
-      OR (l.plan IS NULL AND l.tenant_id IS NULL)
-   ORDER BY l.resource,
-            CASE WHEN l.project_id IS NOT NULL THEN 0 WHEN l.tenant_id IS NOT NULL THEN 1
-                 WHEN l.plan IS NOT NULL THEN 2 ELSE 3 END
+  -- One equality lookup per level (index scans), most specific first.
+  SELECT DISTINCT ON (x.resource) x.resource, x.limit_value, x.warn_ratio, x.window_length, x.burst, x.source
+    FROM (
+      SELECT l.resource, l.limit_value, l.warn_ratio, l.window_length, l.burst, 'project' AS source, 0 AS rank
+        FROM meshhook_limits.limits l WHERE l.tenant_id = p_tenant AND l.project_id = p_project
+      UNION ALL
+      SELECT l.resource, l.limit_value, l.warn_ratio, l.window_length, l.burst, 'tenant', 1
+        FROM meshhook_limits.limits l WHERE l.tenant_id = p_tenant AND l.project_id IS NULL
+      UNION ALL
+      SELECT l.resource, l.limit_value, l.warn_ratio, l.window_length, l.burst, 'plan', 2
+        FROM meshhook_limits.tenant_plans tp JOIN meshhook_limits.limits l ON l.plan = tp.plan
+       WHERE tp.tenant_id = p_tenant
+      UNION ALL
+      SELECT l.resource, l.limit_value, l.warn_ratio, l.window_length, l.burst, 'global', 3
+        FROM meshhook_limits.limits l WHERE l.tenant_id IS NULL AND l.plan IS NULL) x
+   ORDER BY x.resource, x.rank
 $$;
 
 -- What the slot path needs, in integer units.
@@ -173,7 +182,7 @@ RETURNS TABLE(resource text, limit_value numeric, warn_ratio numeric, window_len
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 BEGIN
-  PERFORM meshhook_limits.require_tenant_access(effective_limits.tenant_id);
+  PERFORM meshhook_limits.require_tenant_read(effective_limits.tenant_id);
   RETURN QUERY SELECT * FROM meshhook_limits._resolve(effective_limits.tenant_id, effective_limits.project_id);
 END
 $$;
@@ -491,7 +500,7 @@ RETURNS TABLE(resource text, used numeric, limit_value numeric, ratio numeric, s
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 BEGIN
-  PERFORM meshhook_limits.require_tenant_access(usage.tenant_id);
+  PERFORM meshhook_limits.require_tenant_read(usage.tenant_id);
   RETURN QUERY SELECT * FROM meshhook_limits._usage(usage.tenant_id);
 END
 $$;
@@ -514,7 +523,7 @@ CREATE TABLE meshhook_limits.fallback_slots (
   PRIMARY KEY (tenant_id, slot_id)
 );
 ALTER TABLE meshhook_limits.fallback_slots ENABLE ROW LEVEL SECURITY;
-CREATE POLICY admin_all ON meshhook_limits.fallback_slots FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.fallback_slots FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_rows ON meshhook_limits.fallback_slots FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
 GRANT SELECT ON meshhook_limits.fallback_slots TO PUBLIC;
 
@@ -677,7 +686,7 @@ CREATE UNLOGGED TABLE meshhook_limits.rate_state (
   PRIMARY KEY (tenant_id, key)
 );
 ALTER TABLE meshhook_limits.rate_state ENABLE ROW LEVEL SECURITY;
-CREATE POLICY admin_all ON meshhook_limits.rate_state FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.rate_state FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 
 CREATE FUNCTION meshhook_limits._rate_state_lock(p_tenant uuid, p_key text, p_now bigint)
 RETURNS TABLE(tat bigint, paused_until bigint)
@@ -723,10 +732,10 @@ SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.storage_totals', '')
 ALTER TABLE meshhook_limits.tracked_tables ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.storage_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.storage_totals ENABLE ROW LEVEL SECURITY;
-CREATE POLICY admin_all ON meshhook_limits.tracked_tables FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
-CREATE POLICY admin_all ON meshhook_limits.storage_usage FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.tracked_tables FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+CREATE POLICY admin_all ON meshhook_limits.storage_usage FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_rows ON meshhook_limits.storage_usage FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
-CREATE POLICY admin_all ON meshhook_limits.storage_totals FOR SELECT USING ((SELECT meshhook_limits.is_admin()));
+CREATE POLICY admin_all ON meshhook_limits.storage_totals FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 CREATE POLICY own_rows ON meshhook_limits.storage_totals FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
 GRANT SELECT ON meshhook_limits.tracked_tables, meshhook_limits.storage_usage, meshhook_limits.storage_totals TO PUBLIC;
 

@@ -106,6 +106,24 @@ pub fn caller_is_admin() -> bool {
     }
 }
 
+/// Admins, and the read-only roles `meshhook_limits_monitor` and `pg_monitor`
+/// (what an exporter's login role should be granted).
+pub fn caller_can_monitor() -> bool {
+    caller_is_admin()
+        || unsafe {
+            let outer = pg_sys::GetOuterUserId();
+            has_role(outer, c"meshhook_limits_monitor") || has_role(outer, c"pg_monitor")
+        }
+}
+
+/// The caller may read `tenant`'s limits and usage: that tenant, an admin, or a monitor.
+pub fn require_read_for(tenant: pgrx::Uuid) -> Result<()> {
+    if caller_can_monitor() {
+        return Ok(());
+    }
+    require_act_for(tenant)
+}
+
 /// The caller may act for `tenant`: it is that tenant, or an administrator.
 pub fn require_act_for(tenant: pgrx::Uuid) -> Result<()> {
     match caller_tenant()? {
@@ -158,6 +176,27 @@ pub fn require_tenant_access(tenant_id: Option<pgrx::Uuid>) {
         Some(t) => require_act_for(t),
     };
     r.or_raise()
+}
+
+/// Raise 22023 for a NULL tenant and 42501 unless the caller may read it
+/// (that tenant, an admin, or a monitoring role).
+#[pg_extern(stable, parallel_safe)]
+pub fn require_tenant_read(tenant_id: Option<pgrx::Uuid>) {
+    use crate::error::OrRaise;
+    let r = match tenant_id {
+        None => Err(LimitsError::invalid(
+            "tenant_id must not be NULL",
+            "pass the uuid of the tenant",
+        )),
+        Some(t) => require_read_for(t),
+    };
+    r.or_raise()
+}
+
+/// True for admins and members of meshhook_limits_monitor or pg_monitor.
+#[pg_extern(stable, parallel_safe)]
+pub fn can_monitor() -> bool {
+    caller_can_monitor()
 }
 
 /// Raise 42501 unless the caller is an administrator.

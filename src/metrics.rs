@@ -322,7 +322,12 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
 }
 
 fn render() -> Result<String> {
-    identity::require_admin("read metrics")?;
+    if !identity::caller_can_monitor() {
+        return Err(crate::error::LimitsError::forbidden(
+            "only monitoring roles may read metrics",
+            "grant meshhook_limits_monitor (read-only) or pg_monitor to the exporter's role",
+        ));
+    }
     let tenant_labels = crate::gucs::METRICS_TENANT_LABELS.get();
     let max_tenants = usize::try_from(crate::gucs::METRICS_MAX_TENANTS.get()).unwrap_or(0);
     let mut e = Exposition::default();
@@ -356,9 +361,8 @@ fn render() -> Result<String> {
     Ok(e.render())
 }
 
-/// All metrics in the Prometheus text format. For admins (and exporters
-/// connecting as a member of meshhook_limits_admin or pg_monitor-like roles
-/// granted it).
+/// All metrics in the Prometheus text format. For admins and the read-only
+/// monitoring roles (meshhook_limits_monitor, pg_monitor).
 #[pg_extern(volatile, parallel_safe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn metrics() -> String {

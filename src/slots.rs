@@ -489,7 +489,7 @@ pub fn reap_execution_slots() -> i64 {
 #[pg_extern(stable, parallel_safe, strict, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 pub fn live_slots(tenant_id: Uuid) -> i64 {
-    identity::require_act_for(tenant_id).or_raise();
+    identity::require_read_for(tenant_id).or_raise();
     match Locked::shared() {
         Some(mut l) => i64::from(l.t().count(tenant_id.as_bytes(), shmem::KIND_TENANT)),
         None => fallback::live(tenant_id).or_raise(),
@@ -511,7 +511,7 @@ pub type SlotRow = (
 );
 
 fn list() -> Result<Vec<SlotRow>> {
-    let admin = identity::caller_is_admin();
+    let admin = identity::caller_can_monitor();
     let me = identity::caller_tenant()?;
     if !admin && me.is_none() {
         return Ok(Vec::new());

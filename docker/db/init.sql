@@ -5,4 +5,4 @@ CREATE EXTENSION IF NOT EXISTS meshhook_limits;
 -- postgres-exporter). metrics(), queue_health(), pool_pressure() and the
 -- per-tenant views answer administrators only; pg_monitor is for the
 -- exporter's default pg_* metrics.
-CREATE ROLE meshhook_metrics LOGIN PASSWORD :'metrics_password' IN ROLE meshhook_limits_admin, pg_monitor;
+CREATE ROLE meshhook_metrics LOGIN PASSWORD :'metrics_password' IN ROLE meshhook_limits_monitor, pg_monitor;
