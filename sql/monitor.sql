@@ -153,48 +153,48 @@ GRANT SELECT ON meshhook_limits.effective_alert_rules TO PUBLIC;
 -- counts in one pass over the job table.
 CREATE FUNCTION meshhook_limits._sample_pgboss(p_at timestamptz, p_window interval) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE n bigint; has_archive boolean; recent text;
+DECLARE n bigint; src text;
 BEGIN
   IF pg_catalog.to_regclass('pgboss.job') IS NULL OR pg_catalog.to_regclass('pgboss.queue') IS NULL THEN
     RETURN 0;
   END IF;
-  has_archive := pg_catalog.to_regclass('pgboss.archive') IS NOT NULL;
-  -- Finished jobs of the window: still in job (v11), or moved to archive (v10).
-  recent := 'SELECT name, state::text AS state, started_on, completed_on FROM pgboss.job
-              WHERE completed_on > $1 - $2 AND state::text IN (''completed'', ''failed'')';
-  IF has_archive THEN
-    recent := recent || ' UNION ALL SELECT name, state::text, started_on, completed_on FROM pgboss.archive
-              WHERE completed_on > $1 - $2 AND state::text IN (''completed'', ''failed'')';
+  -- One pass over the job table. v11+: finished jobs stay in it, and states
+  -- are compared as pg-boss's own enum (no cast per row). v10 moves finished
+  -- jobs to pgboss.archive, read only for the window.
+  IF pg_catalog.to_regclass('pgboss.archive') IS NULL THEN
+    src := 'SELECT name, state, created_on, started_on, completed_on FROM pgboss.job';
+  ELSE
+    src := 'SELECT name, state::text AS state, created_on, started_on, completed_on FROM pgboss.job
+            UNION ALL SELECT name, state::text, created_on, started_on, completed_on FROM pgboss.archive
+             WHERE completed_on > $1 - $2';
   END IF;
   EXECUTE format($q$
-    WITH live AS (
+    WITH j AS (%1$s),
+    agg AS (
       SELECT name,
-             count(*) FILTER (WHERE state::text IN ('created', 'retry')) AS queued,
-             count(*) FILTER (WHERE state::text = 'active') AS active,
-             min(created_on) FILTER (WHERE state::text IN ('created', 'retry')) AS oldest
-        FROM pgboss.job WHERE state::text IN ('created', 'retry', 'active') GROUP BY name),
-    done AS (
-      SELECT name,
-             count(*) FILTER (WHERE state = 'failed') AS failed,
-             count(*) FILTER (WHERE state = 'completed') AS completed,
+             count(*) FILTER (WHERE state IN ('created', 'retry')) AS queued,
+             count(*) FILTER (WHERE state = 'active') AS active,
+             min(created_on) FILTER (WHERE state IN ('created', 'retry')) AS oldest,
+             count(*) FILTER (WHERE state = 'failed' AND completed_on > $1 - $2) AS failed,
+             count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - $2) AS completed,
              count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - interval '1 minute') AS last_minute,
-             percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM completed_on - started_on) * 1000)
-               FILTER (WHERE state = 'completed' AND started_on IS NOT NULL) AS p50,
-             percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM completed_on - started_on) * 1000)
-               FILTER (WHERE state = 'completed' AND started_on IS NOT NULL) AS p95
-        FROM (%s) r GROUP BY name),
+             percentile_cont(0.5) WITHIN GROUP (ORDER BY date_part('epoch', completed_on - started_on) * 1000)
+               FILTER (WHERE state = 'completed' AND completed_on > $1 - $2 AND started_on IS NOT NULL) AS p50,
+             percentile_cont(0.95) WITHIN GROUP (ORDER BY date_part('epoch', completed_on - started_on) * 1000)
+               FILTER (WHERE state = 'completed' AND completed_on > $1 - $2 AND started_on IS NOT NULL) AS p95
+        FROM j GROUP BY name),
     s AS (
-      SELECT q.name, coalesce(l.queued, 0) AS queued, coalesce(l.active, 0) AS active,
-             coalesce(d.failed, 0) AS failed, $1 - l.oldest AS oldest_age,
-             round(d.p50::numeric, 3) AS p50, round(d.p95::numeric, 3) AS p95,
-             coalesce(d.last_minute, 0)::numeric AS tput,
-             CASE WHEN coalesce(d.failed, 0) + coalesce(d.completed, 0) > 0
-                  THEN round(d.failed::numeric / (d.failed + d.completed), 4) END AS err
-        FROM pgboss.queue q LEFT JOIN live l ON l.name = q.name LEFT JOIN done d ON d.name = q.name)
+      SELECT q.name, coalesce(a.queued, 0) AS queued, coalesce(a.active, 0) AS active,
+             coalesce(a.failed, 0) AS failed, $1 - a.oldest AS oldest_age,
+             round(a.p50::numeric, 3) AS p50, round(a.p95::numeric, 3) AS p95,
+             coalesce(a.last_minute, 0)::numeric AS tput,
+             CASE WHEN coalesce(a.failed, 0) + coalesce(a.completed, 0) > 0
+                  THEN round(a.failed::numeric / (a.failed + a.completed), 4) END AS err
+        FROM pgboss.queue q LEFT JOIN agg a ON a.name = q.name)
     INSERT INTO meshhook_limits.queue_samples
       SELECT $1, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50, s.p95, s.tput, s.err,
              meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err)
-        FROM s $q$, recent) USING p_at, p_window;
+        FROM s $q$, src) USING p_at, p_window;
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END
@@ -477,6 +477,7 @@ CREATE FUNCTION meshhook_limits.tick() RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '200ms'   -- a locked queue table is skipped, never waited on
+SET work_mem = '32MB'        -- percentiles over busy queues sort in memory
 AS $$
 DECLARE
   t0 timestamptz := pg_catalog.clock_timestamp();
