@@ -554,3 +554,29 @@ def test_malformed_jwt_claims_json_raises_22023(auth, tenant, raw):
         assert "request.jwt.claims is not valid JSON" in e.value.diag.message_primary
     # The connection is fine afterwards.
     assert auth.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_monitor_role_reads_everything_and_changes_nothing(cluster, admin, tenant):
+    """What an exporter's login role gets with meshhook_limits_monitor."""
+    admin.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ml_scraper') THEN "
+                  "CREATE ROLE ml_scraper LOGIN IN ROLE meshhook_limits_monitor; END IF; END $$")
+    admin.execute("SELECT meshhook_limits.set_limit('executions_per_day', 10, %s, window_length => '1 day')", (tenant,))
+    admin.execute("SELECT meshhook_limits.record_usage(%s, 'executions_per_day', 3)", (tenant,))
+    with cluster.connect(user="ml_scraper") as c:
+        assert "meshhook_limits_slot_grants_total" in c.execute("SELECT meshhook_limits.metrics()").fetchone()[0]
+        assert c.execute("SELECT used FROM meshhook_limits.usage(%s) WHERE resource = 'executions_per_day'",
+                         (tenant,)).fetchone()[0] == 3
+        assert c.execute("SELECT count(*) FROM meshhook_limits.usage_counters WHERE tenant_id = %s",
+                         (tenant,)).fetchone()[0] == 1
+        c.execute("SELECT * FROM meshhook_limits.pool_pressure()")
+        c.execute("SELECT * FROM meshhook_limits.queue_health()")
+        for stmt in ("SELECT meshhook_limits.set_limit('concurrent_executions', 1)",
+                     "SELECT meshhook_limits.tick()",
+                     f"SELECT * FROM meshhook_limits.acquire_execution_slot('{tenant}')",
+                     f"SELECT * FROM meshhook_limits.record_usage('{tenant}', 'executions_per_day', 1)",
+                     "DELETE FROM meshhook_limits.limits"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(stmt)
+    with cluster.connect(user="authenticator") as c:  # not a monitor: no metrics
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT meshhook_limits.metrics()")

@@ -6,8 +6,8 @@ do the same: one query, one text column, no parsing (the function already
 speaks the Prometheus text format, version 0.0.4).
 
 Connection: the libpq variables (PGHOST, PGPORT, PGUSER, PGPASSWORD,
-PGDATABASE). The role must be an admin of the extension (member of
-meshhook_limits_admin). Uses psycopg when importable, else psql.
+PGDATABASE). The role needs read-only monitoring rights: membership of
+meshhook_limits_monitor (or pg_monitor). Uses psycopg when importable, else psql.
   serve.py [--listen HOST:PORT]        (default 0.0.0.0:9188)
 """
 import argparse, subprocess, sys
