@@ -178,19 +178,22 @@ BEGIN
              count(*) FILTER (WHERE state = 'failed' AND completed_on > $1 - $2) AS failed,
              count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - $2) AS completed,
              count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - interval '1 minute') AS last_minute,
-             percentile_cont(0.5) WITHIN GROUP (ORDER BY date_part('epoch', completed_on - started_on) * 1000)
-               FILTER (WHERE state = 'completed' AND completed_on > $1 - $2 AND started_on IS NOT NULL) AS p50,
-             percentile_cont(0.95) WITHIN GROUP (ORDER BY date_part('epoch', completed_on - started_on) * 1000)
-               FILTER (WHERE state = 'completed' AND completed_on > $1 - $2 AND started_on IS NOT NULL) AS p95
+             -- Plain aggregates only, so the scan can feed a hash aggregate;
+             -- the percentiles come from these (window-sized) arrays below.
+             array_agg(date_part('epoch', completed_on - started_on) * 1000)
+               FILTER (WHERE state = 'completed' AND completed_on > $1 - $2 AND started_on IS NOT NULL) AS durations
         FROM j GROUP BY name),
     s AS (
       SELECT q.name, coalesce(a.queued, 0) AS queued, coalesce(a.active, 0) AS active,
              coalesce(a.failed, 0) AS failed, $1 - a.oldest AS oldest_age,
-             round(a.p50::numeric, 3) AS p50, round(a.p95::numeric, 3) AS p95,
+             round(pc.p50::numeric, 3) AS p50, round(pc.p95::numeric, 3) AS p95,
              coalesce(a.last_minute, 0)::numeric AS tput,
              CASE WHEN coalesce(a.failed, 0) + coalesce(a.completed, 0) > 0
                   THEN round(a.failed::numeric / (a.failed + a.completed), 4) END AS err
-        FROM pgboss.queue q LEFT JOIN agg a ON a.name = q.name)
+        FROM pgboss.queue q LEFT JOIN agg a ON a.name = q.name
+        LEFT JOIN LATERAL (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
+                                  percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
+                             FROM unnest(a.durations) d) pc ON true)
     INSERT INTO meshhook_limits.queue_samples
       SELECT $1, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50, s.p95, s.tput, s.err,
              meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err)
