@@ -30,9 +30,7 @@
 # broke, 2 for a missing prerequisite.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(dirname "$here")
-PG_BIN=/usr/lib/postgresql/15/bin
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 TENANTS=${BENCH_TENANTS:-10000}
 SLOTS=${BENCH_SLOTS:-500}
 RUNS=${BENCH_RUNS:-20}
@@ -41,12 +39,11 @@ CLUSTER=${BENCH_CLUSTER:-bench-metrics}
 TARGET_MS=100
 DB=bench
 
-[[ -f $($PG_BIN/pg_config --pkglibdir)/meshhook_limits.so ]] || { echo "extension not installed: bash scripts/setup.sh" >&2; exit 2; }
+[[ -f $SO ]] || { echo "extension not installed: bash scripts/setup.sh" >&2; exit 2; }
 for v in TENANTS SLOTS RUNS STALE_RUNS; do [[ ${!v} =~ ^[0-9]+$ ]] || { echo "BENCH_$v must be an integer" >&2; exit 2; }; done
 
-"$root/scripts/pg.sh" destroy "$CLUSTER" >/dev/null 2>&1 || true
-eval "$("$root/scripts/pg.sh" start "$CLUSTER" "meshhook_limits.restart_grace = 0" "fsync = off" "autovacuum = off")"
-trap '"$root/scripts/pg.sh" destroy "$CLUSTER" >/dev/null 2>&1 || true' EXIT
+start_cluster "meshhook_limits.restart_grace = 0" "fsync = off" "autovacuum = off"
+trap destroy_cluster EXIT
 psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$@"; }
 psql -d postgres -c "CREATE DATABASE $DB"
 
@@ -84,18 +81,14 @@ shape() {  # bytes, series and tenant labels of one scrape
            END {n = 0; for (k in t) n++; printf "%d %d %d\n", b, s, n}'
 }
 explain() {
-  psql -d $DB <<'SQL' 2>&1
-SET client_min_messages = log;
-LOAD 'auto_explain';
-SET auto_explain.log_min_duration = 0;
-SET auto_explain.log_analyze = on;
-SET auto_explain.log_nested_statements = on;
-SET auto_explain.log_timing = on;
-SET auto_explain.log_level = notice;
+  { echo "SET client_min_messages = log;"
+    auto_explain_sql 0 analyze nested_statements timing
+    cat <<'SQL'
 SET auto_explain.log_format = text;
 SELECT count(*) FROM meshhook_limits._metrics_rows(true, current_setting('meshhook_limits.metrics_max_tenants')::int,
   ARRAY(SELECT DISTINCT tenant_id::text FROM meshhook_limits.slots() WHERE state = 'live'));
 SQL
+  } | psql -d $DB 2>&1
 }
 over() { awk -v m="$1" -v t=$TARGET_MS 'BEGIN {exit !(m > t)}'; }
 

@@ -35,10 +35,7 @@
 # backend, the library replaced mid-run; 2 for a missing prerequisite.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(dirname "$here")
-PG_BIN=/usr/lib/postgresql/15/bin
-PSQL=$PG_BIN/psql
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DURATION=${BENCH_SECONDS:-20}
 WARMUP=${BENCH_WARMUP:-3}
 PAIRS=${BENCH_PAIRS:-3}
@@ -55,19 +52,15 @@ SAMPLE_DB=sample  # (b), sampled by hand with the worker off
 INTERVAL_MS=1000
 
 for v in DURATION PAIRS WORKERS BATCH LOAD_QUEUES SAMPLE_QUEUES SAMPLE_JOBS REPS; do
-  [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "$v must be a positive integer" >&2; exit 2; }
+  need_positive "$v" "${!v}"
 done
-[[ $WARMUP =~ ^[0-9]+$ ]] || { echo "BENCH_WARMUP must be a non-negative integer" >&2; exit 2; }
+need_nonneg BENCH_WARMUP "$WARMUP"
 command -v node >/dev/null || { echo "node not found (Node 20+)" >&2; exit 2; }
 [[ -f $root/tests/node/node_modules/pg-boss/package.json ]] \
   || { echo "pg-boss is not installed; run bash scripts/install-queue-systems.sh" >&2; exit 2; }
 [[ -f $PG_BIN/../lib/auto_explain.so || -f /usr/lib/postgresql/15/lib/auto_explain.so ]] \
   || { echo "auto_explain (postgresql-15 contrib) not found" >&2; exit 2; }
-SO=/usr/lib/postgresql/15/lib/meshhook_limits.so
-[[ -f $SO ]] || { echo "meshhook_limits is not installed; run make install first" >&2; exit 2; }
-so_stamp() { stat -L -c '%i %s %Y' "$SO"; }
-so_before=$(so_stamp)
-so_sha=$(sha256sum "$SO" | cut -c1-12)
+need_so
 ext_sql=$(ls /usr/share/postgresql/15/extension/meshhook_limits--*.sql 2>/dev/null | head -1)
 ext_sql_sha=$( [[ -n $ext_sql ]] && sha256sum "$ext_sql" | cut -c1-12 || echo "?")
 boss_version=$(node -p "require('$root/tests/node/node_modules/pg-boss/package.json').version")
@@ -79,21 +72,15 @@ rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.txt "$OUT"/results.md
 # The worker ticks in database $DB every second when on. It is switched with
 # ALTER SYSTEM (a postmaster setting) and a restart before every phase, so
 # both arms start from the same cold shared buffers.
-"$root/scripts/pg.sh" destroy "$CLUSTER" >/dev/null 2>&1 || true
-stop_cluster() { "$root/scripts/pg.sh" stop "$CLUSTER" >/dev/null 2>&1 || true; }
-trap stop_cluster EXIT
-eval "$("$root/scripts/pg.sh" start "$CLUSTER" 'meshhook_limits.restart_grace = 0' \
+start_cluster 'meshhook_limits.restart_grace = 0' \
   "meshhook_limits.database = '$DB'" "meshhook_limits.sample_interval = ${INTERVAL_MS}ms" \
-  'meshhook_limits.worker = off')"
-unset PGDATABASE PGOPTIONS PGSERVICE
-export PGAPPNAME=meshhook_limits_bench
-server_log=$(dirname "$PGDATA")/server.log
+  'meshhook_limits.worker = off'
+bench_client_env
 
-q() { local db=$1; shift; "$PSQL" -X -qAt -v ON_ERROR_STOP=1 -d "$db" -c "$1"; }
+q() { qdb "$1" "$2"; }
 conn() { echo "host=$PGHOST port=$PGPORT user=postgres dbname=$1"; }
 
-q postgres "CREATE DATABASE $DB" >/dev/null
-q "$DB" "CREATE EXTENSION meshhook_limits" >/dev/null
+create_bench_db "$DB"
 node "$here/pgboss_load.mjs" "$(conn "$DB")" init --queues "$LOAD_QUEUES" >"$OUT/init.json" \
   || { echo "pg-boss init failed: $(cat "$OUT/init.json")" >&2; exit 1; }
 
@@ -110,7 +97,7 @@ set_worker() { # on|off: restart the cluster with the worker on or off
     (( try < 6 )) || { echo "could not start the cluster; see $server_log" >&2; exit 1; }
     sleep 5
   done
-  "$PG_BIN/pg_isready" -q -t 60 -d "$DB" || true
+  wait_ready
   local want=0 n i
   [[ $1 == on ]] && want=1
   for i in $(seq 50); do
@@ -122,41 +109,14 @@ set_worker() { # on|off: restart the cluster with the worker on or off
 }
 worker_pid() { q postgres "SELECT pid FROM pg_stat_activity WHERE backend_type = 'meshhook_limits worker'"; }
 
-# CPU accounting as in run.sh. All in seconds.
-HZ=$(getconf CLK_TCK)
-NCPU=$(nproc)
-cpu_busy() { awk -v hz="$HZ" '/^cpu / { print ($2 + $3 + $4 + $7 + $8 + $9) / hz }' /proc/stat; }
-cluster_cpu() {
-  local pm; pm=$(head -1 "$PGDATA/postmaster.pid")
-  { cat "/proc/$pm/stat"; for c in $(pgrep -P "$pm"); do cat "/proc/$c/stat" 2>/dev/null || true; done; } |
-    awk -v hz="$HZ" '{ sub(/^.*\) /, ""); t += $12 + $13 + $14 + $15 } END { print t / hz }'
-}
-proc_cpu() { # one process's own user+system CPU
-  [[ -n $1 && -r /proc/$1/stat ]] || { echo 0; return; }
-  awk -v hz="$HZ" '{ sub(/^.*\) /, ""); print ($12 + $13) / hz }' "/proc/$1/stat"
-}
-children_cpu() { # sets CHILD_CPU (finished children: node)
-  times >"$OUT/.times"
-  CHILD_CPU=$(awk 'NR == 2 { for (i = 1; i <= 2; i++) { m = $i; sub(/m.*/, "", m); s = $i; sub(/^[0-9]+m/, "", s); sub(/s$/, "", s); t += m * 60 + s } print t }' "$OUT/.times")
-}
-now_s() { date +%s.%N; }
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { print a - b }'; }
 json() { node -e "const o = JSON.parse(require('fs').readFileSync('$1', 'utf8')); const v = o['$2']; process.stdout.write(v == null ? '' : String(v))"; }
 
 # --- machine and settings ----------------------------------------------------
-cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
-[[ -n $cpu_model ]] || cpu_model=$(uname -m)
-mem_gib=$(awk '/^MemTotal/ {printf "%.1f", $2/1048576}' /proc/meminfo)
-pg_version=$(q postgres "SELECT version()")
-data_fs=$(df -T "$PGDATA" | awk 'NR==2 {print $2 " on " $1}')
+machine_info "$DB"
 settings() {
-  q postgres "SELECT string_agg(name || '=' || current_setting(name), ', ' ORDER BY name)
-                FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers', 'work_mem',
-                  'meshhook_limits.worker', 'meshhook_limits.sample_interval', 'meshhook_limits.database',
-                  'meshhook_limits.queue_window')"
+  pg_settings_of postgres fsync synchronous_commit shared_buffers work_mem meshhook_limits.worker \
+    meshhook_limits.sample_interval meshhook_limits.database meshhook_limits.queue_window
 }
-ext_version=$(q "$DB" "SELECT extversion FROM pg_extension WHERE extname = 'meshhook_limits'")
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- (a) throughput, worker off vs on ------------------------------------------
 phases=()
@@ -183,15 +143,11 @@ for arm in "${phases[@]}"; do
   errs0=$(q "$DB" "SELECT errors FROM meshhook_limits.worker_state")
   log="$OUT/phase-$n-$arm.json"
   rc=0
-  t0=$(now_s); b0=$(cpu_busy); c0=$(cluster_cpu); children_cpu; k0=$CHILD_CPU; w0=$(proc_cpu "$wpid")
+  cpu_start; w0=$(proc_cpu "$wpid")
   node "$here/pgboss_load.mjs" "$(conn "$DB")" run --queues "$LOAD_QUEUES" --workers "$WORKERS" \
     --batch "$BATCH" --seconds "$DURATION" --warmup "$WARMUP" >"$log" 2>"$OUT/phase-$n-$arm.log" || rc=$?
-  sleep 0.3
-  t1=$(now_s); b1=$(cpu_busy); c1=$(cluster_cpu); children_cpu; k1=$CHILD_CPU; w1=$(proc_cpu "$wpid")
-  elapsed=$(sub "$t1" "$t0")
-  other=$(awk -v t="$elapsed" -v busy="$(sub "$b1" "$b0")" \
-              -v ours="$(awk -v a="$c1" -v b="$c0" -v x="$k1" -v y="$k0" 'BEGIN { print a - b + x - y }')" \
-              -v n="$NCPU" 'BEGIN { o = busy - ours; if (o < 0) o = 0; printf "%.0f%%", 100 * o / (n * t) }')
+  cpu_end; w1=$(proc_cpu "$wpid")
+  cpu_other; elapsed=$cpu_elapsed; other=$cpu_other_pct
   jps=$(json "$log" jobs_per_s 2>/dev/null || true)
   if (( rc != 0 )) || [[ -z $jps ]]; then
     broken+=("phase $n (worker $arm): load failed: $(head -c 300 "$log" 2>/dev/null) $(head -c 300 "$OUT/phase-$n-$arm.log" 2>/dev/null)")
@@ -222,15 +178,9 @@ done
 # statements, EXPLAIN ANALYZE + BUFFERS, statements over 10 ms only), with
 # the cost estimates stripped.
 explain_sampler() { # db file
-  "$PSQL" -X -q -d "$1" >"$2" 2>&1 <<SQL || true
-LOAD 'auto_explain';
-SET auto_explain.log_min_duration = 10;
-SET auto_explain.log_analyze = on;
-SET auto_explain.log_buffers = on;
-SET auto_explain.log_nested_statements = on;
-SET auto_explain.log_level = notice;
-SELECT meshhook_limits._sample_pgboss(clock_timestamp(), current_setting('meshhook_limits.queue_window')::interval);
-SQL
+  { auto_explain_sql 10 analyze buffers nested_statements
+    echo "SELECT meshhook_limits._sample_pgboss(clock_timestamp(), current_setting('meshhook_limits.queue_window')::interval);"
+  } | "$PSQL" -X -q -d "$1" >"$2" 2>&1 || true
   sed -n '/^[A-Za-z].*(cost=/,$p' "$2" | sed '/NOTICE:  duration/,$d' | sed 's/ (cost=[^)]*)//'
 }
 # The sampler on the job table as the last phase left it (every finished job
@@ -260,8 +210,7 @@ off_spread=$(for ((i = 1; i <= n; i++)); do if [[ ${ARM[i]} == off ]]; then echo
 # --- (b) sample time with many queues and jobs --------------------------------
 echo "sample time: $SAMPLE_QUEUES queues, $SAMPLE_JOBS jobs" >&2
 set_worker off
-q postgres "CREATE DATABASE $SAMPLE_DB" >/dev/null
-q "$SAMPLE_DB" "CREATE EXTENSION meshhook_limits" >/dev/null
+create_bench_db "$SAMPLE_DB"
 node "$here/pgboss_load.mjs" "$(conn "$SAMPLE_DB")" init --queues 0 >"$OUT/init-sample.json" \
   || { echo "pg-boss init failed: $(cat "$OUT/init-sample.json")" >&2; exit 1; }
 t0=$(now_s)
@@ -343,22 +292,13 @@ plan=$(explain_sampler "$SAMPLE_DB" "$OUT/sampler-plan.txt")
 scan_ms=$( { echo '\timing on'; echo 'SELECT count(*) FROM pgboss.job;'; echo 'SELECT count(*) FROM pgboss.job;'; } |
   "$PSQL" -X -qAt -d "$SAMPLE_DB" 2>&1 | grep -o '^Time: [0-9.]*' | tail -1 | awk '{ printf "%.1f", $2 }')
 
-load_end=$(cut -d' ' -f1-3 /proc/loadavg)
-[[ $(so_stamp) == "$so_before" ]] \
-  || broken+=("$SO was replaced during the run (a build or install ran meanwhile); numbers are not trustworthy")
-while IFS= read -r line; do
-  broken+=("server log: $line")
-done < <(grep -E 'terminated by signal|PANIC|server process .* exited with' "$server_log" 2>/dev/null || true)
+end_checks
 
 # --- report ------------------------------------------------------------------
 report() {
   echo "## meshhook_limits: cost of the worker's sampling on pg-boss $boss_version"
   echo
-  echo "- run: $(date -u +'%Y-%m-%d %H:%M UTC')"
-  echo "- machine: $(nproc) CPUs ($cpu_model), ${mem_gib} GiB RAM, data directory on $data_fs, Node $(node --version) and server on the same machine"
-  echo "- server: $pg_version; meshhook_limits $ext_version (.so sha256 $so_sha…, $(basename "${ext_sql:-?}") sha256 $ext_sql_sha…)"
-  echo "- load average (1/5/15 min) at start: $load_start; at end: $load_end"
-  echo "- settings (worker on): $settings_on"
+  report_machine "" "Node $(node --version)" ", $(basename "${ext_sql:-?}") sha256 $ext_sql_sha…" " (worker on)" "$settings_on"
   echo
   echo "### (a) Throughput, worker off vs on"
   echo
@@ -381,9 +321,7 @@ report() {
     awk -v n="$NCPU" '{ s += $1; c++ } END { if (c) printf "%.1f%% of one core, %.1f%% of the machine'"'"'s %d CPUs", s / c, s / c / n, n }')
   echo "- CPU of the worker process while on (mean over the on phases): $wmean"
   echo "- largest deviation of an off phase from the off mean: ±$off_spread% (the noise floor of this comparison)"
-  local verdict
-  verdict=$(awk -v l="$loss" 'BEGIN { print (l != "n/a" && l + 0 < 1) ? "PASS" : "MISS" }')
-  echo "- $verdict: throughput loss with the worker sampling every second: $loss% (target < 1%)"
+  echo "- $(verdict "$loss" '<' 1): throughput loss with the worker sampling every second: $loss% (target < 1%)"
   echo
   echo "Plan of the sampler's statement on the job table the last phase left ($load_rows rows, all"
   echo "finished within the queue window; auto_explain, ANALYZE, BUFFERS; costs removed):"
@@ -411,20 +349,9 @@ report() {
   echo "$plan"
   echo '```'
   echo
-  echo "### Checks"
-  echo
-  if (( ${#broken[@]} == 0 )); then
-    echo "- OK: every load phase ran without error; the worker ticked about once a"
-    echo "  second with no failed tick when on and not at all when off; tick() and the"
-    echo "  sampler ran cleanly and sampled all $SAMPLE_QUEUES queues."
-  else
-    local b
-    for b in "${broken[@]}"; do echo "- BROKEN: $b"; done
-  fi
+  report_checks "- OK: every load phase ran without error; the worker ticked about once a" \
+    "  second with no failed tick when on and not at all when off; tick() and the" \
+    "  sampler ran cleanly and sampled all $SAMPLE_QUEUES queues."
 }
 
-echo >&2
-report | tee "$OUT/results.md"
-echo >&2
-echo "raw output and results.md: $OUT" >&2
-(( ${#broken[@]} == 0 ))
+publish "raw output"
