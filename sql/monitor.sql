@@ -158,13 +158,17 @@ BEGIN
   IF pg_catalog.to_regclass('pgboss.job') IS NULL OR pg_catalog.to_regclass('pgboss.queue') IS NULL THEN
     RETURN 0;
   END IF;
-  -- One pass over the job table. v11+: finished jobs stay in it, and states
+  -- One pass over the job table, aggregating only live jobs (pg-boss leaves
+  -- completed_on NULL until a job is finished) and jobs finished within the
+  -- window. v11+: finished jobs stay in it, and states
   -- are compared as pg-boss's own enum (no cast per row). v10 moves finished
   -- jobs to pgboss.archive, read only for the window.
   IF pg_catalog.to_regclass('pgboss.archive') IS NULL THEN
-    src := 'SELECT name, state, created_on, started_on, completed_on FROM pgboss.job';
+    src := 'SELECT name, state, created_on, started_on, completed_on FROM pgboss.job
+             WHERE completed_on IS NULL OR completed_on > $1 - $2';
   ELSE
     src := 'SELECT name, state::text AS state, created_on, started_on, completed_on FROM pgboss.job
+             WHERE completed_on IS NULL OR completed_on > $1 - $2
             UNION ALL SELECT name, state::text, created_on, started_on, completed_on FROM pgboss.archive
              WHERE completed_on > $1 - $2';
   END IF;
