@@ -19,3 +19,4 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._usage_ratios(uuid[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._active_tenants(int, uuid[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._usage(uuid) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._meter(uuid, text, uuid, timestamptz, numeric, boolean, numeric, numeric, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._emit_alert(text, text, text, text, numeric, uuid, numeric, jsonb, timestamptz) FROM PUBLIC;

@@ -407,6 +407,15 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
    WHERE s.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w)
 $$;
 
+-- alert.firing / alert.resolved of one series of a rule.
+CREATE FUNCTION meshhook_limits._emit_alert(p_event text, p_rule text, p_metric text, p_severity text,
+                                            p_threshold numeric, p_tenant uuid, p_value numeric,
+                                            p_labels jsonb, p_since timestamptz)
+RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT meshhook_limits._emit(p_event, p_tenant, p_metric, p_value, p_threshold,
+    jsonb_build_object('rule', p_rule, 'severity', p_severity, 'labels', p_labels, 'since', p_since))
+$$;
+
 CREATE FUNCTION meshhook_limits._compare(p_value numeric, p_op text, p_threshold numeric) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT CASE p_op WHEN '>' THEN p_value > p_threshold WHEN '>=' THEN p_value >= p_threshold
@@ -443,8 +452,8 @@ BEGIN
         ELSIF p_at - st.since >= rule.for_duration THEN
           UPDATE meshhook_limits.alert_states a SET state = 'firing', fired_at = p_at, value = s.value
            WHERE a.rule = rule.name AND a.series = s.series;
-          PERFORM meshhook_limits._emit('alert.firing', s.tenant_id, rule.metric, s.value, rule.threshold,
-            jsonb_build_object('rule', rule.name, 'severity', rule.severity, 'labels', s.labels, 'since', st.since));
+          PERFORM meshhook_limits._emit_alert('alert.firing', rule.name, rule.metric, rule.severity, rule.threshold,
+                                              s.tenant_id, s.value, s.labels, st.since);
           n := n + 1;
         ELSE
           UPDATE meshhook_limits.alert_states a SET value = s.value WHERE a.rule = rule.name AND a.series = s.series;
@@ -452,8 +461,8 @@ BEGIN
       ELSIF st.state = 'firing' THEN
         IF s.value IS NULL OR NOT meshhook_limits._compare(s.value, rule.comparison, clear_thr) THEN
           DELETE FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
-          PERFORM meshhook_limits._emit('alert.resolved', s.tenant_id, rule.metric, s.value, rule.threshold,
-            jsonb_build_object('rule', rule.name, 'severity', rule.severity, 'labels', s.labels, 'since', st.since));
+          PERFORM meshhook_limits._emit_alert('alert.resolved', rule.name, rule.metric, rule.severity, rule.threshold,
+                                              s.tenant_id, s.value, s.labels, st.since);
           n := n + 1;
         ELSE
           UPDATE meshhook_limits.alert_states a SET value = s.value WHERE a.rule = rule.name AND a.series = s.series;
@@ -464,8 +473,8 @@ BEGIN
     FOR st IN DELETE FROM meshhook_limits.alert_states a
                WHERE a.rule = rule.name AND NOT (a.series = ANY (seen)) RETURNING a.* LOOP
       IF st.state = 'firing' THEN
-        PERFORM meshhook_limits._emit('alert.resolved', st.tenant_id, rule.metric, NULL, rule.threshold,
-          jsonb_build_object('rule', rule.name, 'severity', rule.severity, 'labels', st.labels, 'since', st.since));
+        PERFORM meshhook_limits._emit_alert('alert.resolved', rule.name, rule.metric, rule.severity, rule.threshold,
+                                            st.tenant_id, NULL, st.labels, st.since);
         n := n + 1;
       END IF;
     END LOOP;
@@ -501,7 +510,11 @@ BEGIN
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: sampling pg-boss failed: %', SQLERRM;
   END;
-  PERFORM meshhook_limits._sample_pgmq_safe(t0, win);
+  BEGIN
+    PERFORM meshhook_limits._sample_pgmq(t0, win);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
+  END;
   -- queue_health() and the alert rules read the samples of this time.
   UPDATE meshhook_limits.worker_state SET queues_sampled_at = t0;
   PERFORM meshhook_limits._sample_pool(t0);
@@ -512,16 +525,6 @@ BEGIN
   DELETE FROM meshhook_limits.events e WHERE e.created_at < t0 - current_setting('meshhook_limits.event_retention')::interval;
   UPDATE meshhook_limits.worker_state SET last_tick = t0, ticks = ticks + 1,
          last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);
-END
-$$;
-
--- pgmq sampling queue by queue, so one broken queue cannot stop the others.
-CREATE FUNCTION meshhook_limits._sample_pgmq_safe(p_at timestamptz, p_window interval) RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-  PERFORM meshhook_limits._sample_pgmq(p_at, p_window);
-EXCEPTION WHEN OTHERS THEN
-  RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
 END
 $$;
 

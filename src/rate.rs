@@ -277,7 +277,7 @@ fn rule(tenant: Uuid, key: &str) -> Result<Rule> {
     })
 }
 
-fn validate(tenant: Option<Uuid>, key: Option<&str>) -> Result<(Uuid, String)> {
+fn validate(tenant: Option<Uuid>, key: Option<&str>) -> Result<(Uuid, &str)> {
     let tenant = tenant.ok_or_else(|| {
         LimitsError::invalid("tenant_id must not be NULL", "pass the uuid of the tenant")
     })?;
@@ -294,7 +294,7 @@ fn validate(tenant: Option<Uuid>, key: Option<&str>) -> Result<(Uuid, String)> {
         ));
     }
     identity::require_act_for(tenant)?;
-    Ok((tenant, key.to_string()))
+    Ok((tenant, key))
 }
 
 fn notice_once() {
@@ -324,7 +324,7 @@ fn check(
         ));
     }
     let (tenant, key) = validate(tenant, key)?;
-    let rule = rule(tenant, &key)?;
+    let rule = rule(tenant, key)?;
     let Some(rate) = rule.rate else {
         if let Some(t) = table() {
             t.allowed.fetch_add(1, Ordering::Relaxed);
@@ -334,14 +334,14 @@ fn check(
     let burst = rule.burst;
     if cost as f64 > burst && rate > 0.0 {
         return Err(LimitsError::invalid(
-            format!("cost {cost} exceeds the burst {burst} of key \"{}\": it could never be allowed", identity::truncate(&key, 64)),
+            format!("cost {cost} exceeds the burst {burst} of key \"{}\": it could never be allowed", identity::truncate(key, 64)),
             "raise the burst with set_limit('requests_per_second', rate, tenant_id, burst => n) or lower the cost",
         ));
     }
     let now = now_ns();
     if table().is_none() {
         notice_once();
-        return check_in_table(tenant, &key, now, cost, rate, burst);
+        return check_in_table(tenant, key, now, cost, rate, burst);
     }
     let d = with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
         let (d, tat) = gcra(e.tat, e.paused_until, now, cost, rate, burst);
@@ -432,7 +432,7 @@ fn pause(
         Spi::run_with_args(
             "SELECT 1 FROM meshhook_limits._rate_state_lock($1, $2, $4);
              UPDATE meshhook_limits.rate_state SET paused_until = $3 WHERE tenant_id = $1 AND key = $2",
-            &[tenant.into(), key.as_str().into(), until_ns.into(), now.into()],
+            &[tenant.into(), key.into(), until_ns.into(), now.into()],
         )?;
         return Ok(());
     }

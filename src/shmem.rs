@@ -95,11 +95,9 @@ pub struct Header {
     /// Bumped whenever limits or plans change (at the change and at commit).
     pub generation: AtomicU64,
     pub grants: AtomicU64,
-    pub refusals: AtomicU64,
-    pub revocations: AtomicU64,
-    /// Refusals by reason: tenant_limit, project_limit, recovering.
+    /// Refusals by reason (REFUSAL_REASONS); the total is their sum.
     pub refusals_by: [AtomicU64; 3],
-    /// Revocations by RevokeReason (index = reason code).
+    /// Revocations by RevokeReason (index = reason code); the total is their sum.
     pub revocations_by: [AtomicU64; 4],
     pub cursor: u32,
     pub live: u32,
@@ -229,6 +227,22 @@ fn hash(key: &[u8; 16], kind: u8) -> usize {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     (h as usize) & (COUNTER_CAP - 1)
+}
+
+impl Header {
+    pub fn refusals(&self) -> u64 {
+        self.refusals_by
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn revocations(&self) -> u64 {
+        self.revocations_by
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 impl Table {
@@ -363,7 +377,6 @@ impl Table {
         e.reason = reason as u8;
         e.notified = false;
         e.revoked_at = now;
-        self.header.revocations.fetch_add(1, Ordering::Relaxed);
         self.header.revocations_by[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -399,7 +412,7 @@ impl Table {
     }
 
     /// A free entry: FREE, or a tombstone that was announced and is old.
-    pub fn allocate(&mut self, now: i64) -> Option<usize> {
+    pub fn allocate(&mut self) -> Option<usize> {
         let start = self.header.cursor as usize % MAX_SLOTS;
         let mut oldest_tomb: Option<(usize, i64)> = None;
         for k in 0..MAX_SLOTS {
@@ -416,7 +429,6 @@ impl Table {
                 oldest_tomb = Some((idx, s.revoked_at));
             }
         }
-        let _ = now;
         oldest_tomb.map(|(idx, _)| idx)
     }
 

@@ -90,7 +90,6 @@ pub type AcquireRow = (
 
 fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> AcquireRow {
     if let Some(h) = shmem::header() {
-        h.refusals.fetch_add(1, Ordering::Relaxed);
         if let Some(i) = shmem::REFUSAL_REASONS.iter().position(|r| *r == reason) {
             h.refusals_by[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -199,7 +198,7 @@ fn acquire(
             retry_after(end, now),
         ));
     }
-    let Some(idx) = l.t().allocate(now) else {
+    let Some(idx) = l.t().allocate() else {
         drop(l);
         return Err(LimitsError::SlotTableFull(MAX_SLOTS));
     };
@@ -597,8 +596,8 @@ fn slot_stats() -> TableIterator<
                 MAX_SLOTS as i64,
                 i64::from(h.live),
                 h.grants.load(Ordering::Relaxed) as i64,
-                h.refusals.load(Ordering::Relaxed) as i64,
-                h.revocations.load(Ordering::Relaxed) as i64,
+                h.refusals() as i64,
+                h.revocations() as i64,
                 ts(h.started_at),
             )
         }
