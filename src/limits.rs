@@ -36,6 +36,19 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
         }
     }
 
+    /// The cached value for `key`, if the generation did not move; never loads.
+    pub fn get(cell: &'static std::thread::LocalKey<RefCell<Self>>, key: &K) -> Option<V> {
+        let generation = crate::shmem::header()?.generation.load(Ordering::Acquire);
+        cell.with(|c| {
+            let c = c.borrow();
+            if c.generation == generation {
+                c.map.get(key).copied()
+            } else {
+                None
+            }
+        })
+    }
+
     /// The cached value for `key`, or `load()` it (and cache it when the
     /// generation did not move meanwhile).
     pub fn get_or_load(

@@ -388,14 +388,15 @@ fn check_in_table(
     })
 }
 
-/// Spend `cost` tokens of the tenant's rate for `key`. Never raises for a
-/// refusal: allowed = false with the exact retry_after.
+/// The complete check, as the extension's owner: loads the key's rule into
+/// this backend's cache, and without shared memory keeps the state in a table.
+/// `check_rate_limit` calls it whenever its own fast path cannot answer.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn check_rate_limit(
+fn _check_rate_limit(
     tenant_id: Option<Uuid>,
-    key: default!(Option<&str>, "'default'"),
-    cost: default!(Option<i32>, "1"),
+    key: Option<&str>,
+    cost: Option<i32>,
 ) -> TableIterator<
     'static,
     (
@@ -406,6 +407,160 @@ fn check_rate_limit(
 > {
     TableIterator::once(check(tenant_id, key, cost).or_raise())
 }
+
+/// The fast path: shared memory present and the rule of the key cached in
+/// this backend. It needs no rights beyond the caller's own (no SPI, no
+/// table), so `check_rate_limit` runs as SECURITY INVOKER: no definer switch
+/// and no `SET search_path` per call. None = ask `_check_rate_limit`.
+type Row = (bool, Option<i64>, Option<Interval>);
+fn check_fast(tenant: Option<Uuid>, key: Option<&str>, cost: Option<i32>) -> Result<Option<Row>> {
+    let cost = i64::from(cost.unwrap_or(1));
+    if cost < 0 || table().is_none() {
+        return Ok(None); // _check_rate_limit raises or uses the table
+    }
+    let (tenant, key) = validate(tenant, key)?;
+    let Some(rule) = GenerationCache::get(&RULES, &(*tenant.as_bytes(), key.to_string())) else {
+        return Ok(None);
+    };
+    let Some(rate) = rule.rate else {
+        if let Some(t) = table() {
+            t.allowed.fetch_add(1, Ordering::Relaxed);
+        }
+        return Ok(Some((true, None, None)));
+    };
+    if cost as f64 > rule.burst && rate > 0.0 {
+        return Ok(None); // _check_rate_limit raises 22023
+    }
+    let now = now_ns();
+    let Some(d) = with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
+        let (d, tat) = gcra(e.tat, e.paused_until, now, cost, rate, rule.burst);
+        e.tat = tat;
+        d
+    }) else {
+        return Ok(None);
+    };
+    if let Some(t) = table() {
+        if d.allowed { &t.allowed } else { &t.denied }.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Some((
+        d.allowed,
+        d.remaining,
+        d.retry_after_ns.map(ns_interval),
+    )))
+}
+
+fn check_slow(tenant: Option<Uuid>, key: Option<&str>, cost: Option<i32>) -> Result<Row> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT allowed, remaining, retry_after FROM meshhook_limits._check_rate_limit($1, $2, $3)",
+            Some(1),
+            &[tenant.into(), key.into(), cost.into()],
+        )?;
+        let mut out = (false, None, None);
+        if let Some(r) = rows.into_iter().next() {
+            out = (
+                r.get::<bool>(1)?.unwrap_or(false),
+                r.get::<i64>(2)?,
+                r.get::<Interval>(3)?,
+            );
+        }
+        Ok(out)
+    })
+}
+
+thread_local! {
+    /// The blessed row type of check_rate_limit's result, built once per backend.
+    static ROW_DESC: Cell<pg_sys::TupleDesc> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn row_desc() -> pg_sys::TupleDesc {
+    ROW_DESC.with(|d| {
+        if d.get().is_null() {
+            // SAFETY: built in TopMemoryContext so it lives as long as the
+            // backend; BlessTupleDesc registers it as a transient record type.
+            unsafe {
+                let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+                let desc = pg_sys::CreateTemplateTupleDesc(3);
+                let cols: [(&std::ffi::CStr, pg_sys::Oid); 3] = [
+                    (c"allowed", pg_sys::BOOLOID),
+                    (c"remaining", pg_sys::INT8OID),
+                    (c"retry_after", pg_sys::INTERVALOID),
+                ];
+                for (i, (name, oid)) in cols.iter().enumerate() {
+                    pg_sys::TupleDescInitEntry(desc, (i + 1) as i16, name.as_ptr(), *oid, -1, 0);
+                }
+                pg_sys::BlessTupleDesc(desc);
+                pg_sys::MemoryContextSwitchTo(old);
+                d.set(desc);
+            }
+        }
+        d.get()
+    })
+}
+
+/// `check_rate_limit(tenant_id, key, cost)`: spend `cost` tokens of the
+/// tenant's rate for `key`. Never raises for a refusal: allowed = false with
+/// the exact retry_after. A set-returning function (the contract's RETURNS
+/// TABLE) that answers its one row directly (ExprSingleResult), so a call
+/// costs no SRF set-up: no per-call memory context, no result-type lookup.
+#[no_mangle]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_meshhook_limits_check_rate_limit() -> &'static pg_sys::Pg_finfo_record {
+    const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1_API
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn meshhook_limits_check_rate_limit(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called by the executor with the three declared arguments.
+    let (tenant, key, cost) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 0),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1),
+            pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 2),
+        )
+    };
+    let row = match check_fast(tenant, key, cost).or_raise() {
+        Some(row) => row,
+        None => check_slow(tenant, key, cost).or_raise(),
+    };
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>();
+        if rsinfo.is_null() || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo {
+            LimitsError::invalid(
+                "check_rate_limit was called in a context that cannot accept a set",
+                "call it as SELECT * FROM meshhook_limits.check_rate_limit(...)",
+            )
+            .raise();
+        }
+        (*rsinfo).isDone = pg_sys::ExprDoneCond::ExprSingleResult;
+        let desc = row_desc();
+        let mut values = [
+            row.0.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+            row.1.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+            row.2.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+        ];
+        let mut nulls = [false, row.1.is_none(), row.2.is_none()];
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::Datum::from((*tuple).t_data)
+    }
+}
+
+extension_sql!(
+    r#"
+CREATE FUNCTION meshhook_limits.check_rate_limit(tenant_id uuid, key text DEFAULT 'default', cost integer DEFAULT 1)
+RETURNS TABLE(allowed boolean, remaining bigint, retry_after interval)
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'meshhook_limits_check_rate_limit';
+COMMENT ON FUNCTION meshhook_limits.check_rate_limit(uuid, text, integer) IS
+  'Spend cost tokens of the tenant''s rate for key (GCRA). SECURITY INVOKER: the caller must be the tenant or an admin.';
+"#,
+    name = "check_rate_limit",
+    requires = [_check_rate_limit]
+);
 
 fn pause(
     tenant: Option<Uuid>,

@@ -178,3 +178,74 @@ def test_tenant_cannot_spend_or_pause_another_tenants_rate(cluster, tenant):
             rpc(c, claims, "SELECT meshhook_limits.pause_rate_limit(%s, 'k', now())", (other,))
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             rpc(c, claims, "SET meshhook_limits.test_clock = 1")
+
+
+# --------------------------------------------------------------------------- the invoker fast path
+
+def test_check_rate_limit_runs_as_the_caller(admin):
+    """check_rate_limit is SECURITY INVOKER with no SET clause (no definer
+    switch and no search_path swap per call); what needs the owner's rights
+    (loading a rule, the table fallback) is _check_rate_limit, which pins
+    search_path like every definer function."""
+    rows = {r[0]: r[1:] for r in admin.execute("""
+        SELECT p.oid::regprocedure::text, p.prosecdef, p.proconfig, p.proretset
+          FROM pg_proc p WHERE p.pronamespace = 'meshhook_limits'::regnamespace
+           AND p.proname IN ('check_rate_limit', '_check_rate_limit')""").fetchall()}
+    assert rows["meshhook_limits.check_rate_limit(uuid,text,integer)"] == (False, None, True)
+    assert rows["meshhook_limits._check_rate_limit(uuid,text,integer)"] == (
+        True, ["search_path=pg_catalog, pg_temp"], True)
+
+
+def test_cached_rule_of_another_tenant_does_not_bypass_identity(cluster, admin, tenant):
+    """On one connection (one backend, one rule cache), an admin call caches
+    another tenant's rule; the tenant's own call for that tenant must still be
+    refused, by the fast path as by the slow one."""
+    import psycopg
+    from conftest import rpc
+    other = str(uuid.uuid4())
+    set_limit(admin, "requests_per_second", 100, other, burst=100)
+    set_limit(admin, "requests_per_second", 100, tenant, burst=100)
+    claims = {"role": "authenticated", "app_metadata": {"tenant_id": tenant}}
+    service = {"role": "service_role"}
+    q = "SELECT allowed FROM meshhook_limits.check_rate_limit(%s, 'k')"
+    with cluster.connect(user="authenticator") as c:
+        for _ in range(2):  # slow path (loads the rule), then the fast path (cached)
+            assert rpc(c, service, q, (other,), role="service_role") == [(True,)]
+            assert rpc(c, claims, q, (tenant,)) == [(True,)]
+        for who, role in ((claims, "authenticated"), (None, "anon"), ({"role": "authenticated"}, "authenticated")):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                rpc(c, who, q, (other,), role=role)
+        # Bad input is refused on the fast path exactly as on the slow one.
+        for args, msg in (("NULL, 'k', 1", "tenant_id must not be NULL"), ("%s, 'k', -1", "cost must be >= 0"),
+                          ("%s, 'k', 101", "exceeds the burst")):
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match=msg):
+                rpc(c, claims, f"SELECT * FROM meshhook_limits.check_rate_limit({args})",
+                    (tenant,) if "%s" in args else None)
+    spent = admin.execute("SELECT allowed FROM meshhook_limits.rate_limit_stats()").fetchone()[0]
+    assert spent > 0
+
+
+def test_limit_change_reaches_the_cached_rule_at_once(clocked, tenant):
+    set_limit(clocked, "requests_per_second", 1, tenant, burst=1)
+    at(clocked, 0)
+    assert [check(clocked, tenant, "k")[0] for _ in range(3)] == [True, False, False]
+    set_limit(clocked, "requests_per_second", 1000, tenant, burst=1000)
+    # GCRA keeps time, not tokens: the key is still "empty" until the old
+    # rule's next token (1 s ahead), but it refills at the new rule's rate:
+    # one token a millisecond, not one a second.
+    allowed, remaining, retry = check(clocked, tenant, "k")
+    assert (allowed, remaining) == (False, 0) and retry == pytest.approx(0.001, abs=1e-6)
+    at(clocked, 0.5)
+    assert check(clocked, tenant, "k") == (True, 499, None)
+    clocked.execute("SELECT meshhook_limits.clear_limit('requests_per_second', %s)", (tenant,))
+    assert check(clocked, tenant, "k") == (True, None, None)  # no limit any more
+
+
+def test_called_in_the_select_list_and_lateral(admin, tenant):
+    set_limit(admin, "requests_per_second", 1, tenant, burst=3)
+    row = admin.execute("SELECT meshhook_limits.check_rate_limit(%s, 'sel')", (tenant,)).fetchone()[0]
+    assert row == ("t", "2", None)  # a record, as psycopg parses it
+    assert admin.execute("SELECT (meshhook_limits.check_rate_limit(%s, 'sel')).remaining", (tenant,)).fetchone() == (1,)
+    got = admin.execute("SELECT r.allowed FROM generate_series(1, 3) g, "
+                        "LATERAL meshhook_limits.check_rate_limit(%s, 'sel' || left(g::text, 0)) r", (tenant,)).fetchall()
+    assert [g[0] for g in got].count(True) == 1
