@@ -1,5 +1,5 @@
 # meshhook_limits — every target runs the same idempotent set-up first.
-.PHONY: all setup demo demo-stop test test-rust test-integration bench lint fmt clean
+.PHONY: all setup demo demo-stop test test-rust test-integration bench bench-slots bench-rate bench-metrics bench-pgboss lint fmt clean
 
 all: demo
 
@@ -26,8 +26,26 @@ test-integration:
 	bash scripts/setup.sh --test
 	bash scripts/test.sh integration
 
+## make bench: every benchmark in benches/ (about 12 minutes; a quiet machine)
 bench: setup
+	bash scripts/install-queue-systems.sh
 	bash benches/run.sh
+	bash benches/rate.sh
+	bash benches/metrics.sh
+	bash benches/pgboss.sh
+
+bench-slots: setup
+	bash benches/run.sh
+
+bench-rate: setup
+	bash benches/rate.sh
+
+bench-metrics: setup
+	bash benches/metrics.sh
+
+bench-pgboss: setup
+	bash scripts/install-queue-systems.sh
+	bash benches/pgboss.sh
 
 lint:
 	cargo fmt --check

@@ -29,7 +29,13 @@ need_pgbench() { [[ -x $PGBENCH ]] || { echo "pgbench not found at $PGBENCH" >&2
 # while the cluster runs invalidates the run (and can crash backends that have
 # it mapped); so_checks notices it.
 need_so() {
-  [[ -f $SO ]] || { echo "meshhook_limits is not installed; run make install first" >&2; exit 2; }
+  [[ -f $SO ]] || { echo "meshhook_limits is not installed; run make bench (or scripts/setup.sh) first" >&2; exit 2; }
+  # cargo pgrx test installs its debug build (with the pg_test functions,
+  # ~25x slower in places); never measure that one.
+  if ! cmp -s "$SO" "$root/target/release/libmeshhook_limits.so"; then
+    echo "the installed $SO is not this checkout's release build; run make bench (or bash scripts/setup.sh) first" >&2
+    exit 2
+  fi
   so_before=$(so_stamp)
   so_sha=$(sha256sum "$SO" | cut -c1-12)
 }

@@ -17,6 +17,9 @@ if [[ $what == all || $what == rust ]]; then
   work=/tmp/meshhook_limits/pgrx-test
   rm -rf "$work"; mkdir -p "$work"; chown postgres "$work" 2>/dev/null || true
   cargo pgrx test pg15 --runas postgres --pgdata "$work/data" || status=1
+  # cargo pgrx test installs its debug pg_test build into the server's lib
+  # directory; put the release build users run back before anything else.
+  bash scripts/setup.sh >/dev/null || status=1
 fi
 
 if [[ $what == all || $what == integration ]]; then
