@@ -69,5 +69,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
               FROM meshhook_limits.worker_state w WHERE w.last_tick IS NOT NULL
   UNION ALL SELECT 'meshhook_limits_worker_last_tick_timestamp_seconds', '{}'::jsonb, extract(epoch FROM w.last_tick)::float8
               FROM meshhook_limits.worker_state w WHERE w.last_tick IS NOT NULL
+  UNION ALL SELECT 'meshhook_limits_worker_queue_scan_duration_seconds', '{}'::jsonb, (w.queue_stats_ms / 1000)::float8
+              FROM meshhook_limits.worker_state w WHERE w.queue_stats_at IS NOT NULL
+  UNION ALL SELECT 'meshhook_limits_worker_queue_scan_timestamp_seconds', '{}'::jsonb, extract(epoch FROM w.queue_stats_at)::float8
+              FROM meshhook_limits.worker_state w WHERE w.queue_stats_at IS NOT NULL
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._metrics_rows(boolean, int, text[]) FROM PUBLIC;

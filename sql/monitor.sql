@@ -15,7 +15,11 @@ CREATE TABLE meshhook_limits.queue_samples (
   p95_ms numeric,
   throughput_per_min numeric NOT NULL,
   error_rate numeric,
-  status text NOT NULL
+  status text NOT NULL,
+  -- When active, failed_recent, p50/p95, throughput and error_rate were
+  -- computed: the last full pass over the queue tables (queue_scan_budget).
+  -- queued and oldest_age are always of sampled_at.
+  stats_at timestamptz
 );
 CREATE INDEX queue_samples_at ON meshhook_limits.queue_samples (sampled_at);
 
@@ -96,6 +100,9 @@ CREATE TABLE meshhook_limits.worker_state (
   last_tick timestamptz,
   last_tick_ms numeric,
   queues_sampled_at timestamptz,
+  -- The last full pass over the queue tables, and how long it took.
+  queue_stats_at timestamptz,
+  queue_stats_ms numeric,
   ticks bigint NOT NULL DEFAULT 0,
   errors bigint NOT NULL DEFAULT 0,
   last_error text
@@ -149,14 +156,40 @@ CREATE VIEW meshhook_limits.effective_alert_rules AS
    WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.alert_rules u WHERE u.name = b.name);
 GRANT SELECT ON meshhook_limits.effective_alert_rules TO PUBLIC;
 
--- One sample of every pg-boss queue (v10: job + archive; v11+: job), true
--- counts in one pass over the job table.
-CREATE FUNCTION meshhook_limits._sample_pgboss(p_at timestamptz, p_window interval) RETURNS bigint
+-- One sample of every pg-boss queue (v10: job + archive; v11+: job).
+-- p_full: every count and statistic in one pass over the job table.
+-- Otherwise queued and oldest_age only, through pg-boss's own partial index
+-- on waiting jobs (job_i5 ... WHERE state < 'active'), at a cost that grows
+-- with the waiting jobs, not with the table; the other columns are carried
+-- from the previous sample with their stats_at.
+CREATE FUNCTION meshhook_limits._sample_pgboss(p_at timestamptz, p_window interval, p_full boolean DEFAULT true)
+RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE n bigint; src text;
 BEGIN
   IF pg_catalog.to_regclass('pgboss.job') IS NULL OR pg_catalog.to_regclass('pgboss.queue') IS NULL THEN
     RETURN 0;
+  END IF;
+  IF NOT p_full THEN
+    -- (the enum comparison, not a cast, is what matches the index predicate)
+    EXECUTE $q$
+      WITH waiting AS (
+        SELECT j.name, count(*) AS queued, min(j.created_on) AS oldest
+          FROM pgboss.job j WHERE j.state < 'active' GROUP BY j.name),
+      prev AS (
+        SELECT p.* FROM meshhook_limits.queue_samples p
+         WHERE p.source = 'pgboss'
+           AND p.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w))
+      INSERT INTO meshhook_limits.queue_samples
+        SELECT $1, 'pgboss', q.name, coalesce(w.queued, 0), coalesce(p.active, 0), coalesce(p.failed_recent, 0),
+               $1 - w.oldest, p.p50_ms, p.p95_ms, coalesce(p.throughput_per_min, 0), p.error_rate,
+               meshhook_limits._queue_status('pgboss', q.name, coalesce(w.queued, 0), $1 - w.oldest, p.error_rate),
+               p.stats_at
+          FROM pgboss.queue q
+          LEFT JOIN waiting w ON w.name = q.name
+          LEFT JOIN prev p ON p.queue = q.name $q$ USING p_at;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
   END IF;
   -- One pass over the job table, aggregating only live jobs (pg-boss leaves
   -- completed_on NULL until a job is finished) and jobs finished within the
@@ -200,7 +233,7 @@ BEGIN
                              FROM unnest(a.durations) d) pc ON true)
     INSERT INTO meshhook_limits.queue_samples
       SELECT $1, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50, s.p95, s.tput, s.err,
-             meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err)
+             meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err), $1
         FROM s $q$, src) USING p_at, p_window;
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
@@ -209,9 +242,13 @@ $$;
 
 -- One sample of every pgmq queue in pgmq.meta: queued = visible, active =
 -- read and still invisible, so queued + active = pgmq.metrics().queue_length.
-CREATE FUNCTION meshhook_limits._sample_pgmq(p_at timestamptz, p_window interval) RETURNS bigint
+-- p_full: also the archive's statistics of the window (p50/p95, throughput);
+-- otherwise those are carried from the previous sample with their stats_at.
+CREATE FUNCTION meshhook_limits._sample_pgmq(p_at timestamptz, p_window interval, p_full boolean DEFAULT true)
+RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE q record; n bigint; qt text; at_ text; r record; a record;
+DECLARE q record; n bigint; qt text; at_ text; r record; a record; stats timestamptz;
+  v_p50 numeric; v_p95 numeric; v_tput numeric;
   rows meshhook_limits.queue_samples[] := '{}';
 BEGIN
   IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
@@ -228,17 +265,23 @@ BEGIN
       EXECUTE format('SELECT count(*) FILTER (WHERE vt <= $1) AS visible, count(*) FILTER (WHERE vt > $1) AS invisible,
                              min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I', qt)
         INTO r USING p_at;
-      a := NULL;
-      IF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL THEN
+      v_p50 := NULL; v_p95 := NULL; v_tput := 0; stats := p_at;
+      IF NOT p_full THEN
+        SELECT p.p50_ms, p.p95_ms, p.throughput_per_min, p.stats_at INTO v_p50, v_p95, v_tput, stats
+          FROM meshhook_limits.queue_samples p
+         WHERE p.source = 'pgmq' AND p.queue = q.name
+           AND p.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w);
+      ELSIF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL THEN
         EXECUTE format('SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p50,
                percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p95
                FROM pgmq.%I WHERE archived_at > $1 - $2', at_)
           INTO a USING p_at, p_window;
+        v_p50 := round(a.p50::numeric, 3); v_p95 := round(a.p95::numeric, 3); v_tput := coalesce(a.last_minute, 0);
       END IF;
       rows := rows || ROW(p_at, 'pgmq', q.name, r.visible, r.invisible, 0, p_at - r.oldest,
-                          round(a.p50::numeric, 3), round(a.p95::numeric, 3), coalesce(a.last_minute, 0), NULL,
-                          meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL)
+                          v_p50, v_p95, coalesce(v_tput, 0), NULL,
+                          meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL), stats
                          )::meshhook_limits.queue_samples;
     EXCEPTION WHEN OTHERS THEN
       RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM;
@@ -434,7 +477,13 @@ BEGIN
   FOR rule IN SELECT * FROM meshhook_limits.effective_alert_rules r WHERE r.enabled ORDER BY r.name LOOP
     seen := '{}';
     clear_thr := coalesce(rule.resolve_threshold, rule.threshold);
-    FOR s IN SELECT * FROM meshhook_limits._series(rule.metric) x WHERE x.labels @> rule.labels LOOP
+    -- Set-based first: only series past the threshold or with a state go
+    -- through the loop (with 1,000 quiet queues, none do).
+    FOR s IN SELECT x.* FROM meshhook_limits._series(rule.metric) x
+              WHERE x.labels @> rule.labels
+                AND ((x.value IS NOT NULL AND meshhook_limits._compare(x.value, rule.comparison, rule.threshold))
+                     OR EXISTS (SELECT 1 FROM meshhook_limits.alert_states a
+                                 WHERE a.rule = rule.name AND a.series = x.series)) LOOP
       seen := seen || s.series;
       SELECT * INTO st FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
       active := s.value IS NOT NULL AND meshhook_limits._compare(s.value, rule.comparison, rule.threshold);
@@ -499,24 +548,41 @@ DECLARE
   t0 timestamptz := pg_catalog.clock_timestamp();
   win interval;
   keep interval;
+  budget float8;
+  ws record;
+  full_pass boolean;
+  t_full timestamptz;
 BEGIN
   -- The first call of a session (pg_cron opens one per run) loads the library
   -- here, which defines the settings read below.
   PERFORM meshhook_limits.require_admin_access('run tick()');
   win := current_setting('meshhook_limits.queue_window')::interval;
   keep := current_setting('meshhook_limits.retention')::interval;
+  budget := current_setting('meshhook_limits.queue_scan_budget')::float8;
+  -- A full pass over the queue tables when the budget allows: the last one
+  -- took queue_stats_ms, so the next may start queue_stats_ms / budget after
+  -- it. Also when there is no previous sample to carry statistics from.
+  SELECT w.queue_stats_at, w.queue_stats_ms, w.queues_sampled_at INTO ws FROM meshhook_limits.worker_state w;
+  full_pass := budget >= 1 OR ws.queue_stats_at IS NULL OR ws.queue_stats_at > t0
+    OR t0 >= ws.queue_stats_at + (coalesce(ws.queue_stats_ms, 0) / budget) * interval '1 millisecond'
+    OR NOT EXISTS (SELECT 1 FROM meshhook_limits.queue_samples s WHERE s.sampled_at = ws.queues_sampled_at);
+  t_full := pg_catalog.clock_timestamp();
   BEGIN
-    PERFORM meshhook_limits._sample_pgboss(t0, win);
+    PERFORM meshhook_limits._sample_pgboss(t0, win, full_pass);
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: sampling pg-boss failed: %', SQLERRM;
   END;
   BEGIN
-    PERFORM meshhook_limits._sample_pgmq(t0, win);
+    PERFORM meshhook_limits._sample_pgmq(t0, win, full_pass);
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
   END;
   -- queue_health() and the alert rules read the samples of this time.
   UPDATE meshhook_limits.worker_state SET queues_sampled_at = t0;
+  IF full_pass THEN
+    UPDATE meshhook_limits.worker_state SET queue_stats_at = t0,
+           queue_stats_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t_full) * 1000, 3);
+  END IF;
   PERFORM meshhook_limits._sample_pool(t0);
   PERFORM meshhook_limits.reap_execution_slots();
   PERFORM meshhook_limits._evaluate_alerts(t0);
@@ -531,10 +597,10 @@ $$;
 CREATE FUNCTION meshhook_limits.queue_health()
 RETURNS TABLE(source text, queue text, queued bigint, active bigint, failed_recent bigint, oldest_age interval,
               p50_ms numeric, p95_ms numeric, throughput_per_min numeric, error_rate numeric, status text,
-              sampled_at timestamptz)
+              sampled_at timestamptz, stats_sampled_at timestamptz)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
   SELECT s.source, s.queue, s.queued, s.active, s.failed_recent, s.oldest_age, s.p50_ms, s.p95_ms,
-         s.throughput_per_min, s.error_rate, s.status, s.sampled_at
+         s.throughput_per_min, s.error_rate, s.status, s.sampled_at, s.stats_at
     FROM meshhook_limits._latest_queue_samples() s
    WHERE meshhook_limits.can_monitor()
    ORDER BY 1, 2

@@ -28,6 +28,7 @@ pub static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 static QUEUE_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(300);
+static QUEUE_SCAN_BUDGET: GucSetting<f64> = GucSetting::<f64>::new(0.005);
 static POOL_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.85);
 static POOL_CRITICAL: GucSetting<f64> = GucSetting::<f64>::new(0.9);
 static POOL_CRITICAL_FOR: GucSetting<i32> = GucSetting::<i32>::new(300);
@@ -190,6 +191,18 @@ fn define_runtime_gucs() {
         86_400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_float_guc(
+        c"meshhook_limits.queue_scan_budget",
+        c"Share of one CPU core that full passes over the queue tables may use on average.",
+        c"Queued counts and oldest ages are exact at every tick. Active counts, failed_recent, p50/p95, \
+          throughput and error rate come from a full pass over the job tables, which runs again only after \
+          its own duration divided by this budget (1 = every tick).",
+        &QUEUE_SCAN_BUDGET,
+        0.0001,
+        1.0,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_float_guc(
         c"meshhook_limits.pool_warning",

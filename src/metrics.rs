@@ -189,6 +189,14 @@ fn meta(name: &str) -> (&'static str, &'static str) {
         "meshhook_limits_worker_last_tick_timestamp_seconds" => {
             ("gauge", "When the last tick ran (Unix time).")
         }
+        "meshhook_limits_worker_queue_scan_duration_seconds" => (
+            "gauge",
+            "Duration of the last full pass over the queue tables (see queue_scan_budget).",
+        ),
+        "meshhook_limits_worker_queue_scan_timestamp_seconds" => (
+            "gauge",
+            "When the last full pass over the queue tables ran (Unix time): the age of active, failed_recent, p50/p95, throughput and error rate.",
+        ),
         _ => ("gauge", "meshhook_limits metric."),
     }
 }

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
     reason="queue systems not installed: run scripts/install-queue-systems.sh")
 
 HEALTH_COLS = ["source", "queue", "queued", "active", "failed_recent", "oldest_age", "p50_ms", "p95_ms",
-               "throughput_per_min", "error_rate", "status", "sampled_at"]
+               "throughput_per_min", "error_rate", "status", "sampled_at", "stats_sampled_at"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -80,14 +80,19 @@ def drop_db(c: Cluster, name: str) -> None:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def tick(conn) -> list[str]:
-    """Run one tick as superuser; return the warnings it raised."""
+def tick(conn, full: bool = True) -> list[str]:
+    """Run one tick as superuser; return the warnings it raised. full: with
+    a full pass over the queue tables (queue_scan_budget = 1); otherwise the
+    budget decides (test_cheap_ticks_between_full_passes)."""
     warnings = []
     handler = lambda d: warnings.append(d.message_primary)  # noqa: E731
     conn.add_notice_handler(handler)
     try:
+        if full:
+            conn.execute(f"SET meshhook_limits.queue_scan_budget = 1")
         conn.execute(f"SELECT {S}.tick()")
     finally:
+        conn.execute("RESET meshhook_limits.queue_scan_budget")
         conn.remove_notice_handler(handler)
     return warnings
 
@@ -309,6 +314,81 @@ def test_pgboss_names_that_need_care(cluster, qdb, qconn):
     assert (h[evil]["queued"], h[evil]["active"]) == (2, 0)
     assert h[q]["queued"] == 3
     assert qconn.execute("SELECT to_regclass('public.canary_boss')::text").fetchone()[0] == "canary_boss"
+
+
+def test_cheap_ticks_between_full_passes(cluster, qdb, qconn):
+    """queue_scan_budget: between two full passes a tick counts waiting jobs
+    through pg-boss's own index (exact queued and oldest_age, also for names
+    that need quoting, deferred and retry jobs) and carries the rest, with the
+    time it was computed (stats_sampled_at); the budget then brings the next
+    full pass."""
+    c = qconn
+    suffix = uuid.uuid4().hex[:4]
+    plain, spaced = f"cheap_{suffix}", f'Cheap "q"; {suffix}'
+    boss(cluster, qdb, "create-queue", name=plain, options={"retryLimit": 1})
+    boss(cluster, qdb, "create-queue", name=spaced, options={"partition": True})
+    ids = boss(cluster, qdb, "send", name=plain, count=5)
+    boss(cluster, qdb, "send", name=spaced, count=2)
+    boss(cluster, qdb, "fetch", name=plain, batchSize=2)
+    boss(cluster, qdb, "complete", name=plain, ids=[ids[0]])
+    mq = f"cheap_mq_{suffix}"
+    c.execute("SELECT pgmq.create(%s)", (mq,))
+    c.execute("SELECT pgmq.send_batch(%s, array_fill('{}'::jsonb, ARRAY[3]))", (mq,))
+    [msg] = c.execute("SELECT msg_id FROM pgmq.read(%s, 0, 1)", (mq,)).fetchone()
+    c.execute("SELECT pgmq.archive(%s, %s::bigint)", (mq, msg))
+    tick(c)                                         # a full pass
+    ws = c.execute(f"SELECT queue_stats_at, queue_stats_ms, queues_sampled_at FROM {S}.worker_state").fetchone()
+    assert ws[0] == ws[2] and ws[1] > 0
+    h = health(c, "pgboss")
+    assert (h[plain]["queued"], h[plain]["active"], h[plain]["throughput_per_min"]) == (3, 1, 1)
+    assert h[plain]["stats_sampled_at"] == h[plain]["sampled_at"]
+    full_at = h[plain]["sampled_at"]
+    m = health(c, "pgmq")[mq]
+    assert (m["queued"], m["active"], m["throughput_per_min"], m["stats_sampled_at"]) == (2, 0, 1, full_at)
+
+    # The last full pass "took" 10 minutes: under the default budget (0.5%)
+    # the next one is days away, so these ticks are cheap ones.
+    c.execute(f"UPDATE {S}.worker_state SET queue_stats_ms = 600000")
+    boss(cluster, qdb, "send", name=plain, count=4)
+    boss(cluster, qdb, "send", name=plain, count=1, options={"startAfter": 3600})   # deferred: still queued
+    [job] = boss(cluster, qdb, "fetch", name=plain, batchSize=1)
+    boss(cluster, qdb, "fail", name=plain, ids=[job["id"]])                      # retryLimit 1: `retry`
+    boss(cluster, qdb, "complete", name=plain, ids=[ids[1]])
+    boss(cluster, qdb, "fetch", name=spaced, batchSize=1)
+    c.execute("SELECT pgmq.send_batch(%s, array_fill('{}'::jsonb, ARRAY[2]))", (mq,))
+    c.execute("SELECT pgmq.read(%s, 30, 1)", (mq,))
+    time.sleep(0.05)
+    tick(c, full=False)
+    m = health(c, "pgmq")[mq]
+    assert (m["queued"], m["active"]) == pgmq_counts(c, mq) == (3, 1)   # pgmq's counts: every tick
+    assert (m["throughput_per_min"], m["stats_sampled_at"]) == (1, full_at)   # the archive's: carried
+    stats = boss(cluster, qdb, "stats", name=plain)["stats"]
+    h = health(c, "pgboss")
+    # 3 waiting + 4 + 1 deferred, one fetched and failed into `retry` (waiting again)
+    assert h[plain]["queued"] == stats["queuedCount"] == 8, (h[plain], stats)
+    assert h[spaced]["queued"] == 1
+    oldest = min(js_time(boss(cluster, qdb, "job", name=plain, id=i)["createdOn"]) for i in ids[2:])
+    assert secs(h[plain]["oldest_age"]) == pytest.approx(secs(h[plain]["sampled_at"] - oldest), abs=0.01)
+    # ... and the rest as of the full pass, which says so.
+    assert (h[plain]["active"], h[plain]["throughput_per_min"], h[spaced]["active"]) == (1, 1, 0)
+    assert h[plain]["sampled_at"] > full_at and h[plain]["stats_sampled_at"] == full_at
+    assert c.execute(f"SELECT queue_stats_at FROM {S}.worker_state").fetchone()[0] == full_at
+
+    # A pass that took 1 ms is due again 200 ms later.
+    c.execute(f"UPDATE {S}.worker_state SET queue_stats_ms = 1")
+    time.sleep(0.25)
+    tick(c, full=False)
+    h = health(c, "pgboss")
+    stats = boss(cluster, qdb, "stats", name=plain)["stats"]
+    assert h[plain]["stats_sampled_at"] == h[plain]["sampled_at"] > full_at
+    assert (h[plain]["active"], h[plain]["throughput_per_min"], h[spaced]["active"]) == (0, 2, 1)
+    assert h[plain]["active"] == stats["activeCount"]
+
+
+def pgmq_counts(conn, q):
+    """(visible, invisible) from pgmq's own metrics()."""
+    total, visible = pgmq_metrics(conn, q)
+    return visible, total - visible
 
 
 # --------------------------------------------------------------------------- pgmq
