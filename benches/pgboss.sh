@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The cost of the background worker's sampling on real pg-boss 11.
 #
-#  (a) throughput: pg-boss producers/consumers (benches/pgboss_load.mjs:
-#      batched send + fetch + complete, several concurrent workers) for a
-#      fixed time, alternately with the meshhook_limits worker off and on
-#      (ticking every second) on one cluster restarted between phases:
-#      off, on, off, on, ... Prints jobs/s per phase and the loss.
+#  (a) throughput: pg-boss producers/consumers (benches/pgboss_load.mjs ab:
+#      batched send + fetch + complete, several concurrent workers) run
+#      without a break while the meshhook_limits worker is switched off and
+#      on under it every few seconds (sample_interval 1h / 1s, reloaded):
+#      off, on, off, ..., off. Prints jobs/s per phase, the loss of each on
+#      phase against its two neighbours, and the worker's own CPU.
 #  (b) sample time: 1,000 queues and 1,000,000 jobs in pg-boss (queues with
 #      pg-boss's own pgboss.create_queue(), jobs bulk-inserted into
 #      pgboss.job); times SELECT meshhook_limits.tick() and
@@ -16,9 +17,12 @@
 #   BENCH_SECONDS=30 BENCH_PAIRS=4 bash benches/pgboss.sh
 #
 # Environment:
-#   BENCH_SECONDS   measured seconds per throughput phase (default 20)
-#   BENCH_WARMUP    warm-up seconds per phase, discarded (default 3)
-#   BENCH_PAIRS     off/on pairs of phases (default 3)
+#   BENCH_PHASE     seconds per throughput phase (default 10)
+#   BENCH_SETTLE    seconds at the start of a phase not counted (default 1)
+#   BENCH_WARMUP    warm-up seconds before the first phase (default 5)
+#   BENCH_PAIRS     on phases, each between two off phases (default 8)
+#   BENCH_KEEP      completed jobs older than this many seconds are deleted every
+#                   second, as pg-boss's maintenance does (default 10; 0 = keep all)
 #   BENCH_WORKERS   concurrent pg-boss worker loops (default 8)
 #   BENCH_BATCH     jobs per send/fetch/complete (default 20)
 #   BENCH_QUEUES    queues of the throughput load (default 4)
@@ -36,9 +40,11 @@
 set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-DURATION=${BENCH_SECONDS:-20}
-WARMUP=${BENCH_WARMUP:-3}
-PAIRS=${BENCH_PAIRS:-3}
+PHASE=${BENCH_PHASE:-10}
+SETTLE=${BENCH_SETTLE:-1}
+WARMUP=${BENCH_WARMUP:-5}
+PAIRS=${BENCH_PAIRS:-8}
+KEEP=${BENCH_KEEP:-10}
 WORKERS=${BENCH_WORKERS:-8}
 BATCH=${BENCH_BATCH:-20}
 LOAD_QUEUES=${BENCH_QUEUES:-4}
@@ -51,10 +57,13 @@ DB=bench          # throughput database; the worker ticks here
 SAMPLE_DB=sample  # (b), sampled by hand with the worker off
 INTERVAL_MS=1000
 
-for v in DURATION PAIRS WORKERS BATCH LOAD_QUEUES SAMPLE_QUEUES SAMPLE_JOBS REPS; do
+for v in PHASE PAIRS WORKERS BATCH LOAD_QUEUES SAMPLE_QUEUES SAMPLE_JOBS REPS; do
   need_positive "$v" "${!v}"
 done
 need_nonneg BENCH_WARMUP "$WARMUP"
+need_nonneg BENCH_SETTLE "$SETTLE"
+need_nonneg BENCH_KEEP "$KEEP"
+(( SETTLE < PHASE )) || { echo "BENCH_SETTLE must be shorter than BENCH_PHASE" >&2; exit 2; }
 command -v node >/dev/null || { echo "node not found (Node 20+)" >&2; exit 2; }
 [[ -f $root/tests/node/node_modules/pg-boss/package.json ]] \
   || { echo "pg-boss is not installed; run bash scripts/install-queue-systems.sh" >&2; exit 2; }
@@ -69,12 +78,12 @@ mkdir -p "$OUT"
 rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.txt "$OUT"/results.md
 
 # --- cluster ---------------------------------------------------------------
-# The worker ticks in database $DB every second when on. It is switched with
-# ALTER SYSTEM (a postmaster setting) and a restart before every phase, so
-# both arms start from the same cold shared buffers.
+# The worker runs in database $DB; the ab load switches it between ticking
+# every second and sleeping on its latch (sample_interval 1h) with ALTER
+# SYSTEM and pg_reload_conf(), so no restart separates the two arms.
 start_cluster 'meshhook_limits.restart_grace = 0' \
-  "meshhook_limits.database = '$DB'" "meshhook_limits.sample_interval = ${INTERVAL_MS}ms" \
-  'meshhook_limits.worker = off'
+  "meshhook_limits.database = '$DB'" "meshhook_limits.sample_interval = 1h" \
+  'meshhook_limits.worker = on'
 bench_client_env
 
 q() { qdb "$1" "$2"; }
@@ -85,31 +94,8 @@ node "$here/pgboss_load.mjs" "$(conn "$DB")" init --queues "$LOAD_QUEUES" >"$OUT
   || { echo "pg-boss init failed: $(cat "$OUT/init.json")" >&2; exit 1; }
 
 broken=()
-
-set_worker() { # on|off: restart the cluster with the worker on or off
-  q postgres "ALTER SYSTEM SET meshhook_limits.worker = $1" >/dev/null
-  "$root/scripts/pg.sh" stop "$CLUSTER" >/dev/null
-  # A reinstall of the extension elsewhere can leave the library missing for
-  # a moment; retry the start (the run is then flagged as untrustworthy).
-  local try
-  for try in 1 2 3 4 5 6; do
-    "$root/scripts/pg.sh" start "$CLUSTER" >/dev/null 2>&1 && break
-    (( try < 6 )) || { echo "could not start the cluster; see $server_log" >&2; exit 1; }
-    sleep 5
-  done
-  wait_ready
-  local want=0 n i
-  [[ $1 == on ]] && want=1
-  for i in $(seq 50); do
-    n=$(q postgres "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'meshhook_limits worker'")
-    [[ $n == "$want" ]] && break
-    sleep 0.1
-  done
-  [[ $n == "$want" ]] || broken+=("worker $1: $n worker process(es) running, expected $want")
-}
 worker_pid() { q postgres "SELECT pid FROM pg_stat_activity WHERE backend_type = 'meshhook_limits worker'"; }
-
-json() { node -e "const o = JSON.parse(require('fs').readFileSync('$1', 'utf8')); const v = o['$2']; process.stdout.write(v == null ? '' : String(v))"; }
+json() { node -e "const o = JSON.parse(require('fs').readFileSync('$1', 'utf8')); const v = o$2; process.stdout.write(v == null ? '' : String(typeof v === 'number' ? Math.round(v * 100) / 100 : v))"; }
 
 # --- machine and settings ----------------------------------------------------
 machine_info "$DB"
@@ -118,61 +104,48 @@ settings() {
     meshhook_limits.sample_interval meshhook_limits.database meshhook_limits.queue_window
 }
 
-# --- (a) throughput, worker off vs on ------------------------------------------
-phases=()
-for ((i = 0; i < PAIRS; i++)); do phases+=(off on); done
-total=$(( ${#phases[@]} * (DURATION + WARMUP + 4) ))
-echo "pg-boss throughput: ${#phases[@]} phases x (${WARMUP}s warm-up + ${DURATION}s), ~${total}s" >&2
-
-rows=()       # n|arm|jobs/s|ticks|worker cpu %|last tick ms|job rows|other CPU
-declare -A SUM CNT
-SUM[off]=0 SUM[on]=0 CNT[off]=0 CNT[on]=0
-declare -a JPS ARM
-settings_on=""
-n=0
-for arm in "${phases[@]}"; do
-  n=$((n + 1))
-  printf '  phase %d (worker %-3s) ' "$n" "$arm" >&2
-  set_worker "$arm"
-  [[ $arm == on ]] && settings_on=$(settings)
-  # Same start for every phase: no jobs, no old samples.
-  q "$DB" "TRUNCATE pgboss.job; TRUNCATE meshhook_limits.queue_samples" >/dev/null
-  q "$DB" "CHECKPOINT" >/dev/null
-  wpid=""; [[ $arm == on ]] && wpid=$(worker_pid)
-  ticks0=$(q "$DB" "SELECT ticks FROM meshhook_limits.worker_state")
-  errs0=$(q "$DB" "SELECT errors FROM meshhook_limits.worker_state")
-  log="$OUT/phase-$n-$arm.json"
-  rc=0
-  cpu_start; w0=$(proc_cpu "$wpid")
-  node "$here/pgboss_load.mjs" "$(conn "$DB")" run --queues "$LOAD_QUEUES" --workers "$WORKERS" \
-    --batch "$BATCH" --seconds "$DURATION" --warmup "$WARMUP" >"$log" 2>"$OUT/phase-$n-$arm.log" || rc=$?
-  cpu_end; w1=$(proc_cpu "$wpid")
-  cpu_other; elapsed=$cpu_elapsed; other=$cpu_other_pct
-  jps=$(json "$log" jobs_per_s 2>/dev/null || true)
-  if (( rc != 0 )) || [[ -z $jps ]]; then
-    broken+=("phase $n (worker $arm): load failed: $(head -c 300 "$log" 2>/dev/null) $(head -c 300 "$OUT/phase-$n-$arm.log" 2>/dev/null)")
-    jps=0
-  fi
-  ticks1=$(q "$DB" "SELECT ticks FROM meshhook_limits.worker_state")
-  errs1=$(q "$DB" "SELECT errors FROM meshhook_limits.worker_state")
-  last_ms=$(q "$DB" "SELECT coalesce(last_tick_ms::text, '') FROM meshhook_limits.worker_state")
-  jobs=$(q "$DB" "SELECT count(*) FROM pgboss.job")
-  dticks=$((ticks1 - ticks0))
-  wcpu=$(awk -v a="$w1" -v b="$w0" -v t="$elapsed" 'BEGIN { printf "%.1f", 100 * (a - b) / t }')
-  if [[ $arm == on ]]; then
-    # At one tick a second, a phase should see about one tick per second.
-    (( dticks >= (DURATION + WARMUP) / 2 )) || broken+=("phase $n: the worker ticked only $dticks times")
-    (( errs1 == errs0 )) || broken+=("phase $n: $((errs1 - errs0)) tick(s) failed: $(q "$DB" "SELECT last_error FROM meshhook_limits.worker_state")")
-  else
-    (( dticks == 0 )) || broken+=("phase $n: $dticks tick(s) with the worker off")
-    last_ms=""; wcpu=""
-  fi
-  echo "jobs/s=$jps  (ticks+$dticks, worker CPU ${wcpu:-–}% of one core, last tick ${last_ms:-–} ms, $jobs job rows, other CPU $other)" >&2
-  rows+=("$n|$arm|$jps|$dticks|$wcpu|$last_ms|$jobs|$other")
-  JPS[n]=$jps; ARM[n]=$arm
-  SUM[$arm]=$(awk -v a="${SUM[$arm]}" -v b="$jps" 'BEGIN { print a + b }')
-  CNT[$arm]=$((CNT[$arm] + 1))
-done
+# --- (a) throughput, worker off vs on, interleaved --------------------------------
+total=$(( WARMUP + (2 * PAIRS + 1) * PHASE ))
+echo "pg-boss throughput: $((2 * PAIRS + 1)) phases of ${PHASE}s (off, on, ..., off) after ${WARMUP}s, ~${total}s" >&2
+wpid=""
+for i in $(seq 50); do wpid=$(worker_pid); [[ -n $wpid ]] && break; sleep 0.1; done
+[[ -n $wpid ]] || { echo "the meshhook_limits worker is not running; see $server_log" >&2; exit 1; }
+q "$DB" "CHECKPOINT" >/dev/null
+ticks0=$(q "$DB" "SELECT ticks FROM meshhook_limits.worker_state")
+errs0=$(q "$DB" "SELECT errors FROM meshhook_limits.worker_state")
+full0=$(q "$DB" "SELECT count(DISTINCT stats_at) FROM meshhook_limits.queue_samples")
+ablog="$OUT/ab.json"
+rc=0
+cpu_start
+node "$here/pgboss_load.mjs" "$(conn "$DB")" ab --queues "$LOAD_QUEUES" --workers "$WORKERS" \
+  --batch "$BATCH" --pairs "$PAIRS" --phase "$PHASE" --settle "$SETTLE" --warmup "$WARMUP" \
+  --worker-pid "$wpid" --on-interval "${INTERVAL_MS}ms" --off-interval 1h --keep "$KEEP" >"$ablog" 2>"$OUT/ab.log" || rc=$?
+cpu_end; cpu_other
+if (( rc != 0 )) || [[ -z $(json "$ablog" .off_mean_jobs_per_s 2>/dev/null || true) ]]; then
+  broken+=("load failed: $(head -c 400 "$ablog" 2>/dev/null) $(head -c 400 "$OUT/ab.log" 2>/dev/null)")
+fi
+settings_on=$(settings)
+ticks1=$(q "$DB" "SELECT ticks FROM meshhook_limits.worker_state")
+errs1=$(q "$DB" "SELECT errors FROM meshhook_limits.worker_state")
+dticks=$((ticks1 - ticks0))
+on_seconds=$((PAIRS * PHASE))
+# About one tick per second of the on phases (plus one per switch).
+(( dticks >= on_seconds * 8 / 10 && dticks <= on_seconds + 2 * PAIRS + 3 )) \
+  || broken+=("the worker ticked $dticks times over $on_seconds s of on phases")
+(( errs1 == errs0 )) || broken+=("$((errs1 - errs0)) tick(s) failed: $(q "$DB" "SELECT last_error FROM meshhook_limits.worker_state")")
+[[ $(worker_pid) == "$wpid" ]] || broken+=("the worker process changed during the run (crash or restart)")
+full_passes=$(( $(q "$DB" "SELECT count(DISTINCT stats_at) FROM meshhook_limits.queue_samples") - full0 ))
+scan_ms_load=$(q "$DB" "SELECT coalesce(queue_stats_ms::text, '–') FROM meshhook_limits.worker_state")
+last_ms=$(q "$DB" "SELECT coalesce(last_tick_ms::text, '–') FROM meshhook_limits.worker_state")
+load_rows=$(q "$DB" "SELECT count(*) FROM pgboss.job")
+loss=$(json "$ablog" .loss_pct)
+paired_mean=$(json "$ablog" .paired_loss_mean_pct)
+paired_se=$(json "$ablog" .paired_loss_stderr_pct)
+paired_median=$(json "$ablog" .paired_loss_median_pct)
+noise=$(json "$ablog" .off_neighbour_diff_median_pct)
+wcpu_on=$(json "$ablog" .worker_cpu_on_pct_of_core)
+wcpu_off=$(json "$ablog" .worker_cpu_off_pct_of_core)
+echo "  loss: paired mean ${paired_mean}% ± ${paired_se} (median ${paired_median}%), worker CPU on ${wcpu_on}% of a core, $dticks ticks, $full_passes full passes" >&2
 
 # The plan of the sampler's statement as installed (auto_explain, nested
 # statements, EXPLAIN ANALYZE + BUFFERS, statements over 10 ms only), with
@@ -185,31 +158,10 @@ explain_sampler() { # db file
 }
 # The sampler on the job table as the last phase left it (every finished job
 # inside the queue window), before (b) replaces the data set.
-load_rows=$(q "$DB" "SELECT count(*) FROM pgboss.job")
 load_plan=$(explain_sampler "$DB" "$OUT/sampler-plan-load.txt")
-
-mean_off=$(awk -v s="${SUM[off]}" -v c="${CNT[off]}" 'BEGIN { printf "%.1f", s / c }')
-mean_on=$(awk -v s="${SUM[on]}" -v c="${CNT[on]}" 'BEGIN { printf "%.1f", s / c }')
-loss=$(awk -v a="$mean_off" -v b="$mean_on" 'BEGIN { if (a > 0) printf "%.2f", 100 * (a - b) / a; else print "n/a" }')
-# Drift-controlled: each "on" phase against the mean of the "off" phases
-# next to it (before and, when there is one, after).
-paired=()
-for ((i = 1; i <= n; i++)); do
-  [[ ${ARM[i]} == on ]] || continue
-  ref=${JPS[i - 1]}; cnt=1
-  if (( i + 1 <= n )) && [[ ${ARM[i + 1]} == off ]]; then
-    ref=$(awk -v a="$ref" -v b="${JPS[i + 1]}" 'BEGIN { print a + b }'); cnt=2
-  fi
-  paired+=("$(awk -v r="$ref" -v c="$cnt" -v x="${JPS[i]}" 'BEGIN { m = r / c; printf "%.2f", 100 * (m - x) / m }')")
-done
-paired_median=$(printf '%s\n' "${paired[@]}" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f", (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
-# Spread of the "off" phases: how much two identical phases differ here.
-off_spread=$(for ((i = 1; i <= n; i++)); do if [[ ${ARM[i]} == off ]]; then echo "${JPS[i]}"; fi; done |
-  awk -v m="$mean_off" '{ d = ($1 - m) / m * 100; if (d < 0) d = -d; if (d > x) x = d } END { printf "%.1f", x }')
 
 # --- (b) sample time with many queues and jobs --------------------------------
 echo "sample time: $SAMPLE_QUEUES queues, $SAMPLE_JOBS jobs" >&2
-set_worker off
 create_bench_db "$SAMPLE_DB"
 node "$here/pgboss_load.mjs" "$(conn "$SAMPLE_DB")" init --queues 0 >"$OUT/init-sample.json" \
   || { echo "pg-boss init failed: $(cat "$OUT/init-sample.json")" >&2; exit 1; }
@@ -259,9 +211,9 @@ echo "  loaded in ${load_s}s: $dataset" >&2
 
 # Time each statement REPS times after one untimed run (warm caches), each in
 # its own transaction as the worker runs it; the median is reported.
-time_stmt() { # name sql -> "median min max", or "n/a n/a n/a" on error
+time_stmt() { # name sql [setup] -> "median min max", or "n/a n/a n/a" on error
   local f="$OUT/time-$1.log"
-  { echo '\timing on'; for ((i = 0; i <= REPS; i++)); do echo "$2;"; done; } |
+  { if [[ -n ${3:-} ]]; then echo "$3;"; fi; echo '\timing on'; for ((i = 0; i <= REPS; i++)); do echo "$2;"; done; } |
     "$PSQL" -X -qAt -v ON_ERROR_STOP=1 -d "$SAMPLE_DB" >"$f" 2>&1 || { echo "n/a n/a n/a"; return; }
   grep -o '^Time: [0-9.]*' "$f" | awk '{ print $2 }' | tail -n "$REPS" | sort -g |
     awk '{ a[NR] = $1 } END { m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "%.1f %.1f %.1f", m, a[1], a[NR] }'
@@ -270,8 +222,20 @@ timed() { # name: record a failed timing
   [[ $2 != n/a ]] || broken+=("timing $1 failed: $(grep -m1 -i error "$OUT/time-$1.log")")
 }
 win="current_setting('meshhook_limits.queue_window')::interval"
-read -r tick_med tick_min tick_max <<<"$(time_stmt tick "SELECT meshhook_limits.tick()")"
+read -r tick_med tick_min tick_max <<<"$(time_stmt tick "SELECT meshhook_limits.tick()" "SET meshhook_limits.queue_scan_budget = 1")"
 timed tick "$tick_med"
+# Between full passes: the untimed first run makes a full pass; with a tiny
+# budget the timed ones that follow are all cheap ticks.
+read -r cheap_med cheap_min cheap_max <<<"$(time_stmt tick_cheap "SELECT meshhook_limits.tick()" "SET meshhook_limits.queue_scan_budget = 0.0001")"
+timed tick_cheap "$cheap_med"
+cheap_ticks=$(q "$SAMPLE_DB" "SELECT count(DISTINCT sampled_at) FROM meshhook_limits.queue_samples WHERE stats_at < sampled_at")
+(( cheap_ticks >= REPS )) || broken+=("only $cheap_ticks of the $REPS ticks under a tiny budget were cheap ones")
+read -r sampc_med sampc_min sampc_max <<<"$(time_stmt sample_pgboss_cheap "SELECT meshhook_limits._sample_pgboss(clock_timestamp(), $win, false)")"
+timed sample_pgboss_cheap "$sampc_med"
+full_ms=$(q "$SAMPLE_DB" "SELECT queue_stats_ms FROM meshhook_limits.worker_state")
+budget_default=$(q "$SAMPLE_DB" "SELECT boot_val FROM pg_settings WHERE name = 'meshhook_limits.queue_scan_budget'")
+full_every=$(awk -v ms="$full_ms" -v b="$budget_default" 'BEGIN { printf "%.0f", ms / b / 1000 }')
+per_second=$(awk -v c="$cheap_med" -v b="$budget_default" -v i="$INTERVAL_MS" 'BEGIN { printf "%.1f", c * 1000 / i + b * 1000 }')
 read -r samp_med samp_min samp_max <<<"$(time_stmt sample_pgboss "SELECT meshhook_limits._sample_pgboss(clock_timestamp(), $win)")"
 timed sample_pgboss "$samp_med"
 alerts=""
@@ -298,30 +262,34 @@ end_checks
 report() {
   echo "## meshhook_limits: cost of the worker's sampling on pg-boss $boss_version"
   echo
-  report_machine "" "Node $(node --version)" ", $(basename "${ext_sql:-?}") sha256 $ext_sql_sha…" " (worker on)" "$settings_on"
+  report_machine "" "Node $(node --version)" ", $(basename "${ext_sql:-?}") sha256 $ext_sql_sha…" " (at the end; the load switches sample_interval between ${INTERVAL_MS}ms and 1h)" "$settings_on"
   echo
-  echo "### (a) Throughput, worker off vs on"
+  echo "### (a) Throughput, worker off vs on, interleaved"
   echo
   echo "$WORKERS concurrent loops of pg-boss \`insert\` $BATCH jobs → \`fetch\` batchSize $BATCH → \`complete\`,"
-  echo "over $LOAD_QUEUES queues; ${DURATION} s measured after ${WARMUP} s warm-up per phase; job table truncated and"
-  echo "cluster restarted before each phase."
+  echo "over $LOAD_QUEUES queues, run without a break for $((2 * PAIRS + 1)) phases of $PHASE s after $WARMUP s of warm-up;"
+  echo "the worker is switched at each phase boundary (\`sample_interval\` ${INTERVAL_MS}ms ↔ 1h, \`pg_reload_conf()\`),"
+  echo "and the first $SETTLE s of every phase are not counted. $(if (( KEEP > 0 )); then
+    echo "Every second, jobs completed more than $KEEP s ago are deleted (pg-boss's maintenance with a short"
+    echo "\`deleteAfterSeconds\`), so the job table stays at a steady size: $load_rows rows at the end."
+  else
+    echo "The job table is never emptied: it grew to $load_rows rows by the end."
+  fi)"
   echo
-  echo "| phase | worker | jobs/s | ticks | worker CPU (% of one core) | last tick ms | job rows at end | other CPU |"
-  echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-  local r
-  for r in "${rows[@]}"; do
-    IFS='|' read -r pn arm jps dticks wcpu last jobs other <<<"$r"
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$pn" "$arm" "$(awk -v x="$jps" 'BEGIN { printf "%.0f", x }')" \
-      "$dticks" "${wcpu:-–}" "${last:-–}" "$jobs" "$other"
-  done
+  echo "| phase | worker | jobs/s | worker CPU (% of one core) | machine busy |"
+  echo "| ---: | --- | ---: | ---: | ---: |"
+  node -e "const o = JSON.parse(require('fs').readFileSync('$ablog', 'utf8'));
+    o.phases.forEach((p, i) => console.log('| ' + (i + 1) + ' | ' + p.arm + ' | ' + p.jobs_per_s.toFixed(0) + ' | ' +
+      p.worker_cpu_pct_of_core.toFixed(2) + ' | ' + p.machine_busy_pct.toFixed(0) + '% |'))" 2>/dev/null || echo "| (no phases) | | | | |"
   echo
-  echo "- mean jobs/s: off $mean_off, on $mean_on → loss $loss% (paired with neighbouring off phases: ${paired[*]/%/%}; median $paired_median%)"
-  local wmean
-  wmean=$(for r in "${rows[@]}"; do IFS='|' read -r _ arm _ _ wcpu _ _ _ <<<"$r"; if [[ $arm == on ]]; then echo "$wcpu"; fi; done |
-    awk -v n="$NCPU" '{ s += $1; c++ } END { if (c) printf "%.1f%% of one core, %.1f%% of the machine'"'"'s %d CPUs", s / c, s / c / n, n }')
-  echo "- CPU of the worker process while on (mean over the on phases): $wmean"
-  echo "- largest deviation of an off phase from the off mean: ±$off_spread% (the noise floor of this comparison)"
-  echo "- $(verdict "$loss" '<' 1): throughput loss with the worker sampling every second: $loss% (target < 1%)"
+  echo "- mean jobs/s: off $(json "$ablog" .off_mean_jobs_per_s), on $(json "$ablog" .on_mean_jobs_per_s) → loss $loss%"
+  echo "- each on phase against the mean of its two neighbours: mean **$paired_mean%** ± $paired_se (standard error), median $paired_median%"
+  echo "  (per phase: $(node -e "const o = JSON.parse(require('fs').readFileSync('$ablog', 'utf8')); process.stdout.write(o.paired_loss_pct.map(x => x.toFixed(1) + '%').join(', '))" 2>/dev/null))"
+  echo "- noise: neighbouring off phases differ by $noise% (median)"
+  echo "- CPU of the worker process: $wcpu_on% of one core while on ($(awk -v x="$wcpu_on" -v n="$NCPU" 'BEGIN { printf "%.2f", x / n }')% of the machine's $NCPU CPUs), $wcpu_off% while off"
+  echo "- ticks: $dticks, of which $full_passes full passes over the queue tables (the last took $scan_ms_load ms; last tick $last_ms ms)"
+  echo "- other CPU (outside the cluster and the load): $cpu_other_pct"
+  echo "- $(verdict "$paired_mean" '<' 1): throughput loss with the worker sampling every second: $paired_mean% (target < 1%)"
   echo
   echo "Plan of the sampler's statement on the job table the last phase left ($load_rows rows, all"
   echo "finished within the queue window; auto_explain, ANALYZE, BUFFERS; costs removed):"
@@ -336,12 +304,17 @@ report() {
   echo
   echo "| statement | median ms | min ms | max ms |"
   echo "| --- | ---: | ---: | ---: |"
-  echo "| \`SELECT meshhook_limits.tick()\` | $tick_med | $tick_min | $tick_max |"
-  echo "| \`_sample_pgboss(now, queue_window)\` alone | $samp_med | $samp_min | $samp_max |"
+  echo "| \`SELECT meshhook_limits.tick()\` with a full pass (\`queue_scan_budget = 1\`) | $tick_med | $tick_min | $tick_max |"
+  echo "| \`SELECT meshhook_limits.tick()\` between full passes | $cheap_med | $cheap_min | $cheap_max |"
+  echo "| \`_sample_pgboss(now, queue_window)\` alone, full pass | $samp_med | $samp_min | $samp_max |"
+  echo "| \`_sample_pgboss(now, queue_window, false)\` alone, waiting jobs only | $sampc_med | $sampc_min | $sampc_max |"
   [[ -n $alerts ]] && echo "| \`_evaluate_alerts(now)\` alone | $al_med | $al_min | $al_max |"
   echo "| \`SELECT count(*) FROM pgboss.job\` (one full scan, for scale) | $scan_ms | | |"
   echo
-  echo "$REPS timed runs each after one untimed run, each its own transaction, worker off."
+  echo "$REPS timed runs each after one untimed run, each its own transaction, worker asleep."
+  echo "The last full pass took $full_ms ms; under the default \`queue_scan_budget\` ($budget_default of one core) the"
+  echo "next one follows $full_every s later, so at one tick a second the sampler costs about $per_second ms of CPU"
+  echo "per second (a cheap tick each second plus the budget), instead of a full tick every second."
   echo
   echo "Plan of the sampler's statement (auto_explain, ANALYZE, BUFFERS; costs removed):"
   echo
@@ -349,8 +322,8 @@ report() {
   echo "$plan"
   echo '```'
   echo
-  report_checks "- OK: every load phase ran without error; the worker ticked about once a" \
-    "  second with no failed tick when on and not at all when off; tick() and the" \
+  report_checks "- OK: the load ran without error; the worker ticked about once a second in the" \
+    "  on phases with no failed tick and the same process throughout; tick() and the" \
     "  sampler ran cleanly and sampled all $SAMPLE_QUEUES queues."
 }
 

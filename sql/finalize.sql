@@ -20,3 +20,4 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._active_tenants(int, uuid[]) FROM PUB
 REVOKE EXECUTE ON FUNCTION meshhook_limits._usage(uuid) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._meter(uuid, text, uuid, timestamptz, numeric, boolean, numeric, numeric, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._emit_alert(text, text, text, text, numeric, uuid, numeric, jsonb, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_waiting() FROM PUBLIC;

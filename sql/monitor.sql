@@ -156,6 +156,27 @@ CREATE VIEW meshhook_limits.effective_alert_rules AS
    WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.alert_rules u WHERE u.name = b.name);
 GRANT SELECT ON meshhook_limits.effective_alert_rules TO PUBLIC;
 
+-- Waiting jobs per pg-boss queue (states before 'active': created, retry),
+-- read through pg-boss's own partial index job_i5 (... WHERE state <
+-- 'active'), index-only: the cost follows the waiting jobs, not the table.
+-- The planner is told so: on a fresh or bloated job table its statistics
+-- lead it to a (parallel) sequential or bitmap scan of the whole heap, and a
+-- plain index scan also marks the dead entries it meets, so the next tick
+-- skips them. (The enum comparison, not a cast, matches the index predicate.)
+CREATE FUNCTION meshhook_limits._pgboss_waiting()
+RETURNS TABLE(name text, queued bigint, oldest timestamptz)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+BEGIN
+  RETURN QUERY EXECUTE $q$
+    SELECT j.name::text, count(*), min(j.created_on) FROM pgboss.job j WHERE j.state < 'active' GROUP BY j.name $q$;
+END
+$$;
+
 -- One sample of every pg-boss queue (v10: job + archive; v11+: job).
 -- p_full: every count and statistic in one pass over the job table.
 -- Otherwise queued and oldest_age only, through pg-boss's own partial index
@@ -171,11 +192,8 @@ BEGIN
     RETURN 0;
   END IF;
   IF NOT p_full THEN
-    -- (the enum comparison, not a cast, is what matches the index predicate)
     EXECUTE $q$
-      WITH waiting AS (
-        SELECT j.name, count(*) AS queued, min(j.created_on) AS oldest
-          FROM pgboss.job j WHERE j.state < 'active' GROUP BY j.name),
+      WITH waiting AS (SELECT * FROM meshhook_limits._pgboss_waiting()),
       prev AS (
         SELECT p.* FROM meshhook_limits.queue_samples p
          WHERE p.source = 'pgboss'
@@ -335,6 +353,7 @@ CREATE FUNCTION meshhook_limits._series(p_metric text)
 RETURNS TABLE(series text, labels jsonb, tenant_id uuid, value numeric)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
+DECLARE tenants uuid[];
 BEGIN
   IF p_metric LIKE 'queue.%' THEN
     RETURN QUERY
@@ -352,11 +371,16 @@ BEGIN
                            ELSE p.waiting::numeric END
         FROM meshhook_limits.pool_samples p ORDER BY p.sampled_at DESC LIMIT 1;
   ELSIF p_metric = 'tenant.usage_ratio' THEN
-    -- Every tenant metered in the last day, with live slots, or storing data.
+    -- Every tenant metered in the last day, with live slots, or storing data
+    -- (none: skip planning the usage query at all, every tick).
+    tenants := meshhook_limits._active_tenants(NULL);
+    IF cardinality(tenants) = 0 THEN
+      RETURN;
+    END IF;
     RETURN QUERY
       SELECT u.tenant_id::text || ':' || u.resource, jsonb_build_object('tenant_id', u.tenant_id, 'resource', u.resource),
              u.tenant_id, round(u.used / u.limit_value, 6)
-        FROM meshhook_limits._usage_ratios(meshhook_limits._active_tenants(NULL)) u
+        FROM meshhook_limits._usage_ratios(tenants) u
        WHERE u.used IS NOT NULL AND u.limit_value > 0;
   END IF;
 END
@@ -543,6 +567,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '200ms'   -- a locked queue table is skipped, never waited on
 SET work_mem = '32MB'        -- percentiles over busy queues sort in memory
+SET max_parallel_workers_per_gather = 0  -- a sampler takes one core at most, never the queues' CPUs
 AS $$
 DECLARE
   t0 timestamptz := pg_catalog.clock_timestamp();
