@@ -12,6 +12,7 @@ mod identity;
 mod limits;
 mod metrics;
 mod rate;
+mod row;
 mod shmem;
 mod slots;
 mod worker;

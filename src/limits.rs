@@ -110,6 +110,14 @@ fn load(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
     })
 }
 
+/// The slot limits if this backend has them cached (never runs SQL).
+pub fn cached_slot_limits(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Option<SlotLimits> {
+    GenerationCache::get(
+        &CACHE,
+        &(*tenant.as_bytes(), project.map(|p| *p.as_bytes())),
+    )
+}
+
 pub fn slot_limits(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
     let key: Key = (*tenant.as_bytes(), project.map(|p| *p.as_bytes()));
     GenerationCache::get_or_load(&CACHE, key, || load(tenant, project))

@@ -469,47 +469,15 @@ fn check_slow(tenant: Option<Uuid>, key: Option<&str>, cost: Option<i32>) -> Res
 }
 
 thread_local! {
-    /// The blessed row type of check_rate_limit's result, built once per backend.
+    /// The blessed row type of check_rate_limit's result.
     static ROW_DESC: Cell<pg_sys::TupleDesc> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-fn row_desc() -> pg_sys::TupleDesc {
-    ROW_DESC.with(|d| {
-        if d.get().is_null() {
-            // SAFETY: built in TopMemoryContext so it lives as long as the
-            // backend; BlessTupleDesc registers it as a transient record type.
-            unsafe {
-                let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
-                let desc = pg_sys::CreateTemplateTupleDesc(3);
-                let cols: [(&std::ffi::CStr, pg_sys::Oid); 3] = [
-                    (c"allowed", pg_sys::BOOLOID),
-                    (c"remaining", pg_sys::INT8OID),
-                    (c"retry_after", pg_sys::INTERVALOID),
-                ];
-                for (i, (name, oid)) in cols.iter().enumerate() {
-                    pg_sys::TupleDescInitEntry(desc, (i + 1) as i16, name.as_ptr(), *oid, -1, 0);
-                }
-                pg_sys::BlessTupleDesc(desc);
-                pg_sys::MemoryContextSwitchTo(old);
-                d.set(desc);
-            }
-        }
-        d.get()
-    })
-}
+crate::finfo_v1!(pg_finfo_meshhook_limits_check_rate_limit);
 
 /// `check_rate_limit(tenant_id, key, cost)`: spend `cost` tokens of the
 /// tenant's rate for `key`. Never raises for a refusal: allowed = false with
-/// the exact retry_after. A set-returning function (the contract's RETURNS
-/// TABLE) that answers its one row directly (ExprSingleResult), so a call
-/// costs no SRF set-up: no per-call memory context, no result-type lookup.
-#[no_mangle]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_meshhook_limits_check_rate_limit() -> &'static pg_sys::Pg_finfo_record {
-    const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1_API
-}
-
+/// the exact retry_after. Answers its one row directly (crate::row).
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn meshhook_limits_check_rate_limit(
@@ -527,26 +495,23 @@ pub extern "C-unwind" fn meshhook_limits_check_rate_limit(
         Some(row) => row,
         None => check_slow(tenant, key, cost).or_raise(),
     };
-    unsafe {
-        let rsinfo = (*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>();
-        if rsinfo.is_null() || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo {
-            LimitsError::invalid(
-                "check_rate_limit was called in a context that cannot accept a set",
-                "call it as SELECT * FROM meshhook_limits.check_rate_limit(...)",
-            )
-            .raise();
-        }
-        (*rsinfo).isDone = pg_sys::ExprDoneCond::ExprSingleResult;
-        let desc = row_desc();
-        let mut values = [
-            row.0.into_datum().unwrap_or(pg_sys::Datum::from(0)),
-            row.1.into_datum().unwrap_or(pg_sys::Datum::from(0)),
-            row.2.into_datum().unwrap_or(pg_sys::Datum::from(0)),
-        ];
-        let mut nulls = [false, row.1.is_none(), row.2.is_none()];
-        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::Datum::from((*tuple).t_data)
-    }
+    let desc = crate::row::desc(
+        &ROW_DESC,
+        &[
+            (c"allowed", pg_sys::BOOLOID),
+            (c"remaining", pg_sys::INT8OID),
+            (c"retry_after", pg_sys::INTERVALOID),
+        ],
+    );
+    let cols = [
+        crate::row::datum(row.0),
+        crate::row::datum(row.1),
+        crate::row::datum(row.2),
+    ];
+    let mut values = cols.map(|c| c.0);
+    let mut nulls = cols.map(|c| c.1);
+    // SAFETY: three columns of the declared types.
+    unsafe { crate::row::one_row(fcinfo, desc, &mut values, &mut nulls, "check_rate_limit") }
 }
 
 extension_sql!(

@@ -106,12 +106,16 @@ fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> Acq
     )
 }
 
+/// `full`: as the owner (the definer function), free to run SQL. Otherwise
+/// the caller's own fast path: None whenever an answer would need SQL (limits
+/// not cached in this backend, no shared memory), before changing anything.
 fn acquire(
     tenant: Option<Uuid>,
     project: Option<Uuid>,
     run_id: Option<&str>,
     lease: Option<Interval>,
-) -> Result<AcquireRow> {
+    full: bool,
+) -> Result<Option<AcquireRow>> {
     let tenant = tenant.ok_or_else(|| {
         LimitsError::invalid(
             "tenant_id must not be NULL",
@@ -143,9 +147,19 @@ fn acquire(
     };
     identity::require_act_for(tenant)?;
     if !shmem::available() {
-        return fallback::acquire(tenant, project, run_id, lease_micros);
+        if !full {
+            return Ok(None);
+        }
+        return fallback::acquire(tenant, project, run_id, lease_micros).map(Some);
     }
-    let lim = limits::slot_limits(tenant, project)?;
+    let lim = if full {
+        limits::slot_limits(tenant, project)?
+    } else {
+        match limits::cached_slot_limits(tenant, project) {
+            Some(lim) => lim,
+            None => return Ok(None),
+        }
+    };
     let now = now();
     let t = *tenant.as_bytes();
     let p = project.map(|p| *p.as_bytes());
@@ -155,12 +169,12 @@ fn acquire(
     let grace_end = started.saturating_add(crate::gucs::restart_grace_micros());
     if now < grace_end {
         drop(l);
-        return Ok(refuse(
+        return Ok(Some(refuse(
             "recovering",
             0,
             lim.tenant_cap,
             retry_after(Some(grace_end), now),
-        ));
+        )));
     }
     let over = |l: &mut Locked| {
         let tc = i64::from(l.t().count(&t, shmem::KIND_TENANT));
@@ -179,24 +193,24 @@ fn acquire(
     if tf {
         let end = l.t().earliest_end(|s| s.tenant == t);
         drop(l);
-        return Ok(refuse(
+        return Ok(Some(refuse(
             "tenant_limit",
             tc,
             lim.tenant_cap,
             retry_after(end, now),
-        ));
+        )));
     }
     if pf {
         let end = l
             .t()
             .earliest_end(|s| s.has_project && Some(s.project) == p);
         drop(l);
-        return Ok(refuse(
+        return Ok(Some(refuse(
             "project_limit",
             pc,
             lim.project_cap,
             retry_after(end, now),
-        ));
+        )));
     }
     let Some(idx) = l.t().allocate() else {
         drop(l);
@@ -237,7 +251,7 @@ fn acquire(
         (None, Some(pcap)) => (pc + 1, Some(pcap)),
         (tcap, _) => (tc + 1, tcap),
     };
-    Ok((
+    Ok(Some((
         true,
         Some(Uuid::from_bytes(id)),
         Some("granted".into()),
@@ -246,18 +260,19 @@ fn acquire(
         ts(deadline),
         ts(slot.lease_expires),
         None,
-    ))
+    )))
 }
 
-/// Take an execution slot for a tenant (and project). Never raises for a
-/// refusal: returns granted = false with a reason and retry_after.
+/// The complete acquire, as the extension's owner: loads the limits into
+/// this backend's cache, or uses the fallback table without shared memory.
+/// `acquire_execution_slot` calls it whenever its own fast path cannot answer.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn acquire_execution_slot(
+fn _acquire_execution_slot(
     tenant_id: Option<Uuid>,
-    project_id: default!(Option<Uuid>, "NULL"),
-    run_id: default!(Option<&str>, "NULL"),
-    lease: default!(Option<Interval>, "NULL"),
+    project_id: Option<Uuid>,
+    run_id: Option<&str>,
+    lease: Option<Interval>,
 ) -> TableIterator<
     'static,
     (
@@ -271,7 +286,103 @@ fn acquire_execution_slot(
         name!(retry_after, Option<Interval>),
     ),
 > {
-    TableIterator::once(acquire(tenant_id, project_id, run_id, lease).or_raise())
+    let row = acquire(tenant_id, project_id, run_id, lease, true)
+        .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
+        .or_raise();
+    TableIterator::once(row)
+}
+
+thread_local! {
+    static ACQUIRE_DESC: Cell<pg_sys::TupleDesc> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+crate::finfo_v1!(pg_finfo_meshhook_limits_acquire_execution_slot);
+
+/// `acquire_execution_slot(tenant_id, project_id, run_id, lease)`: take an
+/// execution slot for a tenant (and project). Never raises for a refusal:
+/// returns granted = false with a reason and retry_after. SECURITY INVOKER:
+/// with the limits cached in this backend it needs nothing but shared
+/// memory; otherwise it asks `_acquire_execution_slot` (SECURITY DEFINER).
+/// Identity is checked on both paths. Answers its one row directly.
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called by the executor with the four declared arguments.
+    let (tenant, project, run_id, lease) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 0),
+            pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 1),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 2),
+            pgrx::fcinfo::pg_getarg::<Interval>(fcinfo, 3),
+        )
+    };
+    let row = match acquire(tenant, project, run_id, lease, false).or_raise() {
+        Some(row) => row,
+        None => acquire_as_owner(tenant, project, run_id, lease).or_raise(),
+    };
+    let desc = crate::row::desc(
+        &ACQUIRE_DESC,
+        &[
+            (c"granted", pg_sys::BOOLOID),
+            (c"slot_id", pg_sys::UUIDOID),
+            (c"reason", pg_sys::TEXTOID),
+            (c"in_use", pg_sys::INT8OID),
+            (c"limit_value", pg_sys::INT8OID),
+            (c"deadline", pg_sys::TIMESTAMPTZOID),
+            (c"lease_expires_at", pg_sys::TIMESTAMPTZOID),
+            (c"retry_after", pg_sys::INTERVALOID),
+        ],
+    );
+    let cols = [
+        crate::row::datum(row.0),
+        crate::row::datum(row.1),
+        crate::row::datum(row.2),
+        crate::row::datum(row.3),
+        crate::row::datum(row.4),
+        crate::row::datum(row.5),
+        crate::row::datum(row.6),
+        crate::row::datum(row.7),
+    ];
+    let mut values = cols.map(|c| c.0);
+    let mut nulls = cols.map(|c| c.1);
+    // SAFETY: eight columns of the declared types.
+    unsafe {
+        crate::row::one_row(
+            fcinfo,
+            desc,
+            &mut values,
+            &mut nulls,
+            "acquire_execution_slot",
+        )
+    }
+}
+
+fn acquire_as_owner(
+    tenant: Option<Uuid>,
+    project: Option<Uuid>,
+    run_id: Option<&str>,
+    lease: Option<Interval>,
+) -> Result<AcquireRow> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT * FROM meshhook_limits._acquire_execution_slot($1, $2, $3, $4)",
+            Some(1),
+            &[tenant.into(), project.into(), run_id.into(), lease.into()],
+        )?;
+        let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
+        Ok((
+            r.get::<bool>(1)?.unwrap_or(false),
+            r.get::<Uuid>(2)?,
+            r.get::<String>(3)?,
+            r.get::<i64>(4)?,
+            r.get::<i64>(5)?,
+            r.get::<Ts>(6)?,
+            r.get::<Ts>(7)?,
+            r.get::<Interval>(8)?,
+        ))
+    })
 }
 
 fn slot_bytes(slot_id: Option<Uuid>) -> Result<[u8; 16]> {
@@ -398,7 +509,14 @@ fn heartbeat_execution_slot(
 
 const OUTCOMES: [&str; 5] = ["completed", "failed", "cancelled", "timed_out", "crashed"];
 
-fn release(slot_id: Option<Uuid>, outcome: Option<&str>, memory_peak: Option<i64>) -> Result<bool> {
+/// `full` as for `acquire`: without it, None whenever SQL would be needed
+/// (no shared memory, or a slot.revoked event to write), before any change.
+fn release(
+    slot_id: Option<Uuid>,
+    outcome: Option<&str>,
+    memory_peak: Option<i64>,
+    full: bool,
+) -> Result<Option<bool>> {
     let id = slot_bytes(slot_id)?;
     let outcome = outcome.unwrap_or("completed");
     if !OUTCOMES.contains(&outcome) {
@@ -414,10 +532,13 @@ fn release(slot_id: Option<Uuid>, outcome: Option<&str>, memory_peak: Option<i64
         ));
     }
     if !shmem::available() {
-        return fallback::release(id, memory_peak);
+        if !full {
+            return Ok(None);
+        }
+        return fallback::release(id, memory_peak).map(Some);
     }
     let Some((idx, snap)) = find(&id)? else {
-        return Ok(false);
+        return Ok(Some(false));
     };
     identity::require_act_for(Uuid::from_bytes(snap.tenant))?;
     if snap.state == REVOKED {
@@ -426,29 +547,87 @@ fn release(slot_id: Option<Uuid>, outcome: Option<&str>, memory_peak: Option<i64
                 l.t().forget(idx);
             }
         }
-        return Ok(false);
+        return Ok(Some(false));
     }
     if xact::pending(&id, Op::Release) {
-        return Ok(false);
+        return Ok(Some(false));
     }
     if snap.memory_limit >= 0 && memory_peak.is_some_and(|m| m > snap.memory_limit) {
+        if !full {
+            return Ok(None);
+        }
         emit_revoked(&snap, RevokeReason::MemoryExceeded, memory_peak)?;
     }
     xact::push(idx, id, Op::Release);
-    Ok(true)
+    Ok(Some(true))
 }
 
-/// Give a slot back. Takes effect when the calling transaction commits.
-/// Returns false when the slot was not held (unknown, already released or revoked).
+/// The complete release, as the extension's owner (fallback table, events).
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn release_execution_slot(
+fn _release_execution_slot(
     slot_id: Option<Uuid>,
-    outcome: default!(Option<&str>, "'completed'"),
-    memory_peak_bytes: default!(Option<i64>, "NULL"),
+    outcome: Option<&str>,
+    memory_peak_bytes: Option<i64>,
 ) -> bool {
-    release(slot_id, outcome, memory_peak_bytes).or_raise()
+    release(slot_id, outcome, memory_peak_bytes, true)
+        .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
+        .or_raise()
 }
+
+crate::finfo_v1!(pg_finfo_meshhook_limits_release_execution_slot);
+
+/// `release_execution_slot(slot_id, outcome, memory_peak_bytes)`: give a
+/// slot back; takes effect when the calling transaction commits. False when
+/// the slot was not held (unknown, already released or revoked).
+/// SECURITY INVOKER like acquire: `_release_execution_slot` does what needs SQL.
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn meshhook_limits_release_execution_slot(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called by the executor with the three declared arguments.
+    let (slot_id, outcome, memory_peak) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 0),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1),
+            pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 2),
+        )
+    };
+    let released = match release(slot_id, outcome, memory_peak, false).or_raise() {
+        Some(b) => b,
+        None => Spi::get_one_with_args::<bool>(
+            "SELECT meshhook_limits._release_execution_slot($1, $2, $3)",
+            &[slot_id.into(), outcome.into(), memory_peak.into()],
+        )
+        .map_err(LimitsError::from)
+        .or_raise()
+        .unwrap_or(false),
+    };
+    pg_sys::Datum::from(released)
+}
+
+extension_sql!(
+    r#"
+CREATE FUNCTION meshhook_limits.acquire_execution_slot(tenant_id uuid, project_id uuid DEFAULT NULL,
+    run_id text DEFAULT NULL, lease interval DEFAULT NULL)
+RETURNS TABLE(granted boolean, slot_id uuid, reason text, in_use bigint, limit_value bigint,
+              deadline timestamptz, lease_expires_at timestamptz, retry_after interval)
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'meshhook_limits_acquire_execution_slot';
+COMMENT ON FUNCTION meshhook_limits.acquire_execution_slot(uuid, uuid, text, interval) IS
+  'Take an execution slot for a tenant (and project); never raises for a refusal. SECURITY INVOKER: the caller must be the tenant or an admin.';
+CREATE FUNCTION meshhook_limits.release_execution_slot(slot_id uuid, outcome text DEFAULT 'completed',
+    memory_peak_bytes bigint DEFAULT NULL)
+RETURNS boolean
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'meshhook_limits_release_execution_slot';
+COMMENT ON FUNCTION meshhook_limits.release_execution_slot(uuid, text, bigint) IS
+  'Give a slot back at commit; false when it was not held. SECURITY INVOKER: the caller must be the tenant or an admin.';
+"#,
+    name = "slot_functions",
+    requires = [_acquire_execution_slot, _release_execution_slot]
+);
 
 fn reap() -> Result<i64> {
     identity::require_admin("reap execution slots")?;

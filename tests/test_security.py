@@ -249,7 +249,11 @@ def test_tenant_cannot_heartbeat_or_release_another_tenants_slot(auth, admin, wo
     assert row[0], row
     victim = str(row[1])
     try:
+        # B's limits are now cached in this backend (the fast path of
+        # acquire): A must still be refused, on every path.
         for call, params in [
+            (f"SELECT * FROM {S}.acquire_execution_slot(%s)", (b,)),
+            (f"SELECT * FROM {S}.acquire_execution_slot(%s, run_id => 'x')", (b,)),
             (f"SELECT * FROM {S}.heartbeat_execution_slot(%s)", (victim,)),
             (f"SELECT * FROM {S}.heartbeat_execution_slot(%s, 1)", (victim,)),
             (f"SELECT {S}.release_execution_slot(%s)", (victim,)),
@@ -481,9 +485,19 @@ def test_security_definer_functions_pin_search_path(admin):
     names = {r[0].split("(")[0] for r in rows}
     # The functions that write or cross tenants must be among them.
     for fn in ("set_limit", "clear_limit", "create_plan", "assign_plan", "set_plan_limit", "record_usage",
-               "usage", "effective_limits", "acquire_execution_slot", "heartbeat_execution_slot",
-               "release_execution_slot", "slots", "_emit"):
+               "usage", "effective_limits", "_acquire_execution_slot", "heartbeat_execution_slot",
+               "_release_execution_slot", "_check_rate_limit", "slots", "_emit"):
         assert f"meshhook_limits.{fn}" in names, fn
+    # The hot paths run as the caller and touch no table: shared memory only,
+    # after the same identity check; whatever needs SQL goes through the
+    # definer functions above. They carry no SET clause to swap per call.
+    invoker = admin.execute("""
+        SELECT p.proname, p.prosecdef, p.proconfig FROM pg_proc p
+         WHERE p.pronamespace = 'meshhook_limits'::regnamespace
+           AND p.proname IN ('acquire_execution_slot', 'release_execution_slot', 'check_rate_limit')
+         ORDER BY 1""").fetchall()
+    assert invoker == [("acquire_execution_slot", False, None), ("check_rate_limit", False, None),
+                       ("release_execution_slot", False, None)]
     bad = []
     for sig, conf in rows:
         sp = [c for c in (conf or []) if c.startswith("search_path=")]

@@ -1,0 +1,86 @@
+//! One-row answers of hot set-returning functions, without the SRF protocol.
+//!
+//! The contract declares `check_rate_limit` and `acquire_execution_slot` as
+//! `RETURNS TABLE(...)`: set-returning functions. pgrx's `TableIterator`
+//! answers through the value-per-call protocol, which costs every call a
+//! memory context, a result-type lookup from `pg_proc` and a `BlessTupleDesc`.
+//! A set-returning function may also answer a single row and say so
+//! (`isDone = ExprSingleResult`); the executor then stores that row and stops.
+//! These helpers do that with a row type built and blessed once per backend.
+use pgrx::pg_sys;
+use std::cell::Cell;
+use std::ffi::CStr;
+use std::thread::LocalKey;
+
+/// A per-backend blessed tuple descriptor, built on first use.
+pub type DescCell = LocalKey<Cell<pg_sys::TupleDesc>>;
+
+pub fn desc(cell: &'static DescCell, cols: &[(&CStr, pg_sys::Oid)]) -> pg_sys::TupleDesc {
+    cell.with(|d| {
+        if d.get().is_null() {
+            // SAFETY: built in TopMemoryContext, so it lives as long as the
+            // backend; BlessTupleDesc registers it as a transient record type.
+            unsafe {
+                let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+                let desc = pg_sys::CreateTemplateTupleDesc(cols.len() as i32);
+                for (i, (name, oid)) in cols.iter().enumerate() {
+                    pg_sys::TupleDescInitEntry(desc, (i + 1) as i16, name.as_ptr(), *oid, -1, 0);
+                }
+                pg_sys::BlessTupleDesc(desc);
+                pg_sys::MemoryContextSwitchTo(old);
+                d.set(desc);
+            }
+        }
+        d.get()
+    })
+}
+
+/// Answer `values` (NULL where `nulls`) as the one row of a set-returning
+/// function. Raises when the caller cannot take a set.
+///
+/// # Safety
+/// `fcinfo` is the call's; `desc` has as many columns as `values`, of the
+/// types of the datums.
+pub unsafe fn one_row(
+    fcinfo: pg_sys::FunctionCallInfo,
+    desc: pg_sys::TupleDesc,
+    values: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+    function: &str,
+) -> pg_sys::Datum {
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>();
+        if rsinfo.is_null() || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo {
+            crate::error::LimitsError::invalid(
+                format!("{function} was called in a context that cannot accept a set"),
+                format!("call it as SELECT * FROM meshhook_limits.{function}(...)"),
+            )
+            .raise();
+        }
+        (*rsinfo).isDone = pg_sys::ExprDoneCond::ExprSingleResult;
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::Datum::from((*tuple).t_data)
+    }
+}
+
+/// A datum and its null flag, for `one_row`.
+pub fn datum<T: pgrx::IntoDatum>(v: T) -> (pg_sys::Datum, bool) {
+    match v.into_datum() {
+        Some(d) => (d, false),
+        None => (pg_sys::Datum::from(0), true),
+    }
+}
+
+/// Declares the V1 calling convention of a hand-written C function.
+#[macro_export]
+macro_rules! finfo_v1 {
+    ($finfo:ident) => {
+        #[no_mangle]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static pgrx::pg_sys::Pg_finfo_record {
+            const V1_API: pgrx::pg_sys::Pg_finfo_record =
+                pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1_API
+        }
+    };
+}
