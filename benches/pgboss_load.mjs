@@ -99,6 +99,16 @@ function median (xs) {
 
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms))
 
+// One iteration of a load loop: a batched send, fetch and complete of the
+// same size; resolves to the jobs completed (0 when the fetch found none).
+async function cycle (boss, name, batch) {
+  await boss.insert(name, batch)
+  const fetched = await boss.fetch(name, { batchSize: batch.length })
+  if (fetched.length === 0) return 0
+  const r = await boss.complete(name, fetched.map(j => j.id))
+  return r.affected
+}
+
 async function main () {
   const [conn, command, ...rest] = process.argv.slice(2)
   if (!conn || !command) throw new Error('usage: pgboss_load.mjs CONN init|run [options]')
@@ -140,13 +150,11 @@ async function main () {
       const name = queues[i % queues.length]
       const batch = Array.from({ length: o.batch }, () => ({ data }))
       while (Date.now() < measureTo) {
-        await boss.insert(name, batch)
-        const jobs = await boss.fetch(name, { batchSize: o.batch })
-        if (jobs.length === 0) { emptyFetches++; continue }
-        const r = await boss.complete(name, jobs.map(j => j.id))
+        const n = await cycle(boss, name, batch)
+        if (n === 0) { emptyFetches++; continue }
         const now = Date.now()
-        completedAll += r.affected
-        if (now >= measureFrom && now < measureTo) completed += r.affected
+        completedAll += n
+        if (now >= measureFrom && now < measureTo) completed += n
         iterations++
       }
     }
@@ -206,12 +214,9 @@ async function ab (boss, queues, o, errors) {
     const name = queues[i % queues.length]
     const batch = Array.from({ length: o.batch }, () => ({ data }))
     while (Date.now() < end) {
-      await boss.insert(name, batch)
-      const fetched = await boss.fetch(name, { batchSize: o.batch })
-      if (fetched.length === 0) continue
-      const r = await boss.complete(name, fetched.map(j => j.id))
+      const n = await cycle(boss, name, batch)
       const now = Date.now()
-      if (counted(now)) jobs[phaseOf(now)] += r.affected
+      if (counted(now)) jobs[phaseOf(now)] += n
     }
   }
 

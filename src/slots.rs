@@ -372,17 +372,22 @@ fn acquire_as_owner(
             &[tenant.into(), project.into(), run_id.into(), lease.into()],
         )?;
         let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
-        Ok((
-            r.get::<bool>(1)?.unwrap_or(false),
-            r.get::<Uuid>(2)?,
-            r.get::<String>(3)?,
-            r.get::<i64>(4)?,
-            r.get::<i64>(5)?,
-            r.get::<Ts>(6)?,
-            r.get::<Ts>(7)?,
-            r.get::<Interval>(8)?,
-        ))
+        acquire_row(&r)
     })
+}
+
+/// An acquire result read back from SQL (the definer path, the fallback).
+fn acquire_row(r: &pgrx::spi::SpiHeapTupleData) -> Result<AcquireRow> {
+    Ok((
+        r.get::<bool>(1)?.unwrap_or(false),
+        r.get::<Uuid>(2)?,
+        r.get::<String>(3)?,
+        r.get::<i64>(4)?,
+        r.get::<i64>(5)?,
+        r.get::<Ts>(6)?,
+        r.get::<Ts>(7)?,
+        r.get::<Interval>(8)?,
+    ))
 }
 
 fn slot_bytes(slot_id: Option<Uuid>) -> Result<[u8; 16]> {

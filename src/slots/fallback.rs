@@ -3,7 +3,7 @@
 //! acquire and release writes a row, and announced once per session.
 use super::{AcquireRow, HeartbeatRow, SlotRow, Ts};
 use crate::error::Result;
-use pgrx::datum::{Interval, Uuid};
+use pgrx::datum::Uuid;
 use pgrx::prelude::*;
 use std::cell::Cell;
 
@@ -40,16 +40,7 @@ pub fn acquire(
         )?;
         let mut out = (false, None, None, None, None, None, None, None);
         if let Some(r) = rows.into_iter().next() {
-            out = (
-                r.get::<bool>(1)?.unwrap_or(false),
-                r.get::<Uuid>(2)?,
-                r.get::<String>(3)?,
-                r.get::<i64>(4)?,
-                r.get::<i64>(5)?,
-                r.get::<Ts>(6)?,
-                r.get::<Ts>(7)?,
-                r.get::<Interval>(8)?,
-            );
+            out = super::acquire_row(&r)?;
         }
         Ok(out)
     })
