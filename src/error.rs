@@ -88,3 +88,31 @@ impl<T> OrRaise<T> for Result<T> {
         }
     }
 }
+
+/// Run `f` (a call into SQL that may raise, such as a definer slow path
+/// reached through SPI) and re-raise any error it raises as it was: same
+/// SQLSTATE, message, detail and hint. Without this, an error that crossed
+/// SPI into Rust and back is reported with a Rust backtrace as its detail.
+pub fn passthrough<T>(f: impl FnOnce() -> T) -> T {
+    use pgrx::pg_sys::panic::CaughtError;
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
+        .catch_others(|e| match e {
+            CaughtError::PostgresError(r) => {
+                let mut report = ErrorReport::new(
+                    r.sql_error_code(),
+                    r.message().to_string(),
+                    "meshhook_limits",
+                );
+                if let Some(d) = r.detail() {
+                    report = report.set_detail(d.to_string());
+                }
+                if let Some(h) = r.hint() {
+                    report = report.set_hint(h.to_string());
+                }
+                report.report(PgLogLevel::ERROR);
+                unreachable!("ERROR does not return")
+            }
+            other => other.rethrow(),
+        })
+        .execute()
+}

@@ -297,6 +297,16 @@ fn validate(tenant: Option<Uuid>, key: Option<&str>) -> Result<(Uuid, &str)> {
     Ok((tenant, key))
 }
 
+fn over_burst(cost: i64, burst: f64, key: &str) -> LimitsError {
+    LimitsError::invalid(
+        format!(
+            "cost {cost} exceeds the burst {burst} of key \"{}\": it could never be allowed",
+            identity::truncate(key, 64)
+        ),
+        "raise the burst with set_limit('requests_per_second', rate, tenant_id, burst => n) or lower the cost",
+    )
+}
+
 fn notice_once() {
     if !NOTICED.with(|n| n.replace(true)) {
         pgrx::notice!(
@@ -333,10 +343,7 @@ fn check(
     };
     let burst = rule.burst;
     if cost as f64 > burst && rate > 0.0 {
-        return Err(LimitsError::invalid(
-            format!("cost {cost} exceeds the burst {burst} of key \"{}\": it could never be allowed", identity::truncate(key, 64)),
-            "raise the burst with set_limit('requests_per_second', rate, tenant_id, burst => n) or lower the cost",
-        ));
+        return Err(over_burst(cost, burst, key));
     }
     let now = now_ns();
     if table().is_none() {
@@ -429,7 +436,7 @@ fn check_fast(tenant: Option<Uuid>, key: Option<&str>, cost: Option<i32>) -> Res
         return Ok(Some((true, None, None)));
     };
     if cost as f64 > rule.burst && rate > 0.0 {
-        return Ok(None); // _check_rate_limit raises 22023
+        return Err(over_burst(cost, rule.burst, key));
     }
     let now = now_ns();
     let Some(d) = with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
@@ -493,7 +500,7 @@ pub extern "C-unwind" fn meshhook_limits_check_rate_limit(
     };
     let row = match check_fast(tenant, key, cost).or_raise() {
         Some(row) => row,
-        None => check_slow(tenant, key, cost).or_raise(),
+        None => crate::error::passthrough(|| check_slow(tenant, key, cost)).or_raise(),
     };
     let desc = crate::row::desc(
         &ROW_DESC,

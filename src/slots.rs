@@ -320,7 +320,8 @@ pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
     };
     let row = match acquire(tenant, project, run_id, lease, false).or_raise() {
         Some(row) => row,
-        None => acquire_as_owner(tenant, project, run_id, lease).or_raise(),
+        None => crate::error::passthrough(|| acquire_as_owner(tenant, project, run_id, lease))
+            .or_raise(),
     };
     let desc = crate::row::desc(
         &ACQUIRE_DESC,
@@ -601,10 +602,12 @@ pub extern "C-unwind" fn meshhook_limits_release_execution_slot(
     };
     let released = match release(slot_id, outcome, memory_peak, false).or_raise() {
         Some(b) => b,
-        None => Spi::get_one_with_args::<bool>(
-            "SELECT meshhook_limits._release_execution_slot($1, $2, $3)",
-            &[slot_id.into(), outcome.into(), memory_peak.into()],
-        )
+        None => crate::error::passthrough(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT meshhook_limits._release_execution_slot($1, $2, $3)",
+                &[slot_id.into(), outcome.into(), memory_peak.into()],
+            )
+        })
         .map_err(LimitsError::from)
         .or_raise()
         .unwrap_or(false),
