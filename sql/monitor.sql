@@ -496,19 +496,29 @@ CREATE FUNCTION meshhook_limits._evaluate_alerts(p_at timestamptz) RETURNS bigin
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE rule record; s record; st record; n bigint := 0; active boolean; clear_thr numeric;
-  seen text[];
+  v_series text[]; v_labels jsonb[]; v_tenants uuid[]; v_values numeric[];
 BEGIN
   FOR rule IN SELECT * FROM meshhook_limits.effective_alert_rules r WHERE r.enabled ORDER BY r.name LOOP
-    seen := '{}';
     clear_thr := coalesce(rule.resolve_threshold, rule.threshold);
-    -- Set-based first: only series past the threshold or with a state go
-    -- through the loop (with 1,000 quiet queues, none do).
-    FOR s IN SELECT x.* FROM meshhook_limits._series(rule.metric) x
-              WHERE x.labels @> rule.labels
-                AND ((x.value IS NOT NULL AND meshhook_limits._compare(x.value, rule.comparison, rule.threshold))
-                     OR EXISTS (SELECT 1 FROM meshhook_limits.alert_states a
-                                 WHERE a.rule = rule.name AND a.series = x.series)) LOOP
-      seen := seen || s.series;
+    -- The rule's series, read once into arrays (unnest zips them back).
+    SELECT coalesce(array_agg(x.series), '{}'), coalesce(array_agg(x.labels), '{}'),
+           coalesce(array_agg(x.tenant_id), '{}'), coalesce(array_agg(x.value), '{}')
+      INTO v_series, v_labels, v_tenants, v_values
+      FROM meshhook_limits._series(rule.metric) x WHERE x.labels @> rule.labels;
+    -- Set-based first: only series that change state go through the loop —
+    -- new past the threshold, pending that clears or is due, firing that is
+    -- back past resolve_threshold. With 1,000 quiet or steadily alerting
+    -- queues, none do.
+    FOR s IN SELECT c.series, c.labels, c.tenant_id, c.value
+               FROM unnest(v_series, v_labels, v_tenants, v_values) AS c(series, labels, tenant_id, value)
+               LEFT JOIN meshhook_limits.alert_states a ON a.rule = rule.name AND a.series = c.series
+              WHERE (a.rule IS NULL AND c.value IS NOT NULL
+                     AND meshhook_limits._compare(c.value, rule.comparison, rule.threshold))
+                 OR (a.state = 'pending' AND (c.value IS NULL
+                     OR NOT meshhook_limits._compare(c.value, rule.comparison, rule.threshold)
+                     OR p_at - a.since >= rule.for_duration))
+                 OR (a.state = 'firing' AND (c.value IS NULL
+                     OR NOT meshhook_limits._compare(c.value, rule.comparison, clear_thr))) LOOP
       SELECT * INTO st FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
       active := s.value IS NOT NULL AND meshhook_limits._compare(s.value, rule.comparison, rule.threshold);
       IF st IS NULL OR st.rule IS NULL THEN
@@ -542,9 +552,15 @@ BEGIN
         END IF;
       END IF;
     END LOOP;
+    -- Series that stay pending or firing: their current value, in one statement.
+    UPDATE meshhook_limits.alert_states a SET value = c.value
+      FROM unnest(v_series, v_values) AS c(series, value)
+     WHERE a.rule = rule.name AND a.series = c.series AND a.value IS DISTINCT FROM c.value;
     -- Series that are gone (a queue dropped, a tenant idle): resolve or forget.
     FOR st IN DELETE FROM meshhook_limits.alert_states a
-               WHERE a.rule = rule.name AND NOT (a.series = ANY (seen)) RETURNING a.* LOOP
+               WHERE a.rule = rule.name
+                 AND NOT EXISTS (SELECT 1 FROM unnest(v_series) AS c(series) WHERE c.series = a.series)
+               RETURNING a.* LOOP
       IF st.state = 'firing' THEN
         PERFORM meshhook_limits._emit_alert('alert.resolved', rule.name, rule.metric, rule.severity, rule.threshold,
                                             st.tenant_id, NULL, st.labels, st.since);

@@ -393,3 +393,38 @@ def test_builtin_rule_can_be_disabled_by_override(ac):
             admin.execute("DELETE FROM meshhook_limits.alert_rules WHERE name = 'pool_utilisation'")
         assert admin.execute("SELECT origin, enabled FROM meshhook_limits.effective_alert_rules "
                              "WHERE name = 'pool_utilisation'").fetchall() == [("builtin", True)]
+
+
+def test_firing_alert_keeps_its_episode_and_follows_the_value(ac):
+    """A series that stays firing is not re-fired: its state row keeps its
+    since/fired_at while its value follows the metric every tick."""
+    def state():
+        rows = ac.sql("SELECT state, value, since, fired_at FROM meshhook_limits.alert_states WHERE rule = 'test_value'")
+        return rows[0] if rows else None
+
+    def wait(pred, timeout=4.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = state()
+            if s is not None and pred(s):
+                return s
+            time.sleep(0.1)
+        raise AssertionError(f"alert state did not get there: {state()}")
+
+    extra: list[psycopg.Connection] = []
+    with ac.connect() as admin:
+        admin.execute("SELECT meshhook_limits.set_alert_rule(name => 'test_value', metric => 'pool.utilisation', "
+                      "threshold => 0, comparison => '>=')")
+        try:
+            first = wait(lambda s: s[0] == "firing")
+            for _ in range(3):
+                extra.append(ac.connect(application_name=APP))
+            later = wait(lambda s: s[1] > first[1])
+            assert (later[0], later[2], later[3]) == ("firing", first[2], first[3])
+            fired = admin.execute("SELECT count(*) FROM meshhook_limits.events WHERE payload->>'rule' = 'test_value' "
+                                  "AND event = 'alert.firing'").fetchone()[0]
+            assert fired == 1
+        finally:
+            for c in extra:
+                c.close()
+            admin.execute("DELETE FROM meshhook_limits.alert_rules WHERE name = 'test_value'")
