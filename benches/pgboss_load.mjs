@@ -109,6 +109,17 @@ async function cycle (boss, name, batch) {
   return r.affected
 }
 
+// The load: W concurrent loops, loop i on queue i mod N, each running cycle()
+// until `until`; onCycle(n, now) hears what each cycle completed.
+function loops (boss, queues, o, until, onCycle) {
+  const data = { payload: 'x'.repeat(64) }
+  return Array.from({ length: o.workers }, async (_, i) => {
+    const name = queues[i % queues.length]
+    const batch = Array.from({ length: o.batch }, () => ({ data }))
+    while (Date.now() < until) onCycle(await cycle(boss, name, batch), Date.now())
+  })
+}
+
 async function main () {
   const [conn, command, ...rest] = process.argv.slice(2)
   if (!conn || !command) throw new Error('usage: pgboss_load.mjs CONN init|run [options]')
@@ -144,22 +155,13 @@ async function main () {
     let completedAll = 0
     let iterations = 0
     let emptyFetches = 0
-    const data = { payload: 'x'.repeat(64) }
 
-    async function worker (i) {
-      const name = queues[i % queues.length]
-      const batch = Array.from({ length: o.batch }, () => ({ data }))
-      while (Date.now() < measureTo) {
-        const n = await cycle(boss, name, batch)
-        if (n === 0) { emptyFetches++; continue }
-        const now = Date.now()
-        completedAll += n
-        if (now >= measureFrom && now < measureTo) completed += n
-        iterations++
-      }
-    }
-
-    await Promise.all(Array.from({ length: o.workers }, (_, i) => worker(i)))
+    await Promise.all(loops(boss, queues, o, measureTo, (n, now) => {
+      if (n === 0) { emptyFetches++; return }
+      completedAll += n
+      if (now >= measureFrom && now < measureTo) completed += n
+      iterations++
+    }))
     const elapsed = (Date.now() - t0) / 1000
     await sleep(10)
     if (errors.length) throw new Error(`pg-boss reported errors: ${errors.slice(0, 3).join('; ')}`)
@@ -208,17 +210,6 @@ async function ab (boss, queues, o, errors) {
   const phaseOf = t => Math.floor((t - t0) / (o.phase * 1000))
   const counted = t => t >= t0 && t < end && (t - t0) % (o.phase * 1000) >= o.settle * 1000
   const jobs = arms.map(() => 0)
-  const data = { payload: 'x'.repeat(64) }
-
-  async function worker (i) {
-    const name = queues[i % queues.length]
-    const batch = Array.from({ length: o.batch }, () => ({ data }))
-    while (Date.now() < end) {
-      const n = await cycle(boss, name, batch)
-      const now = Date.now()
-      if (counted(now)) jobs[phaseOf(now)] += n
-    }
-  }
 
   // --keep K: once a second, delete jobs completed more than K seconds ago,
   // as pg-boss's maintenance does with a short deleteAfterSeconds, so the job
@@ -245,7 +236,9 @@ async function ab (boss, queues, o, errors) {
     }
   }
 
-  await Promise.all([conductor(), keeper(), ...Array.from({ length: o.workers }, (_, i) => worker(i))])
+  await Promise.all([conductor(), keeper(), ...loops(boss, queues, o, end, (n, now) => {
+    if (counted(now)) jobs[phaseOf(now)] += n
+  })])
   await setWorker(false) // the last phase was off; leave the worker asleep
   if (errors.length) throw new Error(`pg-boss reported errors: ${errors.slice(0, 3).join('; ')}`)
 

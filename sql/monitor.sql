@@ -194,10 +194,7 @@ BEGIN
   IF NOT p_full THEN
     EXECUTE $q$
       WITH waiting AS (SELECT * FROM meshhook_limits._pgboss_waiting()),
-      prev AS (
-        SELECT p.* FROM meshhook_limits.queue_samples p
-         WHERE p.source = 'pgboss'
-           AND p.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w))
+      prev AS (SELECT p.* FROM meshhook_limits._latest_queue_samples() p WHERE p.source = 'pgboss')
       INSERT INTO meshhook_limits.queue_samples
         SELECT $1, 'pgboss', q.name, coalesce(w.queued, 0), coalesce(p.active, 0), coalesce(p.failed_recent, 0),
                $1 - w.oldest, p.p50_ms, p.p95_ms, coalesce(p.throughput_per_min, 0), p.error_rate,
@@ -285,6 +282,8 @@ BEGIN
         INTO r USING p_at;
       v_p50 := NULL; v_p95 := NULL; v_tput := 0; stats := p_at;
       IF NOT p_full THEN
+        -- (_latest_queue_samples() inline: as a function with a SET clause it
+        -- would be planned again for every queue)
         SELECT p.p50_ms, p.p95_ms, p.throughput_per_min, p.stats_at INTO v_p50, v_p95, v_tput, stats
           FROM meshhook_limits.queue_samples p
          WHERE p.source = 'pgmq' AND p.queue = q.name
@@ -603,10 +602,10 @@ BEGIN
   -- A full pass over the queue tables when the budget allows: the last one
   -- took queue_stats_ms, so the next may start queue_stats_ms / budget after
   -- it. Also when there is no previous sample to carry statistics from.
-  SELECT w.queue_stats_at, w.queue_stats_ms, w.queues_sampled_at INTO ws FROM meshhook_limits.worker_state w;
+  SELECT w.queue_stats_at, w.queue_stats_ms INTO ws FROM meshhook_limits.worker_state w;
   full_pass := budget >= 1 OR ws.queue_stats_at IS NULL OR ws.queue_stats_at > t0
     OR t0 >= ws.queue_stats_at + (coalesce(ws.queue_stats_ms, 0) / budget) * interval '1 millisecond'
-    OR NOT EXISTS (SELECT 1 FROM meshhook_limits.queue_samples s WHERE s.sampled_at = ws.queues_sampled_at);
+    OR NOT EXISTS (SELECT 1 FROM meshhook_limits._latest_queue_samples());
   t_full := pg_catalog.clock_timestamp();
   BEGIN
     PERFORM meshhook_limits._sample_pgboss(t0, win, full_pass);
@@ -619,11 +618,12 @@ BEGIN
     RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
   END;
   -- queue_health() and the alert rules read the samples of this time.
-  UPDATE meshhook_limits.worker_state SET queues_sampled_at = t0;
-  IF full_pass THEN
-    UPDATE meshhook_limits.worker_state SET queue_stats_at = t0,
-           queue_stats_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t_full) * 1000, 3);
-  END IF;
+  UPDATE meshhook_limits.worker_state
+     SET queues_sampled_at = t0,
+         queue_stats_at = CASE WHEN full_pass THEN t0 ELSE queue_stats_at END,
+         queue_stats_ms = CASE WHEN full_pass
+                               THEN round(extract(epoch FROM pg_catalog.clock_timestamp() - t_full) * 1000, 3)
+                               ELSE queue_stats_ms END;
   PERFORM meshhook_limits._sample_pool(t0);
   PERFORM meshhook_limits.reap_execution_slots();
   PERFORM meshhook_limits._evaluate_alerts(t0);

@@ -66,13 +66,27 @@ impl LimitsError {
 
     /// Raise as a PostgreSQL ERROR. Does not return.
     pub fn raise(self) -> ! {
-        let mut report = ErrorReport::new(self.code(), self.to_string(), "meshhook_limits");
-        if let Some(h) = self.hint() {
-            report = report.set_hint(h);
-        }
-        report.report(PgLogLevel::ERROR);
-        unreachable!("ERROR does not return")
+        let hint = self.hint();
+        raise_report(self.code(), self.to_string(), None, hint)
     }
+}
+
+/// Raise an ERROR with this SQLSTATE, message, detail and hint.
+fn raise_report(
+    code: PgSqlErrorCode,
+    message: String,
+    detail: Option<String>,
+    hint: Option<String>,
+) -> ! {
+    let mut report = ErrorReport::new(code, message, "meshhook_limits");
+    if let Some(d) = detail {
+        report = report.set_detail(d);
+    }
+    if let Some(h) = hint {
+        report = report.set_hint(h);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
 }
 
 /// Unwrap a result at the SQL boundary, raising the error with its SQLSTATE.
@@ -97,21 +111,12 @@ pub fn passthrough<T>(f: impl FnOnce() -> T) -> T {
     use pgrx::pg_sys::panic::CaughtError;
     pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
         .catch_others(|e| match e {
-            CaughtError::PostgresError(r) => {
-                let mut report = ErrorReport::new(
-                    r.sql_error_code(),
-                    r.message().to_string(),
-                    "meshhook_limits",
-                );
-                if let Some(d) = r.detail() {
-                    report = report.set_detail(d.to_string());
-                }
-                if let Some(h) = r.hint() {
-                    report = report.set_hint(h.to_string());
-                }
-                report.report(PgLogLevel::ERROR);
-                unreachable!("ERROR does not return")
-            }
+            CaughtError::PostgresError(r) => raise_report(
+                r.sql_error_code(),
+                r.message().to_string(),
+                r.detail().map(str::to_string),
+                r.hint().map(str::to_string),
+            ),
             other => other.rethrow(),
         })
         .execute()

@@ -110,17 +110,17 @@ fn load(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
     })
 }
 
+fn key(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Key {
+    (*tenant.as_bytes(), project.map(|p| *p.as_bytes()))
+}
+
 /// The slot limits if this backend has them cached (never runs SQL).
 pub fn cached_slot_limits(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Option<SlotLimits> {
-    GenerationCache::get(
-        &CACHE,
-        &(*tenant.as_bytes(), project.map(|p| *p.as_bytes())),
-    )
+    GenerationCache::get(&CACHE, &key(tenant, project))
 }
 
 pub fn slot_limits(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
-    let key: Key = (*tenant.as_bytes(), project.map(|p| *p.as_bytes()));
-    GenerationCache::get_or_load(&CACHE, key, || load(tenant, project))
+    GenerationCache::get_or_load(&CACHE, key(tenant, project), || load(tenant, project))
 }
 
 /// Called by the triggers on limits, plans and plan assignments.

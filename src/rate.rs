@@ -18,6 +18,7 @@
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::identity;
 use crate::limits::GenerationCache;
+use crate::row::datum;
 use pgrx::datum::{Interval, TimestampWithTimeZone, Uuid};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -321,11 +322,19 @@ fn ns_interval(ns: i64) -> Interval {
     Interval::from_micros((ns + 999) / 1000)
 }
 
+type Row = (bool, Option<i64>, Option<Interval>);
+
+/// `full`: as the owner (`_check_rate_limit`), free to run SQL: loads the
+/// key's rule into this backend's cache, and without shared memory keeps the
+/// state in a table. Otherwise the caller's own fast path (no SPI, no table,
+/// so `check_rate_limit` runs as SECURITY INVOKER): None whenever the answer
+/// would need SQL, before spending anything.
 fn check(
     tenant: Option<Uuid>,
     key: Option<&str>,
     cost: Option<i32>,
-) -> Result<(bool, Option<i64>, Option<Interval>)> {
+    full: bool,
+) -> Result<Option<Row>> {
     let cost = i64::from(cost.unwrap_or(1));
     if cost < 0 {
         return Err(LimitsError::invalid(
@@ -334,12 +343,19 @@ fn check(
         ));
     }
     let (tenant, key) = validate(tenant, key)?;
-    let rule = rule(tenant, key)?;
+    let rule = if full {
+        rule(tenant, key)?
+    } else {
+        match GenerationCache::get(&RULES, &(*tenant.as_bytes(), key.to_string())) {
+            Some(rule) => rule,
+            None => return Ok(None),
+        }
+    };
     let Some(rate) = rule.rate else {
         if let Some(t) = table() {
             t.allowed.fetch_add(1, Ordering::Relaxed);
         }
-        return Ok((true, None, None));
+        return Ok(Some((true, None, None)));
     };
     let burst = rule.burst;
     if cost as f64 > burst && rate > 0.0 {
@@ -347,8 +363,11 @@ fn check(
     }
     let now = now_ns();
     if table().is_none() {
+        if !full {
+            return Ok(None);
+        }
         notice_once();
-        return check_in_table(tenant, key, now, cost, rate, burst);
+        return check_in_table(tenant, key, now, cost, rate, burst).map(Some);
     }
     let d = with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
         let (d, tat) = gcra(e.tat, e.paused_until, now, cost, rate, burst);
@@ -359,7 +378,11 @@ fn check(
     if let Some(t) = table() {
         if d.allowed { &t.allowed } else { &t.denied }.fetch_add(1, Ordering::Relaxed);
     }
-    Ok((d.allowed, d.remaining, d.retry_after_ns.map(ns_interval)))
+    Ok(Some((
+        d.allowed,
+        d.remaining,
+        d.retry_after_ns.map(ns_interval),
+    )))
 }
 
 /// Without shared memory: the same GCRA step on a row locked FOR UPDATE
@@ -371,7 +394,7 @@ fn check_in_table(
     cost: i64,
     rate: f64,
     burst: f64,
-) -> Result<(bool, Option<i64>, Option<Interval>)> {
+) -> Result<Row> {
     Spi::connect_mut(|c| {
         let rows = c.update(
             "SELECT tat, paused_until FROM meshhook_limits._rate_state_lock($1, $2, $3)",
@@ -395,8 +418,7 @@ fn check_in_table(
     })
 }
 
-/// The complete check, as the extension's owner: loads the key's rule into
-/// this backend's cache, and without shared memory keeps the state in a table.
+/// The complete check, as the extension's owner (`check(.., full)`).
 /// `check_rate_limit` calls it whenever its own fast path cannot answer.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
@@ -412,48 +434,10 @@ fn _check_rate_limit(
         name!(retry_after, Option<Interval>),
     ),
 > {
-    TableIterator::once(check(tenant_id, key, cost).or_raise())
-}
-
-/// The fast path: shared memory present and the rule of the key cached in
-/// this backend. It needs no rights beyond the caller's own (no SPI, no
-/// table), so `check_rate_limit` runs as SECURITY INVOKER: no definer switch
-/// and no `SET search_path` per call. None = ask `_check_rate_limit`.
-type Row = (bool, Option<i64>, Option<Interval>);
-fn check_fast(tenant: Option<Uuid>, key: Option<&str>, cost: Option<i32>) -> Result<Option<Row>> {
-    let cost = i64::from(cost.unwrap_or(1));
-    if cost < 0 || table().is_none() {
-        return Ok(None); // _check_rate_limit raises or uses the table
-    }
-    let (tenant, key) = validate(tenant, key)?;
-    let Some(rule) = GenerationCache::get(&RULES, &(*tenant.as_bytes(), key.to_string())) else {
-        return Ok(None);
-    };
-    let Some(rate) = rule.rate else {
-        if let Some(t) = table() {
-            t.allowed.fetch_add(1, Ordering::Relaxed);
-        }
-        return Ok(Some((true, None, None)));
-    };
-    if cost as f64 > rule.burst && rate > 0.0 {
-        return Err(over_burst(cost, rule.burst, key));
-    }
-    let now = now_ns();
-    let Some(d) = with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
-        let (d, tat) = gcra(e.tat, e.paused_until, now, cost, rate, rule.burst);
-        e.tat = tat;
-        d
-    }) else {
-        return Ok(None);
-    };
-    if let Some(t) = table() {
-        if d.allowed { &t.allowed } else { &t.denied }.fetch_add(1, Ordering::Relaxed);
-    }
-    Ok(Some((
-        d.allowed,
-        d.remaining,
-        d.retry_after_ns.map(ns_interval),
-    )))
+    let row = check(tenant_id, key, cost, true)
+        .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
+        .or_raise();
+    TableIterator::once(row)
 }
 
 fn check_slow(tenant: Option<Uuid>, key: Option<&str>, cost: Option<i32>) -> Result<Row> {
@@ -498,27 +482,18 @@ pub extern "C-unwind" fn meshhook_limits_check_rate_limit(
             pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 2),
         )
     };
-    let row = match check_fast(tenant, key, cost).or_raise() {
+    let row = match check(tenant, key, cost, false).or_raise() {
         Some(row) => row,
         None => crate::error::passthrough(|| check_slow(tenant, key, cost)).or_raise(),
     };
-    let desc = crate::row::desc(
-        &ROW_DESC,
-        &[
-            (c"allowed", pg_sys::BOOLOID),
-            (c"remaining", pg_sys::INT8OID),
-            (c"retry_after", pg_sys::INTERVALOID),
-        ],
-    );
     let cols = [
-        crate::row::datum(row.0),
-        crate::row::datum(row.1),
-        crate::row::datum(row.2),
+        (c"allowed", pg_sys::BOOLOID),
+        (c"remaining", pg_sys::INT8OID),
+        (c"retry_after", pg_sys::INTERVALOID),
     ];
-    let mut values = cols.map(|c| c.0);
-    let mut nulls = cols.map(|c| c.1);
-    // SAFETY: three columns of the declared types.
-    unsafe { crate::row::one_row(fcinfo, desc, &mut values, &mut nulls, "check_rate_limit") }
+    let row = [datum(row.0), datum(row.1), datum(row.2)];
+    // SAFETY: the declared columns, and datums of their types.
+    unsafe { crate::row::answer(fcinfo, &ROW_DESC, &cols, row, "check_rate_limit") }
 }
 
 extension_sql!(

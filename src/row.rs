@@ -15,7 +15,7 @@ use std::thread::LocalKey;
 /// A per-backend blessed tuple descriptor, built on first use.
 pub type DescCell = LocalKey<Cell<pg_sys::TupleDesc>>;
 
-pub fn desc(cell: &'static DescCell, cols: &[(&CStr, pg_sys::Oid)]) -> pg_sys::TupleDesc {
+fn desc(cell: &'static DescCell, cols: &[(&CStr, pg_sys::Oid)]) -> pg_sys::TupleDesc {
     cell.with(|d| {
         if d.get().is_null() {
             // SAFETY: built in TopMemoryContext, so it lives as long as the
@@ -35,19 +35,22 @@ pub fn desc(cell: &'static DescCell, cols: &[(&CStr, pg_sys::Oid)]) -> pg_sys::T
     })
 }
 
-/// Answer `values` (NULL where `nulls`) as the one row of a set-returning
-/// function. Raises when the caller cannot take a set.
+/// Answer `row` (from `datum`) as the one row of a set-returning function
+/// whose result columns are `cols` (their row type built once per backend in
+/// `cell`). Raises when the caller cannot take a set.
 ///
 /// # Safety
-/// `fcinfo` is the call's; `desc` has as many columns as `values`, of the
-/// types of the datums.
-pub unsafe fn one_row(
+/// `fcinfo` is the call's; each datum of `row` is of its column's type.
+pub unsafe fn answer<const N: usize>(
     fcinfo: pg_sys::FunctionCallInfo,
-    desc: pg_sys::TupleDesc,
-    values: &mut [pg_sys::Datum],
-    nulls: &mut [bool],
+    cell: &'static DescCell,
+    cols: &[(&CStr, pg_sys::Oid); N],
+    row: [(pg_sys::Datum, bool); N],
     function: &str,
 ) -> pg_sys::Datum {
+    let desc = desc(cell, cols);
+    let mut values = row.map(|c| c.0);
+    let mut nulls = row.map(|c| c.1);
     unsafe {
         let rsinfo = (*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>();
         if rsinfo.is_null() || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo {

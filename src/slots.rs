@@ -8,6 +8,7 @@
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::identity;
 use crate::limits;
+use crate::row::datum;
 use crate::shmem::{self, Locked, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX};
 use crate::xact::{self, Op};
 
@@ -323,41 +324,28 @@ pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
         None => crate::error::passthrough(|| acquire_as_owner(tenant, project, run_id, lease))
             .or_raise(),
     };
-    let desc = crate::row::desc(
-        &ACQUIRE_DESC,
-        &[
-            (c"granted", pg_sys::BOOLOID),
-            (c"slot_id", pg_sys::UUIDOID),
-            (c"reason", pg_sys::TEXTOID),
-            (c"in_use", pg_sys::INT8OID),
-            (c"limit_value", pg_sys::INT8OID),
-            (c"deadline", pg_sys::TIMESTAMPTZOID),
-            (c"lease_expires_at", pg_sys::TIMESTAMPTZOID),
-            (c"retry_after", pg_sys::INTERVALOID),
-        ],
-    );
     let cols = [
-        crate::row::datum(row.0),
-        crate::row::datum(row.1),
-        crate::row::datum(row.2),
-        crate::row::datum(row.3),
-        crate::row::datum(row.4),
-        crate::row::datum(row.5),
-        crate::row::datum(row.6),
-        crate::row::datum(row.7),
+        (c"granted", pg_sys::BOOLOID),
+        (c"slot_id", pg_sys::UUIDOID),
+        (c"reason", pg_sys::TEXTOID),
+        (c"in_use", pg_sys::INT8OID),
+        (c"limit_value", pg_sys::INT8OID),
+        (c"deadline", pg_sys::TIMESTAMPTZOID),
+        (c"lease_expires_at", pg_sys::TIMESTAMPTZOID),
+        (c"retry_after", pg_sys::INTERVALOID),
     ];
-    let mut values = cols.map(|c| c.0);
-    let mut nulls = cols.map(|c| c.1);
-    // SAFETY: eight columns of the declared types.
-    unsafe {
-        crate::row::one_row(
-            fcinfo,
-            desc,
-            &mut values,
-            &mut nulls,
-            "acquire_execution_slot",
-        )
-    }
+    let row = [
+        datum(row.0),
+        datum(row.1),
+        datum(row.2),
+        datum(row.3),
+        datum(row.4),
+        datum(row.5),
+        datum(row.6),
+        datum(row.7),
+    ];
+    // SAFETY: the declared columns, and datums of their types.
+    unsafe { crate::row::answer(fcinfo, &ACQUIRE_DESC, &cols, row, "acquire_execution_slot") }
 }
 
 fn acquire_as_owner(

@@ -89,7 +89,7 @@ def tick(conn, full: bool = True) -> list[str]:
     conn.add_notice_handler(handler)
     try:
         if full:
-            conn.execute(f"SET meshhook_limits.queue_scan_budget = 1")
+            conn.execute("SET meshhook_limits.queue_scan_budget = 1")
         conn.execute(f"SELECT {S}.tick()")
     finally:
         conn.execute("RESET meshhook_limits.queue_scan_budget")
