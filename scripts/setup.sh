@@ -49,6 +49,9 @@ $SUDO rm -f "$($PG_CONFIG --pkglibdir)/meshhook_limits.so"
 $SUDO env "PATH=$PATH" "HOME=$HOME" cargo pgrx install --release --pg-config "$PG_CONFIG" 2>&1 \
   | grep -Ev '^\s*(Copying|Writing|Discovered|Finished|Installing)' || true
 test -f "$($PG_CONFIG --pkglibdir)/meshhook_limits.so" || { echo "install failed" >&2; exit 1; }
+# The install scripts of released versions (sql/released/), so that an
+# upgrade can be tested from them: CREATE EXTENSION ... VERSION '0.1.0'.
+$SUDO cp sql/released/meshhook_limits--*.sql "$($PG_CONFIG --sharedir)/extension/"
 
 if [[ $WANT_TEST == 1 ]]; then
   if [[ ! -x .venv/bin/pytest ]]; then

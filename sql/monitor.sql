@@ -149,7 +149,8 @@ RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- The rules in force: user rules, and built-in rules not overridden by name.
-CREATE VIEW meshhook_limits.effective_alert_rules AS
+-- security_invoker: the caller's row-level security applies (tenants see none).
+CREATE VIEW meshhook_limits.effective_alert_rules WITH (security_invoker = true) AS
   SELECT u.*, 'user'::text AS origin FROM meshhook_limits.alert_rules u
   UNION ALL
   SELECT b.*, 'builtin' FROM meshhook_limits.builtin_alert_rules b
@@ -165,15 +166,20 @@ GRANT SELECT ON meshhook_limits.effective_alert_rules TO PUBLIC;
 -- skips them. (The enum comparison, not a cast, matches the index predicate.)
 CREATE FUNCTION meshhook_limits._pgboss_waiting()
 RETURNS TABLE(name text, queued bigint, oldest timestamptz)
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
 SET enable_bitmapscan = off
 SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
-  RETURN QUERY EXECUTE $q$
-    SELECT j.name::text, count(*), min(j.created_on) FROM pgboss.job j WHERE j.state < 'active' GROUP BY j.name $q$;
+  -- As the owner of pgboss.job (see _read_as_owner), never as ourselves.
+  RETURN QUERY SELECT w.name, w.queued, w.oldest
+    FROM pg_catalog.jsonb_to_recordset(meshhook_limits._read_as_owner(pg_catalog.to_regclass('pgboss.job'), $q$
+      SELECT coalesce(pg_catalog.jsonb_agg(x), '[]') FROM (
+        SELECT j.name::text AS name, count(*) AS queued, min(j.created_on) AS oldest
+          FROM pgboss.job j WHERE j.state < 'active' GROUP BY j.name) x $q$))
+      AS w(name text, queued bigint, oldest timestamptz);
 END
 $$;
 
@@ -186,23 +192,26 @@ $$;
 CREATE FUNCTION meshhook_limits._sample_pgboss(p_at timestamptz, p_window interval, p_full boolean DEFAULT true)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE n bigint; src text;
+DECLARE n bigint; src text; job oid := pg_catalog.to_regclass('pgboss.job');
+  queue oid := pg_catalog.to_regclass('pgboss.queue'); stats jsonb;
 BEGIN
-  IF pg_catalog.to_regclass('pgboss.job') IS NULL OR pg_catalog.to_regclass('pgboss.queue') IS NULL THEN
+  IF job IS NULL OR queue IS NULL THEN
     RETURN 0;
   END IF;
+  -- pg-boss's tables are read as their owner (_read_as_owner), never as
+  -- ourselves: their owner may not be trusted with our rights.
   IF NOT p_full THEN
-    EXECUTE $q$
-      WITH waiting AS (SELECT * FROM meshhook_limits._pgboss_waiting()),
-      prev AS (SELECT p.* FROM meshhook_limits._latest_queue_samples() p WHERE p.source = 'pgboss')
-      INSERT INTO meshhook_limits.queue_samples
-        SELECT $1, 'pgboss', q.name, coalesce(w.queued, 0), coalesce(p.active, 0), coalesce(p.failed_recent, 0),
-               $1 - w.oldest, p.p50_ms, p.p95_ms, coalesce(p.throughput_per_min, 0), p.error_rate,
-               meshhook_limits._queue_status('pgboss', q.name, coalesce(w.queued, 0), $1 - w.oldest, p.error_rate),
-               p.stats_at
-          FROM pgboss.queue q
-          LEFT JOIN waiting w ON w.name = q.name
-          LEFT JOIN prev p ON p.queue = q.name $q$ USING p_at;
+    WITH waiting AS (SELECT * FROM meshhook_limits._pgboss_waiting()),
+    prev AS (SELECT p.* FROM meshhook_limits._latest_queue_samples() p WHERE p.source = 'pgboss')
+    INSERT INTO meshhook_limits.queue_samples
+      SELECT p_at, 'pgboss', q.name, coalesce(w.queued, 0), coalesce(p.active, 0), coalesce(p.failed_recent, 0),
+             p_at - w.oldest, p.p50_ms, p.p95_ms, coalesce(p.throughput_per_min, 0), p.error_rate,
+             meshhook_limits._queue_status('pgboss', q.name, coalesce(w.queued, 0), p_at - w.oldest, p.error_rate),
+             p.stats_at
+        FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(queue,
+               'SELECT coalesce(pg_catalog.jsonb_agg(q.name::text), ''[]'') FROM pgboss.queue q')) AS q(name)
+        LEFT JOIN waiting w ON w.name = q.name
+        LEFT JOIN prev p ON p.queue = q.name;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
   END IF;
@@ -220,7 +229,7 @@ BEGIN
             UNION ALL SELECT name, state::text, created_on, started_on, completed_on FROM pgboss.archive
              WHERE completed_on > $1 - $2';
   END IF;
-  EXECUTE format($q$
+  stats := meshhook_limits._read_as_owner(job, format($q$
     WITH j AS (%1$s),
     agg AS (
       SELECT name,
@@ -246,10 +255,15 @@ BEGIN
         LEFT JOIN LATERAL (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
                                   percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
                              FROM unnest(a.durations) d) pc ON true)
-    INSERT INTO meshhook_limits.queue_samples
-      SELECT $1, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50, s.p95, s.tput, s.err,
-             meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err), $1
-        FROM s $q$, src) USING p_at, p_window;
+    SELECT coalesce(pg_catalog.jsonb_agg(s), '[]') FROM s $q$, src), p_at, p_window);
+  INSERT INTO meshhook_limits.queue_samples
+    SELECT p_at, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50::numeric, s.p95::numeric,
+           s.tput::numeric, s.err::numeric,
+           meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err::numeric), p_at
+      -- float8: numbers that come from the queue owner's side are finite
+      -- doubles, or the sample fails here (and is skipped) rather than later.
+      FROM pg_catalog.jsonb_to_recordset(stats) AS s(name text, queued bigint, active bigint, failed bigint,
+           oldest_age interval, p50 float8, p95 float8, tput float8, err float8);
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END
@@ -269,7 +283,11 @@ BEGIN
   IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
     RETURN 0;
   END IF;
-  FOR q IN SELECT m.queue_name::text AS name FROM pgmq.meta m ORDER BY 1 LOOP
+  -- pgmq's tables are read as their owner (_read_as_owner), never as ourselves.
+  FOR q IN SELECT x.name FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(
+             pg_catalog.to_regclass('pgmq.meta'),
+             'SELECT coalesce(pg_catalog.jsonb_agg(m.queue_name::text), ''[]'') FROM pgmq.meta m')) AS x(name)
+            ORDER BY 1 LOOP
     qt := lower('q_' || q.name);
     at_ := lower('a_' || q.name);
     -- Each queue in its own read-only subtransaction (no XID is assigned):
@@ -277,9 +295,12 @@ BEGIN
     -- are still sampled.
     BEGIN
       CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL;
-      EXECUTE format('SELECT count(*) FILTER (WHERE vt <= $1) AS visible, count(*) FILTER (WHERE vt > $1) AS invisible,
-                             min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I', qt)
-        INTO r USING p_at;
+      SELECT * INTO r FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
+          pg_catalog.to_regclass(format('pgmq.%I', qt)),
+          format('SELECT pg_catalog.to_jsonb(x) FROM (SELECT count(*) FILTER (WHERE vt <= $1) AS visible,
+                         count(*) FILTER (WHERE vt > $1) AS invisible,
+                         min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I) x', qt), p_at))
+        AS x(visible bigint, invisible bigint, oldest timestamptz);
       v_p50 := NULL; v_p95 := NULL; v_tput := 0; stats := p_at;
       IF NOT p_full THEN
         -- (_latest_queue_samples() inline: as a function with a SET clause it
@@ -289,11 +310,14 @@ BEGIN
          WHERE p.source = 'pgmq' AND p.queue = q.name
            AND p.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w);
       ELSIF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL THEN
-        EXECUTE format('SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
+        SELECT * INTO a FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
+            pg_catalog.to_regclass(format('pgmq.%I', at_)),
+            format('SELECT pg_catalog.to_jsonb(x) FROM (
+               SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p50,
                percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p95
-               FROM pgmq.%I WHERE archived_at > $1 - $2', at_)
-          INTO a USING p_at, p_window;
+               FROM pgmq.%I WHERE archived_at > $1 - $2) x', at_), p_at, p_window))
+          AS x(last_minute bigint, p50 float8, p95 float8);
         v_p50 := round(a.p50::numeric, 3); v_p95 := round(a.p95::numeric, 3); v_tput := coalesce(a.last_minute, 0);
       END IF;
       rows := rows || ROW(p_at, 'pgmq', q.name, r.visible, r.invisible, 0, p_at - r.oldest,
@@ -624,9 +648,23 @@ BEGIN
          queue_stats_ms = CASE WHEN full_pass
                                THEN round(extract(epoch FROM pg_catalog.clock_timestamp() - t_full) * 1000, 3)
                                ELSE queue_stats_ms END;
-  PERFORM meshhook_limits._sample_pool(t0);
-  PERFORM meshhook_limits.reap_execution_slots();
-  PERFORM meshhook_limits._evaluate_alerts(t0);
+  -- Each step on its own: one that fails (bad stored data, a locked table)
+  -- is logged and the others still run, so reaping never stops.
+  BEGIN
+    PERFORM meshhook_limits.reap_execution_slots();
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: reaping slots failed: %', SQLERRM;
+  END;
+  BEGIN
+    PERFORM meshhook_limits._sample_pool(t0);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling the pool failed: %', SQLERRM;
+  END;
+  BEGIN
+    PERFORM meshhook_limits._evaluate_alerts(t0);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: evaluating alerts failed: %', SQLERRM;
+  END;
   DELETE FROM meshhook_limits.queue_samples s WHERE s.sampled_at < t0 - keep;
   DELETE FROM meshhook_limits.pool_samples s WHERE s.sampled_at < t0 - GREATEST(keep, current_setting('meshhook_limits.pool_critical_for')::interval + interval '1 minute');
   DELETE FROM meshhook_limits.events e WHERE e.created_at < t0 - current_setting('meshhook_limits.event_retention')::interval;

@@ -204,8 +204,23 @@ BEGIN
                             'storage_bytes', 'requests_per_second', 'work_mem_bytes', 'temp_file_bytes')
              OR p_resource LIKE 'requests_per_second.%';
   IF p_limit IS NULL OR p_limit = 'NaN' OR p_limit < 0 OR p_limit = 'Infinity' THEN
-    RAISE EXCEPTION 'limit_value must be a finite number >= 0, got %', coalesce(p_limit::text, 'NULL')
+    RAISE EXCEPTION 'limit_value must be a finite number >= 0, got %', coalesce(left(p_limit::text, 40), 'NULL')
       USING ERRCODE = '22023', HINT = 'use clear_limit to remove a limit';
+  END IF;
+  -- Bounded, so every reader (metrics, alerts, the slot and rate paths)
+  -- can take any stored limit.
+  IF p_limit > 1e18 THEN
+    RAISE EXCEPTION 'limit_value must be at most 1e18, got %', left(p_limit::text, 40)
+      USING ERRCODE = '22023', HINT = 'use clear_limit for no limit at all';
+  END IF;
+  IF p_limit > 0 AND p_limit < 1e-9 THEN
+    RAISE EXCEPTION 'limit_value must be 0 or at least 1e-9, got %', left(p_limit::text, 40)
+      USING ERRCODE = '22023';
+  END IF;
+  IF (p_resource = 'requests_per_second' OR p_resource LIKE 'requests_per_second.%')
+     AND p_limit > 0 AND p_limit < 0.000001 THEN
+    RAISE EXCEPTION 'a request rate must be 0 or at least 0.000001 per second, got %', p_limit
+      USING ERRCODE = '22023', HINT = 'a rate of 0 refuses every request';
   END IF;
   IF p_resource = 'concurrent_executions' AND p_limit <> trunc(p_limit) THEN
     RAISE EXCEPTION 'concurrent_executions must be a whole number, got %', p_limit
@@ -233,8 +248,8 @@ BEGIN
   IF p_burst IS NOT NULL AND p_resource <> 'requests_per_second' AND p_resource NOT LIKE 'requests_per_second.%' THEN
     RAISE EXCEPTION 'burst applies to requests_per_second only' USING ERRCODE = '22023';
   END IF;
-  IF p_burst IS NOT NULL AND (p_burst = 'NaN' OR p_burst < 0 OR p_burst = 'Infinity') THEN
-    RAISE EXCEPTION 'burst must be a finite number >= 0, got %', p_burst USING ERRCODE = '22023';
+  IF p_burst IS NOT NULL AND (p_burst = 'NaN' OR p_burst < 0 OR p_burst > 1e18 OR (p_burst > 0 AND p_burst < 1e-9)) THEN
+    RAISE EXCEPTION 'burst must be a number between 0 and 1e18, got %', left(p_burst::text, 40) USING ERRCODE = '22023';
   END IF;
 END
 $$;
@@ -369,6 +384,25 @@ BEGIN
 END
 $$;
 
+-- Supabase Realtime's realtime.send(jsonb, text, text, boolean), when it is
+-- the real one: the function and its schema belong to a superuser or to
+-- supabase_realtime_admin (who installs Realtime on Supabase), and no other
+-- function named send sits beside it. A send created by anyone else (a role
+-- with CREATE on the database, on a server without Realtime) is never
+-- called: it would run as the definer of _emit.
+CREATE FUNCTION meshhook_limits._realtime_send_trusted() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT count(*) = 1 AND bool_and(
+           p.oid = pg_catalog.to_regprocedure('realtime.send(jsonb,text,text,boolean)')
+           AND (fo.rolsuper OR fo.rolname = 'supabase_realtime_admin')
+           AND (so.rolsuper OR so.rolname = 'supabase_realtime_admin'))
+    FROM pg_catalog.pg_proc p
+    JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    JOIN pg_catalog.pg_roles fo ON fo.oid = p.proowner
+    JOIN pg_catalog.pg_roles so ON so.oid = n.nspowner
+   WHERE n.nspname = 'realtime' AND p.proname = 'send'
+$$;
+
 -- Record an event: keep it, NOTIFY it, and send it to Supabase Realtime where present.
 CREATE FUNCTION meshhook_limits._emit(p_event text, p_tenant uuid, p_resource text, p_value numeric,
                                       p_limit numeric, p_extra jsonb DEFAULT NULL)
@@ -380,15 +414,20 @@ DECLARE
 BEGIN
   payload := jsonb_build_object('event', p_event, 'tenant_id', p_tenant, 'resource', p_resource,
                                 'value', p_value, 'limit', p_limit, 'at', pg_catalog.now());
-  IF p_extra IS NOT NULL AND length((payload || p_extra)::text) < 7900 THEN
+  IF p_extra IS NOT NULL AND octet_length((payload || p_extra)::text) < 7900 THEN
     payload := p_extra || payload;
+  END IF;
+  -- NOTIFY takes at most 8000 bytes; an event never fails on its size.
+  IF octet_length(payload::text) >= 7900 THEN
+    payload := jsonb_build_object('event', p_event, 'tenant_id', p_tenant, 'resource', left(p_resource, 63),
+                                  'at', pg_catalog.now(), 'truncated', true);
   END IF;
   INSERT INTO meshhook_limits.events (tenant_id, event, resource, payload)
   VALUES (p_tenant, p_event, p_resource, payload);
   PERFORM pg_catalog.pg_notify(channel, payload::text);
-  IF pg_catalog.to_regprocedure('realtime.send(jsonb,text,text,boolean)') IS NOT NULL THEN
-    EXECUTE 'SELECT realtime.send($1, $2, $3, true)'
-      USING payload, p_event, 'meshhook_limits:' || coalesce(p_tenant::text, 'admin');
+  IF meshhook_limits._realtime_send_trusted() THEN
+    EXECUTE 'SELECT realtime.send($1::jsonb, $2::text, $3::text, $4::boolean)'
+      USING payload, p_event, 'meshhook_limits:' || coalesce(p_tenant::text, 'admin'), true;
   END IF;
 END
 $$;
@@ -450,8 +489,8 @@ BEGIN
       USING ERRCODE = '22023',
             HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
   END IF;
-  IF amount IS NULL OR amount = 'NaN' OR amount < 0 OR amount = 'Infinity' THEN
-    RAISE EXCEPTION 'amount must be a finite number >= 0, got %', coalesce(amount::text, 'NULL')
+  IF amount IS NULL OR amount = 'NaN' OR amount < 0 OR amount > 1e18 OR (amount > 0 AND amount < 1e-9) THEN
+    RAISE EXCEPTION 'amount must be 0 or a number between 1e-9 and 1e18, got %', coalesce(left(amount::text, 40), 'NULL')
       USING ERRCODE = '22023', HINT = 'usage only grows; report what was used, not a correction';
   END IF;
   IF r IN ('concurrent_executions', 'execution_seconds', 'requests_per_second') THEN
@@ -750,12 +789,12 @@ BEGIN
     RETURN;
   END IF;
   INSERT INTO meshhook_limits.storage_totals AS s (tenant_id, bytes) VALUES (p_tenant, p_delta)
-  ON CONFLICT (tenant_id) DO UPDATE SET bytes = s.bytes + EXCLUDED.bytes
+  ON CONFLICT (tenant_id) DO UPDATE SET bytes = GREATEST(s.bytes + EXCLUDED.bytes, 0)
   RETURNING s.bytes INTO new_total;
   old_total := new_total - p_delta;
   INSERT INTO meshhook_limits.storage_usage AS u (tenant_id, table_schema, table_name, bytes)
   VALUES (p_tenant, p_schema, p_table, p_delta)
-  ON CONFLICT (tenant_id, table_schema, table_name) DO UPDATE SET bytes = u.bytes + EXCLUDED.bytes;
+  ON CONFLICT (tenant_id, table_schema, table_name) DO UPDATE SET bytes = GREATEST(u.bytes + EXCLUDED.bytes, 0);
   SELECT * INTO lim FROM meshhook_limits._resolve(p_tenant, NULL) r WHERE r.resource = 'storage_bytes';
   IF lim.limit_value IS NULL THEN
     RETURN;
@@ -776,19 +815,27 @@ BEGIN
 END
 $$;
 
--- The tracked row of a table: by relid, else by name (then relid is refreshed).
+-- The tracked table a table's writes count against: itself, or the root of
+-- its partition tree (partitions of a tracked partitioned table carry the
+-- same triggers, since DML on a partition fires only the partition's own
+-- statement triggers, and DML on the parent only the parent's).
 CREATE FUNCTION meshhook_limits._tracked(p_relid oid, p_schema name, p_table name)
 RETURNS meshhook_limits.tracked_tables
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
-DECLARE t meshhook_limits.tracked_tables;
+DECLARE t meshhook_limits.tracked_tables; root oid;
 BEGIN
-  SELECT * INTO t FROM meshhook_limits.tracked_tables x WHERE x.relid = p_relid;
+  root := coalesce(pg_catalog.pg_partition_root(p_relid), p_relid);
+  IF root <> p_relid THEN
+    SELECT n.nspname, c.relname INTO p_schema, p_table
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = root;
+  END IF;
+  SELECT * INTO t FROM meshhook_limits.tracked_tables x WHERE x.relid = root;
   IF NOT FOUND THEN
     UPDATE meshhook_limits.tracked_tables x
-       SET relid = p_relid,
+       SET relid = root,
            tenant_attnum = (SELECT a.attnum FROM pg_catalog.pg_attribute a
-                             WHERE a.attrelid = p_relid AND a.attname = x.tenant_column AND NOT a.attisdropped)
+                             WHERE a.attrelid = root AND a.attname = x.tenant_column AND NOT a.attisdropped)
      WHERE x.table_schema = p_schema AND x.table_name = p_table
     RETURNING x.* INTO t;
   END IF;
@@ -802,20 +849,25 @@ DECLARE tr meshhook_limits.tracked_tables; col text; d record; q text;
 BEGIN
   tr := meshhook_limits._tracked(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME);
   IF tr.table_name IS NULL THEN
-    RETURN NULL;  -- untracked in between; the triggers are about to go
+    RETURN NULL;  -- untracked in between, or a partition detached from a tracked table
   END IF;
   IF TG_OP = 'TRUNCATE' THEN
-    PERFORM meshhook_limits._storage_forget(tr.table_schema, tr.table_name, false);
+    IF tr.relid = TG_RELID THEN
+      PERFORM meshhook_limits._storage_forget(tr.table_schema, tr.table_name, false);
+    ELSE
+      PERFORM meshhook_limits._storage_recount(tr.relid);  -- one partition of it
+    END IF;
     RETURN NULL;
   END IF;
   col := tr.tenant_column;
-  -- A row's size is the length of its text form: independent of compression,
-  -- TOAST and header packing, so the same rows always add and subtract alike.
+  -- A row's size is the sum of its values' sizes (_row_bytes): the same rows
+  -- always add and subtract alike, whatever the session's settings, and no
+  -- cast or output function of the table's types runs as the definer.
   q := CASE TG_OP
-    WHEN 'INSERT' THEN format('SELECT %I AS t, sum(pg_catalog.octet_length(n.*::text))::bigint AS b FROM new_rows n GROUP BY 1', col)
-    WHEN 'DELETE' THEN format('SELECT %I AS t, -sum(pg_catalog.octet_length(o.*::text))::bigint AS b FROM old_rows o GROUP BY 1', col)
-    ELSE format('SELECT t, sum(b)::bigint AS b FROM (SELECT %1$I AS t, pg_catalog.octet_length(n.*::text) AS b FROM new_rows n '
-                'UNION ALL SELECT %1$I, -pg_catalog.octet_length(o.*::text) FROM old_rows o) x GROUP BY 1', col)
+    WHEN 'INSERT' THEN format('SELECT %I AS t, sum(meshhook_limits._row_bytes(n))::bigint AS b FROM new_rows n GROUP BY 1', col)
+    WHEN 'DELETE' THEN format('SELECT %I AS t, -sum(meshhook_limits._row_bytes(o))::bigint AS b FROM old_rows o GROUP BY 1', col)
+    ELSE format('SELECT t, sum(b)::bigint AS b FROM (SELECT %1$I AS t, meshhook_limits._row_bytes(n) AS b FROM new_rows n '
+                'UNION ALL SELECT %1$I, -meshhook_limits._row_bytes(o) FROM old_rows o) x GROUP BY 1', col)
   END;
   -- Tenants in a fixed order, so concurrent multi-tenant statements cannot deadlock.
   FOR d IN EXECUTE q || ' ORDER BY 1' LOOP
@@ -825,20 +877,83 @@ BEGIN
 END
 $$;
 
+-- Bytes per tenant in a tracked table (all its partitions), counted as the
+-- table's owner (see _read_as_owner): [{"t": tenant, "b": bytes}, ...].
+CREATE FUNCTION meshhook_limits._storage_count(p_relid oid, p_column name) RETURNS jsonb
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT meshhook_limits._read_as_owner(p_relid, pg_catalog.format(
+    'SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(''t'', s.t, ''b'', s.b)), ''[]'')
+       FROM (SELECT x.%1$I AS t, pg_catalog.sum(meshhook_limits._row_bytes(x))::bigint AS b
+               FROM %2$s x WHERE x.%1$I IS NOT NULL GROUP BY 1) s', p_column, p_relid::regclass))
+$$;
+
+-- Count a tracked table again from its rows (after a schema change that
+-- changes row sizes, an attach or detach of a partition, a TRUNCATE of one
+-- partition). Never refuses: the rows are already there.
+CREATE FUNCTION meshhook_limits._storage_recount(p_relid oid) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE tr meshhook_limits.tracked_tables; d record;
+BEGIN
+  SELECT * INTO tr FROM meshhook_limits.tracked_tables t WHERE t.relid = p_relid;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  PERFORM meshhook_limits._storage_forget(tr.table_schema, tr.table_name, false);
+  FOR d IN SELECT (e->>'t')::uuid AS t, (e->>'b')::bigint AS b
+             FROM pg_catalog.jsonb_array_elements(meshhook_limits._storage_count(p_relid, tr.tenant_column)) e
+            ORDER BY 1 LOOP
+    INSERT INTO meshhook_limits.storage_usage (tenant_id, table_schema, table_name, bytes)
+    VALUES (d.t, tr.table_schema, tr.table_name, d.b);
+    INSERT INTO meshhook_limits.storage_totals AS s (tenant_id, bytes) VALUES (d.t, d.b)
+    ON CONFLICT (tenant_id) DO UPDATE SET bytes = s.bytes + EXCLUDED.bytes;
+  END LOOP;
+END
+$$;
+
+-- The storage triggers on one table (a tracked table, or a partition of one).
+CREATE FUNCTION meshhook_limits._storage_triggers(p_rel regclass, p_column name, p_create boolean)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF NOT p_create THEN
+    EXECUTE format('DROP TRIGGER IF EXISTS meshhook_limits_storage_ins ON %1$s;
+                    DROP TRIGGER IF EXISTS meshhook_limits_storage_upd ON %1$s;
+                    DROP TRIGGER IF EXISTS meshhook_limits_storage_del ON %1$s;
+                    DROP TRIGGER IF EXISTS meshhook_limits_storage_trunc ON %1$s', p_rel);
+    RETURN;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g WHERE g.tgrelid = p_rel AND g.tgname = 'meshhook_limits_storage_ins') THEN
+    RETURN;
+  END IF;
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', p_rel, p_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', p_rel, p_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', p_rel, p_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_trunc AFTER TRUNCATE ON %s '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', p_rel, p_column);
+END
+$$;
+
 CREATE FUNCTION meshhook_limits.track_storage(tbl regclass, tenant_column name)
 RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
-DECLARE sch name; rel name; typ regtype; kind "char"; counted bigint;
+DECLARE sch name; rel name; typ regtype; kind "char"; part boolean; counted bigint; m record;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('track storage');
   IF tbl IS NULL OR tenant_column IS NULL THEN
     RAISE EXCEPTION 'tbl and tenant_column must not be NULL' USING ERRCODE = '22023';
   END IF;
-  SELECT n.nspname, c.relname, c.relkind INTO sch, rel, kind
+  SELECT n.nspname, c.relname, c.relkind, c.relispartition INTO sch, rel, kind, part
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
-  IF kind <> 'r' THEN
-    RAISE EXCEPTION '% is not a plain table', tbl USING ERRCODE = '22023',
-      HINT = 'track each partition (or the tables behind a view) instead';
+  IF kind NOT IN ('r', 'p') THEN
+    RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '22023',
+      HINT = 'track the tables behind a view instead';
+  END IF;
+  IF part THEN
+    RAISE EXCEPTION '% is a partition', tbl USING ERRCODE = '22023',
+      HINT = format('track its partitioned table %s: that counts writes through it and through every partition',
+                    pg_catalog.pg_partition_root(tbl)::regclass);
   END IF;
   SELECT a.atttypid::regtype INTO typ FROM pg_catalog.pg_attribute a
    WHERE a.attrelid = tbl AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
@@ -856,23 +971,13 @@ BEGIN
   INSERT INTO meshhook_limits.tracked_tables (table_schema, table_name, tenant_column, relid, tenant_attnum)
   VALUES (sch, rel, tenant_column, tbl,
           (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = tenant_column));
-  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
-                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
-  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
-                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
-  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
-                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
-  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_trunc AFTER TRUNCATE ON %s '
-                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', tbl, tenant_column);
-  -- Existing rows count from now on; registration itself never refuses.
-  FOR counted IN EXECUTE format(
-      'WITH d AS (SELECT %1$I AS t, sum(pg_catalog.octet_length(x.*::text))::bigint AS b FROM %2$s x WHERE %1$I IS NOT NULL GROUP BY 1),
-            u AS (INSERT INTO meshhook_limits.storage_usage (tenant_id, table_schema, table_name, bytes)
-                  SELECT t, %3$L, %4$L, b FROM d),
-            s AS (INSERT INTO meshhook_limits.storage_totals AS s (tenant_id, bytes) SELECT t, b FROM d
-                  ON CONFLICT (tenant_id) DO UPDATE SET bytes = s.bytes + EXCLUDED.bytes)
-       SELECT coalesce(sum(b), 0)::bigint FROM d', tenant_column, tbl, sch, rel) LOOP
+  FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p UNION SELECT tbl LOOP
+    PERFORM meshhook_limits._storage_triggers(m.relid, tenant_column, true);
   END LOOP;
+  -- Existing rows count from now on; registration itself never refuses.
+  PERFORM meshhook_limits._storage_recount(tbl);
+  SELECT coalesce(sum(u.bytes), 0)::bigint INTO counted FROM meshhook_limits.storage_usage u
+   WHERE u.table_schema = sch AND u.table_name = rel;
   RETURN counted;
 END
 $$;
@@ -880,7 +985,7 @@ $$;
 CREATE FUNCTION meshhook_limits.untrack_storage(tbl regclass)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
-DECLARE sch name; rel name; d record;
+DECLARE sch name; rel name; m record;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('track storage');
   IF tbl IS NULL THEN
@@ -888,21 +993,21 @@ BEGIN
   END IF;
   SELECT n.nspname, c.relname INTO sch, rel
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
-  SELECT t.table_schema, t.table_name INTO sch, rel FROM meshhook_limits._tracked(tbl, sch, rel) t;
-  IF rel IS NULL THEN
+  IF NOT EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t
+                  WHERE t.relid = tbl OR (t.table_schema = sch AND t.table_name = rel)) THEN
     RETURN false;
   END IF;
   EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
-  EXECUTE format('DROP TRIGGER IF EXISTS meshhook_limits_storage_ins ON %1$s;
-                  DROP TRIGGER IF EXISTS meshhook_limits_storage_upd ON %1$s;
-                  DROP TRIGGER IF EXISTS meshhook_limits_storage_del ON %1$s;
-                  DROP TRIGGER IF EXISTS meshhook_limits_storage_trunc ON %1$s', tbl);
+  FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p UNION SELECT tbl LOOP
+    PERFORM meshhook_limits._storage_triggers(m.relid, NULL, false);
+  END LOOP;
   PERFORM meshhook_limits._storage_forget(sch, rel);
   RETURN true;
 END
 $$;
 
--- Subtract a table's bytes from its tenants (TRUNCATE, untrack, DROP).
+-- Subtract a table's bytes from its tenants (TRUNCATE, untrack, DROP). A
+-- total never goes below zero.
 CREATE FUNCTION meshhook_limits._storage_forget(p_schema name, p_table name, p_untrack boolean DEFAULT true)
 RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE d record;
@@ -911,7 +1016,7 @@ BEGIN
                           WHERE u.table_schema = p_schema AND u.table_name = p_table
                           RETURNING u.tenant_id, u.bytes)
            SELECT * FROM gone ORDER BY 1 LOOP
-    UPDATE meshhook_limits.storage_totals s SET bytes = s.bytes - d.bytes WHERE s.tenant_id = d.tenant_id;
+    UPDATE meshhook_limits.storage_totals s SET bytes = GREATEST(s.bytes - d.bytes, 0) WHERE s.tenant_id = d.tenant_id;
   END LOOP;
   IF p_untrack THEN
     DELETE FROM meshhook_limits.tracked_tables t WHERE t.table_schema = p_schema AND t.table_name = p_table;
@@ -935,15 +1040,32 @@ CREATE EVENT TRIGGER meshhook_limits_storage_drop ON sql_drop
   EXECUTE FUNCTION meshhook_limits._storage_on_drop();
 
 -- Renames of a tracked table (or its schema move) and of its tenant column
--- are followed; dropping or retyping the tenant column is refused.
+-- are followed; dropping or retyping the tenant column is refused; a tracked
+-- table may not become a partition (writes through its new parent would not
+-- count). New partitions of a tracked table get its triggers, and any ALTER
+-- TABLE of a tracked table (a column with a default, a rewrite, an attached
+-- or detached partition) counts it again.
 CREATE FUNCTION meshhook_limits._storage_on_alter() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE c record; t record; cur record; col name; typ regtype;
+DECLARE c record; t record; cur record; col name; typ regtype; root oid; m record;
 BEGIN
-  FOR c IN SELECT DISTINCT x.objid FROM pg_catalog.pg_event_trigger_ddl_commands() x
+  SELECT tt.table_schema, tt.table_name INTO t
+    FROM meshhook_limits.tracked_tables tt JOIN pg_catalog.pg_class r ON r.oid = tt.relid
+   WHERE r.relispartition LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'tracked table %.% cannot become a partition', quote_ident(t.table_schema), quote_ident(t.table_name)
+      USING ERRCODE = '55000',
+            HINT = 'run meshhook_limits.untrack_storage on it, attach it, then track_storage its partitioned table';
+  END IF;
+  FOR c IN SELECT DISTINCT x.objid, x.command_tag FROM pg_catalog.pg_event_trigger_ddl_commands() x
             WHERE x.object_type IN ('table', 'table column') LOOP
-    SELECT * INTO t FROM meshhook_limits.tracked_tables tt WHERE tt.relid = c.objid;
+    root := coalesce(pg_catalog.pg_partition_root(c.objid), c.objid);
+    SELECT * INTO t FROM meshhook_limits.tracked_tables tt WHERE tt.relid = root;
     CONTINUE WHEN NOT FOUND;
+    IF root <> c.objid THEN
+      PERFORM meshhook_limits._storage_triggers(c.objid::regclass, t.tenant_column, true);
+      CONTINUE;
+    END IF;
     SELECT n.nspname, r.relname INTO cur
       FROM pg_catalog.pg_class r JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.objid;
     SELECT a.attname, a.atttypid::regtype INTO col, typ FROM pg_catalog.pg_attribute a
@@ -960,10 +1082,16 @@ BEGIN
          SET table_schema = cur.nspname, table_name = cur.relname, tenant_column = col
        WHERE tt.relid = c.objid;
     END IF;
+    IF c.command_tag = 'ALTER TABLE' THEN
+      FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(root) p WHERE p.relid <> root LOOP
+        PERFORM meshhook_limits._storage_triggers(m.relid, col, true);
+      END LOOP;
+      PERFORM meshhook_limits._storage_recount(root);
+    END IF;
   END LOOP;
 END
 $$;
-CREATE EVENT TRIGGER meshhook_limits_storage_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+CREATE EVENT TRIGGER meshhook_limits_storage_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
   EXECUTE FUNCTION meshhook_limits._storage_on_alter();
 
 -- ---------------------------------------------------------------------------
@@ -983,7 +1111,10 @@ BEGIN
     value := CASE r.resource
                WHEN 'execution_seconds' THEN GREATEST(1, LEAST(r.limit_value * 1000, 2147483647))::bigint || 'ms'
                WHEN 'work_mem_bytes' THEN GREATEST(64, LEAST(r.limit_value / 1024, 2147483647))::bigint || 'kB'
-               ELSE LEAST(r.limit_value / 1024, 2147483647)::bigint || 'kB' END;
+               -- temp_file_limit is a superuser setting: only ever lowered here.
+               ELSE LEAST(r.limit_value / 1024, 2147483647,
+                          coalesce(nullif((SELECT s.setting::numeric FROM pg_catalog.pg_settings s
+                                            WHERE s.name = 'temp_file_limit'), -1), 'Infinity'))::bigint || 'kB' END;
     PERFORM pg_catalog.set_config(setting, value, true);
     RETURN NEXT;
   END LOOP;

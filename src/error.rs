@@ -16,6 +16,9 @@ pub enum LimitsError {
     /// 53400: the shared slot table is full.
     #[error("the shared execution-slot table is full ({0} slots)")]
     SlotTableFull(usize),
+    /// 0A000: slots were acquired or released in a transaction being prepared.
+    #[error("execution slots cannot be acquired or released in a transaction that is prepared (two-phase commit)")]
+    PreparedTransaction,
     /// XX000: an internal query failed.
     #[error("internal query failed: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
@@ -44,6 +47,7 @@ impl LimitsError {
             LimitsError::Forbidden { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             LimitsError::NotPreloaded => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             LimitsError::SlotTableFull(_) => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            LimitsError::PreparedTransaction => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             LimitsError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -60,6 +64,9 @@ impl LimitsError {
             LimitsError::SlotTableFull(_) => {
                 Some("release finished slots, or lower the lease so abandoned slots are reclaimed sooner".into())
             }
+            LimitsError::PreparedTransaction => Some(
+                "acquire and release slots in their own transaction, outside PREPARE TRANSACTION".into(),
+            ),
             LimitsError::Spi(_) => None,
         }
     }

@@ -6,7 +6,13 @@ use std::ffi::CString;
 pub static TENANT_CLAIM: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"app_metadata.tenant_id"));
 /// The tenant of a plain SQL session (workers that do not carry a JWT).
+/// Superuser-only: set per login role (`ALTER ROLE w SET ...` by a
+/// superuser) or by roles granted `SET ON PARAMETER`, never by the tenant.
 pub static TENANT_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Roles whose `request.jwt.claims` are believed: the roles PostgREST
+/// switches to for a request. Any other role could write the claims itself.
+pub static JWT_ROLES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"anon,authenticated"));
 /// Lease of an execution slot when the caller gives none, in seconds.
 pub static DEFAULT_LEASE: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// After the shared slot table starts (server start or crash restart), refuse
@@ -38,6 +44,12 @@ pub static METRICS_TENANT_LABELS: GucSetting<bool> = GucSetting::<bool>::new(tru
 /// At most this many tenants get their own series in metrics().
 pub static METRICS_MAX_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(500);
 
+/// The most live slots one tenant may hold, whatever its own limit.
+pub static TENANT_SLOT_CEILING: GucSetting<i32> =
+    GucSetting::<i32>::new((crate::shmem::MAX_SLOTS / 8) as i32);
+/// The longest lease a slot may have (seconds).
+static MAX_LEASE: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+
 /// Replaces the real clock of the rate limiter (epoch seconds; 0 = off). Tests only.
 pub static TEST_CLOCK: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 
@@ -53,9 +65,17 @@ pub fn init(preloading: bool) {
     GucRegistry::define_string_guc(
         c"meshhook_limits.tenant_id",
         c"Tenant of a session that carries no JWT claims.",
-        c"Used by worker processes that call the SQL API directly.",
+        c"Used by worker processes that call the SQL API directly. Superuser-only: bind it to a worker's login role with ALTER ROLE ... SET, or GRANT SET ON PARAMETER to a trusted gateway role.",
         &TENANT_ID,
-        GucContext::Userset,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"meshhook_limits.jwt_roles",
+        c"Comma-separated roles whose request.jwt.claims name the tenant.",
+        c"The roles PostgREST switches to per request. Claims set by any other role are ignored, since any role can set them.",
+        &JWT_ROLES,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -134,6 +154,26 @@ fn define_postmaster_gucs() {
 }
 
 fn define_runtime_gucs() {
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.tenant_slot_ceiling",
+        c"The most execution slots one tenant may hold at once, whatever its concurrent_executions limit.",
+        c"Tenants share one slot table; this keeps one tenant (with no limit, or a large one) from taking it all.",
+        &TENANT_SLOT_CEILING,
+        1,
+        crate::shmem::MAX_SLOTS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.max_lease",
+        c"The longest lease an execution slot may have.",
+        c"Longer leases are refused (22023); a longer default_lease is cut to it.",
+        &MAX_LEASE,
+        1,
+        7 * 24 * 3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_bool_guc(
         c"meshhook_limits.metrics_tenant_labels",
         c"Whether metrics() exports per-tenant series (tenant_id label).",
@@ -236,7 +276,13 @@ fn define_runtime_gucs() {
     );
 }
 
-/// Restart grace in microseconds.
+/// The longest lease, in microseconds.
+pub fn max_lease_micros() -> i64 {
+    i64::from(MAX_LEASE.get()) * 1_000_000
+}
+
+/// Restart grace in microseconds, as configured (read once, when the
+/// server starts: see `shmem::Header::grace_end`).
 pub fn restart_grace_micros() -> i64 {
     let g = RESTART_GRACE.get();
     let secs = if g < 0 { DEFAULT_LEASE.get() } else { g };

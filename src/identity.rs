@@ -51,9 +51,32 @@ fn claim_at<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::
         .try_fold(v, |cur, key| cur.get(key))
 }
 
+/// The caller (the outer user: PostgREST's per-request role) is one of
+/// `meshhook_limits.jwt_roles`, whose claims are believed.
+fn claims_trusted() -> bool {
+    let Some(list) = gucs::JWT_ROLES.get() else {
+        return false;
+    };
+    let name = unsafe {
+        let p = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), true);
+        if p.is_null() {
+            return false;
+        }
+        CStr::from_ptr(p).to_bytes().to_vec()
+    };
+    list.to_bytes()
+        .split(|b| *b == b',')
+        .any(|r| r.trim_ascii() == name.as_slice())
+}
+
 /// The tenant of the caller, or None when the caller carries no tenant.
+///
+/// Who may assert a tenant: `request.jwt.claims` counts only for the roles of
+/// `meshhook_limits.jwt_roles` (PostgREST's `anon` and `authenticated`),
+/// and `meshhook_limits.tenant_id` only where a superuser set it or allowed
+/// it to be set (it is a superuser-only setting).
 pub fn caller_tenant() -> Result<Option<pgrx::Uuid>> {
-    if let Some(text) = claims_text() {
+    if let Some(text) = claims_text().filter(|_| claims_trusted()) {
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             LimitsError::invalid(
                 format!("request.jwt.claims is not valid JSON: {e}"),
@@ -129,13 +152,15 @@ pub fn require_act_for(tenant: pgrx::Uuid) -> Result<()> {
     match caller_tenant()? {
         Some(t) if t == tenant => Ok(()),
         _ if caller_is_admin() => Ok(()),
+        // Never name the other tenant: its id may have come from a slot.
         Some(t) => Err(LimitsError::forbidden(
-            format!("tenant {t} may not act for tenant {tenant}"),
+            format!("tenant {t} may not act for another tenant"),
             "call with the tenant id of your own JWT claim",
         )),
         None => Err(LimitsError::forbidden(
-            format!("no tenant identity to act for tenant {tenant}"),
-            "send a JWT whose claims carry the tenant id, set meshhook_limits.tenant_id, or call as an admin",
+            "no tenant identity to act for a tenant",
+            "send a JWT whose claims carry the tenant id as one of the roles of meshhook_limits.jwt_roles, \
+             have a superuser bind meshhook_limits.tenant_id to the login role, or call as an admin",
         )),
     }
 }

@@ -11,10 +11,12 @@ mod gucs;
 mod identity;
 mod limits;
 mod metrics;
+mod owner;
 mod rate;
 mod row;
 mod shmem;
 mod slots;
+mod storage;
 mod worker;
 mod xact;
 
@@ -28,7 +30,9 @@ extension_sql_file!(
     requires = [
         identity::current_tenant,
         identity::is_admin,
-        slots::live_slots
+        slots::live_slots,
+        owner::_read_as_owner,
+        "row_bytes"
     ]
 );
 extension_sql_file!(

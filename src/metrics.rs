@@ -281,7 +281,7 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
             vec![],
             shmem::MAX_SLOTS as f64,
         );
-        let mut counts = t.tenant_counts();
+        let mut counts = t.tenant_counts(crate::shmem::my_database());
         drop(lk);
         counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         if tenant_labels {

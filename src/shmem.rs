@@ -17,6 +17,8 @@ pub const MAX_SLOTS: usize = 8192;
 /// (each slot has at most one tenant and one project key).
 const COUNTER_CAP: usize = 4 * MAX_SLOTS;
 pub const RUN_ID_MAX: usize = 96;
+/// A revocation nobody announced within this long may give its entry away.
+const UNANNOUNCED_TOMBSTONE_MICROS: i64 = 3_600_000_000;
 
 pub const REFUSAL_REASONS: [&str; 3] = ["tenant_limit", "project_limit", "recovering"];
 
@@ -60,6 +62,9 @@ impl RevokeReason {
 #[repr(C)]
 pub struct Slot {
     pub id: [u8; 16],
+    /// The database the slot was taken in: tenants are per database, so
+    /// every count and listing is too.
+    pub database: u32,
     pub tenant: [u8; 16],
     pub project: [u8; 16],
     pub has_project: bool,
@@ -81,17 +86,52 @@ pub struct Slot {
     pub run_id: [u8; RUN_ID_MAX],
 }
 
+/// What a live count is kept for: a tenant of a database, or a project of
+/// a tenant of a database (projects are counted per tenant, so a tenant
+/// naming another tenant's project id counts only against itself).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct CounterKey {
+    pub database: u32,
+    pub tenant: [u8; 16],
+    /// All zero for a tenant's count.
+    pub project: [u8; 16],
+    pub kind: u8,
+}
+
+impl CounterKey {
+    pub fn tenant(database: u32, tenant: &[u8; 16]) -> Self {
+        CounterKey {
+            database,
+            tenant: *tenant,
+            project: [0; 16],
+            kind: KIND_TENANT,
+        }
+    }
+
+    pub fn project(database: u32, tenant: &[u8; 16], project: &[u8; 16]) -> Self {
+        CounterKey {
+            database,
+            tenant: *tenant,
+            project: *project,
+            kind: KIND_PROJECT,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Counter {
-    key: [u8; 16],
-    kind: u8,
+    key: CounterKey,
     count: u32,
 }
 
 #[repr(C)]
 pub struct Header {
     pub started_at: i64,
+    /// No slot is granted before this: `started_at` plus the restart grace
+    /// in force when the server started (never a session's setting).
+    pub grace_end: i64,
     /// Bumped whenever limits or plans change (at the change and at commit).
     pub generation: AtomicU64,
     pub grants: AtomicU64,
@@ -158,7 +198,9 @@ unsafe extern "C-unwind" fn shmem_startup() {
         if !found {
             // All-zero is a valid empty table; set the start time after.
             std::ptr::write_bytes(table.cast::<u8>(), 0, std::mem::size_of::<Table>());
-            (*table).header.started_at = pg_sys::GetCurrentTimestamp();
+            let now = pg_sys::GetCurrentTimestamp();
+            (*table).header.started_at = now;
+            (*table).header.grace_end = now.saturating_add(crate::gucs::restart_grace_micros());
         }
         TABLE.store(table, Ordering::Release);
         crate::rate::shmem_startup();
@@ -219,14 +261,20 @@ impl Drop for Locked {
     }
 }
 
-fn hash(key: &[u8; 16], kind: u8) -> usize {
-    // FNV-1a: keys are uuids, already well spread.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(kind);
-    for b in key {
+fn hash(key: &CounterKey) -> usize {
+    // FNV-1a over the key's fields.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(key.kind);
+    let bytes = key.database.to_le_bytes();
+    for b in bytes.iter().chain(&key.tenant).chain(&key.project) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     (h as usize) & (COUNTER_CAP - 1)
+}
+
+/// This backend's database, as slots record it.
+pub fn my_database() -> u32 {
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
 impl Header {
@@ -246,42 +294,41 @@ impl Header {
 }
 
 impl Table {
-    fn find(&self, key: &[u8; 16], kind: u8) -> Result<usize, usize> {
-        let mut i = hash(key, kind);
+    fn find(&self, key: &CounterKey) -> Result<usize, usize> {
+        let mut i = hash(key);
         loop {
             let c = &self.counters[i];
-            if c.kind == 0 {
+            if c.key.kind == 0 {
                 return Err(i);
             }
-            if c.kind == kind && &c.key == key {
+            if c.key == *key {
                 return Ok(i);
             }
             i = (i + 1) & (COUNTER_CAP - 1);
         }
     }
 
-    pub fn count(&self, key: &[u8; 16], kind: u8) -> u32 {
-        match self.find(key, kind) {
+    pub fn count(&self, key: &CounterKey) -> u32 {
+        match self.find(key) {
             Ok(i) => self.counters[i].count,
             Err(_) => 0,
         }
     }
 
-    fn incr(&mut self, key: &[u8; 16], kind: u8) {
-        match self.find(key, kind) {
+    fn incr(&mut self, key: &CounterKey) {
+        match self.find(key) {
             Ok(i) => self.counters[i].count += 1,
             Err(i) => {
                 self.counters[i] = Counter {
                     key: *key,
-                    kind,
                     count: 1,
                 }
             }
         }
     }
 
-    fn decr(&mut self, key: &[u8; 16], kind: u8) {
-        let Ok(mut i) = self.find(key, kind) else {
+    fn decr(&mut self, key: &CounterKey) {
+        let Ok(mut i) = self.find(key) else {
             return;
         };
         if self.counters[i].count > 1 {
@@ -292,13 +339,13 @@ impl Table {
         let mask = COUNTER_CAP - 1;
         let mut j = i;
         loop {
-            self.counters[i].kind = 0;
+            self.counters[i].key.kind = 0;
             loop {
                 j = (j + 1) & mask;
-                if self.counters[j].kind == 0 {
+                if self.counters[j].key.kind == 0 {
                     return;
                 }
-                let home = hash(&self.counters[j].key, self.counters[j].kind);
+                let home = hash(&self.counters[j].key);
                 // Move j back to i when its home is not cyclically in (i, j].
                 let in_range = if i <= j {
                     i < home && home <= j
@@ -316,17 +363,17 @@ impl Table {
 
     /// Count a newly live slot.
     pub fn count_in(&mut self, s: &Slot) {
-        self.incr(&s.tenant, KIND_TENANT);
+        self.incr(&CounterKey::tenant(s.database, &s.tenant));
         if s.has_project {
-            self.incr(&s.project, KIND_PROJECT);
+            self.incr(&CounterKey::project(s.database, &s.tenant, &s.project));
         }
         self.header.live += 1;
     }
 
     fn count_out(&mut self, s: &Slot) {
-        self.decr(&s.tenant, KIND_TENANT);
+        self.decr(&CounterKey::tenant(s.database, &s.tenant));
         if s.has_project {
-            self.decr(&s.project, KIND_PROJECT);
+            self.decr(&CounterKey::project(s.database, &s.tenant, &s.project));
         }
         self.header.live = self.header.live.saturating_sub(1);
     }
@@ -380,22 +427,23 @@ impl Table {
         self.header.revocations_by[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Live slots per tenant, for metrics.
-    pub fn tenant_counts(&self) -> Vec<([u8; 16], u32)> {
+    /// Live slots per tenant of one database, for metrics.
+    pub fn tenant_counts(&self, database: u32) -> Vec<([u8; 16], u32)> {
         self.counters
             .iter()
-            .filter(|c| c.kind == KIND_TENANT && c.count > 0)
-            .map(|c| (c.key, c.count))
+            .filter(|c| c.key.kind == KIND_TENANT && c.key.database == database && c.count > 0)
+            .map(|c| (c.key.tenant, c.count))
             .collect()
     }
 
-    /// Revoke every live slot whose lease or deadline has passed, optionally
-    /// only those of one tenant. Returns how many were revoked.
-    pub fn reap(&mut self, now: i64, tenant: Option<&[u8; 16]>) -> usize {
+    /// Revoke every live slot whose lease or deadline has passed (of every
+    /// database: leases are time, wherever they were taken), optionally only
+    /// those of one tenant of one database. Returns how many were revoked.
+    pub fn reap(&mut self, now: i64, tenant: Option<(u32, &[u8; 16])>) -> usize {
         let mut n = 0;
         for idx in 0..MAX_SLOTS {
             let s = &self.slots[idx];
-            if s.state != LIVE || tenant.is_some_and(|t| &s.tenant != t) {
+            if s.state != LIVE || tenant.is_some_and(|(d, t)| s.database != d || &s.tenant != t) {
                 continue;
             }
             let reason = if now >= s.deadline {
@@ -411,8 +459,9 @@ impl Table {
         n
     }
 
-    /// A free entry: FREE, or a tombstone that was announced and is old.
-    pub fn allocate(&mut self) -> Option<usize> {
+    /// A free entry: FREE, or the oldest tombstone that was announced (or
+    /// whose announcement has waited an hour: no reaper runs in its database).
+    pub fn allocate(&mut self, now: i64) -> Option<usize> {
         let start = self.header.cursor as usize % MAX_SLOTS;
         let mut oldest_tomb: Option<(usize, i64)> = None;
         for k in 0..MAX_SLOTS {
@@ -423,7 +472,7 @@ impl Table {
                 return Some(idx);
             }
             if s.state == REVOKED
-                && s.notified
+                && (s.notified || now - s.revoked_at > UNANNOUNCED_TOMBSTONE_MICROS)
                 && oldest_tomb.is_none_or(|(_, at)| s.revoked_at < at)
             {
                 oldest_tomb = Some((idx, s.revoked_at));

@@ -9,7 +9,9 @@ use crate::error::{LimitsError, OrRaise, Result};
 use crate::identity;
 use crate::limits;
 use crate::row::datum;
-use crate::shmem::{self, Locked, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX};
+use crate::shmem::{
+    self, CounterKey, Locked, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX,
+};
 use crate::xact::{self, Op};
 
 mod fallback;
@@ -38,38 +40,21 @@ fn interval_micros(i: &Interval, what: &str) -> Result<i64> {
     i64::try_from(total).map_err(|_| LimitsError::invalid(format!("{what} is out of range"), ""))
 }
 
-thread_local! {
-    static RNG: Cell<u64> = const { Cell::new(0) };
-}
-
-fn random_u64() -> u64 {
-    RNG.with(|r| {
-        let mut s = r.get();
-        if s == 0 {
-            let mut seed = [0u8; 8];
-            let ok = unsafe { pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), 8) };
-            s = if ok { u64::from_le_bytes(seed) } else { 0 };
-            s ^= (unsafe { pg_sys::MyProcPid } as u64) << 32 ^ now() as u64 | 1;
-        }
-        // splitmix64
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        r.set(s);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    })
-}
-
-/// A version-4-shaped uuid whose last four bytes are the table index.
-fn new_slot_id(idx: usize) -> [u8; 16] {
+/// A version-4-shaped uuid whose last four bytes are the table index and
+/// whose other bytes come from PostgreSQL's cryptographically strong random
+/// source: knowing any number of slot ids tells nothing of the next.
+fn new_slot_id(idx: usize) -> Result<[u8; 16]> {
     let mut id = [0u8; 16];
-    id[0..8].copy_from_slice(&random_u64().to_le_bytes());
-    id[8..12].copy_from_slice(&random_u64().to_le_bytes()[0..4]);
+    if !unsafe { pg_sys::pg_strong_random(id.as_mut_ptr().cast(), 12) } {
+        return Err(LimitsError::invalid(
+            "could not generate a random slot id",
+            "PostgreSQL's strong random source failed; see the server log",
+        ));
+    }
     id[6] = (id[6] & 0x0f) | 0x40;
     id[8] = (id[8] & 0x3f) | 0x80;
     id[12..16].copy_from_slice(&(idx as u32).to_be_bytes());
-    id
+    Ok(id)
 }
 
 fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
@@ -137,15 +122,21 @@ fn acquire(
         None => i64::from(crate::gucs::DEFAULT_LEASE.get()) * 1_000_000,
         Some(i) => {
             let m = interval_micros(&i, "lease")?;
-            if !(1_000_000..=7 * 86_400_000_000).contains(&m) {
+            let max = crate::gucs::max_lease_micros();
+            if !(1_000_000..=max).contains(&m) {
                 return Err(LimitsError::invalid(
-                    "lease must be between 1 second and 7 days",
+                    format!(
+                        "lease must be between 1 second and meshhook_limits.max_lease ({} s)",
+                        max / 1_000_000
+                    ),
                     "heartbeat_execution_slot extends a lease; pass e.g. '30 seconds'",
                 ));
             }
             m
         }
     };
+    // A session's default_lease is the caller's; the ceiling is the server's.
+    let lease_micros = lease_micros.min(crate::gucs::max_lease_micros());
     identity::require_act_for(tenant)?;
     if !shmem::available() {
         if !full {
@@ -162,12 +153,18 @@ fn acquire(
         }
     };
     let now = now();
+    let db = shmem::my_database();
     let t = *tenant.as_bytes();
     let p = project.map(|p| *p.as_bytes());
+    let tenant_key = CounterKey::tenant(db, &t);
+    let project_key = p.map(|p| CounterKey::project(db, &t, &p));
+    // No tenant holds more than the server's share, whatever its own limit
+    // (or none): the table stays open to the others.
+    let ceiling = i64::from(crate::gucs::TENANT_SLOT_CEILING.get());
+    let tenant_cap = Some(lim.tenant_cap.map_or(ceiling, |c| c.min(ceiling)));
 
     let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
-    let started = l.t().header.started_at;
-    let grace_end = started.saturating_add(crate::gucs::restart_grace_micros());
+    let grace_end = l.t().header.grace_end;
     if now < grace_end {
         drop(l);
         return Ok(Some(refuse(
@@ -178,33 +175,33 @@ fn acquire(
         )));
     }
     let over = |l: &mut Locked| {
-        let tc = i64::from(l.t().count(&t, shmem::KIND_TENANT));
-        let pc = p.map_or(0, |p| i64::from(l.t().count(&p, shmem::KIND_PROJECT)));
-        let tenant_full = lim.tenant_cap.is_some_and(|c| tc >= c);
+        let tc = i64::from(l.t().count(&tenant_key));
+        let pc = project_key.map_or(0, |k| i64::from(l.t().count(&k)));
+        let tenant_full = tenant_cap.is_some_and(|c| tc >= c);
         let project_full = lim.project_cap.is_some_and(|c| pc >= c) && p.is_some();
         (tc, pc, tenant_full, project_full)
     };
     let (mut tc, mut pc, mut tf, mut pf) = over(&mut l);
     if tf || pf {
         // Reclaim this tenant's abandoned slots before refusing.
-        if l.t().reap(now, Some(&t)) > 0 {
+        if l.t().reap(now, Some((db, &t))) > 0 {
             (tc, pc, tf, pf) = over(&mut l);
         }
     }
     if tf {
-        let end = l.t().earliest_end(|s| s.tenant == t);
+        let end = l.t().earliest_end(|s| s.database == db && s.tenant == t);
         drop(l);
         return Ok(Some(refuse(
             "tenant_limit",
             tc,
-            lim.tenant_cap,
+            tenant_cap,
             retry_after(end, now),
         )));
     }
     if pf {
-        let end = l
-            .t()
-            .earliest_end(|s| s.has_project && Some(s.project) == p);
+        let end = l.t().earliest_end(|s| {
+            s.database == db && s.tenant == t && s.has_project && Some(s.project) == p
+        });
         drop(l);
         return Ok(Some(refuse(
             "project_limit",
@@ -213,16 +210,23 @@ fn acquire(
             retry_after(end, now),
         )));
     }
-    let Some(idx) = l.t().allocate() else {
+    let Some(idx) = l.t().allocate(now) else {
         drop(l);
         return Err(LimitsError::SlotTableFull(MAX_SLOTS));
     };
-    let id = new_slot_id(idx);
+    let id = match new_slot_id(idx) {
+        Ok(id) => id,
+        Err(e) => {
+            drop(l);
+            return Err(e);
+        }
+    };
     let deadline = lim.exec_micros.map_or(i64::MAX, |m| now.saturating_add(m));
     let mut run = [0u8; RUN_ID_MAX];
     run[..run_id.len()].copy_from_slice(run_id.as_bytes());
     let slot = Slot {
         id,
+        database: db,
         tenant: t,
         project: p.unwrap_or([0; 16]),
         has_project: p.is_some(),
@@ -247,7 +251,7 @@ fn acquire(
     xact::push(idx, id, Op::Acquire);
 
     // Report the tighter of the two limits.
-    let (in_use, limit) = match (lim.tenant_cap, lim.project_cap.filter(|_| p.is_some())) {
+    let (in_use, limit) = match (tenant_cap, lim.project_cap.filter(|_| p.is_some())) {
         (Some(tcap), Some(pcap)) if pcap - (pc + 1) < tcap - (tc + 1) => (pc + 1, Some(pcap)),
         (None, Some(pcap)) => (pc + 1, Some(pcap)),
         (tcap, _) => (tc + 1, tcap),
@@ -388,10 +392,13 @@ fn slot_bytes(slot_id: Option<Uuid>) -> Result<[u8; 16]> {
     })
 }
 
-/// Snapshot of a slot by id, if any entry holds it.
+/// Snapshot of a slot of this database by id, if any entry holds it.
 fn find(id: &[u8; 16]) -> Result<Option<(usize, Slot)>> {
     let mut l = Locked::shared().ok_or(LimitsError::NotPreloaded)?;
-    Ok(l.t().lookup(id).map(|idx| (idx, l.t().slots[idx])))
+    Ok(l.t()
+        .lookup(id)
+        .map(|idx| (idx, l.t().slots[idx]))
+        .filter(|(_, s)| s.database == shmem::my_database()))
 }
 
 fn emit_revoked(s: &Slot, reason: RevokeReason, value: Option<i64>) -> Result<()> {
@@ -635,8 +642,15 @@ fn reap() -> Result<i64> {
     let n = {
         let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
         let n = l.t().reap(now, None);
+        // Revocations are announced in their own database (its events
+        // table, its listeners), by a reaper running there.
+        let db = shmem::my_database();
         for (idx, s) in l.t().slots.iter().enumerate() {
-            if s.state == REVOKED && !s.notified && !xact::pending(&s.id, Op::Announce) {
+            if s.state == REVOKED
+                && !s.notified
+                && s.database == db
+                && !xact::pending(&s.id, Op::Announce)
+            {
                 to_announce.push((idx, *s));
             }
         }
@@ -665,7 +679,10 @@ pub fn reap_execution_slots() -> i64 {
 pub fn live_slots(tenant_id: Uuid) -> i64 {
     identity::require_read_for(tenant_id).or_raise();
     match Locked::shared() {
-        Some(mut l) => i64::from(l.t().count(tenant_id.as_bytes(), shmem::KIND_TENANT)),
+        Some(mut l) => i64::from(l.t().count(&CounterKey::tenant(
+            shmem::my_database(),
+            tenant_id.as_bytes(),
+        ))),
         None => fallback::live(tenant_id).or_raise(),
     }
 }
@@ -695,7 +712,7 @@ fn list() -> Result<Vec<SlotRow>> {
             .t()
             .slots
             .iter()
-            .filter(|s| s.state != shmem::FREE)
+            .filter(|s| s.state != shmem::FREE && s.database == shmem::my_database())
             .copied()
             .collect(),
         None => return fallback::list(admin, me),

@@ -75,7 +75,16 @@ fn apply(list: &[Pending], committed: bool) {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     let committed = match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => true,
+        // Slots live in this backend's memory of the transaction, which a
+        // prepared transaction outlives: refuse to prepare (the only point
+        // where an error still aborts cleanly) rather than guess its fate.
+        XACT_EVENT_PRE_PREPARE => {
+            if PENDING.with(|p| !p.borrow().is_empty()) {
+                crate::error::LimitsError::PreparedTransaction.raise();
+            }
+            return;
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => true,
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => false,
         _ => return,
     };

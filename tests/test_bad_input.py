@@ -194,8 +194,8 @@ def test_huge_concurrent_executions_limit(conn, t, value):
 
 @pytest.mark.parametrize("resource,burst,expect", [
     ("concurrent_executions", 5, "burst applies to requests_per_second only"),
-    ("requests_per_second", -1, "burst must be a finite number >= 0"),
-    ("requests_per_second", Decimal("NaN"), "burst must be a finite number >= 0"),
+    ("requests_per_second", -1, "burst must be a number between 0 and 1e18"),
+    ("requests_per_second", Decimal("NaN"), "burst must be a number between 0 and 1e18"),
 ], ids=["not_rps", "negative", "nan"])
 def test_bad_burst(conn, t, resource, burst, expect):
     text = refused(conn, "22023", f"SELECT {S}.set_limit(%s, 10, %s, burst => %s::numeric)", (resource, t, burst))
@@ -321,7 +321,7 @@ def test_bad_plan_name(conn, name):
 def test_bad_amount(conn, t, meter, amount):
     before = counters(conn, t)
     text = refused(conn, "22023", f"SELECT * FROM {S}.record_usage(%s, %s, %s::numeric)", (t, meter, amount))
-    assert "amount must be a finite number >= 0" in text
+    assert "amount must be 0 or a number between 1e-9 and 1e18" in text
     assert counters(conn, t) == before
 
 
@@ -360,15 +360,15 @@ def test_run_id_of_96_bytes_is_accepted(conn, t):
 
 
 @pytest.mark.parametrize("lease", ["0 seconds", "-1 second", "-10 days", "999 milliseconds",
-                                   "7 days 1 second", "8 days", "1 month", "100 years"])
+                                   "1 day 1 second", "7 days 1 second", "8 days", "1 month", "100 years"])
 def test_bad_lease(conn, t, lease):
     text = refused(conn, "22023", f"SELECT * FROM {S}.acquire_execution_slot(%s, NULL, NULL, %s::interval)",
                    (t, lease))
-    assert "lease must be between 1 second and 7 days" in text
+    assert "lease must be between 1 second and meshhook_limits.max_lease (86400 s)" in text
     assert slots_of(conn, t) == []
 
 
-@pytest.mark.parametrize("lease", ["1 second", "7 days"])
+@pytest.mark.parametrize("lease", ["1 second", "1 day"])
 def test_lease_bounds_are_accepted(conn, t, lease):
     row = acquire(conn, t, lease=lease)
     assert row[0], row

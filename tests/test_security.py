@@ -148,7 +148,7 @@ def test_tenant_cannot_act_for_another_tenant(auth, admin, world, call):
     with pytest.raises(psycopg.Error) as e:
         rpc(auth, claims_for(a), call, {"t": b, "m": world["meter"]})
     assert sqlstate(e) == "42501", e.value
-    assert b in str(e.value)
+    assert b not in str(e.value), "messages never name another tenant"
     # Nothing happened for B.
     assert admin.execute(f"SELECT count(*) FROM {S}.slots() WHERE tenant_id = %s", (b,)).fetchone()[0] == 1
     assert admin.execute(f"SELECT used FROM {S}.usage_counters WHERE tenant_id = %s AND resource = %s",
@@ -325,8 +325,10 @@ def test_jwt_without_tenant_claim_has_no_identity(auth, tenant):
         assert sqlstate(e) == "42501", claims
 
 
-def test_session_tenant_setting_does_not_widen_a_jwt_without_tenant(auth, tenant):
+def test_session_tenant_setting_does_not_widen_a_jwt_without_tenant(auth, admin, tenant):
     """A JWT that names no tenant must not fall back to meshhook_limits.tenant_id."""
+    # meshhook_limits.tenant_id is superuser-only: the gateway needs a grant.
+    admin.execute("GRANT SET ON PARAMETER meshhook_limits.tenant_id TO authenticator")
     auth.execute("SELECT set_config('meshhook_limits.tenant_id', %s, false)", (tenant,))
     try:
         assert rpc(auth, {"role": "anon"}, f"SELECT {S}.current_tenant()", role="anon") == [(None,)]
@@ -341,6 +343,7 @@ def test_session_tenant_setting_does_not_widen_a_jwt_without_tenant(auth, tenant
         assert sqlstate(e) == "42501"
     finally:
         auth.execute("RESET meshhook_limits.tenant_id")
+        admin.execute("REVOKE SET ON PARAMETER meshhook_limits.tenant_id FROM authenticator")
 
 
 def test_anon_sees_nothing_and_cannot_acquire(auth, world):
@@ -435,9 +438,10 @@ def test_worker_session_setting_acts_as_that_tenant_only(cluster, admin, world):
     a, b = world["a"], world["b"]
     role = uniq("sec_worker")
     admin.execute(f"CREATE ROLE {role} LOGIN")
+    # The worker's tenant is bound to its login role by a superuser.
+    admin.execute(f"ALTER ROLE {role} SET meshhook_limits.tenant_id = '{a}'")
     try:
         with cluster.connect(user=role) as c:
-            c.execute("SELECT set_config('meshhook_limits.tenant_id', %s, false)", (a,))
             assert c.execute(f"SELECT {S}.current_tenant()").fetchone() == (uuid.UUID(a),)
             row = acquire(c, a)
             assert row[0], row
@@ -463,13 +467,14 @@ def test_worker_session_setting_acts_as_that_tenant_only(cluster, admin, world):
             for tbl in ("usage_counters", "events", "tenant_plans"):
                 assert {r[0] for r in c.execute(f"SELECT DISTINCT tenant_id FROM {S}.{tbl}")} == {uuid.UUID(a)}
             assert {r[1] for r in c.execute(f"SELECT * FROM {S}.slots()").fetchall()} == {uuid.UUID(a)}
-            # Without the setting: no identity at all.
-            c.execute("RESET meshhook_limits.tenant_id")
+        assert live_slot(admin, world["slot_b"])
+        # Without the setting: no identity at all.
+        admin.execute(f"ALTER ROLE {role} RESET meshhook_limits.tenant_id")
+        with cluster.connect(user=role) as c:
             with pytest.raises(psycopg.Error) as e:
                 acquire(c, a)
             assert sqlstate(e) == "42501"
             assert c.execute(f"SELECT count(*) FROM {S}.limits").fetchone() == (0,)
-        assert live_slot(admin, world["slot_b"])
     finally:
         admin.execute(f"DROP ROLE {role}")
 
@@ -594,3 +599,48 @@ def test_monitor_role_reads_everything_and_changes_nothing(cluster, admin, tenan
     with cluster.connect(user="authenticator") as c:  # not a monitor: no metrics
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("SELECT meshhook_limits.metrics()")
+
+
+# --------------------------------------------------------------------------- who may assert a tenant
+
+
+def test_a_login_role_cannot_assert_a_tenant_by_setting(cluster, admin, world):
+    """meshhook_limits.tenant_id is superuser-only: tenant A's worker cannot
+    switch itself to tenant B."""
+    a, b = world["a"], world["b"]
+    role = uniq("sec_forger")
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    admin.execute(f"ALTER ROLE {role} SET meshhook_limits.tenant_id = '{a}'")
+    try:
+        with cluster.connect(user=role) as c:
+            for how in ("SET meshhook_limits.tenant_id = '%s'" % b,
+                        "SELECT set_config('meshhook_limits.tenant_id', '%s', false)" % b):
+                with pytest.raises(psycopg.Error) as e:
+                    c.execute(how)
+                assert sqlstate(e) == "42501", how
+            assert c.execute(f"SELECT {S}.current_tenant()").fetchone() == (uuid.UUID(a),)
+            with pytest.raises(psycopg.Error) as e:
+                acquire(c, b)
+            assert sqlstate(e) == "42501"
+    finally:
+        admin.execute(f"DROP ROLE {role}")
+
+
+def test_a_login_role_cannot_assert_a_tenant_by_forged_claims(cluster, admin, world):
+    """Any role can write request.jwt.claims; only the roles of
+    meshhook_limits.jwt_roles (PostgREST's anon and authenticated) are believed."""
+    b = world["b"]
+    role = uniq("sec_forger")
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        with cluster.connect(user=role) as c:
+            c.execute("SELECT set_config('request.jwt.claims', %s, false)",
+                      (json.dumps({"app_metadata": {"tenant_id": b}}),))
+            assert c.execute(f"SELECT {S}.current_tenant()").fetchone() == (None,)
+            with pytest.raises(psycopg.Error) as e:
+                acquire(c, b)
+            assert sqlstate(e) == "42501"
+            assert "jwt_roles" in (e.value.diag.message_hint or "")
+            assert c.execute(f"SELECT count(*) FROM {S}.usage_counters WHERE tenant_id = %s", (b,)).fetchone() == (0,)
+    finally:
+        admin.execute(f"DROP ROLE {role}")

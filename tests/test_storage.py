@@ -1,6 +1,6 @@
 """Storage quotas (sql/schema.sql, "Storage quotas"): track_storage puts
 statement-level triggers with transition tables on a table and keeps each
-tenant's bytes (sum of octet_length(row::text) of its rows) in storage_usage and
+tenant's bytes (the sum of its rows' value sizes) in storage_usage and
 storage_totals; growth past storage_bytes is refused with 53400, crossings of
 the warn ratio are announced. Every count here is checked against the sum
 computed independently from the table itself."""
@@ -43,20 +43,37 @@ def track(conn, name, col="tenant"):
                         (sql.Identifier(name).as_string(conn), col)).fetchone()[0]
 
 
+def row_size(conn, name):
+    """The documented size of a row, computed independently of the extension:
+    fixed-length values by their length, text and bytea by octet_length
+    (their uncompressed bytes), NULLs as nothing."""
+    cols = conn.execute("SELECT a.attname, a.attlen, a.atttypid::regtype::text FROM pg_attribute a "
+                        "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                        (sql.Identifier(name).as_string(conn),)).fetchall()
+    parts = []
+    for col, length, typ in cols:
+        c = sql.SQL("x.") + sql.Identifier(col)
+        if length > 0:
+            parts.append(sql.SQL("CASE WHEN {} IS NULL THEN 0 ELSE {} END").format(c, sql.Literal(length)))
+        else:
+            assert typ in ("text", "bytea", "character varying"), typ
+            parts.append(sql.SQL("coalesce(octet_length({}), 0)").format(c))
+    return sql.SQL(" + ").join(parts)
+
+
 def actual(conn, name, col="tenant"):
-    """Independently computed bytes per tenant of one table: the sum of each row's
-    octet_length(t::text), the documented size of a row (independent of
-    compression, TOAST and header packing)."""
-    rows = conn.execute(sql.SQL("SELECT t::text, sum(s)::bigint FROM (SELECT {c} AS t, octet_length(x::text) AS s "
+    """Independently computed bytes per tenant of one table (see row_size)."""
+    rows = conn.execute(sql.SQL("SELECT t::text, sum(s)::bigint FROM (SELECT {c} AS t, {size} AS s "
                                 "FROM {t} x WHERE {c} IS NOT NULL OFFSET 0) y GROUP BY 1")
-                        .format(c=sql.Identifier(col), t=sql.Identifier(name))).fetchall()
+                        .format(c=sql.Identifier(col), t=sql.Identifier(name), size=row_size(conn, name))).fetchall()
     return {t: b for t, b in rows}
 
 
 def actual_of(conn, name, tenant, col="tenant"):
-    return conn.execute(sql.SQL("SELECT coalesce(sum(s), 0)::bigint FROM (SELECT octet_length(x::text) AS s "
+    return conn.execute(sql.SQL("SELECT coalesce(sum(s), 0)::bigint FROM (SELECT {size} AS s "
                                 "FROM {t} x WHERE {c} = %s OFFSET 0) y")
-                        .format(c=sql.Identifier(col), t=sql.Identifier(name)), (tenant,)).fetchone()[0]
+                        .format(c=sql.Identifier(col), t=sql.Identifier(name), size=row_size(conn, name)),
+                        (tenant,)).fetchone()[0]
 
 
 def total(conn, tenant):
@@ -591,6 +608,10 @@ def test_bad_input(cluster, admin, tenant):
         admin.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(sql.Identifier(view), sql.Identifier(base)))
         part = uniq("p")
         admin.execute(sql.SQL("CREATE TABLE {} (tenant uuid) PARTITION BY HASH (tenant)").format(sql.Identifier(part)))
+        # A partition is refused (its partitioned table is what to track).
+        admin.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES WITH (MODULUS 1, REMAINDER 0)")
+                      .format(sql.Identifier(part + "_0"), sql.Identifier(part)))
+        part = part + "_0"
 
         def refused(code, tbl, col):
             with pytest.raises(psycopg.Error) as e:

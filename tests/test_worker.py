@@ -116,8 +116,9 @@ def test_worker_survives_failing_ticks(wc):
     with wc.connect() as conn:
         conn.execute("""CREATE FUNCTION public.ml_boom() RETURNS trigger LANGUAGE plpgsql AS $$
                         BEGIN RAISE EXCEPTION 'ml_boom: injected failure'; END $$""")
-        conn.execute("CREATE TRIGGER ml_boom BEFORE INSERT ON meshhook_limits.pool_samples "
-                     "FOR EACH ROW EXECUTE FUNCTION public.ml_boom()")
+        # Pruning events is the one step of a tick with no guard of its own.
+        conn.execute("CREATE TRIGGER ml_boom BEFORE DELETE ON meshhook_limits.events "
+                     "FOR EACH STATEMENT EXECUTE FUNCTION public.ml_boom()")
         try:
             ticks0, errors0, _, _ = state(wc)
             time.sleep(2.5)
@@ -127,7 +128,7 @@ def test_worker_survives_failing_ticks(wc):
             assert ticks1 - ticks0 <= 1  # at most one tick that was already past the insert
             assert worker_pids(wc) == pids, "the worker died on a failing tick"
         finally:
-            conn.execute("DROP TRIGGER ml_boom ON meshhook_limits.pool_samples")
+            conn.execute("DROP TRIGGER ml_boom ON meshhook_limits.events")
             conn.execute("DROP FUNCTION public.ml_boom()")
     assert wait_for(lambda: state(wc)[0] > ticks1, 2.5), "no tick after the cause was removed"
     errors2 = state(wc)[1]

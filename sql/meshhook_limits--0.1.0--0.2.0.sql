@@ -1,0 +1,784 @@
+-- meshhook_limits 0.1.0 → 0.2.0 (ALTER EXTENSION meshhook_limits UPDATE).
+-- Hardening: definer code never runs code of less trusted roles (queue and
+-- tracked tables are read as their owner; row sizes without casts; Realtime
+-- only when it is the real one); storage counts that do not depend on
+-- session settings, partitioned tables, recounts after schema changes.
+-- tests/test_upgrade.py proves the result equals a fresh 0.2.0 install.
+
+CREATE FUNCTION meshhook_limits."_read_as_owner"(
+	"rel" oid, /* pg_sys :: Oid */
+	"query" TEXT, /* & str */
+	"at" timestamp with time zone DEFAULT NULL, /* Option < TimestampWithTimeZone > */
+	"window" interval DEFAULT NULL /* Option < Interval > */
+) RETURNS jsonb /* Option < JsonB > */
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_read_as_owner_wrapper';
+
+CREATE FUNCTION meshhook_limits._row_bytes(record) RETURNS bigint
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'meshhook_limits_row_bytes';
+COMMENT ON FUNCTION meshhook_limits._row_bytes(record) IS
+  'Bytes a row counts for storage quotas: the sum of its values'' uncompressed sizes, independent of session settings.';
+
+-- Validation shared by set_limit and set_plan_limit. Raises 22023.
+CREATE OR REPLACE FUNCTION meshhook_limits._validate_limit(p_resource text, p_limit numeric, p_warn numeric,
+                                                p_window interval, p_burst numeric)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  builtin boolean;
+BEGIN
+  IF p_resource IS NULL OR p_resource !~ '^[a-z][a-z0-9_.-]{0,62}$' THEN
+    RAISE EXCEPTION 'invalid resource name %', coalesce(quote_literal(left(p_resource, 80)), 'NULL')
+      USING ERRCODE = '22023',
+            HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
+  END IF;
+  builtin := p_resource IN ('concurrent_executions', 'execution_seconds', 'memory_bytes',
+                            'storage_bytes', 'requests_per_second', 'work_mem_bytes', 'temp_file_bytes')
+             OR p_resource LIKE 'requests_per_second.%';
+  IF p_limit IS NULL OR p_limit = 'NaN' OR p_limit < 0 OR p_limit = 'Infinity' THEN
+    RAISE EXCEPTION 'limit_value must be a finite number >= 0, got %', coalesce(left(p_limit::text, 40), 'NULL')
+      USING ERRCODE = '22023', HINT = 'use clear_limit to remove a limit';
+  END IF;
+  -- Bounded, so every reader (metrics, alerts, the slot and rate paths)
+  -- can take any stored limit.
+  IF p_limit > 1e18 THEN
+    RAISE EXCEPTION 'limit_value must be at most 1e18, got %', left(p_limit::text, 40)
+      USING ERRCODE = '22023', HINT = 'use clear_limit for no limit at all';
+  END IF;
+  IF p_limit > 0 AND p_limit < 1e-9 THEN
+    RAISE EXCEPTION 'limit_value must be 0 or at least 1e-9, got %', left(p_limit::text, 40)
+      USING ERRCODE = '22023';
+  END IF;
+  IF (p_resource = 'requests_per_second' OR p_resource LIKE 'requests_per_second.%')
+     AND p_limit > 0 AND p_limit < 0.000001 THEN
+    RAISE EXCEPTION 'a request rate must be 0 or at least 0.000001 per second, got %', p_limit
+      USING ERRCODE = '22023', HINT = 'a rate of 0 refuses every request';
+  END IF;
+  IF p_resource = 'concurrent_executions' AND p_limit <> trunc(p_limit) THEN
+    RAISE EXCEPTION 'concurrent_executions must be a whole number, got %', p_limit
+      USING ERRCODE = '22023';
+  END IF;
+  IF p_warn IS NULL OR p_warn = 'NaN' OR p_warn <= 0 OR p_warn > 1 THEN
+    RAISE EXCEPTION 'warn_ratio must be in (0, 1], got %', coalesce(p_warn::text, 'NULL')
+      USING ERRCODE = '22023', HINT = 'warn_ratio 0.8 warns at 80% of the limit';
+  END IF;
+  IF NOT builtin AND p_window IS NULL THEN
+    RAISE EXCEPTION 'unknown resource "%" needs a window_length', p_resource
+      USING ERRCODE = '22023',
+            HINT = 'built-in resources are concurrent_executions, execution_seconds, memory_bytes, '
+                   'storage_bytes, requests_per_second[.key], work_mem_bytes and temp_file_bytes; any other name is a meter summed over '
+                   'window_length, e.g. window_length => ''1 day''';
+  END IF;
+  IF builtin AND p_window IS NOT NULL THEN
+    RAISE EXCEPTION 'window_length does not apply to %', p_resource
+      USING ERRCODE = '22023', HINT = 'window_length is for metered resources only';
+  END IF;
+  IF p_window IS NOT NULL AND (p_window <= interval '0' OR p_window > interval '366 days') THEN
+    RAISE EXCEPTION 'window_length must be between 1 microsecond and 366 days, got %', p_window
+      USING ERRCODE = '22023';
+  END IF;
+  IF p_burst IS NOT NULL AND p_resource <> 'requests_per_second' AND p_resource NOT LIKE 'requests_per_second.%' THEN
+    RAISE EXCEPTION 'burst applies to requests_per_second only' USING ERRCODE = '22023';
+  END IF;
+  IF p_burst IS NOT NULL AND (p_burst = 'NaN' OR p_burst < 0 OR p_burst > 1e18 OR (p_burst > 0 AND p_burst < 1e-9)) THEN
+    RAISE EXCEPTION 'burst must be a number between 0 and 1e18, got %', left(p_burst::text, 40) USING ERRCODE = '22023';
+  END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION meshhook_limits.record_usage(tenant_id uuid, resource text, amount numeric,
+                                             project_id uuid DEFAULT NULL)
+RETURNS TABLE(status text, used numeric, limit_value numeric, window_start timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  t uuid := record_usage.tenant_id;
+  r text := record_usage.resource;
+  gauge boolean;
+  eff record;
+  proj record;
+  win interval;
+  ws timestamptz;
+  nil uuid := '00000000-0000-0000-0000-000000000000';
+  row_t record;
+  row_p record;
+  rank_t int;
+  rank_p int;
+BEGIN
+  PERFORM meshhook_limits.require_tenant_access(t);
+  IF r IS NULL OR r !~ '^[a-z][a-z0-9_.-]{0,62}$' THEN
+    RAISE EXCEPTION 'invalid resource name %', coalesce(quote_literal(left(r, 80)), 'NULL')
+      USING ERRCODE = '22023',
+            HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
+  END IF;
+  IF amount IS NULL OR amount = 'NaN' OR amount < 0 OR amount > 1e18 OR (amount > 0 AND amount < 1e-9) THEN
+    RAISE EXCEPTION 'amount must be 0 or a number between 1e-9 and 1e18, got %', coalesce(left(amount::text, 40), 'NULL')
+      USING ERRCODE = '22023', HINT = 'usage only grows; report what was used, not a correction';
+  END IF;
+  IF r IN ('concurrent_executions', 'execution_seconds', 'requests_per_second') THEN
+    RAISE EXCEPTION '% is not metered with record_usage', r USING ERRCODE = '22023',
+      HINT = 'concurrent executions and execution time are enforced by the slot functions, request rates by check_rate_limit';
+  END IF;
+  gauge := r IN ('memory_bytes', 'storage_bytes');
+  SELECT * INTO eff FROM meshhook_limits._resolve(t, NULL) e WHERE e.resource = r;
+  IF record_usage.project_id IS NOT NULL THEN
+    SELECT l.limit_value, l.warn_ratio INTO proj FROM meshhook_limits.limits l
+     WHERE l.resource = r AND l.tenant_id = t AND l.project_id = record_usage.project_id;
+  END IF;
+  IF gauge THEN
+    -- A gauge keeps one row (its latest reading); updated_at says when.
+    ws := 'epoch'::timestamptz;
+  ELSE
+    win := coalesce(eff.window_length,
+                    (SELECT min(l.window_length) FROM meshhook_limits.limits l WHERE l.resource = r));
+    IF win IS NULL THEN
+      RAISE EXCEPTION 'unknown resource "%"', r USING ERRCODE = '22023',
+        HINT = 'define it first: meshhook_limits.set_limit(resource, limit_value, window_length => ''1 day'')';
+    END IF;
+    ws := to_timestamp(floor(extract(epoch FROM pg_catalog.now()) / extract(epoch FROM win))
+                       * extract(epoch FROM win));
+  END IF;
+
+  row_t := meshhook_limits._meter(t, r, nil, ws, amount, gauge, eff.limit_value, eff.warn_ratio, NULL);
+  status := row_t.status; used := row_t.used; limit_value := eff.limit_value; window_start := ws;
+  IF record_usage.project_id IS NOT NULL THEN
+    row_p := meshhook_limits._meter(t, r, record_usage.project_id, ws, amount, gauge, proj.limit_value, proj.warn_ratio,
+                                    jsonb_build_object('project_id', record_usage.project_id));
+    rank_t := CASE row_t.status WHEN 'exceeded' THEN 2 WHEN 'warning' THEN 1 ELSE 0 END;
+    rank_p := CASE row_p.status WHEN 'exceeded' THEN 2 WHEN 'warning' THEN 1 ELSE 0 END;
+    IF rank_p > rank_t THEN
+      status := row_p.status; used := row_p.used; limit_value := proj.limit_value;
+    END IF;
+  END IF;
+  RETURN NEXT;
+END
+$$;
+-- Supabase Realtime's realtime.send(jsonb, text, text, boolean), when it is
+-- the real one: the function and its schema belong to a superuser or to
+-- supabase_realtime_admin (who installs Realtime on Supabase), and no other
+-- function named send sits beside it. A send created by anyone else (a role
+-- with CREATE on the database, on a server without Realtime) is never
+-- called: it would run as the definer of _emit.
+CREATE OR REPLACE FUNCTION meshhook_limits._realtime_send_trusted() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT count(*) = 1 AND bool_and(
+           p.oid = pg_catalog.to_regprocedure('realtime.send(jsonb,text,text,boolean)')
+           AND (fo.rolsuper OR fo.rolname = 'supabase_realtime_admin')
+           AND (so.rolsuper OR so.rolname = 'supabase_realtime_admin'))
+    FROM pg_catalog.pg_proc p
+    JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    JOIN pg_catalog.pg_roles fo ON fo.oid = p.proowner
+    JOIN pg_catalog.pg_roles so ON so.oid = n.nspowner
+   WHERE n.nspname = 'realtime' AND p.proname = 'send'
+$$;
+-- Record an event: keep it, NOTIFY it, and send it to Supabase Realtime where present.
+CREATE OR REPLACE FUNCTION meshhook_limits._emit(p_event text, p_tenant uuid, p_resource text, p_value numeric,
+                                      p_limit numeric, p_extra jsonb DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  payload jsonb;
+  channel text := coalesce(nullif(current_setting('meshhook_limits.notify_channel', true), ''), 'meshhook_limits');
+BEGIN
+  payload := jsonb_build_object('event', p_event, 'tenant_id', p_tenant, 'resource', p_resource,
+                                'value', p_value, 'limit', p_limit, 'at', pg_catalog.now());
+  IF p_extra IS NOT NULL AND octet_length((payload || p_extra)::text) < 7900 THEN
+    payload := p_extra || payload;
+  END IF;
+  -- NOTIFY takes at most 8000 bytes; an event never fails on its size.
+  IF octet_length(payload::text) >= 7900 THEN
+    payload := jsonb_build_object('event', p_event, 'tenant_id', p_tenant, 'resource', left(p_resource, 63),
+                                  'at', pg_catalog.now(), 'truncated', true);
+  END IF;
+  INSERT INTO meshhook_limits.events (tenant_id, event, resource, payload)
+  VALUES (p_tenant, p_event, p_resource, payload);
+  PERFORM pg_catalog.pg_notify(channel, payload::text);
+  IF meshhook_limits._realtime_send_trusted() THEN
+    EXECUTE 'SELECT realtime.send($1::jsonb, $2::text, $3::text, $4::boolean)'
+      USING payload, p_event, 'meshhook_limits:' || coalesce(p_tenant::text, 'admin'), true;
+  END IF;
+END
+$$;
+-- Apply per-tenant byte deltas of one statement on one table; refuse growth
+-- past storage_bytes (53400), announce crossings of the warn ratio.
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_apply(p_schema name, p_table name, p_tenant uuid, p_delta bigint)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE lim record; new_total bigint; old_total bigint; thr numeric;
+BEGIN
+  IF p_tenant IS NULL OR p_delta = 0 THEN
+    RETURN;
+  END IF;
+  INSERT INTO meshhook_limits.storage_totals AS s (tenant_id, bytes) VALUES (p_tenant, p_delta)
+  ON CONFLICT (tenant_id) DO UPDATE SET bytes = GREATEST(s.bytes + EXCLUDED.bytes, 0)
+  RETURNING s.bytes INTO new_total;
+  old_total := new_total - p_delta;
+  INSERT INTO meshhook_limits.storage_usage AS u (tenant_id, table_schema, table_name, bytes)
+  VALUES (p_tenant, p_schema, p_table, p_delta)
+  ON CONFLICT (tenant_id, table_schema, table_name) DO UPDATE SET bytes = GREATEST(u.bytes + EXCLUDED.bytes, 0);
+  SELECT * INTO lim FROM meshhook_limits._resolve(p_tenant, NULL) r WHERE r.resource = 'storage_bytes';
+  IF lim.limit_value IS NULL THEN
+    RETURN;
+  END IF;
+  IF p_delta > 0 AND new_total > lim.limit_value THEN
+    RAISE EXCEPTION 'tenant % would store % bytes, over its storage_bytes limit of % (% bytes in use)',
+                    p_tenant, new_total, lim.limit_value, old_total
+      USING ERRCODE = '53400',
+            DETAIL = format('the statement adds %s bytes to %I.%I', p_delta, p_schema, p_table),
+            HINT = 'delete data first, or ask an admin to raise storage_bytes';
+  END IF;
+  thr := lim.limit_value * lim.warn_ratio;
+  IF old_total < thr AND new_total >= thr THEN
+    PERFORM meshhook_limits._emit('limit.warning', p_tenant, 'storage_bytes', new_total, lim.limit_value, NULL);
+  ELSIF old_total >= thr AND new_total < thr THEN
+    PERFORM meshhook_limits._emit('limit.recovered', p_tenant, 'storage_bytes', new_total, lim.limit_value, NULL);
+  END IF;
+END
+$$;
+-- The tracked table a table's writes count against: itself, or the root of
+-- its partition tree (partitions of a tracked partitioned table carry the
+-- same triggers, since DML on a partition fires only the partition's own
+-- statement triggers, and DML on the parent only the parent's).
+CREATE OR REPLACE FUNCTION meshhook_limits._tracked(p_relid oid, p_schema name, p_table name)
+RETURNS meshhook_limits.tracked_tables
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE t meshhook_limits.tracked_tables; root oid;
+BEGIN
+  root := coalesce(pg_catalog.pg_partition_root(p_relid), p_relid);
+  IF root <> p_relid THEN
+    SELECT n.nspname, c.relname INTO p_schema, p_table
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = root;
+  END IF;
+  SELECT * INTO t FROM meshhook_limits.tracked_tables x WHERE x.relid = root;
+  IF NOT FOUND THEN
+    UPDATE meshhook_limits.tracked_tables x
+       SET relid = root,
+           tenant_attnum = (SELECT a.attnum FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid = root AND a.attname = x.tenant_column AND NOT a.attisdropped)
+     WHERE x.table_schema = p_schema AND x.table_name = p_table
+    RETURNING x.* INTO t;
+  END IF;
+  RETURN t;
+END
+$$;
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE tr meshhook_limits.tracked_tables; col text; d record; q text;
+BEGIN
+  tr := meshhook_limits._tracked(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME);
+  IF tr.table_name IS NULL THEN
+    RETURN NULL;  -- untracked in between, or a partition detached from a tracked table
+  END IF;
+  IF TG_OP = 'TRUNCATE' THEN
+    IF tr.relid = TG_RELID THEN
+      PERFORM meshhook_limits._storage_forget(tr.table_schema, tr.table_name, false);
+    ELSE
+      PERFORM meshhook_limits._storage_recount(tr.relid);  -- one partition of it
+    END IF;
+    RETURN NULL;
+  END IF;
+  col := tr.tenant_column;
+  -- A row's size is the sum of its values' sizes (_row_bytes): the same rows
+  -- always add and subtract alike, whatever the session's settings, and no
+  -- cast or output function of the table's types runs as the definer.
+  q := CASE TG_OP
+    WHEN 'INSERT' THEN format('SELECT %I AS t, sum(meshhook_limits._row_bytes(n))::bigint AS b FROM new_rows n GROUP BY 1', col)
+    WHEN 'DELETE' THEN format('SELECT %I AS t, -sum(meshhook_limits._row_bytes(o))::bigint AS b FROM old_rows o GROUP BY 1', col)
+    ELSE format('SELECT t, sum(b)::bigint AS b FROM (SELECT %1$I AS t, meshhook_limits._row_bytes(n) AS b FROM new_rows n '
+                'UNION ALL SELECT %1$I, -meshhook_limits._row_bytes(o) FROM old_rows o) x GROUP BY 1', col)
+  END;
+  -- Tenants in a fixed order, so concurrent multi-tenant statements cannot deadlock.
+  FOR d IN EXECUTE q || ' ORDER BY 1' LOOP
+    PERFORM meshhook_limits._storage_apply(tr.table_schema, tr.table_name, d.t, d.b);
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+-- Bytes per tenant in a tracked table (all its partitions), counted as the
+-- table's owner (see _read_as_owner): [{"t": tenant, "b": bytes}, ...].
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_count(p_relid oid, p_column name) RETURNS jsonb
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT meshhook_limits._read_as_owner(p_relid, pg_catalog.format(
+    'SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(''t'', s.t, ''b'', s.b)), ''[]'')
+       FROM (SELECT x.%1$I AS t, pg_catalog.sum(meshhook_limits._row_bytes(x))::bigint AS b
+               FROM %2$s x WHERE x.%1$I IS NOT NULL GROUP BY 1) s', p_column, p_relid::regclass))
+$$;
+-- Count a tracked table again from its rows (after a schema change that
+-- changes row sizes, an attach or detach of a partition, a TRUNCATE of one
+-- partition). Never refuses: the rows are already there.
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_recount(p_relid oid) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE tr meshhook_limits.tracked_tables; d record;
+BEGIN
+  SELECT * INTO tr FROM meshhook_limits.tracked_tables t WHERE t.relid = p_relid;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  PERFORM meshhook_limits._storage_forget(tr.table_schema, tr.table_name, false);
+  FOR d IN SELECT (e->>'t')::uuid AS t, (e->>'b')::bigint AS b
+             FROM pg_catalog.jsonb_array_elements(meshhook_limits._storage_count(p_relid, tr.tenant_column)) e
+            ORDER BY 1 LOOP
+    INSERT INTO meshhook_limits.storage_usage (tenant_id, table_schema, table_name, bytes)
+    VALUES (d.t, tr.table_schema, tr.table_name, d.b);
+    INSERT INTO meshhook_limits.storage_totals AS s (tenant_id, bytes) VALUES (d.t, d.b)
+    ON CONFLICT (tenant_id) DO UPDATE SET bytes = s.bytes + EXCLUDED.bytes;
+  END LOOP;
+END
+$$;
+-- The storage triggers on one table (a tracked table, or a partition of one).
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_triggers(p_rel regclass, p_column name, p_create boolean)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF NOT p_create THEN
+    EXECUTE format('DROP TRIGGER IF EXISTS meshhook_limits_storage_ins ON %1$s;
+                    DROP TRIGGER IF EXISTS meshhook_limits_storage_upd ON %1$s;
+                    DROP TRIGGER IF EXISTS meshhook_limits_storage_del ON %1$s;
+                    DROP TRIGGER IF EXISTS meshhook_limits_storage_trunc ON %1$s', p_rel);
+    RETURN;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g WHERE g.tgrelid = p_rel AND g.tgname = 'meshhook_limits_storage_ins') THEN
+    RETURN;
+  END IF;
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', p_rel, p_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', p_rel, p_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', p_rel, p_column);
+  EXECUTE format('CREATE TRIGGER meshhook_limits_storage_trunc AFTER TRUNCATE ON %s '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION meshhook_limits._storage_trigger(%L)', p_rel, p_column);
+END
+$$;
+CREATE OR REPLACE FUNCTION meshhook_limits.track_storage(tbl regclass, tenant_column name)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE sch name; rel name; typ regtype; kind "char"; part boolean; counted bigint; m record;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('track storage');
+  IF tbl IS NULL OR tenant_column IS NULL THEN
+    RAISE EXCEPTION 'tbl and tenant_column must not be NULL' USING ERRCODE = '22023';
+  END IF;
+  SELECT n.nspname, c.relname, c.relkind, c.relispartition INTO sch, rel, kind, part
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+  IF kind NOT IN ('r', 'p') THEN
+    RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '22023',
+      HINT = 'track the tables behind a view instead';
+  END IF;
+  IF part THEN
+    RAISE EXCEPTION '% is a partition', tbl USING ERRCODE = '22023',
+      HINT = format('track its partitioned table %s: that counts writes through it and through every partition',
+                    pg_catalog.pg_partition_root(tbl)::regclass);
+  END IF;
+  SELECT a.atttypid::regtype INTO typ FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = tbl AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
+  IF typ IS NULL THEN
+    RAISE EXCEPTION 'table % has no column %', tbl, quote_ident(tenant_column) USING ERRCODE = '22023';
+  ELSIF typ <> 'uuid'::regtype THEN
+    RAISE EXCEPTION 'column % of % is %, not uuid', quote_ident(tenant_column), tbl, typ USING ERRCODE = '22023',
+      HINT = 'the tenant column holds tenant ids, which are uuids';
+  END IF;
+  IF EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t WHERE t.table_schema = sch AND t.table_name = rel) THEN
+    RAISE EXCEPTION '% is already tracked', tbl USING ERRCODE = '22023', HINT = 'untrack_storage it first';
+  END IF;
+  -- No writer may slip between counting and the triggers.
+  EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
+  INSERT INTO meshhook_limits.tracked_tables (table_schema, table_name, tenant_column, relid, tenant_attnum)
+  VALUES (sch, rel, tenant_column, tbl,
+          (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = tenant_column));
+  FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p UNION SELECT tbl LOOP
+    PERFORM meshhook_limits._storage_triggers(m.relid, tenant_column, true);
+  END LOOP;
+  -- Existing rows count from now on; registration itself never refuses.
+  PERFORM meshhook_limits._storage_recount(tbl);
+  SELECT coalesce(sum(u.bytes), 0)::bigint INTO counted FROM meshhook_limits.storage_usage u
+   WHERE u.table_schema = sch AND u.table_name = rel;
+  RETURN counted;
+END
+$$;
+CREATE OR REPLACE FUNCTION meshhook_limits.untrack_storage(tbl regclass)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE sch name; rel name; m record;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('track storage');
+  IF tbl IS NULL THEN
+    RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = '22023';
+  END IF;
+  SELECT n.nspname, c.relname INTO sch, rel
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+  IF NOT EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t
+                  WHERE t.relid = tbl OR (t.table_schema = sch AND t.table_name = rel)) THEN
+    RETURN false;
+  END IF;
+  EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
+  FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p UNION SELECT tbl LOOP
+    PERFORM meshhook_limits._storage_triggers(m.relid, NULL, false);
+  END LOOP;
+  PERFORM meshhook_limits._storage_forget(sch, rel);
+  RETURN true;
+END
+$$;
+-- Subtract a table's bytes from its tenants (TRUNCATE, untrack, DROP). A
+-- total never goes below zero.
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_forget(p_schema name, p_table name, p_untrack boolean DEFAULT true)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE d record;
+BEGIN
+  FOR d IN WITH gone AS (DELETE FROM meshhook_limits.storage_usage u
+                          WHERE u.table_schema = p_schema AND u.table_name = p_table
+                          RETURNING u.tenant_id, u.bytes)
+           SELECT * FROM gone ORDER BY 1 LOOP
+    UPDATE meshhook_limits.storage_totals s SET bytes = GREATEST(s.bytes - d.bytes, 0) WHERE s.tenant_id = d.tenant_id;
+  END LOOP;
+  IF p_untrack THEN
+    DELETE FROM meshhook_limits.tracked_tables t WHERE t.table_schema = p_schema AND t.table_name = p_table;
+  END IF;
+END
+$$;
+-- Renames of a tracked table (or its schema move) and of its tenant column
+-- are followed; dropping or retyping the tenant column is refused; a tracked
+-- table may not become a partition (writes through its new parent would not
+-- count). New partitions of a tracked table get its triggers, and any ALTER
+-- TABLE of a tracked table (a column with a default, a rewrite, an attached
+-- or detached partition) counts it again.
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_on_alter() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE c record; t record; cur record; col name; typ regtype; root oid; m record;
+BEGIN
+  SELECT tt.table_schema, tt.table_name INTO t
+    FROM meshhook_limits.tracked_tables tt JOIN pg_catalog.pg_class r ON r.oid = tt.relid
+   WHERE r.relispartition LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'tracked table %.% cannot become a partition', quote_ident(t.table_schema), quote_ident(t.table_name)
+      USING ERRCODE = '55000',
+            HINT = 'run meshhook_limits.untrack_storage on it, attach it, then track_storage its partitioned table';
+  END IF;
+  FOR c IN SELECT DISTINCT x.objid, x.command_tag FROM pg_catalog.pg_event_trigger_ddl_commands() x
+            WHERE x.object_type IN ('table', 'table column') LOOP
+    root := coalesce(pg_catalog.pg_partition_root(c.objid), c.objid);
+    SELECT * INTO t FROM meshhook_limits.tracked_tables tt WHERE tt.relid = root;
+    CONTINUE WHEN NOT FOUND;
+    IF root <> c.objid THEN
+      PERFORM meshhook_limits._storage_triggers(c.objid::regclass, t.tenant_column, true);
+      CONTINUE;
+    END IF;
+    SELECT n.nspname, r.relname INTO cur
+      FROM pg_catalog.pg_class r JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.objid;
+    SELECT a.attname, a.atttypid::regtype INTO col, typ FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = c.objid AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
+    IF col IS NULL OR typ <> 'uuid'::regtype THEN
+      RAISE EXCEPTION 'column % is the tenant column of tracked table %.%', quote_ident(t.tenant_column),
+                      quote_ident(cur.nspname), quote_ident(cur.relname)
+        USING ERRCODE = '55000', HINT = 'run meshhook_limits.untrack_storage on the table first';
+    END IF;
+    IF (cur.nspname, cur.relname, col) IS DISTINCT FROM (t.table_schema, t.table_name, t.tenant_column) THEN
+      UPDATE meshhook_limits.storage_usage u SET table_schema = cur.nspname, table_name = cur.relname
+       WHERE u.table_schema = t.table_schema AND u.table_name = t.table_name;
+      UPDATE meshhook_limits.tracked_tables tt
+         SET table_schema = cur.nspname, table_name = cur.relname, tenant_column = col
+       WHERE tt.relid = c.objid;
+    END IF;
+    IF c.command_tag = 'ALTER TABLE' THEN
+      FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(root) p WHERE p.relid <> root LOOP
+        PERFORM meshhook_limits._storage_triggers(m.relid, col, true);
+      END LOOP;
+      PERFORM meshhook_limits._storage_recount(root);
+    END IF;
+  END LOOP;
+END
+$$;
+DROP EVENT TRIGGER meshhook_limits_storage_alter;
+CREATE EVENT TRIGGER meshhook_limits_storage_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+  EXECUTE FUNCTION meshhook_limits._storage_on_alter();
+
+-- ---------------------------------------------------------------------------
+-- Session limits: hold a tenant's SQL to its limits with PostgreSQL's own
+-- settings, for the current transaction only.
+CREATE OR REPLACE FUNCTION meshhook_limits.apply_session_limits(tenant_id uuid)
+RETURNS TABLE(setting text, value text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE r record;
+BEGIN
+  PERFORM meshhook_limits.require_tenant_access(apply_session_limits.tenant_id);
+  FOR r IN SELECT * FROM meshhook_limits._resolve(apply_session_limits.tenant_id, NULL) e
+            WHERE e.resource IN ('execution_seconds', 'work_mem_bytes', 'temp_file_bytes') ORDER BY 1 LOOP
+    setting := CASE r.resource WHEN 'execution_seconds' THEN 'statement_timeout'
+                               WHEN 'work_mem_bytes' THEN 'work_mem' ELSE 'temp_file_limit' END;
+    value := CASE r.resource
+               WHEN 'execution_seconds' THEN GREATEST(1, LEAST(r.limit_value * 1000, 2147483647))::bigint || 'ms'
+               WHEN 'work_mem_bytes' THEN GREATEST(64, LEAST(r.limit_value / 1024, 2147483647))::bigint || 'kB'
+               -- temp_file_limit is a superuser setting: only ever lowered here.
+               ELSE LEAST(r.limit_value / 1024, 2147483647,
+                          coalesce(nullif((SELECT s.setting::numeric FROM pg_catalog.pg_settings s
+                                            WHERE s.name = 'temp_file_limit'), -1), 'Infinity'))::bigint || 'kB' END;
+    PERFORM pg_catalog.set_config(setting, value, true);
+    RETURN NEXT;
+  END LOOP;
+END
+$$;
+-- Waiting jobs per pg-boss queue (states before 'active': created, retry),
+-- read through pg-boss's own partial index job_i5 (... WHERE state <
+-- 'active'), index-only: the cost follows the waiting jobs, not the table.
+-- The planner is told so: on a fresh or bloated job table its statistics
+-- lead it to a (parallel) sequential or bitmap scan of the whole heap, and a
+-- plain index scan also marks the dead entries it meets, so the next tick
+-- skips them. (The enum comparison, not a cast, matches the index predicate.)
+CREATE OR REPLACE FUNCTION meshhook_limits._pgboss_waiting()
+RETURNS TABLE(name text, queued bigint, oldest timestamptz)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+BEGIN
+  -- As the owner of pgboss.job (see _read_as_owner), never as ourselves.
+  RETURN QUERY SELECT w.name, w.queued, w.oldest
+    FROM pg_catalog.jsonb_to_recordset(meshhook_limits._read_as_owner(pg_catalog.to_regclass('pgboss.job'), $q$
+      SELECT coalesce(pg_catalog.jsonb_agg(x), '[]') FROM (
+        SELECT j.name::text AS name, count(*) AS queued, min(j.created_on) AS oldest
+          FROM pgboss.job j WHERE j.state < 'active' GROUP BY j.name) x $q$))
+      AS w(name text, queued bigint, oldest timestamptz);
+END
+$$;
+-- One sample of every pg-boss queue (v10: job + archive; v11+: job).
+-- p_full: every count and statistic in one pass over the job table.
+-- Otherwise queued and oldest_age only, through pg-boss's own partial index
+-- on waiting jobs (job_i5 ... WHERE state < 'active'), at a cost that grows
+-- with the waiting jobs, not with the table; the other columns are carried
+-- from the previous sample with their stats_at.
+CREATE OR REPLACE FUNCTION meshhook_limits._sample_pgboss(p_at timestamptz, p_window interval, p_full boolean DEFAULT true)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE n bigint; src text; job oid := pg_catalog.to_regclass('pgboss.job');
+  queue oid := pg_catalog.to_regclass('pgboss.queue'); stats jsonb;
+BEGIN
+  IF job IS NULL OR queue IS NULL THEN
+    RETURN 0;
+  END IF;
+  -- pg-boss's tables are read as their owner (_read_as_owner), never as
+  -- ourselves: their owner may not be trusted with our rights.
+  IF NOT p_full THEN
+    WITH waiting AS (SELECT * FROM meshhook_limits._pgboss_waiting()),
+    prev AS (SELECT p.* FROM meshhook_limits._latest_queue_samples() p WHERE p.source = 'pgboss')
+    INSERT INTO meshhook_limits.queue_samples
+      SELECT p_at, 'pgboss', q.name, coalesce(w.queued, 0), coalesce(p.active, 0), coalesce(p.failed_recent, 0),
+             p_at - w.oldest, p.p50_ms, p.p95_ms, coalesce(p.throughput_per_min, 0), p.error_rate,
+             meshhook_limits._queue_status('pgboss', q.name, coalesce(w.queued, 0), p_at - w.oldest, p.error_rate),
+             p.stats_at
+        FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(queue,
+               'SELECT coalesce(pg_catalog.jsonb_agg(q.name::text), ''[]'') FROM pgboss.queue q')) AS q(name)
+        LEFT JOIN waiting w ON w.name = q.name
+        LEFT JOIN prev p ON p.queue = q.name;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+  END IF;
+  -- One pass over the job table, aggregating only live jobs (pg-boss leaves
+  -- completed_on NULL until a job is finished) and jobs finished within the
+  -- window. v11+: finished jobs stay in it, and states
+  -- are compared as pg-boss's own enum (no cast per row). v10 moves finished
+  -- jobs to pgboss.archive, read only for the window.
+  IF pg_catalog.to_regclass('pgboss.archive') IS NULL THEN
+    src := 'SELECT name, state, created_on, started_on, completed_on FROM pgboss.job
+             WHERE completed_on IS NULL OR completed_on > $1 - $2';
+  ELSE
+    src := 'SELECT name, state::text AS state, created_on, started_on, completed_on FROM pgboss.job
+             WHERE completed_on IS NULL OR completed_on > $1 - $2
+            UNION ALL SELECT name, state::text, created_on, started_on, completed_on FROM pgboss.archive
+             WHERE completed_on > $1 - $2';
+  END IF;
+  stats := meshhook_limits._read_as_owner(job, format($q$
+    WITH j AS (%1$s),
+    agg AS (
+      SELECT name,
+             count(*) FILTER (WHERE state IN ('created', 'retry')) AS queued,
+             count(*) FILTER (WHERE state = 'active') AS active,
+             min(created_on) FILTER (WHERE state IN ('created', 'retry')) AS oldest,
+             count(*) FILTER (WHERE state = 'failed' AND completed_on > $1 - $2) AS failed,
+             count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - $2) AS completed,
+             count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - interval '1 minute') AS last_minute,
+             -- Plain aggregates only, so the scan can feed a hash aggregate;
+             -- the percentiles come from these (window-sized) arrays below.
+             array_agg(date_part('epoch', completed_on - started_on) * 1000)
+               FILTER (WHERE state = 'completed' AND completed_on > $1 - $2 AND started_on IS NOT NULL) AS durations
+        FROM j GROUP BY name),
+    s AS (
+      SELECT q.name, coalesce(a.queued, 0) AS queued, coalesce(a.active, 0) AS active,
+             coalesce(a.failed, 0) AS failed, $1 - a.oldest AS oldest_age,
+             round(pc.p50::numeric, 3) AS p50, round(pc.p95::numeric, 3) AS p95,
+             coalesce(a.last_minute, 0)::numeric AS tput,
+             CASE WHEN coalesce(a.failed, 0) + coalesce(a.completed, 0) > 0
+                  THEN round(a.failed::numeric / (a.failed + a.completed), 4) END AS err
+        FROM pgboss.queue q LEFT JOIN agg a ON a.name = q.name
+        LEFT JOIN LATERAL (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
+                                  percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
+                             FROM unnest(a.durations) d) pc ON true)
+    SELECT coalesce(pg_catalog.jsonb_agg(s), '[]') FROM s $q$, src), p_at, p_window);
+  INSERT INTO meshhook_limits.queue_samples
+    SELECT p_at, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50::numeric, s.p95::numeric,
+           s.tput::numeric, s.err::numeric,
+           meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err::numeric), p_at
+      -- float8: numbers that come from the queue owner's side are finite
+      -- doubles, or the sample fails here (and is skipped) rather than later.
+      FROM pg_catalog.jsonb_to_recordset(stats) AS s(name text, queued bigint, active bigint, failed bigint,
+           oldest_age interval, p50 float8, p95 float8, tput float8, err float8);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+-- One sample of every pgmq queue in pgmq.meta: queued = visible, active =
+-- read and still invisible, so queued + active = pgmq.metrics().queue_length.
+-- p_full: also the archive's statistics of the window (p50/p95, throughput);
+-- otherwise those are carried from the previous sample with their stats_at.
+CREATE OR REPLACE FUNCTION meshhook_limits._sample_pgmq(p_at timestamptz, p_window interval, p_full boolean DEFAULT true)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE q record; n bigint; qt text; at_ text; r record; a record; stats timestamptz;
+  v_p50 numeric; v_p95 numeric; v_tput numeric;
+  rows meshhook_limits.queue_samples[] := '{}';
+BEGIN
+  IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
+    RETURN 0;
+  END IF;
+  -- pgmq's tables are read as their owner (_read_as_owner), never as ourselves.
+  FOR q IN SELECT x.name FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(
+             pg_catalog.to_regclass('pgmq.meta'),
+             'SELECT coalesce(pg_catalog.jsonb_agg(m.queue_name::text), ''[]'') FROM pgmq.meta m')) AS x(name)
+            ORDER BY 1 LOOP
+    qt := lower('q_' || q.name);
+    at_ := lower('a_' || q.name);
+    -- Each queue in its own read-only subtransaction (no XID is assigned):
+    -- a broken or locked queue table is skipped with a warning, the others
+    -- are still sampled.
+    BEGIN
+      CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL;
+      SELECT * INTO r FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
+          pg_catalog.to_regclass(format('pgmq.%I', qt)),
+          format('SELECT pg_catalog.to_jsonb(x) FROM (SELECT count(*) FILTER (WHERE vt <= $1) AS visible,
+                         count(*) FILTER (WHERE vt > $1) AS invisible,
+                         min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I) x', qt), p_at))
+        AS x(visible bigint, invisible bigint, oldest timestamptz);
+      v_p50 := NULL; v_p95 := NULL; v_tput := 0; stats := p_at;
+      IF NOT p_full THEN
+        -- (_latest_queue_samples() inline: as a function with a SET clause it
+        -- would be planned again for every queue)
+        SELECT p.p50_ms, p.p95_ms, p.throughput_per_min, p.stats_at INTO v_p50, v_p95, v_tput, stats
+          FROM meshhook_limits.queue_samples p
+         WHERE p.source = 'pgmq' AND p.queue = q.name
+           AND p.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w);
+      ELSIF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL THEN
+        SELECT * INTO a FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
+            pg_catalog.to_regclass(format('pgmq.%I', at_)),
+            format('SELECT pg_catalog.to_jsonb(x) FROM (
+               SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p95
+               FROM pgmq.%I WHERE archived_at > $1 - $2) x', at_), p_at, p_window))
+          AS x(last_minute bigint, p50 float8, p95 float8);
+        v_p50 := round(a.p50::numeric, 3); v_p95 := round(a.p95::numeric, 3); v_tput := coalesce(a.last_minute, 0);
+      END IF;
+      rows := rows || ROW(p_at, 'pgmq', q.name, r.visible, r.invisible, 0, p_at - r.oldest,
+                          v_p50, v_p95, coalesce(v_tput, 0), NULL,
+                          meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL), stats
+                         )::meshhook_limits.queue_samples;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM;
+    END;
+  END LOOP;
+  INSERT INTO meshhook_limits.queue_samples SELECT * FROM unnest(rows);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+-- One round: sample the queues and the pool, reap slots, evaluate alerts,
+-- prune old samples. The worker runs it every sample_interval; without the
+-- worker, pg_cron can: SELECT cron.schedule('meshhook', '1 second', 'SELECT meshhook_limits.tick()').
+CREATE OR REPLACE FUNCTION meshhook_limits.tick() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '200ms'   -- a locked queue table is skipped, never waited on
+SET work_mem = '32MB'        -- percentiles over busy queues sort in memory
+SET max_parallel_workers_per_gather = 0  -- a sampler takes one core at most, never the queues' CPUs
+AS $$
+DECLARE
+  t0 timestamptz := pg_catalog.clock_timestamp();
+  win interval;
+  keep interval;
+  budget float8;
+  ws record;
+  full_pass boolean;
+  t_full timestamptz;
+BEGIN
+  -- The first call of a session (pg_cron opens one per run) loads the library
+  -- here, which defines the settings read below.
+  PERFORM meshhook_limits.require_admin_access('run tick()');
+  win := current_setting('meshhook_limits.queue_window')::interval;
+  keep := current_setting('meshhook_limits.retention')::interval;
+  budget := current_setting('meshhook_limits.queue_scan_budget')::float8;
+  -- A full pass over the queue tables when the budget allows: the last one
+  -- took queue_stats_ms, so the next may start queue_stats_ms / budget after
+  -- it. Also when there is no previous sample to carry statistics from.
+  SELECT w.queue_stats_at, w.queue_stats_ms INTO ws FROM meshhook_limits.worker_state w;
+  full_pass := budget >= 1 OR ws.queue_stats_at IS NULL OR ws.queue_stats_at > t0
+    OR t0 >= ws.queue_stats_at + (coalesce(ws.queue_stats_ms, 0) / budget) * interval '1 millisecond'
+    OR NOT EXISTS (SELECT 1 FROM meshhook_limits._latest_queue_samples());
+  t_full := pg_catalog.clock_timestamp();
+  BEGIN
+    PERFORM meshhook_limits._sample_pgboss(t0, win, full_pass);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling pg-boss failed: %', SQLERRM;
+  END;
+  BEGIN
+    PERFORM meshhook_limits._sample_pgmq(t0, win, full_pass);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
+  END;
+  -- queue_health() and the alert rules read the samples of this time.
+  UPDATE meshhook_limits.worker_state
+     SET queues_sampled_at = t0,
+         queue_stats_at = CASE WHEN full_pass THEN t0 ELSE queue_stats_at END,
+         queue_stats_ms = CASE WHEN full_pass
+                               THEN round(extract(epoch FROM pg_catalog.clock_timestamp() - t_full) * 1000, 3)
+                               ELSE queue_stats_ms END;
+  -- Each step on its own: one that fails (bad stored data, a locked table)
+  -- is logged and the others still run, so reaping never stops.
+  BEGIN
+    PERFORM meshhook_limits.reap_execution_slots();
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: reaping slots failed: %', SQLERRM;
+  END;
+  BEGIN
+    PERFORM meshhook_limits._sample_pool(t0);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling the pool failed: %', SQLERRM;
+  END;
+  BEGIN
+    PERFORM meshhook_limits._evaluate_alerts(t0);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: evaluating alerts failed: %', SQLERRM;
+  END;
+  DELETE FROM meshhook_limits.queue_samples s WHERE s.sampled_at < t0 - keep;
+  DELETE FROM meshhook_limits.pool_samples s WHERE s.sampled_at < t0 - GREATEST(keep, current_setting('meshhook_limits.pool_critical_for')::interval + interval '1 minute');
+  DELETE FROM meshhook_limits.events e WHERE e.created_at < t0 - current_setting('meshhook_limits.event_retention')::interval;
+  UPDATE meshhook_limits.worker_state SET last_tick = t0, ticks = ticks + 1,
+         last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);
+END
+$$;
+-- security_invoker: the caller's row-level security applies (tenants see none).
+ALTER VIEW meshhook_limits.effective_alert_rules SET (security_invoker = true);
+
+REVOKE EXECUTE ON FUNCTION meshhook_limits._read_as_owner(oid, text, timestamptz, interval) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._realtime_send_trusted() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_count(oid, name) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_recount(oid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_triggers(regclass, name, boolean) FROM PUBLIC;
+
+-- 0.1.0 counted a row as the length of its text form; count every tracked
+-- table again as 0.2.0 does, so rows stored before the upgrade subtract
+-- exactly what they add.
+SELECT meshhook_limits._storage_recount(t.relid) FROM meshhook_limits.tracked_tables t WHERE t.relid IS NOT NULL;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_trigger() FROM PUBLIC;

@@ -1,0 +1,108 @@
+//! Reading other roles' tables without running their code as ours.
+//!
+//! The worker runs as the bootstrap superuser and `tick()`, `track_storage`
+//! and the storage recount are `SECURITY DEFINER`. The tables they read (the
+//! pg-boss and pgmq queue tables, tracked tables) belong to other roles, who
+//! can make a read run their code: a `_RETURN` rule turns a table into a
+//! view, an `IMMUTABLE` function in an index predicate or expression is
+//! evaluated by the planner, a domain check runs on a cast. So every such
+//! read runs as the table's owner, in a security-restricted operation, the
+//! way PostgreSQL's own VACUUM, ANALYZE and REFRESH MATERIALIZED VIEW run
+//! index functions: whatever code the owner planted runs with the owner's
+//! rights, which the owner had anyway.
+use crate::error::{LimitsError, OrRaise, Result};
+use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone};
+use pgrx::prelude::*;
+
+/// The owner of `rel` when it is a table (plain or partitioned); an error
+/// for anything else (a view, a foreign table, a missing relation).
+fn table_owner(rel: pg_sys::Oid) -> Result<pg_sys::Oid> {
+    let row = Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT c.relkind::text, c.relowner FROM pg_catalog.pg_class c WHERE c.oid = $1",
+            Some(1),
+            &[rel.into()],
+        )?;
+        match rows.into_iter().next() {
+            Some(r) => Ok::<_, pgrx::spi::SpiError>(Some((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+            ))),
+            None => Ok(None),
+        }
+    })?;
+    match row {
+        Some((kind, owner)) if kind == "r" || kind == "p" => Ok(owner),
+        Some(_) => Err(LimitsError::invalid(
+            format!("relation {} is not a table", rel.to_u32()),
+            "meshhook_limits reads plain and partitioned tables only",
+        )),
+        None => Err(LimitsError::invalid(
+            format!("relation {} does not exist", rel.to_u32()),
+            "",
+        )),
+    }
+}
+
+/// Run `query` (one row, one jsonb column; `$1` timestamptz and `$2`
+/// interval) as the owner of table `rel`, in a security-restricted
+/// operation, and return its value.
+pub fn read_as_owner(
+    rel: pg_sys::Oid,
+    query: &str,
+    at: Option<TimestampWithTimeZone>,
+    window: Option<Interval>,
+) -> Result<Option<JsonB>> {
+    let owner = table_owner(rel)?;
+    let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0i32);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    // Settings the owner's code changes are undone with the switch back.
+    let nest = unsafe { pg_sys::NewGUCNestLevel() };
+    let result = pgrx::PgTryBuilder::new(|| {
+        Spi::connect(|c| {
+            let rows = c.select(query, Some(1), &[at.into(), window.into()])?;
+            match rows.into_iter().next() {
+                Some(r) => r.get::<JsonB>(1),
+                None => Ok(None),
+            }
+        })
+    })
+    .finally(|| unsafe {
+        pg_sys::AtEOXact_GUC(false, nest);
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+    })
+    .execute();
+    Ok(result?)
+}
+
+/// `_read_as_owner(rel, query, at, window)`: `query` run as the owner of
+/// table `rel` in a security-restricted operation (see the module docs).
+/// Raises 22023 when `rel` is not a plain or partitioned table. Only for the
+/// extension's own definer code: EXECUTE is revoked from PUBLIC, and the
+/// current user must be a superuser (the extension's owner), since the
+/// function becomes any table's owner.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn _read_as_owner(
+    rel: pg_sys::Oid,
+    query: &str,
+    at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    window: default!(Option<Interval>, "NULL"),
+) -> Option<JsonB> {
+    if !unsafe { pg_sys::superuser() } {
+        LimitsError::forbidden(
+            "_read_as_owner is internal to meshhook_limits",
+            "it runs only inside the extension's own SECURITY DEFINER functions",
+        )
+        .raise();
+    }
+    read_as_owner(rel, query, at, window).or_raise()
+}
