@@ -55,7 +55,8 @@ q "SELECT meshhook_limits.set_limit('requests_per_second', $RATE, burst => $RATE
 PGOPTIONS='-c client_min_messages=warning' "$PSQL" -X -q -v ON_ERROR_STOP=1 -d "$DB" -f "$here/handwritten_rate.sql" >/dev/null
 q "VACUUM ANALYZE" >/dev/null
 # The same rule both ways: the extension must resolve 1e6/s, burst 1e6.
-rule=$(q "SELECT rate || ' ' || burst FROM meshhook_limits._rate_rule('00000000-0000-0000-0000-000000000001', 'upstream-1')")
+# (One bucket per tenant: each tenant n checks its own key upstream-n.)
+rule=$(q "SELECT tenant_rate || ' ' || tenant_burst FROM meshhook_limits._rate_rules('00000000-0000-0000-0000-000000000001', 'upstream-1')")
 [[ $rule == "1000000 1000000" ]] || { echo "unexpected rate rule for the benchmark keys: '$rule'" >&2; exit 1; }
 
 # --- machine and settings ----------------------------------------------------

@@ -10,7 +10,7 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_reap(uuid) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_acquire(uuid, uuid, text, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_heartbeat(uuid, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._fallback_release(uuid, bigint) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_rule(uuid, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_rules(uuid, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_state_lock(uuid, text, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_apply(name, name, uuid, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_forget(name, name, boolean) FROM PUBLIC;
@@ -27,3 +27,4 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_count(oid, name) FROM PUBLIC
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_recount(oid) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_triggers(regclass, name, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_trigger() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._carry_queue_samples(timestamptz, text, text) FROM PUBLIC;

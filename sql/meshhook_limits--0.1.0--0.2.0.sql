@@ -22,6 +22,13 @@ AS 'MODULE_PATHNAME', 'meshhook_limits_row_bytes';
 COMMENT ON FUNCTION meshhook_limits._row_bytes(record) IS
   'Bytes a row counts for storage quotas: the sum of its values'' uncompressed sizes, independent of session settings.';
 
+CREATE FUNCTION meshhook_limits."_caller_has_privs_of"(
+	"role" oid /* pg_sys :: Oid */
+) RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_caller_has_privs_of_wrapper';
+
 -- Validation shared by set_limit and set_plan_limit. Raises 22023.
 CREATE OR REPLACE FUNCTION meshhook_limits._validate_limit(p_resource text, p_limit numeric, p_warn numeric,
                                                 p_window interval, p_burst numeric)
@@ -141,6 +148,18 @@ BEGIN
                        * extract(epoch FROM win));
   END IF;
 
+  -- At most 1000 projects per tenant, resource and window: random project
+  -- ids cannot grow usage_counters without bound.
+  IF record_usage.project_id IS NOT NULL
+     AND NOT EXISTS (SELECT 1 FROM meshhook_limits.usage_counters u
+                      WHERE u.tenant_id = t AND u.resource = r AND u.project_id = record_usage.project_id
+                        AND u.window_start = ws)
+     AND (SELECT count(*) FROM (SELECT 1 FROM meshhook_limits.usage_counters u
+                                 WHERE u.tenant_id = t AND u.resource = r AND u.window_start = ws
+                                 LIMIT 1001) x) > 1000 THEN
+    RAISE EXCEPTION 'tenant already meters % in 1000 projects in this window', r
+      USING ERRCODE = '53400', HINT = 'meter per project only for real projects; the tenant total needs no project_id';
+  END IF;
   row_t := meshhook_limits._meter(t, r, nil, ws, amount, gauge, eff.limit_value, eff.warn_ratio, NULL);
   status := row_t.status; used := row_t.used; limit_value := eff.limit_value; window_start := ws;
   IF record_usage.project_id IS NOT NULL THEN
@@ -154,6 +173,22 @@ BEGIN
   END IF;
   RETURN NEXT;
 END
+$$;
+-- Rate rules: the key's own and the tenant's, both enforced (src/rate.rs).
+DROP FUNCTION meshhook_limits._rate_rule(uuid, text);
+-- The rates a check of a key spends from: the key's own
+-- (requests_per_second.<key>, when any scope sets it) and the tenant's
+-- (requests_per_second, across all its keys). Burst defaults to one
+-- second's worth. Always one row; NULL where no rule applies.
+CREATE OR REPLACE FUNCTION meshhook_limits._rate_rules(p_tenant uuid, p_key text)
+RETURNS TABLE(key_rate float8, key_burst float8, tenant_rate float8, tenant_burst float8)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT max(r.limit_value) FILTER (WHERE r.resource <> 'requests_per_second')::float8,
+         max(coalesce(r.burst, GREATEST(r.limit_value, 1))) FILTER (WHERE r.resource <> 'requests_per_second')::float8,
+         max(r.limit_value) FILTER (WHERE r.resource = 'requests_per_second')::float8,
+         max(coalesce(r.burst, GREATEST(r.limit_value, 1))) FILTER (WHERE r.resource = 'requests_per_second')::float8
+    FROM meshhook_limits._resolve(p_tenant, NULL) r
+   WHERE r.resource IN ('requests_per_second.' || p_key, 'requests_per_second')
 $$;
 -- Supabase Realtime's realtime.send(jsonb, text, text, boolean), when it is
 -- the real one: the function and its schema belong to a superuser or to
@@ -180,8 +215,16 @@ RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_cat
 #variable_conflict use_column
 DECLARE
   payload jsonb;
+  event_id bigint;
   channel text := coalesce(nullif(current_setting('meshhook_limits.notify_channel', true), ''), 'meshhook_limits');
 BEGIN
+  -- At most 100 events per tenant per minute: one tenant's churn cannot
+  -- flood the events table or the listeners. More are dropped.
+  IF p_tenant IS NOT NULL AND (SELECT e.created_at > pg_catalog.now() - interval '1 minute'
+                                 FROM meshhook_limits.events e WHERE e.tenant_id = p_tenant
+                                ORDER BY e.id DESC OFFSET 99 LIMIT 1) THEN
+    RETURN;
+  END IF;
   payload := jsonb_build_object('event', p_event, 'tenant_id', p_tenant, 'resource', p_resource,
                                 'value', p_value, 'limit', p_limit, 'at', pg_catalog.now());
   IF p_extra IS NOT NULL AND octet_length((payload || p_extra)::text) < 7900 THEN
@@ -193,12 +236,36 @@ BEGIN
                                   'at', pg_catalog.now(), 'truncated', true);
   END IF;
   INSERT INTO meshhook_limits.events (tenant_id, event, resource, payload)
-  VALUES (p_tenant, p_event, p_resource, payload);
+  VALUES (p_tenant, p_event, p_resource, payload) RETURNING id INTO event_id;
+  -- What is sent carries the id of its events row: anyone may pg_notify on
+  -- the channel, but only a real event has that row (with that payload).
+  payload := payload || jsonb_build_object('event_id', event_id);
   PERFORM pg_catalog.pg_notify(channel, payload::text);
   IF meshhook_limits._realtime_send_trusted() THEN
     EXECUTE 'SELECT realtime.send($1::jsonb, $2::text, $3::text, $4::boolean)'
       USING payload, p_event, 'meshhook_limits:' || coalesce(p_tenant::text, 'admin'), true;
   END IF;
+END
+$$;
+-- Supabase Realtime authorises private topics by row-level security on
+-- realtime.messages. This policy lets a tenant (authenticated, with its
+-- tenant claim) receive meshhook_limits:<its tenant> and nothing else.
+-- Run once where Realtime is installed (admin); false when it is not.
+CREATE OR REPLACE FUNCTION meshhook_limits.install_realtime_policy() RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('install the Realtime policy');
+  IF NOT meshhook_limits._realtime_send_trusted()
+     OR pg_catalog.to_regclass('realtime.messages') IS NULL
+     OR pg_catalog.to_regprocedure('realtime.topic()') IS NULL THEN
+    RETURN false;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p
+                  WHERE p.polrelid = 'realtime.messages'::regclass AND p.polname = 'meshhook_limits_own_topic') THEN
+    EXECUTE $p$CREATE POLICY meshhook_limits_own_topic ON realtime.messages FOR SELECT TO authenticated
+      USING (realtime.topic() = 'meshhook_limits:' || (SELECT meshhook_limits.current_tenant())::text)$p$;
+  END IF;
+  RETURN true;
 END
 $$;
 -- Apply per-tenant byte deltas of one statement on one table; refuse growth
@@ -367,6 +434,10 @@ BEGIN
     RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '22023',
       HINT = 'track the tables behind a view instead';
   END IF;
+  IF NOT meshhook_limits._caller_has_privs_of((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tbl)) THEN
+    RAISE EXCEPTION 'must be the owner of table % to track it', tbl USING ERRCODE = '42501',
+      HINT = 'an admin tracks the tables it owns (or whose owner role it is a member of)';
+  END IF;
   IF part THEN
     RAISE EXCEPTION '% is a partition', tbl USING ERRCODE = '22023',
       HINT = format('track its partitioned table %s: that counts writes through it and through every partition',
@@ -412,6 +483,9 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t
                   WHERE t.relid = tbl OR (t.table_schema = sch AND t.table_name = rel)) THEN
     RETURN false;
+  END IF;
+  IF NOT meshhook_limits._caller_has_privs_of((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tbl)) THEN
+    RAISE EXCEPTION 'must be the owner of table % to untrack it', tbl USING ERRCODE = '42501';
   END IF;
   EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
   FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p UNION SELECT tbl LOOP
@@ -630,6 +704,18 @@ BEGIN
   RETURN n;
 END
 $$;
+-- A sample that could not be taken (a locked or broken queue table) is not a
+-- recovery: the queue's last sample stands, with its old sampled values.
+CREATE OR REPLACE FUNCTION meshhook_limits._carry_queue_samples(p_at timestamptz, p_source text, p_queue text DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+  INSERT INTO meshhook_limits.queue_samples
+    (sampled_at, source, queue, queued, active, failed_recent, oldest_age, p50_ms, p95_ms, throughput_per_min,
+     error_rate, status, stats_at)
+  SELECT p_at, p.source, p.queue, p.queued, p.active, p.failed_recent, p.oldest_age, p.p50_ms, p.p95_ms,
+         p.throughput_per_min, p.error_rate, p.status, p.stats_at
+    FROM meshhook_limits._latest_queue_samples() p
+   WHERE p.source = p_source AND (p_queue IS NULL OR p.queue = p_queue)
+$$;
 -- One sample of every pgmq queue in pgmq.meta: queued = visible, active =
 -- read and still invisible, so queued + active = pgmq.metrics().queue_length.
 -- p_full: also the archive's statistics of the window (p50/p95, throughput);
@@ -687,10 +773,108 @@ BEGIN
                          )::meshhook_limits.queue_samples;
     EXCEPTION WHEN OTHERS THEN
       RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM;
+      rows := rows || ARRAY(SELECT ROW(p_at, p.source, p.queue, p.queued, p.active, p.failed_recent, p.oldest_age,
+                                       p.p50_ms, p.p95_ms, p.throughput_per_min, p.error_rate, p.status, p.stats_at
+                                      )::meshhook_limits.queue_samples
+                              FROM meshhook_limits._latest_queue_samples() p
+                             WHERE p.source = 'pgmq' AND p.queue = q.name);
     END;
   END LOOP;
   INSERT INTO meshhook_limits.queue_samples SELECT * FROM unnest(rows);
   GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+-- pending → firing after for_duration (alert.firing), firing → resolved once
+-- the value is back past resolve_threshold (alert.resolved). A series that
+-- disappears resolves too. One event per transition: no storms.
+CREATE OR REPLACE FUNCTION meshhook_limits._evaluate_alerts(p_at timestamptz) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE rule record; s record; st record; n bigint := 0; active boolean; clear_thr numeric;
+  v_series text[]; v_labels jsonb[]; v_tenants uuid[]; v_values numeric[];
+BEGIN
+  FOR rule IN SELECT * FROM meshhook_limits.effective_alert_rules r WHERE r.enabled ORDER BY r.name LOOP
+  -- Each rule on its own: one that fails (a bad series value, say) is
+  -- logged and counted in worker_state.errors; the others are evaluated.
+  BEGIN
+    clear_thr := coalesce(rule.resolve_threshold, rule.threshold);
+    -- The rule's series, read once into arrays (unnest zips them back).
+    SELECT coalesce(array_agg(x.series), '{}'), coalesce(array_agg(x.labels), '{}'),
+           coalesce(array_agg(x.tenant_id), '{}'), coalesce(array_agg(x.value), '{}')
+      INTO v_series, v_labels, v_tenants, v_values
+      FROM meshhook_limits._series(rule.metric) x WHERE x.labels @> rule.labels;
+    -- Set-based first: only series that change state go through the loop —
+    -- new past the threshold, pending that clears or is due, firing that is
+    -- back past resolve_threshold. With 1,000 quiet or steadily alerting
+    -- queues, none do.
+    FOR s IN SELECT c.series, c.labels, c.tenant_id, c.value
+               FROM unnest(v_series, v_labels, v_tenants, v_values) AS c(series, labels, tenant_id, value)
+               LEFT JOIN meshhook_limits.alert_states a ON a.rule = rule.name AND a.series = c.series
+              WHERE (a.rule IS NULL AND c.value IS NOT NULL
+                     AND meshhook_limits._compare(c.value, rule.comparison, rule.threshold))
+                 OR (a.state = 'pending' AND (c.value IS NULL
+                     OR NOT meshhook_limits._compare(c.value, rule.comparison, rule.threshold)
+                     OR p_at - a.since >= rule.for_duration))
+                 OR (a.state = 'firing' AND (c.value IS NULL
+                     OR NOT meshhook_limits._compare(c.value, rule.comparison, clear_thr))) LOOP
+      SELECT * INTO st FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
+      active := s.value IS NOT NULL AND meshhook_limits._compare(s.value, rule.comparison, rule.threshold);
+      IF st IS NULL OR st.rule IS NULL THEN
+        IF active THEN
+          INSERT INTO meshhook_limits.alert_states VALUES (rule.name, s.series, s.labels, s.tenant_id, 'pending', s.value, p_at, NULL);
+          SELECT * INTO st FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
+        ELSE
+          CONTINUE;
+        END IF;
+      END IF;
+      IF st.state = 'pending' THEN
+        IF NOT active THEN
+          DELETE FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
+        ELSIF p_at - st.since >= rule.for_duration THEN
+          UPDATE meshhook_limits.alert_states a SET state = 'firing', fired_at = p_at, value = s.value
+           WHERE a.rule = rule.name AND a.series = s.series;
+          PERFORM meshhook_limits._emit_alert('alert.firing', rule.name, rule.metric, rule.severity, rule.threshold,
+                                              s.tenant_id, s.value, s.labels, st.since);
+          n := n + 1;
+        ELSE
+          UPDATE meshhook_limits.alert_states a SET value = s.value WHERE a.rule = rule.name AND a.series = s.series;
+        END IF;
+      ELSIF st.state = 'firing' THEN
+        IF s.value IS NULL OR NOT meshhook_limits._compare(s.value, rule.comparison, clear_thr) THEN
+          DELETE FROM meshhook_limits.alert_states a WHERE a.rule = rule.name AND a.series = s.series;
+          PERFORM meshhook_limits._emit_alert('alert.resolved', rule.name, rule.metric, rule.severity, rule.threshold,
+                                              s.tenant_id, s.value, s.labels, st.since);
+          n := n + 1;
+        ELSE
+          UPDATE meshhook_limits.alert_states a SET value = s.value WHERE a.rule = rule.name AND a.series = s.series;
+        END IF;
+      END IF;
+    END LOOP;
+    -- Series that stay pending or firing: their current value, in one statement.
+    UPDATE meshhook_limits.alert_states a SET value = c.value
+      FROM unnest(v_series, v_values) AS c(series, value)
+     WHERE a.rule = rule.name AND a.series = c.series AND a.value IS DISTINCT FROM c.value;
+    -- Series that are gone (a queue dropped, a tenant idle): resolve or forget.
+    FOR st IN DELETE FROM meshhook_limits.alert_states a
+               WHERE a.rule = rule.name
+                 AND NOT EXISTS (SELECT 1 FROM unnest(v_series) AS c(series) WHERE c.series = a.series)
+               RETURNING a.* LOOP
+      IF st.state = 'firing' THEN
+        PERFORM meshhook_limits._emit_alert('alert.resolved', rule.name, rule.metric, rule.severity, rule.threshold,
+                                            st.tenant_id, NULL, st.labels, st.since);
+        n := n + 1;
+      END IF;
+    END LOOP;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: alert rule % failed: %', quote_literal(rule.name), SQLERRM;
+    UPDATE meshhook_limits.worker_state
+       SET errors = errors + 1, last_error = format('alert rule %s: %s', rule.name, SQLERRM);
+  END;
+  END LOOP;
+  -- Rules that were disabled or deleted stop quietly.
+  DELETE FROM meshhook_limits.alert_states a
+   WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.effective_alert_rules r WHERE r.name = a.rule AND r.enabled);
   RETURN n;
 END
 $$;
@@ -731,11 +915,13 @@ BEGIN
     PERFORM meshhook_limits._sample_pgboss(t0, win, full_pass);
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: sampling pg-boss failed: %', SQLERRM;
+    PERFORM meshhook_limits._carry_queue_samples(t0, 'pgboss');
   END;
   BEGIN
     PERFORM meshhook_limits._sample_pgmq(t0, win, full_pass);
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
+    PERFORM meshhook_limits._carry_queue_samples(t0, 'pgmq');
   END;
   -- queue_health() and the alert rules read the samples of this time.
   UPDATE meshhook_limits.worker_state
@@ -768,6 +954,65 @@ BEGIN
          last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);
 END
 $$;
+-- Alert rules: admins manage them with plain DML through this function.
+CREATE OR REPLACE FUNCTION meshhook_limits.set_alert_rule(name text, metric text, threshold numeric,
+    comparison text DEFAULT '>', for_duration interval DEFAULT '0', severity text DEFAULT 'warning',
+    labels jsonb DEFAULT '{}', resolve_threshold numeric DEFAULT NULL, enabled boolean DEFAULT true,
+    description text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('manage alert rules');
+  IF threshold IS NULL OR threshold = 'NaN' OR abs(threshold) > 1e18 THEN
+    RAISE EXCEPTION 'threshold must be a number between -1e18 and 1e18' USING ERRCODE = '22023';
+  END IF;
+  IF resolve_threshold = 'NaN' OR abs(resolve_threshold) > 1e18 THEN
+    RAISE EXCEPTION 'resolve_threshold must be NULL or a number between -1e18 and 1e18' USING ERRCODE = '22023';
+  END IF;
+  BEGIN
+    INSERT INTO meshhook_limits.alert_rules AS r (name, metric, comparison, threshold, resolve_threshold,
+        for_duration, severity, labels, enabled, description)
+    VALUES (set_alert_rule.name, set_alert_rule.metric, set_alert_rule.comparison, set_alert_rule.threshold,
+            set_alert_rule.resolve_threshold, set_alert_rule.for_duration, set_alert_rule.severity,
+            coalesce(set_alert_rule.labels, '{}'), coalesce(set_alert_rule.enabled, true), set_alert_rule.description)
+    ON CONFLICT (name) DO UPDATE SET metric = EXCLUDED.metric, comparison = EXCLUDED.comparison,
+      threshold = EXCLUDED.threshold, resolve_threshold = EXCLUDED.resolve_threshold,
+      for_duration = EXCLUDED.for_duration, severity = EXCLUDED.severity, labels = EXCLUDED.labels,
+      enabled = EXCLUDED.enabled, description = EXCLUDED.description;
+  EXCEPTION WHEN check_violation OR not_null_violation THEN
+    RAISE EXCEPTION 'invalid alert rule: %', SQLERRM USING ERRCODE = '22023',
+      HINT = 'metric is one of queue.queued, queue.oldest_age_seconds, queue.error_rate, queue.failed_recent, '
+             'pool.utilisation, pool.idle_in_transaction, pool.waiting, tenant.usage_ratio; comparison one of > >= < <=; '
+             'severity info, warning or critical; for_duration >= 0';
+  END;
+END
+$$;
+CREATE OR REPLACE FUNCTION meshhook_limits.set_queue_thresholds(source text DEFAULT '*', queue text DEFAULT NULL,
+    warn_queued bigint DEFAULT 1000, crit_queued bigint DEFAULT 10000,
+    warn_oldest_age interval DEFAULT '5 minutes', crit_oldest_age interval DEFAULT '15 minutes',
+    warn_error_rate numeric DEFAULT 0.05, crit_error_rate numeric DEFAULT 0.20)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('set queue thresholds');
+  IF warn_queued IS NULL OR crit_queued IS NULL OR warn_queued < 0 OR crit_queued < warn_queued
+     OR warn_oldest_age IS NULL OR crit_oldest_age IS NULL OR crit_oldest_age < warn_oldest_age
+     OR warn_error_rate IS NULL OR crit_error_rate IS NULL OR warn_error_rate = 'NaN' OR crit_error_rate = 'NaN'
+     OR warn_error_rate < 0 OR crit_error_rate < warn_error_rate THEN
+    RAISE EXCEPTION 'invalid queue thresholds' USING ERRCODE = '22023',
+      HINT = 'each critical threshold must be >= its warning threshold, and all >= 0';
+  END IF;
+  BEGIN
+    INSERT INTO meshhook_limits.queue_thresholds AS t VALUES (coalesce(set_queue_thresholds.source, '*'),
+      set_queue_thresholds.queue, warn_queued, crit_queued, warn_oldest_age, crit_oldest_age, warn_error_rate, crit_error_rate)
+    ON CONFLICT (source, queue) DO UPDATE SET warn_queued = EXCLUDED.warn_queued, crit_queued = EXCLUDED.crit_queued,
+      warn_oldest_age = EXCLUDED.warn_oldest_age, crit_oldest_age = EXCLUDED.crit_oldest_age,
+      warn_error_rate = EXCLUDED.warn_error_rate, crit_error_rate = EXCLUDED.crit_error_rate;
+  EXCEPTION WHEN check_violation THEN
+    RAISE EXCEPTION 'source must be *, pgboss or pgmq' USING ERRCODE = '22023';
+  END;
+END
+$$;
 -- security_invoker: the caller's row-level security applies (tenants see none).
 ALTER VIEW meshhook_limits.effective_alert_rules SET (security_invoker = true);
 
@@ -782,3 +1027,5 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_triggers(regclass, name, boo
 -- exactly what they add.
 SELECT meshhook_limits._storage_recount(t.relid) FROM meshhook_limits.tracked_tables t WHERE t.relid IS NOT NULL;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_trigger() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_rules(uuid, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._carry_queue_samples(timestamptz, text, text) FROM PUBLIC;

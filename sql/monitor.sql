@@ -326,6 +326,11 @@ BEGIN
                          )::meshhook_limits.queue_samples;
     EXCEPTION WHEN OTHERS THEN
       RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM;
+      rows := rows || ARRAY(SELECT ROW(p_at, p.source, p.queue, p.queued, p.active, p.failed_recent, p.oldest_age,
+                                       p.p50_ms, p.p95_ms, p.throughput_per_min, p.error_rate, p.status, p.stats_at
+                                      )::meshhook_limits.queue_samples
+                              FROM meshhook_limits._latest_queue_samples() p
+                             WHERE p.source = 'pgmq' AND p.queue = q.name);
     END;
   END LOOP;
   INSERT INTO meshhook_limits.queue_samples SELECT * FROM unnest(rows);
@@ -497,6 +502,19 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
    WHERE s.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w)
 $$;
 
+-- A sample that could not be taken (a locked or broken queue table) is not a
+-- recovery: the queue's last sample stands, with its old sampled values.
+CREATE FUNCTION meshhook_limits._carry_queue_samples(p_at timestamptz, p_source text, p_queue text DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+  INSERT INTO meshhook_limits.queue_samples
+    (sampled_at, source, queue, queued, active, failed_recent, oldest_age, p50_ms, p95_ms, throughput_per_min,
+     error_rate, status, stats_at)
+  SELECT p_at, p.source, p.queue, p.queued, p.active, p.failed_recent, p.oldest_age, p.p50_ms, p.p95_ms,
+         p.throughput_per_min, p.error_rate, p.status, p.stats_at
+    FROM meshhook_limits._latest_queue_samples() p
+   WHERE p.source = p_source AND (p_queue IS NULL OR p.queue = p_queue)
+$$;
+
 -- alert.firing / alert.resolved of one series of a rule.
 CREATE FUNCTION meshhook_limits._emit_alert(p_event text, p_rule text, p_metric text, p_severity text,
                                             p_threshold numeric, p_tenant uuid, p_value numeric,
@@ -522,6 +540,9 @@ DECLARE rule record; s record; st record; n bigint := 0; active boolean; clear_t
   v_series text[]; v_labels jsonb[]; v_tenants uuid[]; v_values numeric[];
 BEGIN
   FOR rule IN SELECT * FROM meshhook_limits.effective_alert_rules r WHERE r.enabled ORDER BY r.name LOOP
+  -- Each rule on its own: one that fails (a bad series value, say) is
+  -- logged and counted in worker_state.errors; the others are evaluated.
+  BEGIN
     clear_thr := coalesce(rule.resolve_threshold, rule.threshold);
     -- The rule's series, read once into arrays (unnest zips them back).
     SELECT coalesce(array_agg(x.series), '{}'), coalesce(array_agg(x.labels), '{}'),
@@ -590,6 +611,11 @@ BEGIN
         n := n + 1;
       END IF;
     END LOOP;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: alert rule % failed: %', quote_literal(rule.name), SQLERRM;
+    UPDATE meshhook_limits.worker_state
+       SET errors = errors + 1, last_error = format('alert rule %s: %s', rule.name, SQLERRM);
+  END;
   END LOOP;
   -- Rules that were disabled or deleted stop quietly.
   DELETE FROM meshhook_limits.alert_states a
@@ -635,11 +661,13 @@ BEGIN
     PERFORM meshhook_limits._sample_pgboss(t0, win, full_pass);
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: sampling pg-boss failed: %', SQLERRM;
+    PERFORM meshhook_limits._carry_queue_samples(t0, 'pgboss');
   END;
   BEGIN
     PERFORM meshhook_limits._sample_pgmq(t0, win, full_pass);
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
+    PERFORM meshhook_limits._carry_queue_samples(t0, 'pgmq');
   END;
   -- queue_health() and the alert rules read the samples of this time.
   UPDATE meshhook_limits.worker_state
@@ -726,8 +754,11 @@ RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_cat
 #variable_conflict use_column
 BEGIN
   PERFORM meshhook_limits.require_admin_access('manage alert rules');
-  IF threshold IS NULL OR threshold = 'NaN' THEN
-    RAISE EXCEPTION 'threshold must be a number' USING ERRCODE = '22023';
+  IF threshold IS NULL OR threshold = 'NaN' OR abs(threshold) > 1e18 THEN
+    RAISE EXCEPTION 'threshold must be a number between -1e18 and 1e18' USING ERRCODE = '22023';
+  END IF;
+  IF resolve_threshold = 'NaN' OR abs(resolve_threshold) > 1e18 THEN
+    RAISE EXCEPTION 'resolve_threshold must be NULL or a number between -1e18 and 1e18' USING ERRCODE = '22023';
   END IF;
   BEGIN
     INSERT INTO meshhook_limits.alert_rules AS r (name, metric, comparison, threshold, resolve_threshold,
@@ -757,8 +788,9 @@ RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_cat
 BEGIN
   PERFORM meshhook_limits.require_admin_access('set queue thresholds');
   IF warn_queued IS NULL OR crit_queued IS NULL OR warn_queued < 0 OR crit_queued < warn_queued
-     OR warn_oldest_age IS NULL OR crit_oldest_age < warn_oldest_age
-     OR warn_error_rate IS NULL OR warn_error_rate < 0 OR crit_error_rate < warn_error_rate THEN
+     OR warn_oldest_age IS NULL OR crit_oldest_age IS NULL OR crit_oldest_age < warn_oldest_age
+     OR warn_error_rate IS NULL OR crit_error_rate IS NULL OR warn_error_rate = 'NaN' OR crit_error_rate = 'NaN'
+     OR warn_error_rate < 0 OR crit_error_rate < warn_error_rate THEN
     RAISE EXCEPTION 'invalid queue thresholds' USING ERRCODE = '22023',
       HINT = 'each critical threshold must be >= its warning threshold, and all >= 0';
   END IF;

@@ -410,8 +410,16 @@ RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_cat
 #variable_conflict use_column
 DECLARE
   payload jsonb;
+  event_id bigint;
   channel text := coalesce(nullif(current_setting('meshhook_limits.notify_channel', true), ''), 'meshhook_limits');
 BEGIN
+  -- At most 100 events per tenant per minute: one tenant's churn cannot
+  -- flood the events table or the listeners. More are dropped.
+  IF p_tenant IS NOT NULL AND (SELECT e.created_at > pg_catalog.now() - interval '1 minute'
+                                 FROM meshhook_limits.events e WHERE e.tenant_id = p_tenant
+                                ORDER BY e.id DESC OFFSET 99 LIMIT 1) THEN
+    RETURN;
+  END IF;
   payload := jsonb_build_object('event', p_event, 'tenant_id', p_tenant, 'resource', p_resource,
                                 'value', p_value, 'limit', p_limit, 'at', pg_catalog.now());
   IF p_extra IS NOT NULL AND octet_length((payload || p_extra)::text) < 7900 THEN
@@ -423,12 +431,37 @@ BEGIN
                                   'at', pg_catalog.now(), 'truncated', true);
   END IF;
   INSERT INTO meshhook_limits.events (tenant_id, event, resource, payload)
-  VALUES (p_tenant, p_event, p_resource, payload);
+  VALUES (p_tenant, p_event, p_resource, payload) RETURNING id INTO event_id;
+  -- What is sent carries the id of its events row: anyone may pg_notify on
+  -- the channel, but only a real event has that row (with that payload).
+  payload := payload || jsonb_build_object('event_id', event_id);
   PERFORM pg_catalog.pg_notify(channel, payload::text);
   IF meshhook_limits._realtime_send_trusted() THEN
     EXECUTE 'SELECT realtime.send($1::jsonb, $2::text, $3::text, $4::boolean)'
       USING payload, p_event, 'meshhook_limits:' || coalesce(p_tenant::text, 'admin'), true;
   END IF;
+END
+$$;
+
+-- Supabase Realtime authorises private topics by row-level security on
+-- realtime.messages. This policy lets a tenant (authenticated, with its
+-- tenant claim) receive meshhook_limits:<its tenant> and nothing else.
+-- Run once where Realtime is installed (admin); false when it is not.
+CREATE FUNCTION meshhook_limits.install_realtime_policy() RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('install the Realtime policy');
+  IF NOT meshhook_limits._realtime_send_trusted()
+     OR pg_catalog.to_regclass('realtime.messages') IS NULL
+     OR pg_catalog.to_regprocedure('realtime.topic()') IS NULL THEN
+    RETURN false;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p
+                  WHERE p.polrelid = 'realtime.messages'::regclass AND p.polname = 'meshhook_limits_own_topic') THEN
+    EXECUTE $p$CREATE POLICY meshhook_limits_own_topic ON realtime.messages FOR SELECT TO authenticated
+      USING (realtime.topic() = 'meshhook_limits:' || (SELECT meshhook_limits.current_tenant())::text)$p$;
+  END IF;
+  RETURN true;
 END
 $$;
 
@@ -517,6 +550,18 @@ BEGIN
                        * extract(epoch FROM win));
   END IF;
 
+  -- At most 1000 projects per tenant, resource and window: random project
+  -- ids cannot grow usage_counters without bound.
+  IF record_usage.project_id IS NOT NULL
+     AND NOT EXISTS (SELECT 1 FROM meshhook_limits.usage_counters u
+                      WHERE u.tenant_id = t AND u.resource = r AND u.project_id = record_usage.project_id
+                        AND u.window_start = ws)
+     AND (SELECT count(*) FROM (SELECT 1 FROM meshhook_limits.usage_counters u
+                                 WHERE u.tenant_id = t AND u.resource = r AND u.window_start = ws
+                                 LIMIT 1001) x) > 1000 THEN
+    RAISE EXCEPTION 'tenant already meters % in 1000 projects in this window', r
+      USING ERRCODE = '53400', HINT = 'meter per project only for real projects; the tenant total needs no project_id';
+  END IF;
   row_t := meshhook_limits._meter(t, r, nil, ws, amount, gauge, eff.limit_value, eff.warn_ratio, NULL);
   status := row_t.status; used := row_t.used; limit_value := eff.limit_value; window_start := ws;
   IF record_usage.project_id IS NOT NULL THEN
@@ -703,16 +748,19 @@ $$;
 -- ---------------------------------------------------------------------------
 -- Rate limits (GCRA in Rust; see src/rate.rs).
 
--- The rule for a key: requests_per_second.<key> if any scope sets it, else
--- the tenant's requests_per_second. Burst defaults to one second's worth.
-CREATE FUNCTION meshhook_limits._rate_rule(p_tenant uuid, p_key text)
-RETURNS TABLE(rate float8, burst float8)
+-- The rates a check of a key spends from: the key's own
+-- (requests_per_second.<key>, when any scope sets it) and the tenant's
+-- (requests_per_second, across all its keys). Burst defaults to one
+-- second's worth. Always one row; NULL where no rule applies.
+CREATE FUNCTION meshhook_limits._rate_rules(p_tenant uuid, p_key text)
+RETURNS TABLE(key_rate float8, key_burst float8, tenant_rate float8, tenant_burst float8)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT r.limit_value::float8, coalesce(r.burst, GREATEST(r.limit_value, 1))::float8
+  SELECT max(r.limit_value) FILTER (WHERE r.resource <> 'requests_per_second')::float8,
+         max(coalesce(r.burst, GREATEST(r.limit_value, 1))) FILTER (WHERE r.resource <> 'requests_per_second')::float8,
+         max(r.limit_value) FILTER (WHERE r.resource = 'requests_per_second')::float8,
+         max(coalesce(r.burst, GREATEST(r.limit_value, 1))) FILTER (WHERE r.resource = 'requests_per_second')::float8
     FROM meshhook_limits._resolve(p_tenant, NULL) r
    WHERE r.resource IN ('requests_per_second.' || p_key, 'requests_per_second')
-   ORDER BY (r.resource = 'requests_per_second')
-   LIMIT 1
 $$;
 
 -- Rate state without shared_preload_libraries. Unlogged: not worth WAL, and
@@ -950,6 +998,10 @@ BEGIN
     RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '22023',
       HINT = 'track the tables behind a view instead';
   END IF;
+  IF NOT meshhook_limits._caller_has_privs_of((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tbl)) THEN
+    RAISE EXCEPTION 'must be the owner of table % to track it', tbl USING ERRCODE = '42501',
+      HINT = 'an admin tracks the tables it owns (or whose owner role it is a member of)';
+  END IF;
   IF part THEN
     RAISE EXCEPTION '% is a partition', tbl USING ERRCODE = '22023',
       HINT = format('track its partitioned table %s: that counts writes through it and through every partition',
@@ -996,6 +1048,9 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM meshhook_limits.tracked_tables t
                   WHERE t.relid = tbl OR (t.table_schema = sch AND t.table_name = rel)) THEN
     RETURN false;
+  END IF;
+  IF NOT meshhook_limits._caller_has_privs_of((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tbl)) THEN
+    RAISE EXCEPTION 'must be the owner of table % to untrack it', tbl USING ERRCODE = '42501';
   END IF;
   EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
   FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p UNION SELECT tbl LOOP

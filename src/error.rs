@@ -16,8 +16,12 @@ pub enum LimitsError {
     /// 53400: the shared slot table is full.
     #[error("the shared execution-slot table is full ({0} slots)")]
     SlotTableFull(usize),
+    /// 25006: a hot standby keeps no slots and spends no rate: its counts
+    /// would be its own, apart from the primary's.
+    #[error("{0} is not available on a hot standby")]
+    Standby(&'static str),
     /// 0A000: slots were acquired or released in a transaction being prepared.
-    #[error("execution slots cannot be acquired or released in a transaction that is prepared (two-phase commit)")]
+    #[error("execution slots and limits cannot be changed in a transaction that is prepared (two-phase commit)")]
     PreparedTransaction,
     /// XX000: an internal query failed.
     #[error("internal query failed: {0}")]
@@ -48,6 +52,7 @@ impl LimitsError {
             LimitsError::NotPreloaded => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             LimitsError::SlotTableFull(_) => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             LimitsError::PreparedTransaction => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            LimitsError::Standby(_) => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             LimitsError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -63,6 +68,9 @@ impl LimitsError {
             ),
             LimitsError::SlotTableFull(_) => {
                 Some("release finished slots, or lower the lease so abandoned slots are reclaimed sooner".into())
+            }
+            LimitsError::Standby(_) => {
+                Some("call it on the primary: limits are counted there, once for the cluster".into())
             }
             LimitsError::PreparedTransaction => Some(
                 "acquire and release slots in their own transaction, outside PREPARE TRANSACTION".into(),
@@ -127,4 +135,12 @@ pub fn passthrough<T>(f: impl FnOnce() -> T) -> T {
             other => other.rethrow(),
         })
         .execute()
+}
+
+/// 25006 on a hot standby (see `LimitsError::Standby`).
+pub fn refuse_on_standby(what: &'static str) -> Result<()> {
+    if unsafe { pgrx::pg_sys::RecoveryInProgress() } {
+        return Err(LimitsError::Standby(what));
+    }
+    Ok(())
 }

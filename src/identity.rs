@@ -226,7 +226,15 @@ pub fn can_monitor() -> bool {
 
 /// Raise 42501 unless the caller is an administrator.
 #[pg_extern(stable, parallel_safe)]
-pub fn require_admin_access(action: &str) {
+pub fn require_admin_access(action: crate::row::Utf8) {
     use crate::error::OrRaise;
-    require_admin(action).or_raise()
+    action.get("action").and_then(require_admin).or_raise()
+}
+
+/// True when the caller (the outer user) has the privileges of `role`:
+/// is it, a member of it, or a superuser. For acts on another role's
+/// objects, such as tracking a table (its owner must agree).
+#[pg_extern(stable, parallel_safe, strict)]
+pub fn _caller_has_privs_of(role: pg_sys::Oid) -> bool {
+    unsafe { pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), role) }
 }

@@ -32,6 +32,7 @@ extension_sql_file!(
         identity::is_admin,
         slots::live_slots,
         owner::_read_as_owner,
+        identity::_caller_has_privs_of,
         "row_bytes"
     ]
 );

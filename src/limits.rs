@@ -50,7 +50,11 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
     }
 
     /// The cached value for `key`, or `load()` it (and cache it when the
-    /// generation did not move meanwhile).
+    /// generation did not move meanwhile). `load` must read with a fresh
+    /// snapshot (see `fresh_select`): a value read under a snapshot older
+    /// than the generation would be cached as current. Under REPEATABLE READ
+    /// or SERIALIZABLE the snapshot is the transaction's, so nothing loaded
+    /// there is cached.
     pub fn get_or_load(
         cell: &'static std::thread::LocalKey<RefCell<Self>>,
         key: K,
@@ -59,6 +63,9 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
         let Some(h) = crate::shmem::header() else {
             return load();
         };
+        if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            return load();
+        }
         let generation = h.generation.load(Ordering::Acquire);
         let hit = cell.with(|c| {
             let mut c = c.borrow_mut();
@@ -92,8 +99,10 @@ thread_local! {
 }
 
 fn load(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
-    Spi::connect(|c| {
-        let rows = c.select(
+    // update(), not select(): SPI takes a fresh snapshot for it (READ
+    // COMMITTED), so what is loaded is at least as new as the generation.
+    Spi::connect_mut(|c| {
+        let rows = c.update(
             "SELECT tenant_cap, project_cap, exec_micros, memory_bytes
                FROM meshhook_limits._slot_limits($1, $2)",
             Some(1),

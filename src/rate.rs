@@ -7,8 +7,17 @@
 //! that sum. So `burst` requests pass at once, a stream at `rate` always
 //! passes, and a refusal knows exactly when the request would pass.
 //!
+//! What a check spends from: the tenant's bucket, when the tenant has a
+//! `requests_per_second` (it bounds the tenant across all its keys, so
+//! rotating key names gains nothing), and the key's own bucket, when
+//! `requests_per_second.<key>` is set. A request passes only when every
+//! bucket that applies has room, and then spends from each. A pause belongs
+//! to a key with a rule of its own. So a tenant has at most one entry plus
+//! one per keyed rule an admin set: it cannot fill the table.
+//!
 //! The table is fixed: `BUCKETS` sets of `WAYS` entries, behind `PARTITIONS`
-//! LWLocks. A key lives in the set its hash picks. When the set is full, an
+//! LWLocks. An entry lives in the set its hash (of database, tenant and key,
+//! with a secret seed chosen at server start) picks. When the set is full, an
 //! idle entry (tat and pause in the past: indistinguishable from a fresh key)
 //! is reused first; if none is idle the entry closest to idle is evicted and
 //! that key starts again with a full burst (counted in `evictions`).
@@ -35,7 +44,9 @@ const TRANCHE: &std::ffi::CStr = c"meshhook_limits_rate";
 #[repr(C)]
 struct Entry {
     used: bool,
+    /// 0 for the tenant's bucket (keys are 1 to KEY_MAX bytes).
     key_len: u8,
+    database: u32,
     tenant: [u8; 16],
     /// Nanoseconds since 2000-01-01 (PostgreSQL's epoch).
     tat: i64,
@@ -45,6 +56,9 @@ struct Entry {
 
 #[repr(C)]
 pub struct RateTable {
+    /// Random at server start: which set an entry lands in cannot be
+    /// computed from outside, so no tenant can aim at another's set.
+    seed: u64,
     pub allowed: AtomicU64,
     pub denied: AtomicU64,
     pub evictions: AtomicU64,
@@ -73,6 +87,11 @@ pub unsafe fn shmem_startup() {
         .cast::<RateTable>();
         if !found {
             std::ptr::write_bytes(t.cast::<u8>(), 0, std::mem::size_of::<RateTable>());
+            let mut seed = [0u8; 8];
+            if !pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), 8) {
+                seed = pg_sys::GetCurrentTimestamp().to_le_bytes();
+            }
+            (*t).seed = u64::from_le_bytes(seed);
         }
         RATE.store(t, Ordering::Release);
         LOCKS.store(
@@ -111,9 +130,10 @@ impl Drop for Partition {
     }
 }
 
-fn hash(tenant: &[u8; 16], key: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in tenant.iter().chain(key.iter()) {
+fn hash(seed: u64, database: u32, tenant: &[u8; 16], key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    let db = database.to_le_bytes();
+    for b in db.iter().chain(tenant.iter()).chain(key.iter()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -131,11 +151,34 @@ pub fn now_ns() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }.saturating_mul(1000)
 }
 
+/// One rate: requests per second and how many may pass at once.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Rule {
-    /// Requests per second; None = no limit.
-    pub rate: Option<f64>,
+pub struct Bucket {
+    pub rate: f64,
     pub burst: f64,
+}
+
+/// The buckets a check of one key spends from (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Rule {
+    /// `requests_per_second.<key>`, when any scope sets it.
+    pub key: Option<Bucket>,
+    /// The tenant's `requests_per_second`, across all its keys.
+    pub tenant: Option<Bucket>,
+}
+
+impl Rule {
+    /// (entry key, bucket) pairs, the tenant's (empty key) first.
+    fn buckets<'a>(&self, key: &'a [u8]) -> Vec<(&'a [u8], Bucket)> {
+        let mut v = Vec::with_capacity(2);
+        if let Some(b) = self.tenant {
+            v.push((&key[..0], b));
+        }
+        if let Some(b) = self.key {
+            v.push((key, b));
+        }
+        v
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -203,48 +246,131 @@ pub fn gcra(
     }
 }
 
-fn with_entry<R>(
+/// Find or make the entry of each `(key)` of `keys` (at most two, distinct)
+/// for this database and tenant, and run `f` on them with their partitions
+/// locked (in partition order, so two callers never deadlock).
+fn with_entries<R>(
     tenant: &[u8; 16],
-    key: &[u8],
+    keys: &[&[u8]],
     now: i64,
-    f: impl FnOnce(&mut Entry) -> R,
+    f: impl FnOnce(&mut [&mut Entry]) -> R,
 ) -> Option<R> {
     let table = RATE.load(Ordering::Acquire);
-    let set_idx = (hash(tenant, key) as usize) % BUCKETS;
-    let _guard = Partition::lock(set_idx)?;
-    // SAFETY: the partition lock covers this set.
-    let t = unsafe { &mut *table };
-    let set = &mut t.sets[set_idx];
-    let found = set
+    if table.is_null() {
+        return None;
+    }
+    // SAFETY: set once by the startup hook; the seed never changes.
+    let seed = unsafe { (*table).seed };
+    let database = crate::shmem::my_database();
+    let sets: Vec<usize> = keys
         .iter()
-        .position(|e| e.used && &e.tenant == tenant && &e.key[..e.key_len as usize] == key);
-    let idx = match found {
-        Some(i) => i,
-        None => {
-            let idle = |e: &Entry| !e.used || (e.tat <= now && e.paused_until <= now);
-            let i = match set.iter().position(idle) {
-                Some(i) => i,
-                None => {
-                    t.evictions.fetch_add(1, Ordering::Relaxed);
-                    (0..WAYS)
-                        .min_by_key(|&i| set[i].tat.max(set[i].paused_until))
-                        .unwrap_or(0)
-                }
-            };
-            let mut k = [0u8; KEY_MAX];
-            k[..key.len()].copy_from_slice(key);
-            set[i] = Entry {
-                used: true,
-                key_len: key.len() as u8,
-                tenant: *tenant,
-                tat: now,
-                paused_until: 0,
-                key: k,
-            };
-            i
-        }
+        .map(|k| (hash(seed, database, tenant, k) as usize) % BUCKETS)
+        .collect();
+    let mut parts: Vec<usize> = sets.iter().map(|s| s % PARTITIONS).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    let mut guards = Vec::with_capacity(parts.len());
+    for p in &parts {
+        guards.push(Partition::lock(*p)?);
+    }
+    // SAFETY: the partition locks cover these sets.
+    let t = unsafe { &mut *table };
+    let mut slots: Vec<(usize, usize)> = Vec::with_capacity(keys.len());
+    for (key, &set_idx) in keys.iter().zip(&sets) {
+        let taken: Vec<usize> = slots
+            .iter()
+            .filter(|(s, _)| *s == set_idx)
+            .map(|(_, w)| *w)
+            .collect();
+        let set = &mut t.sets[set_idx];
+        let found = set.iter().position(|e| {
+            e.used
+                && e.database == database
+                && &e.tenant == tenant
+                && &e.key[..e.key_len as usize] == *key
+        });
+        let way = match found {
+            Some(i) => i,
+            None => {
+                let idle = |e: &Entry| !e.used || (e.tat <= now && e.paused_until <= now);
+                let free = (0..WAYS).find(|i| !taken.contains(i) && idle(&set[*i]));
+                let i = match free {
+                    Some(i) => i,
+                    None => {
+                        t.evictions.fetch_add(1, Ordering::Relaxed);
+                        (0..WAYS)
+                            .filter(|i| !taken.contains(i))
+                            .min_by_key(|&i| set[i].tat.max(set[i].paused_until))
+                            .unwrap_or(0)
+                    }
+                };
+                let mut k = [0u8; KEY_MAX];
+                k[..key.len()].copy_from_slice(key);
+                set[i] = Entry {
+                    used: true,
+                    key_len: key.len() as u8,
+                    database,
+                    tenant: *tenant,
+                    tat: now,
+                    paused_until: 0,
+                    key: k,
+                };
+                i
+            }
+        };
+        slots.push((set_idx, way));
+    }
+    let ptr: *mut RateTable = t;
+    // SAFETY: distinct (set, way) pairs, so the references do not alias.
+    let mut entries: Vec<&mut Entry> = slots
+        .iter()
+        .map(|&(s, w)| unsafe { &mut (*ptr).sets[s][w] })
+        .collect();
+    let r = f(&mut entries);
+    drop(guards);
+    Some(r)
+}
+
+/// One GCRA step over every bucket at once: allowed only when each allows;
+/// then each spends. `states` are the buckets' (tat, paused_until); returns
+/// the decision and the new tats.
+pub fn gcra_all(
+    states: &[(i64, i64)],
+    buckets: &[Bucket],
+    now: i64,
+    cost: i64,
+) -> (Decision, Vec<i64>) {
+    let steps: Vec<(Decision, i64)> = states
+        .iter()
+        .zip(buckets)
+        .map(|(&(tat, paused), b)| gcra(tat, paused, now, cost, b.rate, b.burst))
+        .collect();
+    let allowed = steps.iter().all(|(d, _)| d.allowed);
+    let remaining = steps.iter().filter_map(|(d, _)| d.remaining).min();
+    let retry_after_ns = if allowed {
+        None
+    } else {
+        // The latest moment every refusing bucket has room; never (None)
+        // when one of them never will (a rate of 0).
+        steps
+            .iter()
+            .filter(|(d, _)| !d.allowed)
+            .map(|(d, _)| d.retry_after_ns)
+            .try_fold(0i64, |acc, r| r.map(|r| acc.max(r)))
     };
-    Some(f(&mut set[idx]))
+    let tats = steps
+        .iter()
+        .zip(states)
+        .map(|((_, new), &(old, _))| if allowed { *new } else { old })
+        .collect();
+    (
+        Decision {
+            allowed,
+            remaining,
+            retry_after_ns,
+        },
+        tats,
+    )
 }
 
 type Key = ([u8; 16], String);
@@ -254,19 +380,23 @@ thread_local! {
 }
 
 fn load_rule(tenant: Uuid, key: &str) -> Result<Rule> {
-    Spi::connect(|c| {
-        let rows = c.select(
-            "SELECT rate, burst FROM meshhook_limits._rate_rule($1, $2)",
+    // A fresh snapshot, as limits::load does (see GenerationCache::get_or_load).
+    Spi::connect_mut(|c| {
+        let rows = c.update(
+            "SELECT key_rate, key_burst, tenant_rate, tenant_burst FROM meshhook_limits._rate_rules($1, $2)",
             Some(1),
             &[tenant.into(), key.into()],
         )?;
-        let mut rule = Rule {
-            rate: None,
-            burst: 0.0,
-        };
+        let mut rule = Rule::default();
         if let Some(r) = rows.into_iter().next() {
-            rule.rate = r.get::<f64>(1)?;
-            rule.burst = r.get::<f64>(2)?.unwrap_or(0.0);
+            let bucket = |rate: Option<f64>, burst: Option<f64>| {
+                rate.map(|rate| Bucket {
+                    rate,
+                    burst: burst.unwrap_or(0.0),
+                })
+            };
+            rule.key = bucket(r.get::<f64>(1)?, r.get::<f64>(2)?);
+            rule.tenant = bucket(r.get::<f64>(3)?, r.get::<f64>(4)?);
         }
         Ok(rule)
     })
@@ -343,6 +473,7 @@ fn check(
         ));
     }
     let (tenant, key) = validate(tenant, key)?;
+    crate::error::refuse_on_standby("check_rate_limit")?;
     let rule = if full {
         rule(tenant, key)?
     } else {
@@ -351,15 +482,17 @@ fn check(
             None => return Ok(None),
         }
     };
-    let Some(rate) = rule.rate else {
+    let buckets = rule.buckets(key.as_bytes());
+    if buckets.is_empty() {
         if let Some(t) = table() {
             t.allowed.fetch_add(1, Ordering::Relaxed);
         }
         return Ok(Some((true, None, None)));
-    };
-    let burst = rule.burst;
-    if cost as f64 > burst && rate > 0.0 {
-        return Err(over_burst(cost, burst, key));
+    }
+    for (_, b) in &buckets {
+        if cost as f64 > b.burst && b.rate > 0.0 {
+            return Err(over_burst(cost, b.burst, key));
+        }
     }
     let now = now_ns();
     if table().is_none() {
@@ -367,11 +500,16 @@ fn check(
             return Ok(None);
         }
         notice_once();
-        return check_in_table(tenant, key, now, cost, rate, burst).map(Some);
+        return check_in_table(tenant, &buckets, now, cost).map(Some);
     }
-    let d = with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
-        let (d, tat) = gcra(e.tat, e.paused_until, now, cost, rate, burst);
-        e.tat = tat;
+    let keys: Vec<&[u8]> = buckets.iter().map(|(k, _)| *k).collect();
+    let rates: Vec<Bucket> = buckets.iter().map(|(_, b)| *b).collect();
+    let d = with_entries(tenant.as_bytes(), &keys, now, |entries| {
+        let states: Vec<(i64, i64)> = entries.iter().map(|e| (e.tat, e.paused_until)).collect();
+        let (d, tats) = gcra_all(&states, &rates, now, cost);
+        for (e, tat) in entries.iter_mut().zip(tats) {
+            e.tat = tat;
+        }
         d
     })
     .ok_or(LimitsError::NotPreloaded)?;
@@ -385,34 +523,37 @@ fn check(
     )))
 }
 
-/// Without shared memory: the same GCRA step on a row locked FOR UPDATE
-/// (transactional here, unlike the shared-memory path).
-fn check_in_table(
-    tenant: Uuid,
-    key: &str,
-    now: i64,
-    cost: i64,
-    rate: f64,
-    burst: f64,
-) -> Result<Row> {
+/// Without shared memory: the same GCRA step on rows locked FOR UPDATE
+/// (transactional here, unlike the shared-memory path), the tenant's row
+/// (empty key) first, so two callers lock in one order.
+fn check_in_table(tenant: Uuid, buckets: &[(&[u8], Bucket)], now: i64, cost: i64) -> Result<Row> {
     Spi::connect_mut(|c| {
-        let rows = c.update(
-            "SELECT tat, paused_until FROM meshhook_limits._rate_state_lock($1, $2, $3)",
-            Some(1),
-            &[tenant.into(), key.into(), now.into()],
-        )?;
-        let (mut tat, mut paused) = (now, 0);
-        if let Some(r) = rows.into_iter().next() {
-            tat = r.get::<i64>(1)?.unwrap_or(now);
-            paused = r.get::<i64>(2)?.unwrap_or(0);
-        }
-        let (d, new_tat) = gcra(tat, paused, now, cost, rate, burst);
-        if new_tat != tat {
-            c.update(
-                "UPDATE meshhook_limits.rate_state SET tat = $3 WHERE tenant_id = $1 AND key = $2",
-                None,
-                &[tenant.into(), key.into(), new_tat.into()],
+        let mut states = Vec::with_capacity(buckets.len());
+        for (key, _) in buckets {
+            let key = String::from_utf8_lossy(key).into_owned();
+            let rows = c.update(
+                "SELECT tat, paused_until FROM meshhook_limits._rate_state_lock($1, $2, $3)",
+                Some(1),
+                &[tenant.into(), key.into(), now.into()],
             )?;
+            let (mut tat, mut paused) = (now, 0);
+            if let Some(r) = rows.into_iter().next() {
+                tat = r.get::<i64>(1)?.unwrap_or(now);
+                paused = r.get::<i64>(2)?.unwrap_or(0);
+            }
+            states.push((tat, paused));
+        }
+        let rates: Vec<Bucket> = buckets.iter().map(|(_, b)| *b).collect();
+        let (d, tats) = gcra_all(&states, &rates, now, cost);
+        for (((key, _), new_tat), (old_tat, _)) in buckets.iter().zip(tats).zip(&states) {
+            if new_tat != *old_tat {
+                let key = String::from_utf8_lossy(key).into_owned();
+                c.update(
+                    "UPDATE meshhook_limits.rate_state SET tat = $3 WHERE tenant_id = $1 AND key = $2",
+                    None,
+                    &[tenant.into(), key.into(), new_tat.into()],
+                )?;
+            }
         }
         Ok((d.allowed, d.remaining, d.retry_after_ns.map(ns_interval)))
     })
@@ -424,7 +565,7 @@ fn check_in_table(
 #[search_path(pg_catalog, pg_temp)]
 fn _check_rate_limit(
     tenant_id: Option<Uuid>,
-    key: Option<&str>,
+    key: Option<crate::row::Utf8>,
     cost: Option<i32>,
 ) -> TableIterator<
     'static,
@@ -434,7 +575,8 @@ fn _check_rate_limit(
         name!(retry_after, Option<Interval>),
     ),
 > {
-    let row = check(tenant_id, key, cost, true)
+    let row = crate::row::utf8(&key, "key")
+        .and_then(|key| check(tenant_id, key, cost, true))
         .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
         .or_raise();
     TableIterator::once(row)
@@ -478,7 +620,7 @@ pub extern "C-unwind" fn meshhook_limits_check_rate_limit(
     let (tenant, key, cost) = unsafe {
         (
             pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 0),
-            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1),
+            crate::row::text_arg(fcinfo, 1, "key").or_raise(),
             pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 2),
         )
     };
@@ -529,6 +671,14 @@ fn pause(
             "a Retry-After longer than that is better handled by disabling the integration",
         ));
     }
+    // Only a key with a rule of its own has a bucket to pause: a pause of
+    // any other name would make state for nothing.
+    if rule(tenant, key)?.key.is_none() {
+        return Err(LimitsError::invalid(
+            format!("key \"{}\" has no rate of its own to pause", identity::truncate(key, 64)),
+            "set requests_per_second.<key> for the upstream first, e.g. set_limit('requests_per_second.stripe-api', 25)",
+        ));
+    }
     if table().is_none() {
         notice_once();
         Spi::run_with_args(
@@ -538,8 +688,8 @@ fn pause(
         )?;
         return Ok(());
     }
-    with_entry(tenant.as_bytes(), key.as_bytes(), now, |e| {
-        e.paused_until = until_ns
+    with_entries(tenant.as_bytes(), &[key.as_bytes()], now, |e| {
+        e[0].paused_until = until_ns
     })
     .ok_or(LimitsError::NotPreloaded)?;
     Ok(())
@@ -551,10 +701,12 @@ fn pause(
 #[search_path(pg_catalog, pg_temp)]
 fn pause_rate_limit(
     tenant_id: Option<Uuid>,
-    key: Option<&str>,
+    key: Option<crate::row::Utf8>,
     until: Option<TimestampWithTimeZone>,
 ) {
-    pause(tenant_id, key, until).or_raise()
+    crate::row::utf8(&key, "key")
+        .and_then(|key| pause(tenant_id, key, until))
+        .or_raise()
 }
 
 /// Counters of the rate table since the server started.
@@ -569,6 +721,13 @@ fn rate_limit_stats() -> TableIterator<
         name!(evictions, i64),
     ),
 > {
+    if !identity::caller_can_monitor() {
+        LimitsError::forbidden(
+            "only monitors and administrators may read rate_limit_stats()",
+            "grant meshhook_limits_monitor (or pg_monitor) to the caller",
+        )
+        .raise();
+    }
     let row = match table() {
         Some(t) => (
             true,

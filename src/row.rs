@@ -87,3 +87,85 @@ macro_rules! finfo_v1 {
         }
     };
 }
+
+/// Text argument `n` of a hand-written C function as UTF-8: None for NULL,
+/// 22023 for bytes that are not UTF-8 (a SQL_ASCII database stores any), never
+/// a panic.
+///
+/// # Safety
+/// `fcinfo` is the call's and argument `n` is of type text.
+pub unsafe fn text_arg<'a>(
+    fcinfo: pg_sys::FunctionCallInfo,
+    n: usize,
+    name: &str,
+) -> crate::error::Result<Option<&'a str>> {
+    unsafe {
+        let arg = (*fcinfo).args.as_slice(n + 1)[n];
+        if arg.isnull {
+            return Ok(None);
+        }
+        let v = pg_sys::pg_detoast_datum_packed(arg.value.cast_mut_ptr());
+        pgrx::varlena::text_to_rust_str(v).map(Some).map_err(|_| {
+            crate::error::LimitsError::invalid(
+                format!("{name} is not valid UTF-8"),
+                "pass text in UTF-8 (the database's encoding may take any bytes; this argument may not)",
+            )
+        })
+    }
+}
+
+/// A `text` argument of a `#[pg_extern]` function, read without pgrx's
+/// `&str` conversion, which panics (XX000) on bytes that are not UTF-8 (a
+/// SQL_ASCII or LATIN1 database takes them). `get` turns them into 22023.
+pub struct Utf8<'a>(Option<&'a str>);
+
+impl<'a> Utf8<'a> {
+    /// The text, or 22023 naming the argument when it is not UTF-8.
+    pub fn get(&self, name: &str) -> crate::error::Result<&'a str> {
+        self.0.ok_or_else(|| {
+            crate::error::LimitsError::invalid(
+                format!("{name} is not valid UTF-8"),
+                "pass text in UTF-8 (the database's encoding may take any bytes; this argument may not)",
+            )
+        })
+    }
+}
+
+/// `Option<Utf8>` as `Option<&str>`, or 22023.
+pub fn utf8<'a>(arg: &Option<Utf8<'a>>, name: &str) -> crate::error::Result<Option<&'a str>> {
+    arg.as_ref().map(|a| a.get(name)).transpose()
+}
+
+impl pgrx::FromDatum for Utf8<'_> {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        unsafe {
+            let v = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+            Some(Utf8(pgrx::varlena::text_to_rust_str(v).ok()))
+        }
+    }
+}
+
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for Utf8<'fcx> {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe {
+            arg.unbox_arg_using_from_datum()
+                .unwrap_or_else(|| panic!("argument {index} must not be null"))
+        }
+    }
+
+    unsafe fn unbox_nullable_arg(
+        arg: pgrx::callconv::Arg<'_, 'fcx>,
+    ) -> pgrx::nullable::Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum().into() }
+    }
+}
+
+pgrx::impl_sql_translatable!(Utf8<'_>, arg_only = "TEXT");

@@ -72,6 +72,9 @@ pub struct Slot {
     pub reason: u8,
     /// The revocation has been announced (slot.revoked event).
     pub notified: bool,
+    /// The pid of the backend announcing the revocation in its open
+    /// transaction (0: none), so two reapers never announce it twice.
+    pub announcer: i32,
     pub pid: i32,
     pub acquired_at: i64,
     pub lease_micros: i64,
@@ -141,6 +144,9 @@ pub struct Header {
     pub revocations_by: [AtomicU64; 4],
     pub cursor: u32,
     pub live: u32,
+    /// The worker is connecting to its database: still true at its next
+    /// start means that connection failed (see worker.rs).
+    pub worker_connecting: AtomicBool,
 }
 
 #[repr(C)]
@@ -396,11 +402,24 @@ impl Table {
         true
     }
 
-    /// The slot.revoked event of this tombstone was committed.
-    pub fn mark_announced(&mut self, idx: usize, id: &[u8; 16]) {
+    /// Take the announcement of an unannounced tombstone for backend `pid`;
+    /// false when it is announced or another backend is announcing it.
+    pub fn claim_announcement(&mut self, idx: usize, pid: i32) -> bool {
+        let s = &mut self.slots[idx];
+        if s.state != REVOKED || s.notified || s.announcer != 0 {
+            return false;
+        }
+        s.announcer = pid;
+        true
+    }
+
+    /// The slot.revoked event of this tombstone was committed (`committed`),
+    /// or rolled back: then another reaper may announce it.
+    pub fn end_announcement(&mut self, idx: usize, id: &[u8; 16], committed: bool) {
         let s = &mut self.slots[idx];
         if s.state == REVOKED && &s.id == id {
-            s.notified = true;
+            s.notified |= committed;
+            s.announcer = 0;
         }
     }
 
@@ -423,6 +442,7 @@ impl Table {
         e.state = REVOKED;
         e.reason = reason as u8;
         e.notified = false;
+        e.announcer = 0;
         e.revoked_at = now;
         self.header.revocations_by[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -472,7 +492,8 @@ impl Table {
                 return Some(idx);
             }
             if s.state == REVOKED
-                && (s.notified || now - s.revoked_at > UNANNOUNCED_TOMBSTONE_MICROS)
+                && ((s.notified && s.announcer == 0)
+                    || now - s.revoked_at > UNANNOUNCED_TOMBSTONE_MICROS)
                 && oldest_tomb.is_none_or(|(_, at)| s.revoked_at < at)
             {
                 oldest_tomb = Some((idx, s.revoked_at));

@@ -138,6 +138,7 @@ fn acquire(
     // A session's default_lease is the caller's; the ceiling is the server's.
     let lease_micros = lease_micros.min(crate::gucs::max_lease_micros());
     identity::require_act_for(tenant)?;
+    crate::error::refuse_on_standby("acquire_execution_slot")?;
     if !shmem::available() {
         if !full {
             return Ok(None);
@@ -233,6 +234,7 @@ fn acquire(
         state: LIVE,
         reason: 0,
         notified: false,
+        announcer: 0,
         pid: unsafe { pg_sys::MyProcPid },
         acquired_at: now,
         lease_micros,
@@ -276,7 +278,7 @@ fn acquire(
 fn _acquire_execution_slot(
     tenant_id: Option<Uuid>,
     project_id: Option<Uuid>,
-    run_id: Option<&str>,
+    run_id: Option<crate::row::Utf8>,
     lease: Option<Interval>,
 ) -> TableIterator<
     'static,
@@ -291,7 +293,8 @@ fn _acquire_execution_slot(
         name!(retry_after, Option<Interval>),
     ),
 > {
-    let row = acquire(tenant_id, project_id, run_id, lease, true)
+    let row = crate::row::utf8(&run_id, "run_id")
+        .and_then(|run_id| acquire(tenant_id, project_id, run_id, lease, true))
         .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
         .or_raise();
     TableIterator::once(row)
@@ -319,7 +322,7 @@ pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
         (
             pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 0),
             pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 1),
-            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 2),
+            crate::row::text_arg(fcinfo, 2, "run_id").or_raise(),
             pgrx::fcinfo::pg_getarg::<Interval>(fcinfo, 3),
         )
     };
@@ -454,9 +457,11 @@ fn heartbeat(slot_id: Option<Uuid>, memory_bytes: Option<i64>) -> Result<Heartbe
     let s = l.t().slots[idx];
     if s.state == REVOKED {
         let r = RevokeReason::from_u8(s.reason);
+        // Announce it here unless it is announced or a reaper is at it.
+        let announce = l.t().claim_announcement(idx, unsafe { pg_sys::MyProcPid });
         l.t().forget(idx);
         drop(l);
-        if !s.notified {
+        if announce {
             emit_revoked(&s, r, None)?;
         }
         let reason = r.as_str();
@@ -568,10 +573,11 @@ fn release(
 #[search_path(pg_catalog, pg_temp)]
 fn _release_execution_slot(
     slot_id: Option<Uuid>,
-    outcome: Option<&str>,
+    outcome: Option<crate::row::Utf8>,
     memory_peak_bytes: Option<i64>,
 ) -> bool {
-    release(slot_id, outcome, memory_peak_bytes, true)
+    crate::row::utf8(&outcome, "outcome")
+        .and_then(|outcome| release(slot_id, outcome, memory_peak_bytes, true))
         .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
         .or_raise()
 }
@@ -591,7 +597,7 @@ pub extern "C-unwind" fn meshhook_limits_release_execution_slot(
     let (slot_id, outcome, memory_peak) = unsafe {
         (
             pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 0),
-            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1),
+            crate::row::text_arg(fcinfo, 1, "outcome").or_raise(),
             pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 2),
         )
     };
@@ -645,22 +651,23 @@ fn reap() -> Result<i64> {
         // Revocations are announced in their own database (its events
         // table, its listeners), by a reaper running there.
         let db = shmem::my_database();
-        for (idx, s) in l.t().slots.iter().enumerate() {
-            if s.state == REVOKED
-                && !s.notified
-                && s.database == db
-                && !xact::pending(&s.id, Op::Announce)
-            {
-                to_announce.push((idx, *s));
+        let pid = unsafe { pg_sys::MyProcPid };
+        for idx in 0..MAX_SLOTS {
+            let s = l.t().slots[idx];
+            if s.database == db && l.t().claim_announcement(idx, pid) {
+                to_announce.push((idx, s));
             }
         }
         n
     };
     // The events are part of this transaction; the slots count as announced
     // only once it commits (xact::Op::Announce), so a rollback loses nothing.
+    // Each is claimed by this backend until then: announced exactly once.
     for (idx, s) in &to_announce {
+        xact::push(*idx, s.id, Op::Announce); // first: a failed emit must release every claim
+    }
+    for (_, s) in &to_announce {
         emit_revoked(s, RevokeReason::from_u8(s.reason), None)?;
-        xact::push(*idx, s.id, Op::Announce);
     }
     Ok(i64::try_from(n.max(to_announce.len())).unwrap_or(i64::MAX))
 }
@@ -780,6 +787,13 @@ fn slot_stats() -> TableIterator<
         name!(started_at, Option<Ts>),
     ),
 > {
+    if !identity::caller_can_monitor() {
+        LimitsError::forbidden(
+            "only monitors and administrators may read slot_stats()",
+            "grant meshhook_limits_monitor (or pg_monitor) to the caller",
+        )
+        .raise();
+    }
     let row = match Locked::shared() {
         Some(mut l) => {
             let h = &l.t().header;

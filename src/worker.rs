@@ -9,6 +9,7 @@ use crate::gucs;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub fn register() {
@@ -90,6 +91,61 @@ fn tick_once(warned_missing: &mut bool) {
     }
 }
 
+/// Whether `db` exists: a scan of the shared catalog pg_database, which is
+/// all a process connected to no database can read (as the autovacuum
+/// launcher lists databases).
+fn database_exists(db: &str) -> bool {
+    let db = db.as_bytes().to_vec();
+    in_transaction(move || unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut found = false;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let header = (*tuple).t_data;
+            let form = header
+                .cast::<u8>()
+                .add(usize::from((*header).t_hoff))
+                .cast::<pg_sys::FormData_pg_database>();
+            if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_bytes() == db.as_slice() {
+                found = true;
+                break;
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        found
+    })
+    .unwrap_or(false)
+}
+
+/// Wait quietly (one log line) until `db` exists or the server stops,
+/// connected to no database (only the shared catalogs).
+fn wait_for_database(db: &str) {
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    if database_exists(db) {
+        return;
+    }
+    pgrx::log!(
+        "meshhook_limits worker: database \"{db}\" (meshhook_limits.database) does not exist; waiting for it"
+    );
+    loop {
+        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+            unsafe { pg_sys::proc_exit(0) };
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if database_exists(db) {
+            pgrx::log!("meshhook_limits worker: database \"{db}\" exists now; starting again to connect to it");
+            return;
+        }
+    }
+}
+
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
@@ -98,7 +154,26 @@ pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
         .get()
         .map(|c| c.to_string_lossy().into_owned())
         .unwrap_or_else(|| "postgres".into());
+    // A process connects to one database for life, and connecting to one that
+    // does not exist ends it with FATAL (the postmaster would then start it
+    // again every 5 s). So a start after a failed connection first waits,
+    // connected to no database, until the database exists.
+    let connecting = crate::shmem::header().map(|h| &h.worker_connecting);
+    if connecting.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        wait_for_database(&db);
+        if let Some(c) = connecting {
+            c.store(false, Ordering::Relaxed);
+        }
+        // Exit code 1: the postmaster starts the worker again in 5 s.
+        unsafe { pg_sys::proc_exit(1) };
+    }
+    if let Some(c) = connecting {
+        c.store(true, Ordering::Relaxed);
+    }
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    if let Some(c) = connecting {
+        c.store(false, Ordering::Relaxed);
+    }
     pgrx::log!("meshhook_limits worker started in database \"{db}\"");
     let mut warned_missing = false;
     loop {

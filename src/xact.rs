@@ -49,7 +49,7 @@ pub fn pending(id: &[u8; 16], op: Op) -> bool {
     PENDING.with(|p| p.borrow().iter().any(|x| x.op == op && &x.id == id))
 }
 
-/// Limits changed in this transaction: bump the cache generation at commit.
+/// Limits changed in this transaction: bump the cache generation when it ends.
 pub fn bump_generation_at_commit() {
     BUMP_AT_COMMIT.with(|b| b.set(true));
 }
@@ -64,7 +64,7 @@ fn apply(list: &[Pending], committed: bool) {
                 (Op::Acquire, false) | (Op::Release, true) => {
                     l.t().free_live(p.idx, &p.id);
                 }
-                (Op::Announce, true) => l.t().mark_announced(p.idx, &p.id),
+                (Op::Announce, committed) => l.t().end_announcement(p.idx, &p.id, committed),
                 _ => {}
             }
         }
@@ -79,7 +79,9 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         // prepared transaction outlives: refuse to prepare (the only point
         // where an error still aborts cleanly) rather than guess its fate.
         XACT_EVENT_PRE_PREPARE => {
-            if PENDING.with(|p| !p.borrow().is_empty()) {
+            // (Limit changes too: backends' caches are dropped when a
+            // transaction ends, which a prepared one does only later.)
+            if PENDING.with(|p| !p.borrow().is_empty()) || BUMP_AT_COMMIT.with(|b| b.get()) {
                 crate::error::LimitsError::PreparedTransaction.raise();
             }
             return;
@@ -90,7 +92,9 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     };
     let list = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     apply(&list, committed);
-    if BUMP_AT_COMMIT.with(|b| b.replace(false)) && committed {
+    // At the end either way: the transaction may have cached what it changed,
+    // and after a rollback that is stale too.
+    if BUMP_AT_COMMIT.with(|b| b.replace(false)) {
         if let Some(h) = crate::shmem::header() {
             h.generation.fetch_add(1, Ordering::AcqRel);
         }

@@ -107,6 +107,7 @@ def test_rate_limits_without_preload_same_sequence(plain):
     with plain.connect() as c:
         c.add_notice_handler(lambda d: notices.append(d.message_primary))
         set_limit(c, "requests_per_second", 2, t, burst=2)
+        set_limit(c, "requests_per_second.k", 2, t, burst=2)  # a key of its own can be paused
         c.execute("SET meshhook_limits.test_clock = 1900000000")
         seq = [c.execute("SELECT allowed, remaining FROM meshhook_limits.check_rate_limit(%s, 'k')", (t,)).fetchone()
                for _ in range(3)]
@@ -118,4 +119,9 @@ def test_rate_limits_without_preload_same_sequence(plain):
         c.execute("SELECT meshhook_limits.pause_rate_limit(%s, 'k', to_timestamp(1900000010))", (t,))
         c.execute("SET meshhook_limits.test_clock = 1900000005")
         assert not c.execute("SELECT allowed FROM meshhook_limits.check_rate_limit(%s, 'k')", (t,)).fetchone()[0]
+        # The tenant's rate bounds every key: another key shares its bucket.
+        c.execute("SET meshhook_limits.test_clock = 1900000020")
+        seq = [c.execute("SELECT allowed FROM meshhook_limits.check_rate_limit(%s, %s)", (t, k)).fetchone()[0]
+               for k in ("a", "b", "c")]
+        assert seq == [True, True, False]
     assert len([n for n in notices if "rate limits use a table" in n]) == 1

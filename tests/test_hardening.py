@@ -5,6 +5,7 @@ Routes to superuser are checked the direct way: the attacker's payload runs
 `ALTER ROLE <attacker> SUPERUSER`, which only succeeds when it runs as a
 superuser; afterwards the attacker must still not be one."""
 import json
+from pathlib import Path
 import time
 import uuid
 
@@ -270,3 +271,296 @@ def test_restart_grace_does_not_follow_the_callers_default_lease(cluster, admin,
             c.execute("ALTER SYSTEM RESET meshhook_limits.restart_grace")
             c.execute("ALTER SYSTEM RESET meshhook_limits.default_lease")
         cluster.restart()
+
+
+def test_events_are_capped_per_tenant(admin, tenant):
+    """A tenant flapping a gauge across its warn ratio gets at most 100
+    events a minute; another tenant still gets its own."""
+    admin.execute("SELECT meshhook_limits.set_limit('memory_bytes', 100, %s)", (tenant,))
+    admin.execute("SELECT count(*) FROM generate_series(1, 150) g, "
+                  "LATERAL meshhook_limits.record_usage(%s, 'memory_bytes', CASE WHEN g %% 2 = 0 THEN 90 ELSE 10 END) r",
+                  (tenant,))
+    n = admin.execute("SELECT count(*) FROM meshhook_limits.events WHERE tenant_id = %s", (tenant,)).fetchone()[0]
+    assert n == 100
+    other = str(uuid.uuid4())
+    admin.execute("SELECT meshhook_limits.set_limit('memory_bytes', 100, %s)", (other,))
+    admin.execute("SELECT meshhook_limits.record_usage(%s, 'memory_bytes', 95)", (other,))
+    assert admin.execute("SELECT count(*) FROM meshhook_limits.events WHERE tenant_id = %s",
+                         (other,)).fetchone()[0] == 1
+
+
+def test_project_meters_are_capped_per_tenant(admin, tenant):
+    meter = "calls_" + uuid.uuid4().hex[:6]
+    admin.execute("SELECT meshhook_limits.set_limit(%s, 1e6, window_length => '1 day')", (meter,))
+    admin.execute("SELECT count(*) FROM generate_series(1, 1000) g, "
+                  "LATERAL meshhook_limits.record_usage(%s, %s, 1, md5(%s || g)::uuid) r", (tenant, meter, tenant))
+    with pytest.raises(psycopg.Error) as e:
+        admin.execute("SELECT * FROM meshhook_limits.record_usage(%s, %s, 1, gen_random_uuid())", (tenant, meter))
+    assert sqlstate(e) == "53400"
+    # The tenant total and known projects still meter.
+    admin.execute("SELECT * FROM meshhook_limits.record_usage(%s, %s, 1)", (tenant, meter))
+    rows = admin.execute("SELECT count(*) FROM meshhook_limits.usage_counters WHERE tenant_id = %s AND resource = %s",
+                         (tenant, meter)).fetchone()[0]
+    assert rows == 1001  # 1000 projects and the total
+
+
+def test_stats_functions_are_for_monitors(cluster):
+    with cluster.connect() as c:
+        for fn in ("slot_stats", "rate_limit_stats"):
+            with pytest.raises(psycopg.Error) as e:
+                rpc(c, None, f"SELECT * FROM meshhook_limits.{fn}()", role="anon")
+            assert sqlstate(e) == "42501"
+
+
+def test_a_missing_queue_sample_is_not_a_recovery(cluster):
+    """A queue table locked past tick()'s lock_timeout cannot be sampled; a
+    firing alert on it must stay firing, not resolve and fire again."""
+    db = "ms_" + uuid.uuid4().hex[:8]
+    with cluster.connect(dbname="postgres") as c:
+        c.execute(f"CREATE DATABASE {db}")
+    try:
+        with cluster.connect(dbname=db) as c, cluster.connect(dbname=db, autocommit=False) as locker:
+            c.execute("CREATE EXTENSION meshhook_limits")
+            c.execute("CREATE SCHEMA pgmq")
+            c.execute("CREATE TABLE pgmq.meta (queue_name text)")
+            c.execute("INSERT INTO pgmq.meta VALUES ('jobs')")
+            c.execute("CREATE TABLE pgmq.q_jobs (msg_id bigint, vt timestamptz, enqueued_at timestamptz, message jsonb)")
+            c.execute("INSERT INTO pgmq.q_jobs VALUES (1, now() - interval '1 s', now(), '{}')")
+            c.execute("SELECT meshhook_limits.set_alert_rule('backlog', 'queue.queued', 0)")
+            c.execute("SELECT meshhook_limits.tick()")
+            assert c.execute("SELECT state FROM meshhook_limits.alert_states WHERE rule = 'backlog'").fetchall() \
+                == [("firing",)]
+            locker.execute("LOCK TABLE pgmq.q_jobs IN ACCESS EXCLUSIVE MODE")
+            for _ in range(2):
+                c.execute("SELECT meshhook_limits.tick()")
+            locker.rollback()
+            c.execute("SELECT meshhook_limits.tick()")
+            events = [r[0] for r in c.execute("SELECT event FROM meshhook_limits.events ORDER BY id").fetchall()]
+            assert events == ["alert.firing"], events
+    finally:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
+
+
+def test_non_utf8_text_in_a_sql_ascii_database_is_22023(cluster, tenant):
+    db = "ascii_" + uuid.uuid4().hex[:8]
+    with cluster.connect(dbname="postgres") as c:
+        c.execute(f"CREATE DATABASE {db} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute("CREATE EXTENSION meshhook_limits")
+            for call in ("SELECT * FROM meshhook_limits.check_rate_limit(%s, E'k\\377')",
+                         "SELECT * FROM meshhook_limits.acquire_execution_slot(%s, NULL, E'run\\377')",
+                         "SELECT meshhook_limits.pause_rate_limit(%s, E'k\\377', now())",
+                         "SELECT * FROM meshhook_limits._acquire_execution_slot(%s, NULL, E'run\\377', NULL)",
+                         "SELECT * FROM meshhook_limits._check_rate_limit(%s, E'k\\377', 1)"):
+                with pytest.raises(psycopg.Error) as e:
+                    c.execute(call, (tenant,))
+                assert sqlstate(e) == "22023", (call, e.value)
+                assert "UTF-8" in str(e.value)
+            assert acquire(c, tenant)[0] is True
+    finally:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
+
+
+def test_slot_revoked_is_announced_exactly_once_by_concurrent_reapers(cluster, admin, tenant):
+    import threading
+    # 4 tenants x 80 (events are capped at 100 per tenant and minute)
+    tenants = [tenant] + [str(uuid.uuid4()) for _ in range(3)]
+    ids = [str(acquire(admin, t, lease="1 second")[1]) for t in tenants for _ in range(80)]
+    time.sleep(1.3)
+    errors = []
+
+    def reaper():
+        try:
+            with cluster.connect() as c:
+                for _ in range(5):
+                    c.execute("SELECT meshhook_limits.reap_execution_slots()")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=reaper) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    counts = dict(admin.execute(
+        "SELECT payload->>'slot_id', count(*) FROM meshhook_limits.events "
+        "WHERE tenant_id = ANY(%s::uuid[]) AND event = 'slot.revoked' GROUP BY 1", (tenants,)).fetchall())
+    assert sorted(counts) == sorted(ids)
+    assert set(counts.values()) == {1}
+
+
+def test_realtime_policy_limits_a_tenant_to_its_own_topic(cluster):
+    """With Supabase Realtime installed (as Supabase installs it: by a
+    superuser), install_realtime_policy() lets a tenant read its own topic
+    of realtime.messages and no other."""
+    db = "rtp_" + uuid.uuid4().hex[:8]
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    with cluster.connect(dbname="postgres") as c:
+        c.execute(f"CREATE DATABASE {db}")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute("CREATE EXTENSION meshhook_limits")
+            c.execute("""
+              CREATE SCHEMA realtime;
+              CREATE TABLE realtime.messages (id bigserial, topic text, event text, payload jsonb, private boolean);
+              ALTER TABLE realtime.messages ENABLE ROW LEVEL SECURITY;
+              GRANT USAGE ON SCHEMA realtime TO authenticated;
+              GRANT SELECT ON realtime.messages TO authenticated;
+              CREATE FUNCTION realtime.topic() RETURNS text LANGUAGE sql STABLE
+                AS $$ SELECT current_setting('realtime.topic', true) $$;
+              GRANT EXECUTE ON FUNCTION realtime.topic() TO authenticated;
+              CREATE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean) RETURNS void
+                LANGUAGE sql AS $$ INSERT INTO realtime.messages (topic, event, payload, private)
+                                   VALUES (topic, event, payload, private) $$;""")
+            assert c.execute("SELECT meshhook_limits.install_realtime_policy()").fetchone() == (True,)
+            c.execute("SELECT meshhook_limits.set_limit('executions_per_day', 10, window_length => '1 day')")
+            for t in (a, b):
+                c.execute("SELECT meshhook_limits.record_usage(%s, 'executions_per_day', 9)", (t,))
+            assert c.execute("SELECT count(*) FROM realtime.messages").fetchone() == (2,)
+            # Realtime authorises a join of topic T by running the user's
+            # SELECT on realtime.messages with realtime.topic() = T.
+            for topic_of, allowed in ((a, True), (b, False)):
+                with c.transaction():
+                    c.execute("SET LOCAL ROLE authenticated")
+                    c.execute("SELECT set_config('request.jwt.claims', %s, true)",
+                              (json.dumps({"app_metadata": {"tenant_id": a}}),))
+                    c.execute("SELECT set_config('realtime.topic', %s, true)", ("meshhook_limits:" + topic_of,))
+                    n = c.execute("SELECT count(*) FROM realtime.messages").fetchone()[0]
+                assert (n > 0) == allowed, topic_of
+    finally:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
+
+
+def test_a_notification_carries_the_id_of_its_events_row(cluster, admin, tenant):
+    """Anyone may pg_notify on the channel; a real event names the events
+    row that holds it, a forged one names none."""
+    with cluster.connect() as listener:
+        listener.execute("LISTEN meshhook_limits")
+        admin.execute("SELECT pg_notify('meshhook_limits', %s)",
+                      (json.dumps({"event": "limit.exceeded", "tenant_id": tenant, "event_id": 1}),))
+        admin.execute("SELECT meshhook_limits.set_limit('memory_bytes', 100, %s)", (tenant,))
+        admin.execute("SELECT meshhook_limits.record_usage(%s, 'memory_bytes', 95)", (tenant,))
+        got = [json.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=2)]
+    assert len(got) == 2
+    for p in got:
+        row = admin.execute("SELECT payload FROM meshhook_limits.events WHERE id = %s AND tenant_id = %s",
+                            (p["event_id"], tenant)).fetchone()
+        real = row is not None and {k: v for k, v in p.items() if k != "event_id"} == row[0]
+        assert real == (p["event"] == "limit.warning"), p
+
+
+def test_an_admin_cannot_track_a_table_it_does_not_own(cluster, admin, attacker):
+    """A non-superuser admin must not lock, trigger and read another role's
+    table (say auth.users) through track_storage."""
+    admin.execute(f"GRANT meshhook_limits_admin TO {attacker}")
+    tbl = "users_" + uuid.uuid4().hex[:8]
+    admin.execute(f"CREATE TABLE {tbl} (id uuid, email text)")
+    try:
+        with cluster.connect(user=attacker) as m:
+            with pytest.raises(psycopg.Error) as e:
+                m.execute("SELECT meshhook_limits.track_storage(%s, 'id')", (tbl,))
+            assert sqlstate(e) == "42501"
+        assert admin.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass", (tbl,)).fetchone() == (0,)
+    finally:
+        admin.execute(f"DROP TABLE {tbl}")
+
+
+@pytest.mark.parametrize("call", [
+    "SELECT meshhook_limits.set_queue_thresholds('pgmq', 'q', crit_oldest_age => NULL)",
+    "SELECT meshhook_limits.set_queue_thresholds('pgmq', 'q', crit_error_rate => NULL)",
+    "SELECT meshhook_limits.set_queue_thresholds('pgmq', 'q', warn_error_rate => 'NaN', crit_error_rate => 'NaN')",
+    "SELECT meshhook_limits.set_alert_rule('r_nan', 'pool.waiting', 1, '<', resolve_threshold => 'NaN')",
+    "SELECT meshhook_limits.set_alert_rule('r_big', 'pool.waiting', 1e400)",
+])
+def test_alert_and_queue_settings_refuse_null_and_nan(admin, call):
+    with pytest.raises(psycopg.Error) as e:
+        admin.execute(call)
+    assert sqlstate(e) == "22023", e.value
+
+
+def test_a_hot_standby_grants_no_slots_and_spends_no_rate(cluster, tenant, tmp_path):
+    """A standby's shared memory is its own: slots and rate taken there would
+    be counted apart from the primary's. Both are refused (25006)."""
+    import socket
+    import subprocess
+    from conftest import PG_BIN
+    base = Path(f"/tmp/meshhook_limits/standby-{uuid.uuid4().hex[:8]}")
+    data = base / "data"
+    base.mkdir(parents=True)
+    subprocess.run(["chown", "postgres", str(base)], check=True)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    try:
+        subprocess.run([*as_pg, f"{PG_BIN}/pg_basebackup", "-h", cluster.host, "-p", str(cluster.port),
+                        "-U", "postgres", "-D", str(data), "-R", "-X", "stream"], check=True, capture_output=True)
+        with open(data / "postgresql.auto.conf", "a") as f:
+            f.write(f"port = {port}\nunix_socket_directories = '{base}'\nmeshhook_limits.worker = off\n")
+        subprocess.run([*as_pg, f"{PG_BIN}/pg_ctl", "-D", str(data), "-l", str(base / "log"), "-w", "start"],
+                       check=True, capture_output=True)
+        with psycopg.connect(f"host={base} port={port} user=postgres dbname={cluster.dbname}", autocommit=True) as c:
+            assert c.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+            for call in ("SELECT * FROM meshhook_limits.acquire_execution_slot(%s)",
+                         "SELECT * FROM meshhook_limits.check_rate_limit(%s)"):
+                with pytest.raises(psycopg.Error) as e:
+                    c.execute(call, (tenant,))
+                assert sqlstate(e) == "25006", (call, e.value)
+    finally:
+        subprocess.run([*as_pg, f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True)
+        subprocess.run(["rm", "-rf", str(base)])
+
+
+def test_limits_loaded_under_an_old_snapshot_are_not_cached(cluster, admin, tenant):
+    """A REPEATABLE READ transaction that loads limits after they changed
+    (with its older snapshot) must not leave them cached for later."""
+    set_limit(admin, "concurrent_executions", 10, tenant)
+    with cluster.connect(autocommit=False) as w:
+        w.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        w.execute("SELECT 1")  # the snapshot is taken
+        set_limit(admin, "concurrent_executions", 1, tenant)
+        acquire(w, tenant, lease="1 minute")
+        w.rollback()
+        assert acquire(w, tenant, lease="1 minute")[0] is True
+        assert acquire(w, tenant, lease="1 minute")[0] is False
+        w.rollback()
+
+
+def test_limits_of_a_rolled_back_change_are_not_cached(cluster, admin, tenant):
+    set_limit(admin, "concurrent_executions", 1, tenant)
+    with cluster.connect(autocommit=False) as w:
+        set_limit(w, "concurrent_executions", 100, tenant)
+        acquire(w, tenant, lease="1 minute")  # caches what it sees: 100
+        w.rollback()
+        assert acquire(w, tenant, lease="1 minute")[0] is True
+        assert acquire(w, tenant, lease="1 minute")[0] is False
+        w.rollback()
+
+
+def test_one_failing_alert_rule_does_not_stop_the_others(cluster):
+    db = "ar_" + uuid.uuid4().hex[:8]
+    with cluster.connect(dbname="postgres") as c:
+        c.execute(f"CREATE DATABASE {db}")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute("CREATE EXTENSION meshhook_limits")
+            c.execute("""CREATE FUNCTION public.boom() RETURNS trigger LANGUAGE plpgsql AS $$
+                         BEGIN IF NEW.rule = 'a_boom' THEN RAISE EXCEPTION 'injected'; END IF; RETURN NEW; END $$""")
+            c.execute("CREATE TRIGGER boom BEFORE INSERT ON meshhook_limits.alert_states "
+                      "FOR EACH ROW EXECUTE FUNCTION public.boom()")
+            for name in ("a_boom", "b_fine"):
+                c.execute("SELECT meshhook_limits.set_alert_rule(%s, 'pool.utilisation', -1)", (name,))
+            errors0 = c.execute("SELECT errors FROM meshhook_limits.worker_state").fetchone()[0]
+            c.execute("SELECT meshhook_limits.tick()")
+            assert c.execute("SELECT rule, state FROM meshhook_limits.alert_states").fetchall() == [("b_fine", "firing")]
+            errors, last = c.execute("SELECT errors, last_error FROM meshhook_limits.worker_state").fetchone()
+            assert errors == errors0 + 1 and "a_boom" in last and "injected" in last
+    finally:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute(f"DROP DATABASE {db} WITH (FORCE)")

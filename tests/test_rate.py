@@ -56,13 +56,48 @@ def test_cost_and_remaining(clocked, tenant):
     assert check(clocked, tenant, cost=0) == (True, 3, None)
 
 
-def test_default_burst_is_one_second_and_keys_are_separate(clocked, tenant):
+def test_tenant_rate_bounds_all_keys_and_keyed_rules_add_their_own(clocked, tenant):
+    """requests_per_second is the tenant's across all its keys (default burst:
+    one second's worth); requests_per_second.<key> adds the key's own rate."""
     set_limit(clocked, "requests_per_second", 3, tenant)
     set_limit(clocked, "requests_per_second.stripe-api", 1, tenant, burst=1)
     at(clocked, 0)
-    assert [check(clocked, tenant, "webhooks")[0] for _ in range(4)] == [True, True, True, False]
-    assert [check(clocked, tenant, "other")[0] for _ in range(4)] == [True, True, True, False]
-    assert [check(clocked, tenant, "stripe-api")[0] for _ in range(2)] == [True, False]
+    assert [check(clocked, tenant, "webhooks")[0] for _ in range(2)] == [True, True]
+    assert [check(clocked, tenant, "other")[0] for _ in range(2)] == [True, False]
+    assert check(clocked, tenant, "stripe-api")[0] is False  # the tenant's rate is spent
+    at(clocked, 1)
+    assert [check(clocked, tenant, "stripe-api")[0] for _ in range(2)] == [True, False]  # its own rate
+    assert [check(clocked, tenant, "webhooks")[0] for _ in range(3)] == [True, True, False]
+
+
+def test_rotating_key_names_gain_nothing(clocked, tenant):
+    """The attack: 200 key names against a tenant rate of 2/s."""
+    set_limit(clocked, "requests_per_second", 2, tenant, burst=2)
+    at(clocked, 0)
+    allowed = clocked.execute(
+        "SELECT count(*) FILTER (WHERE r.allowed) FROM generate_series(1, 200) g, "
+        "LATERAL meshhook_limits.check_rate_limit(%s, 'k' || g) r", (tenant,)).fetchone()[0]
+    assert allowed == 2
+
+
+def test_one_tenant_cannot_reset_another_tenants_bucket(clocked, admin):
+    """Pauses of keys without a rule make no state (22023), and a tenant's
+    checks of many names use one entry: the other tenant stays exhausted."""
+    import psycopg
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    set_limit(admin, "requests_per_second", 1, a, burst=1)
+    set_limit(admin, "requests_per_second", 1, b, burst=1)
+    at(clocked, 0)
+    assert check(clocked, b)[0] and not check(clocked, b)[0]
+    before = clocked.execute("SELECT evictions FROM meshhook_limits.rate_limit_stats()").fetchone()[0]
+    for i in range(50):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="no rate of its own"):
+            clocked.execute("SELECT meshhook_limits.pause_rate_limit(%s, %s, to_timestamp(%s))",
+                            (a, f"p{i}", T0 + 3600))
+    clocked.execute("SELECT count(*) FROM generate_series(1, 40000) g, "
+                    "LATERAL meshhook_limits.check_rate_limit(%s, 'k' || g) r", (a,))
+    assert clocked.execute("SELECT evictions FROM meshhook_limits.rate_limit_stats()").fetchone()[0] == before
+    assert check(clocked, b)[0] is False
 
 
 def test_no_limit_always_allows(clocked, tenant):
@@ -71,6 +106,7 @@ def test_no_limit_always_allows(clocked, tenant):
 
 def test_pause_and_resume(clocked, tenant):
     set_limit(clocked, "requests_per_second", 5, tenant, burst=5)
+    set_limit(clocked, "requests_per_second.upstream", 5, tenant, burst=5)
     at(clocked, 0)
     assert check(clocked, tenant, "upstream")[0]
     clocked.execute("SELECT meshhook_limits.pause_rate_limit(%s, 'upstream', to_timestamp(%s))", (tenant, T0 + 30))
@@ -94,18 +130,21 @@ def test_state_is_not_transactional(cluster, clocked, tenant):
     assert check(clocked, tenant)[0] is False  # the token stays spent, like nextval()
 
 
-def test_more_keys_than_the_table_holds(clocked, admin):
-    """40,000 keys (the table holds 32,768): every first request is allowed,
-    and a key used again right away is still limited (its set keeps it)."""
-    t = str(uuid.uuid4())
-    set_limit(admin, "requests_per_second", 1, t, burst=1)
+def test_more_buckets_than_the_table_holds(clocked, admin):
+    """40,000 tenants (the table holds 32,768 buckets): every first request
+    is allowed, and a tenant checked again right away is still limited (its
+    set keeps it)."""
+    key = "k" + uuid.uuid4().hex[:8]
+    set_limit(admin, "requests_per_second." + key, 1, burst=1)  # every tenant, this key
     at(clocked, 0)
     n = 40_000
     allowed = clocked.execute(
         "SELECT count(*) FILTER (WHERE r.allowed) FROM generate_series(1, %s) g, "
-        "LATERAL meshhook_limits.check_rate_limit(%s, 'k' || g) r", (n, t)).fetchone()[0]
+        "LATERAL meshhook_limits.check_rate_limit(md5(%s || g)::uuid, %s) r", (n, key, key)).fetchone()[0]
     assert allowed == n
-    assert check(clocked, t, "k39999")[0] is False
+    last = clocked.execute("SELECT md5(%s || %s)::uuid", (key, n)).fetchone()[0]
+    assert check(clocked, str(last), key)[0] is False
+    admin.execute("SELECT meshhook_limits.clear_limit(%s)", ("requests_per_second." + key,))
     stats = clocked.execute("SELECT capacity, evictions FROM meshhook_limits.rate_limit_stats()").fetchone()
     assert stats[0] == 32768 and stats[1] > 0
 
@@ -168,6 +207,8 @@ def test_cost_over_burst_and_bad_pause(admin, tenant):
         admin.execute("SELECT meshhook_limits.pause_rate_limit(%s, 'k', NULL)", (tenant,))
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="at most 7 days"):
         admin.execute("SELECT meshhook_limits.pause_rate_limit(%s, 'k', now() + interval '8 days')", (tenant,))
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="no rate of its own"):
+        admin.execute("SELECT meshhook_limits.pause_rate_limit(%s, 'k', now() + interval '1 minute')", (tenant,))
 
 
 def test_tenant_cannot_spend_or_pause_another_tenants_rate(cluster, tenant):

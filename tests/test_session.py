@@ -190,3 +190,28 @@ def test_no_limits_no_rows_no_changes(admin, tenant):
     finally:
         admin.execute(f"SELECT {S}.clear_limit('concurrent_executions', %s)", (tenant,))
         admin.execute(f"SELECT {S}.clear_limit('storage_bytes', %s)", (tenant,))
+
+
+def test_a_session_running_its_own_sql_can_loosen_the_limits(cluster, tenant, limits):
+    """Documented (README, Session limits): for a caller that runs its own
+    SQL the limits are a default, not a wall. RESET ALL resets even
+    temp_file_limit; SET LOCAL loosens statement_timeout and work_mem."""
+    limits(execution_seconds=2, work_mem_bytes=128 * 1024, temp_file_bytes=1024 * 1024)
+    with cluster.connect(user="authenticator") as auth:
+        with auth.transaction():
+            auth.execute("SET LOCAL ROLE authenticated")
+            auth.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims_for(tenant)),))
+            apply(auth, tenant)
+            auth.execute("SET LOCAL statement_timeout = '1h'")
+            auth.execute("SET LOCAL work_mem = '64MB'")
+            assert (show(auth, "statement_timeout"), show(auth, "work_mem")) == ("1h", "64MB")
+            auth.execute("RESET ALL")
+            assert show(auth, "temp_file_limit") == "-1"
+
+
+def test_temp_file_limit_is_only_ever_lowered(admin, tenant, limits):
+    limits(temp_file_bytes=10 * 1024 * 1024 * 1024)
+    with admin.transaction():
+        admin.execute("SET LOCAL temp_file_limit = '1MB'")
+        apply(admin, tenant)
+        assert show(admin, "temp_file_limit") == "1MB"
