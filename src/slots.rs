@@ -40,21 +40,48 @@ fn interval_micros(i: &Interval, what: &str) -> Result<i64> {
     i64::try_from(total).map_err(|_| LimitsError::invalid(format!("{what} is out of range"), ""))
 }
 
-/// A version-4-shaped uuid whose last four bytes are the table index and
-/// whose other bytes come from PostgreSQL's cryptographically strong random
-/// source: knowing any number of slot ids tells nothing of the next.
-fn new_slot_id(idx: usize) -> Result<[u8; 16]> {
+thread_local! {
+    static SLOT_ID_RNG: std::cell::RefCell<Option<rand_chacha::ChaCha20Rng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A version-4-shaped uuid whose first twelve bytes come from PostgreSQL's
+/// cryptographically strong random source, through a per-backend ChaCha20
+/// stream seeded from it (knowing any number of slot ids tells nothing of
+/// the next); its last four become the table index
+/// (`with_index`). Drawn before the table's lock is taken, so the lock is
+/// never held while the random source works.
+fn random_slot_id() -> Result<[u8; 16]> {
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
     let mut id = [0u8; 16];
-    if !unsafe { pg_sys::pg_strong_random(id.as_mut_ptr().cast(), 12) } {
-        return Err(LimitsError::invalid(
-            "could not generate a random slot id",
-            "PostgreSQL's strong random source failed; see the server log",
-        ));
-    }
+    SLOT_ID_RNG.with(|cell| {
+        let mut rng = cell.borrow_mut();
+        if rng.is_none() {
+            // pg_strong_random costs microseconds a call; a ChaCha20 stream
+            // keyed from it once per backend costs nanoseconds, and is just
+            // as unpredictable from outside.
+            let mut seed = [0u8; 32];
+            if !unsafe { pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), seed.len()) } {
+                return Err(LimitsError::invalid(
+                    "could not generate a random slot id",
+                    "PostgreSQL's strong random source failed; see the server log",
+                ));
+            }
+            *rng = Some(rand_chacha::ChaCha20Rng::from_seed(seed));
+        }
+        if let Some(rng) = rng.as_mut() {
+            rng.fill_bytes(&mut id[..12]);
+        }
+        Ok(())
+    })?;
     id[6] = (id[6] & 0x0f) | 0x40;
     id[8] = (id[8] & 0x3f) | 0x80;
-    id[12..16].copy_from_slice(&(idx as u32).to_be_bytes());
     Ok(id)
+}
+
+fn with_index(mut id: [u8; 16], idx: usize) -> [u8; 16] {
+    id[12..16].copy_from_slice(&(idx as u32).to_be_bytes());
+    id
 }
 
 fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
@@ -163,6 +190,7 @@ fn acquire(
     // (or none): the table stays open to the others.
     let ceiling = i64::from(crate::gucs::TENANT_SLOT_CEILING.get());
     let tenant_cap = Some(lim.tenant_cap.map_or(ceiling, |c| c.min(ceiling)));
+    let random_id = random_slot_id()?;
 
     let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
     let grace_end = l.t().header.grace_end;
@@ -215,13 +243,7 @@ fn acquire(
         drop(l);
         return Err(LimitsError::SlotTableFull(MAX_SLOTS));
     };
-    let id = match new_slot_id(idx) {
-        Ok(id) => id,
-        Err(e) => {
-            drop(l);
-            return Err(e);
-        }
-    };
+    let id = with_index(random_id, idx);
     let deadline = lim.exec_micros.map_or(i64::MAX, |m| now.saturating_add(m));
     let mut run = [0u8; RUN_ID_MAX];
     run[..run_id.len()].copy_from_slice(run_id.as_bytes());
