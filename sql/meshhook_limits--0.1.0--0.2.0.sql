@@ -190,6 +190,48 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     FROM meshhook_limits._resolve(p_tenant, NULL) r
    WHERE r.resource IN ('requests_per_second.' || p_key, 'requests_per_second')
 $$;
+-- One row per tenant that took a fallback slot: a tenant's acquires
+-- serialise on it (FOR UPDATE). Nobody else can read, let alone lock, it;
+-- an advisory lock any role can take would let a role stall a tenant.
+CREATE TABLE meshhook_limits.fallback_tenants (tenant_id uuid PRIMARY KEY);
+ALTER TABLE meshhook_limits.fallback_tenants ENABLE ROW LEVEL SECURITY;
+
+CREATE OR REPLACE FUNCTION meshhook_limits._fallback_lock(p_tenant uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF current_setting('transaction_isolation') <> 'read committed' THEN
+    RAISE EXCEPTION 'execution slots without shared_preload_libraries need READ COMMITTED transactions'
+      USING ERRCODE = '55000',
+            HINT = 'add meshhook_limits to shared_preload_libraries, or acquire slots outside REPEATABLE READ/SERIALIZABLE';
+  END IF;
+  INSERT INTO meshhook_limits.fallback_tenants (tenant_id) VALUES (p_tenant) ON CONFLICT DO NOTHING;
+  PERFORM 1 FROM meshhook_limits.fallback_tenants f WHERE f.tenant_id = p_tenant FOR UPDATE;
+END
+$$;
+-- Revoke expired rows (one tenant, or all with NULL) and announce each.
+-- Rows another transaction holds (a late heartbeat or release) are left to
+-- the next reap: a tenant's open transaction never stalls the reaper.
+CREATE OR REPLACE FUNCTION meshhook_limits._fallback_reap(p_tenant uuid) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE r record; n bigint := 0; now_ts timestamptz := pg_catalog.clock_timestamp();
+BEGIN
+  FOR r IN DELETE FROM meshhook_limits.fallback_slots s
+            WHERE s.ctid = ANY (ARRAY(SELECT x.ctid FROM meshhook_limits.fallback_slots x
+                                       WHERE (p_tenant IS NULL OR x.tenant_id = p_tenant)
+                                         AND (x.lease_expires_at <= now_ts OR x.deadline <= now_ts)
+                                       FOR UPDATE SKIP LOCKED))
+           RETURNING s.*
+  LOOP
+    n := n + 1;
+    PERFORM meshhook_limits._emit('slot.revoked', r.tenant_id,
+      CASE WHEN r.deadline <= now_ts THEN 'execution_seconds' ELSE 'concurrent_executions' END, NULL, NULL,
+      jsonb_build_object('slot_id', r.slot_id, 'run_id', coalesce(r.run_id, ''), 'project_id', r.project_id,
+                         'reason', CASE WHEN r.deadline <= now_ts THEN 'deadline_exceeded' ELSE 'lease_expired' END));
+  END LOOP;
+  RETURN n;
+END
+$$;
 -- Supabase Realtime's realtime.send(jsonb, text, text, boolean), when it is
 -- the real one: the function and its schema belong to a superuser or to
 -- supabase_realtime_admin (who installs Realtime on Supabase), and no other
@@ -954,6 +996,15 @@ BEGIN
          last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);
 END
 $$;
+-- The worker records a failed tick (its role may be one that cannot write
+-- the extension's tables: meshhook_limits.worker_role).
+CREATE OR REPLACE FUNCTION meshhook_limits._record_tick_error(p_error text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('record a tick error');
+  UPDATE meshhook_limits.worker_state SET errors = errors + 1, last_error = left(p_error, 1000);
+END
+$$;
 -- Alert rules: admins manage them with plain DML through this function.
 CREATE OR REPLACE FUNCTION meshhook_limits.set_alert_rule(name text, metric text, threshold numeric,
     comparison text DEFAULT '>', for_duration interval DEFAULT '0', severity text DEFAULT 'warning',
@@ -1029,3 +1080,5 @@ SELECT meshhook_limits._storage_recount(t.relid) FROM meshhook_limits.tracked_ta
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_trigger() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_rules(uuid, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._carry_queue_samples(timestamptz, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._record_tick_error(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits._record_tick_error(text) TO meshhook_limits_admin;

@@ -806,5 +806,17 @@ BEGIN
 END
 $$;
 
+-- The worker records a failed tick (its role may be one that cannot write
+-- the extension's tables: meshhook_limits.worker_role).
+CREATE FUNCTION meshhook_limits._record_tick_error(p_error text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('record a tick error');
+  UPDATE meshhook_limits.worker_state SET errors = errors + 1, last_error = left(p_error, 1000);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._record_tick_error(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits._record_tick_error(text) TO meshhook_limits_admin;
+
 REVOKE EXECUTE ON FUNCTION meshhook_limits.tick() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION meshhook_limits.tick() TO meshhook_limits_admin;

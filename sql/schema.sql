@@ -611,6 +611,12 @@ CREATE POLICY admin_all ON meshhook_limits.fallback_slots FOR SELECT USING ((SEL
 CREATE POLICY own_rows ON meshhook_limits.fallback_slots FOR SELECT USING (tenant_id = (SELECT meshhook_limits.current_tenant()));
 GRANT SELECT ON meshhook_limits.fallback_slots TO PUBLIC;
 
+-- One row per tenant that took a fallback slot: a tenant's acquires
+-- serialise on it (FOR UPDATE). Nobody else can read, let alone lock, it;
+-- an advisory lock any role can take would let a role stall a tenant.
+CREATE TABLE meshhook_limits.fallback_tenants (tenant_id uuid PRIMARY KEY);
+ALTER TABLE meshhook_limits.fallback_tenants ENABLE ROW LEVEL SECURITY;
+
 CREATE FUNCTION meshhook_limits._fallback_lock(p_tenant uuid) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -619,20 +625,24 @@ BEGIN
       USING ERRCODE = '55000',
             HINT = 'add meshhook_limits to shared_preload_libraries, or acquire slots outside REPEATABLE READ/SERIALIZABLE';
   END IF;
-  PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('meshhook_limits.slots'),
-                                           pg_catalog.hashtext(p_tenant::text));
+  INSERT INTO meshhook_limits.fallback_tenants (tenant_id) VALUES (p_tenant) ON CONFLICT DO NOTHING;
+  PERFORM 1 FROM meshhook_limits.fallback_tenants f WHERE f.tenant_id = p_tenant FOR UPDATE;
 END
 $$;
 
 -- Revoke expired rows (one tenant, or all with NULL) and announce each.
+-- Rows another transaction holds (a late heartbeat or release) are left to
+-- the next reap: a tenant's open transaction never stalls the reaper.
 CREATE FUNCTION meshhook_limits._fallback_reap(p_tenant uuid) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE r record; n bigint := 0; now_ts timestamptz := pg_catalog.clock_timestamp();
 BEGIN
   FOR r IN DELETE FROM meshhook_limits.fallback_slots s
-            WHERE (p_tenant IS NULL OR s.tenant_id = p_tenant)
-              AND (s.lease_expires_at <= now_ts OR s.deadline <= now_ts)
+            WHERE s.ctid = ANY (ARRAY(SELECT x.ctid FROM meshhook_limits.fallback_slots x
+                                       WHERE (p_tenant IS NULL OR x.tenant_id = p_tenant)
+                                         AND (x.lease_expires_at <= now_ts OR x.deadline <= now_ts)
+                                       FOR UPDATE SKIP LOCKED))
            RETURNING s.*
   LOOP
     n := n + 1;

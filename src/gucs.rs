@@ -27,6 +27,8 @@ pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> =
 /// Database the background worker connects to.
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Role the background worker connects as (empty: the bootstrap superuser).
+pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Milliseconds between two ticks of the background worker.
 pub static SAMPLE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Whether the background worker runs.
@@ -140,6 +142,14 @@ fn define_postmaster_gucs() {
         c"Database the background worker samples and reaps in.",
         c"The extension must be created there; the worker waits until it is.",
         &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"meshhook_limits.worker_role",
+        c"Role the background worker connects as; empty: the bootstrap superuser.",
+        c"A login-less member of meshhook_limits_admin is enough: tick() runs as the extension's owner, and every table of another role is read as that role.",
+        &WORKER_ROLE,
         GucContext::Postmaster,
         GucFlags::default(),
     );

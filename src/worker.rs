@@ -83,7 +83,7 @@ fn tick_once(warned_missing: &mut bool) {
             pgrx::warning!("meshhook_limits worker: tick failed: {msg}");
             let _ = in_transaction(move || {
                 let _ = Spi::run_with_args(
-                    "UPDATE meshhook_limits.worker_state SET errors = errors + 1, last_error = $1",
+                    "SELECT meshhook_limits._record_tick_error($1)",
                     &[msg.as_str().into()],
                 );
             });
@@ -91,13 +91,14 @@ fn tick_once(warned_missing: &mut bool) {
     }
 }
 
-/// Whether `db` exists: a scan of the shared catalog pg_database, which is
-/// all a process connected to no database can read (as the autovacuum
+/// Whether a row named `name` is in shared catalog `catalog` (pg_database or
+/// pg_authid), whose rows start with an oid and a name: a heap scan, which is
+/// all a process connected to no database can do (as the autovacuum
 /// launcher lists databases).
-fn database_exists(db: &str) -> bool {
-    let db = db.as_bytes().to_vec();
+fn shared_catalog_has(catalog: pg_sys::Oid, name: &str) -> bool {
+    let name = name.as_bytes().to_vec();
     in_transaction(move || unsafe {
-        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+        let rel = pg_sys::table_open(catalog, pg_sys::AccessShareLock as i32);
         let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
         let mut found = false;
         loop {
@@ -106,11 +107,13 @@ fn database_exists(db: &str) -> bool {
                 break;
             }
             let header = (*tuple).t_data;
-            let form = header
+            // Both catalogs begin (oid oid, name name).
+            let row = header
                 .cast::<u8>()
                 .add(usize::from((*header).t_hoff))
                 .cast::<pg_sys::FormData_pg_database>();
-            if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_bytes() == db.as_slice() {
+            if std::ffi::CStr::from_ptr((*row).datname.data.as_ptr()).to_bytes() == name.as_slice()
+            {
                 found = true;
                 break;
             }
@@ -122,16 +125,26 @@ fn database_exists(db: &str) -> bool {
     .unwrap_or(false)
 }
 
-/// Wait quietly (one log line) until `db` exists or the server stops,
-/// connected to no database (only the shared catalogs).
-fn wait_for_database(db: &str) {
+/// The database exists, and so does the role (when one is set).
+fn can_connect(db: &str, role: Option<&str>) -> bool {
+    shared_catalog_has(pg_sys::DatabaseRelationId, db)
+        && role.is_none_or(|r| shared_catalog_has(pg_sys::AuthIdRelationId, r))
+}
+
+/// Wait quietly (one log line) until `db` (and `role`) exist or the server
+/// stops, connected to no database (only the shared catalogs).
+fn wait_for_database(db: &str, role: Option<&str>) {
     BackgroundWorker::connect_worker_to_spi(None, None);
-    if database_exists(db) {
+    if can_connect(db, role) {
         return;
     }
-    pgrx::log!(
-        "meshhook_limits worker: database \"{db}\" (meshhook_limits.database) does not exist; waiting for it"
-    );
+    let what = match role {
+        Some(r) => format!(
+            "database \"{db}\" (meshhook_limits.database) or role \"{r}\" (meshhook_limits.worker_role)"
+        ),
+        None => format!("database \"{db}\" (meshhook_limits.database)"),
+    };
+    pgrx::log!("meshhook_limits worker: {what} does not exist; waiting for it");
     loop {
         if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
             unsafe { pg_sys::proc_exit(0) };
@@ -139,7 +152,7 @@ fn wait_for_database(db: &str) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        if database_exists(db) {
+        if can_connect(db, role) {
             pgrx::log!("meshhook_limits worker: database \"{db}\" exists now; starting again to connect to it");
             return;
         }
@@ -158,9 +171,13 @@ pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
     // does not exist ends it with FATAL (the postmaster would then start it
     // again every 5 s). So a start after a failed connection first waits,
     // connected to no database, until the database exists.
+    let role = gucs::WORKER_ROLE
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|r| !r.is_empty());
     let connecting = crate::shmem::header().map(|h| &h.worker_connecting);
     if connecting.is_some_and(|c| c.load(Ordering::Relaxed)) {
-        wait_for_database(&db);
+        wait_for_database(&db, role.as_deref());
         if let Some(c) = connecting {
             c.store(false, Ordering::Relaxed);
         }
@@ -170,7 +187,7 @@ pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
     if let Some(c) = connecting {
         c.store(true, Ordering::Relaxed);
     }
-    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
     if let Some(c) = connecting {
         c.store(false, Ordering::Relaxed);
     }

@@ -125,3 +125,41 @@ def test_rate_limits_without_preload_same_sequence(plain):
                for k in ("a", "b", "c")]
         assert seq == [True, True, False]
     assert len([n for n in notices if "rate limits use a table" in n]) == 1
+
+
+def test_an_advisory_lock_cannot_stall_a_tenant(plain):
+    """Any role can take advisory locks; the fallback serialises a tenant on
+    a row of its own table instead, which no other role can lock."""
+    t = str(uuid.uuid4())
+    name = "adv_" + uuid.uuid4().hex[:8]
+    with plain.connect() as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN")
+    try:
+        with plain.connect(user=name) as attacker, plain.connect() as victim:
+            attacker.execute("SELECT pg_advisory_lock(hashtext('meshhook_limits.slots'), hashtext(%s))", (t,))
+            with pytest.raises(Exception) as e:
+                attacker.execute("SELECT * FROM meshhook_limits.fallback_tenants FOR UPDATE")
+            assert e.value.sqlstate == "42501"
+            victim.execute("SET statement_timeout = '3s'")
+            assert acquire(victim, t)[0] is True
+    finally:
+        with plain.connect() as admin:
+            admin.execute(f"DROP ROLE {name}")
+
+
+def test_a_held_slot_row_does_not_stall_the_reaper(plain):
+    """A tenant in a long transaction on its own expired slot: tick() reaps
+    the other expired slots and still finishes."""
+    t, other = str(uuid.uuid4()), str(uuid.uuid4())
+    with plain.connect() as c, plain.connect(autocommit=False) as holder:
+        held = acquire(c, t, lease="1 second")
+        freed = acquire(c, other, lease="1 second")
+        holder.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s)", (held[1],))  # locks its row
+        time.sleep(1.2)
+        c.execute("SELECT meshhook_limits.tick()")
+        assert c.execute("SELECT count(*) FROM meshhook_limits.fallback_slots WHERE slot_id = %s",
+                         (freed[1],)).fetchone() == (0,)
+        holder.rollback()
+        c.execute("SELECT meshhook_limits.tick()")
+        assert c.execute("SELECT count(*) FROM meshhook_limits.fallback_slots WHERE slot_id = %s",
+                         (held[1],)).fetchone() == (0,)

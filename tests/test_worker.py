@@ -70,7 +70,7 @@ def test_worker_retries_until_database_exists_then_waits_for_extension(wc):
     assert wait_for(lambda: 'database "mlworker" does not exist' in log_text(wc), 5), log_text(wc)[-2000:]
     # The next start (after restart_time, 5 s) waits quietly, connected to no
     # database, instead of failing again every 5 s.
-    assert wait_for(lambda: "(meshhook_limits.database) does not exist; waiting for it" in log_text(wc), 8), \
+    assert wait_for(lambda: "does not exist; waiting for it" in log_text(wc), 8), \
         log_text(wc)[-2000:]
     time.sleep(6)
     assert log_text(wc).count('database "mlworker" does not exist') == 1
@@ -260,3 +260,27 @@ def test_tick_as_first_call_of_a_session_without_preload(croncluster):
     tick(), with the library not loaded yet in that session."""
     with croncluster.connect() as conn:
         conn.execute("SELECT meshhook_limits.tick()")
+
+
+def test_worker_runs_as_the_configured_role():
+    """meshhook_limits.worker_role: the worker connects as a member of
+    meshhook_limits_admin, not as the bootstrap superuser; before the role
+    exists it waits quietly."""
+    from conftest import destroy_cluster, fresh_cluster
+    c = fresh_cluster("workerrole", "meshhook_limits.database = 'mltest'", "meshhook_limits.restart_grace = 0",
+                      "meshhook_limits.worker_role = 'ml_worker'", "fsync = off")
+    try:
+        assert wait_for(lambda: "does not exist; waiting for it" in log_text(c), 12), log_text(c)[-2000:]
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION meshhook_limits")
+            conn.execute("CREATE ROLE ml_worker LOGIN NOSUPERUSER IN ROLE meshhook_limits_admin")
+
+        def as_role():
+            rows = c.sql("SELECT usename FROM pg_stat_activity WHERE backend_type = %s AND datname = 'mltest'",
+                         (WORKER,), dbname="postgres")
+            return rows == [("ml_worker",)]
+        assert wait_for(as_role, 10), log_text(c)[-2000:]
+        assert wait_for(lambda: state(c)[0] >= 2, 5), "no ticks as ml_worker"
+        assert state(c)[1] == 0, state(c)
+    finally:
+        destroy_cluster(c)
