@@ -28,3 +28,4 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_recount(oid) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_triggers(regclass, name, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_trigger() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._carry_queue_samples(timestamptz, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_follow_renames() FROM PUBLIC;

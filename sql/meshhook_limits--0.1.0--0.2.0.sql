@@ -554,6 +554,41 @@ BEGIN
   END IF;
 END
 $$;
+-- A dropped tracked table stops counting.
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_on_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE o record; t record;
+BEGIN
+  FOR o IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() x WHERE x.object_type = 'table' LOOP
+    -- By identity (a table renamed in a way no trigger saw), else by name.
+    FOR t IN SELECT tt.table_schema, tt.table_name FROM meshhook_limits.tracked_tables tt
+              WHERE tt.relid = o.objid OR (tt.table_schema = o.schema_name AND tt.table_name = o.object_name) LOOP
+      PERFORM meshhook_limits._storage_forget(t.table_schema, t.table_name);
+    END LOOP;
+  END LOOP;
+END
+$$;
+-- Tracked tables whose name or schema changed (ALTER TABLE/INDEX ... RENAME,
+-- SET SCHEMA, ALTER SCHEMA ... RENAME) are followed: the table is known by
+-- its oid and by carrying this extension's trigger.
+CREATE OR REPLACE FUNCTION meshhook_limits._storage_follow_renames() RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE t record;
+BEGIN
+  FOR t IN SELECT tt.table_schema AS old_schema, tt.table_name AS old_name, n.nspname, c.relname, tt.relid
+             FROM meshhook_limits.tracked_tables tt
+             JOIN pg_catalog.pg_class c ON c.oid = tt.relid
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE (n.nspname, c.relname) IS DISTINCT FROM (tt.table_schema, tt.table_name)
+              AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                           WHERE g.tgrelid = tt.relid AND g.tgname = 'meshhook_limits_storage_ins') LOOP
+    UPDATE meshhook_limits.storage_usage u SET table_schema = t.nspname, table_name = t.relname
+     WHERE u.table_schema = t.old_schema AND u.table_name = t.old_name;
+    UPDATE meshhook_limits.tracked_tables tt SET table_schema = t.nspname, table_name = t.relname
+     WHERE tt.relid = t.relid;
+  END LOOP;
+END
+$$;
 -- Renames of a tracked table (or its schema move) and of its tenant column
 -- are followed; dropping or retyping the tenant column is refused; a tracked
 -- table may not become a partition (writes through its new parent would not
@@ -564,6 +599,7 @@ CREATE OR REPLACE FUNCTION meshhook_limits._storage_on_alter() RETURNS event_tri
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE c record; t record; cur record; col name; typ regtype; root oid; m record;
 BEGIN
+  PERFORM meshhook_limits._storage_follow_renames();
   SELECT tt.table_schema, tt.table_name INTO t
     FROM meshhook_limits.tracked_tables tt JOIN pg_catalog.pg_class r ON r.oid = tt.relid
    WHERE r.relispartition LIMIT 1;
@@ -607,7 +643,9 @@ BEGIN
 END
 $$;
 DROP EVENT TRIGGER meshhook_limits_storage_alter;
-CREATE EVENT TRIGGER meshhook_limits_storage_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+CREATE EVENT TRIGGER meshhook_limits_storage_alter ON ddl_command_end
+  WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'ALTER INDEX', 'ALTER SCHEMA', 'ALTER VIEW', 'ALTER SEQUENCE',
+               'ALTER MATERIALIZED VIEW', 'ALTER FOREIGN TABLE')
   EXECUTE FUNCTION meshhook_limits._storage_on_alter();
 
 -- ---------------------------------------------------------------------------
@@ -1082,3 +1120,4 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._rate_rules(uuid, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._carry_queue_samples(timestamptz, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._record_tick_error(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION meshhook_limits._record_tick_error(text) TO meshhook_limits_admin;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_follow_renames() FROM PUBLIC;

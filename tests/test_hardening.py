@@ -564,3 +564,28 @@ def test_one_failing_alert_rule_does_not_stop_the_others(cluster):
     finally:
         with cluster.connect(dbname="postgres") as c:
             c.execute(f"DROP DATABASE {db} WITH (FORCE)")
+
+
+def test_renames_no_alter_table_trigger_sees_are_followed_and_drop_forgets(admin, tenant):
+    """ALTER INDEX ... RENAME works on tables and ALTER SCHEMA ... RENAME moves
+    them; a tracked table renamed so and then dropped must not leave its
+    tenants charged for ever."""
+    sch = "s_" + uuid.uuid4().hex[:8]
+    admin.execute(f"CREATE SCHEMA {sch}")
+    try:
+        admin.execute(f"CREATE TABLE {sch}.docs (tenant uuid, body text)")
+        admin.execute("SELECT meshhook_limits.track_storage(%s, 'tenant')", (f"{sch}.docs",))
+        admin.execute(f"INSERT INTO {sch}.docs VALUES (%s, repeat('x', 100))", (tenant,))
+        admin.execute(f"ALTER INDEX {sch}.docs RENAME TO docs2")
+        admin.execute(f"ALTER SCHEMA {sch} RENAME TO {sch}_b")
+        row = admin.execute("SELECT table_schema, table_name FROM meshhook_limits.tracked_tables "
+                            "WHERE table_schema LIKE %s", (sch + "%",)).fetchall()
+        assert row == [(f"{sch}_b", "docs2")]
+        admin.execute(f"DROP TABLE {sch}_b.docs2")
+        assert admin.execute("SELECT bytes FROM meshhook_limits.storage_totals WHERE tenant_id = %s",
+                             (tenant,)).fetchone() == (0,)
+        assert admin.execute("SELECT count(*) FROM meshhook_limits.storage_usage WHERE tenant_id = %s",
+                             (tenant,)).fetchone() == (0,)
+    finally:
+        admin.execute(f"DROP SCHEMA IF EXISTS {sch} CASCADE")
+        admin.execute(f"DROP SCHEMA IF EXISTS {sch}_b CASCADE")
