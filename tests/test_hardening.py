@@ -5,6 +5,7 @@ Routes to superuser are checked the direct way: the attacker's payload runs
 `ALTER ROLE <attacker> SUPERUSER`, which only succeeds when it runs as a
 superuser; afterwards the attacker must still not be one."""
 import json
+from contextlib import contextmanager
 from pathlib import Path
 import time
 import uuid
@@ -32,6 +33,20 @@ def attacker(cluster):
         c.execute(f"REVOKE CREATE ON DATABASE {cluster.dbname} FROM {name}")
         c.execute(f"DROP OWNED BY {name} CASCADE")
         c.execute(f"DROP ROLE {name}")
+
+
+@contextmanager
+def scratch_db(cluster, prefix, options=""):
+    """A database of its own for a test that changes database-wide things
+    (queue schemas, Realtime, alert rules), dropped afterwards."""
+    db = prefix + "_" + uuid.uuid4().hex[:8]
+    with cluster.connect(dbname="postgres") as c:
+        c.execute(f"CREATE DATABASE {db} {options}")
+    try:
+        yield db
+    finally:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
 
 
 def escalation_payload(role):
@@ -68,10 +83,7 @@ def test_tick_does_not_run_a_queue_table_owners_code(cluster, attacker):
     """The owner of pgmq's tables turns a queue table and pgmq.meta into
     views over its own function; tick() (the worker's round, as superuser)
     must not run that function as superuser."""
-    db = "q_" + uuid.uuid4().hex[:8]
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"CREATE DATABASE {db} OWNER {attacker}")
-    try:
+    with scratch_db(cluster, "q", f"OWNER {attacker}") as db:
         with cluster.connect(dbname=db) as c:
             c.execute("CREATE EXTENSION meshhook_limits")
         with cluster.connect(dbname=db, user=attacker) as m:
@@ -96,20 +108,15 @@ def test_tick_does_not_run_a_queue_table_owners_code(cluster, attacker):
             c.execute("SELECT meshhook_limits.tick()")
             c.execute("SELECT meshhook_limits.tick()")
             assert not is_superuser(c, attacker)
-    finally:
-        with cluster.connect(dbname="postgres") as c:
-            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
 
 
 def test_an_impostor_realtime_send_is_never_called(cluster, attacker):
     """On a server without Supabase Realtime, a role with CREATE on the
     database creates realtime.send; events must not call it."""
-    db = "rt_" + uuid.uuid4().hex[:8]
     t = str(uuid.uuid4())
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"CREATE DATABASE {db}")
-        c.execute(f"GRANT CREATE ON DATABASE {db} TO {attacker}")
-    try:
+    with scratch_db(cluster, "rt") as db:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute(f"GRANT CREATE ON DATABASE {db} TO {attacker}")
         with cluster.connect(dbname=db) as c:
             c.execute("CREATE EXTENSION meshhook_limits")
         with cluster.connect(dbname=db, user=attacker) as m:
@@ -124,9 +131,6 @@ def test_an_impostor_realtime_send_is_never_called(cluster, attacker):
             # The event is still kept (and NOTIFYed).
             ev = c.execute("SELECT event FROM meshhook_limits.events WHERE tenant_id = %s", (t,)).fetchall()
             assert ev == [("limit.warning",)]
-    finally:
-        with cluster.connect(dbname="postgres") as c:
-            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
 
 
 # --- High: one tenant denies service to others ---------------------------------------------
@@ -170,10 +174,7 @@ def test_lease_is_bounded_by_max_lease(cluster, admin, tenant):
 
 
 def test_slots_and_counts_are_per_database(cluster, admin, tenant):
-    db = "db2_" + uuid.uuid4().hex[:8]
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"CREATE DATABASE {db}")
-    try:
+    with scratch_db(cluster, "db2") as db:
         set_limit(admin, "concurrent_executions", 1, tenant)
         with cluster.connect(dbname=db) as c2:
             c2.execute("CREATE EXTENSION meshhook_limits")
@@ -186,9 +187,6 @@ def test_slots_and_counts_are_per_database(cluster, admin, tenant):
         assert admin.execute("SELECT count(*) FROM meshhook_limits.slots() WHERE tenant_id = %s",
                              (tenant,)).fetchone()[0] == 0
         assert acquire(admin, tenant)[0] is True
-    finally:
-        with cluster.connect(dbname="postgres") as c:
-            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
 
 
 # --- Medium / low ---------------------------------------------------------------------------
@@ -315,10 +313,7 @@ def test_stats_functions_are_for_monitors(cluster):
 def test_a_missing_queue_sample_is_not_a_recovery(cluster):
     """A queue table locked past tick()'s lock_timeout cannot be sampled; a
     firing alert on it must stay firing, not resolve and fire again."""
-    db = "ms_" + uuid.uuid4().hex[:8]
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"CREATE DATABASE {db}")
-    try:
+    with scratch_db(cluster, "ms") as db:
         with cluster.connect(dbname=db) as c, cluster.connect(dbname=db, autocommit=False) as locker:
             c.execute("CREATE EXTENSION meshhook_limits")
             c.execute("CREATE SCHEMA pgmq")
@@ -337,16 +332,10 @@ def test_a_missing_queue_sample_is_not_a_recovery(cluster):
             c.execute("SELECT meshhook_limits.tick()")
             events = [r[0] for r in c.execute("SELECT event FROM meshhook_limits.events ORDER BY id").fetchall()]
             assert events == ["alert.firing"], events
-    finally:
-        with cluster.connect(dbname="postgres") as c:
-            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
 
 
 def test_non_utf8_text_in_a_sql_ascii_database_is_22023(cluster, tenant):
-    db = "ascii_" + uuid.uuid4().hex[:8]
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"CREATE DATABASE {db} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-    try:
+    with scratch_db(cluster, "ascii", "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0") as db:
         with cluster.connect(dbname=db) as c:
             c.execute("CREATE EXTENSION meshhook_limits")
             for call in ("SELECT * FROM meshhook_limits.check_rate_limit(%s, E'k\\377')",
@@ -359,9 +348,6 @@ def test_non_utf8_text_in_a_sql_ascii_database_is_22023(cluster, tenant):
                 assert sqlstate(e) == "22023", (call, e.value)
                 assert "UTF-8" in str(e.value)
             assert acquire(c, tenant)[0] is True
-    finally:
-        with cluster.connect(dbname="postgres") as c:
-            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
 
 
 def test_slot_revoked_is_announced_exactly_once_by_concurrent_reapers(cluster, admin, tenant):
@@ -396,11 +382,8 @@ def test_realtime_policy_limits_a_tenant_to_its_own_topic(cluster):
     """With Supabase Realtime installed (as Supabase installs it: by a
     superuser), install_realtime_policy() lets a tenant read its own topic
     of realtime.messages and no other."""
-    db = "rtp_" + uuid.uuid4().hex[:8]
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"CREATE DATABASE {db}")
-    try:
+    with scratch_db(cluster, "rtp") as db:
         with cluster.connect(dbname=db) as c:
             c.execute("CREATE EXTENSION meshhook_limits")
             c.execute("""
@@ -430,9 +413,6 @@ def test_realtime_policy_limits_a_tenant_to_its_own_topic(cluster):
                     c.execute("SELECT set_config('realtime.topic', %s, true)", ("meshhook_limits:" + topic_of,))
                     n = c.execute("SELECT count(*) FROM realtime.messages").fetchone()[0]
                 assert (n > 0) == allowed, topic_of
-    finally:
-        with cluster.connect(dbname="postgres") as c:
-            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
 
 
 def test_a_notification_carries_the_id_of_its_events_row(cluster, admin, tenant):
@@ -544,10 +524,7 @@ def test_limits_of_a_rolled_back_change_are_not_cached(cluster, admin, tenant):
 
 
 def test_one_failing_alert_rule_does_not_stop_the_others(cluster):
-    db = "ar_" + uuid.uuid4().hex[:8]
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"CREATE DATABASE {db}")
-    try:
+    with scratch_db(cluster, "ar") as db:
         with cluster.connect(dbname=db) as c:
             c.execute("CREATE EXTENSION meshhook_limits")
             c.execute("""CREATE FUNCTION public.boom() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -561,9 +538,6 @@ def test_one_failing_alert_rule_does_not_stop_the_others(cluster):
             assert c.execute("SELECT rule, state FROM meshhook_limits.alert_states").fetchall() == [("b_fine", "firing")]
             errors, last = c.execute("SELECT errors, last_error FROM meshhook_limits.worker_state").fetchone()
             assert errors == errors0 + 1 and "a_boom" in last and "injected" in last
-    finally:
-        with cluster.connect(dbname="postgres") as c:
-            c.execute(f"DROP DATABASE {db} WITH (FORCE)")
 
 
 def test_renames_no_alter_table_trigger_sees_are_followed_and_drop_forgets(admin, tenant):
