@@ -1165,12 +1165,9 @@ BEGIN
                       quote_ident(cur.nspname), quote_ident(cur.relname)
         USING ERRCODE = '55000', HINT = 'run meshhook_limits.untrack_storage on the table first';
     END IF;
-    IF (cur.nspname, cur.relname, col) IS DISTINCT FROM (t.table_schema, t.table_name, t.tenant_column) THEN
-      UPDATE meshhook_limits.storage_usage u SET table_schema = cur.nspname, table_name = cur.relname
-       WHERE u.table_schema = t.table_schema AND u.table_name = t.table_name;
-      UPDATE meshhook_limits.tracked_tables tt
-         SET table_schema = cur.nspname, table_name = cur.relname, tenant_column = col
-       WHERE tt.relid = c.objid;
+    -- (The table's own renames were followed above, by _storage_follow_renames.)
+    IF col IS DISTINCT FROM t.tenant_column THEN
+      UPDATE meshhook_limits.tracked_tables tt SET tenant_column = col WHERE tt.relid = c.objid;
     END IF;
     IF c.command_tag = 'ALTER TABLE' THEN
       FOR m IN SELECT p.relid FROM pg_catalog.pg_partition_tree(root) p WHERE p.relid <> root LOOP

@@ -104,13 +104,9 @@ pub unsafe fn text_arg<'a>(
         if arg.isnull {
             return Ok(None);
         }
-        let v = pg_sys::pg_detoast_datum_packed(arg.value.cast_mut_ptr());
-        pgrx::varlena::text_to_rust_str(v).map(Some).map_err(|_| {
-            crate::error::LimitsError::invalid(
-                format!("{name} is not valid UTF-8"),
-                "pass text in UTF-8 (the database's encoding may take any bytes; this argument may not)",
-            )
-        })
+        <Utf8 as pgrx::FromDatum>::from_polymorphic_datum(arg.value, false, pg_sys::InvalidOid)
+            .map(|text| text.get(name))
+            .transpose()
     }
 }
 
