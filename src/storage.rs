@@ -28,7 +28,10 @@ pub extern "C-unwind" fn meshhook_limits_row_bytes(
             .cast::<pg_sys::HeapTupleHeaderData>();
         let datum = (*header).t_choice.t_datum;
         let desc = pg_sys::lookup_rowtype_tupdesc(datum.datum_typeid, datum.datum_typmod);
-        let natts = (*desc).natts as usize;
+        // Released (DecrTupleDescRefCount) when dropped; `get` reads the
+        // attribute array whose layout differs by PostgreSQL version.
+        let desc = pgrx::PgTupleDesc::from_pg(desc);
+        let natts = desc.len();
         let mut tuple = pg_sys::HeapTupleData {
             t_len: (datum.datum_len_ as u32 >> 2) & 0x3FFF_FFFF,
             t_self: pg_sys::ItemPointerData::default(),
@@ -37,10 +40,15 @@ pub extern "C-unwind" fn meshhook_limits_row_bytes(
         };
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
-        pg_sys::heap_deform_tuple(&mut tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::heap_deform_tuple(
+            &mut tuple,
+            desc.as_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        );
         let mut bytes: i64 = 0;
         for i in 0..natts {
-            let att = (*desc).attrs.as_slice(natts)[i];
+            let att = desc.get(i).expect("attribute of the row type");
             if att.attisdropped || nulls[i] {
                 continue;
             }
@@ -52,7 +60,6 @@ pub extern "C-unwind" fn meshhook_limits_row_bytes(
                     .len() as i64,
             };
         }
-        pg_sys::DecrTupleDescRefCount(desc);
         pg_sys::Datum::from(bytes)
     }
 }

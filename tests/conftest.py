@@ -1,5 +1,9 @@
-"""Integration tests against a real PostgreSQL 15 server with meshhook_limits
+"""Integration tests against a real PostgreSQL server with meshhook_limits
 preloaded, run as the `postgres` OS user through scripts/pg.sh.
+
+The server version is the environment's PG (15, 16, 17 or 18; default 15), as
+for every script (scripts/pgenv.sh); scripts/test.sh runs the suite once per
+version. Tests marked `smoke` are the set run on every version.
 
 Each test session gets its own throwaway cluster. Tests isolate themselves by
 using fresh random tenant ids (see `tenant`), so they can share the database.
@@ -15,24 +19,34 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_SH = ROOT / "scripts" / "pg.sh"
-PG_BIN = "/usr/lib/postgresql/15/bin"
+PG_MAJOR = int(os.environ.get("PG", "15"))
+PG_BIN = ("/usr/lib/postgresql/15/bin" if PG_MAJOR == 15
+          else str(ROOT / ".postgresql" / f"pg{PG_MAJOR}" / "bin"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke: the set run on every PostgreSQL version (scripts/test.sh)")
 
 
 class Cluster:
-    def __init__(self, name: str):
+    def __init__(self, name: str, bin: str = PG_BIN):
         self.name = name
+        self.bin = bin  # the installation's bin/ (tests/test_upgrade.py uses a copy)
         self.base = Path("/tmp/meshhook_limits") / name
         self.data = self.base / "data"
         self.dbname = "mltest"
 
     def start(self, *conf: str) -> None:
         out = subprocess.run([str(PG_SH), "start", self.name, *conf], check=True,
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, env=self.env()).stdout
         env = dict(part.split("=", 1) for part in out.replace("export ", "").split())
         self.host, self.port = env["PGHOST"], int(env["PGPORT"])
 
+    def env(self) -> dict:
+        return {**os.environ, "MESHHOOK_PG_BIN": self.bin} if self.bin != PG_BIN else dict(os.environ)
+
     def pg_ctl(self, *args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{PG_BIN}/pg_ctl", "-D", str(self.data),
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{self.bin}/pg_ctl", "-D", str(self.data),
                         "-l", str(self.base / "server.log"), *args], check=True, capture_output=True)
 
     def stop(self, mode: str = "fast") -> None:
@@ -84,7 +98,7 @@ def fresh_cluster(suffix: str, *conf: str, dbname: str = "mltest", create_db: bo
 
 
 def destroy_cluster(c: Cluster) -> None:
-    subprocess.run([str(PG_SH), "destroy", c.name], check=False, capture_output=True)
+    subprocess.run([str(PG_SH), "destroy", c.name], check=False, capture_output=True, env=c.env())
 
 
 @pytest.fixture(scope="session")

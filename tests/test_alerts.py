@@ -158,6 +158,7 @@ def test_pool_pressure_counts_real_connections(ac):
     assert not blocked_err
 
 
+@pytest.mark.smoke
 def test_pool_utilisation_alert_fires_once_and_resolves_once(ac):
     usable = ac.usable
     events: list[dict] = []

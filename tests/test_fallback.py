@@ -53,6 +53,7 @@ def test_rollback_and_lease_expiry_without_preload(plain):
                          (t,)).fetchone()[0] == 1
 
 
+@pytest.mark.smoke
 def test_never_over_admit_without_preload(plain):
     t, limit = str(uuid.uuid4()), 2
     with plain.connect() as c:

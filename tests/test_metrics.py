@@ -193,6 +193,7 @@ def activity(mdb):
 
 # --------------------------------------------------------------------------- (a) the exposition
 
+@pytest.mark.smoke
 def test_exposition_is_clean_and_counts_events(activity):
     before, after, text, a = activity["before"], activity["after"], activity["text"], activity["a"]
     assert promtool_findings(text) == ""
@@ -269,6 +270,7 @@ def test_tenant_labels_capped_and_switched_off(activity):
         conn.execute("RESET meshhook_limits.metrics_tenant_labels")
 
 
+@pytest.mark.smoke
 def test_metrics_are_for_admins_only(activity):
     cl, a = activity["cluster"], activity["a"]
     with cl.connect(dbname=DB, user=activity["viewer"]) as c:

@@ -28,6 +28,7 @@ def clocked(cluster):
         c.execute("RESET meshhook_limits.test_clock")
 
 
+@pytest.mark.smoke
 def test_burst_then_steady_state_exact(clocked, tenant):
     set_limit(clocked, "requests_per_second", 2, tenant, burst=4)
     at(clocked, 0)
@@ -149,6 +150,7 @@ def test_more_buckets_than_the_table_holds(clocked, admin):
     assert stats[0] == 32768 and stats[1] > 0
 
 
+@pytest.mark.smoke
 def test_concurrent_callers_never_exceed_rate_times_time_plus_burst(cluster, admin, tenant):
     rate, burst, seconds = 50, 10, 3.0
     set_limit(admin, "requests_per_second", rate, tenant, burst=burst)

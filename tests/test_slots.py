@@ -9,7 +9,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import acquire, set_limit
+from conftest import PG_BIN, acquire, set_limit
 
 
 def live(conn, tenant, project=None):
@@ -34,6 +34,7 @@ def notifications(conn, timeout=2.0, want=1):
     return got
 
 
+@pytest.mark.smoke
 def test_never_over_admit_under_32_concurrent_clients(cluster, admin, tenant):
     """32 connections hammer one tenant whose limit is 3 (and one project
     capped at 2), a quarter of them rolling back, while a checker samples."""
@@ -109,6 +110,7 @@ def test_never_over_admit_under_32_concurrent_clients(cluster, admin, tenant):
     assert admin.execute("SELECT meshhook_limits.live_slots(%s)", (tenant,)).fetchone()[0] == 0
 
 
+@pytest.mark.smoke
 def test_rolled_back_acquire_is_not_held(cluster, admin, tenant):
     set_limit(admin, "concurrent_executions", 1, tenant)
     with cluster.connect(autocommit=False) as c:
@@ -222,6 +224,7 @@ def test_memory_over_limit_on_heartbeat_revokes(cluster, admin, tenant):
     assert ev["reason"] == "memory_exceeded" and ev["resource"] == "memory_bytes" and ev["limit"] == 1000
 
 
+@pytest.mark.smoke
 def test_refusal_names_the_binding_limit(cluster, admin, tenant):
     project = str(uuid.uuid4())
     set_limit(admin, "concurrent_executions", 5, tenant)
@@ -261,6 +264,7 @@ def test_limits_and_plans_survive_restart_and_crash(cluster, admin, tenant, mode
         assert ("executions_per_day", 500, "plan") in [(r, int(v), s) for r, v, s in eff]
 
 
+@pytest.mark.smoke
 def test_crash_loses_slots_and_grace_prevents_over_admission(cluster, tenant):
     with cluster.connect() as c:
         c.execute("ALTER SYSTEM SET meshhook_limits.restart_grace = 2")
@@ -296,11 +300,11 @@ def test_pg_dump_and_restore_keep_configuration(cluster, admin, tenant, tmp_path
     before = config_snapshot(admin)
     dump = tmp_path / "dump.sql"
     env_args = ["-h", cluster.host, "-p", str(cluster.port), "-U", "postgres"]
-    subprocess.run(["/usr/lib/postgresql/15/bin/pg_dump", *env_args, "-d", cluster.dbname, "-f", str(dump)], check=True)
+    subprocess.run([f"{PG_BIN}/pg_dump", *env_args, "-d", cluster.dbname, "-f", str(dump)], check=True)
     target = "restored_" + uuid.uuid4().hex[:8]
     admin.execute(f"CREATE DATABASE {target}")
     try:
-        restore = subprocess.run(["/usr/lib/postgresql/15/bin/psql", *env_args, "-d", target, "-v", "ON_ERROR_STOP=1",
+        restore = subprocess.run([f"{PG_BIN}/psql", *env_args, "-d", target, "-v", "ON_ERROR_STOP=1",
                                   "-q", "-f", str(dump)], capture_output=True, text=True)
         assert restore.returncode == 0, restore.stderr
         with cluster.connect(dbname=target) as c:

@@ -175,6 +175,7 @@ def test_statement_level_triggers_with_transition_tables(admin, table):
     assert by[f"{S}_storage_trunc"] == (None, None)
 
 
+@pytest.mark.smoke
 def test_writes_keep_bytes_exact(admin, table, tenant):
     a, b = tenant, str(uuid.uuid4())
     other = make_table(admin)   # a second tracked table: totals are the sum over tables
@@ -268,6 +269,7 @@ def test_small_rows_counted_exactly(admin, table, tenant):
     assert all(counted == real for _, counted, real in steps), steps
 
 
+@pytest.mark.smoke
 def test_large_toasted_values_counted_consistently(admin, table, tenant):
     """Values big enough to be compressed/TOASTed: what an INSERT adds must be what
     the table holds, so deleting the rows brings the tenant back to 0."""
@@ -283,6 +285,7 @@ def test_large_toasted_values_counted_consistently(admin, table, tenant):
         assert total(admin, tenant) == 0, "no rows left, yet bytes are still counted"
 
 
+@pytest.mark.smoke
 def test_quota_refuses_growth(admin, table, tenant):
     a, b = tenant, str(uuid.uuid4())
     t = sql.Identifier(table)

@@ -32,6 +32,7 @@ def drop_db(cluster, name):
         c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("old", RELEASED)
 def test_upgraded_catalog_equals_fresh_install(cluster, old):
     fresh, upgraded = new_db(cluster), new_db(cluster)
@@ -50,6 +51,7 @@ def test_upgraded_catalog_equals_fresh_install(cluster, old):
         drop_db(cluster, upgraded)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("old", RELEASED)
 def test_upgrade_keeps_state_and_recounts_storage(cluster, old):
     db = new_db(cluster)
