@@ -37,23 +37,10 @@
 import { createRequire } from 'node:module'
 import { readFileSync } from 'node:fs'
 import { availableParallelism } from 'node:os'
+import { parseConn } from '../tests/node/conn.mjs'
 
 const require = createRequire(new URL('../tests/node/package.json', import.meta.url))
 const PgBoss = require('pg-boss')
-
-function parseConn (conn) {
-  const out = {}
-  for (const part of conn.trim().split(/\s+/)) {
-    const i = part.indexOf('=')
-    if (i < 0) throw new Error(`bad connection string part: ${part}`)
-    const k = part.slice(0, i)
-    const v = part.slice(i + 1)
-    if (k === 'dbname' || k === 'database') out.database = v
-    else if (k === 'port') out.port = Number(v)
-    else if (k === 'host' || k === 'user' || k === 'password') out[k] = v
-  }
-  return out
-}
 
 const TEXT_OPTIONS = new Set(['onInterval', 'offInterval'])
 

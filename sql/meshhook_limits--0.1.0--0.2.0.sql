@@ -32,7 +32,7 @@ AS 'MODULE_PATHNAME', '_caller_has_privs_of_wrapper';
 -- Validation shared by set_limit and set_plan_limit. Raises 22023.
 CREATE OR REPLACE FUNCTION meshhook_limits._validate_limit(p_resource text, p_limit numeric, p_warn numeric,
                                                 p_window interval, p_burst numeric)
-RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
   builtin boolean;
@@ -42,8 +42,7 @@ BEGIN
       USING ERRCODE = '22023',
             HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
   END IF;
-  builtin := p_resource IN ('concurrent_executions', 'execution_seconds', 'memory_bytes',
-                            'storage_bytes', 'requests_per_second', 'work_mem_bytes', 'temp_file_bytes')
+  builtin := EXISTS (SELECT 1 FROM meshhook_limits.builtin_resources b WHERE b.resource = p_resource)
              OR p_resource LIKE 'requests_per_second.%';
   IF p_limit IS NULL OR p_limit = 'NaN' OR p_limit < 0 OR p_limit = 'Infinity' THEN
     RAISE EXCEPTION 'limit_value must be a finite number >= 0, got %', coalesce(left(p_limit::text, 40), 'NULL')
@@ -144,8 +143,7 @@ BEGIN
       RAISE EXCEPTION 'unknown resource "%"', r USING ERRCODE = '22023',
         HINT = 'define it first: meshhook_limits.set_limit(resource, limit_value, window_length => ''1 day'')';
     END IF;
-    ws := to_timestamp(floor(extract(epoch FROM pg_catalog.now()) / extract(epoch FROM win))
-                       * extract(epoch FROM win));
+    ws := meshhook_limits._window_start(win);
   END IF;
 
   -- At most 1000 projects per tenant, resource and window: random project
@@ -1123,3 +1121,73 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_follow_renames() FROM PUBLIC
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.events', '');
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.alert_states', '');
+
+-- Every internal function is revoked from PUBLIC but the three definer
+-- functions the C entry points call as the caller, and _row_bytes.
+REVOKE EXECUTE ON FUNCTION meshhook_limits._limits_changed_trigger() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._validate_limit(text, numeric, numeric, interval, numeric) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._require_plan(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._status(numeric, numeric, numeric) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_on_alter() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._storage_on_drop() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._latest_queue_samples() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_status(text, text, bigint, interval, numeric) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_pgboss(timestamptz, interval, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_pgmq(timestamptz, interval, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_pool(timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._compare(numeric, text, numeric) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._evaluate_alerts(timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._series(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._caller_has_privs_of(oid) FROM PUBLIC;
+
+-- One window start for every meter.
+CREATE OR REPLACE FUNCTION meshhook_limits._window_start(win interval, at timestamptz DEFAULT pg_catalog.now())
+RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
+  SELECT pg_catalog.to_timestamp(pg_catalog.floor(extract(epoch FROM at) / extract(epoch FROM win))
+                                 * extract(epoch FROM win))
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._window_start(interval, timestamptz) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION meshhook_limits._usage_ratios(p_tenants uuid[])
+RETURNS TABLE(tenant_id uuid, resource text, used numeric, limit_value numeric, warn_ratio numeric)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH t AS (SELECT DISTINCT x AS tenant_id FROM unnest(p_tenants) x),
+  -- Equality joins per level (hashable), most specific first.
+  eff AS (
+    SELECT DISTINCT ON (x.tenant_id, x.resource) x.tenant_id, x.resource, x.limit_value, x.window_length, x.warn_ratio
+      FROM (
+        SELECT t.tenant_id, l.resource, l.limit_value, l.window_length, l.warn_ratio, 1 AS rank
+          FROM t JOIN meshhook_limits.limits l ON l.tenant_id = t.tenant_id AND l.project_id IS NULL
+        UNION ALL
+        SELECT t.tenant_id, l.resource, l.limit_value, l.window_length, l.warn_ratio, 2
+          FROM t JOIN meshhook_limits.tenant_plans tp ON tp.tenant_id = t.tenant_id
+                 JOIN meshhook_limits.limits l ON l.plan = tp.plan
+        UNION ALL
+        SELECT t.tenant_id, g.resource, g.limit_value, g.window_length, g.warn_ratio, 3
+          FROM t CROSS JOIN (SELECT * FROM meshhook_limits.limits l WHERE l.tenant_id IS NULL AND l.plan IS NULL) g) x
+     ORDER BY x.tenant_id, x.resource, x.rank),
+  live AS (SELECT s.tenant_id, count(*) AS n FROM meshhook_limits.slots() s
+            WHERE s.state = 'live' GROUP BY s.tenant_id),
+  nil AS (SELECT '00000000-0000-0000-0000-000000000000'::uuid AS id)
+  SELECT e.tenant_id, e.resource,
+         CASE
+           WHEN e.resource = 'concurrent_executions' THEN coalesce(lv.n, 0)::numeric
+           WHEN e.resource = 'storage_bytes' THEN
+             -- Tracked tables, plus the last reading reported with record_usage.
+             coalesce(st.bytes, 0)
+             + coalesce((SELECT u.used FROM meshhook_limits.usage_counters u, nil
+                          WHERE u.tenant_id = e.tenant_id AND u.resource = 'storage_bytes'
+                            AND u.project_id = nil.id AND u.window_start = 'epoch'), 0)
+           WHEN e.window_length IS NOT NULL THEN
+             coalesce((SELECT u.used FROM meshhook_limits.usage_counters u, nil
+                        WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource AND u.project_id = nil.id
+                          AND u.window_start = meshhook_limits._window_start(e.window_length)), 0)
+           WHEN e.resource = 'memory_bytes' THEN
+             (SELECT u.used FROM meshhook_limits.usage_counters u, nil
+               WHERE u.tenant_id = e.tenant_id AND u.resource = e.resource AND u.project_id = nil.id
+                 AND u.window_start = 'epoch')
+         END,
+         e.limit_value, e.warn_ratio
+    FROM eff e
+    LEFT JOIN live lv ON lv.tenant_id = e.tenant_id
+    LEFT JOIN meshhook_limits.storage_totals st ON st.tenant_id = e.tenant_id
+$$;

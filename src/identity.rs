@@ -238,3 +238,9 @@ pub fn require_admin_access(action: crate::row::Utf8) {
 pub fn _caller_has_privs_of(role: pg_sys::Oid) -> bool {
     unsafe { pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), role) }
 }
+
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits._caller_has_privs_of(oid) FROM PUBLIC;",
+    name = "caller_has_privs_of_grants",
+    requires = [_caller_has_privs_of]
+);

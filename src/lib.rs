@@ -22,31 +22,59 @@ mod xact;
 
 pgrx::pg_module_magic!();
 
-// Tables, policies, grants and SQL-language functions. The Rust functions
-// that SQL depends on (identity) are created first, hence `requires`.
+// The hand-written SQL, one file per concern, created in this order (each
+// file `requires` the one before it, and the Rust functions its SQL-language
+// functions, policies and grants name when they are created). Each file
+// carries its objects' grants and revokes.
 extension_sql_file!(
-    "../sql/schema.sql",
-    name = "schema",
+    "../sql/limits.sql",
+    name = "limits",
     requires = [
         identity::current_tenant,
         identity::is_admin,
-        slots::live_slots,
-        owner::_read_as_owner,
-        identity::_caller_has_privs_of,
-        "row_bytes"
+        identity::can_monitor,
+        identity::_caller_has_privs_of
     ]
 );
+extension_sql_file!("../sql/events.sql", name = "events", requires = ["limits"]);
 extension_sql_file!(
-    "../sql/monitor.sql",
-    name = "monitor",
-    requires = ["schema", slots::reap_execution_slots, slots::slots]
+    "../sql/slots_fallback.sql",
+    name = "slots_fallback",
+    requires = ["events"]
+);
+extension_sql_file!(
+    "../sql/rate.sql",
+    name = "rate",
+    requires = ["slots_fallback"]
+);
+extension_sql_file!(
+    "../sql/storage.sql",
+    name = "storage",
+    requires = ["rate", owner::_read_as_owner, "row_bytes"]
+);
+extension_sql_file!(
+    "../sql/usage.sql",
+    name = "usage",
+    requires = ["storage", slots::live_slots, slots::slots]
+);
+extension_sql_file!("../sql/session.sql", name = "session", requires = ["usage"]);
+extension_sql_file!(
+    "../sql/queues.sql",
+    name = "queues",
+    requires = ["session", owner::_read_as_owner]
+);
+extension_sql_file!("../sql/pool.sql", name = "pool", requires = ["queues"]);
+extension_sql_file!("../sql/alerts.sql", name = "alerts", requires = ["pool"]);
+extension_sql_file!(
+    "../sql/tick.sql",
+    name = "tick",
+    requires = ["alerts", slots::reap_execution_slots]
 );
 extension_sql_file!(
     "../sql/metrics.sql",
     name = "metrics_sql",
-    requires = ["monitor"]
+    requires = ["tick"]
 );
-extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -140,3 +140,9 @@ fn _limits_changed() {
     }
     crate::xact::bump_generation_at_commit();
 }
+
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits._limits_changed() FROM PUBLIC;",
+    name = "limits_changed_grants",
+    requires = [_limits_changed]
+);

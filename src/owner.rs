@@ -106,3 +106,9 @@ fn _read_as_owner(
     }
     read_as_owner(rel, query, at, window).or_raise()
 }
+
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits._read_as_owner(oid, text, timestamptz, interval) FROM PUBLIC;",
+    name = "read_as_owner_grants",
+    requires = [_read_as_owner]
+);

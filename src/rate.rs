@@ -376,7 +376,6 @@ pub fn gcra_all(
 type Key = ([u8; 16], String);
 thread_local! {
     static RULES: RefCell<GenerationCache<Key, Rule>> = RefCell::new(GenerationCache::new());
-    static NOTICED: Cell<bool> = const { Cell::new(false) };
 }
 
 fn load_rule(tenant: Uuid, key: &str) -> Result<Rule> {
@@ -442,15 +441,6 @@ fn over_burst(cost: i64, burst: f64, key: &str) -> LimitsError {
     )
 }
 
-fn notice_once() {
-    if !NOTICED.with(|n| n.replace(true)) {
-        pgrx::notice!(
-            "meshhook_limits is not in shared_preload_libraries: rate limits use a table (slower); \
-             add it to shared_preload_libraries and restart for the shared-memory fast path"
-        );
-    }
-}
-
 fn ns_interval(ns: i64) -> Interval {
     // Round up to the microsecond: retrying after retry_after always passes.
     Interval::from_micros((ns + 999) / 1000)
@@ -503,7 +493,7 @@ fn check(
         if !full {
             return Ok(None);
         }
-        notice_once();
+        crate::shmem::notice_table_fallback(crate::shmem::TableFallback::RateLimits);
         return check_in_table(tenant, &buckets, now, cost).map(Some);
     }
     let keys: Vec<&[u8]> = buckets.iter().map(|(k, _)| *k).collect();
@@ -684,7 +674,7 @@ fn pause(
         ));
     }
     if table().is_none() {
-        notice_once();
+        crate::shmem::notice_table_fallback(crate::shmem::TableFallback::RateLimits);
         Spi::run_with_args(
             "SELECT 1 FROM meshhook_limits._rate_state_lock($1, $2, $4);
              UPDATE meshhook_limits.rate_state SET paused_until = $3 WHERE tenant_id = $1 AND key = $2",

@@ -219,6 +219,33 @@ unsafe extern "C-unwind" fn shmem_startup() {
 }
 
 /// True when the library was preloaded and the table exists in this process.
+/// What runs on a table when the library is not preloaded.
+#[derive(Clone, Copy)]
+pub enum TableFallback {
+    Slots = 1,
+    RateLimits = 2,
+}
+
+thread_local! {
+    static FALLBACK_NOTICED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// One NOTICE per session and feature: it runs on a table (slower) because
+/// the library is not in shared_preload_libraries.
+pub fn notice_table_fallback(what: TableFallback) {
+    let bit = what as u8;
+    if FALLBACK_NOTICED.with(|n| n.replace(n.get() | bit)) & bit == 0 {
+        let name = match what {
+            TableFallback::Slots => "execution slots",
+            TableFallback::RateLimits => "rate limits",
+        };
+        pgrx::notice!(
+            "meshhook_limits is not in shared_preload_libraries: {name} use a table (slower); \
+             add it to shared_preload_libraries and restart for the shared-memory fast path"
+        );
+    }
+}
+
 pub fn available() -> bool {
     READY.load(Ordering::Relaxed) && !TABLE.load(Ordering::Acquire).is_null()
 }

@@ -702,6 +702,13 @@ pub fn reap_execution_slots() -> i64 {
     reap().or_raise()
 }
 
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits.reap_execution_slots() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits.reap_execution_slots() TO meshhook_limits_admin;",
+    name = "reap_execution_slots_grants",
+    requires = [reap_execution_slots, "limits"]
+);
+
 /// Live slots of a tenant (0 when the library is not preloaded).
 #[pg_extern(stable, parallel_safe, strict, security_definer)]
 #[search_path(pg_catalog, pg_temp)]

@@ -644,3 +644,21 @@ def test_a_login_role_cannot_assert_a_tenant_by_forged_claims(cluster, admin, wo
             assert c.execute(f"SELECT count(*) FROM {S}.usage_counters WHERE tenant_id = %s", (b,)).fetchone() == (0,)
     finally:
         admin.execute(f"DROP ROLE {role}")
+
+
+# Internal functions that run as a role other than the extension's owner:
+# the definer functions the C entry points (acquire_execution_slot,
+# release_execution_slot, check_rate_limit) call through SPI as the caller,
+# which check the caller's identity themselves; and _row_bytes, which counts
+# a tracked table's rows as that table's owner (owner.rs), a pure function
+# of the row it is given.
+CALLED_AS_THE_CALLER = {"_acquire_execution_slot", "_release_execution_slot", "_check_rate_limit", "_row_bytes"}
+
+
+def test_internal_functions_are_revoked_from_public(admin):
+    """Every function whose name starts with _ is internal: found by catalog
+    query, not by a list, so a new one without its REVOKE fails here."""
+    open_to_public = {r[0] for r in admin.execute(
+        "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'meshhook_limits'::regnamespace "
+        "AND p.proname LIKE '\\_%' AND has_function_privilege('public', p.oid, 'EXECUTE')").fetchall()}
+    assert open_to_public == CALLED_AS_THE_CALLER

@@ -1,4 +1,4 @@
-"""Session limits (sql/schema.sql, "Session limits"): apply_session_limits(t)
+"""Session limits (sql/session.sql): apply_session_limits(t)
 turns a tenant's execution_seconds, work_mem_bytes and temp_file_bytes limits
 into transaction-local statement_timeout, work_mem and temp_file_limit, so
 PostgreSQL itself holds the tenant's SQL to them; nothing outlives the

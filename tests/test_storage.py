@@ -1,4 +1,4 @@
-"""Storage quotas (sql/schema.sql, "Storage quotas"): track_storage puts
+"""Storage quotas (sql/storage.sql): track_storage puts
 statement-level triggers with transition tables on a table and keeps each
 tenant's bytes (the sum of its rows' value sizes) in storage_usage and
 storage_totals; growth past storage_bytes is refused with 53400, crossings of

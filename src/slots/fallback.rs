@@ -1,24 +1,10 @@
 //! Slots without `shared_preload_libraries`: the same contract on the table
-//! `meshhook_limits.fallback_slots` (see sql/schema.sql). Slower, since every
+//! `meshhook_limits.fallback_slots` (see sql/slots_fallback.sql). Slower, since every
 //! acquire and release writes a row, and announced once per session.
 use super::{AcquireRow, HeartbeatRow, SlotRow, Ts};
 use crate::error::Result;
 use pgrx::datum::Uuid;
 use pgrx::prelude::*;
-use std::cell::Cell;
-
-thread_local! {
-    static NOTICED: Cell<bool> = const { Cell::new(false) };
-}
-
-fn notice_once() {
-    if !NOTICED.with(|n| n.replace(true)) {
-        pgrx::notice!(
-            "meshhook_limits is not in shared_preload_libraries: execution slots use a table (slower); \
-             add it to shared_preload_libraries and restart for the shared-memory fast path"
-        );
-    }
-}
 
 pub fn acquire(
     tenant: Uuid,
@@ -26,7 +12,7 @@ pub fn acquire(
     run_id: &str,
     lease_micros: i64,
 ) -> Result<AcquireRow> {
-    notice_once();
+    crate::shmem::notice_table_fallback(crate::shmem::TableFallback::Slots);
     Spi::connect_mut(|c| {
         let rows = c.update(
             "SELECT * FROM meshhook_limits._fallback_acquire($1, $2, $3, $4)",
@@ -47,7 +33,7 @@ pub fn acquire(
 }
 
 pub fn heartbeat(id: [u8; 16], memory: Option<i64>) -> Result<HeartbeatRow> {
-    notice_once();
+    crate::shmem::notice_table_fallback(crate::shmem::TableFallback::Slots);
     Spi::connect_mut(|c| {
         let rows = c.update(
             "SELECT * FROM meshhook_limits._fallback_heartbeat($1, $2)",
@@ -68,7 +54,7 @@ pub fn heartbeat(id: [u8; 16], memory: Option<i64>) -> Result<HeartbeatRow> {
 }
 
 pub fn release(id: [u8; 16], memory: Option<i64>) -> Result<bool> {
-    notice_once();
+    crate::shmem::notice_table_fallback(crate::shmem::TableFallback::Slots);
     Ok(Spi::get_one_with_args::<bool>(
         "SELECT meshhook_limits._fallback_release($1, $2)",
         &[Uuid::from_bytes(id).into(), memory.into()],

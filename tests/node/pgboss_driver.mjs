@@ -24,21 +24,7 @@
 //   queues                                  boss.getQueues()
 //   version                                 {installed, schemaVersion}
 import PgBoss from 'pg-boss'
-
-function parseConn (conn) {
-  if (/^postgres(ql)?:\/\//.test(conn)) return { connectionString: conn }
-  const out = {}
-  for (const part of conn.trim().split(/\s+/)) {
-    const i = part.indexOf('=')
-    if (i < 0) throw new Error(`bad connection string part: ${part}`)
-    const k = part.slice(0, i)
-    const v = part.slice(i + 1)
-    if (k === 'dbname' || k === 'database') out.database = v
-    else if (k === 'port') out.port = Number(v)
-    else if (k === 'host' || k === 'user' || k === 'password') out[k] = v
-  }
-  return out
-}
+import { parseConn } from './conn.mjs'
 
 async function main () {
   const [conn, command, rawArgs] = process.argv.slice(2)

@@ -1,0 +1,17 @@
+// The connection settings pg-boss takes, from a libpq keyword/value string
+// ("host=/tmp/x port=5432 user=postgres dbname=app") or a postgres:// URL.
+// Shared by tests/node/pgboss_driver.mjs and benches/pgboss_load.mjs.
+export function parseConn (conn) {
+  if (/^postgres(ql)?:\/\//.test(conn)) return { connectionString: conn }
+  const out = {}
+  for (const part of conn.trim().split(/\s+/)) {
+    const i = part.indexOf('=')
+    if (i < 0) throw new Error(`bad connection string part: ${part}`)
+    const k = part.slice(0, i)
+    const v = part.slice(i + 1)
+    if (k === 'dbname' || k === 'database') out.database = v
+    else if (k === 'port') out.port = Number(v)
+    else if (k === 'host' || k === 'user' || k === 'password') out[k] = v
+  }
+  return out
+}
