@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every test, on every supported PostgreSQL: pgrx's #[pg_test] unit tests,
-# then the integration tests in tests/ against a real preloaded server
-# (scripts/pg.sh). Run after `PG="15 16 17 18" scripts/setup.sh --test`.
+# Every test, on every supported PostgreSQL, in tiers: pgrx's #[pg_test]
+# unit tests; isolation specs (tests/isolation: interleaved sessions, by
+# PostgreSQL's isolationtester); the integration tests in tests/ (pytest,
+# real servers and clients). Run after `PG="15 16 17 18" scripts/setup.sh --test`.
 #   scripts/test.sh [rust|integration|all]
 # Versions (environment):
 #   FULL_PG  (default "15 17")  unit tests + the whole integration suite:
@@ -14,6 +15,8 @@ what=${1:-all}
 read -ra FULL <<<"${FULL_PG-15 17}"
 read -ra SMOKE <<<"${SMOKE_PG-16 18}"
 export CARGO_TERM_COLOR=never
+# A test module whose tools are missing fails instead of skipping (tests/conftest.py).
+export MESHHOOK_TEST_STRICT=1
 failed=()
 
 if [[ $what == all || $what == rust ]]; then
@@ -35,6 +38,10 @@ if [[ $what == all || $what == rust ]]; then
 fi
 
 if [[ $what == all || $what == integration ]]; then
+  for major in "${FULL[@]}" "${SMOKE[@]}"; do
+    echo "== PostgreSQL $major: isolation specs (tests/isolation, isolationtester)"
+    PG=$major bash tests/isolation/run.sh || failed+=("isolation pg$major")
+  done
   for major in "${FULL[@]}"; do
     echo "== PostgreSQL $major: integration tests (tests/, real server, real clients)"
     PG=$major .venv/bin/pytest -q -p no:cacheprovider tests/ || failed+=("pytest pg$major")

@@ -1,38 +1,45 @@
-//! Every setting of the extension, named `meshhook_limits.*`, with its doc text.
+//! Every setting of the extension, named `meshhook_limits.*`: private
+//! statics, read through the getters below, each with why it exists. The
+//! context of each (superuser, sighup, postmaster) is in `init`: the worker
+//! sees only sighup and postmaster settings, never a session's SET.
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
+fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting.get().map(|c| c.to_string_lossy().into_owned())
+}
+
 /// JSON path (dot separated) of the tenant id inside `request.jwt.claims`.
-pub static TENANT_CLAIM: GucSetting<Option<CString>> =
+static TENANT_CLAIM: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"app_metadata.tenant_id"));
 /// The tenant of a plain SQL session (workers that do not carry a JWT).
 /// Superuser-only: set per login role (`ALTER ROLE w SET ...` by a
 /// superuser) or by roles granted `SET ON PARAMETER`, never by the tenant.
-pub static TENANT_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static TENANT_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Roles whose `request.jwt.claims` are believed: the roles PostgREST
 /// switches to for a request. Any other role could write the claims itself.
-pub static JWT_ROLES: GucSetting<Option<CString>> =
+static JWT_ROLES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"anon,authenticated"));
 /// Lease of an execution slot when the caller gives none, in seconds.
-pub static DEFAULT_LEASE: GucSetting<i32> = GucSetting::<i32>::new(60);
+static DEFAULT_LEASE: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// After the shared slot table starts (server start or crash restart), refuse
 /// new slots for this many seconds; -1 means "the default lease".
-pub static RESTART_GRACE: GucSetting<i32> = GucSetting::<i32>::new(-1);
+static RESTART_GRACE: GucSetting<i32> = GucSetting::<i32>::new(-1);
 /// Upper bound of the `retry_after` hint of a refused slot, in milliseconds.
-pub static RETRY_AFTER_MAX: GucSetting<i32> = GucSetting::<i32>::new(5000);
+static RETRY_AFTER_MAX: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// NOTIFY channel for events.
-pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> =
+static NOTIFY_CHANNEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"meshhook_limits"));
 
 /// Database the background worker connects to.
-pub static DATABASE: GucSetting<Option<CString>> =
+static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Role the background worker connects as (empty: the bootstrap superuser).
-pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Milliseconds between two ticks of the background worker.
-pub static SAMPLE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static SAMPLE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Whether the background worker runs.
-pub static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 static QUEUE_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(300);
@@ -42,18 +49,21 @@ static POOL_CRITICAL: GucSetting<f64> = GucSetting::<f64>::new(0.9);
 static POOL_CRITICAL_FOR: GucSetting<i32> = GucSetting::<i32>::new(300);
 
 /// Whether metrics() carries per-tenant series.
-pub static METRICS_TENANT_LABELS: GucSetting<bool> = GucSetting::<bool>::new(true);
+static METRICS_TENANT_LABELS: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// At most this many tenants get their own series in metrics().
-pub static METRICS_MAX_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(500);
+static METRICS_MAX_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(500);
+
+/// Entries of the shared slot table: fixed, since shared memory is sized
+/// when the server starts (`slots::table::MAX_SLOTS`).
+pub const SLOT_TABLE_SIZE: usize = 8192;
 
 /// The most live slots one tenant may hold, whatever its own limit.
-pub static TENANT_SLOT_CEILING: GucSetting<i32> =
-    GucSetting::<i32>::new((crate::shmem::MAX_SLOTS / 8) as i32);
+static TENANT_SLOT_CEILING: GucSetting<i32> = GucSetting::<i32>::new((SLOT_TABLE_SIZE / 8) as i32);
 /// The longest lease a slot may have (seconds).
 static MAX_LEASE: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 
 /// Replaces the real clock of the rate limiter (epoch seconds; 0 = off). Tests only.
-pub static TEST_CLOCK: GucSetting<f64> = GucSetting::<f64>::new(0.0);
+static TEST_CLOCK: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 
 pub fn init(preloading: bool) {
     GucRegistry::define_string_guc(
@@ -170,7 +180,7 @@ fn define_runtime_gucs() {
         c"Tenants share one slot table; this keeps one tenant (with no limit, or a large one) from taking it all.",
         &TENANT_SLOT_CEILING,
         1,
-        crate::shmem::MAX_SLOTS as i32,
+        SLOT_TABLE_SIZE as i32,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -286,13 +296,75 @@ fn define_runtime_gucs() {
     );
 }
 
+/// The JSON path of the tenant id inside `request.jwt.claims`.
+pub fn tenant_claim() -> String {
+    text(&TENANT_CLAIM).unwrap_or_else(|| "app_metadata.tenant_id".into())
+}
+
+/// The tenant a plain SQL session asserts (`meshhook_limits.tenant_id`), as written.
+pub fn tenant_id() -> Option<String> {
+    text(&TENANT_ID)
+}
+
+/// The comma-separated roles whose `request.jwt.claims` count.
+pub fn jwt_roles() -> Option<String> {
+    text(&JWT_ROLES)
+}
+
+/// The lease of a slot when the caller gives none, in microseconds.
+pub fn default_lease_micros() -> i64 {
+    i64::from(DEFAULT_LEASE.get()) * 1_000_000
+}
+
+/// The most a refused slot's `retry_after` says, in microseconds.
+pub fn retry_after_max_micros() -> i64 {
+    i64::from(RETRY_AFTER_MAX.get()) * 1000
+}
+
+/// The database the background worker connects to.
+pub fn worker_database() -> String {
+    text(&DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+/// The role the background worker connects as; None: the bootstrap superuser.
+pub fn worker_role() -> Option<String> {
+    text(&WORKER_ROLE).filter(|r| !r.is_empty())
+}
+
+/// Time between two ticks of the background worker.
+pub fn sample_interval() -> std::time::Duration {
+    std::time::Duration::from_millis(u64::try_from(SAMPLE_INTERVAL.get()).unwrap_or(1000))
+}
+
+pub fn worker_enabled() -> bool {
+    WORKER_ENABLED.get()
+}
+
+/// Whether metrics() has per-tenant series, and for at most how many tenants.
+pub fn metrics_tenant_labels() -> (bool, usize) {
+    (
+        METRICS_TENANT_LABELS.get(),
+        usize::try_from(METRICS_MAX_TENANTS.get()).unwrap_or(0),
+    )
+}
+
+/// The most live slots one tenant may hold, whatever its own limit.
+pub fn tenant_slot_ceiling() -> i64 {
+    i64::from(TENANT_SLOT_CEILING.get())
+}
+
+/// The rate limiter's clock for tests, in Unix epoch seconds (0: the real clock).
+pub fn test_clock() -> f64 {
+    TEST_CLOCK.get()
+}
+
 /// The longest lease, in microseconds.
 pub fn max_lease_micros() -> i64 {
     i64::from(MAX_LEASE.get()) * 1_000_000
 }
 
 /// Restart grace in microseconds, as configured (read once, when the
-/// server starts: see `shmem::Header::grace_end`).
+/// server starts: see `slots::table::Header::grace_end`).
 pub fn restart_grace_micros() -> i64 {
     let g = RESTART_GRACE.get();
     let secs = if g < 0 { DEFAULT_LEASE.get() } else { g };

@@ -54,7 +54,7 @@ fn claim_at<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::
 /// The caller (the outer user: PostgREST's per-request role) is one of
 /// `meshhook_limits.jwt_roles`, whose claims are believed.
 fn claims_trusted() -> bool {
-    let Some(list) = gucs::JWT_ROLES.get() else {
+    let Some(list) = gucs::jwt_roles() else {
         return false;
     };
     let name = unsafe {
@@ -64,7 +64,7 @@ fn claims_trusted() -> bool {
         }
         CStr::from_ptr(p).to_bytes().to_vec()
     };
-    list.to_bytes()
+    list.as_bytes()
         .split(|b| *b == b',')
         .any(|r| r.trim_ascii() == name.as_slice())
 }
@@ -83,10 +83,7 @@ pub fn caller_tenant() -> Result<Option<pgrx::Uuid>> {
                 "set request.jwt.claims to the JSON claims of the caller's JWT",
             )
         })?;
-        let path = gucs::TENANT_CLAIM
-            .get()
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "app_metadata.tenant_id".into());
+        let path = gucs::tenant_claim();
         let found = claim_at(&v, &path).or_else(|| v.get("tenant_id"));
         match found {
             Some(serde_json::Value::String(s)) if !s.is_empty() => {
@@ -104,10 +101,8 @@ pub fn caller_tenant() -> Result<Option<pgrx::Uuid>> {
         // session setting must not be used to widen it.
         return Ok(None);
     }
-    match gucs::TENANT_ID.get() {
-        Some(c) if !c.to_bytes().is_empty() => {
-            parse_uuid(&c.to_string_lossy(), "meshhook_limits.tenant_id").map(Some)
-        }
+    match gucs::tenant_id() {
+        Some(id) if !id.is_empty() => parse_uuid(&id, "meshhook_limits.tenant_id").map(Some),
         _ => Ok(None),
     }
 }

@@ -18,9 +18,15 @@ mod shmem;
 mod slots;
 mod storage;
 mod worker;
-mod xact;
 
 pgrx::pg_module_magic!();
+
+/// Everything in shared memory, allocated when the library is preloaded.
+static SEGMENTS: &[&shmem::Segment] = &[
+    &slots::table::SEGMENT,
+    &rate::table::SEGMENT,
+    &limits::SEGMENT,
+];
 
 // The hand-written SQL, one file per concern, created in this order (each
 // file `requires` the one before it, and the Rust functions its SQL-language
@@ -55,7 +61,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/usage.sql",
     name = "usage",
-    requires = ["storage", slots::live_slots, slots::slots]
+    requires = ["storage", slots::listing::live_slots, slots::listing::slots]
 );
 extension_sql_file!("../sql/session.sql", name = "session", requires = ["usage"]);
 extension_sql_file!(
@@ -68,7 +74,7 @@ extension_sql_file!("../sql/alerts.sql", name = "alerts", requires = ["pool"]);
 extension_sql_file!(
     "../sql/tick.sql",
     name = "tick",
-    requires = ["alerts", slots::reap_execution_slots]
+    requires = ["alerts", slots::reap::reap_execution_slots]
 );
 extension_sql_file!(
     "../sql/metrics.sql",
@@ -82,10 +88,11 @@ pub extern "C-unwind" fn _PG_init() {
     error::no_backtraces_for_callers();
     gucs::init(preloading);
     if preloading {
-        shmem::init();
+        shmem::init(SEGMENTS);
         worker::register();
     }
-    xact::init();
+    slots::init();
+    limits::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

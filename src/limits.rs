@@ -1,14 +1,106 @@
-//! The effective limits that the slot path needs, cached per backend.
+//! The effective limits that the slot path needs, cached per backend, and
+//! how every such cache learns that limits changed.
 //!
 //! Resolution itself is SQL (`meshhook_limits._slot_limits`, project → tenant
 //! → plan → global). The cache is keyed by (tenant, project) and dropped as a
 //! whole when the shared generation counter moves: any change to limits,
-//! plans or plan assignments bumps it both when made and at commit.
+//! plans or plan assignments bumps it both when made and when its
+//! transaction ends (`_limits_changed`, called by triggers on those tables).
+//! The rate limiter's rule cache is a `GenerationCache` too.
+//!
+//! Why a counter rather than a relcache invalidation callback: the callback
+//! fires in each backend only when it next processes invalidations, while a
+//! shared counter is read by the very next call, and a load reads with a
+//! fresh snapshot, so nothing older than the counter is cached under it
+//! (see `GenerationCache::get_or_load`).
 use crate::error::Result;
 use pgrx::prelude::*;
+use std::cell::Cell;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+/// The generation, in shared memory (a `shmem::Segment`).
+static GENERATION: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+
+pub static SEGMENT: crate::shmem::Segment = crate::shmem::Segment { request, startup };
+
+unsafe fn request() {
+    unsafe { pg_sys::RequestAddinShmemSpace(std::mem::size_of::<AtomicU64>()) };
+}
+
+unsafe fn startup() {
+    let (generation, _) =
+        unsafe { crate::shmem::init_struct::<AtomicU64>(c"meshhook_limits limits generation") };
+    GENERATION.store(generation, Ordering::Release);
+}
+
+/// The shared generation; None without the preload (then nothing is cached).
+fn generation() -> Option<&'static AtomicU64> {
+    let p = GENERATION.load(Ordering::Acquire);
+    // SAFETY: set once by the startup hook; shared memory outlives the process.
+    (crate::shmem::preloaded() && !p.is_null()).then(|| unsafe { &*p })
+}
+
+thread_local! {
+    /// Limits changed in this transaction: bump again when it ends.
+    static BUMP_AT_END: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Registers the transaction callback that bumps the generation when a
+/// transaction that changed limits ends. From `_PG_init`.
+pub fn init() {
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) };
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        // Backends drop their caches when the change's transaction ends,
+        // which a prepared transaction does only later: refuse to prepare
+        // (the only point where an error still aborts cleanly).
+        XACT_EVENT_PRE_PREPARE if BUMP_AT_END.with(|b| b.get()) => {
+            crate::error::LimitsError::PreparedTransaction.raise();
+        }
+        // At the end either way: the transaction may have cached what it
+        // changed, and after a rollback that is stale too.
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PARALLEL_ABORT
+            if BUMP_AT_END.with(|b| b.replace(false)) =>
+        {
+            if let Some(g) = generation() {
+                g.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// How an entry point of the slot and rate paths runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The caller's own SECURITY INVOKER path: shared memory and limits
+    /// cached in this backend only. It answers None whenever SQL would be
+    /// needed, before changing anything, and the definer twin takes over.
+    FastPath,
+    /// The SECURITY DEFINER twin (`_acquire_execution_slot`,
+    /// `_release_execution_slot`, `_check_rate_limit`): free to run SQL.
+    Definer,
+}
+
+/// What every C entry point of the slot and rate paths answers: the fast
+/// path's answer, or, when it needs SQL, the definer twin's, whose errors are
+/// re-raised as they were (SQLSTATE, message, hint).
+pub fn fast_path_or_definer<T>(fast: Result<Option<T>>, definer: impl FnOnce() -> Result<T>) -> T {
+    use crate::error::OrRaise;
+    match fast.or_raise() {
+        Some(answer) => answer,
+        None => crate::error::passthrough(definer).or_raise(),
+    }
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotLimits {
@@ -38,7 +130,7 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
 
     /// The cached value for `key`, if the generation did not move; never loads.
     pub fn get(cell: &'static std::thread::LocalKey<RefCell<Self>>, key: &K) -> Option<V> {
-        let generation = crate::shmem::header()?.generation.load(Ordering::Acquire);
+        let generation = generation()?.load(Ordering::Acquire);
         cell.with(|c| {
             let c = c.borrow();
             if c.generation == generation {
@@ -60,13 +152,13 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
         key: K,
         load: impl FnOnce() -> Result<V>,
     ) -> Result<V> {
-        let Some(h) = crate::shmem::header() else {
+        let Some(shared) = generation() else {
             return load();
         };
         if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
             return load();
         }
-        let generation = h.generation.load(Ordering::Acquire);
+        let generation = shared.load(Ordering::Acquire);
         let hit = cell.with(|c| {
             let mut c = c.borrow_mut();
             if c.generation != generation {
@@ -135,10 +227,10 @@ pub fn slot_limits(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<Sl
 /// Called by the triggers on limits, plans and plan assignments.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _limits_changed() {
-    if let Some(h) = crate::shmem::header() {
-        h.generation.fetch_add(1, Ordering::AcqRel);
+    if let Some(g) = generation() {
+        g.fetch_add(1, Ordering::AcqRel);
     }
-    crate::xact::bump_generation_at_commit();
+    BUMP_AT_END.with(|b| b.set(true));
 }
 
 pgrx::extension_sql!(

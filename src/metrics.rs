@@ -9,7 +9,7 @@
 //! switched off with `meshhook_limits.metrics_tenant_labels = off`.
 use crate::error::{OrRaise, Result};
 use crate::identity;
-use crate::shmem::{self, Locked, RevokeReason};
+use crate::slots::table::{self, LockedTable, RevokeReason};
 use pgrx::prelude::*;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -102,7 +102,7 @@ fn number(v: f64) -> String {
     }
 }
 
-fn l(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -238,8 +238,8 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
         "Busy rate-limit keys evicted from the shared table.",
     );
     let mut busiest = Vec::new();
-    if let Some(mut lk) = Locked::shared() {
-        let t = lk.t();
+    if let Some(mut lk) = LockedTable::shared() {
+        let t = lk.table();
         let h = &t.header;
         e.add(
             "meshhook_limits_slot_grants_total",
@@ -248,12 +248,12 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
             vec![],
             h.grants.load(Ordering::Relaxed) as f64,
         );
-        for (i, r) in shmem::REFUSAL_REASONS.iter().enumerate() {
+        for (i, r) in table::REFUSAL_REASONS.iter().enumerate() {
             e.add(
                 "meshhook_limits_slot_refusals_total",
                 "counter",
                 "",
-                l(&[("reason", r)]),
+                labels(&[("reason", r)]),
                 h.refusals_by[i].load(Ordering::Relaxed) as f64,
             );
         }
@@ -263,7 +263,7 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
                 "meshhook_limits_slot_revocations_total",
                 "counter",
                 "",
-                l(&[("reason", r)]),
+                labels(&[("reason", r)]),
                 h.revocations_by[code as usize].load(Ordering::Relaxed) as f64,
             );
         }
@@ -279,7 +279,7 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
             "gauge",
             "",
             vec![],
-            shmem::MAX_SLOTS as f64,
+            table::MAX_SLOTS as f64,
         );
         let mut counts = t.tenant_counts(crate::shmem::my_database());
         drop(lk);
@@ -296,26 +296,26 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
                     "meshhook_limits_tenant_slots_live",
                     "gauge",
                     "",
-                    l(&[("tenant_id", &id)]),
+                    labels(&[("tenant_id", &id)]),
                     f64::from(*n),
                 );
                 busiest.push(id);
             }
         }
     }
-    if let Some(rt) = crate::rate::table() {
+    if let Some(rt) = crate::rate::table::table() {
         e.add(
             "meshhook_limits_rate_limit_decisions_total",
             "counter",
             "",
-            l(&[("result", "allowed")]),
+            labels(&[("result", "allowed")]),
             rt.allowed.load(Ordering::Relaxed) as f64,
         );
         e.add(
             "meshhook_limits_rate_limit_decisions_total",
             "counter",
             "",
-            l(&[("result", "denied")]),
+            labels(&[("result", "denied")]),
             rt.denied.load(Ordering::Relaxed) as f64,
         );
         e.add(
@@ -336,8 +336,7 @@ fn render() -> Result<String> {
             "grant meshhook_limits_monitor (read-only) or pg_monitor to the exporter's role",
         ));
     }
-    let tenant_labels = crate::gucs::METRICS_TENANT_LABELS.get();
-    let max_tenants = usize::try_from(crate::gucs::METRICS_MAX_TENANTS.get()).unwrap_or(0);
+    let (tenant_labels, max_tenants) = crate::gucs::metrics_tenant_labels();
     let mut e = Exposition::default();
     let busiest = shared(&mut e, tenant_labels, max_tenants);
     Spi::connect(|c| -> Result<()> {

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub fn register() {
-    if unsafe { pg_sys::IsBinaryUpgrade } || !gucs::WORKER_ENABLED.get() {
+    if unsafe { pg_sys::IsBinaryUpgrade } || !gucs::worker_enabled() {
         return;
     }
     BackgroundWorkerBuilder::new("meshhook_limits worker")
@@ -55,12 +55,12 @@ fn in_transaction<R>(body: impl FnOnce() -> R + std::panic::UnwindSafe) -> Resul
     out
 }
 
-const TICK_SQL: &str =
+const EXTENSION_PRESENT_SQL: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'meshhook_limits')";
 
 fn tick_once(warned_missing: &mut bool) {
     let result = in_transaction(|| -> bool {
-        let present = Spi::get_one::<bool>(TICK_SQL)
+        let present = Spi::get_one::<bool>(EXTENSION_PRESENT_SQL)
             .ok()
             .flatten()
             .unwrap_or(false);
@@ -163,19 +163,13 @@ fn wait_for_database(db: &str, role: Option<&str>) {
 #[no_mangle]
 pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let db = gucs::DATABASE
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "postgres".into());
+    let db = gucs::worker_database();
     // A process connects to one database for life, and connecting to one that
     // does not exist ends it with FATAL (the postmaster would then start it
     // again every 5 s). So a start after a failed connection first waits,
     // connected to no database, until the database exists.
-    let role = gucs::WORKER_ROLE
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .filter(|r| !r.is_empty());
-    let connecting = crate::shmem::header().map(|h| &h.worker_connecting);
+    let role = gucs::worker_role();
+    let connecting = crate::slots::table::header().map(|h| &h.worker_connecting);
     if connecting.is_some_and(|c| c.load(Ordering::Relaxed)) {
         wait_for_database(&db, role.as_deref());
         if let Some(c) = connecting {
@@ -196,8 +190,7 @@ pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
     loop {
         let started = Instant::now();
         tick_once(&mut warned_missing);
-        let interval =
-            Duration::from_millis(u64::try_from(gucs::SAMPLE_INTERVAL.get()).unwrap_or(1000));
+        let interval = gucs::sample_interval();
         let wait = interval
             .saturating_sub(started.elapsed())
             .max(Duration::from_millis(10));

@@ -24,6 +24,18 @@ PG_BIN = ("/usr/lib/postgresql/15/bin" if PG_MAJOR == 15
           else str(ROOT / ".postgresql" / f"pg{PG_MAJOR}" / "bin"))
 
 
+def requires(available: bool, what: str):
+    """The pytestmark of a module that needs `what` (installed by
+    scripts/setup.sh --test): skipped where it is missing, but under
+    scripts/test.sh (MESHHOOK_TEST_STRICT=1, so in CI) a missing tool is an
+    error, never a silent pass."""
+    if os.environ.get("MESHHOOK_TEST_STRICT") == "1":
+        if not available:
+            pytest.fail(f"{what} is missing (scripts/setup.sh --test installs it)", pytrace=False)
+        return []
+    return pytest.mark.skipif(not available, reason=f"needs {what} (scripts/setup.sh --test)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the set run on every PostgreSQL version (scripts/test.sh)")
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import PG_BIN, ROOT, rpc, set_limit, sqlstate
+from conftest import PG_BIN, ROOT, requires, rpc, set_limit, sqlstate
 
 S = "meshhook_limits"
 DB = "mlmetrics"
@@ -49,9 +49,8 @@ HOSTILE_QUEUE = 'hostile"q\\x'           # pgmq refuses $ ; -- and ', not " or \
 HOSTILE_APP = 'app "quoted" back\\slash'
 PGBOSS_QUEUE = "payments"
 
-pytestmark = pytest.mark.skipif(
-    not all(os.access(p, os.X_OK) for p in (PROMTOOL, PROMETHEUS, EXPORTER)) or not PGMQ_SQL.exists(),
-    reason="needs promtool, prometheus, prometheus-postgres-exporter and pgmq's SQL (scripts/setup.sh --test)")
+pytestmark = requires(all(os.access(p, os.X_OK) for p in (PROMTOOL, PROMETHEUS, EXPORTER)) and PGMQ_SQL.exists(),
+                      "promtool, prometheus, prometheus-postgres-exporter and pgmq's SQL")
 
 
 # --------------------------------------------------------------------------- helpers

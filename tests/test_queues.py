@@ -21,16 +21,15 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import PG_BIN, PG_SH, ROOT, Cluster, rpc, sqlstate
+from conftest import PG_BIN, PG_SH, ROOT, Cluster, requires, rpc, sqlstate
 
 S = "meshhook_limits"
 DRIVER = ROOT / "tests" / "node" / "pgboss_driver.mjs"
 PGMQ_SQL = ROOT / ".cache" / "pgmq" / "pgmq.sql"
 NODE = shutil.which("node")
 
-pytestmark = pytest.mark.skipif(
-    NODE is None or not (ROOT / "tests/node/node_modules/pg-boss/package.json").exists() or not PGMQ_SQL.exists(),
-    reason="queue systems not installed: run scripts/install-queue-systems.sh")
+pytestmark = requires(NODE is not None and (ROOT / "tests/node/node_modules/pg-boss/package.json").exists()
+                      and PGMQ_SQL.exists(), "pg-boss (npm) and pgmq's SQL (scripts/install-queue-systems.sh)")
 
 HEALTH_COLS = ["source", "queue", "queued", "active", "failed_recent", "oldest_age", "p50_ms", "p95_ms",
                "throughput_per_min", "error_rate", "status", "sampled_at", "stats_sampled_at"]

@@ -1,7 +1,8 @@
 //! Slots without `shared_preload_libraries`: the same contract on the table
 //! `meshhook_limits.fallback_slots` (see sql/slots_fallback.sql). Slower, since every
 //! acquire and release writes a row, and announced once per session.
-use super::{AcquireRow, HeartbeatRow, SlotRow, Ts};
+use super::listing::SlotListing;
+use super::{Admission, Liveness, Ts};
 use crate::error::Result;
 use pgrx::datum::Uuid;
 use pgrx::prelude::*;
@@ -11,7 +12,7 @@ pub fn acquire(
     project: Option<Uuid>,
     run_id: &str,
     lease_micros: i64,
-) -> Result<AcquireRow> {
+) -> Result<Admission> {
     crate::shmem::notice_table_fallback(crate::shmem::TableFallback::Slots);
     Spi::connect_mut(|c| {
         let rows = c.update(
@@ -24,15 +25,14 @@ pub fn acquire(
                 lease_micros.into(),
             ],
         )?;
-        let mut out = (false, None, None, None, None, None, None, None);
-        if let Some(r) = rows.into_iter().next() {
-            out = super::acquire_row(&r)?;
+        match rows.into_iter().next() {
+            Some(r) => Admission::from_spi(&r),
+            None => Ok(Admission::default()),
         }
-        Ok(out)
     })
 }
 
-pub fn heartbeat(id: [u8; 16], memory: Option<i64>) -> Result<HeartbeatRow> {
+pub fn heartbeat(id: [u8; 16], memory: Option<i64>) -> Result<Liveness> {
     crate::shmem::notice_table_fallback(crate::shmem::TableFallback::Slots);
     Spi::connect_mut(|c| {
         let rows = c.update(
@@ -40,16 +40,15 @@ pub fn heartbeat(id: [u8; 16], memory: Option<i64>) -> Result<HeartbeatRow> {
             Some(1),
             &[Uuid::from_bytes(id).into(), memory.into()],
         )?;
-        let mut out = (false, Some("not_found".to_string()), None, None);
-        if let Some(r) = rows.into_iter().next() {
-            out = (
-                r.get::<bool>(1)?.unwrap_or(false),
-                r.get::<String>(2)?,
-                r.get::<Ts>(3)?,
-                r.get::<Ts>(4)?,
-            );
+        match rows.into_iter().next() {
+            Some(r) => Ok(Liveness {
+                alive: r.get::<bool>(1)?.unwrap_or(false),
+                reason: r.get::<String>(2)?,
+                deadline: r.get::<Ts>(3)?,
+                lease_expires_at: r.get::<Ts>(4)?,
+            }),
+            None => Ok(Liveness::gone("not_found", None)),
         }
-        Ok(out)
     })
 }
 
@@ -74,7 +73,7 @@ pub fn live(tenant: Uuid) -> Result<i64> {
     .unwrap_or(0))
 }
 
-pub fn list(admin: bool, me: Option<Uuid>) -> Result<Vec<SlotRow>> {
+pub fn list(admin: bool, me: Option<Uuid>) -> Result<Vec<SlotListing>> {
     Spi::connect(|c| {
         let rows = c.select(
             "SELECT slot_id, tenant_id, project_id, run_id, acquired_at, lease_expires_at, deadline, memory_peak
@@ -89,19 +88,19 @@ pub fn list(admin: bool, me: Option<Uuid>) -> Result<Vec<SlotRow>> {
             else {
                 continue;
             };
-            out.push((
-                id,
-                t,
-                r.get::<Uuid>(3)?,
-                r.get::<String>(4)?,
-                "live".to_string(),
-                None,
-                at,
-                r.get::<Ts>(6)?,
-                r.get::<Ts>(7)?,
-                r.get::<i64>(8)?.unwrap_or(0),
-                0,
-            ));
+            out.push(SlotListing {
+                slot_id: id,
+                tenant_id: t,
+                project_id: r.get::<Uuid>(3)?,
+                run_id: r.get::<String>(4)?,
+                state: "live",
+                revoke_reason: None,
+                acquired_at: at,
+                lease_expires_at: r.get::<Ts>(6)?,
+                deadline: r.get::<Ts>(7)?,
+                memory_peak_bytes: r.get::<i64>(8)?.unwrap_or(0),
+                backend_pid: 0,
+            });
         }
         Ok(out)
     })

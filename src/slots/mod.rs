@@ -1,20 +1,39 @@
-//! Execution slots: acquire, heartbeat, release, reap.
+//! Execution slots: acquire, heartbeat and release, the caller's fast path.
 //!
-//! Slots live in the shared table (`shmem`), so admission costs a lock and a
-//! few comparisons and writes no WAL. See `xact` for how they follow the
-//! caller's transaction and `shmem` for what a restart does to them.
-// The row types of the SQL functions are spelt out in their signatures.
-#![allow(clippy::type_complexity)]
+//! Slots live in the shared table (`table`), so admission costs a lock and a
+//! few comparisons and writes no WAL. The C entry points answer from shared
+//! memory and cached limits; whatever needs SQL goes to the SECURITY DEFINER
+//! twins (`definer`; see `limits::Mode`). `xact` ties slots to the caller's
+//! transaction, `reap` revokes expired ones, `listing` shows them,
+//! `fallback` keeps them in a table when the library is not preloaded, and
+//! `table` says what a restart does to them.
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::identity;
-use crate::limits;
+use crate::limits::{self, Mode};
 use crate::row::datum;
-use crate::shmem::{
-    self, CounterKey, Locked, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX,
-};
-use crate::xact::{self, Op};
+use crate::shmem;
+use table::{CounterKey, LockedTable, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX};
+use xact::Op;
 
+mod definer;
 mod fallback;
+pub mod listing;
+pub mod reap;
+pub mod table;
+mod xact;
+
+/// What a tenant (and project) holds now, under the table's lock.
+struct Occupancy {
+    tenant_in_use: i64,
+    project_in_use: i64,
+    tenant_full: bool,
+    project_full: bool,
+}
+
+/// Registers the transaction callbacks of pending slot changes. From `_PG_init`.
+pub fn init() {
+    xact::init();
+}
 use pgrx::datum::{Interval, Uuid};
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -85,12 +104,27 @@ fn with_index(mut id: [u8; 16], idx: usize) -> [u8; 16] {
 }
 
 fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
-    let max = i64::from(crate::gucs::RETRY_AFTER_MAX.get()) * 1000;
+    let max = crate::gucs::retry_after_max_micros();
     let wait = earliest_end.map_or(max, |end| (end - now).clamp(10_000, max));
     Interval::from_micros(wait)
 }
 
-pub type AcquireRow = (
+/// The answer of acquire_execution_slot: its one row.
+#[derive(Default)]
+pub struct Admission {
+    pub granted: bool,
+    pub slot_id: Option<Uuid>,
+    /// granted, tenant_limit, project_limit or recovering.
+    pub reason: Option<String>,
+    pub in_use: Option<i64>,
+    pub limit_value: Option<i64>,
+    pub deadline: Option<Ts>,
+    pub lease_expires_at: Option<Ts>,
+    pub retry_after: Option<Interval>,
+}
+
+/// The SQL row type of `Admission` (what pgrx's `TableIterator` returns).
+pub type AdmissionRow = (
     bool,
     Option<Uuid>,
     Option<String>,
@@ -101,34 +135,60 @@ pub type AcquireRow = (
     Option<Interval>,
 );
 
-fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> AcquireRow {
-    if let Some(h) = shmem::header() {
-        if let Some(i) = shmem::REFUSAL_REASONS.iter().position(|r| *r == reason) {
+impl Admission {
+    pub fn into_row(self) -> AdmissionRow {
+        (
+            self.granted,
+            self.slot_id,
+            self.reason,
+            self.in_use,
+            self.limit_value,
+            self.deadline,
+            self.lease_expires_at,
+            self.retry_after,
+        )
+    }
+
+    /// Read back from SQL (the definer twin, the fallback table).
+    pub fn from_spi(r: &pgrx::spi::SpiHeapTupleData) -> Result<Admission> {
+        Ok(Admission {
+            granted: r.get::<bool>(1)?.unwrap_or(false),
+            slot_id: r.get::<Uuid>(2)?,
+            reason: r.get::<String>(3)?,
+            in_use: r.get::<i64>(4)?,
+            limit_value: r.get::<i64>(5)?,
+            deadline: r.get::<Ts>(6)?,
+            lease_expires_at: r.get::<Ts>(7)?,
+            retry_after: r.get::<Interval>(8)?,
+        })
+    }
+}
+
+fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> Admission {
+    if let Some(h) = table::header() {
+        if let Some(i) = table::REFUSAL_REASONS.iter().position(|r| *r == reason) {
             h.refusals_by[i].fetch_add(1, Ordering::Relaxed);
         }
     }
-    (
-        false,
-        None,
-        Some(reason.to_string()),
-        Some(in_use),
-        limit,
-        None,
-        None,
-        Some(retry),
-    )
+    Admission {
+        granted: false,
+        reason: Some(reason.to_string()),
+        in_use: Some(in_use),
+        limit_value: limit,
+        retry_after: Some(retry),
+        ..Admission::default()
+    }
 }
 
-/// `full`: as the owner (the definer function), free to run SQL. Otherwise
-/// the caller's own fast path: None whenever an answer would need SQL (limits
-/// not cached in this backend, no shared memory), before changing anything.
+/// See `limits::Mode`: on the fast path, None whenever an answer would need
+/// SQL (limits not cached in this backend, no shared memory).
 fn acquire(
     tenant: Option<Uuid>,
     project: Option<Uuid>,
     run_id: Option<&str>,
     lease: Option<Interval>,
-    full: bool,
-) -> Result<Option<AcquireRow>> {
+    mode: Mode,
+) -> Result<Option<Admission>> {
     let tenant = tenant.ok_or_else(|| {
         LimitsError::invalid(
             "tenant_id must not be NULL",
@@ -146,7 +206,7 @@ fn acquire(
         ));
     }
     let lease_micros = match lease {
-        None => i64::from(crate::gucs::DEFAULT_LEASE.get()) * 1_000_000,
+        None => crate::gucs::default_lease_micros(),
         Some(i) => {
             let m = interval_micros(&i, "lease")?;
             let max = crate::gucs::max_lease_micros();
@@ -166,13 +226,13 @@ fn acquire(
     let lease_micros = lease_micros.min(crate::gucs::max_lease_micros());
     identity::require_act_for(tenant)?;
     crate::error::refuse_on_standby("acquire_execution_slot")?;
-    if !shmem::available() {
-        if !full {
+    if !table::available() {
+        if mode == Mode::FastPath {
             return Ok(None);
         }
         return fallback::acquire(tenant, project, run_id, lease_micros).map(Some);
     }
-    let lim = if full {
+    let lim = if mode == Mode::Definer {
         limits::slot_limits(tenant, project)?
     } else {
         match limits::cached_slot_limits(tenant, project) {
@@ -188,14 +248,14 @@ fn acquire(
     let project_key = p.map(|p| CounterKey::project(db, &t, &p));
     // No tenant holds more than the server's share, whatever its own limit
     // (or none): the table stays open to the others.
-    let ceiling = i64::from(crate::gucs::TENANT_SLOT_CEILING.get());
+    let ceiling = crate::gucs::tenant_slot_ceiling();
     let tenant_cap = Some(lim.tenant_cap.map_or(ceiling, |c| c.min(ceiling)));
     let random_id = random_slot_id()?;
 
-    let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
-    let grace_end = l.t().header.grace_end;
+    let mut locked = LockedTable::exclusive().ok_or(LimitsError::NotPreloaded)?;
+    let grace_end = locked.table().header.grace_end;
     if now < grace_end {
-        drop(l);
+        drop(locked);
         return Ok(Some(refuse(
             "recovering",
             0,
@@ -203,44 +263,49 @@ fn acquire(
             retry_after(Some(grace_end), now),
         )));
     }
-    let over = |l: &mut Locked| {
-        let tc = i64::from(l.t().count(&tenant_key));
-        let pc = project_key.map_or(0, |k| i64::from(l.t().count(&k)));
-        let tenant_full = tenant_cap.is_some_and(|c| tc >= c);
-        let project_full = lim.project_cap.is_some_and(|c| pc >= c) && p.is_some();
-        (tc, pc, tenant_full, project_full)
+    let occupancy = |locked: &mut LockedTable| {
+        let tenant_in_use = i64::from(locked.table().count(&tenant_key));
+        let project_in_use = project_key.map_or(0, |k| i64::from(locked.table().count(&k)));
+        Occupancy {
+            tenant_in_use,
+            project_in_use,
+            tenant_full: tenant_cap.is_some_and(|c| tenant_in_use >= c),
+            project_full: lim.project_cap.is_some_and(|c| project_in_use >= c) && p.is_some(),
+        }
     };
-    let (mut tc, mut pc, mut tf, mut pf) = over(&mut l);
-    if tf || pf {
+    let mut held = occupancy(&mut locked);
+    if held.tenant_full || held.project_full {
         // Reclaim this tenant's abandoned slots before refusing.
-        if l.t().reap(now, Some((db, &t))) > 0 {
-            (tc, pc, tf, pf) = over(&mut l);
+        if locked.table().reap(now, Some((db, &t))) > 0 {
+            held = occupancy(&mut locked);
         }
     }
-    if tf {
-        let end = l.t().earliest_end(|s| s.database == db && s.tenant == t);
-        drop(l);
+    if held.tenant_full {
+        let end = locked
+            .table()
+            .earliest_end(|s| s.database == db && s.tenant == t);
+        drop(locked);
         return Ok(Some(refuse(
             "tenant_limit",
-            tc,
+            held.tenant_in_use,
             tenant_cap,
             retry_after(end, now),
         )));
     }
-    if pf {
-        let end = l.t().earliest_end(|s| {
+    if held.project_full {
+        let end = locked.table().earliest_end(|s| {
             s.database == db && s.tenant == t && s.has_project && Some(s.project) == p
         });
-        drop(l);
+        drop(locked);
         return Ok(Some(refuse(
             "project_limit",
-            pc,
+            held.project_in_use,
             lim.project_cap,
             retry_after(end, now),
         )));
     }
-    let Some(idx) = l.t().allocate(now) else {
-        drop(l);
+    let Some(idx) = locked.table().allocate(now) else {
+        drop(locked);
         return Err(LimitsError::SlotTableFull(MAX_SLOTS));
     };
     let id = with_index(random_id, idx);
@@ -268,58 +333,33 @@ fn acquire(
         run_id_len: run_id.len() as u8,
         run_id: run,
     };
-    l.t().slots[idx] = slot;
-    l.t().count_in(&slot);
-    l.t().header.grants.fetch_add(1, Ordering::Relaxed);
-    drop(l);
+    locked.table().slots[idx] = slot;
+    locked.table().count_in(&slot);
+    locked.table().header.grants.fetch_add(1, Ordering::Relaxed);
+    drop(locked);
     xact::push(idx, id, Op::Acquire);
 
     // Report the tighter of the two limits.
     let (in_use, limit) = match (tenant_cap, lim.project_cap.filter(|_| p.is_some())) {
-        (Some(tcap), Some(pcap)) if pcap - (pc + 1) < tcap - (tc + 1) => (pc + 1, Some(pcap)),
-        (None, Some(pcap)) => (pc + 1, Some(pcap)),
-        (tcap, _) => (tc + 1, tcap),
+        (Some(tenant_limit), Some(project_limit))
+            if project_limit - (held.project_in_use + 1)
+                < tenant_limit - (held.tenant_in_use + 1) =>
+        {
+            (held.project_in_use + 1, Some(project_limit))
+        }
+        (None, Some(project_limit)) => (held.project_in_use + 1, Some(project_limit)),
+        (tenant_limit, _) => (held.tenant_in_use + 1, tenant_limit),
     };
-    Ok(Some((
-        true,
-        Some(Uuid::from_bytes(id)),
-        Some("granted".into()),
-        Some(in_use),
-        limit,
-        ts(deadline),
-        ts(slot.lease_expires),
-        None,
-    )))
-}
-
-/// The complete acquire, as the extension's owner: loads the limits into
-/// this backend's cache, or uses the fallback table without shared memory.
-/// `acquire_execution_slot` calls it whenever its own fast path cannot answer.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn _acquire_execution_slot(
-    tenant_id: Option<Uuid>,
-    project_id: Option<Uuid>,
-    run_id: Option<crate::row::Utf8>,
-    lease: Option<Interval>,
-) -> TableIterator<
-    'static,
-    (
-        name!(granted, bool),
-        name!(slot_id, Option<Uuid>),
-        name!(reason, Option<String>),
-        name!(in_use, Option<i64>),
-        name!(limit_value, Option<i64>),
-        name!(deadline, Option<Ts>),
-        name!(lease_expires_at, Option<Ts>),
-        name!(retry_after, Option<Interval>),
-    ),
-> {
-    let row = crate::row::utf8(&run_id, "run_id")
-        .and_then(|run_id| acquire(tenant_id, project_id, run_id, lease, true))
-        .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
-        .or_raise();
-    TableIterator::once(row)
+    Ok(Some(Admission {
+        granted: true,
+        slot_id: Some(Uuid::from_bytes(id)),
+        reason: Some("granted".into()),
+        in_use: Some(in_use),
+        limit_value: limit,
+        deadline: ts(deadline),
+        lease_expires_at: ts(slot.lease_expires),
+        retry_after: None,
+    }))
 }
 
 thread_local! {
@@ -348,11 +388,10 @@ pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
             pgrx::fcinfo::pg_getarg::<Interval>(fcinfo, 3),
         )
     };
-    let row = match acquire(tenant, project, run_id, lease, false).or_raise() {
-        Some(row) => row,
-        None => crate::error::passthrough(|| acquire_as_owner(tenant, project, run_id, lease))
-            .or_raise(),
-    };
+    let row = limits::fast_path_or_definer(
+        acquire(tenant, project, run_id, lease, Mode::FastPath),
+        || definer::acquire_as_owner(tenant, project, run_id, lease),
+    );
     let cols = [
         (c"granted", pg_sys::BOOLOID),
         (c"slot_id", pg_sys::UUIDOID),
@@ -364,48 +403,17 @@ pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
         (c"retry_after", pg_sys::INTERVALOID),
     ];
     let row = [
-        datum(row.0),
-        datum(row.1),
-        datum(row.2),
-        datum(row.3),
-        datum(row.4),
-        datum(row.5),
-        datum(row.6),
-        datum(row.7),
+        datum(row.granted),
+        datum(row.slot_id),
+        datum(row.reason),
+        datum(row.in_use),
+        datum(row.limit_value),
+        datum(row.deadline),
+        datum(row.lease_expires_at),
+        datum(row.retry_after),
     ];
     // SAFETY: the declared columns, and datums of their types.
     unsafe { crate::row::answer(fcinfo, &ACQUIRE_DESC, &cols, row, "acquire_execution_slot") }
-}
-
-fn acquire_as_owner(
-    tenant: Option<Uuid>,
-    project: Option<Uuid>,
-    run_id: Option<&str>,
-    lease: Option<Interval>,
-) -> Result<AcquireRow> {
-    Spi::connect(|c| {
-        let rows = c.select(
-            "SELECT * FROM meshhook_limits._acquire_execution_slot($1, $2, $3, $4)",
-            Some(1),
-            &[tenant.into(), project.into(), run_id.into(), lease.into()],
-        )?;
-        let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
-        acquire_row(&r)
-    })
-}
-
-/// An acquire result read back from SQL (the definer path, the fallback).
-fn acquire_row(r: &pgrx::spi::SpiHeapTupleData) -> Result<AcquireRow> {
-    Ok((
-        r.get::<bool>(1)?.unwrap_or(false),
-        r.get::<Uuid>(2)?,
-        r.get::<String>(3)?,
-        r.get::<i64>(4)?,
-        r.get::<i64>(5)?,
-        r.get::<Ts>(6)?,
-        r.get::<Ts>(7)?,
-        r.get::<Interval>(8)?,
-    ))
 }
 
 fn slot_bytes(slot_id: Option<Uuid>) -> Result<[u8; 16]> {
@@ -419,10 +427,10 @@ fn slot_bytes(slot_id: Option<Uuid>) -> Result<[u8; 16]> {
 
 /// Snapshot of a slot of this database by id, if any entry holds it.
 fn find(id: &[u8; 16]) -> Result<Option<(usize, Slot)>> {
-    let mut l = Locked::shared().ok_or(LimitsError::NotPreloaded)?;
-    Ok(l.t()
+    let mut l = LockedTable::shared().ok_or(LimitsError::NotPreloaded)?;
+    Ok(l.table()
         .lookup(id)
-        .map(|idx| (idx, l.t().slots[idx]))
+        .map(|idx| (idx, l.table().slots[idx]))
         .filter(|(_, s)| s.database == shmem::my_database()))
 }
 
@@ -454,9 +462,27 @@ fn emit_revoked(s: &Slot, reason: RevokeReason, value: Option<i64>) -> Result<()
     Ok(())
 }
 
-pub type HeartbeatRow = (bool, Option<String>, Option<Ts>, Option<Ts>);
+/// The answer of heartbeat_execution_slot.
+pub struct Liveness {
+    pub alive: bool,
+    /// alive, not_found, or why the slot was revoked.
+    pub reason: Option<String>,
+    pub deadline: Option<Ts>,
+    pub lease_expires_at: Option<Ts>,
+}
 
-fn heartbeat(slot_id: Option<Uuid>, memory_bytes: Option<i64>) -> Result<HeartbeatRow> {
+impl Liveness {
+    fn gone(reason: &str, deadline: Option<Ts>) -> Liveness {
+        Liveness {
+            alive: false,
+            reason: Some(reason.into()),
+            deadline,
+            lease_expires_at: None,
+        }
+    }
+}
+
+fn heartbeat(slot_id: Option<Uuid>, memory_bytes: Option<i64>) -> Result<Liveness> {
     let id = slot_bytes(slot_id)?;
     if memory_bytes.is_some_and(|m| m < 0) {
         return Err(LimitsError::invalid(
@@ -464,30 +490,32 @@ fn heartbeat(slot_id: Option<Uuid>, memory_bytes: Option<i64>) -> Result<Heartbe
             "report the execution's current memory in bytes",
         ));
     }
-    if !shmem::available() {
+    if !table::available() {
         return fallback::heartbeat(id, memory_bytes);
     }
     let Some((idx, snap)) = find(&id)? else {
-        return Ok((false, Some("not_found".into()), None, None));
+        return Ok(Liveness::gone("not_found", None));
     };
     identity::require_act_for(Uuid::from_bytes(snap.tenant))?;
     let now = now();
-    let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
-    if l.t().lookup(&id) != Some(idx) {
-        return Ok((false, Some("not_found".into()), None, None));
+    let mut l = LockedTable::exclusive().ok_or(LimitsError::NotPreloaded)?;
+    if l.table().lookup(&id) != Some(idx) {
+        return Ok(Liveness::gone("not_found", None));
     }
-    let s = l.t().slots[idx];
+    let s = l.table().slots[idx];
     if s.state == REVOKED {
         let r = RevokeReason::from_u8(s.reason);
         // Announce it here unless it is announced or a reaper is at it.
-        let announce = l.t().claim_announcement(idx, unsafe { pg_sys::MyProcPid });
-        l.t().forget(idx);
+        let announce = l
+            .table()
+            .claim_announcement(idx, unsafe { pg_sys::MyProcPid });
+        l.table().forget(idx);
         drop(l);
         if announce {
             emit_revoked(&s, r, None)?;
         }
         let reason = r.as_str();
-        return Ok((false, Some(reason.into()), ts(s.deadline), None));
+        return Ok(Liveness::gone(reason, ts(s.deadline)));
     }
     let reason = if now >= s.deadline {
         Some(RevokeReason::DeadlineExceeded)
@@ -499,25 +527,31 @@ fn heartbeat(slot_id: Option<Uuid>, memory_bytes: Option<i64>) -> Result<Heartbe
         None
     };
     if let Some(r) = reason {
-        l.t().revoke(idx, r, now);
-        l.t().slots[idx].notified = true;
-        l.t().forget(idx);
+        l.table().revoke(idx, r, now);
+        l.table().slots[idx].notified = true;
+        l.table().forget(idx);
         drop(l);
         emit_revoked(&s, r, memory_bytes)?;
-        return Ok((false, Some(r.as_str().into()), ts(s.deadline), None));
+        return Ok(Liveness::gone(r.as_str(), ts(s.deadline)));
     }
-    let e = &mut l.t().slots[idx];
+    let e = &mut l.table().slots[idx];
     e.lease_expires = now.saturating_add(e.lease_micros).min(e.deadline);
     if let Some(m) = memory_bytes {
         e.memory_peak = e.memory_peak.max(m);
     }
     let expires = e.lease_expires;
     drop(l);
-    Ok((true, Some("alive".into()), ts(s.deadline), ts(expires)))
+    Ok(Liveness {
+        alive: true,
+        reason: Some("alive".into()),
+        deadline: ts(s.deadline),
+        lease_expires_at: ts(expires),
+    })
 }
 
 /// Extend a slot's lease and report memory. alive = false means the slot is
 /// gone (reason says why) and the execution must stop.
+#[allow(clippy::type_complexity)] // the SQL row type, spelt out
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn heartbeat_execution_slot(
@@ -532,18 +566,24 @@ fn heartbeat_execution_slot(
         name!(lease_expires_at, Option<Ts>),
     ),
 > {
-    TableIterator::once(heartbeat(slot_id, memory_bytes).or_raise())
+    let answer = heartbeat(slot_id, memory_bytes).or_raise();
+    TableIterator::once((
+        answer.alive,
+        answer.reason,
+        answer.deadline,
+        answer.lease_expires_at,
+    ))
 }
 
 const OUTCOMES: [&str; 5] = ["completed", "failed", "cancelled", "timed_out", "crashed"];
 
-/// `full` as for `acquire`: without it, None whenever SQL would be needed
-/// (no shared memory, or a slot.revoked event to write), before any change.
+/// See `limits::Mode`: on the fast path, None whenever SQL would be needed
+/// (no shared memory, or a slot.revoked event to write).
 fn release(
     slot_id: Option<Uuid>,
     outcome: Option<&str>,
     memory_peak: Option<i64>,
-    full: bool,
+    mode: Mode,
 ) -> Result<Option<bool>> {
     let id = slot_bytes(slot_id)?;
     let outcome = outcome.unwrap_or("completed");
@@ -559,8 +599,8 @@ fn release(
             "report the execution's peak memory in bytes",
         ));
     }
-    if !shmem::available() {
-        if !full {
+    if !table::available() {
+        if mode == Mode::FastPath {
             return Ok(None);
         }
         return fallback::release(id, memory_peak).map(Some);
@@ -570,9 +610,9 @@ fn release(
     };
     identity::require_act_for(Uuid::from_bytes(snap.tenant))?;
     if snap.state == REVOKED {
-        if let Some(mut l) = Locked::exclusive() {
-            if l.t().lookup(&id) == Some(idx) {
-                l.t().forget(idx);
+        if let Some(mut l) = LockedTable::exclusive() {
+            if l.table().lookup(&id) == Some(idx) {
+                l.table().forget(idx);
             }
         }
         return Ok(Some(false));
@@ -581,27 +621,13 @@ fn release(
         return Ok(Some(false));
     }
     if snap.memory_limit >= 0 && memory_peak.is_some_and(|m| m > snap.memory_limit) {
-        if !full {
+        if mode == Mode::FastPath {
             return Ok(None);
         }
         emit_revoked(&snap, RevokeReason::MemoryExceeded, memory_peak)?;
     }
     xact::push(idx, id, Op::Release);
     Ok(Some(true))
-}
-
-/// The complete release, as the extension's owner (fallback table, events).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn _release_execution_slot(
-    slot_id: Option<Uuid>,
-    outcome: Option<crate::row::Utf8>,
-    memory_peak_bytes: Option<i64>,
-) -> bool {
-    crate::row::utf8(&outcome, "outcome")
-        .and_then(|outcome| release(slot_id, outcome, memory_peak_bytes, true))
-        .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
-        .or_raise()
 }
 
 crate::finfo_v1!(pg_finfo_meshhook_limits_release_execution_slot);
@@ -623,18 +649,17 @@ pub extern "C-unwind" fn meshhook_limits_release_execution_slot(
             pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 2),
         )
     };
-    let released = match release(slot_id, outcome, memory_peak, false).or_raise() {
-        Some(b) => b,
-        None => crate::error::passthrough(|| {
+    let released = limits::fast_path_or_definer(
+        release(slot_id, outcome, memory_peak, Mode::FastPath),
+        || {
             Spi::get_one_with_args::<bool>(
                 "SELECT meshhook_limits._release_execution_slot($1, $2, $3)",
                 &[slot_id.into(), outcome.into(), memory_peak.into()],
             )
-        })
-        .map_err(LimitsError::from)
-        .or_raise()
-        .unwrap_or(false),
-    };
+            .map(|released| released.unwrap_or(false))
+            .map_err(LimitsError::from)
+        },
+    );
     pg_sys::Datum::from(released)
 }
 
@@ -657,186 +682,8 @@ COMMENT ON FUNCTION meshhook_limits.release_execution_slot(uuid, text, bigint) I
   'Give a slot back at commit; false when it was not held. SECURITY INVOKER: the caller must be the tenant or an admin.';
 "#,
     name = "slot_functions",
-    requires = [_acquire_execution_slot, _release_execution_slot]
+    requires = [
+        definer::_acquire_execution_slot,
+        definer::_release_execution_slot
+    ]
 );
-
-fn reap() -> Result<i64> {
-    identity::require_admin("reap execution slots")?;
-    if !shmem::available() {
-        return fallback::reap();
-    }
-    let now = now();
-    let mut to_announce: Vec<(usize, Slot)> = Vec::new();
-    let n = {
-        let mut l = Locked::exclusive().ok_or(LimitsError::NotPreloaded)?;
-        let n = l.t().reap(now, None);
-        // Revocations are announced in their own database (its events
-        // table, its listeners), by a reaper running there.
-        let db = shmem::my_database();
-        let pid = unsafe { pg_sys::MyProcPid };
-        for idx in 0..MAX_SLOTS {
-            let s = l.t().slots[idx];
-            if s.database == db && l.t().claim_announcement(idx, pid) {
-                to_announce.push((idx, s));
-            }
-        }
-        n
-    };
-    // The events are part of this transaction; the slots count as announced
-    // only once it commits (xact::Op::Announce), so a rollback loses nothing.
-    // Each is claimed by this backend until then: announced exactly once.
-    for (idx, s) in &to_announce {
-        xact::push(*idx, s.id, Op::Announce); // first: a failed emit must release every claim
-    }
-    for (_, s) in &to_announce {
-        emit_revoked(s, RevokeReason::from_u8(s.reason), None)?;
-    }
-    Ok(i64::try_from(n.max(to_announce.len())).unwrap_or(i64::MAX))
-}
-
-/// Revoke slots whose lease or deadline has passed and announce every
-/// revocation (slot.revoked). The background worker and pg_cron call this.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-pub fn reap_execution_slots() -> i64 {
-    reap().or_raise()
-}
-
-pgrx::extension_sql!(
-    "REVOKE EXECUTE ON FUNCTION meshhook_limits.reap_execution_slots() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION meshhook_limits.reap_execution_slots() TO meshhook_limits_admin;",
-    name = "reap_execution_slots_grants",
-    requires = [reap_execution_slots, "limits"]
-);
-
-/// Live slots of a tenant (0 when the library is not preloaded).
-#[pg_extern(stable, parallel_safe, strict, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-pub fn live_slots(tenant_id: Uuid) -> i64 {
-    identity::require_read_for(tenant_id).or_raise();
-    match Locked::shared() {
-        Some(mut l) => i64::from(l.t().count(&CounterKey::tenant(
-            shmem::my_database(),
-            tenant_id.as_bytes(),
-        ))),
-        None => fallback::live(tenant_id).or_raise(),
-    }
-}
-
-pub type SlotRow = (
-    Uuid,
-    Uuid,
-    Option<Uuid>,
-    Option<String>,
-    String,
-    Option<String>,
-    Ts,
-    Option<Ts>,
-    Option<Ts>,
-    i64,
-    i32,
-);
-
-fn list() -> Result<Vec<SlotRow>> {
-    let admin = identity::caller_can_monitor();
-    let me = identity::caller_tenant()?;
-    if !admin && me.is_none() {
-        return Ok(Vec::new());
-    }
-    let snapshot: Vec<Slot> = match Locked::shared() {
-        Some(mut l) => l
-            .t()
-            .slots
-            .iter()
-            .filter(|s| s.state != shmem::FREE && s.database == shmem::my_database())
-            .copied()
-            .collect(),
-        None => return fallback::list(admin, me),
-    };
-    Ok(snapshot
-        .into_iter()
-        .filter(|s| admin || me.is_some_and(|m| *m.as_bytes() == s.tenant))
-        .filter_map(|s| {
-            Some((
-                Uuid::from_bytes(s.id),
-                Uuid::from_bytes(s.tenant),
-                s.has_project.then(|| Uuid::from_bytes(s.project)),
-                (s.run_id_len > 0).then(|| {
-                    String::from_utf8_lossy(&s.run_id[..s.run_id_len as usize]).into_owned()
-                }),
-                if s.state == LIVE {
-                    "live".to_string()
-                } else {
-                    "revoked".to_string()
-                },
-                (s.state == REVOKED).then(|| RevokeReason::from_u8(s.reason).as_str().to_string()),
-                ts(s.acquired_at)?,
-                ts(s.lease_expires),
-                ts(s.deadline),
-                s.memory_peak,
-                s.pid,
-            ))
-        })
-        .collect())
-}
-
-/// Slots the caller may see: all for admins, its own for a tenant.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-pub fn slots() -> TableIterator<
-    'static,
-    (
-        name!(slot_id, Uuid),
-        name!(tenant_id, Uuid),
-        name!(project_id, Option<Uuid>),
-        name!(run_id, Option<String>),
-        name!(state, String),
-        name!(revoke_reason, Option<String>),
-        name!(acquired_at, Ts),
-        name!(lease_expires_at, Option<Ts>),
-        name!(deadline, Option<Ts>),
-        name!(memory_peak_bytes, i64),
-        name!(backend_pid, i32),
-    ),
-> {
-    TableIterator::new(list().or_raise())
-}
-
-/// Counters of the slot table since the server started.
-#[pg_extern(stable, parallel_safe)]
-fn slot_stats() -> TableIterator<
-    'static,
-    (
-        name!(preloaded, bool),
-        name!(capacity, i64),
-        name!(live, i64),
-        name!(grants, i64),
-        name!(refusals, i64),
-        name!(revocations, i64),
-        name!(started_at, Option<Ts>),
-    ),
-> {
-    if !identity::caller_can_monitor() {
-        LimitsError::forbidden(
-            "only monitors and administrators may read slot_stats()",
-            "grant meshhook_limits_monitor (or pg_monitor) to the caller",
-        )
-        .raise();
-    }
-    let row = match Locked::shared() {
-        Some(mut l) => {
-            let h = &l.t().header;
-            (
-                true,
-                MAX_SLOTS as i64,
-                i64::from(h.live),
-                h.grants.load(Ordering::Relaxed) as i64,
-                h.refusals() as i64,
-                h.revocations() as i64,
-                ts(h.started_at),
-            )
-        }
-        None => (false, 0, 0, 0, 0, 0, None),
-    };
-    TableIterator::once(row)
-}

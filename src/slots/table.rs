@@ -1,18 +1,20 @@
 //! The shared execution-slot table.
 //!
-//! Fixed size, allocated once by the postmaster when the library is preloaded:
-//! a header, `MAX_SLOTS` slot entries and an open-addressing table of live
-//! counts per tenant and per project. All of it sits behind one LWLock that is
-//! held for a few hundred nanoseconds at a time and never across SPI.
+//! Fixed size, in shared memory when the library is preloaded (a
+//! `shmem::Segment`): a header, `MAX_SLOTS` slot entries and an
+//! open-addressing table of live counts per tenant and per project. All of
+//! it sits behind one LWLock that is held for a few hundred nanoseconds at a
+//! time and never across SPI.
 //!
-//! Shared memory does not survive a restart or a crash; `started_at` lets the
+//! Shared memory does not survive a restart or a crash; `grace_end` lets the
 //! slot logic refuse grants for `meshhook_limits.restart_grace` afterwards, so
 //! holders from before the restart learn from their next heartbeat that their
 //! slot is gone before anyone else is admitted in their place.
+use crate::shmem::{self, LwLockGuard, Segment};
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
-pub const MAX_SLOTS: usize = 8192;
+pub const MAX_SLOTS: usize = crate::gucs::SLOT_TABLE_SIZE;
 /// Power of two, at least twice the number of keys that can be live at once
 /// (each slot has at most one tenant and one project key).
 const COUNTER_CAP: usize = 4 * MAX_SLOTS;
@@ -135,8 +137,6 @@ pub struct Header {
     /// No slot is granted before this: `started_at` plus the restart grace
     /// in force when the server started (never a session's setting).
     pub grace_end: i64,
-    /// Bumped whenever limits or plans change (at the change and at commit).
-    pub generation: AtomicU64,
     pub grants: AtomicU64,
     /// Refusals by reason (REFUSAL_REASONS); the total is their sum.
     pub refusals_by: [AtomicU64; 3],
@@ -159,95 +159,37 @@ pub struct Table {
 // Set once per process by the startup hook (inherited by forked backends).
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
 static LOCK: AtomicPtr<pg_sys::LWLock> = AtomicPtr::new(std::ptr::null_mut());
-static READY: AtomicBool = AtomicBool::new(false);
-static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
 const TRANCHE: &std::ffi::CStr = c"meshhook_limits";
 
-pub fn init() {
-    unsafe {
-        PREV_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(shmem_request);
-        PREV_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(shmem_startup);
-    }
-    READY.store(true, Ordering::Relaxed);
-}
+pub static SEGMENT: Segment = Segment { request, startup };
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn shmem_request() {
+unsafe fn request() {
     unsafe {
-        if let Some(prev) = PREV_REQUEST {
-            prev();
-        }
         pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Table>());
         pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
-        crate::rate::shmem_request();
     }
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn shmem_startup() {
+unsafe fn startup() {
     unsafe {
-        if let Some(prev) = PREV_STARTUP {
-            prev();
-        }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let table = pg_sys::ShmemInitStruct(
-            c"meshhook_limits slot table".as_ptr(),
-            std::mem::size_of::<Table>(),
-            &mut found,
-        )
-        .cast::<Table>();
-        if !found {
-            // All-zero is a valid empty table; set the start time after.
-            std::ptr::write_bytes(table.cast::<u8>(), 0, std::mem::size_of::<Table>());
+        let (table, created) = shmem::init_struct::<Table>(c"meshhook_limits slot table");
+        if created {
+            // All-zero is an empty table; the start time and grace go in now.
             let now = pg_sys::GetCurrentTimestamp();
             (*table).header.started_at = now;
             (*table).header.grace_end = now.saturating_add(crate::gucs::restart_grace_micros());
         }
         TABLE.store(table, Ordering::Release);
-        crate::rate::shmem_startup();
         LOCK.store(
             &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock,
             Ordering::Release,
         );
-        pg_sys::LWLockRelease(init_lock);
     }
 }
 
 /// True when the library was preloaded and the table exists in this process.
-/// What runs on a table when the library is not preloaded.
-#[derive(Clone, Copy)]
-pub enum TableFallback {
-    Slots = 1,
-    RateLimits = 2,
-}
-
-thread_local! {
-    static FALLBACK_NOTICED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
-}
-
-/// One NOTICE per session and feature: it runs on a table (slower) because
-/// the library is not in shared_preload_libraries.
-pub fn notice_table_fallback(what: TableFallback) {
-    let bit = what as u8;
-    if FALLBACK_NOTICED.with(|n| n.replace(n.get() | bit)) & bit == 0 {
-        let name = match what {
-            TableFallback::Slots => "execution slots",
-            TableFallback::RateLimits => "rate limits",
-        };
-        pgrx::notice!(
-            "meshhook_limits is not in shared_preload_libraries: {name} use a table (slower); \
-             add it to shared_preload_libraries and restart for the shared-memory fast path"
-        );
-    }
-}
-
 pub fn available() -> bool {
-    READY.load(Ordering::Relaxed) && !TABLE.load(Ordering::Acquire).is_null()
+    shmem::preloaded() && !TABLE.load(Ordering::Acquire).is_null()
 }
 
 pub fn header() -> Option<&'static Header> {
@@ -258,39 +200,34 @@ pub fn header() -> Option<&'static Header> {
     unsafe { Some(&(*TABLE.load(Ordering::Acquire)).header) }
 }
 
-/// Exclusive access to the table; released when dropped.
-pub struct Locked {
+/// The table under its lock (exclusive or shared); released when dropped.
+pub struct LockedTable {
     table: *mut Table,
-    lock: *mut pg_sys::LWLock,
+    _lock: LwLockGuard,
 }
 
-impl Locked {
-    pub fn exclusive() -> Option<Locked> {
+impl LockedTable {
+    pub fn exclusive() -> Option<LockedTable> {
         Self::acquire(pg_sys::LWLockMode::LW_EXCLUSIVE)
     }
 
-    pub fn shared() -> Option<Locked> {
+    pub fn shared() -> Option<LockedTable> {
         Self::acquire(pg_sys::LWLockMode::LW_SHARED)
     }
 
-    fn acquire(mode: pg_sys::LWLockMode::Type) -> Option<Locked> {
+    fn acquire(mode: pg_sys::LWLockMode::Type) -> Option<LockedTable> {
         if !available() {
             return None;
         }
         let (table, lock) = (TABLE.load(Ordering::Acquire), LOCK.load(Ordering::Acquire));
         // SAFETY: both were set by the startup hook before any backend forked.
-        unsafe { pg_sys::LWLockAcquire(lock, mode) };
-        Some(Locked { table, lock })
+        let lock = unsafe { LwLockGuard::acquire(lock, mode) };
+        Some(LockedTable { table, _lock: lock })
     }
 
-    pub fn t(&mut self) -> &mut Table {
+    pub fn table(&mut self) -> &mut Table {
+        // SAFETY: the lock is held for as long as self lives.
         unsafe { &mut *self.table }
-    }
-}
-
-impl Drop for Locked {
-    fn drop(&mut self) {
-        unsafe { pg_sys::LWLockRelease(self.lock) };
     }
 }
 
@@ -303,11 +240,6 @@ fn hash(key: &CounterKey) -> usize {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     (h as usize) & (COUNTER_CAP - 1)
-}
-
-/// This backend's database, as slots record it.
-pub fn my_database() -> u32 {
-    unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
 impl Header {

@@ -24,126 +24,23 @@
 //!
 //! State is not transactional, like a sequence: a rolled-back transaction
 //! keeps the tokens it spent.
+pub mod table;
+
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::identity;
-use crate::limits::GenerationCache;
+use crate::limits::{GenerationCache, Mode};
 use crate::row::datum;
 use pgrx::datum::{Interval, TimestampWithTimeZone, Uuid};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
-
-pub const BUCKETS: usize = 4096;
-pub const WAYS: usize = 8;
-const PARTITIONS: usize = 16;
-pub const KEY_MAX: usize = 64;
-const TRANCHE: &std::ffi::CStr = c"meshhook_limits_rate";
-
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Entry {
-    used: bool,
-    /// 0 for the tenant's bucket (keys are 1 to KEY_MAX bytes).
-    key_len: u8,
-    database: u32,
-    tenant: [u8; 16],
-    /// Nanoseconds since 2000-01-01 (PostgreSQL's epoch).
-    tat: i64,
-    paused_until: i64,
-    key: [u8; KEY_MAX],
-}
-
-#[repr(C)]
-pub struct RateTable {
-    /// Random at server start: which set an entry lands in cannot be
-    /// computed from outside, so no tenant can aim at another's set.
-    seed: u64,
-    pub allowed: AtomicU64,
-    pub denied: AtomicU64,
-    pub evictions: AtomicU64,
-    sets: [[Entry; WAYS]; BUCKETS],
-}
-
-static RATE: AtomicPtr<RateTable> = AtomicPtr::new(std::ptr::null_mut());
-static LOCKS: AtomicPtr<pg_sys::LWLockPadded> = AtomicPtr::new(std::ptr::null_mut());
-
-pub unsafe fn shmem_request() {
-    unsafe {
-        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<RateTable>());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), PARTITIONS as i32);
-    }
-}
-
-/// Called from the slot table's startup hook, under AddinShmemInitLock.
-pub unsafe fn shmem_startup() {
-    unsafe {
-        let mut found = false;
-        let t = pg_sys::ShmemInitStruct(
-            c"meshhook_limits rate table".as_ptr(),
-            std::mem::size_of::<RateTable>(),
-            &mut found,
-        )
-        .cast::<RateTable>();
-        if !found {
-            std::ptr::write_bytes(t.cast::<u8>(), 0, std::mem::size_of::<RateTable>());
-            let mut seed = [0u8; 8];
-            if !pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), 8) {
-                seed = pg_sys::GetCurrentTimestamp().to_le_bytes();
-            }
-            (*t).seed = u64::from_le_bytes(seed);
-        }
-        RATE.store(t, Ordering::Release);
-        LOCKS.store(
-            pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr()),
-            Ordering::Release,
-        );
-    }
-}
-
-pub fn table() -> Option<&'static RateTable> {
-    let p = RATE.load(Ordering::Acquire);
-    // SAFETY: set once by the startup hook; shared memory outlives the process.
-    (!p.is_null()).then(|| unsafe { &*p })
-}
-
-struct Partition(*mut pg_sys::LWLock);
-
-impl Partition {
-    fn lock(set: usize) -> Option<Partition> {
-        let locks = LOCKS.load(Ordering::Acquire);
-        if locks.is_null() || RATE.load(Ordering::Acquire).is_null() {
-            return None;
-        }
-        // SAFETY: PARTITIONS locks were requested for this tranche.
-        unsafe {
-            let l = &raw mut (*locks.add(set % PARTITIONS)).lock;
-            pg_sys::LWLockAcquire(l, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            Some(Partition(l))
-        }
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        unsafe { pg_sys::LWLockRelease(self.0) };
-    }
-}
-
-fn hash(seed: u64, database: u32, tenant: &[u8; 16], key: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    let db = database.to_le_bytes();
-    for b in db.iter().chain(tenant.iter()).chain(key.iter()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^ (h >> 29)
-}
+use std::sync::atomic::Ordering;
+use table::{with_entries, BUCKETS, KEY_MAX, WAYS};
 
 /// Now, in nanoseconds since 2000-01-01; `meshhook_limits.test_clock` (epoch
 /// seconds, superuser only) replaces the real clock for tests.
 pub fn now_ns() -> i64 {
-    let fake = crate::gucs::TEST_CLOCK.get();
+    let fake = crate::gucs::test_clock();
     if fake > 0.0 {
         // 946684800 = seconds from 1970-01-01 to 2000-01-01.
         return ((fake - 946_684_800.0) * 1e9).round() as i64;
@@ -244,91 +141,6 @@ pub fn gcra(
             tat,
         )
     }
-}
-
-/// Find or make the entry of each `(key)` of `keys` (at most two, distinct)
-/// for this database and tenant, and run `f` on them with their partitions
-/// locked (in partition order, so two callers never deadlock).
-fn with_entries<R>(
-    tenant: &[u8; 16],
-    keys: &[&[u8]],
-    now: i64,
-    f: impl FnOnce(&mut [&mut Entry]) -> R,
-) -> Option<R> {
-    let table = RATE.load(Ordering::Acquire);
-    if table.is_null() {
-        return None;
-    }
-    // SAFETY: set once by the startup hook; the seed never changes.
-    let seed = unsafe { (*table).seed };
-    let database = crate::shmem::my_database();
-    let sets: Vec<usize> = keys
-        .iter()
-        .map(|k| (hash(seed, database, tenant, k) as usize) % BUCKETS)
-        .collect();
-    let mut parts: Vec<usize> = sets.iter().map(|s| s % PARTITIONS).collect();
-    parts.sort_unstable();
-    parts.dedup();
-    let mut guards = Vec::with_capacity(parts.len());
-    for p in &parts {
-        guards.push(Partition::lock(*p)?);
-    }
-    // SAFETY: the partition locks cover these sets.
-    let t = unsafe { &mut *table };
-    let mut slots: Vec<(usize, usize)> = Vec::with_capacity(keys.len());
-    for (key, &set_idx) in keys.iter().zip(&sets) {
-        let taken: Vec<usize> = slots
-            .iter()
-            .filter(|(s, _)| *s == set_idx)
-            .map(|(_, w)| *w)
-            .collect();
-        let set = &mut t.sets[set_idx];
-        let found = set.iter().position(|e| {
-            e.used
-                && e.database == database
-                && &e.tenant == tenant
-                && &e.key[..e.key_len as usize] == *key
-        });
-        let way = match found {
-            Some(i) => i,
-            None => {
-                let idle = |e: &Entry| !e.used || (e.tat <= now && e.paused_until <= now);
-                let free = (0..WAYS).find(|i| !taken.contains(i) && idle(&set[*i]));
-                let i = match free {
-                    Some(i) => i,
-                    None => {
-                        t.evictions.fetch_add(1, Ordering::Relaxed);
-                        (0..WAYS)
-                            .filter(|i| !taken.contains(i))
-                            .min_by_key(|&i| set[i].tat.max(set[i].paused_until))
-                            .unwrap_or(0)
-                    }
-                };
-                let mut k = [0u8; KEY_MAX];
-                k[..key.len()].copy_from_slice(key);
-                set[i] = Entry {
-                    used: true,
-                    key_len: key.len() as u8,
-                    database,
-                    tenant: *tenant,
-                    tat: now,
-                    paused_until: 0,
-                    key: k,
-                };
-                i
-            }
-        };
-        slots.push((set_idx, way));
-    }
-    let ptr: *mut RateTable = t;
-    // SAFETY: distinct (set, way) pairs, so the references do not alias.
-    let mut entries: Vec<&mut Entry> = slots
-        .iter()
-        .map(|&(s, w)| unsafe { &mut (*ptr).sets[s][w] })
-        .collect();
-    let r = f(&mut entries);
-    drop(guards);
-    Some(r)
 }
 
 /// One GCRA step over every bucket at once: allowed only when each allows;
@@ -448,16 +260,16 @@ fn ns_interval(ns: i64) -> Interval {
 
 type Row = (bool, Option<i64>, Option<Interval>);
 
-/// `full`: as the owner (`_check_rate_limit`), free to run SQL: loads the
-/// key's rule into this backend's cache, and without shared memory keeps the
-/// state in a table. Otherwise the caller's own fast path (no SPI, no table,
-/// so `check_rate_limit` runs as SECURITY INVOKER): None whenever the answer
-/// would need SQL, before spending anything.
+/// See `limits::Mode`. The definer (`_check_rate_limit`) loads the key's
+/// rule into this backend's cache, and without shared memory keeps the state
+/// in a table. The fast path (no SPI, no table, so `check_rate_limit` runs as
+/// SECURITY INVOKER) answers None whenever that would be needed, before
+/// spending anything.
 fn check(
     tenant: Option<Uuid>,
     key: Option<&str>,
     cost: Option<i32>,
-    full: bool,
+    mode: Mode,
 ) -> Result<Option<Row>> {
     let cost = i64::from(cost.unwrap_or(1));
     if cost < 0 {
@@ -468,7 +280,7 @@ fn check(
     }
     let (tenant, key) = validate(tenant, key)?;
     crate::error::refuse_on_standby("check_rate_limit")?;
-    let rule = if full {
+    let rule = if mode == Mode::Definer {
         rule(tenant, key)?
     } else {
         match GenerationCache::get(&RULES, &(*tenant.as_bytes(), key.to_string())) {
@@ -478,7 +290,7 @@ fn check(
     };
     let buckets = rule.buckets(key.as_bytes());
     if buckets.is_empty() {
-        if let Some(t) = table() {
+        if let Some(t) = table::table() {
             t.allowed.fetch_add(1, Ordering::Relaxed);
         }
         return Ok(Some((true, None, None)));
@@ -489,8 +301,8 @@ fn check(
         }
     }
     let now = now_ns();
-    if table().is_none() {
-        if !full {
+    if table::table().is_none() {
+        if mode == Mode::FastPath {
             return Ok(None);
         }
         crate::shmem::notice_table_fallback(crate::shmem::TableFallback::RateLimits);
@@ -507,7 +319,7 @@ fn check(
         d
     })
     .ok_or(LimitsError::NotPreloaded)?;
-    if let Some(t) = table() {
+    if let Some(t) = table::table() {
         if d.allowed { &t.allowed } else { &t.denied }.fetch_add(1, Ordering::Relaxed);
     }
     Ok(Some((
@@ -553,7 +365,7 @@ fn check_in_table(tenant: Uuid, buckets: &[(&[u8], Bucket)], now: i64, cost: i64
     })
 }
 
-/// The complete check, as the extension's owner (`check(.., full)`).
+/// The complete check, as the extension's owner (`Mode::Definer`).
 /// `check_rate_limit` calls it whenever its own fast path cannot answer.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
@@ -570,13 +382,13 @@ fn _check_rate_limit(
     ),
 > {
     let row = crate::row::utf8(&key, "key")
-        .and_then(|key| check(tenant_id, key, cost, true))
+        .and_then(|key| check(tenant_id, key, cost, Mode::Definer))
         .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
         .or_raise();
     TableIterator::once(row)
 }
 
-fn check_slow(tenant: Option<Uuid>, key: Option<&str>, cost: Option<i32>) -> Result<Row> {
+fn check_as_owner(tenant: Option<Uuid>, key: Option<&str>, cost: Option<i32>) -> Result<Row> {
     Spi::connect(|c| {
         let rows = c.select(
             "SELECT allowed, remaining, retry_after FROM meshhook_limits._check_rate_limit($1, $2, $3)",
@@ -618,10 +430,9 @@ pub extern "C-unwind" fn meshhook_limits_check_rate_limit(
             pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 2),
         )
     };
-    let row = match check(tenant, key, cost, false).or_raise() {
-        Some(row) => row,
-        None => crate::error::passthrough(|| check_slow(tenant, key, cost)).or_raise(),
-    };
+    let row = crate::limits::fast_path_or_definer(check(tenant, key, cost, Mode::FastPath), || {
+        check_as_owner(tenant, key, cost)
+    });
     let cols = [
         (c"allowed", pg_sys::BOOLOID),
         (c"remaining", pg_sys::INT8OID),
@@ -673,7 +484,7 @@ fn pause(
             "set requests_per_second.<key> for the upstream first, e.g. set_limit('requests_per_second.stripe-api', 25)",
         ));
     }
-    if table().is_none() {
+    if table::table().is_none() {
         crate::shmem::notice_table_fallback(crate::shmem::TableFallback::RateLimits);
         Spi::run_with_args(
             "SELECT 1 FROM meshhook_limits._rate_state_lock($1, $2, $4);
@@ -722,7 +533,7 @@ fn rate_limit_stats() -> TableIterator<
         )
         .raise();
     }
-    let row = match table() {
+    let row = match table::table() {
         Some(t) => (
             true,
             (BUCKETS * WAYS) as i64,

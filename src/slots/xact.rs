@@ -5,10 +5,9 @@
 //! takes effect at commit; if the releasing transaction rolls back, the slot
 //! is still held. Commit and abort callbacks cannot fail: they only touch the
 //! shared table under its LWLock.
-use crate::shmem::Locked;
+use super::table::LockedTable;
 use pgrx::pg_sys;
-use std::cell::{Cell, RefCell};
-use std::sync::atomic::Ordering;
+use std::cell::RefCell;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -29,7 +28,6 @@ pub struct Pending {
 
 thread_local! {
     static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
-    static BUMP_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
 }
 
 pub fn init() {
@@ -49,22 +47,18 @@ pub fn pending(id: &[u8; 16], op: Op) -> bool {
     PENDING.with(|p| p.borrow().iter().any(|x| x.op == op && &x.id == id))
 }
 
-/// Limits changed in this transaction: bump the cache generation when it ends.
-pub fn bump_generation_at_commit() {
-    BUMP_AT_COMMIT.with(|b| b.set(true));
-}
-
 fn apply(list: &[Pending], committed: bool) {
     if list.is_empty() {
         return;
     }
-    if let Some(mut l) = Locked::exclusive() {
+    if let Some(mut locked) = LockedTable::exclusive() {
+        let table = locked.table();
         for p in list {
             match (p.op, committed) {
                 (Op::Acquire, false) | (Op::Release, true) => {
-                    l.t().free_live(p.idx, &p.id);
+                    table.free_live(p.idx, &p.id);
                 }
-                (Op::Announce, committed) => l.t().end_announcement(p.idx, &p.id, committed),
+                (Op::Announce, committed) => table.end_announcement(p.idx, &p.id, committed),
                 _ => {}
             }
         }
@@ -79,9 +73,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         // prepared transaction outlives: refuse to prepare (the only point
         // where an error still aborts cleanly) rather than guess its fate.
         XACT_EVENT_PRE_PREPARE => {
-            // (Limit changes too: backends' caches are dropped when a
-            // transaction ends, which a prepared one does only later.)
-            if PENDING.with(|p| !p.borrow().is_empty()) || BUMP_AT_COMMIT.with(|b| b.get()) {
+            if PENDING.with(|p| !p.borrow().is_empty()) {
                 crate::error::LimitsError::PreparedTransaction.raise();
             }
             return;
@@ -92,13 +84,6 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     };
     let list = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     apply(&list, committed);
-    // At the end either way: the transaction may have cached what it changed,
-    // and after a rollback that is stale too.
-    if BUMP_AT_COMMIT.with(|b| b.replace(false)) {
-        if let Some(h) = crate::shmem::header() {
-            h.generation.fetch_add(1, Ordering::AcqRel);
-        }
-    }
 }
 
 #[pgrx::pg_guard]
