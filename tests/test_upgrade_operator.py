@@ -70,22 +70,20 @@ def relocated_installation(base: Path) -> Path:
 
 def install_release_from_commit(version: str, bin_dir: Path, work: Path) -> None:
     """git worktree of the release's commit, `cargo pgrx install` into the
-    copy (sharing this checkout's target directory, so only the extension
-    itself compiles), then the worktree goes."""
+    copy, then the worktree goes. Its build has a target directory of its
+    own (target/released, kept between runs): sharing this checkout's would
+    leave the old library in target/release, where the next install of
+    this checkout would find it fresh and copy it."""
     tree = work / f"src-{version}"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), release_commit(version)],
                    check=True, capture_output=True)
     try:
-        env = {**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target"), "CARGO_TERM_COLOR": "never"}
+        env = {**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target" / "released"), "CARGO_TERM_COLOR": "never"}
         r = subprocess.run(["cargo", "pgrx", "install", "--release", "--pg-config", str(bin_dir / "pg_config")],
                            cwd=tree, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-        # target/release/libmeshhook_limits.so is now the old build; link this
-        # checkout's build back (cargo re-links a fresh build).
-        subprocess.run(["cargo", "build", "--release", "--quiet", "--no-default-features", "--features", "pg15"],
-                       cwd=ROOT, check=False, capture_output=True)
     built = Path(pg_config(bin_dir, "--sharedir")) / "extension" / f"meshhook_limits--{version}.sql"
     frozen = ROOT / "sql" / "released" / f"meshhook_limits--{version}.sql"
     assert built.read_text() == frozen.read_text(), f"{frozen} is not what {version}'s commit builds"
