@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test, on every supported PostgreSQL, in tiers: pgrx's #[pg_test]
-# unit tests; isolation specs (tests/isolation: interleaved sessions, by
-# PostgreSQL's isolationtester); the integration tests in tests/ (pytest,
-# real servers and clients). Run after `PG="15 16 17 18" scripts/setup.sh --test`.
+# unit tests; pg_regress (tests/regress: plain SQL against expected output);
+# isolation specs (tests/isolation: interleaved sessions, by PostgreSQL's
+# isolationtester); the integration tests in tests/ (pytest, real servers
+# and clients). Run after `PG="15 16 17 18" scripts/setup.sh --test`.
 #   scripts/test.sh [rust|integration|all]
 # Versions (environment):
 #   FULL_PG  (default "15 17")  unit tests + the whole integration suite:
@@ -39,6 +40,8 @@ fi
 
 if [[ $what == all || $what == integration ]]; then
   for major in "${FULL[@]}" "${SMOKE[@]}"; do
+    echo "== PostgreSQL $major: pg_regress (tests/regress: plain SQL and its expected output)"
+    PG=$major bash tests/regress/run.sh || failed+=("regress pg$major")
     echo "== PostgreSQL $major: isolation specs (tests/isolation, isolationtester)"
     PG=$major bash tests/isolation/run.sh || failed+=("isolation pg$major")
   done

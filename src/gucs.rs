@@ -306,9 +306,10 @@ pub fn tenant_id() -> Option<String> {
     text(&TENANT_ID)
 }
 
-/// The comma-separated roles whose `request.jwt.claims` count.
-pub fn jwt_roles() -> Option<String> {
-    text(&JWT_ROLES)
+/// The comma-separated roles whose `request.jwt.claims` count, as bytes:
+/// compared with role names in the server's encoding, whatever it is.
+pub fn jwt_roles() -> Option<Vec<u8>> {
+    JWT_ROLES.get().map(CString::into_bytes)
 }
 
 /// The lease of a slot when the caller gives none, in microseconds.

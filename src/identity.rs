@@ -64,8 +64,7 @@ fn claims_trusted() -> bool {
         }
         CStr::from_ptr(p).to_bytes().to_vec()
     };
-    list.as_bytes()
-        .split(|b| *b == b',')
+    list.split(|b| *b == b',')
         .any(|r| r.trim_ascii() == name.as_slice())
 }
 
