@@ -9,7 +9,40 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import PG_BIN, acquire, set_limit
+from conftest import PG_BIN, acquire, destroy_cluster, fresh_cluster, set_limit
+
+
+@pytest.fixture(scope="module", params=["shared_memory", "table"])
+def slot_server(request, cluster):
+    """The slot tests run twice: on the shared-memory table (the library
+    preloaded) and on the table fallback (not preloaded, no worker)."""
+    if request.param == "shared_memory":
+        yield cluster
+        return
+    c = fresh_cluster("tableslots", "shared_preload_libraries = ''", "fsync = off")
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION meshhook_limits")
+    c.slot_path = "table"
+    yield c
+    destroy_cluster(c)
+
+
+@pytest.fixture
+def on(slot_server):
+    """A superuser connection to the slot server of this run."""
+    with slot_server.connect() as c:
+        yield c
+
+
+def path(server) -> str:
+    return getattr(server, "slot_path", "shared_memory")
+
+
+def revoked_as(server, reason: str) -> str:
+    """What a holder's heartbeat says of a revoked slot: why, from the
+    shared-memory table (it keeps a tombstone); not_found from the table
+    fallback, which deletes the row (the slot.revoked event says why)."""
+    return reason if path(server) == "shared_memory" else "not_found"
 
 
 def live(conn, tenant, project=None):
@@ -35,13 +68,13 @@ def notifications(conn, timeout=2.0, want=1):
 
 
 @pytest.mark.smoke
-def test_never_over_admit_under_32_concurrent_clients(cluster, admin, tenant):
+def test_never_over_admit_under_32_concurrent_clients(slot_server, on, tenant):
     """32 connections hammer one tenant whose limit is 3 (and one project
     capped at 2), a quarter of them rolling back, while a checker samples."""
     limit, project_limit = 3, 2
     project = str(uuid.uuid4())
-    set_limit(admin, "concurrent_executions", limit, tenant)
-    set_limit(admin, "concurrent_executions", project_limit, tenant, project)
+    set_limit(on, "concurrent_executions", limit, tenant)
+    set_limit(on, "concurrent_executions", project_limit, tenant, project)
 
     stop = time.monotonic() + 6
     held = {"tenant": 0, "project": 0, "max_tenant": 0, "max_project": 0}
@@ -51,7 +84,7 @@ def test_never_over_admit_under_32_concurrent_clients(cluster, admin, tenant):
 
     def client(i):
         try:
-            with cluster.connect() as c:
+            with slot_server.connect() as c:
                 rnd = random.Random(i)
                 while time.monotonic() < stop:
                     proj = project if rnd.random() < 0.5 else None
@@ -86,7 +119,7 @@ def test_never_over_admit_under_32_concurrent_clients(cluster, admin, tenant):
             stats["errors"].append(repr(e))
 
     def checker():
-        with cluster.connect() as c:
+        with slot_server.connect() as c:
             while time.monotonic() < stop:
                 samples.append((live(c, tenant), live(c, tenant, project),
                                 c.execute("SELECT meshhook_limits.live_slots(%s)", (tenant,)).fetchone()[0]))
@@ -106,78 +139,82 @@ def test_never_over_admit_under_32_concurrent_clients(cluster, admin, tenant):
     assert max(s[2] for s in samples) <= limit
     # The limit was actually reached, so the test could have failed.
     assert max(s[0] for s in samples) == limit or held["max_tenant"] == limit
-    assert live(admin, tenant) == 0
-    assert admin.execute("SELECT meshhook_limits.live_slots(%s)", (tenant,)).fetchone()[0] == 0
+    assert live(on, tenant) == 0
+    assert on.execute("SELECT meshhook_limits.live_slots(%s)", (tenant,)).fetchone()[0] == 0
 
 
 @pytest.mark.smoke
-def test_rolled_back_acquire_is_not_held(cluster, admin, tenant):
-    set_limit(admin, "concurrent_executions", 1, tenant)
-    with cluster.connect(autocommit=False) as c:
+def test_rolled_back_acquire_is_not_held(slot_server, on, tenant):
+    set_limit(on, "concurrent_executions", 1, tenant)
+    with slot_server.connect(autocommit=False) as c:
         assert acquire(c, tenant)[0]
-        assert live(admin, tenant) == 1  # counts while the transaction is open
+        if path(slot_server) == "shared_memory":
+            assert live(on, tenant) == 1  # counts while the transaction is open
+        # (On the table, the uncommitted row is not visible to others; their
+        # acquires wait on the tenant's row of fallback_tenants instead.)
         c.rollback()
-    assert live(admin, tenant) == 0
-    assert acquire(admin, tenant)[0]
+    assert live(on, tenant) == 0
+    assert acquire(on, tenant)[0]
 
 
-def test_savepoint_rollback_frees_only_its_slots(cluster, admin, tenant):
-    set_limit(admin, "concurrent_executions", 5, tenant)
-    with cluster.connect(autocommit=False) as c:
+def test_savepoint_rollback_frees_only_its_slots(slot_server, on, tenant):
+    set_limit(on, "concurrent_executions", 5, tenant)
+    with slot_server.connect(autocommit=False) as c:
         acquire(c, tenant)
         c.execute("SAVEPOINT a")
         acquire(c, tenant)
         c.execute("SAVEPOINT b")
         acquire(c, tenant)
         c.execute("ROLLBACK TO SAVEPOINT a")
-        assert live(admin, tenant) == 1
+        if path(slot_server) == "shared_memory":  # (the table's rows show at commit)
+            assert live(on, tenant) == 1
         c.commit()
-    assert live(admin, tenant) == 1
+    assert live(on, tenant) == 1
 
 
-def test_release_takes_effect_at_commit_and_not_on_rollback(cluster, admin, tenant):
-    set_limit(admin, "concurrent_executions", 1, tenant)
-    slot = acquire(admin, tenant)[1]
-    with cluster.connect(autocommit=False) as c:
+def test_release_takes_effect_at_commit_and_not_on_rollback(slot_server, on, tenant):
+    set_limit(on, "concurrent_executions", 1, tenant)
+    slot = acquire(on, tenant)[1]
+    with slot_server.connect(autocommit=False) as c:
         assert c.execute("SELECT meshhook_limits.release_execution_slot(%s)", (slot,)).fetchone()[0]
         # A second release in the same transaction is not a second release.
         assert not c.execute("SELECT meshhook_limits.release_execution_slot(%s)", (slot,)).fetchone()[0]
-        assert live(admin, tenant) == 1
+        assert live(on, tenant) == 1
         c.rollback()
-    assert live(admin, tenant) == 1
-    assert admin.execute("SELECT meshhook_limits.release_execution_slot(%s)", (slot,)).fetchone()[0]
-    assert live(admin, tenant) == 0
-    assert not admin.execute("SELECT meshhook_limits.release_execution_slot(%s)", (slot,)).fetchone()[0]
+    assert live(on, tenant) == 1
+    assert on.execute("SELECT meshhook_limits.release_execution_slot(%s)", (slot,)).fetchone()[0]
+    assert live(on, tenant) == 0
+    assert not on.execute("SELECT meshhook_limits.release_execution_slot(%s)", (slot,)).fetchone()[0]
 
 
-def test_backend_that_dies_mid_transaction_frees_its_slot(cluster, admin, tenant):
-    set_limit(admin, "concurrent_executions", 1, tenant)
-    c = cluster.connect(autocommit=False)
+def test_backend_that_dies_mid_transaction_frees_its_slot(slot_server, on, tenant):
+    set_limit(on, "concurrent_executions", 1, tenant)
+    c = slot_server.connect(autocommit=False)
     acquire(c, tenant)
     pid = c.info.backend_pid
-    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    on.execute("SELECT pg_terminate_backend(%s)", (pid,))
     for _ in range(50):
-        if live(admin, tenant) == 0:
+        if live(on, tenant) == 0:
             break
         time.sleep(0.05)
-    assert live(admin, tenant) == 0
+    assert live(on, tenant) == 0
     c.close()
 
 
-def test_lease_expiry_reclaims_and_holder_learns_it(cluster, admin, tenant):
-    set_limit(admin, "concurrent_executions", 1, tenant)
-    listener = listen(cluster)
-    old = acquire(admin, tenant, run_id="run-1", lease="1 second")
+def test_lease_expiry_reclaims_and_holder_learns_it(slot_server, on, tenant):
+    set_limit(on, "concurrent_executions", 1, tenant)
+    listener = listen(slot_server)
+    old = acquire(on, tenant, run_id="run-1", lease="1 second")
     assert old[0]
-    refused = acquire(admin, tenant)
+    refused = acquire(on, tenant)
     assert not refused[0] and refused[2] == "tenant_limit"
     # retry_after points at the end of the lease.
     assert refused[7].total_seconds() <= 1.0
     time.sleep(1.1)
-    new = acquire(admin, tenant)  # the abandoned slot is reclaimed on demand
+    new = acquire(on, tenant)  # the abandoned slot is reclaimed on demand
     assert new[0]
-    hb = admin.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s)", (old[1],)).fetchone()
-    assert hb[0] is False and hb[1] == "lease_expired"
+    hb = on.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s)", (old[1],)).fetchone()
+    assert hb[0] is False and hb[1] == revoked_as(slot_server, "lease_expired")
     events = notifications(listener, want=1)
     assert events and events[0]["event"] == "slot.revoked"
     assert events[0]["tenant_id"] == tenant and events[0]["reason"] == "lease_expired"
@@ -185,54 +222,54 @@ def test_lease_expiry_reclaims_and_holder_learns_it(cluster, admin, tenant):
     listener.close()
 
 
-def test_heartbeat_keeps_a_slot_alive_past_its_first_lease(cluster, admin, tenant):
-    slot = acquire(admin, tenant, lease="1 second")[1]
+def test_heartbeat_keeps_a_slot_alive_past_its_first_lease(slot_server, on, tenant):
+    slot = acquire(on, tenant, lease="1 second")[1]
     for _ in range(4):
         time.sleep(0.4)
-        hb = admin.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s)", (slot,)).fetchone()
+        hb = on.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s)", (slot,)).fetchone()
         assert hb[0], hb
-    admin.execute("SELECT meshhook_limits.reap_execution_slots()")
-    assert live(admin, tenant) == 1
+    on.execute("SELECT meshhook_limits.reap_execution_slots()")
+    assert live(on, tenant) == 1
 
 
-def test_deadline_revokes_and_notifies(cluster, admin, tenant):
-    set_limit(admin, "execution_seconds", 1, tenant)
-    listener = listen(cluster)
-    row = acquire(admin, tenant, lease="1 minute")
+def test_deadline_revokes_and_notifies(slot_server, on, tenant):
+    set_limit(on, "execution_seconds", 1, tenant)
+    listener = listen(slot_server)
+    row = acquire(on, tenant, lease="1 minute")
     assert row[0] and row[5] is not None  # deadline
-    assert admin.execute("SELECT alive FROM meshhook_limits.heartbeat_execution_slot(%s)", (row[1],)).fetchone()[0]
+    assert on.execute("SELECT alive FROM meshhook_limits.heartbeat_execution_slot(%s)", (row[1],)).fetchone()[0]
     time.sleep(1.1)
-    assert admin.execute("SELECT meshhook_limits.reap_execution_slots()").fetchone()[0] >= 1
-    assert live(admin, tenant) == 0
+    assert on.execute("SELECT meshhook_limits.reap_execution_slots()").fetchone()[0] >= 1
+    assert live(on, tenant) == 0
     events = [e for e in notifications(listener, want=1) if e["tenant_id"] == tenant]
     assert events and events[0]["event"] == "slot.revoked" and events[0]["reason"] == "deadline_exceeded"
-    hb = admin.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s)", (row[1],)).fetchone()
-    assert hb[0] is False and hb[1] == "deadline_exceeded"
+    hb = on.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s)", (row[1],)).fetchone()
+    assert hb[0] is False and hb[1] == revoked_as(slot_server, "deadline_exceeded")
     listener.close()
 
 
-def test_memory_over_limit_on_heartbeat_revokes(cluster, admin, tenant):
-    set_limit(admin, "memory_bytes", 1000, tenant)
-    slot = acquire(admin, tenant)[1]
-    ok = admin.execute("SELECT alive FROM meshhook_limits.heartbeat_execution_slot(%s, 900)", (slot,)).fetchone()
+def test_memory_over_limit_on_heartbeat_revokes(slot_server, on, tenant):
+    set_limit(on, "memory_bytes", 1000, tenant)
+    slot = acquire(on, tenant)[1]
+    ok = on.execute("SELECT alive FROM meshhook_limits.heartbeat_execution_slot(%s, 900)", (slot,)).fetchone()
     assert ok[0]
-    hb = admin.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s, 2000)", (slot,)).fetchone()
+    hb = on.execute("SELECT * FROM meshhook_limits.heartbeat_execution_slot(%s, 2000)", (slot,)).fetchone()
     assert hb[0] is False and hb[1] == "memory_exceeded"
-    assert live(admin, tenant) == 0
-    ev = admin.execute("SELECT payload FROM meshhook_limits.events WHERE tenant_id = %s AND event = 'slot.revoked'",
+    assert live(on, tenant) == 0
+    ev = on.execute("SELECT payload FROM meshhook_limits.events WHERE tenant_id = %s AND event = 'slot.revoked'",
                        (tenant,)).fetchone()[0]
     assert ev["reason"] == "memory_exceeded" and ev["resource"] == "memory_bytes" and ev["limit"] == 1000
 
 
 @pytest.mark.smoke
-def test_refusal_names_the_binding_limit(cluster, admin, tenant):
+def test_refusal_names_the_binding_limit(slot_server, on, tenant):
     project = str(uuid.uuid4())
-    set_limit(admin, "concurrent_executions", 5, tenant)
-    set_limit(admin, "concurrent_executions", 1, tenant, project)
-    assert acquire(admin, tenant, project)[0]
-    r = acquire(admin, tenant, project)
+    set_limit(on, "concurrent_executions", 5, tenant)
+    set_limit(on, "concurrent_executions", 1, tenant, project)
+    assert acquire(on, tenant, project)[0]
+    r = acquire(on, tenant, project)
     assert (r[0], r[2], r[3], r[4]) == (False, "project_limit", 1, 1)
-    assert acquire(admin, tenant)[0]  # the tenant still has room
+    assert acquire(on, tenant)[0]  # the tenant still has room
 
 
 def config_snapshot(conn):
