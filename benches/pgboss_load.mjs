@@ -37,7 +37,7 @@
 import { createRequire } from 'node:module'
 import { readFileSync } from 'node:fs'
 import { availableParallelism } from 'node:os'
-import { parseConn } from '../tests/node/conn.mjs'
+import { parseConn, runAsJson } from '../tests/node/conn.mjs'
 
 const require = createRequire(new URL('../tests/node/package.json', import.meta.url))
 const PgBoss = require('pg-boss')
@@ -282,13 +282,4 @@ async function ab (boss, queues, o, errors) {
   }
 }
 
-main().then(
-  out => {
-    process.stdout.write(JSON.stringify(out ?? null) + '\n')
-    process.exit(0)
-  },
-  err => {
-    process.stdout.write(JSON.stringify({ error: err.message, code: err.code ?? null }) + '\n')
-    process.exit(1)
-  }
-)
+runAsJson(main)

@@ -41,9 +41,9 @@ fi
 if [[ $what == all || $what == integration ]]; then
   for major in "${FULL[@]}" "${SMOKE[@]}"; do
     echo "== PostgreSQL $major: pg_regress (tests/regress: plain SQL and its expected output)"
-    PG=$major bash tests/regress/run.sh || failed+=("regress pg$major")
+    PG=$major bash tests/sql_tests.sh regress || failed+=("regress pg$major")
     echo "== PostgreSQL $major: isolation specs (tests/isolation, isolationtester)"
-    PG=$major bash tests/isolation/run.sh || failed+=("isolation pg$major")
+    PG=$major bash tests/sql_tests.sh isolation || failed+=("isolation pg$major")
   done
   for major in "${FULL[@]}"; do
     echo "== PostgreSQL $major: integration tests (tests/, real server, real clients)"

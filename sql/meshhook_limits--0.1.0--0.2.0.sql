@@ -1191,3 +1191,54 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     LEFT JOIN live lv ON lv.tenant_id = e.tenant_id
     LEFT JOIN meshhook_limits.storage_totals st ON st.tenant_id = e.tenant_id
 $$;
+
+-- One retry_after rule for both slot paths (src/slots/mod.rs).
+CREATE FUNCTION meshhook_limits._retry_after(earliest_end timestamptz, now timestamptz) RETURNS interval
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_retry_after_wrapper';
+REVOKE EXECUTE ON FUNCTION meshhook_limits._retry_after(timestamptz, timestamptz) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION meshhook_limits._fallback_acquire(p_tenant uuid, p_project uuid, p_run_id text, p_lease_micros bigint)
+RETURNS TABLE(granted boolean, slot_id uuid, reason text, in_use bigint, limit_value bigint,
+              deadline timestamptz, lease_expires_at timestamptz, retry_after interval)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  lim record; tc bigint; pc bigint; ends timestamptz; dl timestamptz; le timestamptz;
+  now_ts timestamptz := pg_catalog.clock_timestamp();
+  new_id uuid := pg_catalog.gen_random_uuid();
+BEGIN
+  PERFORM meshhook_limits._fallback_lock(p_tenant);
+  SELECT * INTO lim FROM meshhook_limits._slot_limits(p_tenant, p_project);
+  PERFORM meshhook_limits._fallback_reap(p_tenant);
+  SELECT count(*) INTO tc FROM meshhook_limits.fallback_slots s WHERE s.tenant_id = p_tenant;
+  SELECT count(*) INTO pc FROM meshhook_limits.fallback_slots s
+   WHERE s.tenant_id = p_tenant AND s.project_id = p_project;
+  IF lim.tenant_cap IS NOT NULL AND tc >= lim.tenant_cap THEN
+    SELECT min(LEAST(s.lease_expires_at, coalesce(s.deadline, 'infinity'))) INTO ends
+      FROM meshhook_limits.fallback_slots s WHERE s.tenant_id = p_tenant;
+    RETURN QUERY SELECT false, NULL::uuid, 'tenant_limit'::text, tc, lim.tenant_cap, NULL::timestamptz,
+      NULL::timestamptz, meshhook_limits._retry_after(ends, now_ts);
+    RETURN;
+  END IF;
+  IF p_project IS NOT NULL AND lim.project_cap IS NOT NULL AND pc >= lim.project_cap THEN
+    SELECT min(LEAST(s.lease_expires_at, coalesce(s.deadline, 'infinity'))) INTO ends
+      FROM meshhook_limits.fallback_slots s WHERE s.tenant_id = p_tenant AND s.project_id = p_project;
+    RETURN QUERY SELECT false, NULL::uuid, 'project_limit'::text, pc, lim.project_cap, NULL::timestamptz,
+      NULL::timestamptz, meshhook_limits._retry_after(ends, now_ts);
+    RETURN;
+  END IF;
+  dl := now_ts + lim.exec_micros * interval '1 microsecond';
+  le := LEAST(now_ts + p_lease_micros * interval '1 microsecond', coalesce(dl, 'infinity'));
+  INSERT INTO meshhook_limits.fallback_slots (tenant_id, slot_id, project_id, run_id, acquired_at, lease,
+                                              lease_expires_at, deadline, memory_limit)
+  VALUES (p_tenant, new_id, p_project, nullif(p_run_id, ''), now_ts, p_lease_micros * interval '1 microsecond',
+          le, dl, lim.memory_bytes);
+  IF p_project IS NOT NULL AND lim.project_cap IS NOT NULL
+     AND (lim.tenant_cap IS NULL OR lim.project_cap - pc < lim.tenant_cap - tc) THEN
+    RETURN QUERY SELECT true, new_id, 'granted'::text, pc + 1, lim.project_cap, dl, le, NULL::interval;
+  ELSE
+    RETURN QUERY SELECT true, new_id, 'granted'::text, tc + 1, lim.tenant_cap, dl, le, NULL::interval;
+  END IF;
+END
+$$;

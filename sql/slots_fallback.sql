@@ -78,7 +78,6 @@ DECLARE
   lim record; tc bigint; pc bigint; ends timestamptz; dl timestamptz; le timestamptz;
   now_ts timestamptz := pg_catalog.clock_timestamp();
   new_id uuid := pg_catalog.gen_random_uuid();
-  max_wait interval := current_setting('meshhook_limits.retry_after_max')::interval;
 BEGIN
   PERFORM meshhook_limits._fallback_lock(p_tenant);
   SELECT * INTO lim FROM meshhook_limits._slot_limits(p_tenant, p_project);
@@ -90,14 +89,14 @@ BEGIN
     SELECT min(LEAST(s.lease_expires_at, coalesce(s.deadline, 'infinity'))) INTO ends
       FROM meshhook_limits.fallback_slots s WHERE s.tenant_id = p_tenant;
     RETURN QUERY SELECT false, NULL::uuid, 'tenant_limit'::text, tc, lim.tenant_cap, NULL::timestamptz,
-      NULL::timestamptz, LEAST(GREATEST(coalesce(ends - now_ts, max_wait), interval '10 ms'), max_wait);
+      NULL::timestamptz, meshhook_limits._retry_after(ends, now_ts);
     RETURN;
   END IF;
   IF p_project IS NOT NULL AND lim.project_cap IS NOT NULL AND pc >= lim.project_cap THEN
     SELECT min(LEAST(s.lease_expires_at, coalesce(s.deadline, 'infinity'))) INTO ends
       FROM meshhook_limits.fallback_slots s WHERE s.tenant_id = p_tenant AND s.project_id = p_project;
     RETURN QUERY SELECT false, NULL::uuid, 'project_limit'::text, pc, lim.project_cap, NULL::timestamptz,
-      NULL::timestamptz, LEAST(GREATEST(coalesce(ends - now_ts, max_wait), interval '10 ms'), max_wait);
+      NULL::timestamptz, meshhook_limits._retry_after(ends, now_ts);
     RETURN;
   END IF;
   dl := now_ts + lim.exec_micros * interval '1 microsecond';

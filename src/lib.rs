@@ -46,7 +46,7 @@ extension_sql_file!("../sql/events.sql", name = "events", requires = ["limits"])
 extension_sql_file!(
     "../sql/slots_fallback.sql",
     name = "slots_fallback",
-    requires = ["events"]
+    requires = ["events", "retry_after_grants"]
 );
 extension_sql_file!(
     "../sql/rate.sql",

@@ -304,20 +304,15 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
         }
     }
     if let Some(rt) = crate::rate::table::table() {
-        e.add(
-            "meshhook_limits_rate_limit_decisions_total",
-            "counter",
-            "",
-            labels(&[("result", "allowed")]),
-            rt.allowed.load(Ordering::Relaxed) as f64,
-        );
-        e.add(
-            "meshhook_limits_rate_limit_decisions_total",
-            "counter",
-            "",
-            labels(&[("result", "denied")]),
-            rt.denied.load(Ordering::Relaxed) as f64,
-        );
+        for (result, count) in [("allowed", &rt.allowed), ("denied", &rt.denied)] {
+            e.add(
+                "meshhook_limits_rate_limit_decisions_total",
+                "counter",
+                "",
+                labels(&[("result", result)]),
+                count.load(Ordering::Relaxed) as f64,
+            );
+        }
         e.add(
             "meshhook_limits_rate_limit_evictions_total",
             "counter",

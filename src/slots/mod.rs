@@ -103,11 +103,28 @@ fn with_index(mut id: [u8; 16], idx: usize) -> [u8; 16] {
     id
 }
 
+/// When a refused acquire may try again: when the earliest of the slots in
+/// its way ends (by lease or deadline), at least 10 ms from now and at most
+/// `meshhook_limits.retry_after_max`; that maximum when none will end.
+/// The one definition, for the table fallback too (`_retry_after`).
 fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
     let max = crate::gucs::retry_after_max_micros();
-    let wait = earliest_end.map_or(max, |end| (end - now).clamp(10_000, max));
+    let wait = earliest_end.map_or(max, |end| end.saturating_sub(now).clamp(10_000, max));
     Interval::from_micros(wait)
 }
+
+/// `retry_after` for `_fallback_acquire` (sql/slots_fallback.sql).
+#[pg_extern(stable, parallel_safe)]
+fn _retry_after(earliest_end: Option<Ts>, now: Ts) -> Interval {
+    let micros = |t: Ts| pg_sys::TimestampTz::from(t);
+    retry_after(earliest_end.map(micros), micros(now))
+}
+
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits._retry_after(timestamptz, timestamptz) FROM PUBLIC;",
+    name = "retry_after_grants",
+    requires = [_retry_after]
+);
 
 /// The answer of acquire_execution_slot: its one row.
 #[derive(Default)]

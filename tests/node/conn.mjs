@@ -1,6 +1,7 @@
+// What tests/node/pgboss_driver.mjs and benches/pgboss_load.mjs share.
+
 // The connection settings pg-boss takes, from a libpq keyword/value string
 // ("host=/tmp/x port=5432 user=postgres dbname=app") or a postgres:// URL.
-// Shared by tests/node/pgboss_driver.mjs and benches/pgboss_load.mjs.
 export function parseConn (conn) {
   if (/^postgres(ql)?:\/\//.test(conn)) return { connectionString: conn }
   const out = {}
@@ -14,4 +15,19 @@ export function parseConn (conn) {
     else if (k === 'host' || k === 'user' || k === 'password') out[k] = v
   }
   return out
+}
+
+// Run main() and print its result as one line of JSON (exit 0), or its error
+// as {error, code} (exit 1): what the Python tests and runners read.
+export function runAsJson (main) {
+  main().then(
+    out => {
+      process.stdout.write(JSON.stringify(out ?? null) + '\n')
+      process.exit(0)
+    },
+    err => {
+      process.stdout.write(JSON.stringify({ error: err.message, code: err.code ?? null }) + '\n')
+      process.exit(1)
+    }
+  )
 }

@@ -24,7 +24,7 @@
 //   queues                                  boss.getQueues()
 //   version                                 {installed, schemaVersion}
 import PgBoss from 'pg-boss'
-import { parseConn } from './conn.mjs'
+import { parseConn, runAsJson } from './conn.mjs'
 
 async function main () {
   const [conn, command, rawArgs] = process.argv.slice(2)
@@ -100,13 +100,4 @@ async function main () {
   }
 }
 
-main().then(
-  out => {
-    process.stdout.write(JSON.stringify(out ?? null) + '\n')
-    process.exit(0)
-  },
-  err => {
-    process.stdout.write(JSON.stringify({ error: err.message, code: err.code ?? null }) + '\n')
-    process.exit(1)
-  }
-)
+runAsJson(main)
