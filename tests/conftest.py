@@ -24,6 +24,23 @@ PG_BIN = ("/usr/lib/postgresql/15/bin" if PG_MAJOR == 15
           else str(ROOT / ".postgresql" / f"pg{PG_MAJOR}" / "bin"))
 
 
+# The version this checkout builds, and every object CREATE EXTENSION
+# installs as sorted text lines (tests/catalog_snapshot.sql): what the
+# upgrade tests compare.
+CURRENT_VERSION = next(line.split('"')[1] for line in (ROOT / "Cargo.toml").read_text().splitlines()
+                       if line.startswith("version"))
+CATALOG_SNAPSHOT = (ROOT / "tests" / "catalog_snapshot.sql").read_text()
+
+
+def catalog_of(conn) -> list[str]:
+    return [r[0] for r in conn.execute(CATALOG_SNAPSHOT).fetchall()]
+
+
+def catalog_difference(expected: list[str], got: list[str]) -> tuple[list[str], list[str]]:
+    """(lines only in expected, lines only in got): ([], []) when equal."""
+    return [x for x in expected if x not in got], [x for x in got if x not in expected]
+
+
 def requires(available: bool, what: str):
     """The pytestmark of a module that needs `what` (installed by
     scripts/setup.sh --test): skipped where it is missing, but under

@@ -5,19 +5,17 @@ The released install scripts are kept in sql/released/ (scripts/setup.sh
 copies them into the server's extension directory); sql/releases.txt names
 the commit each was cut from."""
 import uuid
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SNAPSHOT = (ROOT / "tests" / "catalog_snapshot.sql").read_text()
+from conftest import CURRENT_VERSION, ROOT, catalog_difference, catalog_of
+
 RELEASED = sorted(p.name.split("--")[1][:-4] for p in (ROOT / "sql" / "released").glob("meshhook_limits--*.sql"))
-CURRENT = next(line.split('"')[1] for line in (ROOT / "Cargo.toml").read_text().splitlines()
-               if line.startswith("version"))
 
 
 def catalog(cluster, db):
-    return [r[0] for r in cluster.sql(SNAPSHOT, dbname=db)]
+    with cluster.connect(dbname=db) as c:
+        return catalog_of(c)
 
 
 def new_db(cluster):
@@ -41,11 +39,9 @@ def test_upgraded_catalog_equals_fresh_install(cluster, old):
         cluster.sql(f"CREATE EXTENSION meshhook_limits VERSION '{old}'", dbname=upgraded)
         cluster.sql("ALTER EXTENSION meshhook_limits UPDATE", dbname=upgraded)
         assert cluster.sql("SELECT extversion FROM pg_extension WHERE extname = 'meshhook_limits'",
-                           dbname=upgraded) == [(CURRENT,)]
-        a, b = catalog(cluster, fresh), catalog(cluster, upgraded)
-        only_fresh = [x for x in a if x not in b]
-        only_upgraded = [x for x in b if x not in a]
-        assert (only_fresh, only_upgraded) == ([], []), "the upgrade script does not reproduce a fresh install"
+                           dbname=upgraded) == [(CURRENT_VERSION,)]
+        assert catalog_difference(catalog(cluster, fresh), catalog(cluster, upgraded)) == ([], []), \
+            "the upgrade script does not reproduce a fresh install"
     finally:
         drop_db(cluster, fresh)
         drop_db(cluster, upgraded)

@@ -20,14 +20,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import PG_BIN, PG_MAJOR, ROOT, Cluster, destroy_cluster
+from conftest import (CURRENT_VERSION, PG_BIN, PG_MAJOR, ROOT, Cluster, catalog_difference, catalog_of,
+                      destroy_cluster)
 
 pytestmark = pytest.mark.skipif(PG_MAJOR != 15, reason="0.1.0 was released for PostgreSQL 15 only")
 
 OLD = "0.1.0"
-SNAPSHOT = (ROOT / "tests" / "catalog_snapshot.sql").read_text()
-CURRENT = next(line.split('"')[1] for line in (ROOT / "Cargo.toml").read_text().splitlines()
-               if line.startswith("version"))
 # Tables whose rows are the extension's durable state, as 0.1.0 has them.
 STATE_TABLES = ["plans", "tenant_plans", "limits", "usage_counters", "tracked_tables", "alert_rules",
                 "alert_states", "events", "queue_thresholds"]
@@ -115,10 +113,6 @@ def columns(conn, table: str) -> list[str]:
 
 def state(conn, cols: dict[str, list[str]]) -> dict[str, list[str]]:
     return {t: rows(conn, t, c) for t, c in cols.items()}
-
-
-def catalog(conn) -> list[str]:
-    return [r[0] for r in conn.execute(SNAPSHOT).fetchall()]
 
 
 def firing_events(conn, rule: str) -> int:
@@ -293,15 +287,14 @@ def test_operator_upgrade_from_0_1_0(old_server):
     with c.connect() as conn:
         conn.execute("ALTER EXTENSION meshhook_limits UPDATE")
         assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'meshhook_limits'"
-                            ).fetchone() == (CURRENT,)
+                            ).fetchone() == (CURRENT_VERSION,)
     with c.connect(dbname="fresh") as conn:
         conn.execute("CREATE EXTENSION meshhook_limits")
-        fresh_catalog = catalog(conn)
+        fresh_catalog = catalog_of(conn)
 
     def check(dbname: str):
         with c.connect(dbname=dbname) as conn:
-            got = catalog(conn)
-            assert ([x for x in fresh_catalog if x not in got], [x for x in got if x not in fresh_catalog]) == ([], [])
+            assert catalog_difference(fresh_catalog, catalog_of(conn)) == ([], [])
             after = state(conn, cols)
             for t in STATE_TABLES:  # every row is still there (the window's calls added some)
                 assert set(before[t]) <= set(after[t]), (t, sorted(set(before[t]) - set(after[t])))

@@ -113,11 +113,12 @@ fn retry_after(earliest_end: Option<i64>, now: i64) -> Interval {
     Interval::from_micros(wait)
 }
 
-/// `retry_after` for `_fallback_acquire` (sql/slots_fallback.sql).
+/// `retry_after` for `_fallback_acquire` (sql/slots_fallback.sql). A NULL
+/// `earliest_end` means no slot will end (the maximum); a NULL `now`, now.
 #[pg_extern(stable, parallel_safe)]
-fn _retry_after(earliest_end: Option<Ts>, now: Ts) -> Interval {
+fn _retry_after(earliest_end: Option<Ts>, now: Option<Ts>) -> Interval {
     let micros = |t: Ts| pg_sys::TimestampTz::from(t);
-    retry_after(earliest_end.map(micros), micros(now))
+    retry_after(earliest_end.map(micros), now.map_or_else(self::now, micros))
 }
 
 pgrx::extension_sql!(
