@@ -23,7 +23,9 @@ CREATE TABLE meshhook_limits.builtin_resources (
   description text NOT NULL
 );
 INSERT INTO meshhook_limits.builtin_resources VALUES
-  ('concurrent_executions', 'acquire_execution_slot', 'running executions at once'),
+  ('concurrent_executions', 'acquire_execution_slot, claim_jobs', 'running executions at once; concurrent_executions.<key> for one concurrency key'),
+  ('concurrent_executions_total', 'acquire_execution_slot, claim_jobs', 'running executions of all tenants together (global only)'),
+  ('fair_share_weight', 'claim_jobs', 'a tenant''s share of contended capacity, relative to others (default 1)'),
   ('execution_seconds', 'slot deadline, revoked by the reaper', 'wall-clock limit of one execution'),
   ('memory_bytes', 'heartbeat_execution_slot, release_execution_slot, record_usage', 'peak memory of one execution'),
   ('storage_bytes', 'track_storage triggers, record_usage', 'bytes a tenant stores'),
@@ -135,9 +137,13 @@ LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._resolve(uuid, uuid) FROM PUBLIC;
 
--- What the slot path needs, in integer units.
-CREATE FUNCTION meshhook_limits._slot_limits(p_tenant uuid, p_project uuid)
-RETURNS TABLE(tenant_cap bigint, project_cap bigint, exec_micros bigint, memory_bytes bigint)
+-- What the slot path needs, in integer units: the tenant's and the
+-- project's concurrent_executions, the key's concurrent_executions.<key>
+-- (resolved like any limit, counted per tenant), the database's
+-- concurrent_executions_total, and the tenant's fair_share_weight.
+CREATE FUNCTION meshhook_limits._slot_limits(p_tenant uuid, p_project uuid, p_key text DEFAULT NULL)
+RETURNS TABLE(tenant_cap bigint, project_cap bigint, exec_micros bigint, memory_bytes bigint,
+              key_cap bigint, total_cap bigint, weight float8)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   SELECT
     (SELECT LEAST(pg_catalog.floor(r.limit_value), 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, NULL) r
@@ -148,9 +154,15 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     (SELECT LEAST(r.limit_value * 1000000, 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
       WHERE r.resource = 'execution_seconds'),
     (SELECT LEAST(r.limit_value, 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
-      WHERE r.resource = 'memory_bytes')
+      WHERE r.resource = 'memory_bytes'),
+    (SELECT LEAST(pg_catalog.floor(r.limit_value), 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
+      WHERE p_key IS NOT NULL AND r.resource = 'concurrent_executions.' || p_key),
+    (SELECT LEAST(pg_catalog.floor(l.limit_value), 9e18)::bigint FROM meshhook_limits.limits l
+      WHERE l.resource = 'concurrent_executions_total' AND l.tenant_id IS NULL AND l.plan IS NULL),
+    (SELECT r.limit_value::float8 FROM meshhook_limits._resolve(p_tenant, NULL) r
+      WHERE r.resource = 'fair_share_weight')
 $$;
-REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_limits(uuid, uuid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_limits(uuid, uuid, text) FROM PUBLIC;
 
 CREATE FUNCTION meshhook_limits.effective_limits(tenant_id uuid, project_id uuid DEFAULT NULL)
 RETURNS TABLE(resource text, limit_value numeric, warn_ratio numeric, window_length interval,
@@ -177,7 +189,8 @@ BEGIN
             HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
   END IF;
   builtin := EXISTS (SELECT 1 FROM meshhook_limits.builtin_resources b WHERE b.resource = p_resource)
-             OR p_resource LIKE 'requests_per_second.%';
+             OR p_resource LIKE 'requests_per_second.%'
+             OR p_resource LIKE 'concurrent_executions.%';
   IF p_limit IS NULL OR p_limit = 'NaN' OR p_limit < 0 OR p_limit = 'Infinity' THEN
     RAISE EXCEPTION 'limit_value must be a finite number >= 0, got %', coalesce(left(p_limit::text, 40), 'NULL')
       USING ERRCODE = '22023', HINT = 'use clear_limit to remove a limit';
@@ -197,9 +210,14 @@ BEGIN
     RAISE EXCEPTION 'a request rate must be 0 or at least 0.000001 per second, got %', p_limit
       USING ERRCODE = '22023', HINT = 'a rate of 0 refuses every request';
   END IF;
-  IF p_resource = 'concurrent_executions' AND p_limit <> trunc(p_limit) THEN
-    RAISE EXCEPTION 'concurrent_executions must be a whole number, got %', p_limit
+  IF (p_resource = 'concurrent_executions' OR p_resource LIKE 'concurrent_executions.%'
+      OR p_resource = 'concurrent_executions_total') AND p_limit <> trunc(p_limit) THEN
+    RAISE EXCEPTION '% must be a whole number, got %', p_resource, p_limit
       USING ERRCODE = '22023';
+  END IF;
+  IF p_resource = 'fair_share_weight' AND (p_limit < 0.001 OR p_limit > 1000000) THEN
+    RAISE EXCEPTION 'fair_share_weight must be between 0.001 and 1000000, got %', p_limit
+      USING ERRCODE = '22023', HINT = 'weights are relative: 2 gets twice the share of 1 (the default)';
   END IF;
   IF p_warn IS NULL OR p_warn = 'NaN' OR p_warn <= 0 OR p_warn > 1 THEN
     RAISE EXCEPTION 'warn_ratio must be in (0, 1], got %', coalesce(p_warn::text, 'NULL')
@@ -208,7 +226,8 @@ BEGIN
   IF NOT builtin AND p_window IS NULL THEN
     RAISE EXCEPTION 'unknown resource "%" needs a window_length', p_resource
       USING ERRCODE = '22023',
-            HINT = 'built-in resources are concurrent_executions, execution_seconds, memory_bytes, '
+            HINT = 'built-in resources are concurrent_executions[.key], concurrent_executions_total, '
+                   'fair_share_weight, execution_seconds, memory_bytes, '
                    'storage_bytes, requests_per_second[.key], work_mem_bytes and temp_file_bytes; any other name is a meter summed over '
                    'window_length, e.g. window_length => ''1 day''';
   END IF;
@@ -242,6 +261,10 @@ BEGIN
   IF set_limit.project_id IS NOT NULL AND set_limit.tenant_id IS NULL THEN
     RAISE EXCEPTION 'a project limit needs its tenant_id' USING ERRCODE = '22023',
       HINT = 'pass tenant_id together with project_id';
+  END IF;
+  IF set_limit.resource = 'concurrent_executions_total' AND set_limit.tenant_id IS NOT NULL THEN
+    RAISE EXCEPTION 'concurrent_executions_total is global only' USING ERRCODE = '22023',
+      HINT = 'it counts all tenants together; use concurrent_executions for one tenant';
   END IF;
   INSERT INTO meshhook_limits.limits AS l (resource, tenant_id, project_id, limit_value, warn_ratio,
                                            window_length, burst)
@@ -322,6 +345,10 @@ BEGIN
   PERFORM meshhook_limits._require_plan(set_plan_limit.plan);
   PERFORM meshhook_limits._validate_limit(set_plan_limit.resource, set_plan_limit.limit_value,
       set_plan_limit.warn_ratio, set_plan_limit.window_length, set_plan_limit.burst);
+  IF set_plan_limit.resource = 'concurrent_executions_total' THEN
+    RAISE EXCEPTION 'concurrent_executions_total is global only' USING ERRCODE = '22023',
+      HINT = 'it counts all tenants together; use concurrent_executions for a plan';
+  END IF;
   INSERT INTO meshhook_limits.limits AS l (resource, plan, limit_value, warn_ratio, window_length, burst)
   VALUES (set_plan_limit.resource, set_plan_limit.plan, set_plan_limit.limit_value, set_plan_limit.warn_ratio,
           set_plan_limit.window_length, set_plan_limit.burst)

@@ -74,6 +74,11 @@ BEGIN
   -- Each step on its own: one that fails (bad stored data, a locked table)
   -- is logged and the others still run, so reaping never stops.
   BEGIN
+    PERFORM meshhook_limits._end_claims();
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: ending claimed jobs'' slots failed: %', SQLERRM;
+  END;
+  BEGIN
     PERFORM meshhook_limits.reap_execution_slots();
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: reaping slots failed: %', SQLERRM;

@@ -72,9 +72,20 @@ extension_sql_file!(
 extension_sql_file!("../sql/pool.sql", name = "pool", requires = ["queues"]);
 extension_sql_file!("../sql/alerts.sql", name = "alerts", requires = ["pool"]);
 extension_sql_file!(
+    "../sql/claim.sql",
+    name = "claim",
+    requires = [
+        "alerts",
+        "claim_slot_grants",
+        "claim_count_grants",
+        slots::claim::_claim_slot,
+        slots::claim::_claim_shares
+    ]
+);
+extension_sql_file!(
     "../sql/tick.sql",
     name = "tick",
-    requires = ["alerts", slots::reap::reap_execution_slots]
+    requires = ["claim", slots::reap::reap_execution_slots]
 );
 extension_sql_file!(
     "../sql/metrics.sql",

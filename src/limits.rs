@@ -106,6 +106,12 @@ pub fn fast_path_or_definer<T>(fast: Result<Option<T>>, definer: impl FnOnce() -
 pub struct SlotLimits {
     pub tenant_cap: Option<i64>,
     pub project_cap: Option<i64>,
+    /// `concurrent_executions.<key>` of the key asked for (per tenant).
+    pub key_cap: Option<i64>,
+    /// `concurrent_executions_total`: every slot of the database.
+    pub total_cap: Option<i64>,
+    /// The tenant's `fair_share_weight` (claim_jobs' shares).
+    pub weight: Option<f64>,
     pub exec_micros: Option<i64>,
     pub memory_bytes: Option<i64>,
 }
@@ -184,21 +190,25 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
     }
 }
 
-type Key = ([u8; 16], Option<[u8; 16]>);
+type Key = ([u8; 16], Option<[u8; 16]>, Option<String>);
 
 thread_local! {
     static CACHE: RefCell<GenerationCache<Key, SlotLimits>> = RefCell::new(GenerationCache::new());
 }
 
-fn load(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
+fn load(
+    tenant: pgrx::Uuid,
+    project: Option<pgrx::Uuid>,
+    concurrency_key: Option<&str>,
+) -> Result<SlotLimits> {
     // update(), not select(): SPI takes a fresh snapshot for it (READ
     // COMMITTED), so what is loaded is at least as new as the generation.
     Spi::connect_mut(|c| {
         let rows = c.update(
-            "SELECT tenant_cap, project_cap, exec_micros, memory_bytes
-               FROM meshhook_limits._slot_limits($1, $2)",
+            "SELECT tenant_cap, project_cap, exec_micros, memory_bytes, key_cap, total_cap, weight
+               FROM meshhook_limits._slot_limits($1, $2, $3)",
             Some(1),
-            &[tenant.into(), project.into()],
+            &[tenant.into(), project.into(), concurrency_key.into()],
         )?;
         let mut out = SlotLimits::default();
         if let Some(row) = rows.into_iter().next() {
@@ -206,22 +216,39 @@ fn load(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
             out.project_cap = row.get::<i64>(2)?;
             out.exec_micros = row.get::<i64>(3)?;
             out.memory_bytes = row.get::<i64>(4)?;
+            out.key_cap = row.get::<i64>(5)?;
+            out.total_cap = row.get::<i64>(6)?;
+            out.weight = row.get::<f64>(7)?;
         }
         Ok(out)
     })
 }
 
-fn key(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Key {
-    (*tenant.as_bytes(), project.map(|p| *p.as_bytes()))
+fn key(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>, concurrency_key: Option<&str>) -> Key {
+    (
+        *tenant.as_bytes(),
+        project.map(|p| *p.as_bytes()),
+        concurrency_key.map(str::to_owned),
+    )
 }
 
 /// The slot limits if this backend has them cached (never runs SQL).
-pub fn cached_slot_limits(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Option<SlotLimits> {
-    GenerationCache::get(&CACHE, &key(tenant, project))
+pub fn cached_slot_limits(
+    tenant: pgrx::Uuid,
+    project: Option<pgrx::Uuid>,
+    concurrency_key: Option<&str>,
+) -> Option<SlotLimits> {
+    GenerationCache::get(&CACHE, &key(tenant, project, concurrency_key))
 }
 
-pub fn slot_limits(tenant: pgrx::Uuid, project: Option<pgrx::Uuid>) -> Result<SlotLimits> {
-    GenerationCache::get_or_load(&CACHE, key(tenant, project), || load(tenant, project))
+pub fn slot_limits(
+    tenant: pgrx::Uuid,
+    project: Option<pgrx::Uuid>,
+    concurrency_key: Option<&str>,
+) -> Result<SlotLimits> {
+    GenerationCache::get_or_load(&CACHE, key(tenant, project, concurrency_key), || {
+        load(tenant, project, concurrency_key)
+    })
 }
 
 /// Called by the triggers on limits, plans and plan assignments.

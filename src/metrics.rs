@@ -223,6 +223,21 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
         "Live execution slots.",
     );
     e.declare(
+        "meshhook_limits_claims_total",
+        "counter",
+        "Jobs claimed by claim_jobs since the server started.",
+    );
+    e.declare(
+        "meshhook_limits_claimed_cost_total",
+        "counter",
+        "Cost of the jobs claimed by claim_jobs since the server started.",
+    );
+    e.declare(
+        "meshhook_limits_claim_blocked_total",
+        "counter",
+        "Jobs claim_jobs passed over, by reason (they stay queued, untouched).",
+    );
+    e.declare(
         "meshhook_limits_slots_capacity",
         "gauge",
         "Size of the shared slot table.",
@@ -274,6 +289,19 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
             vec![],
             f64::from(h.live),
         );
+        if let Some((claims, cost, blocked)) = crate::slots::claim::counters() {
+            e.add("meshhook_limits_claims_total", "counter", "", vec![], claims as f64);
+            e.add("meshhook_limits_claimed_cost_total", "counter", "", vec![], cost as f64);
+            for (reason, n) in blocked {
+                e.add(
+                    "meshhook_limits_claim_blocked_total",
+                    "counter",
+                    "",
+                    labels(&[("reason", reason)]),
+                    n as f64,
+                );
+            }
+        }
         e.add(
             "meshhook_limits_slots_capacity",
             "gauge",

@@ -3,7 +3,7 @@
 //! needs SQL, running as the extension's owner after the same identity check.
 // The row types of the SQL functions are spelt out in their signatures.
 #![allow(clippy::type_complexity)]
-use super::{acquire, release, Admission, Ts};
+use super::{acquire, release, Admission, Demand, Ts};
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::limits::Mode;
 use pgrx::datum::{Interval, Uuid};
@@ -33,7 +33,9 @@ fn _acquire_execution_slot(
     ),
 > {
     let row = crate::row::utf8(&run_id, "run_id")
-        .and_then(|run_id| acquire(tenant_id, project_id, run_id, lease, Mode::Definer))
+        .and_then(|run_id| {
+            acquire(tenant_id, project_id, run_id, lease, &Demand::ONE, Mode::Definer)
+        })
         .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
         .or_raise();
     TableIterator::once(row.into_row())

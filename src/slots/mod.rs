@@ -15,6 +15,7 @@ use crate::shmem;
 use table::{CounterKey, LockedTable, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX};
 use xact::Op;
 
+pub mod claim;
 mod definer;
 mod fallback;
 pub mod listing;
@@ -22,12 +23,26 @@ pub mod reap;
 pub mod table;
 mod xact;
 
-/// What a tenant (and project) holds now, under the table's lock.
-struct Occupancy {
-    tenant_in_use: i64,
-    project_in_use: i64,
-    tenant_full: bool,
-    project_full: bool,
+/// What one slot takes: `cost` units of each limit that applies, and a
+/// concurrency key (`concurrent_executions.<key>`) when it has one.
+/// acquire_execution_slot asks for `Demand::ONE`; claim_jobs for a job's.
+pub struct Demand<'a> {
+    pub key: Option<&'a str>,
+    pub cost: u32,
+}
+
+impl Demand<'_> {
+    pub const ONE: Demand<'static> = Demand { key: None, cost: 1 };
+}
+
+/// One limit a slot is admitted under: the count it adds to, its cap (None:
+/// no limit), the refusal reason when it is full, and which live slots count
+/// under it (for retry_after).
+struct Check<'a> {
+    key: CounterKey,
+    cap: Option<i64>,
+    reason: &'static str,
+    counts: &'a dyn Fn(&Slot) -> bool,
 }
 
 /// Registers the transaction callbacks of pending slot changes. From `_PG_init`.
@@ -205,6 +220,7 @@ fn acquire(
     project: Option<Uuid>,
     run_id: Option<&str>,
     lease: Option<Interval>,
+    demand: &Demand,
     mode: Mode,
 ) -> Result<Option<Admission>> {
     let tenant = tenant.ok_or_else(|| {
@@ -248,12 +264,15 @@ fn acquire(
         if mode == Mode::FastPath {
             return Ok(None);
         }
+        if demand.key.is_some() || demand.cost != 1 {
+            return Err(LimitsError::NotPreloaded);
+        }
         return fallback::acquire(tenant, project, run_id, lease_micros).map(Some);
     }
     let lim = if mode == Mode::Definer {
-        limits::slot_limits(tenant, project)?
+        limits::slot_limits(tenant, project, demand.key)?
     } else {
-        match limits::cached_slot_limits(tenant, project) {
+        match limits::cached_slot_limits(tenant, project, demand.key) {
             Some(lim) => lim,
             None => return Ok(None),
         }
@@ -262,12 +281,45 @@ fn acquire(
     let db = shmem::my_database();
     let t = *tenant.as_bytes();
     let p = project.map(|p| *p.as_bytes());
-    let tenant_key = CounterKey::tenant(db, &t);
-    let project_key = p.map(|p| CounterKey::project(db, &t, &p));
+    let k = demand.key.map(table::key_digest);
     // No tenant holds more than the server's share, whatever its own limit
     // (or none): the table stays open to the others.
     let ceiling = crate::gucs::tenant_slot_ceiling();
     let tenant_cap = Some(lim.tenant_cap.map_or(ceiling, |c| c.min(ceiling)));
+    let of_tenant = |s: &Slot| s.database == db && s.tenant == t;
+    let of_project = |s: &Slot| of_tenant(s) && s.has_project && Some(s.project) == p;
+    let of_key = |s: &Slot| of_tenant(s) && s.has_key && Some(s.key) == k;
+    let of_database = |s: &Slot| s.database == db;
+    // In the order a refusal names them: the most specific holder first.
+    let mut checks = vec![Check {
+        key: CounterKey::tenant(db, &t),
+        cap: tenant_cap,
+        reason: "tenant_limit",
+        counts: &of_tenant,
+    }];
+    if let Some(p) = &p {
+        checks.push(Check {
+            key: CounterKey::project(db, &t, p),
+            cap: lim.project_cap,
+            reason: "project_limit",
+            counts: &of_project,
+        });
+    }
+    if let Some(k) = &k {
+        checks.push(Check {
+            key: CounterKey::key(db, &t, k),
+            cap: lim.key_cap,
+            reason: "key_limit",
+            counts: &of_key,
+        });
+    }
+    checks.push(Check {
+        key: CounterKey::total(db),
+        cap: lim.total_cap,
+        reason: "total_limit",
+        counts: &of_database,
+    });
+    let cost = i64::from(demand.cost);
     let random_id = random_slot_id()?;
 
     let mut locked = LockedTable::exclusive().ok_or(LimitsError::NotPreloaded)?;
@@ -281,46 +333,30 @@ fn acquire(
             retry_after(Some(grace_end), now),
         )));
     }
-    let occupancy = |locked: &mut LockedTable| {
-        let tenant_in_use = i64::from(locked.table().count(&tenant_key));
-        let project_in_use = project_key.map_or(0, |k| i64::from(locked.table().count(&k)));
-        Occupancy {
-            tenant_in_use,
-            project_in_use,
-            tenant_full: tenant_cap.is_some_and(|c| tenant_in_use >= c),
-            project_full: lim.project_cap.is_some_and(|c| project_in_use >= c) && p.is_some(),
-        }
+    let in_use = |locked: &mut LockedTable| -> Vec<i64> {
+        checks
+            .iter()
+            .map(|c| i64::from(locked.table().count(&c.key)))
+            .collect()
     };
-    let mut held = occupancy(&mut locked);
-    if held.tenant_full || held.project_full {
+    let full = |used: &[i64]| {
+        checks
+            .iter()
+            .zip(used)
+            .position(|(c, u)| c.cap.is_some_and(|cap| u + cost > cap))
+    };
+    let mut used = in_use(&mut locked);
+    if full(&used).is_some() {
         // Reclaim this tenant's abandoned slots before refusing.
         if locked.table().reap(now, Some((db, &t))) > 0 {
-            held = occupancy(&mut locked);
+            used = in_use(&mut locked);
         }
     }
-    if held.tenant_full {
-        let end = locked
-            .table()
-            .earliest_end(|s| s.database == db && s.tenant == t);
+    if let Some(i) = full(&used) {
+        let c = &checks[i];
+        let end = locked.table().earliest_end(c.counts);
         drop(locked);
-        return Ok(Some(refuse(
-            "tenant_limit",
-            held.tenant_in_use,
-            tenant_cap,
-            retry_after(end, now),
-        )));
-    }
-    if held.project_full {
-        let end = locked.table().earliest_end(|s| {
-            s.database == db && s.tenant == t && s.has_project && Some(s.project) == p
-        });
-        drop(locked);
-        return Ok(Some(refuse(
-            "project_limit",
-            held.project_in_use,
-            lim.project_cap,
-            retry_after(end, now),
-        )));
+        return Ok(Some(refuse(c.reason, used[i], c.cap, retry_after(end, now))));
     }
     let Some(idx) = locked.table().allocate(now) else {
         drop(locked);
@@ -336,11 +372,15 @@ fn acquire(
         tenant: t,
         project: p.unwrap_or([0; 16]),
         has_project: p.is_some(),
+        key: k.unwrap_or([0; 16]),
+        has_key: k.is_some(),
+        cost: demand.cost,
         state: LIVE,
         reason: 0,
         notified: false,
         announcer: 0,
         pid: unsafe { pg_sys::MyProcPid },
+        xid: unsafe { u32::from(pg_sys::GetTopTransactionIdIfAny()) },
         acquired_at: now,
         lease_micros,
         lease_expires: now.saturating_add(lease_micros).min(deadline),
@@ -357,17 +397,13 @@ fn acquire(
     drop(locked);
     xact::push(idx, id, Op::Acquire);
 
-    // Report the tighter of the two limits.
-    let (in_use, limit) = match (tenant_cap, lim.project_cap.filter(|_| p.is_some())) {
-        (Some(tenant_limit), Some(project_limit))
-            if project_limit - (held.project_in_use + 1)
-                < tenant_limit - (held.tenant_in_use + 1) =>
-        {
-            (held.project_in_use + 1, Some(project_limit))
-        }
-        (None, Some(project_limit)) => (held.project_in_use + 1, Some(project_limit)),
-        (tenant_limit, _) => (held.tenant_in_use + 1, tenant_limit),
-    };
+    // Report the limit with the least room left (the tenant's on a tie).
+    let (in_use, limit) = checks
+        .iter()
+        .zip(&used)
+        .filter_map(|(c, u)| c.cap.map(|cap| (u + cost, cap)))
+        .min_by_key(|(u, cap)| cap - u)
+        .map_or((used[0] + cost, None), |(u, cap)| (u, Some(cap)));
     Ok(Some(Admission {
         granted: true,
         slot_id: Some(Uuid::from_bytes(id)),
@@ -407,7 +443,7 @@ pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
         )
     };
     let row = limits::fast_path_or_definer(
-        acquire(tenant, project, run_id, lease, Mode::FastPath),
+        acquire(tenant, project, run_id, lease, &Demand::ONE, Mode::FastPath),
         || definer::acquire_as_owner(tenant, project, run_id, lease),
     );
     let cols = [

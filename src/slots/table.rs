@@ -16,13 +16,20 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 pub const MAX_SLOTS: usize = crate::gucs::SLOT_TABLE_SIZE;
 /// Power of two, at least twice the number of keys that can be live at once
-/// (each slot has at most one tenant and one project key).
-const COUNTER_CAP: usize = 4 * MAX_SLOTS;
+/// (each slot counts under at most a tenant, a project and a concurrency
+/// key, and all under the database's total).
+const COUNTER_CAP: usize = 8 * MAX_SLOTS;
 pub const RUN_ID_MAX: usize = 96;
 /// A revocation nobody announced within this long may give its entry away.
 const UNANNOUNCED_TOMBSTONE_MICROS: i64 = 3_600_000_000;
 
-pub const REFUSAL_REASONS: [&str; 3] = ["tenant_limit", "project_limit", "recovering"];
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "tenant_limit",
+    "project_limit",
+    "key_limit",
+    "total_limit",
+    "recovering",
+];
 
 pub const FREE: u8 = 0;
 pub const LIVE: u8 = 1;
@@ -30,6 +37,11 @@ pub const REVOKED: u8 = 2;
 
 pub const KIND_TENANT: u8 = 1;
 pub const KIND_PROJECT: u8 = 2;
+/// A tenant's concurrency key (`concurrent_executions.<key>`); the key's
+/// digest takes the place of the project.
+pub const KIND_KEY: u8 = 3;
+/// Every slot of a database (`concurrent_executions_total`).
+pub const KIND_TOTAL: u8 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -70,6 +82,12 @@ pub struct Slot {
     pub tenant: [u8; 16],
     pub project: [u8; 16],
     pub has_project: bool,
+    /// The digest of the concurrency key (`key_digest`), when it has one.
+    pub key: [u8; 16],
+    pub has_key: bool,
+    /// Units the slot counts for under each of its keys (a claimed job's
+    /// cost; 1 for acquire_execution_slot).
+    pub cost: u32,
     pub state: u8,
     pub reason: u8,
     /// The revocation has been announced (slot.revoked event).
@@ -78,6 +96,10 @@ pub struct Slot {
     /// transaction (0: none), so two reapers never announce it twice.
     pub announcer: i32,
     pub pid: i32,
+    /// The top transaction that took the slot, if it had an id by then
+    /// (claim_jobs makes sure it has: the tick leaves a claim alone until
+    /// its transaction has ended).
+    pub xid: u32,
     pub acquired_at: i64,
     pub lease_micros: i64,
     pub lease_expires: i64,
@@ -122,6 +144,52 @@ impl CounterKey {
             kind: KIND_PROJECT,
         }
     }
+
+    pub fn key(database: u32, tenant: &[u8; 16], key: &[u8; 16]) -> Self {
+        CounterKey {
+            database,
+            tenant: *tenant,
+            project: *key,
+            kind: KIND_KEY,
+        }
+    }
+
+    pub fn total(database: u32) -> Self {
+        CounterKey {
+            database,
+            tenant: [0; 16],
+            project: [0; 16],
+            kind: KIND_TOTAL,
+        }
+    }
+
+    /// Every key a slot counts under.
+    fn all_of(s: &Slot) -> impl Iterator<Item = CounterKey> {
+        [
+            Some(Self::tenant(s.database, &s.tenant)),
+            s.has_project
+                .then(|| Self::project(s.database, &s.tenant, &s.project)),
+            s.has_key.then(|| Self::key(s.database, &s.tenant, &s.key)),
+            Some(Self::total(s.database)),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+/// The 16-byte digest a concurrency key is counted under: two FNV-1a
+/// passes with different offsets. Two keys that collide share one count,
+/// which can only refuse early, never admit too many.
+pub fn key_digest(key: &str) -> [u8; 16] {
+    let pass = |offset: u64| {
+        key.bytes().fold(offset, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&pass(0xcbf2_9ce4_8422_2325).to_le_bytes());
+    d[8..].copy_from_slice(&pass(0x6c62_272e_07bb_0142).to_le_bytes());
+    d
 }
 
 #[derive(Clone, Copy)]
@@ -139,7 +207,12 @@ pub struct Header {
     pub grace_end: i64,
     pub grants: AtomicU64,
     /// Refusals by reason (REFUSAL_REASONS); the total is their sum.
-    pub refusals_by: [AtomicU64; 3],
+    pub refusals_by: [AtomicU64; 5],
+    /// Jobs claimed by claim_jobs, and their cost.
+    pub claims: AtomicU64,
+    pub claimed_cost: AtomicU64,
+    /// Jobs claim_jobs passed over, by reason (claim::BLOCKED_REASONS).
+    pub claim_blocked_by: [AtomicU64; 6],
     /// Revocations by RevokeReason (index = reason code); the total is their sum.
     pub revocations_by: [AtomicU64; 4],
     pub cursor: u32,
@@ -280,24 +353,24 @@ impl Table {
         }
     }
 
-    fn incr(&mut self, key: &CounterKey) {
+    fn incr(&mut self, key: &CounterKey, n: u32) {
         match self.find(key) {
-            Ok(i) => self.counters[i].count += 1,
+            Ok(i) => self.counters[i].count += n,
             Err(i) => {
                 self.counters[i] = Counter {
                     key: *key,
-                    count: 1,
+                    count: n,
                 }
             }
         }
     }
 
-    fn decr(&mut self, key: &CounterKey) {
+    fn decr(&mut self, key: &CounterKey, n: u32) {
         let Ok(mut i) = self.find(key) else {
             return;
         };
-        if self.counters[i].count > 1 {
-            self.counters[i].count -= 1;
+        if self.counters[i].count > n {
+            self.counters[i].count -= n;
             return;
         }
         // Backward-shift deletion keeps probe chains intact without tombstones.
@@ -326,19 +399,17 @@ impl Table {
         }
     }
 
-    /// Count a newly live slot.
+    /// Count a newly live slot: its cost under each of its keys.
     pub fn count_in(&mut self, s: &Slot) {
-        self.incr(&CounterKey::tenant(s.database, &s.tenant));
-        if s.has_project {
-            self.incr(&CounterKey::project(s.database, &s.tenant, &s.project));
+        for key in CounterKey::all_of(s) {
+            self.incr(&key, s.cost);
         }
         self.header.live += 1;
     }
 
     fn count_out(&mut self, s: &Slot) {
-        self.decr(&CounterKey::tenant(s.database, &s.tenant));
-        if s.has_project {
-            self.decr(&CounterKey::project(s.database, &s.tenant, &s.project));
+        for key in CounterKey::all_of(s) {
+            self.decr(&key, s.cost);
         }
         self.header.live = self.header.live.saturating_sub(1);
     }

@@ -1,0 +1,316 @@
+//! The slot side of claim_jobs (sql/claim.sql): a slot for a claimed job,
+//! with its concurrency key and cost; the load of the tenants competing for
+//! the next claim; and the claimed slots the worker's tick ends with their
+//! jobs.
+//!
+//! A claimed job's slot has the run id `claim/<binding id>/<job id>`: that is
+//! how the tick finds the job it belongs to (`_claimed_slots`).
+// The row types of the SQL functions are spelt out in their signatures.
+#![allow(clippy::type_complexity)]
+use super::table::{self, CounterKey, LockedTable, LIVE};
+use super::{acquire, now, ts, Demand, Ts};
+use crate::error::{LimitsError, OrRaise};
+use crate::limits::{self, Mode};
+use crate::{identity, shmem};
+use pgrx::datum::{Interval, Uuid};
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+
+/// Why claim_jobs passed over a job (metrics label `reason`): the refusal
+/// reasons of a slot, then a job whose tenant, project or cost is missing
+/// or not valid.
+pub const BLOCKED_REASONS: [&str; 6] = [
+    "tenant_limit",
+    "project_limit",
+    "key_limit",
+    "total_limit",
+    "recovering",
+    "invalid_job",
+];
+
+/// The largest cost one job may take.
+pub const MAX_COST: i32 = 1_000_000;
+/// The longest concurrency key, in bytes.
+pub const KEY_MAX: usize = 200;
+
+pub const RUN_ID_PREFIX: &str = "claim/";
+
+fn count_blocked(reason: &str) {
+    if let (Some(h), Some(i)) = (
+        table::header(),
+        BLOCKED_REASONS.iter().position(|r| *r == reason),
+    ) {
+        h.claim_blocked_by[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A slot for one claimed job: `cost` units of the tenant's, the project's,
+/// the key's and the total limit, all checked at once. Returns the slot, or
+/// no slot and the reason; counts the claim or the blocked job.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn _claim_slot(
+    tenant_id: Option<Uuid>,
+    project_id: Option<Uuid>,
+    concurrency_key: Option<&str>,
+    cost: Option<i32>,
+    lease: Option<Interval>,
+    run_id: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(slot_id, Option<Uuid>),
+        name!(reason, Option<String>),
+        name!(lease_expires_at, Option<Ts>),
+    ),
+> {
+    identity::require_admin("claim jobs").or_raise();
+    let cost = cost.unwrap_or(1);
+    if !(1..=MAX_COST).contains(&cost) {
+        LimitsError::invalid(
+            format!("cost must be between 1 and {MAX_COST}, got {cost}"),
+            "a job's cost is a whole number of units of each limit",
+        )
+        .raise();
+    }
+    if concurrency_key.is_some_and(|k| k.is_empty() || k.len() > KEY_MAX) {
+        LimitsError::invalid(
+            format!("a concurrency key must be 1 to {KEY_MAX} bytes long"),
+            "use a short name, such as the upstream API the job calls",
+        )
+        .raise();
+    }
+    let demand = Demand {
+        key: concurrency_key,
+        cost: cost as u32,
+    };
+    // The slot records its transaction, so the tick can tell a claim still
+    // being made from a job that ended (`_claimed_slots`).
+    unsafe { pg_sys::GetTopTransactionId() };
+    let answer = acquire(tenant_id, project_id, run_id, lease, &demand, Mode::Definer)
+        .and_then(|a| a.ok_or(LimitsError::NotPreloaded))
+        .or_raise();
+    if answer.granted {
+        if let Some(h) = table::header() {
+            h.claims.fetch_add(1, Ordering::Relaxed);
+            h.claimed_cost.fetch_add(cost as u64, Ordering::Relaxed);
+        }
+    } else if let Some(reason) = &answer.reason {
+        count_blocked(reason);
+    }
+    TableIterator::once((
+        answer.slot_id,
+        answer.reason,
+        answer.lease_expires_at,
+    ))
+}
+
+/// Counts a job claim_jobs passed over for a reason of its own (invalid_job).
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn _claim_blocked(reason: &str) {
+    count_blocked(reason);
+}
+
+/// For each tenant: the cost it runs now (all its slots of this database),
+/// its `fair_share_weight` (default 1) and whether its own limit leaves room
+/// for a job of cost 1. claim_jobs serves the tenant with the least
+/// `in_use / weight` first.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn _claim_shares(
+    tenants: Option<Vec<Option<Uuid>>>,
+) -> TableIterator<
+    'static,
+    (
+        name!(tenant_id, Uuid),
+        name!(in_use, i64),
+        name!(weight, f64),
+        name!(has_room, bool),
+    ),
+> {
+    identity::require_admin("claim jobs").or_raise();
+    let tenants: Vec<Uuid> = tenants.unwrap_or_default().into_iter().flatten().collect();
+    let lims: Vec<_> = tenants
+        .iter()
+        .map(|t| limits::slot_limits(*t, None, None).or_raise())
+        .collect();
+    let ceiling = crate::gucs::tenant_slot_ceiling();
+    let db = shmem::my_database();
+    let mut locked = LockedTable::shared()
+        .ok_or(LimitsError::NotPreloaded)
+        .or_raise();
+    let rows: Vec<_> = tenants
+        .iter()
+        .zip(&lims)
+        .map(|(t, lim)| {
+            let in_use = i64::from(locked.table().count(&CounterKey::tenant(db, t.as_bytes())));
+            let cap = lim.tenant_cap.map_or(ceiling, |c| c.min(ceiling));
+            (*t, in_use, lim.weight.unwrap_or(1.0), in_use < cap)
+        })
+        .collect();
+    drop(locked);
+    TableIterator::new(rows)
+}
+
+/// The live claimed slots of this database whose claiming transaction has
+/// ended: (slot, binding id, job id, acquired at), for the tick to end
+/// those whose job has ended. The job id is the rest of the run id after
+/// the binding: `<job id>` for pg-boss, `<msg_id>/<read_ct>` for pgmq.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _claimed_slots() -> TableIterator<
+    'static,
+    (
+        name!(slot_id, Uuid),
+        name!(binding_id, i64),
+        name!(job_id, String),
+        name!(acquired_at, Ts),
+    ),
+> {
+    let db = shmem::my_database();
+    let Some(mut locked) = LockedTable::shared() else {
+        return TableIterator::new(Vec::new());
+    };
+    let live: Vec<_> = locked
+        .table()
+        .slots
+        .iter()
+        .filter(|s| s.state == LIVE && s.database == db)
+        .filter_map(|s| {
+            let run = std::str::from_utf8(&s.run_id[..s.run_id_len as usize]).ok()?;
+            let (binding, job) = run.strip_prefix(RUN_ID_PREFIX)?.split_once('/')?;
+            Some((
+                (
+                    Uuid::from_bytes(s.id),
+                    binding.parse::<i64>().ok()?,
+                    job.to_string(),
+                    ts(s.acquired_at)?,
+                ),
+                s.xid,
+            ))
+        })
+        .collect();
+    drop(locked);
+    // Outside our lock: this takes the proc array's.
+    let ended = live
+        .into_iter()
+        .filter(|(_, xid)| {
+            *xid == 0 || !unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(*xid)) }
+        })
+        .map(|(row, _)| row)
+        .collect::<Vec<_>>();
+    TableIterator::new(ended)
+}
+
+/// Extend the leases of these live slots of this database by their own
+/// lease length, as a heartbeat does: the tick keeps a claimed job's slot
+/// while the job runs. Returns how many were extended.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _renew_slots(slot_ids: Option<Vec<Option<Uuid>>>) -> i64 {
+    let ids: Vec<[u8; 16]> = slot_ids
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .map(|u| *u.as_bytes())
+        .collect();
+    let (now, db) = (now(), shmem::my_database());
+    let Some(mut locked) = LockedTable::exclusive() else {
+        return 0;
+    };
+    let mut n = 0;
+    for id in &ids {
+        let Some(idx) = locked.table().lookup(id) else {
+            continue;
+        };
+        let s = &mut locked.table().slots[idx];
+        if s.state == LIVE && s.database == db && now < s.lease_expires {
+            s.lease_expires = now.saturating_add(s.lease_micros).min(s.deadline);
+            n += 1;
+        }
+    }
+    n
+}
+
+pgrx::extension_sql!(
+    r#"
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_blocked(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claimed_slots() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._renew_slots(uuid[]) FROM PUBLIC;
+"#,
+    name = "claim_slot_grants",
+    requires = [_claim_blocked, _claimed_slots, _renew_slots]
+);
+
+/// The claim counters for metrics(): claims, claimed cost, blocked by reason.
+pub fn counters() -> Option<(u64, u64, Vec<(&'static str, u64)>)> {
+    let h = table::header()?;
+    Some((
+        h.claims.load(Ordering::Relaxed),
+        h.claimed_cost.load(Ordering::Relaxed),
+        BLOCKED_REASONS
+            .iter()
+            .zip(&h.claim_blocked_by)
+            .map(|(r, c)| (*r, c.load(Ordering::Relaxed)))
+            .collect(),
+    ))
+}
+
+/// What a tenant's slot would be counted against now, in cost units: the
+/// tenant, the project, the concurrency key and the database's total.
+/// For explain_admission (which checks who may read the tenant).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _slot_counts(
+    tenant_id: Uuid,
+    project_id: Option<Uuid>,
+    concurrency_key: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(tenant_in_use, i64),
+        name!(project_in_use, i64),
+        name!(key_in_use, i64),
+        name!(total_in_use, i64),
+    ),
+> {
+    let db = shmem::my_database();
+    let t = tenant_id.as_bytes();
+    let Some(mut locked) = LockedTable::shared() else {
+        return TableIterator::once((0, 0, 0, 0));
+    };
+    let tb = locked.table();
+    let count = |k: CounterKey| i64::from(tb.count(&k));
+    let row = (
+        count(CounterKey::tenant(db, t)),
+        project_id.map_or(0, |p| count(CounterKey::project(db, t, p.as_bytes()))),
+        concurrency_key.map_or(0, |k| count(CounterKey::key(db, t, &table::key_digest(k)))),
+        count(CounterKey::total(db)),
+    );
+    drop(locked);
+    TableIterator::once(row)
+}
+
+/// The cost a tenant runs now through claims of one queue binding.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _claims_running(binding_id: i64, tenant_id: Uuid) -> i64 {
+    let db = shmem::my_database();
+    let prefix = format!("{RUN_ID_PREFIX}{binding_id}/");
+    let Some(mut locked) = LockedTable::shared() else {
+        return 0;
+    };
+    locked
+        .table()
+        .slots
+        .iter()
+        .filter(|s| s.state == LIVE && s.database == db && s.tenant == *tenant_id.as_bytes())
+        .filter(|s| s.run_id[..s.run_id_len as usize].starts_with(prefix.as_bytes()))
+        .map(|s| i64::from(s.cost))
+        .sum()
+}
+
+pgrx::extension_sql!(
+    r#"
+REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_counts(uuid, uuid, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claims_running(bigint, uuid) FROM PUBLIC;
+"#,
+    name = "claim_count_grants",
+    requires = [_slot_counts, _claims_running]
+);
