@@ -21,7 +21,8 @@
 #              a deep backlog, concurrent_executions_total = BENCH_TOTAL, W
 #              workers claim/run/complete/release for BENCH_SECONDS; each
 #              tenant's share of the claimed cost against w / Σw. Target:
-#              every share within ±5% (relative) of its target.
+#              every share within ±5% (relative) of its target. A second
+#              arm (diagnosis) serialises the claims with an advisory lock.
 #  throughput  no limits at all; claim_jobs + boss.complete (with and without
 #              the explicit release) vs boss.fetch + boss.complete, no run
 #              time, same workers, batch and backlog, BENCH_TP_ROUNDS
@@ -58,6 +59,7 @@
 #   BENCH_TOTAL          concurrent_executions_total in weights, 0 = none [7]
 #   BENCH_W_JOBS         jobs per tenant in weights [enough for the run at 20 ms]
 #   BENCH_COST_MAX       job cost in weights: 1, or uniform 1..N (cost_path 'cost') [1]
+#   BENCH_W_SERIALIZED   1: also a diagnosis arm with the claims one at a time [1]
 #   BENCH_TP_ARMS        [fetch claim claimrel]
 #   BENCH_TP_SECONDS     measured seconds per throughput run [15]
 #   BENCH_TP_WARMUP      warm-up seconds per throughput run [3]
@@ -95,6 +97,7 @@ W_WARMUP=${BENCH_W_WARMUP:-5}
 W_WEIGHTS=${BENCH_WEIGHTS:-1,2,4}
 W_TOTAL=${BENCH_TOTAL:-7}
 W_COST_MAX=${BENCH_COST_MAX:-1}
+W_SERIALIZED=${BENCH_W_SERIALIZED:-1}
 TP_ARMS=${BENCH_TP_ARMS:-fetch claim claimrel}
 TP_SECONDS=${BENCH_TP_SECONDS:-15}
 TP_WARMUP=${BENCH_TP_WARMUP:-3}
@@ -182,7 +185,8 @@ machine_info "$DB"
 settings=$(pg_settings_of "$DB" fsync synchronous_commit shared_buffers max_connections \
   meshhook_limits.sample_interval meshhook_limits.default_lease meshhook_limits.retry_after_max meshhook_limits.restart_grace)
 worker_pid() { q "SELECT pid FROM pg_stat_activity WHERE backend_type = 'meshhook_limits worker'"; }
-wpid0=$(worker_pid)
+wpid0=""
+for _ in $(seq 100); do wpid0=$(worker_pid); [[ -n $wpid0 ]] && break; sleep 0.1; done
 [[ -n $wpid0 ]] || broken+=("the meshhook_limits worker is not running in $DB")
 
 json() { # FILE EXPR: a value of the load's JSON output
@@ -201,10 +205,12 @@ drop_queue_jobs() { # NAME: the arm's jobs go, so the next arm starts on the sam
 live_slots() { qdb "${1:-$DB}" "SELECT count(*) FROM meshhook_limits.slots() WHERE state = 'live'"; }
 # After an arm: every slot must be gone (released by the loop or, within a
 # tick, by the worker); what is left is released here and reported.
-slots_left() { # NAME [WAIT_S]
-  local n i
+slots_left() { # NAME [WAIT_S]: sets DRAIN_S, how long the slots took to go
+  local n i t0
+  t0=$(now_s)
   for ((i = 0; i <= ${2:-0} * 10; i++)); do
     n=$(live_slots)
+    DRAIN_S=$(awk -v a="$(now_s)" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')
     (( n == 0 )) && return 0
     sleep 0.1
   done
@@ -249,8 +255,9 @@ noisy_arm() { # ARM
     load_checks "noisy $arm" "$jf"
     echo "    quiet p95 $(json "$jf" .quiet_p95_s) s, done $(json "$jf" .quiet_done)/$(json "$jf" .quiet_total), refusals $(json "$jf" .refusals), other CPU $cpu_other_pct" >&2
   fi
+  # Before unbinding: an unbound queue's claims end only with their leases.
+  slots_left "noisy $arm" 5
   [[ $mode == claim ]] && q "SELECT meshhook_limits.unbind_queue('pgboss', '$qn')" >/dev/null
-  slots_left "noisy $arm" 3
   drop_queue_jobs "$qn"
 }
 if has "$SCENARIOS" noisy; then
@@ -261,7 +268,32 @@ if has "$SCENARIOS" noisy; then
 fi
 
 # --- weights ----------------------------------------------------------------------------
-W_FILE=""
+# The measured arm: W loops claiming concurrently. With BENCH_W_SERIALIZED=1 a
+# second arm (diagnosis, not the target) runs the same with every claim_jobs
+# call behind one advisory lock, one at a time: what is left there comes from
+# the order within a call, the rest from races between concurrent calls.
+declare -A W_FILE=() W_CPU=()
+weights_arm() { # KIND (concurrent | serialized)
+  local kind=$1 qn="weights-$1" jf="$OUT/weights-$1.json" ser=0
+  [[ $kind == serialized ]] && ser=1
+  create_queue "$DB" "$qn"
+  q "SELECT meshhook_limits.bind_queue('pgboss', '$qn', cost_path => 'cost')" >/dev/null
+  echo "  $kind claims" >&2
+  cpu_start
+  run_load "weights $kind" "$jf" weights --queue "$qn" --weights "$W_WEIGHTS" --workers "$WORKERS" --run-ms "$RUN_MS" \
+    --poll-ms "$POLL_MS" --jobs "$W_JOBS" --cost-max "$W_COST_MAX" --seconds "$W_SECONDS" --warmup "$W_WARMUP" \
+    --total "$W_TOTAL" --release 1 --serialize "$ser" || true
+  cpu_end; cpu_other
+  W_FILE[$kind]=$jf W_CPU[$kind]=$cpu_other_pct
+  if [[ -s $jf ]] && [[ -z $(json "$jf" .error 2>/dev/null) ]]; then
+    load_checks "weights $kind" "$jf"
+    [[ $(json "$jf" .saturated) == true ]] || notes+=("weights $kind: a tenant ran out of jobs before the end (BENCH_W_JOBS); its share is not a saturated share")
+    echo "    max deviation $(json "$jf" .max_abs_deviation_pct)%, $(json "$jf" .cost_per_s) cost/s" >&2
+  fi
+  slots_left "weights $kind" 5
+  q "SELECT meshhook_limits.unbind_queue('pgboss', '$qn')" >/dev/null
+  drop_queue_jobs "$qn"
+}
 if has "$SCENARIOS" weights; then
   echo "weights: $W_WEIGHTS, total limit $W_TOTAL, $WORKERS workers, ${W_SECONDS}s after ${W_WARMUP}s, $W_JOBS jobs per tenant" >&2
   clear_limits
@@ -269,28 +301,14 @@ if has "$SCENARIOS" weights; then
     q "SELECT meshhook_limits.set_limit('fair_share_weight', ${weights[$i]}, tenant_id => '00000000-0000-4000-8000-$(printf '%012d' $((101 + i)))')" >/dev/null
   done
   (( W_TOTAL > 0 )) && q "SELECT meshhook_limits.set_limit('concurrent_executions_total', $W_TOTAL)" >/dev/null
-  create_queue "$DB" weights
-  q "SELECT meshhook_limits.bind_queue('pgboss', 'weights', cost_path => 'cost')" >/dev/null
-  W_FILE=$OUT/weights.json
-  cpu_start
-  run_load weights "$W_FILE" weights --queue weights --weights "$W_WEIGHTS" --workers "$WORKERS" --run-ms "$RUN_MS" \
-    --poll-ms "$POLL_MS" --jobs "$W_JOBS" --cost-max "$W_COST_MAX" --seconds "$W_SECONDS" --warmup "$W_WARMUP" \
-    --total "$W_TOTAL" --release 1 || true
-  cpu_end; cpu_other
-  W_CPU=$cpu_other_pct
-  if [[ -s $W_FILE ]] && [[ -z $(json "$W_FILE" .error 2>/dev/null) ]]; then
-    load_checks weights "$W_FILE"
-    [[ $(json "$W_FILE" .saturated) == true ]] || notes+=("weights: a tenant ran out of jobs before the end (BENCH_W_JOBS); its share is not a saturated share")
-    echo "    max deviation $(json "$W_FILE" .max_abs_deviation_pct)%, $(json "$W_FILE" .cost_per_s) cost/s" >&2
-  fi
-  q "SELECT meshhook_limits.unbind_queue('pgboss', 'weights')" >/dev/null
-  slots_left weights 3
-  drop_queue_jobs weights
+  weights_arm concurrent
+  [[ $W_SERIALIZED == 1 ]] && weights_arm serialized
   clear_limits
 fi
 
 # --- throughput ---------------------------------------------------------------------------
 declare -A TP_RUNS=()   # "source arm" → jobs/s of each round
+declare -A TP_TICK=() TP_DRAIN=()  # source → the worker's longest tick, the time the slots took to go (claim arm)
 tenant_expr="('00000000-0000-4000-8000-' || lpad((1 + g % $TP_TENANTS)::text, 12, '0'))"
 fill_pgboss() { # QUEUE: TP_JOBS waiting jobs of TP_TENANTS tenants, 1 ms apart (FIFO order defined)
   q "INSERT INTO pgboss.job (name, data, policy, created_on, start_after)
@@ -328,12 +346,16 @@ tp_run() { # SOURCE ARM ROUND
       waiting=$(q "SELECT count(*) FROM pgmq.q_$qn WHERE vt <= clock_timestamp()")
     fi
     (( waiting > 0 )) || notes+=("throughput $src $arm round $r: the backlog ran out before the end (BENCH_TP_JOBS); jobs/s is a lower bound")
+    [[ $arm == claim ]] && TP_TICK["$src"]+="$(json "$jf" .max_tick_ms) "
     TP_RUNS["$src $arm"]+="$jps "
     printf '    %-7s %-9s round %s: %s jobs/s (max live slots %s)\n' "$src" "$arm" "$r" "$jps" "$(json "$jf" .sampled_max_live_total)" >&2
   fi
+  # claim without the explicit release: the worker ends the slots within a
+  # tick or two; before unbinding, since an unbound queue's claims end only
+  # with their leases.
+  slots_left "throughput $src $arm round $r" 10
+  [[ $arm == claim ]] && TP_DRAIN["$src"]+="$DRAIN_S "
   [[ $arm != fetch ]] && q "SELECT meshhook_limits.unbind_queue('$src', '$qn')" >/dev/null
-  # claim without the explicit release: the worker releases within a tick.
-  slots_left "throughput $src $arm round $r" 3
   if [[ $src == pgboss ]]; then drop_queue_jobs "$qn"; else q "SELECT pgmq.drop_queue('$qn')" >/dev/null; fi
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (!NR) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -399,7 +421,14 @@ if has "$SCENARIOS" backlog; then
       echo "SELECT tenant_id FROM meshhook_limits.claim_jobs('pgboss', 'backlog', 1);"
       echo 'ROLLBACK;'
     } | "$PSQL" -X -q -d "$BL_DB" >"$1" 2>&1 || true
-    sed -e 's/ (cost=[^)]*)//' -e 's/^NOTICE:  //' "$1" | grep -v '^\(LOAD\|SET\|BEGIN\|ROLLBACK\)$'
+    # Only the statements on the queue table, the slot's and the shares', and
+    # the call itself (the limit lookups inside are the same as for a slot).
+    sed -e 's/ (cost=[^)]*)//' -e 's/^NOTICE:  //' "$1" |
+      awk '/^duration: / { if (keep) printf "%s", block; block = ""; keep = 0 }
+           /^(LOAD|SET|BEGIN|ROLLBACK)$/ || /^ *tenant_id *$/ || /^-+$/ || /^\(1 row\)$/ || /^ [0-9a-f-]+$/ { next }
+           { block = block $0 "\n" }
+           /pgboss\.job|claim_jobs\(|_claim_slot|_claim_shares/ { keep = 1 }
+           END { if (keep) printf "%s", block }'
   }
   time_claims empty
   BL_EMPTY=$TC BL_EMPTY_MIN=$TC_MIN BL_EMPTY_MAX=$TC_MAX
@@ -484,26 +513,41 @@ report() {
     echo "- empty claims / fetches:$(for arm in $NOISY_ARMS; do jf=${NOISY_FILE[$arm]:-}; [[ -n $jf && -s $jf ]] && printf ' %s %s of %s;' "$arm" "$(json "$jf" .empty_claims)" "$(json "$jf" .claims)"; done)"
     echo
   fi
-  if has "$SCENARIOS" weights && [[ -n $W_FILE && -s $W_FILE && -z $(json "$W_FILE" .error 2>/dev/null) ]]; then
+  if has "$SCENARIOS" weights; then
     echo "### Weights"
     echo
     echo "Tenants with \`fair_share_weight\` $W_WEIGHTS, $W_JOBS jobs each (round-robin chunks of 1000, cost $( (( W_COST_MAX > 1 )) && echo "uniform 1..$W_COST_MAX" || echo 1),"
-    echo "\`bind_queue(cost_path => 'cost')\`), no per-tenant limit, \`concurrent_executions_total\` = $W_TOTAL; $WORKERS workers"
+    echo "\`bind_queue(cost_path => 'cost')\`), no per-tenant limit, \`concurrent_executions_total\` = $( (( W_TOTAL > 0 )) && echo "$W_TOTAL" || echo none); $WORKERS workers"
     echo "claim (batch 1), run $RUN_MS ms, complete, release, for $W_SECONDS s after $W_WARMUP s of warm-up. Share = the tenant's cost claimed in"
-    echo "the measured window / all of it; running share = its time-averaged cost in hand / all of it. Other CPU $W_CPU."
+    echo "the measured window / all of it; running share = its time-averaged cost in hand / all of it."
     echo
-    echo "| tenant | weight | target | cost claimed | share | deviation | mean running | running share | deviation | max in hand | waiting at end |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    node -e "const o = JSON.parse(require('fs').readFileSync('$W_FILE', 'utf8'));
-      for (const t of o.tenants) console.log('| ' + t.tenant.slice(-3) + ' | ' + t.weight + ' | ' + t.target.toFixed(4) + ' | ' + t.cost_claimed + ' | ' +
-        t.share.toFixed(4) + ' | ' + (t.deviation_pct > 0 ? '+' : '') + t.deviation_pct.toFixed(2) + '% | ' + t.mean_running_cost.toFixed(2) + ' | ' +
-        t.running_share.toFixed(4) + ' | ' + (t.running_deviation_pct > 0 ? '+' : '') + t.running_deviation_pct.toFixed(2) + '% | ' + t.max_in_hand + ' | ' + t.waiting_at_end + ' |')"
-    echo
-    local dev; dev=$(json "$W_FILE" .max_abs_deviation_pct)
-    echo "- $(awk -v d="$dev" 'BEGIN { print (d + 0 <= 5) ? "PASS" : "MISS" }'): max relative deviation of a share from its target: **${dev}%** (target ±5%); of the running share: $(json "$W_FILE" .max_abs_running_deviation_pct)%"
-    echo "- $(json "$W_FILE" .cost_per_s) cost/s claimed; $(json "$W_FILE" .empty_claims) of $(json "$W_FILE" .claims) claims empty; most in hand at once $(json "$W_FILE" .max_in_hand_total), most live slots sampled $(json "$W_FILE" .sampled_max_live_total) (total limit $W_TOTAL)"
-    echo "- every tenant saturated to the end: $(json "$W_FILE" .saturated)"
-    echo
+    local kind jf dev
+    for kind in concurrent serialized; do
+      jf=${W_FILE[$kind]:-}
+      [[ -n $jf ]] || continue
+      if [[ ! -s $jf || -n $(json "$jf" .error 2>/dev/null) ]]; then echo "$kind: (failed)"; echo; continue; fi
+      if [[ $kind == concurrent ]]; then
+        echo "**$WORKERS loops claiming concurrently** (the measurement; other CPU ${W_CPU[$kind]}):"
+      else
+        echo "**Diagnosis: the same with every \`claim_jobs\` call behind one advisory lock** (one claim at a time; other CPU ${W_CPU[$kind]}):"
+      fi
+      echo
+      echo "| tenant | weight | target | cost claimed | share | deviation | mean running | running share | deviation | max in hand | waiting at end |"
+      echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+      node -e "const o = JSON.parse(require('fs').readFileSync('$jf', 'utf8'));
+        for (const t of o.tenants) console.log('| ' + t.tenant.slice(-3) + ' | ' + t.weight + ' | ' + t.target.toFixed(4) + ' | ' + t.cost_claimed + ' | ' +
+          t.share.toFixed(4) + ' | ' + (t.deviation_pct > 0 ? '+' : '') + t.deviation_pct.toFixed(2) + '% | ' + t.mean_running_cost.toFixed(2) + ' | ' +
+          t.running_share.toFixed(4) + ' | ' + (t.running_deviation_pct > 0 ? '+' : '') + t.running_deviation_pct.toFixed(2) + '% | ' + t.max_in_hand + ' | ' + t.waiting_at_end + ' |')"
+      echo
+      dev=$(json "$jf" .max_abs_deviation_pct)
+      if [[ $kind == concurrent ]]; then
+        echo "- $(awk -v d="$dev" 'BEGIN { print (d + 0 <= 5) ? "PASS" : "MISS" }'): max relative deviation of a share from its target: **${dev}%** (target ±5%); of the running share: $(json "$jf" .max_abs_running_deviation_pct)%"
+      else
+        echo "- max relative deviation: ${dev}% (running share: $(json "$jf" .max_abs_running_deviation_pct)%)"
+      fi
+      echo "- $(json "$jf" .cost_per_s) cost/s claimed; $(json "$jf" .empty_claims) of $(json "$jf" .claims) claims empty; most in hand at once $(json "$jf" .max_in_hand_total), most live slots sampled $(json "$jf" .sampled_max_live_total); every tenant saturated to the end: $(json "$jf" .saturated)"
+      echo
+    done
   fi
   if has "$SCENARIOS" throughput; then
     echo "### Throughput, no limits"
@@ -537,7 +581,8 @@ report() {
         echo "- $(verdict "$(ratio "$med" "$base")" '>=' 0.8): $src $arm / fetch: $(ratio "$med" "$base") (target ≥ 0.8)"
       done
     done
-    echo "- most live slots sampled during a claim run (released by the worker, not by the loop):$(for jf in "$OUT"/tp-*-claim-*.json; do [[ -s $jf ]] && printf ' %s' "$(json "$jf" .sampled_max_live_total)"; done)"
+    echo "- \`claim\` arm, slots released by the worker: most live slots sampled during a run:$(for jf in "$OUT"/tp-*-claim-*.json; do [[ -s $jf ]] && printf ' %s' "$(json "$jf" .sampled_max_live_total)"; done) (capacity $(q "SELECT capacity FROM meshhook_limits.slot_stats()"));"
+    echo "  the worker's longest tick (ms) per run: pgboss ${TP_TICK[pgboss]:-–}, pgmq ${TP_TICK[pgmq]:-–}; seconds from the end of a run until no slot was left: pgboss ${TP_DRAIN[pgboss]:-–}, pgmq ${TP_DRAIN[pgmq]:-–}"
     echo
   fi
   if has "$SCENARIOS" backlog; then

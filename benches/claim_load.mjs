@@ -50,7 +50,9 @@
 //   window (job cost: data.cost, 1 unless --cost-max > 1, then uniform
 //   1..cost-max) against weight / sum(weights); also the time-averaged
 //   running cost per tenant. Jobs still waiting per tenant at the end tell
-//   whether every tenant stayed saturated.
+//   whether every tenant stayed saturated. --serialize 1 (diagnosis): every
+//   claim_jobs call runs in a transaction behind one advisory lock, so claims
+//   never overlap (releases still do).
 // throughput / pgmq-throughput: the queue is filled by the caller; the loops
 //   run with no sleep for --warmup + --seconds; jobs completed (archived) in
 //   the measured window per second.
@@ -77,7 +79,7 @@ function parseArgs (argv) {
     workers: 8, batch: 1, runMs: 20, pollMs: 5, sampleMs: 100,
     noisyJobs: 20000, quietTenants: 10, quietJobs: 200, quietDelay: 2, cap: 120,
     limit: 0, total: 0, release: 1, retryDelay: 5,
-    jobs: 20000, costMax: 1, seconds: 60, warmup: 5, vt: 30
+    jobs: 20000, costMax: 1, seconds: 60, warmup: 5, vt: 30, serialize: 0
   }
   for (let i = 0; i < argv.length; i += 2) {
     const k = argv[i].replace(/^--/, '').replace(/-([a-z])/g, (_, c) => c.toUpperCase())
@@ -96,6 +98,7 @@ function parseArgs (argv) {
 }
 
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms))
+const lit = x => "'" + String(x).replace(/'/g, "''") + "'"
 const tenant = n => `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`
 const NOISY = tenant(1000)
 const round = (x, d = 3) => x == null ? null : Math.round(x * 10 ** d) / 10 ** d
@@ -107,13 +110,24 @@ function percentile (sorted, p) { // nearest rank; sorted ascending
 // --- claiming, one interface over the arms ----------------------------------------
 // A "source" gives take(batch) → [{id, tenant, slot, cost}], done(jobs) (complete
 // or archive), and for naive putBack(jobs, retryAfterSeconds[]).
-function pgbossSource (boss, q) {
+function pgbossSource (boss, q, serialize = false) {
   const db = boss.getDb()
   return {
     db,
     async claim (batch) {
-      const { rows } = await db.executeSql(
-        'SELECT job_id, tenant_id, slot_id, data FROM meshhook_limits.claim_jobs($1, $2, $3)', ['pgboss', q, batch])
+      let rows
+      if (serialize) {
+        // Diagnosis only: one claim at a time (a transaction-level advisory
+        // lock around the call), to tell races between concurrent claims
+        // from the order within one.
+        const rs = await db.executeSql(
+          `BEGIN; SELECT pg_advisory_xact_lock(7426); SELECT job_id, tenant_id, slot_id, data
+             FROM meshhook_limits.claim_jobs('pgboss', ${lit(q)}, ${Number(batch)}); COMMIT;`)
+        rows = rs[2].rows
+      } else {
+        ({ rows } = await db.executeSql(
+          'SELECT job_id, tenant_id, slot_id, data FROM meshhook_limits.claim_jobs($1, $2, $3)', ['pgboss', q, batch]))
+      }
       return rows.map(r => ({ id: r.job_id, tenant: r.tenant_id, slot: r.slot_id, cost: Number(r.data?.cost ?? 1) }))
     },
     async fetch (batch) {
@@ -153,8 +167,8 @@ function pgmqSource (pool, q, vt) {
       return rows.map(r => ({ id: r.msg_id, tenant: r.message?.tenant_id, slot: null, cost: 1 }))
     },
     async done (jobs) {
-      const { rows } = await pool.query('SELECT pgmq.archive($1, $2::bigint[]) AS ids', [q, jobs.map(j => j.id)])
-      return rows[0].ids.length
+      const { rows } = await pool.query('SELECT count(*)::int AS n FROM pgmq.archive($1, $2::bigint[])', [q, jobs.map(j => j.id)])
+      return rows[0].n
     }
   }
 }
@@ -285,6 +299,7 @@ function slotSampler (conn, ms) {
   const client = new pg.Client(parseConn(conn))
   const max = {}
   let maxTotal = 0
+  let maxTickMs = 0
   let samples = 0
   let running = true
   const done = (async () => {
@@ -298,13 +313,16 @@ function slotSampler (conn, ms) {
         total += r.n
       }
       maxTotal = Math.max(maxTotal, total)
+      // The extension's worker: its last tick, which ends claimed jobs' slots.
+      const { rows: [w] } = await client.query('SELECT last_tick_ms::float8 AS ms FROM meshhook_limits.worker_state')
+      maxTickMs = Math.max(maxTickMs, w?.ms ?? 0)
       samples++
       await sleep(ms)
     }
     await client.end()
   })()
   return {
-    async stop () { running = false; await done; return { max, maxTotal, samples } }
+    async stop () { running = false; await done; return { max, maxTotal, maxTickMs, samples } }
   }
 }
 
@@ -429,6 +447,7 @@ async function noisy (boss, conn, o) {
     max_in_hand_total: s.maxInHandTotal,
     sampled_max_live: sampled?.max ?? null,
     sampled_max_live_total: sampled?.maxTotal ?? null,
+    max_tick_ms: sampled?.maxTickMs ?? null,
     samples: sampled?.samples ?? 0,
     over_admission: o.arm === 'fetch' ? [] : overAdmission(o, s, sampled)
   }
@@ -437,7 +456,7 @@ async function noisy (boss, conn, o) {
 // --- weights -------------------------------------------------------------------------
 async function weights (boss, conn, o) {
   const q = o.queue
-  const src = pgbossSource(boss, q)
+  const src = pgbossSource(boss, q, !!o.serialize)
   const ws = o.weights.split(',').map(Number)
   if (ws.some(w => !(w > 0))) throw new Error(`bad --weights ${o.weights}`)
   const tenants = ws.map((_, i) => tenant(101 + i))
@@ -500,6 +519,7 @@ async function weights (boss, conn, o) {
     seconds: o.seconds,
     warmup: o.warmup,
     total_limit: o.total,
+    serialized: !!o.serialize,
     tenants: per,
     max_abs_deviation_pct: round(Math.max(...per.map(p => Math.abs(p.deviation_pct))), 2),
     max_abs_running_deviation_pct: round(Math.max(...per.map(p => Math.abs(p.running_deviation_pct))), 2),
@@ -514,6 +534,7 @@ async function weights (boss, conn, o) {
     release_missing: s.releaseMissing,
     max_in_hand_total: s.maxInHandTotal,
     sampled_max_live_total: sampled.maxTotal,
+    max_tick_ms: sampled.maxTickMs,
     samples: sampled.samples,
     over_admission: overAdmission(o, s, sampled)
   }
@@ -556,6 +577,7 @@ async function throughput (src, conn, o) {
     complete_mismatch: s.completeMismatch,
     release_missing: s.releaseMissing,
     sampled_max_live_total: sampled?.maxTotal ?? null,
+    max_tick_ms: sampled?.maxTickMs ?? null,
     samples: sampled?.samples ?? 0
   }
 }

@@ -63,7 +63,8 @@ BEGIN
       USING ERRCODE = '22023', HINT = 'source is ''pgboss'' or ''pgmq''';
   END IF;
   IF p_queue IS NULL OR p_queue = '' OR length(p_queue) > 200 THEN
-    RAISE EXCEPTION 'queue must be a queue name' USING ERRCODE = '22023';
+    RAISE EXCEPTION 'queue must be a queue name' USING ERRCODE = '22023',
+      HINT = 'pass the name the queue was created with (1 to 200 characters)';
   END IF;
   IF p_source = 'pgboss' THEN
     rel := pg_catalog.to_regclass('pgboss.job');
@@ -80,7 +81,8 @@ BEGIN
     END IF;
   ELSE
     IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
-      RAISE EXCEPTION 'pgmq is not installed in this database' USING ERRCODE = '22023';
+      RAISE EXCEPTION 'pgmq is not installed in this database' USING ERRCODE = '22023',
+        HINT = 'install pgmq (CREATE EXTENSION pgmq, or its SQL) and create the queue first';
     END IF;
     IF NOT (meshhook_limits._read_as_owner(pg_catalog.to_regclass('pgmq.meta'),
               pg_catalog.format('SELECT pg_catalog.to_jsonb(EXISTS (SELECT 1 FROM pgmq.meta m WHERE m.queue_name = %L))',
@@ -193,6 +195,8 @@ COMMENT ON FUNCTION meshhook_limits.unbind_queue(text, text) IS
   'Admin: forget a queue binding and drop its claim index. Claimed jobs keep their slots until they end.';
 
 -- The binding, for claim_jobs (which runs as its caller, an admin).
+-- EXECUTE stays with PUBLIC, as for _claim_slot and _claim_shares: claim_jobs
+-- calls them as its caller, and each refuses any caller but an admin.
 CREATE FUNCTION meshhook_limits._queue_binding(p_source text, p_queue text)
 RETURNS meshhook_limits.queue_bindings
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

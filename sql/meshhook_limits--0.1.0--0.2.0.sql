@@ -1242,3 +1242,872 @@ BEGIN
   END IF;
 END
 $$;
+
+-- Issue 12: claiming jobs with their slots, fairly. Slots can carry a
+-- concurrency key and a cost; concurrent_executions.<key>,
+-- concurrent_executions_total and fair_share_weight are built in.
+UPDATE meshhook_limits.builtin_resources
+   SET enforced_by = 'acquire_execution_slot, claim_jobs',
+       description = 'running executions at once; concurrent_executions.<key> for one concurrency key'
+ WHERE resource = 'concurrent_executions';
+INSERT INTO meshhook_limits.builtin_resources VALUES
+  ('concurrent_executions_total', 'acquire_execution_slot, claim_jobs', 'running executions of all tenants together (global only)'),
+  ('fair_share_weight', 'claim_jobs', 'a tenant''s share of contended capacity, relative to others (default 1)');
+
+DROP FUNCTION meshhook_limits._slot_limits(uuid, uuid);
+-- What the slot path needs, in integer units: the tenant's and the
+-- project's concurrent_executions, the key's concurrent_executions.<key>
+-- (resolved like any limit, counted per tenant), the database's
+-- concurrent_executions_total, and the tenant's fair_share_weight.
+CREATE FUNCTION meshhook_limits._slot_limits(p_tenant uuid, p_project uuid, p_key text DEFAULT NULL)
+RETURNS TABLE(tenant_cap bigint, project_cap bigint, exec_micros bigint, memory_bytes bigint,
+              key_cap bigint, total_cap bigint, weight float8)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT
+    (SELECT LEAST(pg_catalog.floor(r.limit_value), 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, NULL) r
+      WHERE r.resource = 'concurrent_executions'),
+    (SELECT LEAST(pg_catalog.floor(l.limit_value), 9e18)::bigint FROM meshhook_limits.limits l
+      WHERE l.resource = 'concurrent_executions' AND l.tenant_id = p_tenant
+        AND l.project_id = p_project),
+    (SELECT LEAST(r.limit_value * 1000000, 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
+      WHERE r.resource = 'execution_seconds'),
+    (SELECT LEAST(r.limit_value, 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
+      WHERE r.resource = 'memory_bytes'),
+    (SELECT LEAST(pg_catalog.floor(r.limit_value), 9e18)::bigint FROM meshhook_limits._resolve(p_tenant, p_project) r
+      WHERE p_key IS NOT NULL AND r.resource = 'concurrent_executions.' || p_key),
+    (SELECT LEAST(pg_catalog.floor(l.limit_value), 9e18)::bigint FROM meshhook_limits.limits l
+      WHERE l.resource = 'concurrent_executions_total' AND l.tenant_id IS NULL AND l.plan IS NULL),
+    (SELECT r.limit_value::float8 FROM meshhook_limits._resolve(p_tenant, NULL) r
+      WHERE r.resource = 'fair_share_weight')
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_limits(uuid, uuid, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION meshhook_limits._validate_limit(p_resource text, p_limit numeric, p_warn numeric,
+                                                p_window interval, p_burst numeric)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  builtin boolean;
+BEGIN
+  IF p_resource IS NULL OR p_resource !~ '^[a-z][a-z0-9_.-]{0,62}$' THEN
+    RAISE EXCEPTION 'invalid resource name %', coalesce(quote_literal(left(p_resource, 80)), 'NULL')
+      USING ERRCODE = '22023',
+            HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
+  END IF;
+  builtin := EXISTS (SELECT 1 FROM meshhook_limits.builtin_resources b WHERE b.resource = p_resource)
+             OR p_resource LIKE 'requests_per_second.%'
+             OR p_resource LIKE 'concurrent_executions.%';
+  IF p_limit IS NULL OR p_limit = 'NaN' OR p_limit < 0 OR p_limit = 'Infinity' THEN
+    RAISE EXCEPTION 'limit_value must be a finite number >= 0, got %', coalesce(left(p_limit::text, 40), 'NULL')
+      USING ERRCODE = '22023', HINT = 'use clear_limit to remove a limit';
+  END IF;
+  -- Bounded, so every reader (metrics, alerts, the slot and rate paths)
+  -- can take any stored limit.
+  IF p_limit > 1e18 THEN
+    RAISE EXCEPTION 'limit_value must be at most 1e18, got %', left(p_limit::text, 40)
+      USING ERRCODE = '22023', HINT = 'use clear_limit for no limit at all';
+  END IF;
+  IF p_limit > 0 AND p_limit < 1e-9 THEN
+    RAISE EXCEPTION 'limit_value must be 0 or at least 1e-9, got %', left(p_limit::text, 40)
+      USING ERRCODE = '22023';
+  END IF;
+  IF (p_resource = 'requests_per_second' OR p_resource LIKE 'requests_per_second.%')
+     AND p_limit > 0 AND p_limit < 0.000001 THEN
+    RAISE EXCEPTION 'a request rate must be 0 or at least 0.000001 per second, got %', p_limit
+      USING ERRCODE = '22023', HINT = 'a rate of 0 refuses every request';
+  END IF;
+  IF (p_resource = 'concurrent_executions' OR p_resource LIKE 'concurrent_executions.%'
+      OR p_resource = 'concurrent_executions_total') AND p_limit <> trunc(p_limit) THEN
+    RAISE EXCEPTION '% must be a whole number, got %', p_resource, p_limit
+      USING ERRCODE = '22023';
+  END IF;
+  IF p_resource = 'fair_share_weight' AND (p_limit < 0.001 OR p_limit > 1000000) THEN
+    RAISE EXCEPTION 'fair_share_weight must be between 0.001 and 1000000, got %', p_limit
+      USING ERRCODE = '22023', HINT = 'weights are relative: 2 gets twice the share of 1 (the default)';
+  END IF;
+  IF p_warn IS NULL OR p_warn = 'NaN' OR p_warn <= 0 OR p_warn > 1 THEN
+    RAISE EXCEPTION 'warn_ratio must be in (0, 1], got %', coalesce(p_warn::text, 'NULL')
+      USING ERRCODE = '22023', HINT = 'warn_ratio 0.8 warns at 80% of the limit';
+  END IF;
+  IF NOT builtin AND p_window IS NULL THEN
+    RAISE EXCEPTION 'unknown resource "%" needs a window_length', p_resource
+      USING ERRCODE = '22023',
+            HINT = 'built-in resources are concurrent_executions[.key], concurrent_executions_total, '
+                   'fair_share_weight, execution_seconds, memory_bytes, '
+                   'storage_bytes, requests_per_second[.key], work_mem_bytes and temp_file_bytes; any other name is a meter summed over '
+                   'window_length, e.g. window_length => ''1 day''';
+  END IF;
+  IF builtin AND p_window IS NOT NULL THEN
+    RAISE EXCEPTION 'window_length does not apply to %', p_resource
+      USING ERRCODE = '22023', HINT = 'window_length is for metered resources only';
+  END IF;
+  IF p_window IS NOT NULL AND (p_window <= interval '0' OR p_window > interval '366 days') THEN
+    RAISE EXCEPTION 'window_length must be between 1 microsecond and 366 days, got %', p_window
+      USING ERRCODE = '22023';
+  END IF;
+  IF p_burst IS NOT NULL AND p_resource <> 'requests_per_second' AND p_resource NOT LIKE 'requests_per_second.%' THEN
+    RAISE EXCEPTION 'burst applies to requests_per_second only' USING ERRCODE = '22023';
+  END IF;
+  IF p_burst IS NOT NULL AND (p_burst = 'NaN' OR p_burst < 0 OR p_burst > 1e18 OR (p_burst > 0 AND p_burst < 1e-9)) THEN
+    RAISE EXCEPTION 'burst must be a number between 0 and 1e18, got %', left(p_burst::text, 40) USING ERRCODE = '22023';
+  END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._validate_limit(text, numeric, numeric, interval, numeric) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION meshhook_limits.set_limit(resource text, limit_value numeric, tenant_id uuid DEFAULT NULL,
+    project_id uuid DEFAULT NULL, warn_ratio numeric DEFAULT 0.8, window_length interval DEFAULT NULL,
+    burst numeric DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('change limits');
+  PERFORM meshhook_limits._validate_limit(set_limit.resource, set_limit.limit_value, set_limit.warn_ratio,
+                                          set_limit.window_length, set_limit.burst);
+  IF set_limit.project_id IS NOT NULL AND set_limit.tenant_id IS NULL THEN
+    RAISE EXCEPTION 'a project limit needs its tenant_id' USING ERRCODE = '22023',
+      HINT = 'pass tenant_id together with project_id';
+  END IF;
+  IF set_limit.resource = 'concurrent_executions_total' AND set_limit.tenant_id IS NOT NULL THEN
+    RAISE EXCEPTION 'concurrent_executions_total is global only' USING ERRCODE = '22023',
+      HINT = 'it counts all tenants together; use concurrent_executions for one tenant';
+  END IF;
+  INSERT INTO meshhook_limits.limits AS l (resource, tenant_id, project_id, limit_value, warn_ratio,
+                                           window_length, burst)
+  VALUES (set_limit.resource, set_limit.tenant_id, set_limit.project_id, set_limit.limit_value,
+          set_limit.warn_ratio, set_limit.window_length, set_limit.burst)
+  ON CONFLICT (tenant_id, project_id, plan, resource) DO UPDATE
+    SET limit_value = EXCLUDED.limit_value, warn_ratio = EXCLUDED.warn_ratio,
+        window_length = EXCLUDED.window_length, burst = EXCLUDED.burst, updated_at = pg_catalog.now();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION meshhook_limits.set_plan_limit(plan text, resource text, limit_value numeric,
+    warn_ratio numeric DEFAULT 0.8, window_length interval DEFAULT NULL, burst numeric DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('change limits');
+  PERFORM meshhook_limits._require_plan(set_plan_limit.plan);
+  PERFORM meshhook_limits._validate_limit(set_plan_limit.resource, set_plan_limit.limit_value,
+      set_plan_limit.warn_ratio, set_plan_limit.window_length, set_plan_limit.burst);
+  IF set_plan_limit.resource = 'concurrent_executions_total' THEN
+    RAISE EXCEPTION 'concurrent_executions_total is global only' USING ERRCODE = '22023',
+      HINT = 'it counts all tenants together; use concurrent_executions for a plan';
+  END IF;
+  INSERT INTO meshhook_limits.limits AS l (resource, plan, limit_value, warn_ratio, window_length, burst)
+  VALUES (set_plan_limit.resource, set_plan_limit.plan, set_plan_limit.limit_value, set_plan_limit.warn_ratio,
+          set_plan_limit.window_length, set_plan_limit.burst)
+  ON CONFLICT (tenant_id, project_id, plan, resource) DO UPDATE
+    SET limit_value = EXCLUDED.limit_value, warn_ratio = EXCLUDED.warn_ratio,
+        window_length = EXCLUDED.window_length, burst = EXCLUDED.burst, updated_at = pg_catalog.now();
+END
+$$;
+
+CREATE FUNCTION meshhook_limits._claim_slot(
+	"tenant_id" uuid, /* Option < Uuid > */
+	"project_id" uuid, /* Option < Uuid > */
+	"concurrency_key" TEXT, /* Option < & str > */
+	"cost" INT, /* Option < i32 > */
+	"lease" interval, /* Option < Interval > */
+	"run_id" TEXT /* Option < & str > */
+) RETURNS TABLE (
+	"slot_id" uuid,  /* Option < Uuid > */
+	"reason" TEXT,  /* Option < String > */
+	"lease_expires_at" timestamp with time zone  /* Option < Ts > */
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_claim_slot_wrapper';
+
+CREATE FUNCTION meshhook_limits._claim_blocked(
+	"reason" TEXT /* & str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_claim_blocked_wrapper';
+
+CREATE FUNCTION meshhook_limits._claim_shares(
+	"tenants" uuid[] /* :: std :: option :: Option < Vec < Option < Uuid > > > */
+) RETURNS TABLE (
+	"tenant_id" uuid,  /* Uuid */
+	"in_use" bigint,  /* i64 */
+	"weight" double precision,  /* f64 */
+	"has_room" bool  /* bool */
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_claim_shares_wrapper';
+
+CREATE FUNCTION meshhook_limits._claimed_slots() RETURNS TABLE (
+	"slot_id" uuid,  /* Uuid */
+	"binding_id" bigint,  /* i64 */
+	"job_id" TEXT,  /* String */
+	"acquired_at" timestamp with time zone  /* Ts */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_claimed_slots_wrapper';
+
+CREATE FUNCTION meshhook_limits._renew_slots(
+	"slot_ids" uuid[] /* :: std :: option :: Option < Vec < Option < Uuid > > > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_renew_slots_wrapper';
+
+CREATE FUNCTION meshhook_limits._slot_counts(
+	"tenant_id" uuid, /* Uuid */
+	"project_id" uuid, /* Option < Uuid > */
+	"concurrency_key" TEXT /* Option < & str > */
+) RETURNS TABLE (
+	"tenant_in_use" bigint,  /* i64 */
+	"project_in_use" bigint,  /* i64 */
+	"key_in_use" bigint,  /* i64 */
+	"total_in_use" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_slot_counts_wrapper';
+
+CREATE FUNCTION meshhook_limits._claims_running(
+	"binding_id" bigint, /* i64 */
+	"tenant_id" uuid /* Uuid */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_claims_running_wrapper';
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_blocked(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claimed_slots() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._renew_slots(uuid[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_counts(uuid, uuid, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claims_running(bigint, uuid) FROM PUBLIC;
+
+-- meshhook_limits: claiming jobs from pg-boss and pgmq with their slots, fairly.
+--
+-- bind_queue says where a queue's jobs name their tenant, project,
+-- concurrency key and cost, and adds an index on the queue table that
+-- orders each tenant's waiting jobs as the queue's own fetch does.
+-- claim_jobs walks that index one tenant at a time (a skip scan: its cost
+-- follows the tenants with waiting jobs, not the backlog), serves the tenant
+-- with the least running cost per fair_share_weight first, takes each job's
+-- slot (_claim_slot: tenant, project, key and total limits at once) and
+-- marks the job taken exactly as boss.fetch() or pgmq.read() would. Jobs
+-- whose limits have no room are not touched. The slot's run id is
+-- claim/<binding id>/<job id>[/<read_ct>]; the tick ends it with its job
+-- (_end_claims). docs/claiming.md has the algorithm and its bounds.
+
+CREATE TABLE meshhook_limits.queue_bindings (
+  id bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+  source text NOT NULL CHECK (source IN ('pgboss', 'pgmq')),
+  queue text NOT NULL,
+  -- Paths into the job's JSON (pg-boss data, pgmq message), as text[] for #>>.
+  tenant_path text[] NOT NULL,
+  project_path text[],
+  key_path text[],
+  cost_path text[],
+  -- The queue table and the index bind_queue created on it.
+  relation regclass NOT NULL,
+  index_name name NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (source, queue)
+);
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.queue_bindings', '');
+ALTER TABLE meshhook_limits.queue_bindings ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.queue_bindings FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+GRANT SELECT ON meshhook_limits.queue_bindings TO PUBLIC;
+
+-- 'a.b.c' -> '{a,b,c}'; 22023 for anything else.
+CREATE FUNCTION meshhook_limits._json_path(p_path text, p_what text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF p_path IS NULL THEN
+    RETURN NULL;
+  END IF;
+  IF p_path !~ '^[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63}){0,7}$' THEN
+    RAISE EXCEPTION 'invalid % %', p_what, quote_literal(left(p_path, 80))
+      USING ERRCODE = '22023',
+            HINT = 'a path is up to 8 dot-separated keys of letters, digits, _ and -, e.g. ''tenant_id'' or ''meta.tenant''';
+  END IF;
+  RETURN pg_catalog.string_to_array(p_path, '.');
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._json_path(text, text) FROM PUBLIC;
+
+-- The table of a queue, checked: a plain or partitioned table whose JSON
+-- column is jsonb (never a view or a type of someone else's). 22023 when
+-- the queue system or the queue does not exist.
+CREATE FUNCTION meshhook_limits._queue_relation(p_source text, p_queue text) RETURNS regclass
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  rel regclass;
+  col text := CASE p_source WHEN 'pgboss' THEN 'data' ELSE 'message' END;
+BEGIN
+  IF p_source IS NULL OR p_source NOT IN ('pgboss', 'pgmq') THEN
+    RAISE EXCEPTION 'unknown queue source %', coalesce(quote_literal(left(p_source, 40)), 'NULL')
+      USING ERRCODE = '22023', HINT = 'source is ''pgboss'' or ''pgmq''';
+  END IF;
+  IF p_queue IS NULL OR p_queue = '' OR length(p_queue) > 200 THEN
+    RAISE EXCEPTION 'queue must be a queue name' USING ERRCODE = '22023',
+      HINT = 'pass the name the queue was created with (1 to 200 characters)';
+  END IF;
+  IF p_source = 'pgboss' THEN
+    rel := pg_catalog.to_regclass('pgboss.job');
+    IF rel IS NULL OR pg_catalog.to_regclass('pgboss.queue') IS NULL THEN
+      RAISE EXCEPTION 'pg-boss is not installed in this database' USING ERRCODE = '22023',
+        HINT = 'start pg-boss (version 11) against this database first';
+    END IF;
+    -- pgboss.queue is read as its owner: it is another role's table.
+    IF NOT (meshhook_limits._read_as_owner(pg_catalog.to_regclass('pgboss.queue'),
+              pg_catalog.format('SELECT pg_catalog.to_jsonb(EXISTS (SELECT 1 FROM pgboss.queue q WHERE q.name = %L))',
+                                p_queue)))::text::boolean THEN
+      RAISE EXCEPTION 'unknown pg-boss queue %', quote_literal(left(p_queue, 80)) USING ERRCODE = '22023',
+        HINT = 'create it with boss.createQueue(name) first';
+    END IF;
+  ELSE
+    IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
+      RAISE EXCEPTION 'pgmq is not installed in this database' USING ERRCODE = '22023',
+        HINT = 'install pgmq (CREATE EXTENSION pgmq, or its SQL) and create the queue first';
+    END IF;
+    IF NOT (meshhook_limits._read_as_owner(pg_catalog.to_regclass('pgmq.meta'),
+              pg_catalog.format('SELECT pg_catalog.to_jsonb(EXISTS (SELECT 1 FROM pgmq.meta m WHERE m.queue_name = %L))',
+                                p_queue)))::text::boolean THEN
+      RAISE EXCEPTION 'unknown pgmq queue %', quote_literal(left(p_queue, 80)) USING ERRCODE = '22023',
+        HINT = 'create it with pgmq.create(name) first';
+    END IF;
+    rel := pg_catalog.to_regclass(pg_catalog.format('pgmq.%I', 'q_' || pg_catalog.lower(p_queue)));
+    IF rel IS NULL THEN
+      RAISE EXCEPTION 'pgmq queue % has no table', quote_literal(left(p_queue, 80)) USING ERRCODE = '22023';
+    END IF;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = col AND NOT a.attisdropped
+                  WHERE c.oid = rel AND c.relkind IN ('r', 'p') AND a.atttypid = 'pg_catalog.jsonb'::pg_catalog.regtype) THEN
+    RAISE EXCEPTION '% is not a queue table meshhook_limits can claim from', rel USING ERRCODE = '22023',
+      HINT = 'it must be a table with a jsonb column ' || col;
+  END IF;
+  RETURN rel;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_relation(text, text) FROM PUBLIC;
+
+-- The JSON text at a path of a job, as SQL (over the alias j, or none for
+-- the index): the index expression and every query that must use the
+-- index spell it the same way.
+CREATE FUNCTION meshhook_limits._path_sql(p_source text, p_path text[], p_alias text DEFAULT 'j.') RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT CASE WHEN p_path IS NULL THEN 'NULL::text'
+    ELSE pg_catalog.format('(%s%I OPERATOR(pg_catalog.#>>) %L::text[])', p_alias,
+                           CASE p_source WHEN 'pgboss' THEN 'data' ELSE 'message' END, p_path) END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._path_sql(text, text[], text) FROM PUBLIC;
+
+CREATE FUNCTION meshhook_limits.bind_queue(source text, queue text, tenant_path text DEFAULT 'tenant_id',
+    project_path text DEFAULT NULL, key_path text DEFAULT NULL, cost_path text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  rel regclass;
+  tp text[]; pp text[]; kp text[]; cp text[];
+  b meshhook_limits.queue_bindings;
+  idx name;
+  tenant_sql text;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('bind queues');
+  rel := meshhook_limits._queue_relation(bind_queue.source, bind_queue.queue);
+  IF bind_queue.tenant_path IS NULL THEN
+    RAISE EXCEPTION 'tenant_path must not be NULL' USING ERRCODE = '22023';
+  END IF;
+  tp := meshhook_limits._json_path(bind_queue.tenant_path, 'tenant_path');
+  pp := meshhook_limits._json_path(bind_queue.project_path, 'project_path');
+  kp := meshhook_limits._json_path(bind_queue.key_path, 'key_path');
+  cp := meshhook_limits._json_path(bind_queue.cost_path, 'cost_path');
+  SELECT * INTO b FROM meshhook_limits.queue_bindings qb
+   WHERE qb.source = bind_queue.source AND qb.queue = bind_queue.queue FOR UPDATE;
+  IF FOUND THEN
+    IF b.tenant_path = tp AND b.relation = rel THEN
+      UPDATE meshhook_limits.queue_bindings qb SET project_path = pp, key_path = kp, cost_path = cp
+       WHERE qb.id = b.id;
+      RETURN;
+    END IF;
+    PERFORM meshhook_limits.unbind_queue(bind_queue.source, bind_queue.queue);
+  END IF;
+  INSERT INTO meshhook_limits.queue_bindings (source, queue, tenant_path, project_path, key_path, cost_path,
+                                              relation, index_name)
+  VALUES (bind_queue.source, bind_queue.queue, tp, pp, kp, cp, rel, '-')
+  RETURNING * INTO b;
+  idx := 'meshhook_claim_' || b.id;
+  tenant_sql := meshhook_limits._path_sql(bind_queue.source, tp, '');
+  -- The index orders each tenant's waiting jobs as the queue's own fetch
+  -- does. Built in this transaction: writers of the queue wait meanwhile.
+  IF bind_queue.source = 'pgboss' THEN
+    EXECUTE pg_catalog.format(
+      'CREATE INDEX %I ON pgboss.job (%s, priority DESC, created_on, id) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state',
+      idx, tenant_sql, bind_queue.queue, 'active');
+  ELSE
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id)', idx, rel, tenant_sql);
+  END IF;
+  UPDATE meshhook_limits.queue_bindings qb SET index_name = idx WHERE qb.id = b.id;
+END
+$$;
+COMMENT ON FUNCTION meshhook_limits.bind_queue(text, text, text, text, text, text) IS
+  'Admin: where a pg-boss or pgmq queue''s jobs name their tenant, project, concurrency key and cost; adds the claim index. See docs/claiming.md.';
+
+CREATE FUNCTION meshhook_limits.unbind_queue(source text, queue text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  b meshhook_limits.queue_bindings;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('unbind queues');
+  DELETE FROM meshhook_limits.queue_bindings qb
+   WHERE qb.source = unbind_queue.source AND qb.queue = unbind_queue.queue
+  RETURNING * INTO b;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  -- Only the index bind_queue made: in the queue table's schema, on it.
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = b.relation AND c.relname = b.index_name) THEN
+    EXECUTE pg_catalog.format('DROP INDEX %I.%I',
+      (SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = b.relation), b.index_name);
+  END IF;
+  RETURN true;
+END
+$$;
+COMMENT ON FUNCTION meshhook_limits.unbind_queue(text, text) IS
+  'Admin: forget a queue binding and drop its claim index. Claimed jobs keep their slots until they end.';
+
+-- The binding, for claim_jobs (which runs as its caller, an admin).
+-- EXECUTE stays with PUBLIC, as for _claim_slot and _claim_shares: claim_jobs
+-- calls them as its caller, and each refuses any caller but an admin.
+CREATE FUNCTION meshhook_limits._queue_binding(p_source text, p_queue text)
+RETURNS meshhook_limits.queue_bindings
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  b meshhook_limits.queue_bindings;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('claim jobs');
+  SELECT * INTO b FROM meshhook_limits.queue_bindings qb WHERE qb.source = p_source AND qb.queue = p_queue;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'queue % of % is not bound', coalesce(quote_literal(left(p_queue, 80)), 'NULL'),
+      coalesce(quote_literal(left(p_source, 40)), 'NULL')
+      USING ERRCODE = '22023', HINT = 'an admin binds it with meshhook_limits.bind_queue(source, queue, tenant_path)';
+  END IF;
+  RETURN b;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.claim_jobs(source text, queue text, batch integer DEFAULT 1,
+    lease interval DEFAULT NULL)
+RETURNS TABLE(job_id text, tenant_id uuid, project_id uuid, concurrency_key text, slot_id uuid,
+              lease_expires_at timestamptz, data jsonb)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+  b meshhook_limits.queue_bindings;
+  t_sql text; p_sql text; k_sql text; c_sql text;
+  tenants_q text; head_q text; take_q text;
+  uuid_re constant text := '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$';
+  -- The competing tenants: id, running cost, weight, head job's age, and
+  -- whether it is still in the running for this call.
+  ten uuid[] := '{}'; tkey text[] := '{}'; used float8[] := '{}'; wgt float8[] := '{}';
+  age timestamptz[] := '{}'; live boolean[] := '{}'; looked int[] := '{}';
+  r record;
+  i int; best int; n int;
+  passed text[] := '{}';      -- jobs looked at and left alone in this call
+  job record;
+  j_project text; j_key text; j_cost text;
+  v_project uuid; v_cost int;
+  s record;
+  claimed int := 0;
+  run text;
+  vt interval;
+BEGIN
+  IF batch IS NULL OR batch < 1 OR batch > 1000 THEN
+    RAISE EXCEPTION 'batch must be between 1 and 1000, got %', coalesce(batch::text, 'NULL')
+      USING ERRCODE = '22023';
+  END IF;
+  b := meshhook_limits._queue_binding(source, queue);
+  t_sql := meshhook_limits._path_sql(b.source, b.tenant_path);
+  p_sql := meshhook_limits._path_sql(b.source, b.project_path);
+  k_sql := meshhook_limits._path_sql(b.source, b.key_path);
+  c_sql := meshhook_limits._path_sql(b.source, b.cost_path);
+  IF b.source = 'pgboss' THEN
+    -- A skip scan over the claim index: one index probe per tenant with
+    -- waiting jobs, returning its next job's creation time.
+    tenants_q := pg_catalog.format($q$
+      WITH RECURSIVE t(tenant, at) AS (
+        (SELECT %1$s, j.created_on FROM pgboss.job j
+          WHERE j.name = %2$L AND j.state < 'active' AND %1$s IS NOT NULL ORDER BY %1$s, j.priority DESC, j.created_on, j.id LIMIT 1)
+        UNION ALL
+        SELECT x.tenant, x.at FROM t, LATERAL (
+          SELECT %1$s AS tenant, j.created_on AS at FROM pgboss.job j
+           WHERE j.name = %2$L AND j.state < 'active' AND %1$s > t.tenant ORDER BY %1$s, j.priority DESC, j.created_on, j.id LIMIT 1) x)
+      SELECT tenant, at FROM t $q$, t_sql, b.queue);
+    -- A tenant's next job in the queue's own order (priority, then age),
+    -- locked; jobs this call already passed over are not looked at again.
+    head_q := pg_catalog.format($q$
+      SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen
+        FROM pgboss.job j
+       WHERE j.name = %4$L AND j.state < 'active' AND %5$s = $1 AND j.start_after < pg_catalog.now()
+         AND j.id::text <> ALL ($2)
+       ORDER BY %5$s, j.priority DESC, j.created_on, j.id LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
+      p_sql, k_sql, c_sql, b.queue, t_sql);
+    -- What boss.fetch() does to a job it takes (pg-boss 11).
+    take_q := pg_catalog.format($q$
+      UPDATE pgboss.job j SET state = 'active', started_on = pg_catalog.now(),
+             retry_count = CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END
+       WHERE j.name = %L AND j.id = $1::uuid $q$, b.queue);
+  ELSE
+    tenants_q := pg_catalog.format($q$
+      WITH RECURSIVE t(tenant, at) AS (
+        (SELECT %1$s, j.enqueued_at FROM %2$s j WHERE %1$s IS NOT NULL ORDER BY %1$s, j.msg_id LIMIT 1)
+        UNION ALL
+        SELECT x.tenant, x.at FROM t, LATERAL (
+          SELECT %1$s AS tenant, j.enqueued_at AS at FROM %2$s j WHERE %1$s > t.tenant ORDER BY %1$s, j.msg_id LIMIT 1) x)
+      SELECT tenant, at FROM t $q$, t_sql, b.relation);
+    head_q := pg_catalog.format($q$
+      SELECT j.msg_id::text AS id, j.message AS data, %1$s AS project, %2$s AS key, %3$s AS cost,
+             (j.read_ct + 1)::text AS gen FROM %4$s j
+       WHERE %5$s = $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
+       ORDER BY %5$s, j.msg_id LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
+      p_sql, k_sql, c_sql, b.relation, t_sql);
+    -- What pgmq.read(queue, vt, qty) does to a message it returns.
+    vt := coalesce(lease, interval '30 seconds');
+    take_q := pg_catalog.format($q$
+      UPDATE %s j SET vt = pg_catalog.clock_timestamp() + $2, read_ct = j.read_ct + 1,
+             last_read_at = pg_catalog.clock_timestamp()
+       WHERE j.msg_id = $1::bigint $q$, b.relation);
+  END IF;
+
+  FOR r IN EXECUTE tenants_q LOOP
+    IF r.tenant ~ uuid_re THEN
+      ten := ten || r.tenant::uuid; tkey := tkey || r.tenant; age := age || r.at;
+    ELSE
+      -- Not a tenant id: those jobs are never claimed (docs/claiming.md).
+      PERFORM meshhook_limits._claim_blocked('invalid_job');
+    END IF;
+  END LOOP;
+  n := pg_catalog.cardinality(ten);
+  IF n = 0 THEN
+    RETURN;
+  END IF;
+  SELECT pg_catalog.array_agg(sh.in_use::float8 ORDER BY sh.ord), pg_catalog.array_agg(sh.weight ORDER BY sh.ord),
+         pg_catalog.array_agg(sh.has_room ORDER BY sh.ord)
+    INTO used, wgt, live
+    FROM meshhook_limits._claim_shares(ten) WITH ORDINALITY sh(tid, in_use, weight, has_room, ord);
+  looked := pg_catalog.array_fill(0, ARRAY[n]);
+
+  WHILE claimed < batch LOOP
+    -- The tenant furthest below its share: least running cost per weight;
+    -- on a tie, the one whose next job has waited longest.
+    best := NULL;
+    FOR i IN 1 .. n LOOP
+      IF live[i] AND (best IS NULL OR used[i] / wgt[i] < used[best] / wgt[best]
+                      OR (used[i] / wgt[i] = used[best] / wgt[best] AND age[i] < age[best])) THEN
+        best := i;
+      END IF;
+    END LOOP;
+    EXIT WHEN best IS NULL;
+    EXECUTE head_q INTO job USING tkey[best], passed;
+    IF job.id IS NULL THEN
+      live[best] := false;      -- nothing runnable left (deferred, or taken by others)
+      CONTINUE;
+    END IF;
+    looked[best] := looked[best] + 1;
+    -- A project that is not a uuid, a cost that is not a whole number in
+    -- 1..1000000 or an empty or over-long key: never claimed.
+    v_project := CASE WHEN job.project ~ uuid_re THEN job.project::uuid END;
+    v_cost := CASE WHEN job.cost IS NULL THEN 1 WHEN job.cost ~ '^[0-9]{1,7}$' THEN job.cost::int END;
+    IF job.project IS NOT NULL AND v_project IS NULL OR v_cost IS NULL OR v_cost NOT BETWEEN 1 AND 1000000
+       OR coalesce(pg_catalog.octet_length(job.key) NOT BETWEEN 1 AND 200, false) THEN
+      PERFORM meshhook_limits._claim_blocked('invalid_job');
+      passed := passed || job.id;
+      CONTINUE;
+    END IF;
+    run := 'claim/' || b.id || '/' || job.id || coalesce('/' || job.gen, '');
+    SELECT * INTO s FROM meshhook_limits._claim_slot(ten[best], v_project, job.key, v_cost,
+                                                     CASE WHEN b.source = 'pgmq' THEN vt ELSE lease END, run);
+    IF s.slot_id IS NULL THEN
+      passed := passed || job.id;
+      IF s.reason = 'total_limit' AND v_cost = 1 OR s.reason = 'recovering' THEN
+        EXIT;                     -- nobody can be admitted now
+      ELSIF s.reason IN ('tenant_limit', 'total_limit') OR looked[best] >= 16 THEN
+        live[best] := false;      -- this tenant is done for this call
+      END IF;
+      CONTINUE;                   -- project or key full: try the tenant's next job
+    END IF;
+    IF b.source = 'pgboss' THEN
+      EXECUTE take_q USING job.id;
+    ELSE
+      EXECUTE take_q USING job.id, vt;
+    END IF;
+    used[best] := used[best] + v_cost;
+    claimed := claimed + 1;
+    job_id := job.id; tenant_id := ten[best]; project_id := v_project; concurrency_key := job.key;
+    slot_id := s.slot_id; lease_expires_at := s.lease_expires_at; data := job.data;
+    RETURN NEXT;
+  END LOOP;
+END
+$$;
+COMMENT ON FUNCTION meshhook_limits.claim_jobs(text, text, integer, interval) IS
+  'Claim up to batch jobs whose every limit has room, fairly across tenants, with their slots; the job is taken as the queue''s own fetch takes it. Runs as the caller (an admin worker). See docs/claiming.md.';
+
+-- The tick's part: end the slots of claimed jobs that have ended, and keep
+-- the others' leases. pg-boss: the job is no longer active, or was fetched
+-- again after the claim (completed, failed, cancelled, expired by pg-boss's
+-- maintenance, retried, deleted). pgmq: the message is gone (archived,
+-- deleted), visible again (vt passed: the worker crashed or overran) or read
+-- again. The queue tables are read as their owner (_read_as_owner).
+CREATE FUNCTION meshhook_limits._end_claims() RETURNS integer
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  c record;
+  b meshhook_limits.queue_bindings;
+  alive jsonb;
+  ended int := 0;
+BEGIN
+  FOR c IN SELECT s.binding_id,
+                  pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                    'slot', s.slot_id, 'job', pg_catalog.split_part(s.job_id, '/', 1),
+                    'gen', NULLIF(pg_catalog.split_part(s.job_id, '/', 2), ''),
+                    'at', s.acquired_at)) AS claimed
+             FROM meshhook_limits._claimed_slots() s GROUP BY s.binding_id LOOP
+    SELECT * INTO b FROM meshhook_limits.queue_bindings qb WHERE qb.id = c.binding_id;
+    -- An unbound queue's claims end with their leases.
+    CONTINUE WHEN NOT FOUND;
+    BEGIN
+      IF b.source = 'pgboss' THEN
+        alive := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
+          SELECT coalesce(pg_catalog.jsonb_agg(c.slot), '[]')
+            FROM pg_catalog.jsonb_to_recordset(%L::jsonb) c(slot uuid, job uuid, at timestamptz)
+            JOIN pgboss.job j ON j.name = %L AND j.id = c.job
+           WHERE j.state = 'active' AND j.started_on <= c.at $q$, c.claimed, b.queue));
+      ELSE
+        alive := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
+          SELECT coalesce(pg_catalog.jsonb_agg(c.slot), '[]')
+            FROM pg_catalog.jsonb_to_recordset(%L::jsonb) c(slot uuid, job bigint, gen bigint)
+            JOIN %s j ON j.msg_id = c.job
+           WHERE j.read_ct = c.gen AND j.vt > pg_catalog.clock_timestamp() $q$, c.claimed, b.relation));
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: checking claimed jobs of % queue % failed: %', b.source, b.queue, SQLERRM;
+      CONTINUE;
+    END;
+    PERFORM meshhook_limits._renew_slots(ARRAY(SELECT x::uuid FROM pg_catalog.jsonb_array_elements_text(alive) x));
+    PERFORM meshhook_limits.release_execution_slot((e->>'slot')::uuid)
+       FROM pg_catalog.jsonb_array_elements(c.claimed) e
+      WHERE NOT alive @> pg_catalog.jsonb_build_array(e->'slot');
+    ended := ended + pg_catalog.jsonb_array_length(c.claimed) - pg_catalog.jsonb_array_length(alive);
+  END LOOP;
+  RETURN ended;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._end_claims() FROM PUBLIC;
+
+CREATE FUNCTION meshhook_limits.explain_admission(tenant_id uuid, project_id uuid DEFAULT NULL,
+    concurrency_key text DEFAULT NULL)
+RETURNS TABLE(resource text, scope text, limit_value numeric, in_use bigint, source text, blocking boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  u record;
+  lim numeric;
+  src text;
+  ceiling numeric := current_setting('meshhook_limits.tenant_slot_ceiling')::numeric;
+BEGIN
+  PERFORM meshhook_limits.require_tenant_read(explain_admission.tenant_id);
+  SELECT * INTO u FROM meshhook_limits._slot_counts(explain_admission.tenant_id, explain_admission.project_id,
+                                                    explain_admission.concurrency_key);
+  SELECT r.limit_value, r.source INTO lim, src FROM meshhook_limits._resolve(explain_admission.tenant_id, NULL) r
+   WHERE r.resource = 'concurrent_executions';
+  IF lim IS NULL OR lim > ceiling THEN
+    lim := ceiling; src := 'server';   -- meshhook_limits.tenant_slot_ceiling
+  END IF;
+  RETURN QUERY SELECT 'concurrent_executions', 'tenant', lim, u.tenant_in_use, src, u.tenant_in_use + 1 > lim;
+  IF explain_admission.project_id IS NOT NULL THEN
+    SELECT l.limit_value INTO lim FROM meshhook_limits.limits l
+     WHERE l.resource = 'concurrent_executions' AND l.tenant_id = explain_admission.tenant_id
+       AND l.project_id = explain_admission.project_id;
+    RETURN QUERY SELECT 'concurrent_executions', 'project', lim, u.project_in_use,
+                        CASE WHEN lim IS NOT NULL THEN 'project' END, coalesce(u.project_in_use + 1 > lim, false);
+  END IF;
+  IF explain_admission.concurrency_key IS NOT NULL THEN
+    lim := NULL; src := NULL;
+    SELECT r.limit_value, r.source INTO lim, src
+      FROM meshhook_limits._resolve(explain_admission.tenant_id, explain_admission.project_id) r
+     WHERE r.resource = 'concurrent_executions.' || explain_admission.concurrency_key;
+    RETURN QUERY SELECT 'concurrent_executions.' || explain_admission.concurrency_key, 'key', lim, u.key_in_use,
+                        src, coalesce(u.key_in_use + 1 > lim, false);
+  END IF;
+  SELECT l.limit_value INTO lim FROM meshhook_limits.limits l
+   WHERE l.resource = 'concurrent_executions_total' AND l.tenant_id IS NULL AND l.plan IS NULL;
+  RETURN QUERY SELECT 'concurrent_executions_total', 'total', lim, u.total_in_use,
+                      CASE WHEN lim IS NOT NULL THEN 'global' END, coalesce(u.total_in_use + 1 > lim, false);
+  lim := 1; src := 'default';
+  SELECT r.limit_value, r.source INTO lim, src FROM meshhook_limits._resolve(explain_admission.tenant_id, NULL) r
+   WHERE r.resource = 'fair_share_weight';
+  RETURN QUERY SELECT 'fair_share_weight', 'tenant', coalesce(lim, 1), NULL::bigint, coalesce(src, 'default'), false;
+END
+$$;
+COMMENT ON FUNCTION meshhook_limits.explain_admission(uuid, uuid, text) IS
+  'Every limit a slot of this tenant (project, key) is admitted under, what is in use, where the limit comes from, and which blocks a job of cost 1 now.';
+
+-- Per bound queue and tenant: waiting jobs, claimed (running) jobs, and what
+-- blocks the tenant now (its own or the total limit; a job's project and key
+-- limits are checked when it is claimed). Admins and monitors see every
+-- tenant; a tenant sees its own rows.
+CREATE FUNCTION meshhook_limits.explain_queues(tenant uuid DEFAULT NULL)
+RETURNS TABLE(source text, queue text, tenant_id uuid, waiting bigint, running bigint, runnable bigint,
+              blocked bigint, blocked_by text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  me uuid := meshhook_limits.current_tenant();
+  v_only uuid := explain_queues.tenant;
+  b meshhook_limits.queue_bindings;
+  t_sql text;
+  w jsonb;
+  r record;
+  why text;
+BEGIN
+  IF NOT meshhook_limits.can_monitor() THEN
+    IF me IS NULL THEN
+      RAISE EXCEPTION 'no tenant identity to explain queues for' USING ERRCODE = '42501',
+        HINT = 'call with a JWT whose claims carry the tenant id, or as an admin';
+    END IF;
+    IF v_only IS NOT NULL AND v_only <> me THEN
+      RAISE EXCEPTION 'a tenant may explain only its own jobs' USING ERRCODE = '42501',
+        HINT = 'call with the tenant id of your own JWT claim, or NULL';
+    END IF;
+    v_only := me;
+  END IF;
+  FOR b IN SELECT * FROM meshhook_limits.queue_bindings qb ORDER BY qb.source, qb.queue LOOP
+    t_sql := meshhook_limits._path_sql(b.source, b.tenant_path);
+    BEGIN
+      w := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
+        SELECT coalesce(pg_catalog.jsonb_agg(x), '[]') FROM (
+          SELECT %1$s AS tenant, count(*) AS waiting FROM %2$s j
+           WHERE %3$s AND %1$s IS NOT NULL %4$s GROUP BY 1) x $q$,
+        t_sql, CASE b.source WHEN 'pgboss' THEN 'pgboss.job' ELSE b.relation::text END,
+        CASE b.source WHEN 'pgboss' THEN pg_catalog.format('j.name = %L AND j.state < ''active''', b.queue)
+                      ELSE 'j.vt <= pg_catalog.clock_timestamp()' END,
+        CASE WHEN v_only IS NOT NULL THEN pg_catalog.format('AND %s = %L', t_sql, v_only::text) ELSE '' END));
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: reading % queue % failed: %', b.source, b.queue, SQLERRM;
+      CONTINUE;
+    END;
+    FOR r IN SELECT x.tenant, x.waiting
+               FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, waiting bigint)
+              WHERE x.tenant ~ '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$' LOOP
+      SELECT e.resource INTO why FROM meshhook_limits.explain_admission(r.tenant::uuid) e
+       WHERE e.blocking ORDER BY e.scope = 'total' LIMIT 1;
+      source := b.source; queue := b.queue; tenant_id := r.tenant::uuid; waiting := r.waiting;
+      running := meshhook_limits._claims_running(b.id, r.tenant::uuid);
+      runnable := CASE WHEN why IS NULL THEN r.waiting ELSE 0 END;
+      blocked := r.waiting - runnable;
+      blocked_by := why;
+      RETURN NEXT;
+      why := NULL;
+    END LOOP;
+  END LOOP;
+END
+$$;
+COMMENT ON FUNCTION meshhook_limits.explain_queues(uuid) IS
+  'Per bound queue and tenant: waiting, running (claimed), runnable and blocked jobs, and the limit that blocks. Admins see all tenants, a tenant its own.';
+
+CREATE OR REPLACE FUNCTION meshhook_limits.tick() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '200ms'   -- a locked queue table is skipped, never waited on
+SET work_mem = '32MB'        -- percentiles over busy queues sort in memory
+SET max_parallel_workers_per_gather = 0  -- a sampler takes one core at most, never the queues' CPUs
+AS $$
+DECLARE
+  t0 timestamptz := pg_catalog.clock_timestamp();
+  win interval;
+  keep interval;
+  budget float8;
+  ws record;
+  full_pass boolean;
+  t_full timestamptz;
+BEGIN
+  -- The first call of a session (pg_cron opens one per run) loads the library
+  -- here, which defines the settings read below.
+  PERFORM meshhook_limits.require_admin_access('run tick()');
+  win := current_setting('meshhook_limits.queue_window')::interval;
+  keep := current_setting('meshhook_limits.retention')::interval;
+  budget := current_setting('meshhook_limits.queue_scan_budget')::float8;
+  -- A full pass over the queue tables when the budget allows: the last one
+  -- took queue_stats_ms, so the next may start queue_stats_ms / budget after
+  -- it. Also when there is no previous sample to carry statistics from.
+  SELECT w.queue_stats_at, w.queue_stats_ms INTO ws FROM meshhook_limits.worker_state w;
+  full_pass := budget >= 1 OR ws.queue_stats_at IS NULL OR ws.queue_stats_at > t0
+    OR t0 >= ws.queue_stats_at + (coalesce(ws.queue_stats_ms, 0) / budget) * interval '1 millisecond'
+    OR NOT EXISTS (SELECT 1 FROM meshhook_limits._latest_queue_samples());
+  t_full := pg_catalog.clock_timestamp();
+  BEGIN
+    PERFORM meshhook_limits._sample_pgboss(t0, win, full_pass);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling pg-boss failed: %', SQLERRM;
+    PERFORM meshhook_limits._carry_queue_samples(t0, 'pgboss');
+  END;
+  BEGIN
+    PERFORM meshhook_limits._sample_pgmq(t0, win, full_pass);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling pgmq failed: %', SQLERRM;
+    PERFORM meshhook_limits._carry_queue_samples(t0, 'pgmq');
+  END;
+  -- queue_health() and the alert rules read the samples of this time.
+  UPDATE meshhook_limits.worker_state
+     SET queues_sampled_at = t0,
+         queue_stats_at = CASE WHEN full_pass THEN t0 ELSE queue_stats_at END,
+         queue_stats_ms = CASE WHEN full_pass
+                               THEN round(extract(epoch FROM pg_catalog.clock_timestamp() - t_full) * 1000, 3)
+                               ELSE queue_stats_ms END;
+  -- Each step on its own: one that fails (bad stored data, a locked table)
+  -- is logged and the others still run, so reaping never stops.
+  BEGIN
+    PERFORM meshhook_limits._end_claims();
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: ending claimed jobs'' slots failed: %', SQLERRM;
+  END;
+  BEGIN
+    PERFORM meshhook_limits.reap_execution_slots();
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: reaping slots failed: %', SQLERRM;
+  END;
+  BEGIN
+    PERFORM meshhook_limits._sample_pool(t0);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling the pool failed: %', SQLERRM;
+  END;
+  BEGIN
+    PERFORM meshhook_limits._evaluate_alerts(t0);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: evaluating alerts failed: %', SQLERRM;
+  END;
+  DELETE FROM meshhook_limits.queue_samples s WHERE s.sampled_at < t0 - keep;
+  DELETE FROM meshhook_limits.pool_samples s WHERE s.sampled_at < t0 - GREATEST(keep, current_setting('meshhook_limits.pool_critical_for')::interval + interval '1 minute');
+  DELETE FROM meshhook_limits.events e WHERE e.created_at < t0 - current_setting('meshhook_limits.event_retention')::interval;
+  UPDATE meshhook_limits.worker_state SET last_tick = t0, ticks = ticks + 1,
+         last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits.tick() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits.tick() TO meshhook_limits_admin;
+
+-- acquire_execution_slot(..., wait => interval): wait for room.
+DROP FUNCTION meshhook_limits.acquire_execution_slot(uuid, uuid, text, interval);
+CREATE FUNCTION meshhook_limits.acquire_execution_slot(tenant_id uuid, project_id uuid DEFAULT NULL,
+    run_id text DEFAULT NULL, lease interval DEFAULT NULL, wait interval DEFAULT NULL)
+RETURNS TABLE(granted boolean, slot_id uuid, reason text, in_use bigint, limit_value bigint,
+              deadline timestamptz, lease_expires_at timestamptz, retry_after interval)
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'meshhook_limits_acquire_execution_slot';
+COMMENT ON FUNCTION meshhook_limits.acquire_execution_slot(uuid, uuid, text, interval, interval) IS
+  'Take an execution slot for a tenant (and project), waiting up to wait for room; never raises for a refusal. SECURITY INVOKER: the caller must be the tenant or an admin.';

@@ -497,8 +497,11 @@ def test_a_login_role_cannot_assert_a_tenant_by_forged_claims(cluster, admin, wo
 # release_execution_slot, check_rate_limit) call through SPI as the caller,
 # which check the caller's identity themselves; and _row_bytes, which counts
 # a tracked table's rows as that table's owner (owner.rs), a pure function
-# of the row it is given.
-CALLED_AS_THE_CALLER = {"_acquire_execution_slot", "_release_execution_slot", "_check_rate_limit", "_row_bytes"}
+# of the row it is given; and the definer functions claim_jobs (SECURITY
+# INVOKER: it updates the queue tables with the caller's rights) calls as
+# the caller, which refuse any caller but an admin (test_claim.py).
+CALLED_AS_THE_CALLER = {"_acquire_execution_slot", "_release_execution_slot", "_check_rate_limit", "_row_bytes",
+                        "_claim_slot", "_claim_shares", "_queue_binding"}
 
 
 def test_internal_functions_are_revoked_from_public(admin):

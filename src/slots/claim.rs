@@ -259,7 +259,7 @@ pub fn counters() -> Option<(u64, u64, Vec<(&'static str, u64)>)> {
 /// For explain_admission (which checks who may read the tenant).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _slot_counts(
-    tenant_id: Uuid,
+    tenant_id: Option<Uuid>,
     project_id: Option<Uuid>,
     concurrency_key: Option<&str>,
 ) -> TableIterator<
@@ -272,10 +272,10 @@ fn _slot_counts(
     ),
 > {
     let db = shmem::my_database();
-    let t = tenant_id.as_bytes();
-    let Some(mut locked) = LockedTable::shared() else {
+    let (Some(tenant_id), Some(mut locked)) = (tenant_id, LockedTable::shared()) else {
         return TableIterator::once((0, 0, 0, 0));
     };
+    let t = tenant_id.as_bytes();
     let tb = locked.table();
     let count = |k: CounterKey| i64::from(tb.count(&k));
     let row = (

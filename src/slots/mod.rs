@@ -21,6 +21,7 @@ mod fallback;
 pub mod listing;
 pub mod reap;
 pub mod table;
+mod wait;
 mod xact;
 
 /// What one slot takes: `cost` units of each limit that applies, and a
@@ -197,11 +198,18 @@ impl Admission {
     }
 }
 
-fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> Admission {
+fn count_refusal(reason: &str) {
     if let Some(h) = table::header() {
         if let Some(i) = table::REFUSAL_REASONS.iter().position(|r| *r == reason) {
             h.refusals_by[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+fn refuse(reason: &str, in_use: i64, limit: Option<i64>, retry: Interval) -> Admission {
+    // A waiter's tries are counted once, when it stops waiting.
+    if wait::current().is_none() {
+        count_refusal(reason);
     }
     Admission {
         granted: false,
@@ -354,9 +362,19 @@ fn acquire(
     }
     if let Some(i) = full(&used) {
         let c = &checks[i];
+        if let Some(w) = wait::current() {
+            wait::note_refusal(locked.table(), w, c.reason);
+        }
         let end = locked.table().earliest_end(c.counts);
         drop(locked);
         return Ok(Some(refuse(c.reason, used[i], c.cap, retry_after(end, now))));
+    }
+    // Room: unless an earlier waiter goes first (see `wait`).
+    if let Some(w) = wait::current() {
+        if let Some(reason) = wait::defer(locked.table(), w, lim.total_cap.is_some()) {
+            drop(locked);
+            return Ok(Some(refuse(reason, used[0], tenant_cap, retry_after(Some(now), now))));
+        }
     }
     let Some(idx) = locked.table().allocate(now) else {
         drop(locked);
@@ -422,9 +440,10 @@ thread_local! {
 
 crate::finfo_v1!(pg_finfo_meshhook_limits_acquire_execution_slot);
 
-/// `acquire_execution_slot(tenant_id, project_id, run_id, lease)`: take an
-/// execution slot for a tenant (and project). Never raises for a refusal:
-/// returns granted = false with a reason and retry_after. SECURITY INVOKER:
+/// `acquire_execution_slot(tenant_id, project_id, run_id, lease, wait)`:
+/// take an execution slot for a tenant (and project). Never raises for a
+/// refusal: returns granted = false with a reason and retry_after; with
+/// `wait`, first waits up to that long for room (`wait`). SECURITY INVOKER:
 /// with the limits cached in this backend it needs nothing but shared
 /// memory; otherwise it asks `_acquire_execution_slot` (SECURITY DEFINER).
 /// Identity is checked on both paths. Answers its one row directly.
@@ -433,19 +452,26 @@ crate::finfo_v1!(pg_finfo_meshhook_limits_acquire_execution_slot);
 pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: called by the executor with the four declared arguments.
-    let (tenant, project, run_id, lease) = unsafe {
+    // SAFETY: called by the executor with the five declared arguments.
+    let (tenant, project, run_id, lease, wait) = unsafe {
         (
             pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 0),
             pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 1),
             crate::row::text_arg(fcinfo, 2, "run_id").or_raise(),
             pgrx::fcinfo::pg_getarg::<Interval>(fcinfo, 3),
+            pgrx::fcinfo::pg_getarg::<Interval>(fcinfo, 4),
         )
     };
-    let row = limits::fast_path_or_definer(
-        acquire(tenant, project, run_id, lease, &Demand::ONE, Mode::FastPath),
-        || definer::acquire_as_owner(tenant, project, run_id, lease),
-    );
+    let attempt = || {
+        limits::fast_path_or_definer(
+            acquire(tenant, project, run_id, lease, &Demand::ONE, Mode::FastPath),
+            || definer::acquire_as_owner(tenant, project, run_id, lease),
+        )
+    };
+    let row = match (wait, tenant) {
+        (Some(wait), Some(t)) => wait::acquire_waiting(&t, wait::wait_micros(&wait).or_raise(), attempt),
+        _ => attempt(),
+    };
     let cols = [
         (c"granted", pg_sys::BOOLOID),
         (c"slot_id", pg_sys::UUIDOID),
@@ -720,13 +746,13 @@ pub extern "C-unwind" fn meshhook_limits_release_execution_slot(
 extension_sql!(
     r#"
 CREATE FUNCTION meshhook_limits.acquire_execution_slot(tenant_id uuid, project_id uuid DEFAULT NULL,
-    run_id text DEFAULT NULL, lease interval DEFAULT NULL)
+    run_id text DEFAULT NULL, lease interval DEFAULT NULL, wait interval DEFAULT NULL)
 RETURNS TABLE(granted boolean, slot_id uuid, reason text, in_use bigint, limit_value bigint,
               deadline timestamptz, lease_expires_at timestamptz, retry_after interval)
 LANGUAGE c VOLATILE PARALLEL UNSAFE
 AS 'MODULE_PATHNAME', 'meshhook_limits_acquire_execution_slot';
-COMMENT ON FUNCTION meshhook_limits.acquire_execution_slot(uuid, uuid, text, interval) IS
-  'Take an execution slot for a tenant (and project); never raises for a refusal. SECURITY INVOKER: the caller must be the tenant or an admin.';
+COMMENT ON FUNCTION meshhook_limits.acquire_execution_slot(uuid, uuid, text, interval, interval) IS
+  'Take an execution slot for a tenant (and project), waiting up to wait for room; never raises for a refusal. SECURITY INVOKER: the caller must be the tenant or an admin.';
 CREATE FUNCTION meshhook_limits.release_execution_slot(slot_id uuid, outcome text DEFAULT 'completed',
     memory_peak_bytes bigint DEFAULT NULL)
 RETURNS boolean

@@ -20,6 +20,8 @@ pub const MAX_SLOTS: usize = crate::gucs::SLOT_TABLE_SIZE;
 /// key, and all under the database's total).
 const COUNTER_CAP: usize = 8 * MAX_SLOTS;
 pub const RUN_ID_MAX: usize = 96;
+/// Callers of acquire_execution_slot(..., wait => ...) waiting at once.
+pub const MAX_WAITERS: usize = 1024;
 /// A revocation nobody announced within this long may give its entry away.
 const UNANNOUNCED_TOMBSTONE_MICROS: i64 = 3_600_000_000;
 
@@ -220,6 +222,25 @@ pub struct Header {
     /// The worker is connecting to its database: still true at its next
     /// start means that connection failed (see worker.rs).
     pub worker_connecting: AtomicBool,
+    /// Waiters sleep on it; a slot that stops counting wakes them.
+    pub wakeup: pg_sys::ConditionVariable,
+    /// Entries in use in `waiters`, and the next waiter's ticket.
+    pub waiting: u32,
+    pub next_ticket: u64,
+}
+
+/// A caller waiting for room (see `slots::wait`). Free when `pid` is 0.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Waiter {
+    pub pid: i32,
+    pub database: u32,
+    pub tenant: [u8; 16],
+    /// Order of arrival.
+    pub ticket: u64,
+    /// Why its last try was refused: 1 + the index in REFUSAL_REASONS, 0
+    /// before its first try.
+    pub last_refusal: u8,
 }
 
 #[repr(C)]
@@ -227,6 +248,7 @@ pub struct Table {
     pub header: Header,
     pub slots: [Slot; MAX_SLOTS],
     counters: [Counter; COUNTER_CAP],
+    pub waiters: [Waiter; MAX_WAITERS],
 }
 
 // Set once per process by the startup hook (inherited by forked backends).
@@ -251,6 +273,7 @@ unsafe fn startup() {
             let now = pg_sys::GetCurrentTimestamp();
             (*table).header.started_at = now;
             (*table).header.grace_end = now.saturating_add(crate::gucs::restart_grace_micros());
+            pg_sys::ConditionVariableInit(&raw mut (*table).header.wakeup);
         }
         TABLE.store(table, Ordering::Release);
         LOCK.store(
@@ -271,6 +294,16 @@ pub fn header() -> Option<&'static Header> {
     }
     // SAFETY: the table lives in shared memory for the life of the process.
     unsafe { Some(&(*TABLE.load(Ordering::Acquire)).header) }
+}
+
+/// The condition variable waiters sleep on (see `slots::wait`).
+pub fn wakeup() -> Option<*mut pg_sys::ConditionVariable> {
+    if !available() {
+        return None;
+    }
+    // SAFETY: the table lives in shared memory for the life of the process;
+    // a condition variable is used through its own spinlock.
+    unsafe { Some(&raw mut (*TABLE.load(Ordering::Acquire)).header.wakeup) }
 }
 
 /// The table under its lock (exclusive or shared); released when dropped.
@@ -412,6 +445,10 @@ impl Table {
             self.decr(&key, s.cost);
         }
         self.header.live = self.header.live.saturating_sub(1);
+        if self.header.waiting > 0 {
+            // SAFETY: initialised at startup; broadcasting only sets latches.
+            unsafe { pg_sys::ConditionVariableBroadcast(&raw mut self.header.wakeup) };
+        }
     }
 
     /// Index of the slot with this id, if any entry holds it.

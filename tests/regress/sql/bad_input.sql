@@ -135,6 +135,30 @@ SELECT r AS resource, pg_temp.refusal(format('SELECT * FROM meshhook_limits.reco
   FROM unnest(ARRAY['concurrent_executions', 'execution_seconds', 'requests_per_second']) r;
 SELECT resource, used, status FROM :s.usage_counters WHERE tenant_id = :t;
 
+-- Claiming and waiting (docs/claiming.md): bad limits, bindings, claims and waits.
+SELECT x AS call, pg_temp.refusal(x) FROM unnest(ARRAY[
+  format('SELECT meshhook_limits.set_limit(''concurrent_executions_total'', 5, %L)', :t),
+  'SELECT meshhook_limits.set_limit(''concurrent_executions_total'', 2.5)',
+  'SELECT meshhook_limits.set_limit(''concurrent_executions.openai'', 1.5)',
+  'SELECT meshhook_limits.set_limit(''fair_share_weight'', 0)',
+  'SELECT meshhook_limits.set_limit(''fair_share_weight'', 2000000)',
+  'SELECT meshhook_limits.bind_queue(''kafka'', ''q'')',
+  'SELECT meshhook_limits.bind_queue(NULL, ''q'')',
+  'SELECT meshhook_limits.bind_queue(''pgmq'', NULL)',
+  'SELECT meshhook_limits.bind_queue(''pgboss'', ''q'')',
+  'SELECT meshhook_limits.bind_queue(''pgmq'', ''q'')',
+  'SELECT * FROM meshhook_limits.claim_jobs(''pgmq'', ''not_bound'')',
+  'SELECT * FROM meshhook_limits.claim_jobs(''pgmq'', ''not_bound'', 0)',
+  'SELECT * FROM meshhook_limits.claim_jobs(''pgmq'', ''not_bound'', 1001)',
+  format('SELECT * FROM meshhook_limits.acquire_execution_slot(%L, wait => ''-1 second'')', :t),
+  format('SELECT * FROM meshhook_limits.acquire_execution_slot(%L, wait => ''2 hours'')', :t),
+  format('SELECT * FROM meshhook_limits.explain_admission(NULL)')]) x;
+SELECT p AS path, pg_temp.refusal(format('SELECT meshhook_limits._json_path(%L, ''tenant_path'')', p))
+  FROM unnest(ARRAY['', 'a..b', 'a.b.c.d.e.f.g.h.i', 'x''); DROP TABLE t; --', 'a b', '{a,b}', repeat('k', 64)]) p;
+SELECT meshhook_limits.unbind_queue('pgmq', 'not_bound');
+SELECT resource FROM :s.limits WHERE resource IN ('concurrent_executions_total', 'fair_share_weight')
+   OR resource LIKE 'concurrent_executions.%';
+
 -- The session survived every statement above, and still works.
 SELECT granted FROM :s.acquire_execution_slot('00000000-0000-0000-0000-0000000000c2');
 SELECT :s.release_execution_slot(slot_id) FROM :s.slots() WHERE tenant_id = '00000000-0000-0000-0000-0000000000c2';

@@ -1,0 +1,61 @@
+#!/usr/bin/env node
+// The pg-boss calls tests/test_claim.py needs beyond tests/node/pgboss_driver.mjs:
+//
+//   node tests/node/claim_driver.mjs CONN COMMAND [JSON_ARGS]
+//
+// JSON_ARGS '-' reads them from stdin. Same connection string, same output
+// (one JSON value; {"error", "code"} and exit status 1 on failure) and the
+// same quiet pg-boss (no supervisor, no scheduler) as pgboss_driver.mjs.
+//
+// Commands (JSON_ARGS in brackets):
+//   insert {name, jobs}    boss.insert(name, jobs): many jobs, each with its
+//                          own data (and id, priority, startAfter, retryLimit,
+//                          expireInSeconds...), in one statement -> [ids]
+//   delete {name, ids}     boss.deleteJob(name, ids)
+//   fail-fetch {name, batchSize}
+//                          boss.fetch then boss.fail of what it fetched: a
+//                          worker of pg-boss's own that fails its jobs -> [ids]
+import { readFileSync } from 'node:fs'
+import PgBoss from 'pg-boss'
+import { parseConn, runAsJson } from './conn.mjs'
+
+async function main () {
+  const [conn, command, rawArgs] = process.argv.slice(2)
+  if (!conn || !command) {
+    throw new Error('usage: claim_driver.mjs CONN COMMAND [JSON_ARGS]')
+  }
+  // '-': the arguments on stdin (thousands of jobs do not fit in one argv string).
+  const args = rawArgs ? JSON.parse(rawArgs === '-' ? readFileSync(0, 'utf8') : rawArgs) : {}
+  const boss = new PgBoss({
+    ...parseConn(conn),
+    max: 2,
+    application_name: 'claim_driver',
+    supervise: false,
+    schedule: false,
+    migrate: false
+  })
+  boss.on('error', () => {})
+  await boss.start()
+  try {
+    switch (command) {
+      case 'insert':
+        // boss.insert returns nothing for a batch: the ids are the caller's.
+        await boss.insert(args.name, args.jobs)
+        return args.jobs.map(j => j.id ?? null)
+      case 'delete':
+        return await boss.deleteJob(args.name, args.ids)
+      case 'fail-fetch': {
+        const jobs = await boss.fetch(args.name, { batchSize: args.batchSize ?? 1 })
+        const ids = jobs.map(j => j.id)
+        if (ids.length) await boss.fail(args.name, ids, { message: 'failed by the test' })
+        return ids
+      }
+      default:
+        throw new Error(`unknown command ${command}`)
+    }
+  } finally {
+    await boss.stop({ graceful: false, wait: true, close: true })
+  }
+}
+
+runAsJson(main)
