@@ -1,0 +1,227 @@
+"""acquire_execution_slot(..., wait => interval): a caller waits for room
+instead of polling (docs/claiming.md, "Waiting instead of polling").
+
+Real backends waiting on the slot table's condition variable: woken when a
+slot stops counting, in order, cancellable, never holding a lock others
+need, and leaving nothing behind when cancelled or terminated."""
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import acquire, set_limit
+
+S = "meshhook_limits"
+
+
+def wait_acquire(cluster, tenant, wait, out, key, project=None):
+    """One waiter in its own session: records (granted, reason, seconds)."""
+    try:
+        with cluster.connect() as c:
+            t0 = time.monotonic()
+            r = c.execute(f"SELECT granted, reason, slot_id FROM {S}.acquire_execution_slot(%s, %s, wait => %s::interval)",
+                          (tenant, project, wait)).fetchone()
+            out[key] = (r[0], r[1], time.monotonic() - t0, r[2], time.monotonic())
+    except psycopg.Error as e:
+        out[key] = ("error", e.sqlstate, None, None, time.monotonic())
+
+
+def waiting_backends(admin, n, timeout=5.0):
+    """Wait until n backends sleep in acquire_execution_slot's wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Extension' "
+                            "AND query LIKE '%acquire_execution_slot%wait =>%'").fetchone()[0]
+        if got >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"expected {n} waiting backends")
+
+
+@pytest.mark.smoke
+def test_a_waiter_is_granted_when_a_slot_is_released_not_at_its_timeout(cluster, admin, tenant):
+    set_limit(admin, "concurrent_executions", 1, tenant)
+    held = acquire(admin, tenant)[1]
+    out = {}
+    t = threading.Thread(target=wait_acquire, args=(cluster, tenant, "10 seconds", out, "w"))
+    t.start()
+    waiting_backends(admin, 1)
+    time.sleep(0.3)
+    released_at = time.monotonic()
+    assert admin.execute(f"SELECT {S}.release_execution_slot(%s)", (held,)).fetchone()[0] is True
+    t.join(10)
+    granted, reason, took, slot, done_at = out["w"]
+    assert (granted, reason) == (True, "granted")
+    # Woken by the release, not by a timer running out.
+    assert done_at - released_at < 0.5
+    assert took < 2
+    admin.execute(f"SELECT {S}.release_execution_slot(%s)", (slot,))
+
+
+def test_a_waiter_that_finds_no_room_gets_the_usual_refusal_after_its_wait(cluster, admin, tenant):
+    set_limit(admin, "concurrent_executions", 1, tenant)
+    held = acquire(admin, tenant)[1]
+    out = {}
+    wait_acquire(cluster, tenant, "700 milliseconds", out, "w")
+    granted, reason, took, _, _ = out["w"]
+    assert (granted, reason) == (False, "tenant_limit")
+    assert 0.6 < took < 2
+    # Without wait: refused at once, as before.
+    t0 = time.monotonic()
+    assert acquire(admin, tenant)[:3] == (False, None, "tenant_limit")
+    assert time.monotonic() - t0 < 0.3
+    admin.execute(f"SELECT {S}.release_execution_slot(%s)", (held,))
+
+
+def test_rollback_of_the_holder_wakes_the_waiter(cluster, admin, tenant):
+    set_limit(admin, "concurrent_executions", 1, tenant)
+    holder = cluster.connect(autocommit=False)
+    acquire(holder, tenant)
+    out = {}
+    t = threading.Thread(target=wait_acquire, args=(cluster, tenant, "10 seconds", out, "w"))
+    t.start()
+    waiting_backends(admin, 1)
+    holder.rollback()
+    holder.close()
+    t.join(10)
+    assert out["w"][:2] == (True, "granted")
+    assert out["w"][2] < 2
+    admin.execute(f"SELECT {S}.release_execution_slot(%s)", (out["w"][3],))
+
+
+def test_waiters_of_one_tenant_are_served_first_come_first_served(cluster, admin, tenant):
+    set_limit(admin, "concurrent_executions", 1, tenant)
+    held = acquire(admin, tenant)[1]
+    out, threads = {}, []
+    for i in range(4):
+        t = threading.Thread(target=wait_acquire, args=(cluster, tenant, "20 seconds", out, i))
+        t.start()
+        threads.append(t)
+        waiting_backends(admin, i + 1)
+    # Hand the one slot on, waiter by waiter.
+    slot = held
+    order = []
+    for _ in range(4):
+        admin.execute(f"SELECT {S}.release_execution_slot(%s)", (slot,))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            done = [k for k, v in out.items() if v[0] is True and k not in order]
+            if done:
+                break
+            time.sleep(0.01)
+        assert len(done) == 1, out
+        order.append(done[0])
+        slot = out[done[0]][3]
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3]
+    admin.execute(f"SELECT {S}.release_execution_slot(%s)", (slot,))
+
+
+def test_across_tenants_the_total_goes_to_the_tenant_running_fewest(cluster, admin):
+    import uuid
+    busy, idle, third = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    # The whole database's total: what runs now plus four.
+    live = admin.execute(f"SELECT count(*) FROM {S}.slots() WHERE state = 'live'").fetchone()[0]
+    set_limit(admin, "concurrent_executions_total", live + 4)
+    try:
+        held = [acquire(admin, busy)[1] for _ in range(2)] + [acquire(admin, idle)[1], acquire(admin, third)[1]]
+        assert all(held), "the total must have room for the four"
+        out = {}
+        # busy waits first, idle second; idle runs fewer (1 < 2), so when
+        # room comes it goes first.
+        tb = threading.Thread(target=wait_acquire, args=(cluster, busy, "20 seconds", out, "busy"))
+        tb.start()
+        waiting_backends(admin, 1)
+        ti = threading.Thread(target=wait_acquire, args=(cluster, idle, "20 seconds", out, "idle"))
+        ti.start()
+        waiting_backends(admin, 2)
+        time.sleep(0.3)  # both have tried and been refused for the total
+        admin.execute(f"SELECT {S}.release_execution_slot(%s)", (held.pop(),))  # third's
+        deadline = time.monotonic() + 5
+        while not out and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert list(out) == ["idle"], out
+        assert out["idle"][1] == "granted"
+        admin.execute(f"SELECT {S}.release_execution_slot(%s)", (held.pop(),))  # idle's first
+        tb.join(10)
+        ti.join(10)
+        assert out["busy"][1] == "granted"
+        for k in out:
+            admin.execute(f"SELECT {S}.release_execution_slot(%s)", (out[k][3],))
+        for s in held:
+            admin.execute(f"SELECT {S}.release_execution_slot(%s)", (s,))
+    finally:
+        admin.execute(f"SELECT {S}.clear_limit('concurrent_executions_total')")
+
+
+@pytest.mark.parametrize("how", ["statement_timeout", "pg_cancel_backend", "pg_terminate_backend"])
+def test_a_cancelled_waiter_leaves_nothing_behind(cluster, admin, tenant, how):
+    set_limit(admin, "concurrent_executions", 1, tenant)
+    held = acquire(admin, tenant)[1]
+    out = {}
+
+    def victim():
+        try:
+            with cluster.connect() as c:
+                out["pid"] = c.info.backend_pid
+                if how == "statement_timeout":
+                    c.execute("SET statement_timeout = '300ms'")
+                c.execute(f"SELECT * FROM {S}.acquire_execution_slot(%s, wait => '30 seconds')", (tenant,))
+                out["r"] = "returned"
+        except psycopg.Error as e:
+            out["r"] = e.sqlstate or type(e).__name__
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=victim)
+    t.start()
+    waiting_backends(admin, 1)
+    if how == "pg_cancel_backend":
+        admin.execute("SELECT pg_cancel_backend(%s)", (out["pid"],))
+    elif how == "pg_terminate_backend":
+        admin.execute("SELECT pg_terminate_backend(%s)", (out["pid"],))
+    t.join(10)
+    assert time.monotonic() - t0 < 5
+    assert out["r"] != "returned"
+    if how != "pg_terminate_backend":
+        assert out["r"] == "57014"  # query_canceled
+    # The cancelled waiter is gone from the line: the next waiter of the same
+    # tenant is not held behind it, and gets the slot as soon as it is free.
+    after = {}
+    t2 = threading.Thread(target=wait_acquire, args=(cluster, tenant, "10 seconds", after, "w"))
+    t2.start()
+    waiting_backends(admin, 1)
+    admin.execute(f"SELECT {S}.release_execution_slot(%s)", (held,))
+    t2.join(10)
+    assert after["w"][:2] == (True, "granted")
+    assert after["w"][2] < 3
+    admin.execute(f"SELECT {S}.release_execution_slot(%s)", (after["w"][3],))
+
+
+def test_a_waiter_holds_no_lock_others_need(cluster, admin, tenant):
+    """While a waiter sleeps, other tenants acquire and release, and an
+    admin changes limits (which takes the limit tables' locks)."""
+    import uuid
+    set_limit(admin, "concurrent_executions", 1, tenant)
+    held = acquire(admin, tenant)[1]
+    out = {}
+    t = threading.Thread(target=wait_acquire, args=(cluster, tenant, "3 seconds", out, "w"))
+    t.start()
+    waiting_backends(admin, 1)
+    with cluster.connect() as other:
+        other.execute("SET lock_timeout = '500ms'")
+        t0 = time.monotonic()
+        for _ in range(20):
+            someone = str(uuid.uuid4())
+            r = acquire(other, someone)
+            assert r[0] is True
+            other.execute(f"SELECT {S}.release_execution_slot(%s)", (r[1],))
+        set_limit(other, "concurrent_executions", 2, tenant)
+        assert time.monotonic() - t0 < 2
+    # The raised limit lets the waiter in: the limit change ended its wait.
+    t.join(5)
+    assert out["w"][:2] == (True, "granted")
+    for s in (held, out["w"][3]):
+        admin.execute(f"SELECT {S}.release_execution_slot(%s)", (s,))
