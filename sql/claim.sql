@@ -195,8 +195,9 @@ COMMENT ON FUNCTION meshhook_limits.unbind_queue(text, text) IS
   'Admin: forget a queue binding and drop its claim index. Claimed jobs keep their slots until they end.';
 
 -- The binding, for claim_jobs (which runs as its caller, an admin).
--- EXECUTE stays with PUBLIC, as for _claim_slot and _claim_shares: claim_jobs
--- calls them as its caller, and each refuses any caller but an admin.
+-- EXECUTE stays with PUBLIC, as for _claim_queries, _claim_slot and
+-- _claim_shares: claim_jobs calls them as its caller, and each refuses any
+-- caller but an admin.
 CREATE FUNCTION meshhook_limits._queue_binding(p_source text, p_queue text)
 RETURNS meshhook_limits.queue_bindings
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -214,44 +215,31 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION meshhook_limits.claim_jobs(source text, queue text, batch integer DEFAULT 1,
-    lease interval DEFAULT NULL)
-RETURNS TABLE(job_id text, tenant_id uuid, project_id uuid, concurrency_key text, slot_id uuid,
-              lease_expires_at timestamptz, data jsonb)
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-#variable_conflict use_variable
+-- The three statements claim_jobs (src/claim.rs) runs for a binding,
+-- built once per backend and binding and kept as prepared plans:
+--   tenants: a skip scan over the claim index, one index probe per tenant
+--            with waiting jobs: (tenant text, when its next job was queued);
+--   head:    a tenant's next job in the queue's own order, locked, skipping
+--            jobs this call passed over ($1 tenant text, $2 text[] job ids):
+--            (id, data, project, key, cost, gen);
+--   take:    what the queue's own fetch does to a job it takes ($1 job id;
+--            pgmq: $2 the visibility timeout).
+-- Every path expression is spelt as in the index (_path_sql), so the planner
+-- uses it.
+CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
+RETURNS TABLE(tenants_q text, head_q text, take_q text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   b meshhook_limits.queue_bindings;
   t_sql text; p_sql text; k_sql text; c_sql text;
-  tenants_q text; head_q text; take_q text;
-  uuid_re constant text := '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$';
-  -- The competing tenants: id, running cost, weight, head job's age, and
-  -- whether it is still in the running for this call.
-  ten uuid[] := '{}'; tkey text[] := '{}'; used float8[] := '{}'; wgt float8[] := '{}';
-  age timestamptz[] := '{}'; live boolean[] := '{}'; looked int[] := '{}';
-  r record;
-  i int; best int; n int;
-  passed text[] := '{}';      -- jobs looked at and left alone in this call
-  job record;
-  j_project text; j_key text; j_cost text;
-  v_project uuid; v_cost int;
-  s record;
-  claimed int := 0;
-  run text;
-  vt interval;
 BEGIN
-  IF batch IS NULL OR batch < 1 OR batch > 1000 THEN
-    RAISE EXCEPTION 'batch must be between 1 and 1000, got %', coalesce(batch::text, 'NULL')
-      USING ERRCODE = '22023';
-  END IF;
-  b := meshhook_limits._queue_binding(source, queue);
+  PERFORM meshhook_limits.require_admin_access('claim jobs');
+  SELECT * INTO STRICT b FROM meshhook_limits.queue_bindings qb WHERE qb.id = p_binding;
   t_sql := meshhook_limits._path_sql(b.source, b.tenant_path);
   p_sql := meshhook_limits._path_sql(b.source, b.project_path);
   k_sql := meshhook_limits._path_sql(b.source, b.key_path);
   c_sql := meshhook_limits._path_sql(b.source, b.cost_path);
   IF b.source = 'pgboss' THEN
-    -- A skip scan over the claim index: one index probe per tenant with
-    -- waiting jobs, returning its next job's creation time.
     tenants_q := pg_catalog.format($q$
       WITH RECURSIVE t(tenant, at) AS (
         (SELECT %1$s, j.created_on FROM pgboss.job j
@@ -261,8 +249,6 @@ BEGIN
           SELECT %1$s AS tenant, j.created_on AS at FROM pgboss.job j
            WHERE j.name = %2$L AND j.state < 'active' AND %1$s > t.tenant ORDER BY %1$s, j.priority DESC, j.created_on, j.id LIMIT 1) x)
       SELECT tenant, at FROM t $q$, t_sql, b.queue);
-    -- A tenant's next job in the queue's own order (priority, then age),
-    -- locked; jobs this call already passed over are not looked at again.
     head_q := pg_catalog.format($q$
       SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen
         FROM pgboss.job j
@@ -290,85 +276,14 @@ BEGIN
        ORDER BY %5$s, j.msg_id LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
       p_sql, k_sql, c_sql, b.relation, t_sql);
     -- What pgmq.read(queue, vt, qty) does to a message it returns.
-    vt := coalesce(lease, interval '30 seconds');
     take_q := pg_catalog.format($q$
       UPDATE %s j SET vt = pg_catalog.clock_timestamp() + $2, read_ct = j.read_ct + 1,
              last_read_at = pg_catalog.clock_timestamp()
        WHERE j.msg_id = $1::bigint $q$, b.relation);
   END IF;
-
-  FOR r IN EXECUTE tenants_q LOOP
-    IF r.tenant ~ uuid_re THEN
-      ten := ten || r.tenant::uuid; tkey := tkey || r.tenant; age := age || r.at;
-    ELSE
-      -- Not a tenant id: those jobs are never claimed (docs/claiming.md).
-      PERFORM meshhook_limits._claim_blocked('invalid_job');
-    END IF;
-  END LOOP;
-  n := pg_catalog.cardinality(ten);
-  IF n = 0 THEN
-    RETURN;
-  END IF;
-  SELECT pg_catalog.array_agg(sh.in_use::float8 ORDER BY sh.ord), pg_catalog.array_agg(sh.weight ORDER BY sh.ord),
-         pg_catalog.array_agg(sh.has_room ORDER BY sh.ord)
-    INTO used, wgt, live
-    FROM meshhook_limits._claim_shares(ten) WITH ORDINALITY sh(tid, in_use, weight, has_room, ord);
-  looked := pg_catalog.array_fill(0, ARRAY[n]);
-
-  WHILE claimed < batch LOOP
-    -- The tenant furthest below its share: least running cost per weight;
-    -- on a tie, the one whose next job has waited longest.
-    best := NULL;
-    FOR i IN 1 .. n LOOP
-      IF live[i] AND (best IS NULL OR used[i] / wgt[i] < used[best] / wgt[best]
-                      OR (used[i] / wgt[i] = used[best] / wgt[best] AND age[i] < age[best])) THEN
-        best := i;
-      END IF;
-    END LOOP;
-    EXIT WHEN best IS NULL;
-    EXECUTE head_q INTO job USING tkey[best], passed;
-    IF job.id IS NULL THEN
-      live[best] := false;      -- nothing runnable left (deferred, or taken by others)
-      CONTINUE;
-    END IF;
-    looked[best] := looked[best] + 1;
-    -- A project that is not a uuid, a cost that is not a whole number in
-    -- 1..1000000 or an empty or over-long key: never claimed.
-    v_project := CASE WHEN job.project ~ uuid_re THEN job.project::uuid END;
-    v_cost := CASE WHEN job.cost IS NULL THEN 1 WHEN job.cost ~ '^[0-9]{1,7}$' THEN job.cost::int END;
-    IF job.project IS NOT NULL AND v_project IS NULL OR v_cost IS NULL OR v_cost NOT BETWEEN 1 AND 1000000
-       OR coalesce(pg_catalog.octet_length(job.key) NOT BETWEEN 1 AND 200, false) THEN
-      PERFORM meshhook_limits._claim_blocked('invalid_job');
-      passed := passed || job.id;
-      CONTINUE;
-    END IF;
-    run := 'claim/' || b.id || '/' || job.id || coalesce('/' || job.gen, '');
-    SELECT * INTO s FROM meshhook_limits._claim_slot(ten[best], v_project, job.key, v_cost,
-                                                     CASE WHEN b.source = 'pgmq' THEN vt ELSE lease END, run);
-    IF s.slot_id IS NULL THEN
-      passed := passed || job.id;
-      IF s.reason = 'total_limit' AND v_cost = 1 OR s.reason = 'recovering' THEN
-        EXIT;                     -- nobody can be admitted now
-      ELSIF s.reason IN ('tenant_limit', 'total_limit') OR looked[best] >= 16 THEN
-        live[best] := false;      -- this tenant is done for this call
-      END IF;
-      CONTINUE;                   -- project or key full: try the tenant's next job
-    END IF;
-    IF b.source = 'pgboss' THEN
-      EXECUTE take_q USING job.id;
-    ELSE
-      EXECUTE take_q USING job.id, vt;
-    END IF;
-    used[best] := used[best] + v_cost;
-    claimed := claimed + 1;
-    job_id := job.id; tenant_id := ten[best]; project_id := v_project; concurrency_key := job.key;
-    slot_id := s.slot_id; lease_expires_at := s.lease_expires_at; data := job.data;
-    RETURN NEXT;
-  END LOOP;
+  RETURN NEXT;
 END
 $$;
-COMMENT ON FUNCTION meshhook_limits.claim_jobs(text, text, integer, interval) IS
-  'Claim up to batch jobs whose every limit has room, fairly across tenants, with their slots; the job is taken as the queue''s own fetch takes it. Runs as the caller (an admin worker). See docs/claiming.md.';
 
 -- The tick's part: end the slots of claimed jobs that have ended, and keep
 -- the others' leases. pg-boss: the job is no longer active, or was fetched

@@ -6,6 +6,7 @@
 //! hand-written SQL that defines tables, policies and SQL-language functions.
 use pgrx::prelude::*;
 
+mod claim;
 mod error;
 mod gucs;
 mod identity;
@@ -79,7 +80,8 @@ extension_sql_file!(
         "claim_slot_grants",
         "claim_count_grants",
         slots::claim::_claim_slot,
-        slots::claim::_claim_shares
+        slots::claim::_claim_shares,
+        claim::claim_jobs
     ]
 );
 extension_sql_file!(

@@ -8,8 +8,8 @@
 // The row types of the SQL functions are spelt out in their signatures.
 #![allow(clippy::type_complexity)]
 use super::table::{self, CounterKey, LockedTable, LIVE};
-use super::{acquire, now, ts, Demand, Ts};
-use crate::error::{LimitsError, OrRaise};
+use super::{acquire, now, ts, Admission, Demand, Ts};
+use crate::error::{LimitsError, OrRaise, Result};
 use crate::limits::{self, Mode};
 use crate::{identity, shmem};
 use pgrx::datum::{Interval, Uuid};
@@ -35,7 +35,7 @@ pub const KEY_MAX: usize = 200;
 
 pub const RUN_ID_PREFIX: &str = "claim/";
 
-fn count_blocked(reason: &str) {
+pub fn count_blocked(reason: &str) {
     if let (Some(h), Some(i)) = (
         table::header(),
         BLOCKED_REASONS.iter().position(|r| *r == reason),
@@ -44,9 +44,89 @@ fn count_blocked(reason: &str) {
     }
 }
 
-/// A slot for one claimed job: `cost` units of the tenant's, the project's,
-/// the key's and the total limit, all checked at once. Returns the slot, or
-/// no slot and the reason; counts the claim or the blocked job.
+fn validate(cost: i32, concurrency_key: Option<&str>) -> Result<()> {
+    if !(1..=MAX_COST).contains(&cost) {
+        return Err(LimitsError::invalid(
+            format!("cost must be between 1 and {MAX_COST}, got {cost}"),
+            "a job's cost is a whole number of units of each limit",
+        ));
+    }
+    if concurrency_key.is_some_and(|k| k.is_empty() || k.len() > KEY_MAX) {
+        return Err(LimitsError::invalid(
+            format!("a concurrency key must be 1 to {KEY_MAX} bytes long"),
+            "use a short name, such as the upstream API the job calls",
+        ));
+    }
+    Ok(())
+}
+
+/// Counts a claim (granted) or a blocked job (refused), once per answer.
+fn count(answer: &Admission, cost: i32) {
+    if answer.granted {
+        if let Some(h) = table::header() {
+            h.claims.fetch_add(1, Ordering::Relaxed);
+            h.claimed_cost.fetch_add(cost as u64, Ordering::Relaxed);
+        }
+    } else if let Some(reason) = &answer.reason {
+        count_blocked(reason);
+    }
+}
+
+fn demand_of<'a>(cost: i32, concurrency_key: Option<&'a str>) -> Demand<'a> {
+    // The slot records its transaction, so the tick can tell a claim still
+    // being made from a job that ended (`_claimed_slots`).
+    unsafe { pg_sys::GetTopTransactionId() };
+    Demand {
+        key: concurrency_key,
+        cost: cost as u32,
+    }
+}
+
+/// A slot for one claimed job (claim_jobs): `cost` units of the tenant's,
+/// the project's, the key's and the total limit, all checked at once. From
+/// shared memory and this backend's cached limits when it can; otherwise
+/// through `_claim_slot`, which loads them. Counts the claim or the blocked
+/// job.
+pub fn take_slot(
+    tenant: Uuid,
+    project: Option<Uuid>,
+    concurrency_key: Option<&str>,
+    cost: i32,
+    lease: Option<Interval>,
+    run_id: &str,
+) -> Result<Admission> {
+    validate(cost, concurrency_key)?;
+    let demand = demand_of(cost, concurrency_key);
+    if let Some(answer) = acquire(Some(tenant), project, Some(run_id), lease, &demand, Mode::FastPath)? {
+        count(&answer, cost);
+        return Ok(answer);
+    }
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT slot_id, reason, lease_expires_at FROM meshhook_limits._claim_slot($1, $2, $3, $4, $5, $6)",
+            Some(1),
+            &[
+                tenant.into(),
+                project.into(),
+                concurrency_key.into(),
+                cost.into(),
+                lease.into(),
+                run_id.into(),
+            ],
+        )?;
+        let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
+        let slot_id = r.get::<Uuid>(1)?;
+        Ok(Admission {
+            granted: slot_id.is_some(),
+            slot_id,
+            reason: r.get::<String>(2)?,
+            lease_expires_at: r.get::<Ts>(3)?,
+            ..Admission::default()
+        })
+    })
+}
+
+/// `take_slot` as the extension's owner, loading the limits it needs.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn _claim_slot(
@@ -66,38 +146,12 @@ fn _claim_slot(
 > {
     identity::require_admin("claim jobs").or_raise();
     let cost = cost.unwrap_or(1);
-    if !(1..=MAX_COST).contains(&cost) {
-        LimitsError::invalid(
-            format!("cost must be between 1 and {MAX_COST}, got {cost}"),
-            "a job's cost is a whole number of units of each limit",
-        )
-        .raise();
-    }
-    if concurrency_key.is_some_and(|k| k.is_empty() || k.len() > KEY_MAX) {
-        LimitsError::invalid(
-            format!("a concurrency key must be 1 to {KEY_MAX} bytes long"),
-            "use a short name, such as the upstream API the job calls",
-        )
-        .raise();
-    }
-    let demand = Demand {
-        key: concurrency_key,
-        cost: cost as u32,
-    };
-    // The slot records its transaction, so the tick can tell a claim still
-    // being made from a job that ended (`_claimed_slots`).
-    unsafe { pg_sys::GetTopTransactionId() };
+    validate(cost, concurrency_key).or_raise();
+    let demand = demand_of(cost, concurrency_key);
     let answer = acquire(tenant_id, project_id, run_id, lease, &demand, Mode::Definer)
         .and_then(|a| a.ok_or(LimitsError::NotPreloaded))
         .or_raise();
-    if answer.granted {
-        if let Some(h) = table::header() {
-            h.claims.fetch_add(1, Ordering::Relaxed);
-            h.claimed_cost.fetch_add(cost as u64, Ordering::Relaxed);
-        }
-    } else if let Some(reason) = &answer.reason {
-        count_blocked(reason);
-    }
+    count(&answer, cost);
     TableIterator::once((
         answer.slot_id,
         answer.reason,
@@ -105,16 +159,65 @@ fn _claim_slot(
     ))
 }
 
-/// Counts a job claim_jobs passed over for a reason of its own (invalid_job).
-#[pg_extern(volatile, parallel_unsafe, strict)]
-fn _claim_blocked(reason: &str) {
-    count_blocked(reason);
+/// One competing tenant: the cost it runs now (all its slots of this
+/// database), its `fair_share_weight` (default 1), and whether its own limit
+/// leaves room for a job of cost 1.
+pub struct Share {
+    pub in_use: i64,
+    pub weight: f64,
+    pub has_room: bool,
 }
 
-/// For each tenant: the cost it runs now (all its slots of this database),
-/// its `fair_share_weight` (default 1) and whether its own limit leaves room
-/// for a job of cost 1. claim_jobs serves the tenant with the least
-/// `in_use / weight` first.
+fn shares_with(lims: &[crate::limits::SlotLimits], tenants: &[Uuid]) -> Result<Vec<Share>> {
+    let ceiling = crate::gucs::tenant_slot_ceiling();
+    let db = shmem::my_database();
+    let mut locked = LockedTable::shared().ok_or(LimitsError::NotPreloaded)?;
+    Ok(tenants
+        .iter()
+        .zip(lims)
+        .map(|(t, lim)| {
+            let in_use = i64::from(locked.table().count(&CounterKey::tenant(db, t.as_bytes())));
+            let cap = lim.tenant_cap.map_or(ceiling, |c| c.min(ceiling));
+            Share {
+                in_use,
+                weight: lim.weight.unwrap_or(1.0),
+                has_room: in_use < cap,
+            }
+        })
+        .collect())
+}
+
+/// The shares of these tenants (claim_jobs serves the least `in_use /
+/// weight` first): from this backend's cached limits, or through
+/// `_claim_shares`, which loads them.
+pub fn shares(tenants: &[Uuid]) -> Result<Vec<Share>> {
+    let cached: Option<Vec<_>> = tenants
+        .iter()
+        .map(|t| limits::cached_slot_limits(*t, None, None))
+        .collect();
+    if let Some(lims) = cached {
+        return shares_with(&lims, tenants);
+    }
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT in_use, weight, has_room FROM meshhook_limits._claim_shares($1)",
+            None,
+            &[tenants.to_vec().into()],
+        )?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Share {
+                    in_use: r.get::<i64>(1)?.unwrap_or(0),
+                    weight: r.get::<f64>(2)?.unwrap_or(1.0),
+                    has_room: r.get::<bool>(3)?.unwrap_or(false),
+                })
+            })
+            .collect()
+    })
+}
+
+/// `shares` as the extension's owner, loading the limits it needs; in the
+/// order given.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn _claim_shares(
@@ -134,22 +237,13 @@ fn _claim_shares(
         .iter()
         .map(|t| limits::slot_limits(*t, None, None).or_raise())
         .collect();
-    let ceiling = crate::gucs::tenant_slot_ceiling();
-    let db = shmem::my_database();
-    let mut locked = LockedTable::shared()
-        .ok_or(LimitsError::NotPreloaded)
-        .or_raise();
-    let rows: Vec<_> = tenants
-        .iter()
-        .zip(&lims)
-        .map(|(t, lim)| {
-            let in_use = i64::from(locked.table().count(&CounterKey::tenant(db, t.as_bytes())));
-            let cap = lim.tenant_cap.map_or(ceiling, |c| c.min(ceiling));
-            (*t, in_use, lim.weight.unwrap_or(1.0), in_use < cap)
-        })
-        .collect();
-    drop(locked);
-    TableIterator::new(rows)
+    let shares = shares_with(&lims, &tenants).or_raise();
+    TableIterator::new(
+        tenants
+            .into_iter()
+            .zip(shares)
+            .map(|(t, s)| (t, s.in_use, s.weight, s.has_room)),
+    )
 }
 
 /// The live claimed slots of this database whose claiming transaction has
@@ -232,12 +326,11 @@ fn _renew_slots(slot_ids: Option<Vec<Option<Uuid>>>) -> i64 {
 
 pgrx::extension_sql!(
     r#"
-REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_blocked(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._claimed_slots() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._renew_slots(uuid[]) FROM PUBLIC;
 "#,
     name = "claim_slot_grants",
-    requires = [_claim_blocked, _claimed_slots, _renew_slots]
+    requires = [_claimed_slots, _renew_slots]
 );
 
 /// The claim counters for metrics(): claims, claimed cost, blocked by reason.

@@ -1,0 +1,356 @@
+//! claim_jobs: hand a worker the jobs whose every limit has room, with their
+//! slots, weighted-fair across tenants (docs/claiming.md).
+//!
+//! The queue side is SQL (sql/claim.sql): the binding, and three statements
+//! built for it by `_claim_queries` (a skip scan over the claim index for
+//! the tenants with waiting jobs, a tenant's next job, and what the queue's
+//! own fetch does to a job it takes). They are prepared once per backend
+//! and binding and kept, so a claim plans nothing. The slot side is
+//! `slots::claim`. This module is the loop between them.
+//!
+//! claim_jobs runs as its caller (SECURITY INVOKER): the queue tables are
+//! read and written with the caller's rights, never the extension owner's.
+use crate::error::{LimitsError, OrRaise, Result};
+use crate::slots::claim::{self as slot_claim, BLOCKED_REASONS};
+use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone, Uuid};
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgOid;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+type Ts = TimestampWithTimeZone;
+
+/// Jobs of one tenant one call looks at past those its project or key
+/// limit holds, before it moves on to other tenants.
+const PASSED_PER_TENANT: usize = 16;
+/// pgmq's visibility timeout when claim_jobs is given no lease.
+const PGMQ_DEFAULT_VT_MICROS: i64 = 30_000_000;
+/// How long a backend reuses the tenants a skip scan found before it scans
+/// again. Within it, a tenant whose jobs are gone costs one failed probe and
+/// a newly arrived tenant waits for the next scan.
+const TENANTS_FRESH_MICROS: i64 = 100_000;
+
+/// A binding as claim_jobs needs it; `shape` is everything its statements
+/// are built from, so a re-bound queue gets new statements.
+struct Binding {
+    id: i64,
+    pgmq: bool,
+    shape: String,
+}
+
+struct Plans {
+    shape: String,
+    tenants: OwnedPreparedStatement,
+    head: OwnedPreparedStatement,
+    take: OwnedPreparedStatement,
+    /// The tenants with waiting jobs the last scan found (id, as the JSON
+    /// spells it, its next job's queue time), and when it ran.
+    found: Vec<(Uuid, String, Ts)>,
+    found_at: i64,
+}
+
+thread_local! {
+    static PLANS: RefCell<HashMap<i64, Plans>> = RefCell::new(HashMap::new());
+}
+
+fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
+    let rows = c.select(
+        "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.source, b.queue, b.tenant_path, b.project_path,
+                b.key_path, b.cost_path, b.relation::oid)
+           FROM meshhook_limits._queue_binding($1, $2) b",
+        Some(1),
+        &[source.into(), queue.into()],
+    )?;
+    let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
+    Ok(Binding {
+        id: r.get::<i64>(1)?.unwrap_or(0),
+        pgmq: r.get::<String>(2)?.as_deref() == Some("pgmq"),
+        shape: r.get::<String>(3)?.unwrap_or_default(),
+    })
+}
+
+fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
+    let rows = c.select(
+        "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
+        Some(1),
+        &[b.id.into()],
+    )?;
+    let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
+    let text = |i| -> Result<String> { Ok(r.get::<String>(i)?.unwrap_or_default()) };
+    let (tenants_q, head_q, take_q) = (text(1)?, text(2)?, text(3)?);
+    let text_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+    let take_args: &[PgOid] = if b.pgmq {
+        &[text_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::INTERVALOID)]
+    } else {
+        &[text_oid]
+    };
+    Ok(Plans {
+        shape: b.shape.clone(),
+        tenants: c.prepare(tenants_q.as_str(), &[])?.keep(),
+        head: c
+            .prepare_mut(
+                head_q.as_str(),
+                &[text_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID)],
+            )?
+            .keep(),
+        take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
+        found: Vec::new(),
+        found_at: i64::MIN,
+    })
+}
+
+/// A tenant competing for this call's claims.
+struct Contender {
+    id: Uuid,
+    /// The tenant as the job's JSON spells it (what the index holds).
+    key: String,
+    /// Its next job's queue time: the tie-break.
+    next_at: Ts,
+    in_use: f64,
+    weight: f64,
+    live: bool,
+    passed: usize,
+}
+
+/// One claimed job: a row of claim_jobs.
+type Claimed = (
+    String,
+    Uuid,
+    Option<Uuid>,
+    Option<String>,
+    Uuid,
+    Option<Ts>,
+    Option<JsonB>,
+);
+
+/// A tenant or project id as PostgreSQL's uuid input takes it in the common
+/// forms (hyphenated or not, any case); None for anything else, which is
+/// never claimed.
+fn parse_uuid(s: &str) -> Option<Uuid> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    let hyphens_ok = s.len() == 32
+        || (s.len() == 36 && [8, 13, 18, 23].iter().all(|&i| s.as_bytes()[i] == b'-'));
+    if hex.len() != 32 || !hyphens_ok || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(Uuid::from_bytes(bytes))
+}
+
+/// A cost as the job's JSON gives it: missing is 1; a whole number from 1
+/// to 1,000,000 is itself; anything else is not valid.
+fn parse_cost(s: Option<&str>) -> Option<i32> {
+    match s {
+        None => Some(1),
+        Some(s) if s.len() <= 7 && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<i32>().ok().filter(|c| (1..=slot_claim::MAX_COST).contains(c))
+        }
+        Some(_) => None,
+    }
+}
+
+fn invalid_job() {
+    slot_claim::count_blocked(BLOCKED_REASONS[5]);
+}
+
+fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Result<Vec<Claimed>> {
+    if !(1..=1000).contains(&batch) {
+        return Err(LimitsError::invalid(
+            format!("batch must be between 1 and 1000, got {batch}"),
+            "claim up to batch jobs at once; 1 to 1000",
+        ));
+    }
+    if !crate::slots::table::available() {
+        return Err(LimitsError::NotPreloaded);
+    }
+    Spi::connect_mut(|c| {
+        let b = binding(c, source, queue)?;
+        let fresh = PLANS.with(|p| p.borrow().get(&b.id).is_none_or(|plans| plans.shape != b.shape));
+        if fresh {
+            let plans = prepare(c, &b)?;
+            PLANS.with(|p| p.borrow_mut().insert(b.id, plans));
+        }
+        PLANS.with(|p| {
+            let mut plans = p.borrow_mut();
+            let plans = plans.get_mut(&b.id).ok_or(LimitsError::NotPreloaded)?;
+            claim_with(c, &b, plans, batch as usize, lease)
+        })
+    })
+}
+
+/// The tenants with waiting jobs: a skip scan over the claim index (one
+/// probe per tenant), or the last one's, if it is recent.
+fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<(Uuid, String, Ts)>> {
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now.saturating_sub(plans.found_at) < TENANTS_FRESH_MICROS && now >= plans.found_at {
+        return Ok(plans.found.clone());
+    }
+    let mut found = Vec::new();
+    for r in c.select(&plans.tenants, None, &[])? {
+        let (Some(key), Some(at)) = (r.get::<String>(1)?, r.get::<Ts>(2)?) else {
+            continue;
+        };
+        match parse_uuid(&key) {
+            Some(id) => found.push((id, key, at)),
+            // Not a tenant id: those jobs are never claimed.
+            None => invalid_job(),
+        }
+    }
+    plans.found.clone_from(&found);
+    plans.found_at = now;
+    Ok(found)
+}
+
+fn claim_with(
+    c: &mut SpiClient,
+    b: &Binding,
+    plans: &mut Plans,
+    batch: usize,
+    lease: Option<Interval>,
+) -> Result<Vec<Claimed>> {
+    let tenants = waiting_tenants(c, plans)?;
+    if tenants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = tenants.iter().map(|t| t.0).collect();
+    let shares = slot_claim::shares(&ids)?;
+    let mut field: Vec<Contender> = tenants
+        .into_iter()
+        .zip(shares)
+        .map(|((id, key, next_at), s)| Contender {
+            id,
+            key,
+            next_at,
+            in_use: s.in_use as f64,
+            weight: s.weight,
+            live: s.has_room,
+            passed: 0,
+        })
+        .collect();
+    // pgmq: the visibility timeout, which is also the slot's lease.
+    let vt = b.pgmq.then(|| lease.unwrap_or_else(|| Interval::from_micros(PGMQ_DEFAULT_VT_MICROS)));
+    let mut passed: Vec<String> = Vec::new();
+    let mut claimed = Vec::new();
+    while claimed.len() < batch {
+        // The tenant furthest below its share: least running cost per
+        // weight; on a tie, the one whose next job has waited longest.
+        let Some(best) = field
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.live)
+            .min_by(|(_, x), (_, y)| {
+                (x.in_use / x.weight)
+                    .total_cmp(&(y.in_use / y.weight))
+                    .then_with(|| x.next_at.cmp(&y.next_at))
+            })
+            .map(|(i, _)| i)
+        else {
+            break;
+        };
+        let t = &mut field[best];
+        let head = c.update(&plans.head, Some(1), &[t.key.as_str().into(), passed.clone().into()])?;
+        let Some(job) = head.into_iter().next() else {
+            t.live = false; // nothing runnable left: deferred, or taken by others
+            continue;
+        };
+        let id = job.get::<String>(1)?.unwrap_or_default();
+        let data = job.get::<JsonB>(2)?;
+        let project_text = job.get::<String>(3)?;
+        let key = job.get::<String>(4)?;
+        let cost_text = job.get::<String>(5)?;
+        let generation = job.get::<String>(6)?;
+        t.passed += 1;
+        // A project that is not a uuid, a cost that is not a whole number in
+        // 1..1000000, or an empty or over-long key: never claimed.
+        let project = match project_text.as_deref().map(parse_uuid) {
+            None => Some(None),
+            Some(parsed) => parsed.map(Some),
+        };
+        let cost = parse_cost(cost_text.as_deref());
+        let key_ok = key.as_ref().is_none_or(|k| !k.is_empty() && k.len() <= slot_claim::KEY_MAX);
+        let (Some(project), Some(cost), true) = (project, cost, key_ok) else {
+            invalid_job();
+            passed.push(id);
+            continue;
+        };
+        let mut run_id = format!("{}{}/{}", slot_claim::RUN_ID_PREFIX, b.id, id);
+        if let Some(g) = &generation {
+            run_id.push('/');
+            run_id.push_str(g);
+        }
+        let answer = slot_claim::take_slot(t.id, project, key.as_deref(), cost, vt.or(lease), &run_id)?;
+        let Some(slot_id) = answer.slot_id.filter(|_| answer.granted) else {
+            passed.push(id);
+            match answer.reason.as_deref() {
+                // Nobody can be admitted now.
+                Some("recovering") => break,
+                Some("total_limit") if cost == 1 => break,
+                // This tenant is done for this call.
+                Some("tenant_limit" | "total_limit") => t.live = false,
+                // Its project or key is full: try the tenant's next job.
+                _ if t.passed >= PASSED_PER_TENANT => t.live = false,
+                _ => {}
+            }
+            continue;
+        };
+        let take_args: Vec<pgrx::datum::DatumWithOid> = match vt {
+            Some(vt) => vec![id.as_str().into(), vt.into()],
+            None => vec![id.as_str().into()],
+        };
+        c.update(&plans.take, None, &take_args)?;
+        t.in_use += f64::from(cost);
+        claimed.push((id, t.id, project, key, slot_id, answer.lease_expires_at, data));
+    }
+    Ok(claimed)
+}
+
+/// `claim_jobs(source, queue, batch, lease)`: up to `batch` jobs of a bound
+/// queue whose every limit has room, each with its slot, taken as the
+/// queue's own fetch takes them (see the module docs and docs/claiming.md).
+#[allow(clippy::type_complexity)] // the SQL row type, spelt out
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn claim_jobs(
+    source: Option<&str>,
+    queue: Option<&str>,
+    batch: default!(Option<i32>, 1),
+    lease: default!(Option<Interval>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(job_id, String),
+        name!(tenant_id, Uuid),
+        name!(project_id, Option<Uuid>),
+        name!(concurrency_key, Option<String>),
+        name!(slot_id, Uuid),
+        name!(lease_expires_at, Option<Ts>),
+        name!(data, Option<JsonB>),
+    ),
+> {
+    let rows = match (source, queue, batch) {
+        (Some(source), Some(queue), Some(batch)) => claim(source, queue, batch, lease),
+        (_, _, None) => Err(LimitsError::invalid(
+            "batch must be between 1 and 1000, got NULL",
+            "claim up to batch jobs at once; 1 to 1000",
+        )),
+        _ => Err(LimitsError::invalid(
+            "source and queue must not be NULL",
+            "pass the source ('pgboss' or 'pgmq') and the name of a bound queue",
+        )),
+    }
+    .or_raise();
+    TableIterator::new(rows)
+}
+
+pgrx::extension_sql!(
+    r#"
+COMMENT ON FUNCTION meshhook_limits.claim_jobs(text, text, integer, interval) IS
+  'Claim up to batch jobs whose every limit has room, fairly across tenants, with their slots; the job is taken as the queue''s own fetch takes it. Runs as the caller (an admin worker). See docs/claiming.md.';
+"#,
+    name = "claim_jobs_comment",
+    requires = [claim_jobs]
+);
