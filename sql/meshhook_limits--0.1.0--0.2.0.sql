@@ -1244,6 +1244,7 @@ END
 $$;
 
 
+
 -- Issue 12: claiming jobs with their slots, fairly. Slots can carry a
 -- concurrency key and a cost; concurrent_executions.<key>,
 -- concurrent_executions_total and fair_share_weight are built in.
@@ -1478,6 +1479,12 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._renew_slots(uuid[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_counts(uuid, uuid, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._claims_running(bigint, uuid) FROM PUBLIC;
 
+CREATE FUNCTION meshhook_limits._claim_ended()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_claim_ended_wrapper';
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_ended() FROM PUBLIC;
+
 -- meshhook_limits: claiming jobs from pg-boss and pgmq with their slots, fairly.
 --
 -- bind_queue says where a queue's jobs name their tenant, project,
@@ -1489,8 +1496,10 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._claims_running(bigint, uuid) FROM PU
 -- slot (_claim_slot: tenant, project, key and total limits at once) and
 -- marks the job taken exactly as boss.fetch() or pgmq.read() would. Jobs
 -- whose limits have no room are not touched. The slot's run id is
--- claim/<binding id>/<job id>[/<read_ct>]; the tick ends it with its job
--- (_end_claims). docs/claiming.md has the algorithm and its bounds.
+-- claim/<binding id>/<job id>[/<read_ct>]; a trigger on the queue table
+-- ends it in the transaction that ends the job (_claim_ended), and the
+-- tick ends what no trigger sees (_end_claims). docs/claiming.md has the
+-- algorithm and its bounds.
 
 CREATE TABLE meshhook_limits.queue_bindings (
   id bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
@@ -1635,12 +1644,27 @@ BEGIN
   tenant_sql := meshhook_limits._path_sql(bind_queue.source, tp, '');
   -- The index orders each tenant's waiting jobs as the queue's own fetch
   -- does. Built in this transaction: writers of the queue wait meanwhile.
+  -- The triggers end a claimed job's slot in the transaction that ends the
+  -- job (_claim_ended: shared memory only, no SQL in the queue's statements).
   IF bind_queue.source = 'pgboss' THEN
     EXECUTE pg_catalog.format(
       'CREATE INDEX %I ON pgboss.job (%s, priority DESC, created_on, id) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state',
       idx, tenant_sql, bind_queue.queue, 'active');
+    EXECUTE pg_catalog.format(
+      'CREATE TRIGGER %I AFTER UPDATE ON pgboss.job FOR EACH ROW WHEN (OLD.name OPERATOR(pg_catalog.=) %L '
+      'AND OLD.state OPERATOR(pg_catalog.=) %L::pgboss.job_state AND NEW.state OPERATOR(pg_catalog.<>) %L::pgboss.job_state) '
+      'EXECUTE FUNCTION meshhook_limits._claim_ended(%L, %L)',
+      idx || '_ended', bind_queue.queue, 'active', 'active', b.id, 'pgboss');
+    EXECUTE pg_catalog.format(
+      'CREATE TRIGGER %I AFTER DELETE ON pgboss.job FOR EACH ROW WHEN (OLD.name OPERATOR(pg_catalog.=) %L '
+      'AND OLD.state OPERATOR(pg_catalog.=) %L::pgboss.job_state) '
+      'EXECUTE FUNCTION meshhook_limits._claim_ended(%L, %L)',
+      idx || '_deleted', bind_queue.queue, 'active', b.id, 'pgboss');
   ELSE
     EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id)', idx, rel, tenant_sql);
+    EXECUTE pg_catalog.format(
+      'CREATE TRIGGER %I AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION meshhook_limits._claim_ended(%L, %L)',
+      idx || '_deleted', rel, b.id, 'pgmq');
   END IF;
   UPDATE meshhook_limits.queue_bindings qb SET index_name = idx WHERE qb.id = b.id;
 END
@@ -1653,6 +1677,7 @@ RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_
 #variable_conflict use_column
 DECLARE
   b meshhook_limits.queue_bindings;
+  t name;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('unbind queues');
   DELETE FROM meshhook_limits.queue_bindings qb
@@ -1661,13 +1686,18 @@ BEGIN
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  -- Only the index bind_queue made: in the queue table's schema, on it.
+  -- Only the index and triggers bind_queue made: on the queue table.
   IF EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
               WHERE i.indrelid = b.relation AND c.relname = b.index_name) THEN
     EXECUTE pg_catalog.format('DROP INDEX %I.%I',
       (SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE c.oid = b.relation), b.index_name);
   END IF;
+  FOR t IN SELECT tg.tgname FROM pg_catalog.pg_trigger tg
+            WHERE tg.tgrelid = b.relation AND NOT tg.tgisinternal
+              AND tg.tgname IN (b.index_name || '_ended', b.index_name || '_deleted') LOOP
+    EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', t, b.relation);
+  END LOOP;
   RETURN true;
 END
 $$;

@@ -79,6 +79,7 @@ extension_sql_file!(
         "alerts",
         "claim_slot_grants",
         "claim_count_grants",
+        "claim_ended_grants",
         slots::claim::_claim_slot,
         slots::claim::_claim_shares,
         claim::claim_jobs

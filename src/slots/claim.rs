@@ -72,13 +72,20 @@ fn count(answer: &Admission, cost: i32) {
     }
 }
 
-fn demand_of<'a>(cost: i32, concurrency_key: Option<&'a str>) -> Demand<'a> {
+/// The claim digest of a claim's run id (`claim/<binding>/<job>`).
+fn digest_of(run_id: &str) -> Option<[u8; 16]> {
+    let (binding, job) = run_id.strip_prefix(RUN_ID_PREFIX)?.split_once('/')?;
+    Some(table::claim_digest(binding.parse().ok()?, job))
+}
+
+fn demand_of<'a>(cost: i32, concurrency_key: Option<&'a str>, run_id: &str) -> Demand<'a> {
     // The slot records its transaction, so the tick can tell a claim still
     // being made from a job that ended (`_claimed_slots`).
     unsafe { pg_sys::GetTopTransactionId() };
     Demand {
         key: concurrency_key,
         cost: cost as u32,
+        claim: digest_of(run_id),
     }
 }
 
@@ -96,7 +103,7 @@ pub fn take_slot(
     run_id: &str,
 ) -> Result<Admission> {
     validate(cost, concurrency_key)?;
-    let demand = demand_of(cost, concurrency_key);
+    let demand = demand_of(cost, concurrency_key, run_id);
     if let Some(answer) = acquire(Some(tenant), project, Some(run_id), lease, &demand, Mode::FastPath)? {
         count(&answer, cost);
         return Ok(answer);
@@ -147,7 +154,7 @@ fn _claim_slot(
     identity::require_admin("claim jobs").or_raise();
     let cost = cost.unwrap_or(1);
     validate(cost, concurrency_key).or_raise();
-    let demand = demand_of(cost, concurrency_key);
+    let demand = demand_of(cost, concurrency_key, run_id.unwrap_or(""));
     let answer = acquire(tenant_id, project_id, run_id, lease, &demand, Mode::Definer)
         .and_then(|a| a.ok_or(LimitsError::NotPreloaded))
         .or_raise();

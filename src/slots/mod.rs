@@ -17,6 +17,7 @@ use xact::Op;
 
 pub mod claim;
 mod definer;
+mod ended;
 mod fallback;
 pub mod listing;
 pub mod reap;
@@ -30,10 +31,16 @@ mod xact;
 pub struct Demand<'a> {
     pub key: Option<&'a str>,
     pub cost: u32,
+    /// A claimed job's digest (`table::claim_digest`).
+    pub claim: Option<[u8; 16]>,
 }
 
 impl Demand<'_> {
-    pub const ONE: Demand<'static> = Demand { key: None, cost: 1 };
+    pub const ONE: Demand<'static> = Demand {
+        key: None,
+        cost: 1,
+        claim: None,
+    };
 }
 
 /// One limit a slot is admitted under: the count it adds to, its cap (None:
@@ -393,6 +400,8 @@ fn acquire(
         key: k.unwrap_or([0; 16]),
         has_key: k.is_some(),
         cost: demand.cost,
+        claim: demand.claim.unwrap_or([0; 16]),
+        has_claim: demand.claim.is_some(),
         state: LIVE,
         reason: 0,
         notified: false,
@@ -411,6 +420,7 @@ fn acquire(
     };
     locked.table().slots[idx] = slot;
     locked.table().count_in(&slot);
+    locked.table().map_claim(idx);
     locked.table().header.grants.fetch_add(1, Ordering::Relaxed);
     drop(locked);
     xact::push(idx, id, Op::Acquire);

@@ -44,6 +44,8 @@ pub const KIND_PROJECT: u8 = 2;
 pub const KIND_KEY: u8 = 3;
 /// Every slot of a database (`concurrent_executions_total`).
 pub const KIND_TOTAL: u8 = 4;
+/// Not a count: a claimed job's digest, mapped to its slot's index + 1.
+pub const KIND_CLAIM: u8 = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -90,6 +92,10 @@ pub struct Slot {
     /// Units the slot counts for under each of its keys (a claimed job's
     /// cost; 1 for acquire_execution_slot).
     pub cost: u32,
+    /// A claimed job's digest (`claim_digest`): the slot can be found from
+    /// its job when the job ends (`Table::claimed`).
+    pub claim: [u8; 16],
+    pub has_claim: bool,
     pub state: u8,
     pub reason: u8,
     /// The revocation has been announced (slot.revoked event).
@@ -156,6 +162,15 @@ impl CounterKey {
         }
     }
 
+    pub fn claim(database: u32, digest: &[u8; 16]) -> Self {
+        CounterKey {
+            database,
+            tenant: *digest,
+            project: [0; 16],
+            kind: KIND_CLAIM,
+        }
+    }
+
     pub fn total(database: u32) -> Self {
         CounterKey {
             database,
@@ -177,6 +192,12 @@ impl CounterKey {
         .into_iter()
         .flatten()
     }
+}
+
+/// The digest a claimed job's slot is found by: its binding and its job
+/// (pgmq: and the read that claimed it), as the claim's run id spells them.
+pub fn claim_digest(binding: i64, job: &str) -> [u8; 16] {
+    key_digest(&format!("{binding}/{job}"))
 }
 
 /// The 16-byte digest a concurrency key is counted under: two FNV-1a
@@ -440,6 +461,42 @@ impl Table {
         self.header.live += 1;
     }
 
+    /// Map a claimed job to its live slot (a later claim of the same job
+    /// takes the mapping over).
+    pub fn map_claim(&mut self, idx: usize) {
+        let s = self.slots[idx];
+        if !s.has_claim {
+            return;
+        }
+        let key = CounterKey::claim(s.database, &s.claim);
+        match self.find(&key) {
+            Ok(i) => self.counters[i].count = idx as u32 + 1,
+            Err(_) => self.incr(&key, idx as u32 + 1),
+        }
+    }
+
+    /// The live slot of a claimed job, if any.
+    pub fn claimed(&self, database: u32, digest: &[u8; 16]) -> Option<usize> {
+        let i = self.find(&CounterKey::claim(database, digest)).ok()?;
+        let idx = self.counters[i].count as usize - 1;
+        let s = &self.slots[idx];
+        (s.state == LIVE && s.has_claim && s.database == database && &s.claim == digest).then_some(idx)
+    }
+
+    fn unmap_claim(&mut self, idx: usize) {
+        let s = self.slots[idx];
+        if !s.has_claim {
+            return;
+        }
+        let key = CounterKey::claim(s.database, &s.claim);
+        if let Ok(i) = self.find(&key) {
+            let n = self.counters[i].count;
+            if n as usize == idx + 1 {
+                self.decr(&key, n);
+            }
+        }
+    }
+
     fn count_out(&mut self, s: &Slot) {
         for key in CounterKey::all_of(s) {
             self.decr(&key, s.cost);
@@ -464,6 +521,7 @@ impl Table {
         if s.id != *id || s.state != LIVE {
             return false;
         }
+        self.unmap_claim(idx);
         self.count_out(&s);
         self.slots[idx].state = FREE;
         true
@@ -504,6 +562,7 @@ impl Table {
         if s.state != LIVE {
             return;
         }
+        self.unmap_claim(idx);
         self.count_out(&s);
         let e = &mut self.slots[idx];
         e.state = REVOKED;
