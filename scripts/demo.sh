@@ -99,6 +99,9 @@ INSERT INTO workflow_runs (tenant_id, output) SELECT :'globex', repeat('y', 300)
 SELECT * FROM meshhook_limits.storage_totals;
 SQL
 
+title "claiming: a noisy tenant's 400 jobs, then 3 quiet tenants' 20 each, 4 workers (pg-boss)"
+node scripts/demo/claim-fairness.mjs "$PGHOST" "$PGPORT" meshhook_demo
+
 title "queues: pg-boss (npm) and pgmq (crate SQL) with traffic"
 node scripts/demo/queue-traffic.mjs "$PGHOST" "$PGPORT" meshhook_demo
 q -f .cache/pgmq/pgmq.sql >/dev/null

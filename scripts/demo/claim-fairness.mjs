@@ -70,12 +70,15 @@ const fifo = await run('demo.fifo', async () => {
 report('boss.fetch() (FIFO): the quiet tenants wait behind the noisy backlog', fifo)
 
 // 2. claim_jobs: every tenant may run 2 at once; the 4 workers are shared
-//    fairly among the tenants that have jobs.
+//    fairly among the tenants that have jobs. boss.complete() ends the slot
+//    too (the trigger bind_queue put on pgboss.job).
 await enqueue('demo.fair')
 const setup = new pg.Client(conn)
 await setup.connect()
 await setup.query("SELECT meshhook_limits.bind_queue('pgboss', 'demo.fair')")
-await setup.query("SELECT meshhook_limits.set_limit('concurrent_executions', 2)")
+for (const id of Object.values(tenants)) {
+  await setup.query("SELECT meshhook_limits.set_limit('concurrent_executions', 2, $1)", [id])
+}
 const fair = await run('demo.fair', async db => {
   const { rows: [job] } = await db.query("SELECT job_id, tenant_id FROM meshhook_limits.claim_jobs('pgboss', 'demo.fair')")
   return job && { id: job.job_id, tenant: job.tenant_id }
