@@ -452,13 +452,21 @@ BEGIN
       RAISE WARNING 'meshhook_limits: reading % queue % failed: %', b.source, b.queue, SQLERRM;
       CONTINUE;
     END;
-    FOR r IN SELECT x.tenant, x.waiting
-               FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, waiting bigint)
-              WHERE x.tenant ~ '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$' LOOP
-      SELECT e.resource INTO why FROM meshhook_limits.explain_admission(r.tenant::uuid) e
+    -- Tenants with waiting jobs, and tenants with claimed jobs running.
+    FOR r IN SELECT coalesce(w.tenant_id, c.tenant_id) AS tenant, coalesce(w.waiting, 0) AS waiting,
+                    coalesce(c.running, 0) AS running
+               FROM (SELECT x.tenant::uuid AS tenant_id, x.waiting
+                       FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, waiting bigint)
+                      WHERE x.tenant ~ '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$') w
+               FULL JOIN (SELECT s.tenant_id, sum(s.cost)::bigint AS running
+                            FROM meshhook_limits._claimed_slots() s
+                           WHERE s.binding_id = b.id AND (v_only IS NULL OR s.tenant_id = v_only)
+                           GROUP BY s.tenant_id) c ON c.tenant_id = w.tenant_id
+              ORDER BY 2 DESC, 1 LOOP
+      SELECT e.resource INTO why FROM meshhook_limits.explain_admission(r.tenant) e
        WHERE e.blocking ORDER BY e.scope = 'total' LIMIT 1;
-      source := b.source; queue := b.queue; tenant_id := r.tenant::uuid; waiting := r.waiting;
-      running := meshhook_limits._claims_running(b.id, r.tenant::uuid);
+      source := b.source; queue := b.queue; tenant_id := r.tenant; waiting := r.waiting;
+      running := r.running;
       runnable := CASE WHEN why IS NULL THEN r.waiting ELSE 0 END;
       blocked := r.waiting - runnable;
       blocked_by := why;

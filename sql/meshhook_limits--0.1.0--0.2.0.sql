@@ -1245,6 +1245,7 @@ $$;
 
 
 
+
 -- Issue 12: claiming jobs with their slots, fairly. Slots can carry a
 -- concurrency key and a cost; concurrent_executions.<key>,
 -- concurrent_executions_total and fair_share_weight are built in.
@@ -1440,7 +1441,9 @@ CREATE FUNCTION meshhook_limits._claimed_slots() RETURNS TABLE (
 	"slot_id" uuid,  /* Uuid */
 	"binding_id" bigint,  /* i64 */
 	"job_id" TEXT,  /* String */
-	"acquired_at" timestamp with time zone  /* Ts */
+	"acquired_at" timestamp with time zone,  /* Ts */
+	"tenant_id" uuid,  /* Uuid */
+	"cost" bigint  /* i64 */
 )
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -1466,18 +1469,9 @@ CREATE FUNCTION meshhook_limits._slot_counts(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_slot_counts_wrapper';
-
-CREATE FUNCTION meshhook_limits._claims_running(
-	"binding_id" bigint, /* i64 */
-	"tenant_id" uuid /* Uuid */
-) RETURNS bigint /* i64 */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_claims_running_wrapper';
 REVOKE EXECUTE ON FUNCTION meshhook_limits._claimed_slots() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._renew_slots(uuid[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_counts(uuid, uuid, text) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION meshhook_limits._claims_running(bigint, uuid) FROM PUBLIC;
 
 CREATE FUNCTION meshhook_limits._claim_ended()
 	RETURNS TRIGGER
@@ -1939,13 +1933,21 @@ BEGIN
       RAISE WARNING 'meshhook_limits: reading % queue % failed: %', b.source, b.queue, SQLERRM;
       CONTINUE;
     END;
-    FOR r IN SELECT x.tenant, x.waiting
-               FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, waiting bigint)
-              WHERE x.tenant ~ '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$' LOOP
-      SELECT e.resource INTO why FROM meshhook_limits.explain_admission(r.tenant::uuid) e
+    -- Tenants with waiting jobs, and tenants with claimed jobs running.
+    FOR r IN SELECT coalesce(w.tenant_id, c.tenant_id) AS tenant, coalesce(w.waiting, 0) AS waiting,
+                    coalesce(c.running, 0) AS running
+               FROM (SELECT x.tenant::uuid AS tenant_id, x.waiting
+                       FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, waiting bigint)
+                      WHERE x.tenant ~ '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$') w
+               FULL JOIN (SELECT s.tenant_id, sum(s.cost)::bigint AS running
+                            FROM meshhook_limits._claimed_slots() s
+                           WHERE s.binding_id = b.id AND (v_only IS NULL OR s.tenant_id = v_only)
+                           GROUP BY s.tenant_id) c ON c.tenant_id = w.tenant_id
+              ORDER BY 2 DESC, 1 LOOP
+      SELECT e.resource INTO why FROM meshhook_limits.explain_admission(r.tenant) e
        WHERE e.blocking ORDER BY e.scope = 'total' LIMIT 1;
-      source := b.source; queue := b.queue; tenant_id := r.tenant::uuid; waiting := r.waiting;
-      running := meshhook_limits._claims_running(b.id, r.tenant::uuid);
+      source := b.source; queue := b.queue; tenant_id := r.tenant; waiting := r.waiting;
+      running := r.running;
       runnable := CASE WHEN why IS NULL THEN r.waiting ELSE 0 END;
       blocked := r.waiting - runnable;
       blocked_by := why;

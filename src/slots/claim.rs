@@ -254,8 +254,8 @@ fn _claim_shares(
 }
 
 /// The live claimed slots of this database whose claiming transaction has
-/// ended: (slot, binding id, job id, acquired at), for the tick to end
-/// those whose job has ended. The job id is the rest of the run id after
+/// ended: (slot, binding id, job id, acquired at, tenant, cost), for the
+/// tick to end those whose job has ended, and for explain_queues. The job id is the rest of the run id after
 /// the binding: `<job id>` for pg-boss, `<msg_id>/<read_ct>` for pgmq.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _claimed_slots() -> TableIterator<
@@ -265,6 +265,8 @@ fn _claimed_slots() -> TableIterator<
         name!(binding_id, i64),
         name!(job_id, String),
         name!(acquired_at, Ts),
+        name!(tenant_id, Uuid),
+        name!(cost, i64),
     ),
 > {
     let db = shmem::my_database();
@@ -285,6 +287,8 @@ fn _claimed_slots() -> TableIterator<
                     binding.parse::<i64>().ok()?,
                     job.to_string(),
                     ts(s.acquired_at)?,
+                    Uuid::from_bytes(s.tenant),
+                    i64::from(s.cost),
                 ),
                 s.xid,
             ))
@@ -388,29 +392,10 @@ fn _slot_counts(
     TableIterator::once(row)
 }
 
-/// The cost a tenant runs now through claims of one queue binding.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _claims_running(binding_id: i64, tenant_id: Uuid) -> i64 {
-    let db = shmem::my_database();
-    let prefix = format!("{RUN_ID_PREFIX}{binding_id}/");
-    let Some(mut locked) = LockedTable::shared() else {
-        return 0;
-    };
-    locked
-        .table()
-        .slots
-        .iter()
-        .filter(|s| s.state == LIVE && s.database == db && s.tenant == *tenant_id.as_bytes())
-        .filter(|s| s.run_id[..s.run_id_len as usize].starts_with(prefix.as_bytes()))
-        .map(|s| i64::from(s.cost))
-        .sum()
-}
-
 pgrx::extension_sql!(
     r#"
 REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_counts(uuid, uuid, text) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION meshhook_limits._claims_running(bigint, uuid) FROM PUBLIC;
 "#,
     name = "claim_count_grants",
-    requires = [_slot_counts, _claims_running]
+    requires = [_slot_counts]
 );
