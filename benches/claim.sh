@@ -22,7 +22,7 @@
 #              workers claim/run/complete/release for BENCH_SECONDS; each
 #              tenant's share of the claimed cost against w / Σw. Target:
 #              every share within ±5% (relative) of its target. A second
-#              arm (diagnosis) serialises the claims with an advisory lock.
+#              arm runs without the total limit (just the W loops).
 #  throughput  no limits at all; claim_jobs + boss.complete (with and without
 #              the explicit release) vs boss.fetch + boss.complete, no run
 #              time, same workers, batch and backlog, BENCH_TP_ROUNDS
@@ -59,8 +59,10 @@
 #   BENCH_TOTAL          concurrent_executions_total in weights, 0 = none [7]
 #   BENCH_W_JOBS         jobs per tenant in weights [enough for the run at 20 ms]
 #   BENCH_COST_MAX       job cost in weights: 1, or uniform 1..N (cost_path 'cost') [1]
-#   BENCH_W_SERIALIZED   1: also a diagnosis arm with the claims one at a time [1]
-#   BENCH_TP_ARMS        [fetch claim claimrel]
+#   BENCH_W_NOTOTAL      1: also a weights arm without the total limit [1]
+#   BENCH_RELEASE        1: noisy and weights loops also call release_execution_slot
+#                        after the complete (the slot ends with the job anyway) [0]
+#   BENCH_TP_ARMS        fetch, claim, claimrel (claim + explicit release) [fetch claim]
 #   BENCH_TP_SECONDS     measured seconds per throughput run [15]
 #   BENCH_TP_WARMUP      warm-up seconds per throughput run [3]
 #   BENCH_TP_BATCH       jobs per claim/fetch in throughput [10]
@@ -97,8 +99,9 @@ W_WARMUP=${BENCH_W_WARMUP:-5}
 W_WEIGHTS=${BENCH_WEIGHTS:-1,2,4}
 W_TOTAL=${BENCH_TOTAL:-7}
 W_COST_MAX=${BENCH_COST_MAX:-1}
-W_SERIALIZED=${BENCH_W_SERIALIZED:-1}
-TP_ARMS=${BENCH_TP_ARMS:-fetch claim claimrel}
+W_NOTOTAL=${BENCH_W_NOTOTAL:-1}
+RELEASE=${BENCH_RELEASE:-0}
+TP_ARMS=${BENCH_TP_ARMS:-fetch claim}
 TP_SECONDS=${BENCH_TP_SECONDS:-15}
 TP_WARMUP=${BENCH_TP_WARMUP:-3}
 TP_BATCH=${BENCH_TP_BATCH:-10}
@@ -248,7 +251,7 @@ noisy_arm() { # ARM
   cpu_start
   run_load "noisy $arm" "$jf" noisy --queue "$qn" --arm "$mode" --workers "$WORKERS" --run-ms "$RUN_MS" \
     --poll-ms "$POLL_MS" --noisy-jobs "$noisy" --quiet-tenants "$QUIET_TENANTS" --quiet-jobs "$QUIET_JOBS" \
-    --quiet-delay "$QUIET_DELAY" --cap "$CAP" --limit "$LIMIT" --putback "$PUTBACK" --release 1 || true
+    --quiet-delay "$QUIET_DELAY" --cap "$CAP" --limit "$LIMIT" --putback "$PUTBACK" --release "$RELEASE" || true
   cpu_end; cpu_other
   NOISY_FILE[$arm]=$jf NOISY_CPU[$arm]=$cpu_other_pct
   if [[ -s $jf ]] && [[ -z $(json "$jf" .error 2>/dev/null) ]]; then
@@ -268,21 +271,25 @@ if has "$SCENARIOS" noisy; then
 fi
 
 # --- weights ----------------------------------------------------------------------------
-# The measured arm: W loops claiming concurrently. With BENCH_W_SERIALIZED=1 a
-# second arm (diagnosis, not the target) runs the same with every claim_jobs
-# call behind one advisory lock, one at a time: what is left there comes from
-# the order within a call, the rest from races between concurrent calls.
+# The measured arm runs under concurrent_executions_total = BENCH_TOTAL. With
+# BENCH_W_NOTOTAL=1 a second arm runs without it (just the W loops), where the
+# running counts cannot split W slots by the weights exactly.
 declare -A W_FILE=() W_CPU=()
-weights_arm() { # KIND (concurrent | serialized)
-  local kind=$1 qn="weights-$1" jf="$OUT/weights-$1.json" ser=0
-  [[ $kind == serialized ]] && ser=1
+weights_arm() { # KIND (total | none)
+  local kind=$1 qn="weights-$1" jf="$OUT/weights-$1.json" total=$W_TOTAL
+  [[ $kind == none ]] && total=0
+  clear_limits
+  for i in "${!weights[@]}"; do
+    q "SELECT meshhook_limits.set_limit('fair_share_weight', ${weights[$i]}, tenant_id => '00000000-0000-4000-8000-$(printf '%012d' $((101 + i)))')" >/dev/null
+  done
+  (( total > 0 )) && q "SELECT meshhook_limits.set_limit('concurrent_executions_total', $total)" >/dev/null
   create_queue "$DB" "$qn"
   q "SELECT meshhook_limits.bind_queue('pgboss', '$qn', cost_path => 'cost')" >/dev/null
-  echo "  $kind claims" >&2
+  echo "  concurrent_executions_total: $( (( total > 0 )) && echo "$total" || echo none)" >&2
   cpu_start
   run_load "weights $kind" "$jf" weights --queue "$qn" --weights "$W_WEIGHTS" --workers "$WORKERS" --run-ms "$RUN_MS" \
     --poll-ms "$POLL_MS" --jobs "$W_JOBS" --cost-max "$W_COST_MAX" --seconds "$W_SECONDS" --warmup "$W_WARMUP" \
-    --total "$W_TOTAL" --release 1 --serialize "$ser" || true
+    --total "$total" --release "$RELEASE" || true
   cpu_end; cpu_other
   W_FILE[$kind]=$jf W_CPU[$kind]=$cpu_other_pct
   if [[ -s $jf ]] && [[ -z $(json "$jf" .error 2>/dev/null) ]]; then
@@ -295,14 +302,9 @@ weights_arm() { # KIND (concurrent | serialized)
   drop_queue_jobs "$qn"
 }
 if has "$SCENARIOS" weights; then
-  echo "weights: $W_WEIGHTS, total limit $W_TOTAL, $WORKERS workers, ${W_SECONDS}s after ${W_WARMUP}s, $W_JOBS jobs per tenant" >&2
-  clear_limits
-  for i in "${!weights[@]}"; do
-    q "SELECT meshhook_limits.set_limit('fair_share_weight', ${weights[$i]}, tenant_id => '00000000-0000-4000-8000-$(printf '%012d' $((101 + i)))')" >/dev/null
-  done
-  (( W_TOTAL > 0 )) && q "SELECT meshhook_limits.set_limit('concurrent_executions_total', $W_TOTAL)" >/dev/null
-  weights_arm concurrent
-  [[ $W_SERIALIZED == 1 ]] && weights_arm serialized
+  echo "weights: $W_WEIGHTS, $WORKERS workers, ${W_SECONDS}s after ${W_WARMUP}s, $W_JOBS jobs per tenant" >&2
+  (( W_TOTAL > 0 )) && weights_arm total
+  [[ $W_NOTOTAL == 1 || $W_TOTAL == 0 ]] && weights_arm none
   clear_limits
 fi
 
@@ -457,6 +459,10 @@ end_checks
 [[ -z $wpid0 || $(worker_pid) == "$wpid0" ]] || broken+=("the worker process changed during the run (crash or restart)")
 
 # --- report ---------------------------------------------------------------------------------
+release_words() {
+  if [[ $RELEASE == 1 ]]; then echo ", then \`release_execution_slot\` (claim and naive arms)"
+  else echo " (claim arms: no release call, the slot ends with the job; naive arm: then \`release_execution_slot\`)"; fi
+}
 # Ratio with two decimals of A / B, or n/a.
 noisy_row() { # ARM LABEL
   local jf=${NOISY_FILE[$1]:-}
@@ -482,7 +488,7 @@ report() {
     echo
     echo "Tenant A enqueues $NOISY_JOBS jobs (\`boss.insert\`, chunks of 1000); the $WORKERS workers start;"
     echo "${QUIET_DELAY} s later $QUIET_TENANTS quiet tenants enqueue $QUIET_JOBS jobs each. A job \"runs\" $RUN_MS ms (sleep), then"
-    echo "\`boss.complete\`, then (claim and naive arms) \`release_execution_slot\`. \`concurrent_executions\` = $LIMIT"
+    echo "\`boss.complete\`$(release_words). \`concurrent_executions\` = $LIMIT"
     echo "for every tenant (global default) in all arms; the FIFO arm ignores it. Wait = \`started_on − created_on\`"
     echo "of each quiet job in \`pgboss.job\`; a job not started when the arm stopped (after ${CAP} s at most, or"
     echo "when every quiet job was done) counts as waiting longer than any that did (\`>\`: at least that long)."
@@ -517,19 +523,19 @@ report() {
     echo "### Weights"
     echo
     echo "Tenants with \`fair_share_weight\` $W_WEIGHTS, $W_JOBS jobs each (round-robin chunks of 1000, cost $( (( W_COST_MAX > 1 )) && echo "uniform 1..$W_COST_MAX" || echo 1),"
-    echo "\`bind_queue(cost_path => 'cost')\`), no per-tenant limit, \`concurrent_executions_total\` = $( (( W_TOTAL > 0 )) && echo "$W_TOTAL" || echo none); $WORKERS workers"
-    echo "claim (batch 1), run $RUN_MS ms, complete, release, for $W_SECONDS s after $W_WARMUP s of warm-up. Share = the tenant's cost claimed in"
+    echo "\`bind_queue(cost_path => 'cost')\`), no per-tenant limit; $WORKERS workers"
+    echo "claim (batch 1), run $RUN_MS ms, complete$(release_words), for $W_SECONDS s after $W_WARMUP s of warm-up. Share = the tenant's cost claimed in"
     echo "the measured window / all of it; running share = its time-averaged cost in hand / all of it."
     echo
     local kind jf dev
-    for kind in concurrent serialized; do
+    for kind in total none; do
       jf=${W_FILE[$kind]:-}
       [[ -n $jf ]] || continue
       if [[ ! -s $jf || -n $(json "$jf" .error 2>/dev/null) ]]; then echo "$kind: (failed)"; echo; continue; fi
-      if [[ $kind == concurrent ]]; then
-        echo "**$WORKERS loops claiming concurrently** (the measurement; other CPU ${W_CPU[$kind]}):"
+      if [[ $kind == total ]]; then
+        echo "**\`concurrent_executions_total\` = $W_TOTAL** (the measurement; other CPU ${W_CPU[$kind]}):"
       else
-        echo "**Diagnosis: the same with every \`claim_jobs\` call behind one advisory lock** (one claim at a time; other CPU ${W_CPU[$kind]}):"
+        echo "**No total limit, just the $WORKERS loops** (other CPU ${W_CPU[$kind]}):"
       fi
       echo
       echo "| tenant | weight | target | cost claimed | share | deviation | mean running | running share | deviation | max in hand | waiting at end |"
@@ -540,7 +546,7 @@ report() {
           t.running_share.toFixed(4) + ' | ' + (t.running_deviation_pct > 0 ? '+' : '') + t.running_deviation_pct.toFixed(2) + '% | ' + t.max_in_hand + ' | ' + t.waiting_at_end + ' |')"
       echo
       dev=$(json "$jf" .max_abs_deviation_pct)
-      if [[ $kind == concurrent ]]; then
+      if [[ $kind == total ]]; then
         echo "- $(awk -v d="$dev" 'BEGIN { print (d + 0 <= 5) ? "PASS" : "MISS" }'): max relative deviation of a share from its target: **${dev}%** (target ±5%); of the running share: $(json "$jf" .max_abs_running_deviation_pct)%"
       else
         echo "- max relative deviation: ${dev}% (running share: $(json "$jf" .max_abs_running_deviation_pct)%)"
@@ -558,8 +564,8 @@ report() {
     echo "reported. Other CPU $TP_CPU."
     echo
     echo "- \`fetch\`: \`boss.fetch(q, {batchSize})\` + \`boss.complete(q, ids)\` (pgmq: \`pgmq.read(q, 30, n)\` + \`pgmq.archive(q, ids)\`)"
-    echo "- \`claim\`: \`claim_jobs(source, q, n)\` + the same complete/archive; the slots are released by the extension's worker (a tick after the job ends)"
-    echo "- \`claimrel\`: \`claim\` + \`SELECT release_execution_slot(s) FROM unnest(slots)\`, a third statement"
+    echo "- \`claim\`: \`claim_jobs(source, q, n)\` + the same complete/archive; no release call: the extension ends the slot with the job"
+    has "$TP_ARMS" claimrel && echo "- \`claimrel\`: \`claim\` + \`SELECT release_execution_slot(s) FROM unnest(slots)\`, a third statement"
     echo
     echo "| source | arm | jobs/s (median) | rounds | × fetch |"
     echo "| --- | --- | ---: | --- | ---: |"
@@ -581,7 +587,7 @@ report() {
         echo "- $(verdict "$(ratio "$med" "$base")" '>=' 0.8): $src $arm / fetch: $(ratio "$med" "$base") (target ≥ 0.8)"
       done
     done
-    echo "- \`claim\` arm, slots released by the worker: most live slots sampled during a run:$(for jf in "$OUT"/tp-*-claim-*.json; do [[ -s $jf ]] && printf ' %s' "$(json "$jf" .sampled_max_live_total)"; done) (capacity $(q "SELECT capacity FROM meshhook_limits.slot_stats()"));"
+    echo "- \`claim\` arm: most live slots sampled during a run:$(for jf in "$OUT"/tp-*-claim-*.json; do [[ -s $jf ]] && printf ' %s' "$(json "$jf" .sampled_max_live_total)"; done) (capacity $(q "SELECT capacity FROM meshhook_limits.slot_stats()"));"
     echo "  the worker's longest tick (ms) per run: pgboss ${TP_TICK[pgboss]:-–}, pgmq ${TP_TICK[pgmq]:-–}; seconds from the end of a run until no slot was left: pgboss ${TP_DRAIN[pgboss]:-–}, pgmq ${TP_DRAIN[pgmq]:-–}"
     echo
   fi

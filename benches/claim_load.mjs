@@ -16,12 +16,12 @@
 //
 // The worker loops (one job in hand per loop with --batch 1):
 //   claim     SELECT … FROM meshhook_limits.claim_jobs(source, Q, batch)
-//             → sleep --run-ms → boss.complete(Q, ids) (pgmq: pgmq.archive)
-//             → SELECT meshhook_limits.release_execution_slot(slot) for each,
-//               unless --release 0 (then the extension's worker releases the
-//               slot within a tick of the job's end)
-//   claimrel  (throughput) claim with the explicit release; `claim` there has
-//             --release 0
+//             → sleep --run-ms → boss.complete(Q, ids) (pgmq: pgmq.archive);
+//             the extension ends the slot with the job (the trigger
+//             bind_queue puts on the queue table, or the worker's tick);
+//             with --release 1 also SELECT release_execution_slot(slot)
+//             for each, right after the complete
+//   claimrel  (throughput) claim with the explicit release
 //   fetch     boss.fetch(Q, { batchSize }) → sleep → boss.complete: plain
 //             FIFO, no limits (pgmq `read`: pgmq.read(Q, vt, n) → archive)
 //   naive     what a team writes today on pg-boss: boss.fetch(Q) →
@@ -50,16 +50,14 @@
 //   window (job cost: data.cost, 1 unless --cost-max > 1, then uniform
 //   1..cost-max) against weight / sum(weights); also the time-averaged
 //   running cost per tenant. Jobs still waiting per tenant at the end tell
-//   whether every tenant stayed saturated. --serialize 1 (diagnosis): every
-//   claim_jobs call runs in a transaction behind one advisory lock, so claims
-//   never overlap (releases still do).
+//   whether every tenant stayed saturated.
 // throughput / pgmq-throughput: the queue is filled by the caller; the loops
 //   run with no sleep for --warmup + --seconds; jobs completed (archived) in
 //   the measured window per second.
 //
 // Over-admission checks, in every arm that takes slots: (1) in the process,
 // the jobs each tenant has in hand (counted up when a claim returns, down
-// just before its release is sent, so never above what the database holds);
+// just before its complete is sent, so never above what the database holds);
 // (2) a sampler on its own connection reading
 //   SELECT tenant_id, count(*) FROM meshhook_limits.slots() WHERE state = 'live' GROUP BY 1
 // every --sample-ms ms. Both maxima are reported against --limit (per
@@ -78,8 +76,8 @@ function parseArgs (argv) {
     queue: '', arm: '', putback: 'update', weights: '1,2,4', source: 'pgboss',
     workers: 8, batch: 1, runMs: 20, pollMs: 5, sampleMs: 100,
     noisyJobs: 20000, quietTenants: 10, quietJobs: 200, quietDelay: 2, cap: 120,
-    limit: 0, total: 0, release: 1, retryDelay: 5,
-    jobs: 20000, costMax: 1, seconds: 60, warmup: 5, vt: 30, serialize: 0
+    limit: 0, total: 0, release: 0, retryDelay: 5,
+    jobs: 20000, costMax: 1, seconds: 60, warmup: 5, vt: 30
   }
   for (let i = 0; i < argv.length; i += 2) {
     const k = argv[i].replace(/^--/, '').replace(/-([a-z])/g, (_, c) => c.toUpperCase())
@@ -98,7 +96,6 @@ function parseArgs (argv) {
 }
 
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms))
-const lit = x => "'" + String(x).replace(/'/g, "''") + "'"
 const tenant = n => `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`
 const NOISY = tenant(1000)
 const round = (x, d = 3) => x == null ? null : Math.round(x * 10 ** d) / 10 ** d
@@ -110,24 +107,13 @@ function percentile (sorted, p) { // nearest rank; sorted ascending
 // --- claiming, one interface over the arms ----------------------------------------
 // A "source" gives take(batch) → [{id, tenant, slot, cost}], done(jobs) (complete
 // or archive), and for naive putBack(jobs, retryAfterSeconds[]).
-function pgbossSource (boss, q, serialize = false) {
+function pgbossSource (boss, q) {
   const db = boss.getDb()
   return {
     db,
     async claim (batch) {
-      let rows
-      if (serialize) {
-        // Diagnosis only: one claim at a time (a transaction-level advisory
-        // lock around the call), to tell races between concurrent claims
-        // from the order within one.
-        const rs = await db.executeSql(
-          `BEGIN; SELECT pg_advisory_xact_lock(7426); SELECT job_id, tenant_id, slot_id, data
-             FROM meshhook_limits.claim_jobs('pgboss', ${lit(q)}, ${Number(batch)}); COMMIT;`)
-        rows = rs[2].rows
-      } else {
-        ({ rows } = await db.executeSql(
-          'SELECT job_id, tenant_id, slot_id, data FROM meshhook_limits.claim_jobs($1, $2, $3)', ['pgboss', q, batch]))
-      }
+      const { rows } = await db.executeSql(
+        'SELECT job_id, tenant_id, slot_id, data FROM meshhook_limits.claim_jobs($1, $2, $3)', ['pgboss', q, batch])
       return rows.map(r => ({ id: r.job_id, tenant: r.tenant_id, slot: r.slot_id, cost: Number(r.data?.cost ?? 1) }))
     },
     async fetch (batch) {
@@ -285,11 +271,13 @@ async function loop (src, o, arm, s, stop, inWindow = () => true) {
       if (inWindow(t)) addTo(s.costBy, j.tenant, j.cost)
     }
     if (o.runMs) await sleep(o.runMs)
+    // Counted down before the complete is sent: the slot may end in the
+    // complete's transaction (the claim trigger), never before it.
+    given(s, jobs, inWindow)
     const n = await src.done(jobs)
     if (n !== jobs.length) s.completeMismatch += jobs.length - n
     s.completed += n
     for (const j of jobs) addTo(s.completedBy, j.tenant, 1)
-    given(s, jobs, inWindow)
     if (arm === 'naive' || release) s.releaseMissing += await releaseSlots(src.db, slots.filter(Boolean))
   }
 }
@@ -456,7 +444,7 @@ async function noisy (boss, conn, o) {
 // --- weights -------------------------------------------------------------------------
 async function weights (boss, conn, o) {
   const q = o.queue
-  const src = pgbossSource(boss, q, !!o.serialize)
+  const src = pgbossSource(boss, q)
   const ws = o.weights.split(',').map(Number)
   if (ws.some(w => !(w > 0))) throw new Error(`bad --weights ${o.weights}`)
   const tenants = ws.map((_, i) => tenant(101 + i))
@@ -519,7 +507,6 @@ async function weights (boss, conn, o) {
     seconds: o.seconds,
     warmup: o.warmup,
     total_limit: o.total,
-    serialized: !!o.serialize,
     tenants: per,
     max_abs_deviation_pct: round(Math.max(...per.map(p => Math.abs(p.deviation_pct))), 2),
     max_abs_running_deviation_pct: round(Math.max(...per.map(p => Math.abs(p.running_deviation_pct))), 2),

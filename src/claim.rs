@@ -146,9 +146,10 @@ fn parse_uuid(s: &str) -> Option<Uuid> {
 fn parse_cost(s: Option<&str>) -> Option<i32> {
     match s {
         None => Some(1),
-        Some(s) if s.len() <= 7 && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse::<i32>().ok().filter(|c| (1..=slot_claim::MAX_COST).contains(c))
-        }
+        Some(s) if s.len() <= 7 && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
+            .parse::<i32>()
+            .ok()
+            .filter(|c| (1..=slot_claim::MAX_COST).contains(c)),
         Some(_) => None,
     }
 }
@@ -169,7 +170,11 @@ fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Resu
     }
     Spi::connect_mut(|c| {
         let b = binding(c, source, queue)?;
-        let fresh = PLANS.with(|p| p.borrow().get(&b.id).is_none_or(|plans| plans.shape != b.shape));
+        let fresh = PLANS.with(|p| {
+            p.borrow()
+                .get(&b.id)
+                .is_none_or(|plans| plans.shape != b.shape)
+        });
         if fresh {
             let plans = prepare(c, &b)?;
             PLANS.with(|p| p.borrow_mut().insert(b.id, plans));
@@ -232,7 +237,9 @@ fn claim_with(
         })
         .collect();
     // pgmq: the visibility timeout, which is also the slot's lease.
-    let vt = b.pgmq.then(|| lease.unwrap_or_else(|| Interval::from_micros(PGMQ_DEFAULT_VT_MICROS)));
+    let vt = b
+        .pgmq
+        .then(|| lease.unwrap_or_else(|| Interval::from_micros(PGMQ_DEFAULT_VT_MICROS)));
     let mut passed: Vec<String> = Vec::new();
     let mut claimed = Vec::new();
     while claimed.len() < batch {
@@ -252,7 +259,11 @@ fn claim_with(
             break;
         };
         let t = &mut field[best];
-        let head = c.update(&plans.head, Some(1), &[t.key.as_str().into(), passed.clone().into()])?;
+        let head = c.update(
+            &plans.head,
+            Some(1),
+            &[t.key.as_str().into(), passed.clone().into()],
+        )?;
         let Some(job) = head.into_iter().next() else {
             t.live = false; // nothing runnable left: deferred, or taken by others
             continue;
@@ -271,7 +282,9 @@ fn claim_with(
             Some(parsed) => parsed.map(Some),
         };
         let cost = parse_cost(cost_text.as_deref());
-        let key_ok = key.as_ref().is_none_or(|k| !k.is_empty() && k.len() <= slot_claim::KEY_MAX);
+        let key_ok = key
+            .as_ref()
+            .is_none_or(|k| !k.is_empty() && k.len() <= slot_claim::KEY_MAX);
         let (Some(project), Some(cost), true) = (project, cost, key_ok) else {
             invalid_job();
             passed.push(id);
@@ -282,7 +295,8 @@ fn claim_with(
             run_id.push('/');
             run_id.push_str(g);
         }
-        let answer = slot_claim::take_slot(t.id, project, key.as_deref(), cost, vt.or(lease), &run_id)?;
+        let answer =
+            slot_claim::take_slot(t.id, project, key.as_deref(), cost, vt.or(lease), &run_id)?;
         let Some(slot_id) = answer.slot_id.filter(|_| answer.granted) else {
             passed.push(id);
             match answer.reason.as_deref() {
@@ -303,7 +317,15 @@ fn claim_with(
         };
         c.update(&plans.take, None, &take_args)?;
         t.in_use += f64::from(cost);
-        claimed.push((id, t.id, project, key, slot_id, answer.lease_expires_at, data));
+        claimed.push((
+            id,
+            t.id,
+            project,
+            key,
+            slot_id,
+            answer.lease_expires_at,
+            data,
+        ));
     }
     Ok(claimed)
 }

@@ -290,8 +290,20 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
             f64::from(h.live),
         );
         if let Some((claims, cost, blocked)) = crate::slots::claim::counters() {
-            e.add("meshhook_limits_claims_total", "counter", "", vec![], claims as f64);
-            e.add("meshhook_limits_claimed_cost_total", "counter", "", vec![], cost as f64);
+            e.add(
+                "meshhook_limits_claims_total",
+                "counter",
+                "",
+                vec![],
+                claims as f64,
+            );
+            e.add(
+                "meshhook_limits_claimed_cost_total",
+                "counter",
+                "",
+                vec![],
+                cost as f64,
+            );
             for (reason, n) in blocked {
                 e.add(
                     "meshhook_limits_claim_blocked_total",

@@ -104,7 +104,14 @@ pub fn take_slot(
 ) -> Result<Admission> {
     validate(cost, concurrency_key)?;
     let demand = demand_of(cost, concurrency_key, run_id);
-    if let Some(answer) = acquire(Some(tenant), project, Some(run_id), lease, &demand, Mode::FastPath)? {
+    if let Some(answer) = acquire(
+        Some(tenant),
+        project,
+        Some(run_id),
+        lease,
+        &demand,
+        Mode::FastPath,
+    )? {
         count(&answer, cost);
         return Ok(answer);
     }
@@ -159,11 +166,7 @@ fn _claim_slot(
         .and_then(|a| a.ok_or(LimitsError::NotPreloaded))
         .or_raise();
     count(&answer, cost);
-    TableIterator::once((
-        answer.slot_id,
-        answer.reason,
-        answer.lease_expires_at,
-    ))
+    TableIterator::once((answer.slot_id, answer.reason, answer.lease_expires_at))
 }
 
 /// One competing tenant: the cost it runs now (all its slots of this
@@ -299,7 +302,8 @@ fn _claimed_slots() -> TableIterator<
     let ended = live
         .into_iter()
         .filter(|(_, xid)| {
-            *xid == 0 || !unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(*xid)) }
+            *xid == 0
+                || !unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(*xid)) }
         })
         .map(|(row, _)| row)
         .collect::<Vec<_>>();

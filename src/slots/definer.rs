@@ -34,7 +34,14 @@ fn _acquire_execution_slot(
 > {
     let row = crate::row::utf8(&run_id, "run_id")
         .and_then(|run_id| {
-            acquire(tenant_id, project_id, run_id, lease, &Demand::ONE, Mode::Definer)
+            acquire(
+                tenant_id,
+                project_id,
+                run_id,
+                lease,
+                &Demand::ONE,
+                Mode::Definer,
+            )
         })
         .and_then(|r| r.ok_or(LimitsError::NotPreloaded))
         .or_raise();

@@ -374,13 +374,23 @@ fn acquire(
         }
         let end = locked.table().earliest_end(c.counts);
         drop(locked);
-        return Ok(Some(refuse(c.reason, used[i], c.cap, retry_after(end, now))));
+        return Ok(Some(refuse(
+            c.reason,
+            used[i],
+            c.cap,
+            retry_after(end, now),
+        )));
     }
     // Room: unless an earlier waiter goes first (see `wait`).
     if let Some(w) = wait::current() {
         if let Some(reason) = wait::defer(locked.table(), w, lim.total_cap.is_some()) {
             drop(locked);
-            return Ok(Some(refuse(reason, used[0], tenant_cap, retry_after(Some(now), now))));
+            return Ok(Some(refuse(
+                reason,
+                used[0],
+                tenant_cap,
+                retry_after(Some(now), now),
+            )));
         }
     }
     let Some(idx) = locked.table().allocate(now) else {
@@ -479,7 +489,9 @@ pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
         )
     };
     let row = match (wait, tenant) {
-        (Some(wait), Some(t)) => wait::acquire_waiting(&t, wait::wait_micros(&wait).or_raise(), attempt),
+        (Some(wait), Some(t)) => {
+            wait::acquire_waiting(&t, wait::wait_micros(&wait).or_raise(), attempt)
+        }
         _ => attempt(),
     };
     let cols = [

@@ -480,7 +480,8 @@ impl Table {
         let i = self.find(&CounterKey::claim(database, digest)).ok()?;
         let idx = self.counters[i].count as usize - 1;
         let s = &self.slots[idx];
-        (s.state == LIVE && s.has_claim && s.database == database && &s.claim == digest).then_some(idx)
+        (s.state == LIVE && s.has_claim && s.database == database && &s.claim == digest)
+            .then_some(idx)
     }
 
     fn unmap_claim(&mut self, idx: usize) {

@@ -13,6 +13,7 @@
 //!   project or key limit;
 //! - across tenants, when they compete for `concurrent_executions_total`:
 //!   the waiter whose tenant runs fewest slots goes first, then the earlier.
+//!
 //! A call without `wait` is not a waiter and takes any room it finds.
 use super::table::{self, LockedTable, Table, Waiter};
 use super::{now, Admission};
@@ -53,7 +54,11 @@ pub(super) fn defer(t: &Table, w: usize, total_capped: bool) -> Option<&'static 
     let recovering = reason_code("recovering");
     let runs = |tenant: &[u8; 16]| t.count(&table::CounterKey::tenant(me.database, tenant));
     let mine = runs(&me.tenant);
-    for o in t.waiters.iter().filter(|o| o.pid != 0 && o.database == me.database) {
+    for o in t
+        .waiters
+        .iter()
+        .filter(|o| o.pid != 0 && o.database == me.database)
+    {
         if o.ticket == me.ticket {
             continue;
         }

@@ -10,7 +10,7 @@
 // Commands (JSON_ARGS in brackets):
 //   insert {name, jobs}    boss.insert(name, jobs): many jobs, each with its
 //                          own data (and id, priority, startAfter, retryLimit,
-//                          expireInSeconds...), in one statement -> [ids]
+//                          expireInSeconds...), in one statement -> {inserted}
 //   delete {name, ids}     boss.deleteJob(name, ids)
 //   fail-fetch {name, batchSize}
 //                          boss.fetch then boss.fail of what it fetched: a
@@ -40,8 +40,9 @@ async function main () {
     switch (command) {
       case 'insert':
         // boss.insert returns nothing for a batch: the ids are the caller's.
+        // (Only a count back: a large stdout may be cut short by exit.)
         await boss.insert(args.name, args.jobs)
-        return args.jobs.map(j => j.id ?? null)
+        return { inserted: args.jobs.length }
       case 'delete':
         return await boss.deleteJob(args.name, args.ids)
       case 'fail-fetch': {
