@@ -226,6 +226,12 @@ fn claim_with(
     let mut field: Vec<Contender> = tenants
         .into_iter()
         .zip(shares)
+        .inspect(|(_, s)| {
+            if !s.has_room {
+                // Its next job is passed over: the tenant is at its limit.
+                slot_claim::count_blocked(BLOCKED_REASONS[0]);
+            }
+        })
         .map(|((id, key, next_at), s)| Contender {
             id,
             key,
