@@ -1244,8 +1244,6 @@ END
 $$;
 
 
-
-
 -- Issue 12: claiming jobs with their slots, fairly. Slots can carry a
 -- concurrency key and a cost; concurrent_executions.<key>,
 -- concurrent_executions_total and fair_share_weight are built in.
