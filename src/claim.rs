@@ -382,3 +382,51 @@ COMMENT ON FUNCTION meshhook_limits.claim_jobs(text, text, integer, interval) IS
     name = "claim_jobs_comment",
     requires = [claim_jobs]
 );
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::{parse_cost, parse_uuid};
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn tenant_ids_parse_as_postgresql_reads_them_or_not_at_all() {
+        let canonical = parse_uuid("a0000000-0000-4000-8000-000000000001").expect("hyphenated");
+        assert_eq!(
+            parse_uuid(
+                "A00000000000400080000000000000 01"
+                    .replace(' ', "")
+                    .as_str()
+            ),
+            Some(canonical)
+        );
+        assert_eq!(
+            parse_uuid("A0000000-0000-4000-8000-000000000001"),
+            Some(canonical)
+        );
+        for bad in [
+            "",
+            "bogus",
+            "a0000000-0000-4000-8000-00000000000",
+            "a0000000_0000_4000_8000_000000000001",
+            "a0000000-0000-4000-8000-00000000000g",
+            "{a0000000-0000-4000-8000-000000000001}",
+            "a000000-00000-4000-8000-000000000001",
+            "ä0000000-0000-4000-8000-00000000000",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
+    }
+
+    #[pg_test]
+    fn costs_are_whole_numbers_from_1_to_a_million() {
+        assert_eq!(parse_cost(None), Some(1));
+        assert_eq!(parse_cost(Some("1")), Some(1));
+        assert_eq!(parse_cost(Some("1000000")), Some(1_000_000));
+        for bad in [
+            "0", "-1", "1.5", "1e3", "", " 1", "1000001", "9999999", "x", "NaN",
+        ] {
+            assert_eq!(parse_cost(Some(bad)), None, "{bad}");
+        }
+    }
+}

@@ -204,21 +204,32 @@ fn load(
     // update(), not select(): SPI takes a fresh snapshot for it (READ
     // COMMITTED), so what is loaded is at least as new as the generation.
     Spi::connect_mut(|c| {
-        let rows = c.update(
-            "SELECT tenant_cap, project_cap, exec_micros, memory_bytes, key_cap, total_cap, weight
-               FROM meshhook_limits._slot_limits($1, $2, $3)",
-            Some(1),
-            &[tenant.into(), project.into(), concurrency_key.into()],
-        )?;
+        // Without a key, the two-argument call: 0.1.0's SQL has it too (four
+        // columns), so acquires keep working between installing this
+        // library and ALTER EXTENSION UPDATE.
+        let rows = match concurrency_key {
+            None => c.update(
+                "SELECT * FROM meshhook_limits._slot_limits($1, $2)",
+                Some(1),
+                &[tenant.into(), project.into()],
+            )?,
+            Some(k) => c.update(
+                "SELECT * FROM meshhook_limits._slot_limits($1, $2, $3)",
+                Some(1),
+                &[tenant.into(), project.into(), k.into()],
+            )?,
+        };
         let mut out = SlotLimits::default();
         if let Some(row) = rows.into_iter().next() {
             out.tenant_cap = row.get::<i64>(1)?;
             out.project_cap = row.get::<i64>(2)?;
             out.exec_micros = row.get::<i64>(3)?;
             out.memory_bytes = row.get::<i64>(4)?;
-            out.key_cap = row.get::<i64>(5)?;
-            out.total_cap = row.get::<i64>(6)?;
-            out.weight = row.get::<f64>(7)?;
+            if row.columns() >= 7 {
+                out.key_cap = row.get::<i64>(5)?;
+                out.total_cap = row.get::<i64>(6)?;
+                out.weight = row.get::<f64>(7)?;
+            }
         }
         Ok(out)
     })

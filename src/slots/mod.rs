@@ -472,14 +472,19 @@ crate::finfo_v1!(pg_finfo_meshhook_limits_acquire_execution_slot);
 pub extern "C-unwind" fn meshhook_limits_acquire_execution_slot(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: called by the executor with the five declared arguments.
+    // SAFETY: called by the executor with the declared arguments (five; four
+    // under 0.1.0's SQL).
     let (tenant, project, run_id, lease, wait) = unsafe {
         (
             pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 0),
             pgrx::fcinfo::pg_getarg::<Uuid>(fcinfo, 1),
             crate::row::text_arg(fcinfo, 2, "run_id").or_raise(),
             pgrx::fcinfo::pg_getarg::<Interval>(fcinfo, 3),
-            pgrx::fcinfo::pg_getarg::<Interval>(fcinfo, 4),
+            // 0.1.0 declared four arguments: until ALTER EXTENSION UPDATE,
+            // a call has no `wait`.
+            ((*fcinfo).nargs > 4)
+                .then(|| pgrx::fcinfo::pg_getarg::<Interval>(fcinfo, 4))
+                .flatten(),
         )
     };
     let attempt = || {
