@@ -234,27 +234,40 @@ BEGIN
       coalesce(quote_literal(left(p_source, 40)), 'NULL')
       USING ERRCODE = '22023', HINT = 'an admin binds it with meshhook_limits.bind_queue(source, queue, tenant_path)';
   END IF;
+  -- A queue dropped (and perhaps created again) after it was bound: its
+  -- table, index and triggers are gone.
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = b.relation) THEN
+    RAISE EXCEPTION 'queue % of % was dropped after it was bound', quote_literal(left(p_queue, 80)),
+      quote_literal(p_source)
+      USING ERRCODE = '55000', HINT = 'bind it again with meshhook_limits.bind_queue (or unbind it)';
+  END IF;
   RETURN b;
 END
 $$;
 
--- The three statements claim_jobs (src/claim.rs) runs for a binding,
--- built once per backend and binding and kept as prepared plans:
+-- The statements claim_jobs (src/claim.rs) runs for a binding, built once
+-- per backend and binding and kept as prepared plans:
 --   tenants: a skip scan over the claim index, one index probe per tenant
 --            with waiting jobs: (tenant text, when its next job was queued);
+--            and a row with a NULL tenant when jobs name no tenant;
 --   head:    a tenant's next job in the queue's own order, locked, skipping
 --            jobs this call passed over ($1 tenant text, $2 text[] job ids):
---            (id, data, project, key, cost, gen);
+--            (id, data, project, key, cost, gen, queued at);
+--   peek:    when a tenant's next job was queued ($1 tenant text), unlocked;
 --   take:    what the queue's own fetch does to a job it takes ($1 job id;
 --            pgmq: $2 the visibility timeout).
 -- Every path expression is spelt as in the index (_path_sql), so the planner
 -- uses it.
 CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
-RETURNS TABLE(tenants_q text, head_q text, take_q text)
+RETURNS TABLE(tenants_q text, head_q text, peek_q text, take_q text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   b meshhook_limits.queue_bindings;
   t_sql text; p_sql text; k_sql text; c_sql text;
+  waiting text;   -- the queue's waiting jobs, as in the index predicate
+  order_by text;  -- the queue's own order within a tenant
+  at_sql text;    -- when a job was queued
+  rel text;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('claim jobs');
   SELECT * INTO STRICT b FROM meshhook_limits.queue_bindings qb WHERE qb.id = p_binding;
@@ -263,46 +276,61 @@ BEGIN
   k_sql := meshhook_limits._path_sql(b.source, b.key_path);
   c_sql := meshhook_limits._path_sql(b.source, b.cost_path);
   IF b.source = 'pgboss' THEN
-    tenants_q := pg_catalog.format($q$
-      WITH RECURSIVE t(tenant, at) AS (
-        (SELECT %1$s, j.created_on FROM pgboss.job j
-          WHERE j.name = %2$L AND j.state < 'active' AND %1$s IS NOT NULL ORDER BY %1$s, j.priority DESC, j.created_on, j.id LIMIT 1)
-        UNION ALL
-        SELECT x.tenant, x.at FROM t, LATERAL (
-          SELECT %1$s AS tenant, j.created_on AS at FROM pgboss.job j
-           WHERE j.name = %2$L AND j.state < 'active' AND %1$s > t.tenant ORDER BY %1$s, j.priority DESC, j.created_on, j.id LIMIT 1) x)
-      SELECT tenant, at FROM t $q$, t_sql, b.queue);
+    rel := 'pgboss.job';
+    waiting := pg_catalog.format('j.name = %L AND j.state < %L', b.queue, 'active');
+    order_by := pg_catalog.format('%s, j.priority DESC, j.created_on, j.id', t_sql);
+    at_sql := 'j.created_on';
+  ELSE
+    rel := b.relation::text;
+    waiting := 'true';
+    order_by := pg_catalog.format('%s, j.msg_id', t_sql);
+    at_sql := 'j.enqueued_at';
+  END IF;
+  tenants_q := pg_catalog.format($q$
+    WITH RECURSIVE t(tenant, at) AS (
+      (SELECT %1$s, %5$s FROM %2$s j WHERE %3$s AND %1$s IS NOT NULL ORDER BY %4$s LIMIT 1)
+      UNION ALL
+      SELECT x.tenant, x.at FROM t, LATERAL (
+        SELECT %1$s AS tenant, %5$s AS at FROM %2$s j WHERE %3$s AND %1$s > t.tenant ORDER BY %4$s LIMIT 1) x)
+    SELECT tenant, at FROM t
+    UNION ALL
+    (SELECT NULL, %5$s FROM %2$s j WHERE %3$s AND %1$s IS NULL LIMIT 1) $q$,
+    t_sql, rel, waiting, order_by, at_sql);
+  peek_q := pg_catalog.format($q$
+    SELECT %5$s FROM %2$s j WHERE %3$s AND %1$s = $1 ORDER BY %4$s LIMIT 1 $q$,
+    t_sql, rel, waiting, order_by, at_sql);
+  IF b.source = 'pgboss' THEN
+    -- Queues whose policy allows one active job per singleton key (pg-boss's
+    -- unique indexes job_i2, job_i3, job_i6): a job whose key has one
+    -- active is not taken, as boss.fetch() could not take it.
     head_q := pg_catalog.format($q$
-      SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen
+      SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen,
+             j.created_on AS at
         FROM pgboss.job j
-       WHERE j.name = %4$L AND j.state < 'active' AND %5$s = $1 AND j.start_after < pg_catalog.now()
-         AND j.id::text <> ALL ($2)
-       ORDER BY %5$s, j.priority DESC, j.created_on, j.id LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
-      p_sql, k_sql, c_sql, b.queue, t_sql);
+       WHERE %4$s AND %5$s = $1 AND j.start_after < pg_catalog.now() AND j.id::text <> ALL ($2)
+         AND (j.policy IS NULL OR j.policy NOT IN ('singleton', 'stately', 'exclusive')
+              OR NOT EXISTS (SELECT 1 FROM pgboss.job a
+                              WHERE a.name = j.name AND a.state = 'active' AND a.policy = j.policy
+                                AND coalesce(a.singleton_key, '') = coalesce(j.singleton_key, '')))
+       ORDER BY %6$s LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+      p_sql, k_sql, c_sql, waiting, t_sql, order_by);
     -- What boss.fetch() does to a job it takes (pg-boss 11).
     take_q := pg_catalog.format($q$
       UPDATE pgboss.job j SET state = 'active', started_on = pg_catalog.now(),
              retry_count = CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END
        WHERE j.name = %L AND j.id = $1::uuid $q$, b.queue);
   ELSE
-    tenants_q := pg_catalog.format($q$
-      WITH RECURSIVE t(tenant, at) AS (
-        (SELECT %1$s, j.enqueued_at FROM %2$s j WHERE %1$s IS NOT NULL ORDER BY %1$s, j.msg_id LIMIT 1)
-        UNION ALL
-        SELECT x.tenant, x.at FROM t, LATERAL (
-          SELECT %1$s AS tenant, j.enqueued_at AS at FROM %2$s j WHERE %1$s > t.tenant ORDER BY %1$s, j.msg_id LIMIT 1) x)
-      SELECT tenant, at FROM t $q$, t_sql, b.relation);
     head_q := pg_catalog.format($q$
       SELECT j.msg_id::text AS id, j.message AS data, %1$s AS project, %2$s AS key, %3$s AS cost,
-             (j.read_ct + 1)::text AS gen FROM %4$s j
+             (j.read_ct + 1)::text AS gen, j.enqueued_at AS at FROM %4$s j
        WHERE %5$s = $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
-       ORDER BY %5$s, j.msg_id LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
-      p_sql, k_sql, c_sql, b.relation, t_sql);
+       ORDER BY %6$s LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
+      p_sql, k_sql, c_sql, rel, t_sql, order_by);
     -- What pgmq.read(queue, vt, qty) does to a message it returns.
     take_q := pg_catalog.format($q$
       UPDATE %s j SET vt = pg_catalog.clock_timestamp() + $2, read_ct = j.read_ct + 1,
              last_read_at = pg_catalog.clock_timestamp()
-       WHERE j.msg_id = $1::bigint $q$, b.relation);
+       WHERE j.msg_id = $1::bigint $q$, rel);
   END IF;
   RETURN NEXT;
 END
@@ -331,6 +359,13 @@ BEGIN
     SELECT * INTO b FROM meshhook_limits.queue_bindings qb WHERE qb.id = c.binding_id;
     -- An unbound queue's claims end with their leases.
     CONTINUE WHEN NOT FOUND;
+    -- A dropped queue's jobs are gone: so are their claims.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = b.relation) THEN
+      PERFORM meshhook_limits.release_execution_slot((e->>'slot')::uuid)
+         FROM pg_catalog.jsonb_array_elements(c.claimed) e;
+      ended := ended + pg_catalog.jsonb_array_length(c.claimed);
+      CONTINUE;
+    END IF;
     BEGIN
       IF b.source = 'pgboss' THEN
         alive := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
@@ -437,7 +472,9 @@ BEGIN
     END IF;
     v_only := me;
   END IF;
-  FOR b IN SELECT * FROM meshhook_limits.queue_bindings qb ORDER BY qb.source, qb.queue LOOP
+  FOR b IN SELECT * FROM meshhook_limits.queue_bindings qb
+            WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = qb.relation)
+            ORDER BY qb.source, qb.queue LOOP
     t_sql := meshhook_limits._path_sql(b.source, b.tenant_path);
     BEGIN
       w := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$

@@ -188,6 +188,10 @@ BEGIN
       USING ERRCODE = '22023',
             HINT = 'resource names are 1-63 characters of a-z, 0-9, _, . and -, starting with a letter';
   END IF;
+  IF p_resource LIKE '%.' THEN
+    RAISE EXCEPTION 'resource % names no key after its dot', quote_literal(p_resource)
+      USING ERRCODE = '22023', HINT = 'name the key, e.g. concurrent_executions.openai or requests_per_second.webhooks';
+  END IF;
   builtin := EXISTS (SELECT 1 FROM meshhook_limits.builtin_resources b WHERE b.resource = p_resource)
              OR p_resource LIKE 'requests_per_second.%'
              OR p_resource LIKE 'concurrent_executions.%';

@@ -43,6 +43,7 @@ struct Plans {
     shape: String,
     tenants: OwnedPreparedStatement,
     head: OwnedPreparedStatement,
+    peek: OwnedPreparedStatement,
     take: OwnedPreparedStatement,
     /// The tenants with waiting jobs the last scan found (id, as the JSON
     /// spells it, its next job's queue time), and when it ran.
@@ -72,13 +73,13 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
 
 fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
     let rows = c.select(
-        "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
+        "SELECT tenants_q, head_q, peek_q, take_q FROM meshhook_limits._claim_queries($1)",
         Some(1),
         &[b.id.into()],
     )?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
     let text = |i| -> Result<String> { Ok(r.get::<String>(i)?.unwrap_or_default()) };
-    let (tenants_q, head_q, take_q) = (text(1)?, text(2)?, text(3)?);
+    let (tenants_q, head_q, peek_q, take_q) = (text(1)?, text(2)?, text(3)?, text(4)?);
     let text_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let take_args: &[PgOid] = if b.pgmq {
         &[text_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::INTERVALOID)]
@@ -94,6 +95,7 @@ fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
                 &[text_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID)],
             )?
             .keep(),
+        peek: c.prepare(peek_q.as_str(), &[text_oid])?.keep(),
         take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
         found: Vec::new(),
         found_at: i64::MIN,
@@ -105,7 +107,8 @@ struct Contender {
     id: Uuid,
     /// The tenant as the job's JSON spells it (what the index holds).
     key: String,
-    /// Its next job's queue time: the tie-break.
+    /// Its next job's queue time: the tie-break (peeked again after each
+    /// claim from it).
     next_at: Ts,
     in_use: f64,
     weight: f64,
@@ -196,13 +199,14 @@ fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<(Uuid, String
     }
     let mut found = Vec::new();
     for r in c.select(&plans.tenants, None, &[])? {
-        let (Some(key), Some(at)) = (r.get::<String>(1)?, r.get::<Ts>(2)?) else {
+        let (key, Some(at)) = (r.get::<String>(1)?, r.get::<Ts>(2)?) else {
             continue;
         };
-        match parse_uuid(&key) {
-            Some(id) => found.push((id, key, at)),
-            // Not a tenant id: those jobs are never claimed.
-            None => invalid_job(),
+        match key.as_deref().map(parse_uuid) {
+            Some(Some(id)) => found.push((id, key.unwrap_or_default(), at)),
+            // No tenant, or not a tenant id: those jobs are never claimed
+            // (counted once a scan).
+            _ => invalid_job(),
         }
     }
     plans.found.clone_from(&found);
@@ -281,6 +285,10 @@ fn claim_with(
         let cost_text = job.get::<String>(5)?;
         let generation = job.get::<String>(6)?;
         t.passed += 1;
+        if t.passed >= PASSED_PER_TENANT {
+            // Looked at enough of this tenant's jobs for one call.
+            t.live = false;
+        }
         // A project that is not a uuid, a cost that is not a whole number in
         // 1..1000000, or an empty or over-long key: never claimed.
         let project = match project_text.as_deref().map(parse_uuid) {
@@ -310,9 +318,9 @@ fn claim_with(
                 Some("recovering") => break,
                 Some("total_limit") if cost == 1 => break,
                 // This tenant is done for this call.
-                Some("tenant_limit" | "total_limit") => t.live = false,
-                // Its project or key is full: try the tenant's next job.
-                _ if t.passed >= PASSED_PER_TENANT => t.live = false,
+                Some("tenant_limit") if cost == 1 => t.live = false,
+                // A job of another project or key, or a cheaper one, may
+                // still fit: the tenant's next job is tried.
                 _ => {}
             }
             continue;
@@ -323,6 +331,20 @@ fn claim_with(
         };
         c.update(&plans.take, None, &take_args)?;
         t.in_use += f64::from(cost);
+        // Its next job, for the tie-break.
+        // update(), not select(): it must see the take above (a fresh snapshot).
+        match c
+            .update(&plans.peek, Some(1), &[t.key.as_str().into()])?
+            .into_iter()
+            .next()
+        {
+            Some(r) => {
+                if let Some(at) = r.get::<Ts>(1)? {
+                    t.next_at = at;
+                }
+            }
+            None => t.live = false,
+        }
         claimed.push((
             id,
             t.id,
@@ -332,6 +354,12 @@ fn claim_with(
             answer.lease_expires_at,
             data,
         ));
+    }
+    // The next calls of this backend see the tenants' next jobs as they are now.
+    for f in plans.found.iter_mut() {
+        if let Some(t) = field.iter().find(|t| t.key == f.1) {
+            f.2 = t.next_at;
+        }
     }
     Ok(claimed)
 }

@@ -12,9 +12,6 @@
 //                          own data (and id, priority, startAfter, retryLimit,
 //                          expireInSeconds...), in one statement -> {inserted}
 //   delete {name, ids}     boss.deleteJob(name, ids)
-//   fail-fetch {name, batchSize}
-//                          boss.fetch then boss.fail of what it fetched: a
-//                          worker of pg-boss's own that fails its jobs -> [ids]
 import { readFileSync } from 'node:fs'
 import PgBoss from 'pg-boss'
 import { parseConn, runAsJson } from './conn.mjs'
@@ -45,12 +42,6 @@ async function main () {
         return { inserted: args.jobs.length }
       case 'delete':
         return await boss.deleteJob(args.name, args.ids)
-      case 'fail-fetch': {
-        const jobs = await boss.fetch(args.name, { batchSize: args.batchSize ?? 1 })
-        const ids = jobs.map(j => j.id)
-        if (ids.length) await boss.fail(args.name, ids, { message: 'failed by the test' })
-        return ids
-      }
       default:
         throw new Error(`unknown command ${command}`)
     }
