@@ -119,6 +119,16 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._path_sql(text, text[], text) FROM PUBLIC;
 
+-- The tenant of a job as the claim index holds it: the text at the tenant
+-- path, NULL when longer than 64 bytes (no tenant id is; and an index entry
+-- has a size limit a job must not be able to break).
+CREATE FUNCTION meshhook_limits._tenant_sql(p_source text, p_path text[], p_alias text DEFAULT 'j.') RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT pg_catalog.format('(CASE WHEN pg_catalog.octet_length(%1$s) OPERATOR(pg_catalog.<=) 64 THEN %1$s END)',
+                           meshhook_limits._path_sql(p_source, p_path, p_alias))
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._tenant_sql(text, text[], text) FROM PUBLIC;
+
 CREATE FUNCTION meshhook_limits.bind_queue(source text, queue text, tenant_path text DEFAULT 'tenant_id',
     project_path text DEFAULT NULL, key_path text DEFAULT NULL, cost_path text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -154,7 +164,7 @@ BEGIN
   VALUES (bind_queue.source, bind_queue.queue, tp, pp, kp, cp, rel, '-')
   RETURNING * INTO b;
   idx := 'meshhook_claim_' || b.id;
-  tenant_sql := meshhook_limits._path_sql(bind_queue.source, tp, '');
+  tenant_sql := meshhook_limits._tenant_sql(bind_queue.source, tp, '');
   -- The index orders each tenant's waiting jobs as the queue's own fetch
   -- does. Built in this transaction: writers of the queue wait meanwhile.
   -- The triggers end a claimed job's slot in the transaction that ends the
@@ -271,7 +281,7 @@ DECLARE
 BEGIN
   PERFORM meshhook_limits.require_admin_access('claim jobs');
   SELECT * INTO STRICT b FROM meshhook_limits.queue_bindings qb WHERE qb.id = p_binding;
-  t_sql := meshhook_limits._path_sql(b.source, b.tenant_path);
+  t_sql := meshhook_limits._tenant_sql(b.source, b.tenant_path);
   p_sql := meshhook_limits._path_sql(b.source, b.project_path);
   k_sql := meshhook_limits._path_sql(b.source, b.key_path);
   c_sql := meshhook_limits._path_sql(b.source, b.cost_path);
@@ -370,15 +380,17 @@ BEGIN
       IF b.source = 'pgboss' THEN
         alive := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
           SELECT coalesce(pg_catalog.jsonb_agg(c.slot), '[]')
-            FROM pg_catalog.jsonb_to_recordset(%L::jsonb) c(slot uuid, job uuid, at timestamptz)
-            JOIN pgboss.job j ON j.name = %L AND j.id = c.job
+            FROM pg_catalog.jsonb_to_recordset(%L::jsonb) c(slot uuid, job text, at timestamptz)
+            JOIN pgboss.job j ON j.name = %L
+             AND j.id = CASE WHEN c.job ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN c.job::uuid END
            WHERE j.state = 'active' AND j.started_on <= c.at $q$, c.claimed, b.queue));
       ELSE
         alive := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
           SELECT coalesce(pg_catalog.jsonb_agg(c.slot), '[]')
-            FROM pg_catalog.jsonb_to_recordset(%L::jsonb) c(slot uuid, job bigint, gen bigint)
-            JOIN %s j ON j.msg_id = c.job
-           WHERE j.read_ct = c.gen AND j.vt > pg_catalog.clock_timestamp() $q$, c.claimed, b.relation));
+            FROM pg_catalog.jsonb_to_recordset(%L::jsonb) c(slot uuid, job text, gen text)
+            JOIN %s j ON j.msg_id = CASE WHEN c.job ~ '^[0-9]{1,18}$' THEN c.job::bigint END
+           WHERE j.read_ct = CASE WHEN c.gen ~ '^[0-9]{1,9}$' THEN c.gen::int END
+             AND j.vt > pg_catalog.clock_timestamp() $q$, c.claimed, b.relation));
       END IF;
     EXCEPTION WHEN OTHERS THEN
       RAISE WARNING 'meshhook_limits: checking claimed jobs of % queue % failed: %', b.source, b.queue, SQLERRM;
@@ -407,6 +419,10 @@ DECLARE
   ceiling numeric := current_setting('meshhook_limits.tenant_slot_ceiling')::numeric;
 BEGIN
   PERFORM meshhook_limits.require_tenant_read(explain_admission.tenant_id);
+  IF pg_catalog.octet_length(explain_admission.concurrency_key) NOT BETWEEN 1 AND 200 THEN
+    RAISE EXCEPTION 'a concurrency key must be 1 to 200 bytes long' USING ERRCODE = '22023',
+      HINT = 'pass the key as jobs name it, or NULL';
+  END IF;
   SELECT * INTO u FROM meshhook_limits._slot_counts(explain_admission.tenant_id, explain_admission.project_id,
                                                     explain_admission.concurrency_key);
   SELECT r.limit_value, r.source INTO lim, src FROM meshhook_limits._resolve(explain_admission.tenant_id, NULL) r
@@ -432,7 +448,10 @@ BEGIN
   END IF;
   SELECT l.limit_value INTO lim FROM meshhook_limits.limits l
    WHERE l.resource = 'concurrent_executions_total' AND l.tenant_id IS NULL AND l.plan IS NULL;
-  RETURN QUERY SELECT 'concurrent_executions_total', 'total', lim, u.total_in_use,
+  -- Every tenant's running slots together: for monitors; a tenant learns
+  -- only whether the total blocks it.
+  RETURN QUERY SELECT 'concurrent_executions_total', 'total', lim,
+                      CASE WHEN meshhook_limits.can_monitor() THEN u.total_in_use END,
                       CASE WHEN lim IS NOT NULL THEN 'global' END, coalesce(u.total_in_use + 1 > lim, false);
   lim := 1; src := 'default';
   SELECT r.limit_value, r.source INTO lim, src FROM meshhook_limits._resolve(explain_admission.tenant_id, NULL) r
@@ -475,7 +494,7 @@ BEGIN
   FOR b IN SELECT * FROM meshhook_limits.queue_bindings qb
             WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = qb.relation)
             ORDER BY qb.source, qb.queue LOOP
-    t_sql := meshhook_limits._path_sql(b.source, b.tenant_path);
+    t_sql := meshhook_limits._tenant_sql(b.source, b.tenant_path);
     BEGIN
       w := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
         SELECT coalesce(pg_catalog.jsonb_agg(x), '[]') FROM (

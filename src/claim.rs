@@ -21,8 +21,9 @@ use std::collections::HashMap;
 
 type Ts = TimestampWithTimeZone;
 
-/// Jobs of one tenant one call looks at past those its project or key
-/// limit holds, before it moves on to other tenants.
+/// Jobs of one tenant one call passes over (its project or key is full, it
+/// costs more than the room left, or it is not valid) before the tenant is
+/// done for the call.
 const PASSED_PER_TENANT: usize = 16;
 /// pgmq's visibility timeout when claim_jobs is given no lease.
 const PGMQ_DEFAULT_VT_MICROS: i64 = 30_000_000;
@@ -58,17 +59,30 @@ thread_local! {
 fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
     let rows = c.select(
         "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.source, b.queue, b.tenant_path, b.project_path,
-                b.key_path, b.cost_path, b.relation::oid)
+                b.key_path, b.cost_path, b.relation::oid),
+                (SELECT r.rolsuper FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
+                  WHERE c.oid = b.relation)
            FROM meshhook_limits._queue_binding($1, $2) b",
         Some(1),
         &[source.into(), queue.into()],
     )?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
-    Ok(Binding {
+    let binding = Binding {
         id: r.get::<i64>(1)?.unwrap_or(0),
         pgmq: r.get::<String>(2)?.as_deref() == Some("pgmq"),
         shape: r.get::<String>(3)?.unwrap_or_default(),
-    })
+    };
+    // claim_jobs writes the queue table with its caller's rights, so the
+    // triggers, defaults and checks the table's owner put on it run as the
+    // caller: never as a superuser, unless the owner is one too.
+    if unsafe { pg_sys::superuser() } && r.get::<bool>(4)? != Some(true) {
+        return Err(LimitsError::forbidden(
+            "claim_jobs does not run as a superuser on a queue table a non-superuser owns",
+            "claim as a member of meshhook_limits_admin (or service_role) with the queue's rights: \
+             the table owner's triggers would run as superuser",
+        ));
+    }
+    Ok(binding)
 }
 
 fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
@@ -105,15 +119,54 @@ fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
 /// A tenant competing for this call's claims.
 struct Contender {
     id: Uuid,
-    /// The tenant as the job's JSON spells it (what the index holds).
-    key: String,
-    /// Its next job's queue time: the tie-break (peeked again after each
-    /// claim from it).
-    next_at: Ts,
+    /// The ways its jobs spell its id (what the index holds), each with its
+    /// next job's queue time (peeked again after each claim under it).
+    spellings: Vec<(String, Ts)>,
     in_use: f64,
     weight: f64,
     live: bool,
-    passed: usize,
+    /// Jobs this call passed over (not claimed, still waiting).
+    passed: Vec<String>,
+}
+
+impl Contender {
+    /// Its next job's queue time: the tie-break.
+    fn next_at(&self) -> Option<Ts> {
+        self.spellings.iter().map(|s| s.1).min()
+    }
+
+    /// Leave a job waiting; past enough of them, the tenant is done for
+    /// this call.
+    fn pass(&mut self, job: String) {
+        self.passed.push(job);
+        if self.passed.len() >= PASSED_PER_TENANT {
+            self.live = false;
+        }
+    }
+}
+
+/// A job as the head statement returns it.
+struct Job {
+    id: String,
+    data: Option<JsonB>,
+    project: Option<String>,
+    key: Option<String>,
+    cost: Option<String>,
+    /// pgmq: the read_ct the take gives it.
+    generation: Option<String>,
+}
+
+impl Job {
+    fn read(r: &pgrx::spi::SpiHeapTupleData) -> Result<Job> {
+        Ok(Job {
+            id: r.get::<String>(1)?.unwrap_or_default(),
+            data: r.get::<JsonB>(2)?,
+            project: r.get::<String>(3)?,
+            key: r.get::<String>(4)?,
+            cost: r.get::<String>(5)?,
+            generation: r.get::<String>(6)?,
+        })
+    }
 }
 
 /// One claimed job: a row of claim_jobs.
@@ -225,32 +278,35 @@ fn claim_with(
     if tenants.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<Uuid> = tenants.iter().map(|t| t.0).collect();
-    let shares = slot_claim::shares(&ids)?;
-    let mut field: Vec<Contender> = tenants
-        .into_iter()
-        .zip(shares)
-        .inspect(|(_, s)| {
-            if !s.has_room {
-                // Its next job is passed over: the tenant is at its limit.
-                slot_claim::count_blocked(BLOCKED_REASONS[0]);
-            }
-        })
-        .map(|((id, key, next_at), s)| Contender {
-            id,
-            key,
-            next_at,
-            in_use: s.in_use as f64,
-            weight: s.weight,
-            live: s.has_room,
-            passed: 0,
-        })
-        .collect();
+    // One contender per tenant, however many ways its jobs spell its id.
+    let mut field: Vec<Contender> = Vec::new();
+    for (id, key, at) in tenants {
+        match field.iter_mut().find(|t| t.id == id) {
+            Some(t) => t.spellings.push((key, at)),
+            None => field.push(Contender {
+                id,
+                spellings: vec![(key, at)],
+                in_use: 0.0,
+                weight: 1.0,
+                live: true,
+                passed: Vec::new(),
+            }),
+        }
+    }
+    let ids: Vec<Uuid> = field.iter().map(|t| t.id).collect();
+    for (t, s) in field.iter_mut().zip(slot_claim::shares(&ids)?) {
+        t.in_use = s.in_use as f64;
+        t.weight = s.weight;
+        t.live = s.has_room;
+        if !s.has_room {
+            // Its next job is passed over: the tenant is at its limit.
+            slot_claim::count_blocked(BLOCKED_REASONS[0]);
+        }
+    }
     // pgmq: the visibility timeout, which is also the slot's lease.
     let vt = b
         .pgmq
         .then(|| lease.unwrap_or_else(|| Interval::from_micros(PGMQ_DEFAULT_VT_MICROS)));
-    let mut passed: Vec<String> = Vec::new();
     let mut claimed = Vec::new();
     while claimed.len() < batch {
         // The tenant furthest below its share: least running cost per
@@ -262,57 +318,68 @@ fn claim_with(
             .min_by(|(_, x), (_, y)| {
                 (x.in_use / x.weight)
                     .total_cmp(&(y.in_use / y.weight))
-                    .then_with(|| x.next_at.cmp(&y.next_at))
+                    .then_with(|| x.next_at().cmp(&y.next_at()))
             })
             .map(|(i, _)| i)
         else {
             break;
         };
         let t = &mut field[best];
-        let head = c.update(
-            &plans.head,
-            Some(1),
-            &[t.key.as_str().into(), passed.clone().into()],
-        )?;
-        let Some(job) = head.into_iter().next() else {
-            t.live = false; // nothing runnable left: deferred, or taken by others
+        // Its next job, under the spelling whose next job is oldest.
+        t.spellings.sort_by_key(|s| s.1);
+        let mut found = None;
+        while let Some((spelling, _)) = t.spellings.first() {
+            let head = c.update(
+                &plans.head,
+                Some(1),
+                &[spelling.as_str().into(), t.passed.clone().into()],
+            )?;
+            match head.into_iter().next() {
+                Some(job) => {
+                    found = Some((spelling.clone(), Job::read(&job)?));
+                    break;
+                }
+                // Nothing runnable left under it: deferred, or taken by others.
+                None => {
+                    t.spellings.remove(0);
+                }
+            }
+        }
+        let Some((spelling, job)) = found else {
+            t.live = false;
             continue;
         };
-        let id = job.get::<String>(1)?.unwrap_or_default();
-        let data = job.get::<JsonB>(2)?;
-        let project_text = job.get::<String>(3)?;
-        let key = job.get::<String>(4)?;
-        let cost_text = job.get::<String>(5)?;
-        let generation = job.get::<String>(6)?;
-        t.passed += 1;
-        if t.passed >= PASSED_PER_TENANT {
-            // Looked at enough of this tenant's jobs for one call.
-            t.live = false;
-        }
         // A project that is not a uuid, a cost that is not a whole number in
         // 1..1000000, or an empty or over-long key: never claimed.
-        let project = match project_text.as_deref().map(parse_uuid) {
+        let project = match job.project.as_deref().map(parse_uuid) {
             None => Some(None),
             Some(parsed) => parsed.map(Some),
         };
-        let cost = parse_cost(cost_text.as_deref());
-        let key_ok = key
+        let cost = parse_cost(job.cost.as_deref());
+        let key_ok = job
+            .key
             .as_ref()
             .is_none_or(|k| !k.is_empty() && k.len() <= slot_claim::KEY_MAX);
         let (Some(project), Some(cost), true) = (project, cost, key_ok) else {
             invalid_job();
-            passed.push(id);
+            t.pass(job.id);
             continue;
         };
-        let mut run_id = format!("{}{}/{}", slot_claim::RUN_ID_PREFIX, b.id, id);
-        if let Some(g) = &generation {
+        let mut run_id = format!("{}{}/{}", slot_claim::RUN_ID_PREFIX, b.id, job.id);
+        if let Some(g) = &job.generation {
             run_id.push('/');
             run_id.push_str(g);
         }
-        let answer =
-            slot_claim::take_slot(t.id, project, key.as_deref(), cost, vt.or(lease), &run_id)?;
+        let answer = slot_claim::take_slot(
+            t.id,
+            project,
+            job.key.as_deref(),
+            cost,
+            vt.or(lease),
+            &run_id,
+        )?;
         let Some(slot_id) = answer.slot_id.filter(|_| answer.granted) else {
-            passed.push(id);
+            t.pass(job.id);
             match answer.reason.as_deref() {
                 // Nobody can be admitted now.
                 Some("recovering") => break,
@@ -326,39 +393,48 @@ fn claim_with(
             continue;
         };
         let take_args: Vec<pgrx::datum::DatumWithOid> = match vt {
-            Some(vt) => vec![id.as_str().into(), vt.into()],
-            None => vec![id.as_str().into()],
+            Some(vt) => vec![job.id.as_str().into(), vt.into()],
+            None => vec![job.id.as_str().into()],
         };
         c.update(&plans.take, None, &take_args)?;
         t.in_use += f64::from(cost);
-        // Its next job, for the tie-break.
-        // update(), not select(): it must see the take above (a fresh snapshot).
-        match c
-            .update(&plans.peek, Some(1), &[t.key.as_str().into()])?
+        // The spelling's next job, for the tie-break. update(), not select():
+        // it must see the take above (a fresh snapshot).
+        let next = c
+            .update(&plans.peek, Some(1), &[spelling.as_str().into()])?
             .into_iter()
             .next()
-        {
-            Some(r) => {
-                if let Some(at) = r.get::<Ts>(1)? {
-                    t.next_at = at;
-                }
+            .map(|r| r.get::<Ts>(1))
+            .transpose()?
+            .flatten();
+        match next {
+            Some(at) => t.spellings[0].1 = at,
+            None => {
+                t.spellings.remove(0);
             }
-            None => t.live = false,
+        }
+        if t.spellings.is_empty() {
+            t.live = false;
         }
         claimed.push((
-            id,
+            job.id,
             t.id,
             project,
-            key,
+            job.key,
             slot_id,
             answer.lease_expires_at,
-            data,
+            job.data,
         ));
     }
     // The next calls of this backend see the tenants' next jobs as they are now.
     for f in plans.found.iter_mut() {
-        if let Some(t) = field.iter().find(|t| t.key == f.1) {
-            f.2 = t.next_at;
+        let now = field
+            .iter()
+            .filter(|t| t.id == f.0)
+            .flat_map(|t| t.spellings.iter())
+            .find(|s| s.0 == f.1);
+        if let Some(s) = now {
+            f.2 = s.1;
         }
     }
     Ok(claimed)

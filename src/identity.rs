@@ -68,6 +68,16 @@ fn claims_trusted() -> bool {
         .any(|r| r.trim_ascii() == name.as_slice())
 }
 
+/// True inside a security-restricted operation: code a table's owner
+/// planted (an index expression, a trigger, a rule) running on that table
+/// for someone else — our `_read_as_owner`, PostgreSQL's VACUUM, ANALYZE,
+/// CREATE INDEX, REFRESH MATERIALIZED VIEW. The outer user there is whoever
+/// started the operation, not whoever wrote the code, so such code has no
+/// identity here: no tenant, not an admin, not a monitor.
+fn in_planted_code() -> bool {
+    unsafe { pg_sys::InSecurityRestrictedOperation() }
+}
+
 /// The tenant of the caller, or None when the caller carries no tenant.
 ///
 /// Who may assert a tenant: `request.jwt.claims` counts only for the roles of
@@ -75,6 +85,9 @@ fn claims_trusted() -> bool {
 /// and `meshhook_limits.tenant_id` only where a superuser set it or allowed
 /// it to be set (it is a superuser-only setting).
 pub fn caller_tenant() -> Result<Option<pgrx::Uuid>> {
+    if in_planted_code() {
+        return Ok(None);
+    }
     if let Some(text) = claims_text().filter(|_| claims_trusted()) {
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             LimitsError::invalid(
@@ -115,6 +128,9 @@ fn has_role(member: pg_sys::Oid, role: &CStr) -> bool {
 
 /// Superuser, `service_role` (where it exists) or a member of `meshhook_limits_admin`.
 pub fn caller_is_admin() -> bool {
+    if in_planted_code() {
+        return false;
+    }
     unsafe {
         let outer = pg_sys::GetOuterUserId();
         pg_sys::superuser_arg(outer)
@@ -126,6 +142,9 @@ pub fn caller_is_admin() -> bool {
 /// Admins, and the read-only roles `meshhook_limits_monitor` and `pg_monitor`
 /// (what an exporter's login role should be granted).
 pub fn caller_can_monitor() -> bool {
+    if in_planted_code() {
+        return false;
+    }
     caller_is_admin()
         || unsafe {
             let outer = pg_sys::GetOuterUserId();

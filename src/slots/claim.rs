@@ -280,7 +280,9 @@ fn _claimed_slots() -> TableIterator<
         .table()
         .slots
         .iter()
-        .filter(|s| s.state == LIVE && s.database == db)
+        // Slots claim_jobs took (only they have a claim digest), not any
+        // slot whose run id merely looks like a claim's.
+        .filter(|s| s.state == LIVE && s.database == db && s.has_claim)
         .filter_map(|s| {
             let run = std::str::from_utf8(&s.run_id[..s.run_id_len as usize]).ok()?;
             let (binding, job) = run.strip_prefix(RUN_ID_PREFIX)?.split_once('/')?;
