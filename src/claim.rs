@@ -32,6 +32,44 @@ const PGMQ_DEFAULT_VT_MICROS: i64 = 30_000_000;
 /// a newly arrived tenant waits for the next scan.
 const TENANTS_FRESH_MICROS: i64 = 100_000;
 
+/// While it lives, the planner walks the claim index whatever statistics
+/// it has when one of the binding's statements is planned (a queue that
+/// just filled up looks empty to it, and a plan through pg-boss's
+/// (name, start_after) index and a sort reads every waiting job of the
+/// queue on every claim): sorts, sequential and bitmap scans are off. Only
+/// around the binding's own statements: the SQL of the limits must keep
+/// the planner's usual choices.
+struct ClaimIndexOnly {
+    nest: i32,
+}
+
+impl ClaimIndexOnly {
+    fn new() -> Self {
+        let nest = unsafe { pg_sys::NewGUCNestLevel() };
+        for name in [c"enable_sort", c"enable_seqscan", c"enable_bitmapscan"] {
+            unsafe {
+                pg_sys::set_config_option(
+                    name.as_ptr(),
+                    c"off".as_ptr(),
+                    pg_sys::GucContext::PGC_USERSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                    pg_sys::GucAction::GUC_ACTION_SAVE,
+                    true,
+                    0,
+                    false,
+                );
+            }
+        }
+        ClaimIndexOnly { nest }
+    }
+}
+
+impl Drop for ClaimIndexOnly {
+    fn drop(&mut self) {
+        unsafe { pg_sys::AtEOXact_GUC(true, self.nest) };
+    }
+}
+
 /// A binding as claim_jobs needs it; `shape` is everything its statements
 /// are built from, so a re-bound queue gets new statements.
 struct Binding {
@@ -251,7 +289,11 @@ fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<(Uuid, String
         return Ok(plans.found.clone());
     }
     let mut found = Vec::new();
-    for r in c.select(&plans.tenants, None, &[])? {
+    let scanned = {
+        let _pinned = ClaimIndexOnly::new();
+        c.select(&plans.tenants, None, &[])?
+    };
+    for r in scanned {
         let (key, Some(at)) = (r.get::<String>(1)?, r.get::<Ts>(2)?) else {
             continue;
         };
@@ -329,11 +371,14 @@ fn claim_with(
         t.spellings.sort_by_key(|s| s.1);
         let mut found = None;
         while let Some((spelling, _)) = t.spellings.first() {
-            let head = c.update(
-                &plans.head,
-                Some(1),
-                &[spelling.as_str().into(), t.passed.clone().into()],
-            )?;
+            let head = {
+                let _pinned = ClaimIndexOnly::new();
+                c.update(
+                    &plans.head,
+                    Some(1),
+                    &[spelling.as_str().into(), t.passed.clone().into()],
+                )?
+            };
             match head.into_iter().next() {
                 Some(job) => {
                     found = Some((spelling.clone(), Job::read(&job)?));
@@ -396,17 +441,22 @@ fn claim_with(
             Some(vt) => vec![job.id.as_str().into(), vt.into()],
             None => vec![job.id.as_str().into()],
         };
-        c.update(&plans.take, None, &take_args)?;
+        {
+            let _pinned = ClaimIndexOnly::new();
+            c.update(&plans.take, None, &take_args)?;
+        }
         t.in_use += f64::from(cost);
         // The spelling's next job, for the tie-break. update(), not select():
         // it must see the take above (a fresh snapshot).
-        let next = c
-            .update(&plans.peek, Some(1), &[spelling.as_str().into()])?
-            .into_iter()
-            .next()
-            .map(|r| r.get::<Ts>(1))
-            .transpose()?
-            .flatten();
+        let next = {
+            let _pinned = ClaimIndexOnly::new();
+            c.update(&plans.peek, Some(1), &[spelling.as_str().into()])?
+                .into_iter()
+                .next()
+                .map(|r| r.get::<Ts>(1))
+                .transpose()?
+                .flatten()
+        };
         match next {
             Some(at) => t.spellings[0].1 = at,
             None => {
