@@ -36,7 +36,7 @@ const TENANTS_FRESH_MICROS: i64 = 100_000;
 /// it has when one of the binding's statements is planned (a queue that
 /// just filled up looks empty to it, and a plan through pg-boss's
 /// (name, start_after) index and a sort reads every waiting job of the
-/// queue on every claim): sorts, sequential and bitmap scans are off. Only
+/// queue on every claim): sorts, sequential and bitmap scans (and JIT) are off. Only
 /// around the binding's own statements: the SQL of the limits must keep
 /// the planner's usual choices.
 struct ClaimIndexOnly {
@@ -46,7 +46,14 @@ struct ClaimIndexOnly {
 impl ClaimIndexOnly {
     fn new() -> Self {
         let nest = unsafe { pg_sys::NewGUCNestLevel() };
-        for name in [c"enable_sort", c"enable_seqscan", c"enable_bitmapscan"] {
+        // And no JIT: the disabled paths' costs would pass jit_above_cost
+        // and compile each claim's statements (~10 ms) for a few rows.
+        for name in [
+            c"enable_sort",
+            c"enable_seqscan",
+            c"enable_bitmapscan",
+            c"jit",
+        ] {
             unsafe {
                 pg_sys::set_config_option(
                     name.as_ptr(),
@@ -351,6 +358,12 @@ fn claim_with(
         .then(|| lease.unwrap_or_else(|| Interval::from_micros(PGMQ_DEFAULT_VT_MICROS)));
     let mut claimed = Vec::new();
     while claimed.len() < batch {
+        // What each runs now (other claimers take and end slots meanwhile).
+        if !claimed.is_empty() || field.len() > 1 {
+            for (t, n) in field.iter_mut().zip(slot_claim::running(&ids)) {
+                t.in_use = n as f64;
+            }
+        }
         // The tenant furthest below its share: least running cost per
         // weight; on a tie, the one whose next job has waited longest.
         let Some(best) = field

@@ -197,6 +197,18 @@ fn shares_with(lims: &[crate::limits::SlotLimits], tenants: &[Uuid]) -> Result<V
         .collect())
 }
 
+/// The cost each of these tenants runs now (0 without shared memory).
+pub fn running(tenants: &[Uuid]) -> Vec<i64> {
+    let db = shmem::my_database();
+    let Some(mut locked) = LockedTable::shared() else {
+        return vec![0; tenants.len()];
+    };
+    tenants
+        .iter()
+        .map(|t| i64::from(locked.table().count(&CounterKey::tenant(db, t.as_bytes()))))
+        .collect()
+}
+
 /// The shares of these tenants (claim_jobs serves the least `in_use /
 /// weight` first): from this backend's cached limits, or through
 /// `_claim_shares`, which loads them.
