@@ -44,16 +44,20 @@
 //   and reports each job's wait (pgboss.job started_on − created_on) from the
 //   database: percentiles over the quiet jobs (jobs never started count as
 //   waiting at least until the stop), per tenant, A's progress, refusals.
+//   --analyze 1: ANALYZE pgboss.job after A's enqueue (weights: after the
+//   enqueue), so that the planner knows the queue is no longer empty.
 // weights: --jobs per tenant (tenants 101.., one per weight) enqueued in
-//   round-robin chunks; the loops claim/run/complete/release for --warmup +
+//   round-robin chunks; the loops claim/run/complete for --warmup +
 //   --seconds; each tenant's share of the cost claimed in the measured
 //   window (job cost: data.cost, 1 unless --cost-max > 1, then uniform
 //   1..cost-max) against weight / sum(weights); also the time-averaged
 //   running cost per tenant. Jobs still waiting per tenant at the end tell
 //   whether every tenant stayed saturated.
-// throughput / pgmq-throughput: the queue is filled by the caller; the loops
-//   run with no sleep for --warmup + --seconds; jobs completed (archived) in
-//   the measured window per second.
+// throughput / pgmq-throughput: the loops run with no sleep for --warmup +
+//   --seconds; jobs completed (archived) in the measured window per second.
+//   The queue is filled by the caller (a backlog), or with --produce 1 each
+//   iteration first sends --batch jobs of --tenants tenants (boss.insert,
+//   pgmq.send_batch), so the queue stays short.
 //
 // Over-admission checks, in every arm that takes slots: (1) in the process,
 // the jobs each tenant has in hand (counted up when a claim returns, down
@@ -77,7 +81,7 @@ function parseArgs (argv) {
     workers: 8, batch: 1, runMs: 20, pollMs: 5, sampleMs: 100,
     noisyJobs: 20000, quietTenants: 10, quietJobs: 200, quietDelay: 2, cap: 120,
     limit: 0, total: 0, release: 0, retryDelay: 5,
-    jobs: 20000, costMax: 1, seconds: 60, warmup: 5, vt: 30
+    jobs: 20000, costMax: 1, seconds: 60, warmup: 5, vt: 30, produce: 0, tenants: 100, analyze: 0
   }
   for (let i = 0; i < argv.length; i += 2) {
     const k = argv[i].replace(/^--/, '').replace(/-([a-z])/g, (_, c) => c.toUpperCase())
@@ -124,6 +128,9 @@ function pgbossSource (boss, q) {
       const r = await boss.complete(q, jobs.map(j => j.id))
       return r.affected
     },
+    async produce (datas) {
+      await boss.insert(q, datas.map(data => ({ data })))
+    },
     async putBack (jobs, retryAfter, mode) {
       if (mode === 'fail') {
         await boss.fail(q, jobs.map(j => j.id), { message: 'concurrency limit' })
@@ -155,6 +162,9 @@ function pgmqSource (pool, q, vt) {
     async done (jobs) {
       const { rows } = await pool.query('SELECT count(*)::int AS n FROM pgmq.archive($1, $2::bigint[])', [q, jobs.map(j => j.id)])
       return rows[0].n
+    },
+    async produce (datas) {
+      await pool.query('SELECT count(*) FROM pgmq.send_batch($1, $2::jsonb[])', [q, datas.map(d => JSON.stringify(d))])
     }
   }
 }
@@ -342,8 +352,9 @@ async function noisy (boss, conn, o) {
   const quietTotal = o.quietTenants * o.quietJobs
   const jobOptions = o.arm === 'naive' && o.putback === 'fail' ? { retryLimit: 1000000, retryDelay: o.retryDelay } : {}
   const t0 = Date.now()
-  await insertChunks(boss, q, Array.from({ length: o.noisyJobs }, () => ({ tenant_id: NOISY })), jobOptions)
+  await insertChunks(boss, q, Array.from({ length: o.noisyJobs }, () => ({ tenant_id: NOISY, bench: 'a' })), jobOptions)
   const enqueueNoisyS = (Date.now() - t0) / 1000
+  if (o.analyze) await db.executeSql('ANALYZE pgboss.job')
 
   const s = makeStats(o)
   const sampler = o.arm === 'fetch' ? null : slotSampler(conn, o.sampleMs)
@@ -356,7 +367,7 @@ async function noisy (boss, conn, o) {
   const conductor = (async () => {
     await sleep(o.quietDelay * 1000)
     quietAt = Date.now()
-    for (const t of quiet) await insertChunks(boss, q, Array.from({ length: o.quietJobs }, () => ({ tenant_id: t })), jobOptions)
+    for (const t of quiet) await insertChunks(boss, q, Array.from({ length: o.quietJobs }, () => ({ tenant_id: t, bench: 'q' })), jobOptions)
     stopAt = quietAt + o.cap * 1000
     while (!stop()) {
       quietDone = countQuiet()
@@ -375,7 +386,7 @@ async function noisy (boss, conn, o) {
     `SELECT data->>'tenant_id' AS t, state::text AS state,
             extract(epoch FROM started_on - created_on)::float8 AS wait,
             extract(epoch FROM to_timestamp($2::float8 / 1000) - created_on)::float8 AS age
-       FROM pgboss.job WHERE name = $1 AND data->>'tenant_id' <> $3`, [q, stoppedAt, NOISY])
+       FROM pgboss.job WHERE name = $1 AND data->>'bench' = 'q'`, [q, stoppedAt])
   const waits = []
   const byTenant = {}
   let censored = 0
@@ -392,11 +403,12 @@ async function noisy (boss, conn, o) {
   const perTenantP95 = Object.values(byTenant).map(ws => percentile(ws.sort((a, b) => a - b), 0.95))
   const { rows: [a] } = await db.executeSql(
     `SELECT count(*) FILTER (WHERE state = 'completed')::int AS done,
-            count(*) FILTER (WHERE state = 'completed' AND completed_on >= to_timestamp($3::float8 / 1000))::int AS done_while_quiet
-       FROM pgboss.job WHERE name = $1 AND data->>'tenant_id' = $2`, [q, NOISY, quietAt])
+            count(*) FILTER (WHERE state = 'completed' AND completed_on >= to_timestamp($2::float8 / 1000))::int AS done_while_quiet
+       FROM pgboss.job WHERE name = $1 AND data->>'bench' = 'a'`, [q, quietAt])
   const quietSeconds = (stoppedAt - quietAt) / 1000
   return {
     arm: o.arm,
+    analyzed: !!o.analyze,
     putback: o.arm === 'naive' ? o.putback : null,
     workers: o.workers,
     batch: o.batch,
@@ -462,6 +474,7 @@ async function weights (boss, conn, o) {
     }
   }
   const enqueueS = (Date.now() - t0) / 1000
+  if (o.analyze) await src.db.executeSql('ANALYZE pgboss.job')
   const s = makeStats(o)
   const sampler = slotSampler(conn, o.sampleMs)
   const start = Date.now()
@@ -537,8 +550,19 @@ async function throughput (src, conn, o) {
   const to = from + o.seconds * 1000
   let inWindowJobs = 0
   const stop = () => Date.now() >= to
+  // --produce 1: every iteration first sends --batch jobs of random tenants
+  // (1..--tenants), so the queue stays as short as the loops keep it.
+  let seq = 0
   const wrapped = {
     ...src,
+    async fetch (batch) {
+      if (o.produce) await src.produce(Array.from({ length: batch }, () => ({ tenant_id: tenant(1 + (seq++ * 7919) % o.tenants) })))
+      return src.fetch(batch)
+    },
+    async claim (batch) {
+      if (o.produce) await src.produce(Array.from({ length: batch }, () => ({ tenant_id: tenant(1 + (seq++ * 7919) % o.tenants) })))
+      return src.claim(batch)
+    },
     async done (jobs) {
       const n = await src.done(jobs)
       const t = Date.now()
@@ -552,6 +576,7 @@ async function throughput (src, conn, o) {
   return {
     arm: o.arm,
     source: o.source,
+    produce: !!o.produce,
     workers: o.workers,
     batch: o.batch,
     seconds: o.seconds,
