@@ -1,5 +1,5 @@
 # meshhook_limits — every target runs the same idempotent set-up first.
-.PHONY: all setup demo demo-stop test test-rust test-integration bench bench-slots bench-rate bench-metrics bench-pgboss lint fmt clean
+.PHONY: all setup demo demo-stop test test-rust test-integration bench bench-slots bench-rate bench-metrics bench-pgboss bench-claim lint fmt clean
 
 all: demo
 
@@ -34,13 +34,18 @@ test-integration:
 	PG="$(FULL_PG) $(SMOKE_PG)" bash scripts/setup.sh --test
 	bash scripts/test.sh integration
 
-## make bench: every benchmark in benches/ (about 12 minutes; a quiet machine)
+## make bench: every benchmark in benches/ (about 27 minutes; a quiet machine)
 bench: setup
 	bash scripts/install-queue-systems.sh
 	bash benches/run.sh
 	bash benches/rate.sh
 	bash benches/metrics.sh
 	bash benches/pgboss.sh
+	bash benches/claim.sh
+
+bench-claim: setup
+	bash scripts/install-queue-systems.sh
+	bash benches/claim.sh
 
 bench-slots: setup
 	bash benches/run.sh

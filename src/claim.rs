@@ -365,7 +365,8 @@ fn claim_with(
             }
         }
         // The tenant furthest below its share: least running cost per
-        // weight; on a tie, the one whose next job has waited longest.
+        // weight; on a tie, the heavier (its share is the larger), then the
+        // one whose next job has waited longest.
         let Some(best) = field
             .iter()
             .enumerate()
@@ -373,6 +374,7 @@ fn claim_with(
             .min_by(|(_, x), (_, y)| {
                 (x.in_use / x.weight)
                     .total_cmp(&(y.in_use / y.weight))
+                    .then_with(|| y.weight.total_cmp(&x.weight))
                     .then_with(|| x.next_at().cmp(&y.next_at()))
             })
             .map(|(i, _)| i)
@@ -464,7 +466,6 @@ fn claim_with(
         let next = {
             let _pinned = ClaimIndexOnly::new();
             c.update(&plans.peek, Some(1), &[spelling.as_str().into()])?
-                .into_iter()
                 .next()
                 .map(|r| r.get::<Ts>(1))
                 .transpose()?
