@@ -24,10 +24,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import PG_BIN, ROOT, Cluster, requires, rpc, set_limit, sqlstate
+from conftest import ROOT, Cluster, requires, rpc, set_limit, sqlstate
+from test_queues import PgBossError, boss, create_db, drop_db, install_pgmq
 
 S = "meshhook_limits"
-DRIVER = ROOT / "tests" / "node" / "pgboss_driver.mjs"
 CLAIM_DRIVER = ROOT / "tests" / "node" / "claim_driver.mjs"
 PGMQ_SQL = ROOT / ".cache" / "pgmq" / "pgmq.sql"
 NODE = shutil.which("node")
@@ -40,12 +40,6 @@ CLAIM_COLS = ["job_id", "tenant_id", "project_id", "concurrency_key", "slot_id",
 
 # --------------------------------------------------------------------------- helpers
 
-class PgBossError(Exception):
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
-
-
 def _node(script, c: Cluster, db: str, command: str, args: dict):
     p = subprocess.run([NODE, str(script), c.dsn(db), command, "-"], input=json.dumps(args),
                        capture_output=True, text=True, timeout=120)
@@ -54,19 +48,6 @@ def _node(script, c: Cluster, db: str, command: str, args: dict):
     except (IndexError, json.JSONDecodeError):
         raise AssertionError(f"{script.name} {command} failed: rc={p.returncode} stdout={p.stdout!r} "
                              f"stderr={p.stderr!r}")
-    if p.returncode != 0:
-        raise PgBossError(out.get("error"), out.get("code"))
-    return out
-
-
-def boss(c: Cluster, db: str, command: str, **args):
-    """One pg-boss API call through tests/node/pgboss_driver.mjs."""
-    p = subprocess.run([NODE, str(DRIVER), c.dsn(db), command, json.dumps(args)],
-                       capture_output=True, text=True, timeout=60)
-    try:
-        out = json.loads(p.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise AssertionError(f"driver {command} failed: rc={p.returncode} stdout={p.stdout!r} stderr={p.stderr!r}")
     if p.returncode != 0:
         raise PgBossError(out.get("error"), out.get("code"))
     return out
@@ -192,18 +173,11 @@ def claims_of(tenant) -> dict:
 def cdb(cluster):
     """The module's database: meshhook_limits, pgmq and pg-boss 11."""
     name = f"mlclaim_{os.getpid()}"
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        c.execute(f"CREATE DATABASE {name}")
-    with cluster.connect(dbname=name) as c:
-        c.execute(f"CREATE EXTENSION {S}")
-    subprocess.run([f"{PG_BIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", cluster.host, "-p",
-                    str(cluster.port), "-U", "postgres", "-d", name, "-f", str(PGMQ_SQL)],
-                   check=True, capture_output=True, text=True, timeout=60)
+    create_db(cluster, name)
+    install_pgmq(cluster, name)
     assert boss(cluster, name, "start")["installed"] is True
     yield name
-    with cluster.connect(dbname="postgres") as c:
-        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    drop_db(cluster, name)
 
 
 @pytest.fixture
