@@ -4,7 +4,7 @@
 //! The queue side is SQL (sql/claim.sql): the binding, and three statements
 //! built for it by `_claim_queries` (a skip scan over the claim index for
 //! the tenants with waiting jobs, a tenant's next job, and what the queue's
-//! own fetch does to a job it takes). They are prepared once per backend
+//! own fetch does to the jobs it takes). They are prepared once per backend
 //! and binding and kept, so a claim plans nothing. The slot side is
 //! `slots::claim`. This module is the loop between them.
 //!
@@ -89,7 +89,6 @@ struct Plans {
     shape: String,
     tenants: OwnedPreparedStatement,
     head: OwnedPreparedStatement,
-    peek: OwnedPreparedStatement,
     take: OwnedPreparedStatement,
     /// The tenants with waiting jobs the last scan found (id, as the JSON
     /// spells it, its next job's queue time), and when it ran.
@@ -132,29 +131,26 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
 
 fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
     let rows = c.select(
-        "SELECT tenants_q, head_q, peek_q, take_q FROM meshhook_limits._claim_queries($1)",
+        "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
         Some(1),
         &[b.id.into()],
     )?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
     let text = |i| -> Result<String> { Ok(r.get::<String>(i)?.unwrap_or_default()) };
-    let (tenants_q, head_q, peek_q, take_q) = (text(1)?, text(2)?, text(3)?, text(4)?);
+    let (tenants_q, head_q, take_q) = (text(1)?, text(2)?, text(3)?);
     let text_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+    let texts_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
     let take_args: &[PgOid] = if b.pgmq {
-        &[text_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::INTERVALOID)]
+        &[texts_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::INTERVALOID)]
     } else {
-        &[text_oid]
+        &[texts_oid]
     };
     Ok(Plans {
         shape: b.shape.clone(),
         tenants: c.prepare(tenants_q.as_str(), &[])?.keep(),
         head: c
-            .prepare_mut(
-                head_q.as_str(),
-                &[text_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID)],
-            )?
+            .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
             .keep(),
-        peek: c.prepare(peek_q.as_str(), &[text_oid])?.keep(),
         take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
         found: Vec::new(),
         found_at: i64::MIN,
@@ -165,13 +161,17 @@ fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
 struct Contender {
     id: Uuid,
     /// The ways its jobs spell its id (what the index holds), each with its
-    /// next job's queue time (peeked again after each claim under it).
+    /// next job's queue time (as the head statement saw it after the last
+    /// job it took under it).
     spellings: Vec<(String, Ts)>,
-    in_use: f64,
+    /// Where its next claim starts on the fair-share clock (`slots::fair`).
+    start: f64,
     weight: f64,
     live: bool,
-    /// Jobs this call passed over (not claimed, still waiting).
-    passed: Vec<String>,
+    /// Jobs this call passed over (still waiting) or claimed (taken when
+    /// the call ends): the head statement skips them.
+    seen: Vec<String>,
+    passed: usize,
 }
 
 impl Contender {
@@ -183,8 +183,9 @@ impl Contender {
     /// Leave a job waiting; past enough of them, the tenant is done for
     /// this call.
     fn pass(&mut self, job: String) {
-        self.passed.push(job);
-        if self.passed.len() >= PASSED_PER_TENANT {
+        self.seen.push(job);
+        self.passed += 1;
+        if self.passed >= PASSED_PER_TENANT {
             self.live = false;
         }
     }
@@ -199,6 +200,12 @@ struct Job {
     cost: Option<String>,
     /// pgmq: the read_ct the take gives it.
     generation: Option<String>,
+    /// Its queue allows one active job per singleton key (pg-boss
+    /// policies singleton, stately, exclusive): taken at once, so the next
+    /// head statement sees it active.
+    one_active: bool,
+    /// When the tenant's next job after it was queued.
+    next_at: Option<Ts>,
 }
 
 impl Job {
@@ -210,6 +217,8 @@ impl Job {
             key: r.get::<String>(4)?,
             cost: r.get::<String>(5)?,
             generation: r.get::<String>(6)?,
+            one_active: r.get::<bool>(8)?.unwrap_or(false),
+            next_at: r.get::<Ts>(9)?,
         })
     }
 }
@@ -316,6 +325,18 @@ fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<(Uuid, String
     Ok(found)
 }
 
+/// What the queue's own fetch does to the jobs it takes.
+fn take(c: &mut SpiClient, plans: &Plans, ids: &[&str], vt: Option<Interval>) -> Result<()> {
+    let ids = ids.to_vec();
+    let args: Vec<pgrx::datum::DatumWithOid> = match vt {
+        Some(vt) => vec![ids.into(), vt.into()],
+        None => vec![ids.into()],
+    };
+    let _pinned = ClaimIndexOnly::new();
+    c.update(&plans.take, None, &args)?;
+    Ok(())
+}
+
 fn claim_with(
     c: &mut SpiClient,
     b: &Binding,
@@ -335,16 +356,16 @@ fn claim_with(
             None => field.push(Contender {
                 id,
                 spellings: vec![(key, at)],
-                in_use: 0.0,
+                start: 0.0,
                 weight: 1.0,
                 live: true,
-                passed: Vec::new(),
+                seen: Vec::new(),
+                passed: 0,
             }),
         }
     }
     let ids: Vec<Uuid> = field.iter().map(|t| t.id).collect();
     for (t, s) in field.iter_mut().zip(slot_claim::shares(&ids)?) {
-        t.in_use = s.in_use as f64;
         t.weight = s.weight;
         t.live = s.has_room;
         if !s.has_room {
@@ -357,23 +378,26 @@ fn claim_with(
         .pgmq
         .then(|| lease.unwrap_or_else(|| Interval::from_micros(PGMQ_DEFAULT_VT_MICROS)));
     let mut claimed = Vec::new();
+    // The claimed jobs not taken yet (indexes into claimed).
+    let mut pending = Vec::new();
     while claimed.len() < batch {
-        // What each runs now (other claimers take and end slots meanwhile).
-        if !claimed.is_empty() || field.len() > 1 {
-            for (t, n) in field.iter_mut().zip(slot_claim::running(&ids)) {
-                t.in_use = n as f64;
+        // Where each stands now (this call's and other claimers' claims
+        // moved the tags).
+        if field.len() > 1 {
+            for (t, s) in field.iter_mut().zip(slot_claim::starts(&ids)) {
+                t.start = s;
             }
         }
-        // The tenant furthest below its share: least running cost per
-        // weight; on a tie, the heavier (its share is the larger), then the
-        // one whose next job has waited longest.
+        // The tenant furthest below its share: the least start tag; on a
+        // tie, the heavier (its share is the larger), then the one whose
+        // next job has waited longest.
         let Some(best) = field
             .iter()
             .enumerate()
             .filter(|(_, t)| t.live)
             .min_by(|(_, x), (_, y)| {
-                (x.in_use / x.weight)
-                    .total_cmp(&(y.in_use / y.weight))
+                x.start
+                    .total_cmp(&y.start)
                     .then_with(|| y.weight.total_cmp(&x.weight))
                     .then_with(|| x.next_at().cmp(&y.next_at()))
             })
@@ -391,12 +415,15 @@ fn claim_with(
                 c.update(
                     &plans.head,
                     Some(1),
-                    &[spelling.as_str().into(), t.passed.clone().into()],
+                    &[
+                        spelling.as_str().into(),
+                        t.seen.iter().map(String::as_str).collect::<Vec<_>>().into(),
+                    ],
                 )?
             };
             match head.into_iter().next() {
                 Some(job) => {
-                    found = Some((spelling.clone(), Job::read(&job)?));
+                    found = Some(Job::read(&job)?);
                     break;
                 }
                 // Nothing runnable left under it: deferred, or taken by others.
@@ -405,7 +432,7 @@ fn claim_with(
                 }
             }
         }
-        let Some((spelling, job)) = found else {
+        let Some(job) = found else {
             t.live = false;
             continue;
         };
@@ -452,26 +479,15 @@ fn claim_with(
             }
             continue;
         };
-        let take_args: Vec<pgrx::datum::DatumWithOid> = match vt {
-            Some(vt) => vec![job.id.as_str().into(), vt.into()],
-            None => vec![job.id.as_str().into()],
-        };
-        {
-            let _pinned = ClaimIndexOnly::new();
-            c.update(&plans.take, None, &take_args)?;
+        // Taken with the others when the call ends (locked until then).
+        if job.one_active {
+            take(c, plans, &[job.id.as_str()], vt)?;
+        } else {
+            pending.push(claimed.len());
         }
-        t.in_use += f64::from(cost);
-        // The spelling's next job, for the tie-break. update(), not select():
-        // it must see the take above (a fresh snapshot).
-        let next = {
-            let _pinned = ClaimIndexOnly::new();
-            c.update(&plans.peek, Some(1), &[spelling.as_str().into()])?
-                .next()
-                .map(|r| r.get::<Ts>(1))
-                .transpose()?
-                .flatten()
-        };
-        match next {
+        t.seen.push(job.id.clone());
+        // The spelling's next job, for the tie-break.
+        match job.next_at {
             Some(at) => t.spellings[0].1 = at,
             None => {
                 t.spellings.remove(0);
@@ -489,6 +505,10 @@ fn claim_with(
             answer.lease_expires_at,
             job.data,
         ));
+    }
+    if !pending.is_empty() {
+        let ids: Vec<&str> = pending.iter().map(|&i| claimed[i].0.as_str()).collect();
+        take(c, plans, &ids, vt)?;
     }
     // The next calls of this backend see the tenants' next jobs as they are now.
     for f in plans.found.iter_mut() {

@@ -258,8 +258,8 @@ def test_pgboss_fail_retry_and_fetched_again(cluster, cdb, db, tenant):
     bind(db, "pgboss", q)
     [c1] = claim(db, "pgboss", q)
     assert c1["job_id"] == a
-    # A job of pg-boss's own in the same queue, the control.
-    [b] = send(cluster, cdb, q, [{"tenant_id": str(uuid.uuid4())}])
+    # A job of pg-boss's own in the same queue (and tenant), the control.
+    [b] = send(cluster, cdb, q, [{"tenant_id": tenant}])
     [fb] = boss(cluster, cdb, "fetch", name=q, batchSize=1)
     assert fb["id"] == b
 
@@ -1168,6 +1168,10 @@ def test_quiet_tenants_are_not_behind_a_noisy_backlog(cluster, cdb, db):
 
 
 def test_weights_share_contended_capacity(cluster, cdb, db):
+    """Three saturated tenants of weights 1, 2, 4 behind a total limit of 7:
+    whoever's jobs end, the claimed counts stay within one job of 1/7, 2/7,
+    4/7 of all claims, and are exactly that every 7 claims (start-time fair
+    queuing; ties to the heavier)."""
     a, b, c = (str(uuid.uuid4()) for _ in range(3))
     set_limit(db, "fair_share_weight", 1, a)
     set_limit(db, "fair_share_weight", 2, b)
@@ -1179,25 +1183,30 @@ def test_weights_share_contended_capacity(cluster, cdb, db):
     bind(db, "pgboss", q)
     assert db.execute(f"SELECT limit_value, source FROM {S}.explain_admission(%s) "
                       "WHERE resource = 'fair_share_weight'", (c,)).fetchone() == (4, "tenant")
-    got = claim(db, "pgboss", q, batch=7)
-    running = {}
-    for x in got:
-        running[x["job_id"]] = str(x["tenant_id"])
+    running, claimed = {}, Counter()
 
-    def shares():
-        n = Counter(running.values())
-        return (n[a], n[b], n[c])
-    assert shares() == (1, 2, 4)
+    def claim_all():
+        for x in claim(db, "pgboss", q, batch=7):
+            running[x["job_id"]] = str(x["tenant_id"])
+            claimed[str(x["tenant_id"])] += 1
+        n = sum(claimed.values())
+        for t, w in ((a, 1), (b, 2), (c, 4)):
+            assert abs(claimed[t] - n * w / 7) <= 1, (n, claimed[a], claimed[b], claimed[c])
+        return n
+    assert claim_all() == 7
+    assert (claimed[a], claimed[b], claimed[c]) == (1, 2, 4)
+    # Jobs end at random, three at a time (a tenant may run more or fewer
+    # than its share for a while; its claims follow its weight).
     r = random.Random(7)
-    for _ in range(4):
+    for _ in range(7):
         done = r.sample(sorted(running), 3)
         boss(cluster, cdb, "complete", name=q, ids=done)
         for j in done:
             del running[j]
         tick(db)
-        for x in claim(db, "pgboss", q, batch=7):
-            running[x["job_id"]] = str(x["tenant_id"])
-        assert shares() == (1, 2, 4)
+        claim_all()
+    assert (claimed[a], claimed[b], claimed[c]) == (4, 8, 16)
+    assert len(running) == 7
     assert claim(db, "pgboss", q, batch=7) == []
 
 

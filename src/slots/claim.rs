@@ -1,7 +1,7 @@
 //! The slot side of claim_jobs (sql/claim.sql): a slot for a claimed job,
-//! with its concurrency key and cost; the load of the tenants competing for
-//! the next claim; and the claimed slots the worker's tick ends with their
-//! jobs.
+//! with its concurrency key and cost; the shares and fair-share start tags
+//! (`fair`) of the tenants competing for the next claim; and the claimed
+//! slots the worker's tick ends with their jobs.
 //!
 //! A claimed job's slot has the run id `claim/<binding id>/<job id>`: that is
 //! how the tick finds the job it belongs to (`_claimed_slots`).
@@ -169,16 +169,16 @@ fn _claim_slot(
     TableIterator::once((answer.slot_id, answer.reason, answer.lease_expires_at))
 }
 
-/// One competing tenant: the cost it runs now (all its slots of this
-/// database), its `fair_share_weight` (default 1), and whether its own limit
-/// leaves room for a job of cost 1.
+/// One competing tenant: its `fair_share_weight` (default 1), and whether
+/// its own limit leaves room for a job of cost 1.
 pub struct Share {
-    pub in_use: i64,
     pub weight: f64,
     pub has_room: bool,
 }
 
-fn shares_with(lims: &[crate::limits::SlotLimits], tenants: &[Uuid]) -> Result<Vec<Share>> {
+/// The cost each tenant runs now (all its slots of this database) and its
+/// share.
+fn shares_with(lims: &[crate::limits::SlotLimits], tenants: &[Uuid]) -> Result<Vec<(i64, Share)>> {
     let ceiling = crate::gucs::tenant_slot_ceiling();
     let db = shmem::my_database();
     let mut locked = LockedTable::shared().ok_or(LimitsError::NotPreloaded)?;
@@ -188,50 +188,54 @@ fn shares_with(lims: &[crate::limits::SlotLimits], tenants: &[Uuid]) -> Result<V
         .map(|(t, lim)| {
             let in_use = i64::from(locked.table().count(&CounterKey::tenant(db, t.as_bytes())));
             let cap = lim.tenant_cap.map_or(ceiling, |c| c.min(ceiling));
-            Share {
-                in_use,
+            let share = Share {
                 weight: lim.weight.unwrap_or(1.0),
                 has_room: in_use < cap,
-            }
+            };
+            (in_use, share)
         })
         .collect())
 }
 
-/// The cost each of these tenants runs now (0 without shared memory).
-pub fn running(tenants: &[Uuid]) -> Vec<i64> {
+/// The start tag of each tenant's next claim (`fair`; claim_jobs serves
+/// the least first), as the claims made so far left them; all 0 without
+/// shared memory.
+pub fn starts(tenants: &[Uuid]) -> Vec<f64> {
     let db = shmem::my_database();
     let Some(mut locked) = LockedTable::shared() else {
-        return vec![0; tenants.len()];
+        return vec![0.0; tenants.len()];
     };
+    let fair = &locked.table().fair;
     tenants
         .iter()
-        .map(|t| i64::from(locked.table().count(&CounterKey::tenant(db, t.as_bytes()))))
+        .map(|t| fair.start(db, t.as_bytes()))
         .collect()
 }
 
-/// The shares of these tenants (claim_jobs serves the least `in_use /
-/// weight` first): from this backend's cached limits, or through
-/// `_claim_shares`, which loads them.
+/// The shares of these tenants: from this backend's cached limits, or
+/// through `_claim_shares`, which loads them.
 pub fn shares(tenants: &[Uuid]) -> Result<Vec<Share>> {
     let cached: Option<Vec<_>> = tenants
         .iter()
         .map(|t| limits::cached_slot_limits(*t, None, None))
         .collect();
     if let Some(lims) = cached {
-        return shares_with(&lims, tenants);
+        return Ok(shares_with(&lims, tenants)?
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect());
     }
     Spi::connect(|c| {
         let rows = c.select(
-            "SELECT in_use, weight, has_room FROM meshhook_limits._claim_shares($1)",
+            "SELECT weight, has_room FROM meshhook_limits._claim_shares($1)",
             None,
             &[tenants.to_vec().into()],
         )?;
         rows.into_iter()
             .map(|r| {
                 Ok(Share {
-                    in_use: r.get::<i64>(1)?.unwrap_or(0),
-                    weight: r.get::<f64>(2)?.unwrap_or(1.0),
-                    has_room: r.get::<bool>(3)?.unwrap_or(false),
+                    weight: r.get::<f64>(1)?.unwrap_or(1.0),
+                    has_room: r.get::<bool>(2)?.unwrap_or(false),
                 })
             })
             .collect()
@@ -264,7 +268,7 @@ fn _claim_shares(
         tenants
             .into_iter()
             .zip(shares)
-            .map(|(t, s)| (t, s.in_use, s.weight, s.has_room)),
+            .map(|(t, (in_use, s))| (t, in_use, s.weight, s.has_room)),
     )
 }
 

@@ -6,7 +6,8 @@
 //! twins (`definer`; see `limits::Mode`). `xact` ties slots to the caller's
 //! transaction, `reap` revokes expired ones, `listing` shows them,
 //! `fallback` keeps them in a table when the library is not preloaded, and
-//! `table` says what a restart does to them.
+//! `table` says what a restart does to them. `claim`, `fair`, `ended` and
+//! `wait` are the slot side of claim_jobs and of waiting for room.
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::identity;
 use crate::limits::{self, Mode};
@@ -18,6 +19,7 @@ use xact::Op;
 pub mod claim;
 mod definer;
 mod ended;
+mod fair;
 mod fallback;
 pub mod listing;
 pub mod reap;
@@ -431,6 +433,11 @@ fn acquire(
     locked.table().slots[idx] = slot;
     locked.table().count_in(&slot);
     locked.table().map_claim(idx);
+    if demand.claim.is_some() {
+        // Claimed cost is what fair share divides (`fair`).
+        let weight = lim.weight.unwrap_or(1.0);
+        locked.table().fair.charge(db, &t, demand.cost, weight);
+    }
     locked.table().header.grants.fetch_add(1, Ordering::Relaxed);
     drop(locked);
     xact::push(idx, id, Op::Acquire);

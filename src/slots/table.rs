@@ -1,8 +1,9 @@
 //! The shared execution-slot table.
 //!
 //! Fixed size, in shared memory when the library is preloaded (a
-//! `shmem::Segment`): a header, `MAX_SLOTS` slot entries and an
-//! open-addressing table of live counts per tenant and per project. All of
+//! `shmem::Segment`): a header, `MAX_SLOTS` slot entries, an
+//! open-addressing table of live counts per tenant and per project, the
+//! waiters of `slots::wait` and the fair-share clock of `slots::fair`. All of
 //! it sits behind one LWLock that is held for a few hundred nanoseconds at a
 //! time and never across SPI.
 //!
@@ -270,6 +271,8 @@ pub struct Table {
     pub slots: [Slot; MAX_SLOTS],
     counters: [Counter; COUNTER_CAP],
     pub waiters: [Waiter; MAX_WAITERS],
+    /// claim_jobs' fair share (`fair`): charged by each claim's grant.
+    pub fair: super::fair::Clock,
 }
 
 // Set once per process by the startup hook (inherited by forked backends).

@@ -1,0 +1,280 @@
+//! claim_jobs' fair share: start-time fair queuing over claimed cost
+//! (docs/claiming.md, "Fairness").
+//!
+//! Per database, a virtual time `V`; per tenant, a finish tag `F`. A claim
+//! of cost `c` by a tenant of `fair_share_weight` `w` starts at
+//! `S = max(F, V)` and moves `F` to `S + c / w`; `V` becomes `max(V, S)`.
+//! claim_jobs serves the tenant with the least start tag first. A tenant
+//! that was idle, new, or held back by its own limit starts at `V`: it
+//! gets its turn at once but no credit for the time it did not claim.
+//!
+//! The clock lives in the slot table, under its lock, and is charged by the
+//! grant itself (`slots::acquire`), so concurrent claimers can pick the same
+//! tenant but never charge a claim twice or lose one: what one of them
+//! over-serves, the tags take back on the next picks.
+//!
+//! Tags are an open-addressing map without deletion; when it is half full,
+//! `compact` rebuilds it without the tags that no longer matter (at or
+//! behind their database's `V`).
+
+/// Entries of the map (a power of two; it holds at most half as many).
+pub const CAP: usize = 8192;
+/// Past this, a database's clock is moved back to 0 (and its tags with it),
+/// so that `c / w` down to 1e-6 (cost 1, weight 1,000,000) still counts.
+const REBASE_AT: f64 = 1_048_576.0;
+
+const EMPTY: u8 = 0;
+const TENANT: u8 = 1;
+/// The database's virtual time `V` (its tenant field is all zero).
+const CLOCK: u8 = 2;
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Tag {
+    kind: u8,
+    database: u32,
+    tenant: [u8; 16],
+    value: f64,
+}
+
+/// The fair-share clock. All-zero is an empty one.
+#[repr(C)]
+pub struct Clock {
+    used: u32,
+    tags: [Tag; CAP],
+}
+
+fn hash(kind: u8, database: u32, tenant: &[u8; 16]) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(kind);
+    for b in database.to_le_bytes().iter().chain(tenant) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h as usize) & (CAP - 1)
+}
+
+impl Clock {
+    /// Ok(index) of the entry, or Err(index) of the free entry it would take.
+    fn find(&self, kind: u8, database: u32, tenant: &[u8; 16]) -> Result<usize, usize> {
+        let mut i = hash(kind, database, tenant);
+        loop {
+            let t = &self.tags[i];
+            if t.kind == EMPTY {
+                return Err(i);
+            }
+            if t.kind == kind && t.database == database && &t.tenant == tenant {
+                return Ok(i);
+            }
+            i = (i + 1) & (CAP - 1);
+        }
+    }
+
+    fn get(&self, kind: u8, database: u32, tenant: &[u8; 16]) -> Option<f64> {
+        self.find(kind, database, tenant)
+            .ok()
+            .map(|i| self.tags[i].value)
+    }
+
+    fn set(&mut self, kind: u8, database: u32, tenant: &[u8; 16], value: f64) {
+        if let Ok(i) = self.find(kind, database, tenant) {
+            self.tags[i].value = value;
+            return;
+        }
+        if self.used as usize >= CAP / 2 {
+            self.compact();
+        }
+        if let Err(i) = self.find(kind, database, tenant) {
+            self.tags[i] = Tag {
+                kind,
+                database,
+                tenant: *tenant,
+                value,
+            };
+            self.used += 1;
+        }
+    }
+
+    /// The database's virtual time.
+    fn now(&self, database: u32) -> f64 {
+        self.get(CLOCK, database, &[0; 16]).unwrap_or(0.0)
+    }
+
+    /// The tag the tenant's next claim starts at (claim_jobs serves the
+    /// least first).
+    pub fn start(&self, database: u32, tenant: &[u8; 16]) -> f64 {
+        let v = self.now(database);
+        self.get(TENANT, database, tenant).map_or(v, |f| f.max(v))
+    }
+
+    /// Charge a claim of `cost` to the tenant: its tag moves on by
+    /// `cost / weight`, and the database's clock to where the claim started.
+    pub fn charge(&mut self, database: u32, tenant: &[u8; 16], cost: u32, weight: f64) {
+        let weight = if weight.is_finite() && weight > 0.0 {
+            weight
+        } else {
+            1.0
+        };
+        let start = self.start(database, tenant);
+        self.set(TENANT, database, tenant, start + f64::from(cost) / weight);
+        if start > self.now(database) {
+            self.set(CLOCK, database, &[0; 16], start);
+        }
+        if start > REBASE_AT {
+            self.rebase(database, start);
+        }
+    }
+
+    /// Move a database's clock and tags back by `by` (order and gaps kept;
+    /// tags behind the clock are at it anyway).
+    fn rebase(&mut self, database: u32, by: f64) {
+        for t in self.tags.iter_mut() {
+            if t.kind != EMPTY && t.database == database {
+                t.value = (t.value - by).max(0.0);
+            }
+        }
+    }
+
+    /// Rebuild the map with the clocks and the tags still ahead of their
+    /// clock; if those still fill a quarter of it, only the quarter furthest
+    /// ahead (the others lose a lead of less than theirs: they are served
+    /// that much sooner once).
+    fn compact(&mut self) {
+        let mut clocks = Vec::new();
+        let mut ahead = Vec::new();
+        for t in self.tags.iter().filter(|t| t.kind != EMPTY) {
+            if t.kind == CLOCK {
+                clocks.push(*t);
+            } else {
+                let lead = t.value - self.now(t.database);
+                if lead > 0.0 {
+                    ahead.push((lead, *t));
+                }
+            }
+        }
+        let room = CAP / 4 - clocks.len().min(CAP / 4);
+        if ahead.len() > room {
+            ahead.sort_by(|a, b| b.0.total_cmp(&a.0));
+            ahead.truncate(room);
+        }
+        for t in self.tags.iter_mut() {
+            t.kind = EMPTY;
+        }
+        self.used = 0;
+        for t in clocks.into_iter().chain(ahead.into_iter().map(|(_, t)| t)) {
+            if let Err(i) = self.find(t.kind, t.database, &t.tenant) {
+                self.tags[i] = t;
+                self.used += 1;
+            }
+        }
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::{Clock, CAP, REBASE_AT};
+    use pgrx::prelude::*;
+
+    fn empty() -> Box<Clock> {
+        let layout = std::alloc::Layout::new::<Clock>();
+        // SAFETY: all-zero is an empty clock (as in shared memory).
+        unsafe { Box::from_raw(std::alloc::alloc_zeroed(layout).cast::<Clock>()) }
+    }
+
+    fn tenant(n: u32) -> [u8; 16] {
+        let mut t = [7u8; 16];
+        t[..4].copy_from_slice(&n.to_le_bytes());
+        t
+    }
+
+    /// claim_jobs' rule: the least start tag, then the heavier.
+    fn pick(c: &Clock, db: u32, tenants: &[([u8; 16], f64)]) -> usize {
+        (0..tenants.len())
+            .min_by(|&x, &y| {
+                c.start(db, &tenants[x].0)
+                    .total_cmp(&c.start(db, &tenants[y].0))
+                    .then_with(|| tenants[y].1.total_cmp(&tenants[x].1))
+            })
+            .expect("tenants")
+    }
+
+    #[pg_test]
+    fn saturated_tenants_get_claimed_cost_in_proportion_to_weight() {
+        let mut c = empty();
+        let ts = [(tenant(1), 1.0), (tenant(2), 2.0), (tenant(3), 4.0)];
+        let mut claimed = [0u32; 3];
+        for n in 1..=700 {
+            let i = pick(&c, 5, &ts);
+            c.charge(5, &ts[i].0, 1, ts[i].1);
+            claimed[i] += 1;
+            // Never more than a job from its share at any point.
+            for (k, (_, w)) in ts.iter().enumerate() {
+                let share = f64::from(n) * w / 7.0;
+                assert!(
+                    (f64::from(claimed[k]) - share).abs() <= 1.0,
+                    "{n}: {claimed:?}"
+                );
+            }
+        }
+        assert_eq!(claimed, [100, 200, 400]);
+    }
+
+    #[pg_test]
+    fn costs_count_as_cost_over_weight() {
+        let mut c = empty();
+        let (heavy, light) = (tenant(1), tenant(2));
+        // heavy's jobs cost 3, light's 1, same weight: 1 job of heavy per 3.
+        let mut cost = [0u32; 2];
+        for _ in 0..400 {
+            let i = usize::from(c.start(1, &light) < c.start(1, &heavy));
+            let (t, units) = if i == 0 { (heavy, 3) } else { (light, 1) };
+            c.charge(1, &t, units, 1.0);
+            cost[i] += units;
+        }
+        assert!(cost[0].abs_diff(cost[1]) <= 3, "{cost:?}");
+    }
+
+    #[pg_test]
+    fn an_idle_or_new_tenant_starts_at_the_clock_with_no_credit() {
+        let mut c = empty();
+        let (busy, late) = (tenant(1), tenant(2));
+        for _ in 0..100 {
+            c.charge(9, &busy, 1, 1.0);
+        }
+        // busy ran alone: it is one job ahead, not 100.
+        assert_eq!(c.start(9, &late), 99.0);
+        assert_eq!(c.start(9, &busy), 100.0);
+        c.charge(9, &late, 1, 1.0);
+        assert_eq!(c.start(9, &late), 100.0);
+        // Other databases keep their own clocks.
+        assert_eq!(c.start(10, &busy), 0.0);
+    }
+
+    #[pg_test]
+    fn a_full_map_keeps_the_tenants_ahead_of_the_clock() {
+        let mut c = empty();
+        // A tenant far ahead, then more tenants than the map holds, each
+        // one claim ahead.
+        c.charge(1, &tenant(0), 1000, 1.0);
+        for n in 1..(CAP as u32 * 2) {
+            c.charge(1, &tenant(n), 1, 1.0);
+        }
+        assert!(c.used as usize <= CAP / 2);
+        assert_eq!(c.start(1, &tenant(0)), 1000.0);
+    }
+
+    #[pg_test]
+    fn the_clock_moves_back_keeping_the_gaps() {
+        let mut c = empty();
+        let (a, b) = (tenant(1), tenant(2));
+        c.charge(3, &a, 1_000_000, 0.001); // 1e9 ahead
+                                           // b's claims start at 0, 1e6 and 2e6: the last, past REBASE_AT,
+                                           // moves the clock and the tags back by 2e6.
+        for _ in 0..3 {
+            c.charge(3, &b, 1000, 0.001);
+        }
+        assert!(c.now(3) < REBASE_AT);
+        assert_eq!(c.start(3, &b), 1e6);
+        assert_eq!(c.start(3, &a) - c.start(3, &b), 1e9 - 3e6);
+    }
+}
