@@ -14,6 +14,7 @@ use crate::limits::{self, Mode};
 use crate::{identity, shmem};
 use pgrx::datum::{Interval, Uuid};
 use pgrx::prelude::*;
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 
 /// Why claim_jobs passed over a job (metrics label `reason`): the refusal
@@ -78,6 +79,13 @@ fn digest_of(run_id: &str) -> Option<[u8; 16]> {
     Some(table::claim_digest(binding.parse().ok()?, job))
 }
 
+thread_local! {
+    /// The start tag claim_jobs saw when it picked the tenant of the slot
+    /// being taken (`take_slot`), for `_claim_slot` too: it runs in this
+    /// backend.
+    static PICKED_AT: Cell<Option<f64>> = const { Cell::new(None) };
+}
+
 fn demand_of<'a>(cost: i32, concurrency_key: Option<&'a str>, run_id: &str) -> Demand<'a> {
     // The slot records its transaction, so the tick can tell a claim still
     // being made from a job that ended (`_claimed_slots`).
@@ -86,6 +94,7 @@ fn demand_of<'a>(cost: i32, concurrency_key: Option<&'a str>, run_id: &str) -> D
         key: concurrency_key,
         cost: cost as u32,
         claim: digest_of(run_id),
+        picked_at: PICKED_AT.get(),
     }
 }
 
@@ -93,8 +102,23 @@ fn demand_of<'a>(cost: i32, concurrency_key: Option<&'a str>, run_id: &str) -> D
 /// the project's, the key's and the total limit, all checked at once. From
 /// shared memory and this backend's cached limits when it can; otherwise
 /// through `_claim_slot`, which loads them. Counts the claim or the blocked
-/// job.
+/// job. `picked_at`: the tenant's start tag when claim_jobs picked it.
 pub fn take_slot(
+    tenant: Uuid,
+    project: Option<Uuid>,
+    concurrency_key: Option<&str>,
+    cost: i32,
+    lease: Option<Interval>,
+    run_id: &str,
+    picked_at: f64,
+) -> Result<Admission> {
+    PICKED_AT.set(Some(picked_at));
+    let answer = take_slot_picked(tenant, project, concurrency_key, cost, lease, run_id);
+    PICKED_AT.set(None);
+    answer
+}
+
+fn take_slot_picked(
     tenant: Uuid,
     project: Option<Uuid>,
     concurrency_key: Option<&str>,

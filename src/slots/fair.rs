@@ -11,7 +11,11 @@
 //! The clock lives in the slot table, under its lock, and is charged by the
 //! grant itself (`slots::acquire`), so concurrent claimers can pick the same
 //! tenant but never charge a claim twice or lose one: what one of them
-//! over-serves, the tags take back on the next picks.
+//! over-serves, the tags take back on the next picks. `V` moves only to the
+//! start the claimer saw when it picked: a burst of concurrent claims of one
+//! tenant moves its tag on, but not `V` past the tenants still behind it
+//! (which would take their credit; with weights 1 : 4 that favoured the
+//! light tenant, whose tag moves on in larger steps).
 //!
 //! Tags are an open-addressing map without deletion; when it is half full,
 //! `compact` rebuilds it without the tags that no longer matter (at or
@@ -107,8 +111,16 @@ impl Clock {
     }
 
     /// Charge a claim of `cost` to the tenant: its tag moves on by
-    /// `cost / weight`, and the database's clock to where the claim started.
-    pub fn charge(&mut self, database: u32, tenant: &[u8; 16], cost: u32, weight: f64) {
+    /// `cost / weight`, and the database's clock to where the claim started,
+    /// or to `picked_at` (the start the claimer saw) if that is earlier.
+    pub fn charge(
+        &mut self,
+        database: u32,
+        tenant: &[u8; 16],
+        cost: u32,
+        weight: f64,
+        picked_at: Option<f64>,
+    ) {
         let weight = if weight.is_finite() && weight > 0.0 {
             weight
         } else {
@@ -116,8 +128,9 @@ impl Clock {
         };
         let start = self.start(database, tenant);
         self.set(TENANT, database, tenant, start + f64::from(cost) / weight);
-        if start > self.now(database) {
-            self.set(CLOCK, database, &[0; 16], start);
+        let clock = picked_at.map_or(start, |p| p.min(start));
+        if clock > self.now(database) {
+            self.set(CLOCK, database, &[0; 16], clock);
         }
         if start > REBASE_AT {
             self.rebase(database, start);
@@ -205,7 +218,7 @@ mod tests {
         let mut claimed = [0u32; 3];
         for n in 1..=700 {
             let i = pick(&c, 5, &ts);
-            c.charge(5, &ts[i].0, 1, ts[i].1);
+            c.charge(5, &ts[i].0, 1, ts[i].1, None);
             claimed[i] += 1;
             // Never more than a job from its share at any point.
             for (k, (_, w)) in ts.iter().enumerate() {
@@ -228,7 +241,7 @@ mod tests {
         for _ in 0..400 {
             let i = usize::from(c.start(1, &light) < c.start(1, &heavy));
             let (t, units) = if i == 0 { (heavy, 3) } else { (light, 1) };
-            c.charge(1, &t, units, 1.0);
+            c.charge(1, &t, units, 1.0, None);
             cost[i] += units;
         }
         assert!(cost[0].abs_diff(cost[1]) <= 3, "{cost:?}");
@@ -239,15 +252,34 @@ mod tests {
         let mut c = empty();
         let (busy, late) = (tenant(1), tenant(2));
         for _ in 0..100 {
-            c.charge(9, &busy, 1, 1.0);
+            c.charge(9, &busy, 1, 1.0, None);
         }
         // busy ran alone: it is one job ahead, not 100.
         assert_eq!(c.start(9, &late), 99.0);
         assert_eq!(c.start(9, &busy), 100.0);
-        c.charge(9, &late, 1, 1.0);
+        c.charge(9, &late, 1, 1.0, None);
         assert_eq!(c.start(9, &late), 100.0);
         // Other databases keep their own clocks.
         assert_eq!(c.start(10, &busy), 0.0);
+    }
+
+    #[pg_test]
+    fn concurrent_claims_of_one_tenant_take_no_credit_from_the_others() {
+        let mut c = empty();
+        let (light, heavy) = (tenant(1), tenant(2));
+        c.charge(2, &light, 1, 1.0, Some(0.0));
+        for _ in 0..4 {
+            c.charge(2, &heavy, 1, 4.0, Some(c.start(2, &heavy)));
+        }
+        // Both at 1. Three claimers pick light at once (they all saw 1).
+        let seen = c.start(2, &light);
+        for _ in 0..3 {
+            c.charge(2, &light, 1, 1.0, Some(seen));
+        }
+        assert_eq!(c.start(2, &light), 4.0);
+        // heavy keeps its place: served next, four times, before light.
+        assert_eq!(c.start(2, &heavy), 1.0);
+        assert_eq!(c.now(2), 1.0);
     }
 
     #[pg_test]
@@ -255,9 +287,9 @@ mod tests {
         let mut c = empty();
         // A tenant far ahead, then more tenants than the map holds, each
         // one claim ahead.
-        c.charge(1, &tenant(0), 1000, 1.0);
+        c.charge(1, &tenant(0), 1000, 1.0, None);
         for n in 1..(CAP as u32 * 2) {
-            c.charge(1, &tenant(n), 1, 1.0);
+            c.charge(1, &tenant(n), 1, 1.0, None);
         }
         assert!(c.used as usize <= CAP / 2);
         assert_eq!(c.start(1, &tenant(0)), 1000.0);
@@ -267,11 +299,11 @@ mod tests {
     fn the_clock_moves_back_keeping_the_gaps() {
         let mut c = empty();
         let (a, b) = (tenant(1), tenant(2));
-        c.charge(3, &a, 1_000_000, 0.001); // 1e9 ahead
-                                           // b's claims start at 0, 1e6 and 2e6: the last, past REBASE_AT,
-                                           // moves the clock and the tags back by 2e6.
+        c.charge(3, &a, 1_000_000, 0.001, None); // 1e9 ahead
+                                                 // b's claims start at 0, 1e6 and 2e6: the last, past REBASE_AT,
+                                                 // moves the clock and the tags back by 2e6.
         for _ in 0..3 {
-            c.charge(3, &b, 1000, 0.001);
+            c.charge(3, &b, 1000, 0.001, None);
         }
         assert!(c.now(3) < REBASE_AT);
         assert_eq!(c.start(3, &b), 1e6);

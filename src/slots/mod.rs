@@ -35,6 +35,8 @@ pub struct Demand<'a> {
     pub cost: u32,
     /// A claimed job's digest (`table::claim_digest`).
     pub claim: Option<[u8; 16]>,
+    /// The start tag the claimer saw when it picked the tenant (`fair`).
+    pub picked_at: Option<f64>,
 }
 
 impl Demand<'_> {
@@ -42,6 +44,7 @@ impl Demand<'_> {
         key: None,
         cost: 1,
         claim: None,
+        picked_at: None,
     };
 }
 
@@ -436,7 +439,10 @@ fn acquire(
     if demand.claim.is_some() {
         // Claimed cost is what fair share divides (`fair`).
         let weight = lim.weight.unwrap_or(1.0);
-        locked.table().fair.charge(db, &t, demand.cost, weight);
+        locked
+            .table()
+            .fair
+            .charge(db, &t, demand.cost, weight, demand.picked_at);
     }
     locked.table().header.grants.fetch_add(1, Ordering::Relaxed);
     drop(locked);
