@@ -264,8 +264,7 @@ $$;
 --   head:    a tenant's next job in the queue's own order, locked, skipping
 --            the jobs this call passed over or claimed ($1 tenant text,
 --            $2 text[] job ids): (id, data, project, key, cost, gen, queued
---            at, whether its queue's policy allows one active job per key,
---            when the tenant's next job after it was queued);
+--            at, whether its queue's policy allows one active job per key);
 --   take:    what the queue's own fetch does to the jobs it takes, for the
 --            call's claimed jobs at once (a job of a one-active policy at
 --            once, so the next head sees it active) ($1 text[] job ids;
@@ -281,9 +280,7 @@ DECLARE
   waiting text;   -- the queue's waiting jobs, as in the index predicate
   order_by text;  -- the queue's own order within a tenant
   at_sql text;    -- when a job was queued
-  id_sql text;    -- a job's id as text
   rel text;
-  next_sql text;  -- when the tenant's next job after h was queued
 BEGIN
   PERFORM meshhook_limits.require_admin_access('claim jobs');
   SELECT * INTO STRICT b FROM meshhook_limits.queue_bindings qb WHERE qb.id = p_binding;
@@ -296,13 +293,11 @@ BEGIN
     waiting := pg_catalog.format('j.name = %L AND j.state < %L', b.queue, 'active');
     order_by := pg_catalog.format('%s, j.priority DESC, j.created_on, j.id', t_sql);
     at_sql := 'j.created_on';
-    id_sql := 'j.id::text';
   ELSE
     rel := b.relation::text;
     waiting := 'true';
     order_by := pg_catalog.format('%s, j.msg_id', t_sql);
     at_sql := 'j.enqueued_at';
-    id_sql := 'j.msg_id::text';
   END IF;
   tenants_q := pg_catalog.format($q$
     WITH RECURSIVE t(tenant, at) AS (
@@ -314,17 +309,11 @@ BEGIN
     UNION ALL
     (SELECT NULL, %5$s FROM %2$s j WHERE %3$s AND %1$s IS NULL LIMIT 1) $q$,
     t_sql, rel, waiting, order_by, at_sql);
-  -- Unlocked: only the tie-break between tenants reads it.
-  next_sql := pg_catalog.format($q$
-    (SELECT %5$s FROM %2$s j WHERE %3$s AND %1$s = $1 AND %6$s <> ALL ($2) AND %6$s <> h.id
-      ORDER BY %4$s LIMIT 1) $q$,
-    t_sql, rel, waiting, order_by, at_sql, id_sql);
   IF b.source = 'pgboss' THEN
     -- Queues whose policy allows one active job per singleton key (pg-boss's
     -- unique indexes job_i2, job_i3, job_i6): a job whose key has one
     -- active is not taken, as boss.fetch() could not take it.
     head_q := pg_catalog.format($q$
-      SELECT h.*, %7$s AS next_at FROM (
       SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen,
              j.created_on AS at, coalesce(j.policy IN ('singleton', 'stately', 'exclusive'), false) AS one_active
         FROM pgboss.job j
@@ -333,8 +322,8 @@ BEGIN
               OR NOT EXISTS (SELECT 1 FROM pgboss.job a
                               WHERE a.name = j.name AND a.state = 'active' AND a.policy = j.policy
                                 AND coalesce(a.singleton_key, '') = coalesce(j.singleton_key, '')))
-       ORDER BY %6$s LIMIT 1 FOR UPDATE OF j SKIP LOCKED) h $q$,
-      p_sql, k_sql, c_sql, waiting, t_sql, order_by, next_sql);
+       ORDER BY %6$s LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+      p_sql, k_sql, c_sql, waiting, t_sql, order_by);
     -- What boss.fetch() does to a job it takes (pg-boss 11).
     take_q := pg_catalog.format($q$
       UPDATE pgboss.job j SET state = 'active', started_on = pg_catalog.now(),
@@ -342,12 +331,11 @@ BEGIN
        WHERE j.name = %L AND j.id = ANY ($1::uuid[]) $q$, b.queue);
   ELSE
     head_q := pg_catalog.format($q$
-      SELECT h.*, %7$s AS next_at FROM (
       SELECT j.msg_id::text AS id, j.message AS data, %1$s AS project, %2$s AS key, %3$s AS cost,
              (j.read_ct + 1)::text AS gen, j.enqueued_at AS at, false AS one_active FROM %4$s j
        WHERE %5$s = $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
-       ORDER BY %6$s LIMIT 1 FOR UPDATE SKIP LOCKED) h $q$,
-      p_sql, k_sql, c_sql, rel, t_sql, order_by, next_sql);
+       ORDER BY %6$s LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
+      p_sql, k_sql, c_sql, rel, t_sql, order_by);
     -- What pgmq.read(queue, vt, qty) does to the messages it returns.
     take_q := pg_catalog.format($q$
       UPDATE %s j SET vt = pg_catalog.clock_timestamp() + $2, read_ct = j.read_ct + 1,

@@ -88,6 +88,15 @@ struct Binding {
     shape: String,
 }
 
+/// A tenant the skip scan found: its id, as the JSON spells it, and its
+/// next job's queue time.
+#[derive(Clone)]
+struct Found {
+    id: Uuid,
+    spelling: String,
+    at: Ts,
+}
+
 struct Plans {
     shape: String,
     tenants: OwnedPreparedStatement,
@@ -95,7 +104,7 @@ struct Plans {
     take: OwnedPreparedStatement,
     /// The tenants with waiting jobs the last scan found (id, as the JSON
     /// spells it, its next job's queue time), and when it ran.
-    found: Vec<(Uuid, String, Ts)>,
+    found: Vec<Found>,
     found_at: i64,
 }
 
@@ -175,9 +184,12 @@ fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
 struct Contender {
     id: Uuid,
     /// The ways its jobs spell its id (what the index holds), each with its
-    /// next job's queue time (as the head statement saw it after the last
-    /// job it took under it).
+    /// next job's queue time as the skip scan found it, or the queue time
+    /// of the last job claimed under it (which the next one's is not
+    /// before, within a priority).
     spellings: Vec<(String, Ts)>,
+    /// When its last claim was made (any claimer's; `slots::fair`).
+    served_at: Option<Ts>,
     /// Where its next claim starts on the fair-share clock (`slots::fair`).
     start: f64,
     weight: f64,
@@ -189,9 +201,11 @@ struct Contender {
 }
 
 impl Contender {
-    /// Its next job's queue time: the tie-break.
-    fn next_at(&self) -> Option<Ts> {
-        self.spellings.iter().map(|s| s.1).min()
+    /// Since when it has waited, the tie-break: since its next job was
+    /// queued, or since it was last served, if later.
+    fn waiting_since(&self) -> Option<Ts> {
+        let next = self.spellings.iter().map(|s| s.1).min();
+        next.max(self.served_at)
     }
 
     /// Leave a job waiting; past enough of them, the tenant is done for
@@ -218,8 +232,8 @@ struct Job {
     /// policies singleton, stately, exclusive): taken at once, so the next
     /// head statement sees it active.
     one_active: bool,
-    /// When the tenant's next job after it was queued.
-    next_at: Option<Ts>,
+    /// Its queue time.
+    at: Option<Ts>,
 }
 
 impl Job {
@@ -231,8 +245,8 @@ impl Job {
             key: r.get::<String>(4)?,
             cost: r.get::<String>(5)?,
             generation: r.get::<String>(6)?,
+            at: r.get::<Ts>(7)?,
             one_active: r.get::<bool>(8)?.unwrap_or(false),
-            next_at: r.get::<Ts>(9)?,
         })
     }
 }
@@ -313,7 +327,7 @@ fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Resu
 
 /// The tenants with waiting jobs: a skip scan over the claim index (one
 /// probe per tenant), or the last one's, if it is recent.
-fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<(Uuid, String, Ts)>> {
+fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<Found>> {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if now.saturating_sub(plans.found_at) < TENANTS_FRESH_MICROS && now >= plans.found_at {
         return Ok(plans.found.clone());
@@ -328,7 +342,11 @@ fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<(Uuid, String
             continue;
         };
         match key.as_deref().map(parse_uuid) {
-            Some(Some(id)) => found.push((id, key.unwrap_or_default(), at)),
+            Some(Some(id)) => found.push(Found {
+                id,
+                spelling: key.unwrap_or_default(),
+                at,
+            }),
             // No tenant, or not a tenant id: those jobs are never claimed
             // (counted once a scan).
             _ => invalid_job(),
@@ -364,12 +382,13 @@ fn claim_with(
     }
     // One contender per tenant, however many ways its jobs spell its id.
     let mut field: Vec<Contender> = Vec::new();
-    for (id, key, at) in tenants {
-        match field.iter_mut().find(|t| t.id == id) {
-            Some(t) => t.spellings.push((key, at)),
+    for f in tenants {
+        match field.iter_mut().find(|t| t.id == f.id) {
+            Some(t) => t.spellings.push((f.spelling, f.at)),
             None => field.push(Contender {
-                id,
-                spellings: vec![(key, at)],
+                id: f.id,
+                spellings: vec![(f.spelling, f.at)],
+                served_at: None,
                 start: 0.0,
                 weight: 1.0,
                 live: true,
@@ -398,8 +417,9 @@ fn claim_with(
         // Where each stands now (this call's and other claimers' claims
         // moved the tags).
         if field.len() > 1 {
-            for (t, s) in field.iter_mut().zip(slot_claim::starts(&ids)) {
-                t.start = s;
+            for (t, (start, served)) in field.iter_mut().zip(slot_claim::starts(&ids)) {
+                t.start = start;
+                t.served_at = (served != 0).then(|| Ts::try_from(served).ok()).flatten();
             }
         }
         // The tenant furthest below its share: the least start tag; on a
@@ -413,7 +433,7 @@ fn claim_with(
                 x.start
                     .total_cmp(&y.start)
                     .then_with(|| y.weight.total_cmp(&x.weight))
-                    .then_with(|| x.next_at().cmp(&y.next_at()))
+                    .then_with(|| x.waiting_since().cmp(&y.waiting_since()))
             })
             .map(|(i, _)| i)
         else {
@@ -501,15 +521,9 @@ fn claim_with(
             pending.push(claimed.len());
         }
         t.seen.push(job.id.clone());
-        // The spelling's next job, for the tie-break.
-        match job.next_at {
-            Some(at) => t.spellings[0].1 = at,
-            None => {
-                t.spellings.remove(0);
-            }
-        }
-        if t.spellings.is_empty() {
-            t.live = false;
+        // Served: on a tie, it goes after the tenants that waited longer.
+        if let Some(at) = job.at {
+            t.spellings[0].1 = at;
         }
         claimed.push((
             job.id,
@@ -525,17 +539,21 @@ fn claim_with(
         let ids: Vec<&str> = pending.iter().map(|&i| claimed[i].0.as_str()).collect();
         take(c, plans, &ids, vt)?;
     }
-    // The next calls of this backend see the tenants' next jobs as they are now.
-    for f in plans.found.iter_mut() {
-        let now = field
-            .iter()
-            .filter(|t| t.id == f.0)
-            .flat_map(|t| t.spellings.iter())
-            .find(|s| s.0 == f.1);
-        if let Some(s) = now {
-            f.2 = s.1;
+    // The next calls of this backend (until the next skip scan) see the
+    // tenants as this one left them: served since, or with nothing left
+    // to claim under a spelling (dropped).
+    plans.found.retain_mut(|f| {
+        let Some(t) = field.iter().find(|t| t.id == f.id) else {
+            return true;
+        };
+        match t.spellings.iter().find(|s| s.0 == f.spelling) {
+            Some(s) => {
+                f.at = s.1;
+                true
+            }
+            None => false,
         }
-    }
+    });
     Ok(claimed)
 }
 

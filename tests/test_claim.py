@@ -1211,9 +1211,11 @@ def test_weights_share_contended_capacity(cluster, cdb, db):
 
 
 def test_a_batch_claims_what_single_claims_would(cluster, cdb, db):
-    """Tenants a and b at equal running cost: the tie goes to the tenant
-    whose next job is oldest. In one batch, as in one claim at a time, the
-    order is a1 b1 b2 a2 (a2 is newer than b2)."""
+    """Tenants a and b at equal start tags: the tie goes to the tenant that
+    has waited longest, since its next job was queued or since its last
+    claim, whichever is later. In one batch, as in one claim at a time, the
+    order is a1 b1 a2 b2 (a was served before b, so a2 goes before b2,
+    though b2 is older: equal tenants take turns)."""
     orders = []
     for batch in (1, 4):
         a, b = str(uuid.uuid4()), str(uuid.uuid4())
@@ -1229,7 +1231,7 @@ def test_a_batch_claims_what_single_claims_would(cluster, cdb, db):
             assert more
             got += more
         orders.append([x["data"]["n"] for x in got])
-    assert orders[0] == ["a1", "b1", "b2", "a2"]
+    assert orders[0] == ["a1", "b1", "a2", "b2"]
     assert orders[1] == orders[0], f"one claim at a time: {orders[0]}, one batch: {orders[1]}"
 
 

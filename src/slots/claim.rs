@@ -222,18 +222,18 @@ fn shares_with(lims: &[crate::limits::SlotLimits], tenants: &[Uuid]) -> Result<V
 }
 
 /// The start tag of each tenant's next claim (`fair`; claim_jobs serves
-/// the least first), as the claims made so far left them; all 0 without
-/// shared memory.
-pub fn starts(tenants: &[Uuid]) -> Vec<f64> {
+/// the least first), as the claims made so far left them, and when its last
+/// claim was made (0: not lately); all 0 without shared memory.
+pub fn starts(tenants: &[Uuid]) -> Vec<(f64, i64)> {
     let db = shmem::my_database();
     let Some(mut locked) = LockedTable::shared() else {
-        return vec![0.0; tenants.len()];
+        return vec![(0.0, 0); tenants.len()];
     };
-    let fair = &locked.table().fair;
-    tenants
-        .iter()
-        .map(|t| fair.start(db, t.as_bytes()))
-        .collect()
+    let starts = locked
+        .table()
+        .fair
+        .starts(db, tenants.iter().map(|t| t.as_bytes()));
+    starts
 }
 
 /// The shares of these tenants: from this backend's cached limits, or

@@ -39,6 +39,8 @@ struct Tag {
     database: u32,
     tenant: [u8; 16],
     value: f64,
+    /// When the tenant's last claim was charged (a timestamp; 0: never).
+    charged_at: i64,
 }
 
 /// The fair-share clock. All-zero is an empty one.
@@ -79,9 +81,10 @@ impl Clock {
             .map(|i| self.tags[i].value)
     }
 
-    fn set(&mut self, kind: u8, database: u32, tenant: &[u8; 16], value: f64) {
+    fn set(&mut self, kind: u8, database: u32, tenant: &[u8; 16], value: f64, at: i64) {
         if let Ok(i) = self.find(kind, database, tenant) {
             self.tags[i].value = value;
+            self.tags[i].charged_at = at;
             return;
         }
         if self.used as usize >= CAP / 2 {
@@ -93,6 +96,7 @@ impl Clock {
                 database,
                 tenant: *tenant,
                 value,
+                charged_at: at,
             };
             self.used += 1;
         }
@@ -110,9 +114,26 @@ impl Clock {
         self.get(TENANT, database, tenant).map_or(v, |f| f.max(v))
     }
 
+    /// `start` of each of these tenants of one database, and when its last
+    /// claim was charged (0: not since it was behind the clock).
+    pub fn starts<'a>(
+        &self,
+        database: u32,
+        tenants: impl Iterator<Item = &'a [u8; 16]>,
+    ) -> Vec<(f64, i64)> {
+        let v = self.now(database);
+        tenants
+            .map(|t| match self.find(TENANT, database, t) {
+                Ok(i) => (self.tags[i].value.max(v), self.tags[i].charged_at),
+                Err(_) => (v, 0),
+            })
+            .collect()
+    }
+
     /// Charge a claim of `cost` to the tenant: its tag moves on by
     /// `cost / weight`, and the database's clock to where the claim started,
     /// or to `picked_at` (the start the claimer saw) if that is earlier.
+    /// `now`: the time of the claim.
     pub fn charge(
         &mut self,
         database: u32,
@@ -120,6 +141,7 @@ impl Clock {
         cost: u32,
         weight: f64,
         picked_at: Option<f64>,
+        now: i64,
     ) {
         let weight = if weight.is_finite() && weight > 0.0 {
             weight
@@ -127,10 +149,11 @@ impl Clock {
             1.0
         };
         let start = self.start(database, tenant);
-        self.set(TENANT, database, tenant, start + f64::from(cost) / weight);
+        let finish = start + f64::from(cost) / weight;
+        self.set(TENANT, database, tenant, finish, now);
         let clock = picked_at.map_or(start, |p| p.min(start));
         if clock > self.now(database) {
-            self.set(CLOCK, database, &[0; 16], clock);
+            self.set(CLOCK, database, &[0; 16], clock, 0);
         }
         if start > REBASE_AT {
             self.rebase(database, start);
@@ -218,7 +241,7 @@ mod tests {
         let mut claimed = [0u32; 3];
         for n in 1..=700 {
             let i = pick(&c, 5, &ts);
-            c.charge(5, &ts[i].0, 1, ts[i].1, None);
+            c.charge(5, &ts[i].0, 1, ts[i].1, None, 0);
             claimed[i] += 1;
             // Never more than a job from its share at any point.
             for (k, (_, w)) in ts.iter().enumerate() {
@@ -241,7 +264,7 @@ mod tests {
         for _ in 0..400 {
             let i = usize::from(c.start(1, &light) < c.start(1, &heavy));
             let (t, units) = if i == 0 { (heavy, 3) } else { (light, 1) };
-            c.charge(1, &t, units, 1.0, None);
+            c.charge(1, &t, units, 1.0, None, 0);
             cost[i] += units;
         }
         assert!(cost[0].abs_diff(cost[1]) <= 3, "{cost:?}");
@@ -252,12 +275,12 @@ mod tests {
         let mut c = empty();
         let (busy, late) = (tenant(1), tenant(2));
         for _ in 0..100 {
-            c.charge(9, &busy, 1, 1.0, None);
+            c.charge(9, &busy, 1, 1.0, None, 0);
         }
         // busy ran alone: it is one job ahead, not 100.
         assert_eq!(c.start(9, &late), 99.0);
         assert_eq!(c.start(9, &busy), 100.0);
-        c.charge(9, &late, 1, 1.0, None);
+        c.charge(9, &late, 1, 1.0, None, 0);
         assert_eq!(c.start(9, &late), 100.0);
         // Other databases keep their own clocks.
         assert_eq!(c.start(10, &busy), 0.0);
@@ -267,14 +290,14 @@ mod tests {
     fn concurrent_claims_of_one_tenant_take_no_credit_from_the_others() {
         let mut c = empty();
         let (light, heavy) = (tenant(1), tenant(2));
-        c.charge(2, &light, 1, 1.0, Some(0.0));
+        c.charge(2, &light, 1, 1.0, Some(0.0), 0);
         for _ in 0..4 {
-            c.charge(2, &heavy, 1, 4.0, Some(c.start(2, &heavy)));
+            c.charge(2, &heavy, 1, 4.0, Some(c.start(2, &heavy)), 0);
         }
         // Both at 1. Three claimers pick light at once (they all saw 1).
         let seen = c.start(2, &light);
         for _ in 0..3 {
-            c.charge(2, &light, 1, 1.0, Some(seen));
+            c.charge(2, &light, 1, 1.0, Some(seen), 0);
         }
         assert_eq!(c.start(2, &light), 4.0);
         // heavy keeps its place: served next, four times, before light.
@@ -287,9 +310,9 @@ mod tests {
         let mut c = empty();
         // A tenant far ahead, then more tenants than the map holds, each
         // one claim ahead.
-        c.charge(1, &tenant(0), 1000, 1.0, None);
+        c.charge(1, &tenant(0), 1000, 1.0, None, 0);
         for n in 1..(CAP as u32 * 2) {
-            c.charge(1, &tenant(n), 1, 1.0, None);
+            c.charge(1, &tenant(n), 1, 1.0, None, 0);
         }
         assert!(c.used as usize <= CAP / 2);
         assert_eq!(c.start(1, &tenant(0)), 1000.0);
@@ -299,11 +322,11 @@ mod tests {
     fn the_clock_moves_back_keeping_the_gaps() {
         let mut c = empty();
         let (a, b) = (tenant(1), tenant(2));
-        c.charge(3, &a, 1_000_000, 0.001, None); // 1e9 ahead
-                                                 // b's claims start at 0, 1e6 and 2e6: the last, past REBASE_AT,
-                                                 // moves the clock and the tags back by 2e6.
+        c.charge(3, &a, 1_000_000, 0.001, None, 0); // 1e9 ahead
+                                                    // b's claims start at 0, 1e6 and 2e6: the last, past REBASE_AT,
+                                                    // moves the clock and the tags back by 2e6.
         for _ in 0..3 {
-            c.charge(3, &b, 1000, 0.001, None);
+            c.charge(3, &b, 1000, 0.001, None, 0);
         }
         assert!(c.now(3) < REBASE_AT);
         assert_eq!(c.start(3, &b), 1e6);

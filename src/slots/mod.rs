@@ -442,7 +442,7 @@ fn acquire(
         locked
             .table()
             .fair
-            .charge(db, &t, demand.cost, weight, demand.picked_at);
+            .charge(db, &t, demand.cost, weight, demand.picked_at, now);
     }
     locked.table().header.grants.fetch_add(1, Ordering::Relaxed);
     drop(locked);
