@@ -415,16 +415,17 @@ fn claim_with(
     let mut pending = Vec::new();
     while claimed.len() < batch {
         // Where each stands now (this call's and other claimers' claims
-        // moved the tags).
-        if field.len() > 1 {
-            for (t, (start, served)) in field.iter_mut().zip(slot_claim::starts(&ids)) {
-                t.start = start;
-                t.served_at = (served != 0).then(|| Ts::try_from(served).ok()).flatten();
-            }
+        // moved the tags). Read for a lone tenant too: the start it is
+        // picked at moves the clock (`slots::fair`), or a tenant that
+        // claimed alone would run ahead of it and then wait for every
+        // newcomer to catch up.
+        for (t, (start, served)) in field.iter_mut().zip(slot_claim::starts(&ids)) {
+            t.start = start;
+            t.served_at = (served != 0).then(|| Ts::try_from(served).ok()).flatten();
         }
         // The tenant furthest below its share: the least start tag; on a
-        // tie, the heavier (its share is the larger), then the one whose
-        // next job has waited longest.
+        // tie, the heavier (its share is the larger), then the one that has
+        // waited longest.
         let Some(best) = field
             .iter()
             .enumerate()

@@ -1210,6 +1210,23 @@ def test_weights_share_contended_capacity(cluster, cdb, db):
     assert claim(db, "pgboss", q, batch=7) == []
 
 
+def test_a_tenant_that_claimed_alone_is_not_held_back_when_others_come(cluster, cdb, db):
+    """Start-time fair queuing gives no credit for idleness and takes none
+    for claiming alone: a tenant that claimed 20 jobs while nobody else had
+    any is one claim ahead of a newcomer, not 20. The two then take turns."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    q = new_boss_queue(cluster, cdb)
+    send(cluster, cdb, q, [{"tenant_id": a}] * 30)
+    bind(db, "pgboss", q)
+    for _ in range(20):
+        [x] = claim(db, "pgboss", q)
+        assert str(x["tenant_id"]) == a
+    send(cluster, cdb, q, [{"tenant_id": b}] * 10)
+    time.sleep(0.15)                       # the backend's tenant list is renewed
+    got = [str(x["tenant_id"]) for _ in range(6) for x in claim(db, "pgboss", q)]
+    assert got == [b, a, b, a, b, a], got
+
+
 def test_a_batch_claims_what_single_claims_would(cluster, cdb, db):
     """Tenants a and b at equal start tags: the tie goes to the tenant that
     has waited longest, since its next job was queued or since its last
