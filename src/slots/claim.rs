@@ -112,10 +112,16 @@ pub fn take_slot(
     run_id: &str,
     picked_at: f64,
 ) -> Result<Admission> {
+    /// Forgets the pick however take_slot ends (an error unwinds past it).
+    struct Picked;
+    impl Drop for Picked {
+        fn drop(&mut self) {
+            PICKED_AT.set(None);
+        }
+    }
     PICKED_AT.set(Some(picked_at));
-    let answer = take_slot_picked(tenant, project, concurrency_key, cost, lease, run_id);
-    PICKED_AT.set(None);
-    answer
+    let _picked = Picked;
+    take_slot_picked(tenant, project, concurrency_key, cost, lease, run_id)
 }
 
 fn take_slot_picked(

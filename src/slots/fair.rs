@@ -28,6 +28,8 @@ pub const CAP: usize = 8192;
 const REBASE_AT: f64 = 1_048_576.0;
 
 const EMPTY: u8 = 0;
+/// `find` found neither the entry nor a free one.
+const FULL: usize = usize::MAX;
 const TENANT: u8 = 1;
 /// The database's virtual time `V` (its tenant field is all zero).
 const CLOCK: u8 = 2;
@@ -60,10 +62,12 @@ fn hash(kind: u8, database: u32, tenant: &[u8; 16]) -> usize {
 }
 
 impl Clock {
-    /// Ok(index) of the entry, or Err(index) of the free entry it would take.
+    /// Ok(index) of the entry, or Err(index) of the free entry it would
+    /// take (Err(FULL) if there is none: `set` keeps the map at most half
+    /// full, so that is a bug, never a hang under the lock).
     fn find(&self, kind: u8, database: u32, tenant: &[u8; 16]) -> Result<usize, usize> {
         let mut i = hash(kind, database, tenant);
-        loop {
+        for _ in 0..CAP {
             let t = &self.tags[i];
             if t.kind == EMPTY {
                 return Err(i);
@@ -73,6 +77,7 @@ impl Clock {
             }
             i = (i + 1) & (CAP - 1);
         }
+        Err(FULL)
     }
 
     fn get(&self, kind: u8, database: u32, tenant: &[u8; 16]) -> Option<f64> {
@@ -90,7 +95,7 @@ impl Clock {
         if self.used as usize >= CAP / 2 {
             self.compact();
         }
-        if let Err(i) = self.find(kind, database, tenant) {
+        if let Err(i @ 0..CAP) = self.find(kind, database, tenant) {
             self.tags[i] = Tag {
                 kind,
                 database,
@@ -115,7 +120,7 @@ impl Clock {
     }
 
     /// `start` of each of these tenants of one database, and when its last
-    /// claim was charged (0: not since it was behind the clock).
+    /// claim was charged (0: none its tag remembers).
     pub fn starts<'a>(
         &self,
         database: u32,
@@ -155,13 +160,14 @@ impl Clock {
         if clock > self.now(database) {
             self.set(CLOCK, database, &[0; 16], clock, 0);
         }
-        if start > REBASE_AT {
-            self.rebase(database, start);
+        let v = self.now(database);
+        if v > REBASE_AT {
+            self.rebase(database, v);
         }
     }
 
-    /// Move a database's clock and tags back by `by` (order and gaps kept;
-    /// tags behind the clock are at it anyway).
+    /// Move a database's clock and tags back by `by`, its clock (order and
+    /// gaps kept; tags behind the clock are at it anyway).
     fn rebase(&mut self, database: u32, by: f64) {
         for t in self.tags.iter_mut() {
             if t.kind != EMPTY && t.database == database {
@@ -170,34 +176,43 @@ impl Clock {
         }
     }
 
-    /// Rebuild the map with the clocks and the tags still ahead of their
-    /// clock; if those still fill a quarter of it, only the quarter furthest
-    /// ahead (the others lose a lead of less than theirs: they are served
-    /// that much sooner once).
+    /// Rebuild the map with the tags still ahead of their database's clock,
+    /// furthest ahead first, and the clocks of their databases, in a quarter
+    /// of it at most. The tags left out lose a lead of less than those kept
+    /// (they are served that much sooner once); a database left without
+    /// tags ahead loses its clock too (its tenants all start at 0 again, as
+    /// after a restart).
     fn compact(&mut self) {
-        let mut clocks = Vec::new();
-        let mut ahead = Vec::new();
-        for t in self.tags.iter().filter(|t| t.kind != EMPTY) {
-            if t.kind == CLOCK {
-                clocks.push(*t);
-            } else {
-                let lead = t.value - self.now(t.database);
-                if lead > 0.0 {
-                    ahead.push((lead, *t));
-                }
+        let mut ahead: Vec<(f64, Tag)> = self
+            .tags
+            .iter()
+            .filter(|t| t.kind == TENANT)
+            .map(|t| (t.value - self.now(t.database), *t))
+            .filter(|(lead, _)| *lead > 0.0)
+            .collect();
+        ahead.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut databases = std::collections::HashSet::new();
+        let mut kept = Vec::new();
+        for (_, t) in ahead {
+            let clock = usize::from(!databases.contains(&t.database));
+            if kept.len() + databases.len() + 1 + clock > CAP / 4 {
+                break;
             }
+            databases.insert(t.database);
+            kept.push(t);
         }
-        let room = CAP / 4 - clocks.len().min(CAP / 4);
-        if ahead.len() > room {
-            ahead.sort_by(|a, b| b.0.total_cmp(&a.0));
-            ahead.truncate(room);
-        }
+        kept.extend(
+            self.tags
+                .iter()
+                .filter(|t| t.kind == CLOCK && databases.contains(&t.database))
+                .copied(),
+        );
         for t in self.tags.iter_mut() {
             t.kind = EMPTY;
         }
         self.used = 0;
-        for t in clocks.into_iter().chain(ahead.into_iter().map(|(_, t)| t)) {
-            if let Err(i) = self.find(t.kind, t.database, &t.tenant) {
+        for t in kept {
+            if let Err(i @ 0..CAP) = self.find(t.kind, t.database, &t.tenant) {
                 self.tags[i] = t;
                 self.used += 1;
             }
@@ -316,6 +331,22 @@ mod tests {
         }
         assert!(c.used as usize <= CAP / 2);
         assert_eq!(c.start(1, &tenant(0)), 1000.0);
+    }
+
+    #[pg_test]
+    fn many_databases_never_fill_the_map() {
+        let mut c = empty();
+        // Each database's clock is an entry too: 3 * CAP databases, each
+        // with a tenant charged twice (a clock and a tag ahead of it).
+        for db in 1..=(3 * CAP as u32) {
+            c.charge(db, &tenant(1), 1, 1.0, None, 0);
+            c.charge(db, &tenant(1), 1, 1.0, None, 0);
+            assert!(c.used as usize <= CAP / 2, "{db}");
+        }
+        // The newest database still keeps its tag and clock.
+        let db = 3 * CAP as u32;
+        assert_eq!(c.start(db, &tenant(1)), 2.0);
+        assert_eq!(c.now(db), 1.0);
     }
 
     #[pg_test]

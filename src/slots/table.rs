@@ -5,7 +5,8 @@
 //! open-addressing table of live counts per tenant and per project, the
 //! waiters of `slots::wait` and the fair-share clock of `slots::fair`. All of
 //! it sits behind one LWLock that is held for a few hundred nanoseconds at a
-//! time and never across SPI.
+//! time (longer for the rare scans: a reap, a rebuild of the fair-share
+//! map) and never across SPI.
 //!
 //! Shared memory does not survive a restart or a crash; `grace_end` lets the
 //! slot logic refuse grants for `meshhook_limits.restart_grace` afterwards, so
