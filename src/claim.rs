@@ -358,8 +358,7 @@ fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<Found>> {
 }
 
 /// What the queue's own fetch does to the jobs it takes.
-fn take(c: &mut SpiClient, plans: &Plans, ids: &[&str], vt: Option<Interval>) -> Result<()> {
-    let ids = ids.to_vec();
+fn take(c: &mut SpiClient, plans: &Plans, ids: Vec<&str>, vt: Option<Interval>) -> Result<()> {
     let args: Vec<pgrx::datum::DatumWithOid> = match vt {
         Some(vt) => vec![ids.into(), vt.into()],
         None => vec![ids.into()],
@@ -517,7 +516,7 @@ fn claim_with(
         };
         // Taken with the others when the call ends (locked until then).
         if job.one_active {
-            take(c, plans, &[job.id.as_str()], vt)?;
+            take(c, plans, vec![job.id.as_str()], vt)?;
         } else {
             pending.push(claimed.len());
         }
@@ -538,7 +537,7 @@ fn claim_with(
     }
     if !pending.is_empty() {
         let ids: Vec<&str> = pending.iter().map(|&i| claimed[i].0.as_str()).collect();
-        take(c, plans, &ids, vt)?;
+        take(c, plans, ids, vt)?;
     }
     // The next calls of this backend (until the next skip scan) see the
     // tenants as this one left them: served since, or with nothing left

@@ -121,17 +121,6 @@ pub fn take_slot(
     }
     PICKED_AT.set(Some(picked_at));
     let _picked = Picked;
-    take_slot_picked(tenant, project, concurrency_key, cost, lease, run_id)
-}
-
-fn take_slot_picked(
-    tenant: Uuid,
-    project: Option<Uuid>,
-    concurrency_key: Option<&str>,
-    cost: i32,
-    lease: Option<Interval>,
-    run_id: &str,
-) -> Result<Admission> {
     validate(cost, concurrency_key)?;
     let demand = demand_of(cost, concurrency_key, run_id);
     if let Some(answer) = acquire(

@@ -115,24 +115,26 @@ impl Clock {
     /// The tag the tenant's next claim starts at (claim_jobs serves the
     /// least first).
     pub fn start(&self, database: u32, tenant: &[u8; 16]) -> f64 {
-        let v = self.now(database);
-        self.get(TENANT, database, tenant).map_or(v, |f| f.max(v))
+        self.start_after(self.now(database), database, tenant).0
     }
 
-    /// `start` of each of these tenants of one database, and when its last
+    /// `start` given the database's clock `v`, with when the tenant's last
     /// claim was charged (0: none its tag remembers).
+    fn start_after(&self, v: f64, database: u32, tenant: &[u8; 16]) -> (f64, i64) {
+        match self.find(TENANT, database, tenant) {
+            Ok(i) => (self.tags[i].value.max(v), self.tags[i].charged_at),
+            Err(_) => (v, 0),
+        }
+    }
+
+    /// `start_after` the clock, for each of these tenants of one database.
     pub fn starts<'a>(
         &self,
         database: u32,
         tenants: impl Iterator<Item = &'a [u8; 16]>,
     ) -> Vec<(f64, i64)> {
         let v = self.now(database);
-        tenants
-            .map(|t| match self.find(TENANT, database, t) {
-                Ok(i) => (self.tags[i].value.max(v), self.tags[i].charged_at),
-                Err(_) => (v, 0),
-            })
-            .collect()
+        tenants.map(|t| self.start_after(v, database, t)).collect()
     }
 
     /// Charge a claim of `cost` to the tenant: its tag moves on by
