@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The real queue systems the tests and benchmarks drive (idempotent):
-#  - pg-boss 11 and node-postgres from npm, into tests/node/node_modules
+#  - pg-boss 11, pg-boss 12 (npm alias pg-boss-12) and node-postgres from npm,
+#    into tests/node/node_modules (the drivers pick one with PGBOSS_MAJOR)
 #  - pgmq's SQL, taken from the pgmq crate on crates.io (the file its feature
 #    install-sql-embedded embeds and runs), into .cache/pgmq/pgmq.sql
 set -euo pipefail
@@ -10,8 +11,10 @@ PGMQ_CRATE=0.33.7
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
 fi
-if [[ ! -f tests/node/node_modules/pg-boss/package.json ]]; then
-  echo "[setup] npm ci (pg-boss 11) in tests/node"
+# Both majors: a node_modules from before pg-boss 12 was added has only 11.
+if [[ ! -f tests/node/node_modules/pg-boss/package.json \
+   || ! -f tests/node/node_modules/pg-boss-12/package.json ]]; then
+  echo "[setup] npm ci (pg-boss 11 and 12) in tests/node"
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
 

@@ -35,6 +35,19 @@ ALTER TABLE meshhook_limits.queue_bindings ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_all ON meshhook_limits.queue_bindings FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 GRANT SELECT ON meshhook_limits.queue_bindings TO PUBLIC;
 
+-- Bindings that were unbound (or replaced by bind_queue) while jobs claimed
+-- through them still ran: the tick keeps following those jobs and ends
+-- their slots when they end, as for a bound queue, then forgets the
+-- binding (_end_claims). Not dumped: after a restore there are no slots.
+CREATE TABLE meshhook_limits.retired_bindings (
+  LIKE meshhook_limits.queue_bindings,
+  retired_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (id)
+);
+ALTER TABLE meshhook_limits.retired_bindings ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.retired_bindings FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+GRANT SELECT ON meshhook_limits.retired_bindings TO PUBLIC;
+
 -- 'a.b.c' -> '{a,b,c}'; 22023 for anything else.
 CREATE FUNCTION meshhook_limits._json_path(p_path text, p_what text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -212,6 +225,13 @@ BEGIN
   IF NOT FOUND THEN
     RETURN false;
   END IF;
+  -- Its claimed jobs that still run keep their slots until they end: the
+  -- tick follows them through the retired binding.
+  INSERT INTO meshhook_limits.retired_bindings (id, source, queue, tenant_path, project_path, key_path, cost_path,
+                                                relation, index_name, created_at)
+  VALUES (b.id, b.source, b.queue, b.tenant_path, b.project_path, b.key_path, b.cost_path, b.relation,
+          b.index_name, b.created_at)
+  ON CONFLICT (id) DO NOTHING;
   -- Only the index and triggers bind_queue made: on the queue table.
   IF EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
               WHERE i.indrelid = b.relation AND c.relname = b.index_name) THEN
@@ -228,7 +248,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meshhook_limits.unbind_queue(text, text) IS
-  'Admin: forget a queue binding and drop its claim index. Claimed jobs keep their slots until they end.';
+  'Admin: forget a queue binding and drop its claim index. Claimed jobs keep their slots until they end (the tick follows them).';
 
 -- The binding, for claim_jobs (which runs as its caller, an admin).
 -- EXECUTE stays with PUBLIC, as for _claim_queries, _claim_slot and
@@ -369,8 +389,14 @@ BEGIN
                     'at', s.acquired_at)) AS claimed
              FROM meshhook_limits._claimed_slots() s GROUP BY s.binding_id LOOP
     SELECT * INTO b FROM meshhook_limits.queue_bindings qb WHERE qb.id = c.binding_id;
-    -- An unbound queue's claims end with their leases.
-    CONTINUE WHEN NOT FOUND;
+    IF NOT FOUND THEN
+      -- Unbound since: its jobs are followed the same way.
+      SELECT r.id, r.source, r.queue, r.tenant_path, r.project_path, r.key_path, r.cost_path, r.relation,
+             r.index_name, r.created_at
+        INTO b FROM meshhook_limits.retired_bindings r WHERE r.id = c.binding_id;
+      -- Neither (the extension was created again): they end with their leases.
+      CONTINUE WHEN NOT FOUND;
+    END IF;
     -- A dropped queue's jobs are gone: so are their claims.
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = b.relation) THEN
       PERFORM meshhook_limits.release_execution_slot((e->>'slot')::uuid)
@@ -404,10 +430,70 @@ BEGIN
       WHERE NOT alive @> pg_catalog.jsonb_build_array(e->'slot');
     ended := ended + pg_catalog.jsonb_array_length(c.claimed) - pg_catalog.jsonb_array_length(alive);
   END LOOP;
+  -- Retired bindings whose jobs have all ended.
+  DELETE FROM meshhook_limits.retired_bindings r
+   WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits._claimed_slots() s WHERE s.binding_id = r.id);
   RETURN ended;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._end_claims() FROM PUBLIC;
+
+-- After a restart: the jobs workers still run in every bound queue, for
+-- _restore_claims (src/claim/restore.rs) to give each its claimed slot
+-- again. pg-boss: jobs in state active; pgmq: messages read and still
+-- invisible (read_ct > 0 and vt in the future; a message sent with a delay
+-- was never read). The job id is spelt as in a claim's run id; the lease is
+-- what is left of pgmq's visibility timeout (NULL for pg-boss: the default
+-- lease, renewed by the tick while the job stays active). The queue tables
+-- are read as their owners (_read_as_owner). A queue that cannot be read
+-- fails the whole rebuild: claiming must not resume without its jobs.
+CREATE FUNCTION meshhook_limits._claims_to_restore()
+RETURNS TABLE(binding_id bigint, job_id text, tenant text, project text, key text, cost text, lease_micros bigint)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  b meshhook_limits.queue_bindings;
+  running jsonb;
+  row_sql text;
+BEGIN
+  FOR b IN SELECT * FROM (
+              SELECT * FROM meshhook_limits.queue_bindings
+              UNION ALL
+              -- A retired binding's jobs, unless its queue is bound again
+              -- (the new binding restores them).
+              SELECT r.id, r.source, r.queue, r.tenant_path, r.project_path, r.key_path, r.cost_path, r.relation,
+                     r.index_name, r.created_at
+                FROM meshhook_limits.retired_bindings r
+               WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.queue_bindings qb
+                                  WHERE qb.source = r.source AND qb.queue = r.queue)) qb
+            WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = qb.relation)
+            ORDER BY qb.id LOOP
+    row_sql := pg_catalog.format('%s, %s, %s, %s',
+      meshhook_limits._tenant_sql(b.source, b.tenant_path), meshhook_limits._path_sql(b.source, b.project_path),
+      meshhook_limits._path_sql(b.source, b.key_path), meshhook_limits._path_sql(b.source, b.cost_path));
+    BEGIN
+      IF b.source = 'pgboss' THEN
+        running := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
+          SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(j.id::text, %s, NULL)), '[]')
+            FROM pgboss.job j WHERE j.name = %L AND j.state = 'active' $q$, row_sql, b.queue));
+      ELSE
+        running := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
+          SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(j.msg_id::text || '/' || j.read_ct::text, %s,
+                   (extract(epoch FROM j.vt - pg_catalog.clock_timestamp()) * 1000000)::bigint)), '[]')
+            FROM %s j WHERE j.read_ct > 0 AND j.vt > pg_catalog.clock_timestamp() $q$, row_sql, b.relation));
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE EXCEPTION 'meshhook_limits: cannot rebuild the claimed slots of % queue % after the restart: %',
+        b.source, b.queue, SQLERRM
+        USING ERRCODE = '55000',
+              HINT = 'claiming in this database resumes once the queue table can be read (grant the extension''s owner access, or unbind the queue)';
+    END;
+    RETURN QUERY SELECT b.id, x->>0, x->>1, x->>2, x->>3, x->>4, (x->>5)::bigint
+                   FROM pg_catalog.jsonb_array_elements(running) x;
+  END LOOP;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claims_to_restore() FROM PUBLIC;
 
 CREATE FUNCTION meshhook_limits.explain_admission(tenant_id uuid, project_id uuid DEFAULT NULL,
     concurrency_key text DEFAULT NULL)

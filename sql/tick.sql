@@ -73,6 +73,13 @@ BEGIN
                                ELSE queue_stats_ms END;
   -- Each step on its own: one that fails (bad stored data, a locked table)
   -- is logged and the others still run, so reaping never stops.
+  -- After a restart: the claimed slots of jobs that still run, from the
+  -- queues, before claiming resumes (once per server start; cheap after).
+  BEGIN
+    PERFORM meshhook_limits._restore_claims();
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING '%', SQLERRM;
+  END;
   BEGIN
     PERFORM meshhook_limits._end_claims();
   EXCEPTION WHEN OTHERS THEN

@@ -31,9 +31,8 @@ static RETRY_AFTER_MAX: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static NOTIFY_CHANNEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"meshhook_limits"));
 
-/// Database the background worker connects to.
-static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// The one database the launcher serves (empty: every database with the extension).
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Role the background worker connects as (empty: the bootstrap superuser).
 static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Milliseconds between two ticks of the background worker.
@@ -149,8 +148,8 @@ pub fn init(preloading: bool) {
 fn define_postmaster_gucs() {
     GucRegistry::define_string_guc(
         c"meshhook_limits.database",
-        c"Database the background worker samples and reaps in.",
-        c"The extension must be created there; the worker waits until it is.",
+        c"Only this database gets a background worker; empty (the default): every database where the extension is installed.",
+        c"The launcher starts a worker in each database that has the extension, within seconds of CREATE EXTENSION.",
         &DATABASE,
         GucContext::Postmaster,
         GucFlags::default(),
@@ -322,9 +321,10 @@ pub fn retry_after_max_micros() -> i64 {
     i64::from(RETRY_AFTER_MAX.get()) * 1000
 }
 
-/// The database the background worker connects to.
+/// The one database the launcher serves; empty: every database where the
+/// extension is installed.
 pub fn worker_database() -> String {
-    text(&DATABASE).unwrap_or_else(|| "postgres".into())
+    text(&DATABASE).unwrap_or_default()
 }
 
 /// The role the background worker connects as; None: the bootstrap superuser.

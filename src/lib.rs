@@ -27,6 +27,7 @@ static SEGMENTS: &[&shmem::Segment] = &[
     &slots::table::SEGMENT,
     &rate::table::SEGMENT,
     &limits::SEGMENT,
+    &worker::launcher::SEGMENT,
 ];
 
 // The hand-written SQL, one file per concern, created in this order (each
@@ -88,7 +89,11 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/tick.sql",
     name = "tick",
-    requires = ["claim", slots::reap::reap_execution_slots]
+    requires = [
+        "claim",
+        slots::reap::reap_execution_slots,
+        claim::restore::_restore_claims
+    ]
 );
 extension_sql_file!(
     "../sql/metrics.sql",

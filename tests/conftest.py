@@ -132,7 +132,11 @@ def destroy_cluster(c: Cluster) -> None:
 
 @pytest.fixture(scope="session")
 def cluster():
-    c = fresh_cluster("", "meshhook_limits.restart_grace = 0", "fsync = off")
+    # The launcher serves only `postgres`, where the extension is not
+    # created: no worker ticks in the test databases, so tests that need a
+    # tick call tick() themselves (tests/test_claim_restart.py and
+    # tests/test_worker.py have clusters whose workers serve every database).
+    c = fresh_cluster("", "meshhook_limits.restart_grace = 0", "fsync = off", "meshhook_limits.database = 'postgres'")
     # Supabase's roles, as Supabase creates them.
     with c.connect() as conn:
         conn.execute("""

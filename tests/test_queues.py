@@ -625,7 +625,6 @@ def test_background_worker_ticks_through_queue_systems(cluster):
     200 ms: it waits for the extension, picks pg-boss and pgmq up when they
     are installed (no restart), and keeps ticking without errors through
     hostile pgmq names and a meta row without tables."""
-    session_workers = worker_pid(cluster)
     name = f"pytest-queues-worker-{os.getpid()}"
     w = Cluster(name)
     w.dbname = "mlworker"
@@ -635,10 +634,6 @@ def test_background_worker_ticks_through_queue_systems(cluster):
                 "meshhook_limits.sample_interval = 200")
         with w.connect(dbname="postgres") as c:
             c.execute("CREATE DATABASE mlworker")
-        # The worker started before its database existed (it exits and the
-        # postmaster retries every 5 s); restart so the test need not wait.
-        w.restart()
-        time.sleep(0.5)
         with w.connect() as c:
             c.execute(f"CREATE EXTENSION {S}")
 
@@ -684,5 +679,6 @@ def test_background_worker_ticks_through_queue_systems(cluster):
         assert w.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'meshhook_limits worker'") == pid
     finally:
         subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
-    # The session cluster's worker (in `postgres`) was not disturbed either.
-    assert worker_pid(cluster) == session_workers and len(session_workers) == 1
+    # The session cluster's launcher serves only `postgres` (which has no
+    # extension): no worker ever sits in a test database.
+    assert all(datname in (None, "postgres") for _, datname in worker_pid(cluster))

@@ -178,6 +178,34 @@ impl Clock {
         }
     }
 
+    /// Drop the clocks and tags of databases not in `existing` (sorted).
+    pub fn forget_databases(&mut self, existing: &[u32]) {
+        let keep: Vec<Tag> = self
+            .tags
+            .iter()
+            .filter(|t| t.kind != EMPTY && existing.binary_search(&t.database).is_ok())
+            .copied()
+            .collect();
+        if keep.len() == self.used as usize {
+            return;
+        }
+        self.refill(keep);
+    }
+
+    /// The map emptied, then `tags` put in.
+    fn refill(&mut self, tags: Vec<Tag>) {
+        for t in self.tags.iter_mut() {
+            t.kind = EMPTY;
+        }
+        self.used = 0;
+        for t in tags {
+            if let Err(i @ 0..CAP) = self.find(t.kind, t.database, &t.tenant) {
+                self.tags[i] = t;
+                self.used += 1;
+            }
+        }
+    }
+
     /// Rebuild the map with the tags still ahead of their database's clock,
     /// furthest ahead first, and the clocks of their databases, in a quarter
     /// of it at most. The tags left out lose a lead of less than those kept
@@ -209,16 +237,7 @@ impl Clock {
                 .filter(|t| t.kind == CLOCK && databases.contains(&t.database))
                 .copied(),
         );
-        for t in self.tags.iter_mut() {
-            t.kind = EMPTY;
-        }
-        self.used = 0;
-        for t in kept {
-            if let Err(i @ 0..CAP) = self.find(t.kind, t.database, &t.tenant) {
-                self.tags[i] = t;
-                self.used += 1;
-            }
-        }
+        self.refill(kept);
     }
 }
 

@@ -23,6 +23,7 @@ mod fair;
 mod fallback;
 pub mod listing;
 pub mod reap;
+pub mod restore;
 pub mod table;
 mod wait;
 mod xact;
@@ -344,7 +345,10 @@ fn acquire(
 
     let mut locked = LockedTable::exclusive().ok_or(LimitsError::NotPreloaded)?;
     let grace_end = locked.table().header.grace_end;
-    if now < grace_end {
+    // A claim waits only until its database's claimed slots are rebuilt from
+    // the queues (`restore`); other slots wait for the whole grace.
+    let claims_restored = demand.claim.is_some() && locked.table().restored(db);
+    if now < grace_end && !claims_restored {
         drop(locked);
         return Ok(Some(refuse(
             "recovering",

@@ -11,10 +11,13 @@
 //! Shared memory does not survive a restart or a crash; `grace_end` lets the
 //! slot logic refuse grants for `meshhook_limits.restart_grace` afterwards, so
 //! holders from before the restart learn from their next heartbeat that their
-//! slot is gone before anyone else is admitted in their place.
+//! slot is gone before anyone else is admitted in their place. Claimed jobs
+//! have a durable record, their queue: `restore` rebuilds their slots from it
+//! (a database at a time, marked `KIND_RESTORED`), and claiming in that
+//! database resumes then, grace or not.
 use crate::shmem::{self, LwLockGuard, Segment};
 use pgrx::pg_sys;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 pub const MAX_SLOTS: usize = crate::gucs::SLOT_TABLE_SIZE;
 /// Power of two, at least twice the number of keys that can be live at once
@@ -48,6 +51,9 @@ pub const KIND_KEY: u8 = 3;
 pub const KIND_TOTAL: u8 = 4;
 /// Not a count: a claimed job's digest, mapped to its slot's index + 1.
 pub const KIND_CLAIM: u8 = 5;
+/// Not a count: present (1) once the claimed slots of a database have been
+/// rebuilt from its bound queues since the server started (`restore`).
+pub const KIND_RESTORED: u8 = 6;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -182,6 +188,15 @@ impl CounterKey {
         }
     }
 
+    pub fn restored(database: u32) -> Self {
+        CounterKey {
+            database,
+            tenant: [0; 16],
+            project: [0; 16],
+            kind: KIND_RESTORED,
+        }
+    }
+
     /// Every key a slot counts under.
     fn all_of(s: &Slot) -> impl Iterator<Item = CounterKey> {
         [
@@ -242,9 +257,6 @@ pub struct Header {
     pub revocations_by: [AtomicU64; 4],
     pub cursor: u32,
     pub live: u32,
-    /// The worker is connecting to its database: still true at its next
-    /// start means that connection failed (see worker.rs).
-    pub worker_connecting: AtomicBool,
     /// Waiters sleep on it; a slot that stops counting wakes them.
     pub wakeup: pg_sys::ConditionVariable,
     /// Entries in use in `waiters`, and the next waiter's ticket.
@@ -306,6 +318,38 @@ unsafe fn startup() {
             Ordering::Release,
         );
     }
+}
+
+/// Drop everything the table holds of databases not in `existing` (sorted):
+/// their slots, counts, claim maps and restored marks, and their tenants'
+/// fair-share tags. The launcher calls it when a database is gone.
+pub fn forget_databases(existing: &[u32]) {
+    let Some(mut locked) = LockedTable::exclusive() else {
+        return;
+    };
+    let t = locked.table();
+    let gone = |db: u32| existing.binary_search(&db).is_err();
+    for idx in 0..MAX_SLOTS {
+        let s = t.slots[idx];
+        if s.state == FREE || !gone(s.database) {
+            continue;
+        }
+        if s.state == LIVE {
+            t.unmap_claim(idx);
+            t.count_out(&s);
+        }
+        t.slots[idx].state = FREE;
+    }
+    let stale: Vec<(CounterKey, u32)> = t
+        .counters
+        .iter()
+        .filter(|c| c.key.kind != 0 && gone(c.key.database))
+        .map(|c| (c.key, c.count))
+        .collect();
+    for (key, count) in stale {
+        t.decr(&key, count);
+    }
+    t.fair.forget_databases(existing);
 }
 
 /// True when the library was preloaded and the table exists in this process.
@@ -476,6 +520,18 @@ impl Table {
         match self.find(&key) {
             Ok(i) => self.counters[i].count = idx as u32 + 1,
             Err(_) => self.incr(&key, idx as u32 + 1),
+        }
+    }
+
+    /// The claimed slots of `database` have been rebuilt from its queues
+    /// since the server started (`super::restore`).
+    pub fn restored(&self, database: u32) -> bool {
+        self.find(&CounterKey::restored(database)).is_ok()
+    }
+
+    pub fn mark_restored(&mut self, database: u32) {
+        if !self.restored(database) {
+            self.incr(&CounterKey::restored(database), 1);
         }
     }
 

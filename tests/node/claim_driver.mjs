@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // The pg-boss calls tests/test_claim.py needs beyond tests/node/pgboss_driver.mjs:
 //
-//   node tests/node/claim_driver.mjs CONN COMMAND [JSON_ARGS]
+//   [PGBOSS_MAJOR=11|12] node tests/node/claim_driver.mjs CONN COMMAND [JSON_ARGS]
 //
+// PGBOSS_MAJOR picks pg-boss 11 (default) or 12, as for pgboss_driver.mjs.
 // JSON_ARGS '-' reads them from stdin. Same connection string, same output
 // (one JSON value; {"error", "code"} and exit status 1 on failure) and the
 // same quiet pg-boss (no supervisor, no scheduler) as pgboss_driver.mjs.
@@ -10,11 +11,11 @@
 // Commands (JSON_ARGS in brackets):
 //   insert {name, jobs}    boss.insert(name, jobs): many jobs, each with its
 //                          own data (and id, priority, startAfter, retryLimit,
-//                          expireInSeconds...), in one statement -> {inserted}
+//                          expireInSeconds...; 12: heartbeatSeconds,
+//                          group: {id, tier}), in one statement -> {inserted}
 //   delete {name, ids}     boss.deleteJob(name, ids)
 import { readFileSync } from 'node:fs'
-import PgBoss from 'pg-boss'
-import { parseConn, runAsJson } from './conn.mjs'
+import { loadPgBoss, parseConn, quietOptions, runAsJson } from './conn.mjs'
 
 async function main () {
   const [conn, command, rawArgs] = process.argv.slice(2)
@@ -23,12 +24,12 @@ async function main () {
   }
   // '-': the arguments on stdin (thousands of jobs do not fit in one argv string).
   const args = rawArgs ? JSON.parse(rawArgs === '-' ? readFileSync(0, 'utf8') : rawArgs) : {}
+  const { PgBoss, major } = await loadPgBoss()
   const boss = new PgBoss({
     ...parseConn(conn),
     max: 2,
     application_name: 'claim_driver',
-    supervise: false,
-    schedule: false,
+    ...quietOptions(major),
     migrate: false
   })
   boss.on('error', () => {})

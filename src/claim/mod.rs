@@ -19,6 +19,8 @@ use pgrx::PgOid;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+pub mod restore;
+
 type Ts = TimestampWithTimeZone;
 
 /// Jobs of one tenant one call passes over (its project or key is full, it
@@ -308,6 +310,7 @@ fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Resu
     }
     Spi::connect_mut(|c| {
         let b = binding(c, source, queue)?;
+        restore::ensure(c)?;
         let fresh = PLANS.with(|p| {
             p.borrow()
                 .get(&b.id)

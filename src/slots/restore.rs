@@ -1,0 +1,125 @@
+//! Claimed slots rebuilt after a restart.
+//!
+//! Shared memory starts empty after a crash or a restart, but the workers,
+//! processes outside PostgreSQL, still run the jobs they claimed: pg-boss
+//! keeps them `active`, pgmq keeps them invisible. The queue is the durable
+//! record. `crate::claim::restore` reads every bound queue's running jobs
+//! and gives each one its claimed slot here, unchecked (the job holds its
+//! room already), and marks the database restored (`Table::restored`): from
+//! then on its claims are admitted, restart grace or not.
+use super::table::{self, LockedTable, Slot, LIVE, RUN_ID_MAX};
+use super::{now, random_slot_id, with_index};
+use crate::error::{LimitsError, Result};
+use crate::shmem;
+use pgrx::datum::Uuid;
+use pgrx::pg_sys;
+use std::cell::Cell;
+
+/// A job a worker still runs, as its queue shows it.
+pub struct Running {
+    pub binding: i64,
+    /// As a claim's run id spells it after the binding: the pg-boss job id,
+    /// or the pgmq `msg_id/read_ct`.
+    pub job: String,
+    pub tenant: Uuid,
+    pub project: Option<Uuid>,
+    pub key: Option<String>,
+    pub cost: u32,
+    /// None: `meshhook_limits.default_lease` (the tick renews it while the
+    /// job runs); pgmq: what is left of the visibility timeout.
+    pub lease_micros: Option<i64>,
+}
+
+thread_local! {
+    /// This backend saw its database restored: it stays so for the life of
+    /// the process (a backend does not outlive the shared memory it saw).
+    static SEEN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The claimed slots of this database have been rebuilt since the server
+/// started. A lock-free answer once it is known to be true.
+pub fn restored() -> bool {
+    if SEEN.get() {
+        return true;
+    }
+    let db = shmem::my_database();
+    let done = LockedTable::shared().is_some_and(|mut l| l.table().restored(db));
+    SEEN.set(done);
+    done
+}
+
+/// Give each running job its claimed slot (those that have one already
+/// are left alone) and mark this database restored. Returns how many slots
+/// were made, and how many jobs found no free entry in the table.
+pub fn insert(jobs: &[Running]) -> Result<(usize, usize)> {
+    let db = shmem::my_database();
+    let now = now();
+    let default_lease = crate::gucs::default_lease_micros();
+    // Drawn before the lock, as acquire does.
+    let ids = jobs
+        .iter()
+        .map(|_| random_slot_id())
+        .collect::<Result<Vec<_>>>()?;
+    let mut locked = LockedTable::exclusive().ok_or(LimitsError::NotPreloaded)?;
+    if locked.table().restored(db) {
+        return Ok((0, 0));
+    }
+    let (mut made, mut no_room) = (0, 0);
+    for (job, random_id) in jobs.iter().zip(ids) {
+        let digest = table::claim_digest(job.binding, &job.job);
+        if locked.table().claimed(db, &digest).is_some() {
+            continue;
+        }
+        let run_id = format!("{}{}/{}", super::claim::RUN_ID_PREFIX, job.binding, job.job);
+        if run_id.len() > RUN_ID_MAX {
+            continue;
+        }
+        let Some(idx) = locked.table().allocate(now) else {
+            no_room += 1;
+            continue;
+        };
+        let lease_micros = job.lease_micros.unwrap_or(default_lease).max(1_000_000);
+        let mut run = [0u8; RUN_ID_MAX];
+        run[..run_id.len()].copy_from_slice(run_id.as_bytes());
+        let key = job.key.as_deref().map(table::key_digest);
+        let slot = Slot {
+            id: with_index(random_id, idx),
+            database: db,
+            tenant: *job.tenant.as_bytes(),
+            project: job.project.map_or([0; 16], |p| *p.as_bytes()),
+            has_project: job.project.is_some(),
+            key: key.unwrap_or([0; 16]),
+            has_key: key.is_some(),
+            cost: job.cost,
+            claim: digest,
+            has_claim: true,
+            state: LIVE,
+            reason: 0,
+            notified: false,
+            announcer: 0,
+            pid: unsafe { pg_sys::MyProcPid },
+            // No transaction of ours: the tick may end it as soon as the
+            // job ends.
+            xid: 0,
+            acquired_at: now,
+            lease_micros,
+            lease_expires: now.saturating_add(lease_micros),
+            // When the job started is the queue's to know; the reaper
+            // revokes by lease, which the tick renews only while it runs.
+            deadline: i64::MAX,
+            memory_limit: -1,
+            memory_peak: 0,
+            revoked_at: 0,
+            run_id_len: run_id.len() as u8,
+            run_id: run,
+        };
+        locked.table().slots[idx] = slot;
+        locked.table().count_in(&slot);
+        locked.table().map_claim(idx);
+        made += 1;
+    }
+    locked.table().mark_restored(db);
+    drop(locked);
+    SEEN.set(true);
+    Ok((made, no_room))
+}
