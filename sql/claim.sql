@@ -278,6 +278,18 @@ BEGIN
 END
 $$;
 
+-- The major version of pg-boss in this database, from its schema: 12 has
+-- columns 11 has not (blocked, heartbeat_on); NULL without pg-boss.
+CREATE FUNCTION meshhook_limits._pgboss_major() RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT CASE WHEN pg_catalog.to_regclass('pgboss.job') IS NULL THEN NULL
+              WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                            WHERE a.attrelid = pg_catalog.to_regclass('pgboss.job') AND a.attname = 'blocked'
+                              AND NOT a.attisdropped) THEN 12
+              ELSE 11 END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
+
 -- The statements claim_jobs (src/claim.rs) runs for a binding, built once
 -- per backend and binding and kept as prepared plans:
 --   tenants: a skip scan over the claim index, one index probe per tenant
@@ -287,6 +299,11 @@ $$;
 --            the jobs this call passed over or claimed ($1 tenant text,
 --            $2 text[] job ids): (id, data, project, key, cost, gen, queued
 --            at, whether its queue's policy allows one active job per key);
+--   reject:  a job claim_jobs can never claim (its project, key or cost is
+--            not valid) is taken out of the waiting jobs, so that it never
+--            stands in front of its tenant's others: pg-boss: failed, with
+--            an output that says why; pgmq: archived, the reason in its
+--            headers ($1 text[] job ids, $2 text[] reasons);
 --   take:    what the queue's own fetch does to the jobs it takes, for the
 --            call's claimed jobs at once (a job of a one-active policy at
 --            once, so the next head sees it active) ($1 text[] job ids;
@@ -294,7 +311,7 @@ $$;
 -- Every path expression is spelt as in the index (_path_sql), so the planner
 -- uses it.
 CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
-RETURNS TABLE(tenants_q text, head_q text, take_q text)
+RETURNS TABLE(tenants_q text, head_q text, take_q text, reject_q text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   b meshhook_limits.queue_bindings;
@@ -303,6 +320,9 @@ DECLARE
   order_by text;  -- the queue's own order within a tenant
   at_sql text;    -- when a job was queued
   rel text;
+  v12 boolean;
+  archive regclass;
+  cols text;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('claim jobs');
   SELECT * INTO STRICT b FROM meshhook_limits.queue_bindings qb WHERE qb.id = p_binding;
@@ -332,32 +352,83 @@ BEGIN
     (SELECT NULL, %5$s FROM %2$s j WHERE %3$s AND %1$s IS NULL LIMIT 1) $q$,
     t_sql, rel, waiting, order_by, at_sql);
   IF b.source = 'pgboss' THEN
+    v12 := meshhook_limits._pgboss_major() >= 12;
     -- Queues whose policy allows one active job per singleton key (pg-boss's
     -- unique indexes job_i2, job_i3, job_i6): a job whose key has one
-    -- active is not taken, as boss.fetch() could not take it.
+    -- active is not taken, as boss.fetch() could not take it. pg-boss 12
+    -- also: never a job blocked by its dependencies (boss.flow), start_after
+    -- due as 12 spells it (<=, 11: <), and for key_strict_fifo only the head
+    -- of its key (a retry first, then the oldest), when no job of the key is
+    -- active, retried or failed (pg-boss's strict_fifo_heads, and its unique
+    -- index job_i8): taken at once, so the next head statement sees it.
     head_q := pg_catalog.format($q$
       SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen,
-             j.created_on AS at, coalesce(j.policy IN ('singleton', 'stately', 'exclusive'), false) AS one_active
+             j.created_on AS at,
+             coalesce(j.policy IN ('singleton', 'stately', 'exclusive', 'key_strict_fifo'), false) AS one_active,
+             CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END AS retry_count
         FROM pgboss.job j
-       WHERE %4$s AND %5$s = $1 AND j.start_after < pg_catalog.now() AND j.id::text <> ALL ($2)
+       WHERE %4$s AND %5$s = $1 AND j.start_after %7$s pg_catalog.now() AND j.id::text <> ALL ($2)
          AND (j.policy IS NULL OR j.policy NOT IN ('singleton', 'stately', 'exclusive')
               OR NOT EXISTS (SELECT 1 FROM pgboss.job a
                               WHERE a.name = j.name AND a.state = 'active' AND a.policy = j.policy
-                                AND coalesce(a.singleton_key, '') = coalesce(j.singleton_key, '')))
+                                AND coalesce(a.singleton_key, '') = coalesce(j.singleton_key, ''))) %8$s
        ORDER BY %6$s LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
-      p_sql, k_sql, c_sql, waiting, t_sql, order_by);
-    -- What boss.fetch() does to a job it takes (pg-boss 11).
+      p_sql, k_sql, c_sql, waiting, t_sql, order_by, CASE WHEN v12 THEN '<=' ELSE '<' END,
+      CASE WHEN v12 THEN $v12$
+         AND NOT j.blocked
+         AND (j.policy IS DISTINCT FROM 'key_strict_fifo'
+              OR (NOT EXISTS (SELECT 1 FROM pgboss.job b
+                               WHERE b.name = j.name AND b.singleton_key = j.singleton_key AND b.id <> j.id
+                                 AND b.state IN ('active', 'retry', 'failed') AND b.policy = 'key_strict_fifo')
+                  AND NOT EXISTS (SELECT 1 FROM pgboss.job h
+                               WHERE h.name = j.name AND h.singleton_key = j.singleton_key AND h.id <> j.id
+                                 AND h.state < 'active' AND NOT h.blocked AND h.policy = 'key_strict_fifo'
+                                 AND h.start_after <= pg_catalog.now()
+                                 AND (h.state > j.state OR (h.state = j.state AND (h.created_on, h.id) < (j.created_on, j.id))))))
+        $v12$ ELSE '' END);
+    -- What boss.fetch() does to a job it takes (12 also starts its
+    -- heartbeat clock, which 12's supervisor fails a silent job by).
+    reject_q := pg_catalog.format($q$
+      UPDATE pgboss.job j SET state = 'failed', completed_on = pg_catalog.now(),
+             output = pg_catalog.jsonb_build_object('message', 'meshhook_limits: ' || r.why)
+        FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why)
+       WHERE j.name = %L AND j.id = r.id::uuid AND j.state < 'active' $q$, b.queue);
     take_q := pg_catalog.format($q$
-      UPDATE pgboss.job j SET state = 'active', started_on = pg_catalog.now(),
+      UPDATE pgboss.job j SET state = 'active', started_on = pg_catalog.now(), %s
              retry_count = CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END
-       WHERE j.name = %L AND j.id = ANY ($1::uuid[]) $q$, b.queue);
+       WHERE j.name = %L AND j.id = ANY ($1::uuid[]) $q$,
+      CASE WHEN v12 THEN 'heartbeat_on = pg_catalog.now(),' ELSE '' END, b.queue);
   ELSE
+    -- retry_count: the reads before this one (read_ct after it, less one).
     head_q := pg_catalog.format($q$
       SELECT j.msg_id::text AS id, j.message AS data, %1$s AS project, %2$s AS key, %3$s AS cost,
-             (j.read_ct + 1)::text AS gen, j.enqueued_at AS at, false AS one_active FROM %4$s j
+             (j.read_ct + 1)::text AS gen, j.enqueued_at AS at, false AS one_active, j.read_ct AS retry_count
+        FROM %4$s j
        WHERE %5$s = $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
        ORDER BY %6$s LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
       p_sql, k_sql, c_sql, rel, t_sql, order_by);
+    -- What pgmq.archive does, with the reason in the headers: the columns
+    -- the queue and its archive share (the archive adds archived_at).
+    archive := pg_catalog.to_regclass(pg_catalog.format('pgmq.%I',
+                 'a_' || pg_catalog.substr((SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = b.relation), 3)));
+    IF archive IS NOT NULL THEN
+      SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO cols
+        FROM pg_catalog.pg_attribute a
+       WHERE a.attrelid = b.relation AND a.attnum > 0 AND NOT a.attisdropped
+         AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute x WHERE x.attrelid = archive AND x.attname = a.attname
+                        AND x.atttypid = a.atttypid AND NOT x.attisdropped);
+      reject_q := pg_catalog.format($q$
+        WITH d AS (DELETE FROM %1$s j USING ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why)
+                    WHERE j.msg_id = r.id::bigint RETURNING j.*, r.why)
+        INSERT INTO %2$s (%3$s) SELECT %4$s FROM d $q$, rel, archive, cols,
+        CASE WHEN cols ~ '\mheaders\M'
+             THEN pg_catalog.replace(cols, 'headers',
+                    'pg_catalog.jsonb_set(coalesce(d.headers, ''{}''), ''{x-meshhook-limits}'', pg_catalog.to_jsonb(d.why))')
+             ELSE cols END);
+    ELSE
+      reject_q := pg_catalog.format($q$
+        DELETE FROM %s j USING ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why) WHERE j.msg_id = r.id::bigint $q$, rel);
+    END IF;
     -- What pgmq.read(queue, vt, qty) does to the messages it returns.
     take_q := pg_catalog.format($q$
       UPDATE %s j SET vt = pg_catalog.clock_timestamp() + $2, read_ct = j.read_ct + 1,
@@ -550,23 +621,31 @@ $$;
 COMMENT ON FUNCTION meshhook_limits.explain_admission(uuid, uuid, text) IS
   'Every limit a slot of this tenant (project, key) is admitted under, what is in use, where the limit comes from, and which blocks a job of cost 1 now.';
 
--- Per bound queue and tenant: waiting jobs, claimed (running) jobs, and what
--- blocks the tenant now (its own or the total limit; a job's project and key
--- limits are checked when it is claimed). Admins and monitors see every
--- tenant; a tenant sees its own rows.
+-- Per bound queue and tenant (however its jobs spell its id): what
+-- claim_jobs would do with its waiting jobs now. waiting = deferred (not due
+-- yet, or held by a pg-boss 12 flow's dependencies) + invalid (a project,
+-- key or cost claim_jobs never accepts) + blocked (held back by a limit:
+-- the tenant's, the total, or their concurrency key's) + runnable; running
+-- = the cost of its claimed jobs. blocked_by names the limit. Admins and
+-- monitors see every tenant; a tenant sees its own rows.
 CREATE FUNCTION meshhook_limits.explain_queues(tenant uuid DEFAULT NULL)
 RETURNS TABLE(source text, queue text, tenant_id uuid, waiting bigint, running bigint, runnable bigint,
-              blocked bigint, blocked_by text)
+              blocked bigint, blocked_by text, deferred bigint, invalid bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
   me uuid := meshhook_limits.current_tenant();
   v_only uuid := explain_queues.tenant;
   b meshhook_limits.queue_bindings;
-  t_sql text;
+  t_sql text; p_sql text; k_sql text; c_sql text;
+  not_due text;
   w jsonb;
   r record;
+  k record;
   why text;
+  key_blocked bigint;
+  -- As claim_jobs parses ids (src/claim/mod.rs parse_uuid).
+  uuid_re constant text := '^([0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$';
 BEGIN
   IF NOT meshhook_limits.can_monitor() THEN
     IF me IS NULL THEN
@@ -583,25 +662,47 @@ BEGIN
             WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = qb.relation)
             ORDER BY qb.source, qb.queue LOOP
     t_sql := meshhook_limits._tenant_sql(b.source, b.tenant_path);
+    p_sql := meshhook_limits._path_sql(b.source, b.project_path);
+    k_sql := meshhook_limits._path_sql(b.source, b.key_path);
+    c_sql := meshhook_limits._path_sql(b.source, b.cost_path);
+    not_due := CASE WHEN b.source = 'pgmq' THEN 'false'
+                    WHEN meshhook_limits._pgboss_major() >= 12 THEN '(j.blocked OR j.start_after > pg_catalog.now())'
+                    ELSE 'j.start_after >= pg_catalog.now()' END;
     BEGIN
       w := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
         SELECT coalesce(pg_catalog.jsonb_agg(x), '[]') FROM (
-          SELECT %1$s AS tenant, count(*) AS waiting FROM %2$s j
-           WHERE %3$s AND %1$s IS NOT NULL %4$s GROUP BY 1) x $q$,
-        t_sql, CASE b.source WHEN 'pgboss' THEN 'pgboss.job' ELSE b.relation::text END,
+          SELECT tenant, key, count(*) AS waiting,
+                 count(*) FILTER (WHERE not_due) AS deferred,
+                 count(*) FILTER (WHERE NOT not_due AND NOT valid) AS invalid
+            FROM (SELECT %1$s AS tenant, %2$s AS key, %7$s AS not_due,
+                         ((%3$s) IS NULL OR (%3$s) ~ %8$L)
+                         AND ((%2$s) IS NULL OR pg_catalog.octet_length(%2$s) BETWEEN 1 AND 200)
+                         AND ((%4$s) IS NULL OR ((%4$s) ~ '^[0-9]{1,7}$' AND (%4$s)::int BETWEEN 1 AND 1000000)) AS valid
+                    FROM %5$s j WHERE %6$s AND %1$s ~ %8$L) y
+           WHERE %9$s
+           GROUP BY tenant, key) x $q$,
+        t_sql, k_sql, p_sql, c_sql,
+        CASE b.source WHEN 'pgboss' THEN 'pgboss.job' ELSE b.relation::text END,
         CASE b.source WHEN 'pgboss' THEN pg_catalog.format('j.name = %L AND j.state < ''active''', b.queue)
                       ELSE 'j.vt <= pg_catalog.clock_timestamp()' END,
-        CASE WHEN v_only IS NOT NULL THEN pg_catalog.format('AND %s = %L', t_sql, v_only::text) ELSE '' END));
+        not_due, uuid_re,
+        CASE WHEN v_only IS NOT NULL
+             THEN pg_catalog.format('pg_catalog.lower(pg_catalog.replace(tenant, ''-'', '''')) = %L',
+                                    pg_catalog.replace(v_only::text, '-', ''))
+             ELSE 'true' END));
     EXCEPTION WHEN OTHERS THEN
       RAISE WARNING 'meshhook_limits: reading % queue % failed: %', b.source, b.queue, SQLERRM;
       CONTINUE;
     END;
     -- Tenants with waiting jobs, and tenants with claimed jobs running.
     FOR r IN SELECT coalesce(w.tenant_id, c.tenant_id) AS tenant, coalesce(w.waiting, 0) AS waiting,
+                    coalesce(w.deferred, 0) AS deferred, coalesce(w.invalid, 0) AS invalid,
                     coalesce(c.running, 0) AS running
-               FROM (SELECT x.tenant::uuid AS tenant_id, x.waiting
-                       FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, waiting bigint)
-                      WHERE x.tenant ~ '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$') w
+               FROM (SELECT x.tenant::uuid AS tenant_id, sum(x.waiting)::bigint AS waiting,
+                            sum(x.deferred)::bigint AS deferred, sum(x.invalid)::bigint AS invalid
+                       FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, key text, waiting bigint,
+                                                                deferred bigint, invalid bigint)
+                      GROUP BY 1) w
                FULL JOIN (SELECT s.tenant_id, sum(s.cost)::bigint AS running
                             FROM meshhook_limits._claimed_slots() s
                            WHERE s.binding_id = b.id AND (v_only IS NULL OR s.tenant_id = v_only)
@@ -610,9 +711,26 @@ BEGIN
       SELECT e.resource INTO why FROM meshhook_limits.explain_admission(r.tenant) e
        WHERE e.blocking ORDER BY e.scope = 'total' LIMIT 1;
       source := b.source; queue := b.queue; tenant_id := r.tenant; waiting := r.waiting;
-      running := r.running;
-      runnable := CASE WHEN why IS NULL THEN r.waiting ELSE 0 END;
-      blocked := r.waiting - runnable;
+      running := r.running; deferred := r.deferred; invalid := r.invalid;
+      blocked := 0;
+      IF why IS NULL THEN
+        -- The tenant has room: its jobs under a full concurrency key wait.
+        FOR k IN SELECT x.key, sum(x.waiting - x.deferred - x.invalid)::bigint AS ready
+                   FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, key text, waiting bigint,
+                                                            deferred bigint, invalid bigint)
+                  WHERE x.key IS NOT NULL AND pg_catalog.octet_length(x.key) BETWEEN 1 AND 200
+                    AND x.tenant::uuid = r.tenant
+                  GROUP BY x.key HAVING sum(x.waiting - x.deferred - x.invalid) > 0 LOOP
+          IF EXISTS (SELECT 1 FROM meshhook_limits.explain_admission(r.tenant, NULL, k.key) e
+                      WHERE e.scope = 'key' AND e.blocking) THEN
+            blocked := blocked + k.ready;
+            why := coalesce(why, 'concurrent_executions.' || k.key);
+          END IF;
+        END LOOP;
+      ELSE
+        blocked := r.waiting - r.deferred - r.invalid;
+      END IF;
+      runnable := r.waiting - r.deferred - r.invalid - blocked;
       blocked_by := why;
       RETURN NEXT;
       why := NULL;
@@ -621,4 +739,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meshhook_limits.explain_queues(uuid) IS
-  'Per bound queue and tenant: waiting, running (claimed), runnable and blocked jobs, and the limit that blocks. Admins see all tenants, a tenant its own.';
+  'Per bound queue and tenant: waiting (= deferred + invalid + blocked + runnable), running (claimed), and the limit that blocks. Admins see all tenants, a tenant its own.';

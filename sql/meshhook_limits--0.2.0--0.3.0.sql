@@ -1,10 +1,10 @@
 -- meshhook_limits 0.2.0 -> 0.3.0: ALTER EXTENSION meshhook_limits UPDATE.
 -- Every change to the installed SQL since 0.2.0 (commit bd308bc, kept as
--- sql/released/meshhook_limits--0.2.0.sql), in the order it was made;
--- tests/test_upgrade.py checks that the result equals a fresh install.
+-- sql/released/meshhook_limits--0.2.0.sql); tests/test_upgrade.py checks
+-- that the result equals a fresh install.
 \echo Use "ALTER EXTENSION meshhook_limits UPDATE" to load this file. \quit
 
--- Claimed slots rebuilt from the bound queues after a restart (issue 18).
+-- Claimed slots rebuilt from the bound queues after a restart.
 CREATE FUNCTION meshhook_limits."_restore_claims"() RETURNS bigint /* i64 */
 STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
@@ -279,4 +279,374 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_serve_database_wrapper';
 REVOKE EXECUTE ON FUNCTION meshhook_limits._serve_database() FROM PUBLIC;
+
+-- pg-boss 12: the claim statements follow its fetch (blocked, start_after <=,
+-- key_strict_fifo heads, heartbeat_on); invalid jobs are rejected (reject_q).
+-- The major version of pg-boss in this database, from its schema: 12 has
+-- columns 11 has not (blocked, heartbeat_on); NULL without pg-boss.
+CREATE FUNCTION meshhook_limits._pgboss_major() RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT CASE WHEN pg_catalog.to_regclass('pgboss.job') IS NULL THEN NULL
+              WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                            WHERE a.attrelid = pg_catalog.to_regclass('pgboss.job') AND a.attname = 'blocked'
+                              AND NOT a.attisdropped) THEN 12
+              ELSE 11 END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
+
+DROP FUNCTION meshhook_limits._claim_queries(bigint);
+CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
+RETURNS TABLE(tenants_q text, head_q text, take_q text, reject_q text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  b meshhook_limits.queue_bindings;
+  t_sql text; p_sql text; k_sql text; c_sql text;
+  waiting text;   -- the queue's waiting jobs, as in the index predicate
+  order_by text;  -- the queue's own order within a tenant
+  at_sql text;    -- when a job was queued
+  rel text;
+  v12 boolean;
+  archive regclass;
+  cols text;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('claim jobs');
+  SELECT * INTO STRICT b FROM meshhook_limits.queue_bindings qb WHERE qb.id = p_binding;
+  t_sql := meshhook_limits._tenant_sql(b.source, b.tenant_path);
+  p_sql := meshhook_limits._path_sql(b.source, b.project_path);
+  k_sql := meshhook_limits._path_sql(b.source, b.key_path);
+  c_sql := meshhook_limits._path_sql(b.source, b.cost_path);
+  IF b.source = 'pgboss' THEN
+    rel := 'pgboss.job';
+    waiting := pg_catalog.format('j.name = %L AND j.state < %L', b.queue, 'active');
+    order_by := pg_catalog.format('%s, j.priority DESC, j.created_on, j.id', t_sql);
+    at_sql := 'j.created_on';
+  ELSE
+    rel := b.relation::text;
+    waiting := 'true';
+    order_by := pg_catalog.format('%s, j.msg_id', t_sql);
+    at_sql := 'j.enqueued_at';
+  END IF;
+  tenants_q := pg_catalog.format($q$
+    WITH RECURSIVE t(tenant, at) AS (
+      (SELECT %1$s, %5$s FROM %2$s j WHERE %3$s AND %1$s IS NOT NULL ORDER BY %4$s LIMIT 1)
+      UNION ALL
+      SELECT x.tenant, x.at FROM t, LATERAL (
+        SELECT %1$s AS tenant, %5$s AS at FROM %2$s j WHERE %3$s AND %1$s > t.tenant ORDER BY %4$s LIMIT 1) x)
+    SELECT tenant, at FROM t
+    UNION ALL
+    (SELECT NULL, %5$s FROM %2$s j WHERE %3$s AND %1$s IS NULL LIMIT 1) $q$,
+    t_sql, rel, waiting, order_by, at_sql);
+  IF b.source = 'pgboss' THEN
+    v12 := meshhook_limits._pgboss_major() >= 12;
+    -- Queues whose policy allows one active job per singleton key (pg-boss's
+    -- unique indexes job_i2, job_i3, job_i6): a job whose key has one
+    -- active is not taken, as boss.fetch() could not take it. pg-boss 12
+    -- also: never a job blocked by its dependencies (boss.flow), start_after
+    -- due as 12 spells it (<=, 11: <), and for key_strict_fifo only the head
+    -- of its key (a retry first, then the oldest), when no job of the key is
+    -- active, retried or failed (pg-boss's strict_fifo_heads, and its unique
+    -- index job_i8): taken at once, so the next head statement sees it.
+    head_q := pg_catalog.format($q$
+      SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen,
+             j.created_on AS at,
+             coalesce(j.policy IN ('singleton', 'stately', 'exclusive', 'key_strict_fifo'), false) AS one_active,
+             CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END AS retry_count
+        FROM pgboss.job j
+       WHERE %4$s AND %5$s = $1 AND j.start_after %7$s pg_catalog.now() AND j.id::text <> ALL ($2)
+         AND (j.policy IS NULL OR j.policy NOT IN ('singleton', 'stately', 'exclusive')
+              OR NOT EXISTS (SELECT 1 FROM pgboss.job a
+                              WHERE a.name = j.name AND a.state = 'active' AND a.policy = j.policy
+                                AND coalesce(a.singleton_key, '') = coalesce(j.singleton_key, ''))) %8$s
+       ORDER BY %6$s LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+      p_sql, k_sql, c_sql, waiting, t_sql, order_by, CASE WHEN v12 THEN '<=' ELSE '<' END,
+      CASE WHEN v12 THEN $v12$
+         AND NOT j.blocked
+         AND (j.policy IS DISTINCT FROM 'key_strict_fifo'
+              OR (NOT EXISTS (SELECT 1 FROM pgboss.job b
+                               WHERE b.name = j.name AND b.singleton_key = j.singleton_key AND b.id <> j.id
+                                 AND b.state IN ('active', 'retry', 'failed') AND b.policy = 'key_strict_fifo')
+                  AND NOT EXISTS (SELECT 1 FROM pgboss.job h
+                               WHERE h.name = j.name AND h.singleton_key = j.singleton_key AND h.id <> j.id
+                                 AND h.state < 'active' AND NOT h.blocked AND h.policy = 'key_strict_fifo'
+                                 AND h.start_after <= pg_catalog.now()
+                                 AND (h.state > j.state OR (h.state = j.state AND (h.created_on, h.id) < (j.created_on, j.id))))))
+        $v12$ ELSE '' END);
+    -- What boss.fetch() does to a job it takes (12 also starts its
+    -- heartbeat clock, which 12's supervisor fails a silent job by).
+    reject_q := pg_catalog.format($q$
+      UPDATE pgboss.job j SET state = 'failed', completed_on = pg_catalog.now(),
+             output = pg_catalog.jsonb_build_object('message', 'meshhook_limits: ' || r.why)
+        FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why)
+       WHERE j.name = %L AND j.id = r.id::uuid AND j.state < 'active' $q$, b.queue);
+    take_q := pg_catalog.format($q$
+      UPDATE pgboss.job j SET state = 'active', started_on = pg_catalog.now(), %s
+             retry_count = CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END
+       WHERE j.name = %L AND j.id = ANY ($1::uuid[]) $q$,
+      CASE WHEN v12 THEN 'heartbeat_on = pg_catalog.now(),' ELSE '' END, b.queue);
+  ELSE
+    -- retry_count: the reads before this one (read_ct after it, less one).
+    head_q := pg_catalog.format($q$
+      SELECT j.msg_id::text AS id, j.message AS data, %1$s AS project, %2$s AS key, %3$s AS cost,
+             (j.read_ct + 1)::text AS gen, j.enqueued_at AS at, false AS one_active, j.read_ct AS retry_count
+        FROM %4$s j
+       WHERE %5$s = $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
+       ORDER BY %6$s LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
+      p_sql, k_sql, c_sql, rel, t_sql, order_by);
+    -- What pgmq.archive does, with the reason in the headers: the columns
+    -- the queue and its archive share (the archive adds archived_at).
+    archive := pg_catalog.to_regclass(pg_catalog.format('pgmq.%I',
+                 'a_' || pg_catalog.substr((SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = b.relation), 3)));
+    IF archive IS NOT NULL THEN
+      SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO cols
+        FROM pg_catalog.pg_attribute a
+       WHERE a.attrelid = b.relation AND a.attnum > 0 AND NOT a.attisdropped
+         AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute x WHERE x.attrelid = archive AND x.attname = a.attname
+                        AND x.atttypid = a.atttypid AND NOT x.attisdropped);
+      reject_q := pg_catalog.format($q$
+        WITH d AS (DELETE FROM %1$s j USING ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why)
+                    WHERE j.msg_id = r.id::bigint RETURNING j.*, r.why)
+        INSERT INTO %2$s (%3$s) SELECT %4$s FROM d $q$, rel, archive, cols,
+        CASE WHEN cols ~ '\mheaders\M'
+             THEN pg_catalog.replace(cols, 'headers',
+                    'pg_catalog.jsonb_set(coalesce(d.headers, ''{}''), ''{x-meshhook-limits}'', pg_catalog.to_jsonb(d.why))')
+             ELSE cols END);
+    ELSE
+      reject_q := pg_catalog.format($q$
+        DELETE FROM %s j USING ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why) WHERE j.msg_id = r.id::bigint $q$, rel);
+    END IF;
+    -- What pgmq.read(queue, vt, qty) does to the messages it returns.
+    take_q := pg_catalog.format($q$
+      UPDATE %s j SET vt = pg_catalog.clock_timestamp() + $2, read_ct = j.read_ct + 1,
+             last_read_at = pg_catalog.clock_timestamp()
+       WHERE j.msg_id = ANY ($1::bigint[]) $q$, rel);
+  END IF;
+  RETURN NEXT;
+END
+$$;
+
+-- pg-boss's own queues (__pgboss__send-it) are left out of queue_health().
+CREATE OR REPLACE FUNCTION meshhook_limits._sample_pgboss(p_at timestamptz, p_window interval, p_full boolean DEFAULT true)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE n bigint; src text; job oid := pg_catalog.to_regclass('pgboss.job');
+  queue oid := pg_catalog.to_regclass('pgboss.queue'); stats jsonb;
+BEGIN
+  IF job IS NULL OR queue IS NULL THEN
+    RETURN 0;
+  END IF;
+  -- pg-boss's tables are read as their owner (_read_as_owner), never as
+  -- ourselves: their owner may not be trusted with our rights.
+  IF NOT p_full THEN
+    WITH waiting AS (SELECT * FROM meshhook_limits._pgboss_waiting()),
+    prev AS (SELECT p.* FROM meshhook_limits._latest_queue_samples() p WHERE p.source = 'pgboss')
+    INSERT INTO meshhook_limits.queue_samples
+      SELECT p_at, 'pgboss', q.name, coalesce(w.queued, 0), coalesce(p.active, 0), coalesce(p.failed_recent, 0),
+             p_at - w.oldest, p.p50_ms, p.p95_ms, coalesce(p.throughput_per_min, 0), p.error_rate,
+             meshhook_limits._queue_status('pgboss', q.name, coalesce(w.queued, 0), p_at - w.oldest, p.error_rate),
+             p.stats_at
+        FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(queue,
+               'SELECT coalesce(pg_catalog.jsonb_agg(q.name::text), ''[]'') FROM pgboss.queue q
+                 WHERE pg_catalog.left(q.name, 10) <> ''__pgboss__''')) AS q(name)
+        LEFT JOIN waiting w ON w.name = q.name
+        LEFT JOIN prev p ON p.queue = q.name;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+  END IF;
+  -- One pass over the job table, aggregating only live jobs (pg-boss leaves
+  -- completed_on NULL until a job is finished) and jobs finished within the
+  -- window. v11+: finished jobs stay in it, and states
+  -- are compared as pg-boss's own enum (no cast per row). v10 moves finished
+  -- jobs to pgboss.archive, read only for the window.
+  IF pg_catalog.to_regclass('pgboss.archive') IS NULL THEN
+    src := 'SELECT name, state, created_on, started_on, completed_on FROM pgboss.job
+             WHERE completed_on IS NULL OR completed_on > $1 - $2';
+  ELSE
+    src := 'SELECT name, state::text AS state, created_on, started_on, completed_on FROM pgboss.job
+             WHERE completed_on IS NULL OR completed_on > $1 - $2
+            UNION ALL SELECT name, state::text, created_on, started_on, completed_on FROM pgboss.archive
+             WHERE completed_on > $1 - $2';
+  END IF;
+  stats := meshhook_limits._read_as_owner(job, format($q$
+    WITH j AS (%1$s),
+    agg AS (
+      SELECT name,
+             count(*) FILTER (WHERE state IN ('created', 'retry')) AS queued,
+             count(*) FILTER (WHERE state = 'active') AS active,
+             min(created_on) FILTER (WHERE state IN ('created', 'retry')) AS oldest,
+             count(*) FILTER (WHERE state = 'failed' AND completed_on > $1 - $2) AS failed,
+             count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - $2) AS completed,
+             count(*) FILTER (WHERE state = 'completed' AND completed_on > $1 - interval '1 minute') AS last_minute,
+             -- Plain aggregates only, so the scan can feed a hash aggregate;
+             -- the percentiles come from these (window-sized) arrays below.
+             array_agg(date_part('epoch', completed_on - started_on) * 1000)
+               FILTER (WHERE state = 'completed' AND completed_on > $1 - $2 AND started_on IS NOT NULL) AS durations
+        FROM j GROUP BY name),
+    s AS (
+      SELECT q.name, coalesce(a.queued, 0) AS queued, coalesce(a.active, 0) AS active,
+             coalesce(a.failed, 0) AS failed, $1 - a.oldest AS oldest_age,
+             round(pc.p50::numeric, 3) AS p50, round(pc.p95::numeric, 3) AS p95,
+             coalesce(a.last_minute, 0)::numeric AS tput,
+             CASE WHEN coalesce(a.failed, 0) + coalesce(a.completed, 0) > 0
+                  THEN round(a.failed::numeric / (a.failed + a.completed), 4) END AS err
+        FROM pgboss.queue q LEFT JOIN agg a ON a.name = q.name
+        LEFT JOIN LATERAL (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
+                                  percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
+                             FROM unnest(a.durations) d) pc ON true
+       -- pg-boss's own queues (__pgboss__send-it: its scheduler's) are not the user's.
+       WHERE pg_catalog.left(q.name, 10) <> '__pgboss__')
+    SELECT coalesce(pg_catalog.jsonb_agg(s), '[]') FROM s $q$, src), p_at, p_window);
+  INSERT INTO meshhook_limits.queue_samples
+    SELECT p_at, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50::numeric, s.p95::numeric,
+           s.tput::numeric, s.err::numeric,
+           meshhook_limits._queue_status('pgboss', s.name, s.queued, s.oldest_age, s.err::numeric), p_at
+      -- float8: numbers that come from the queue owner's side are finite
+      -- doubles, or the sample fails here (and is skipped) rather than later.
+      FROM pg_catalog.jsonb_to_recordset(stats) AS s(name text, queued bigint, active bigint, failed bigint,
+           oldest_age interval, p50 float8, p95 float8, tput float8, err float8);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- claim_jobs returns retry_count (pg-boss 12's complete({id, retryCount}) needs it).
+DROP FUNCTION meshhook_limits.claim_jobs(text, text, integer, interval);
+CREATE FUNCTION meshhook_limits."claim_jobs"(
+	"source" TEXT, /* Option < & str > */
+	"queue" TEXT, /* Option < & str > */
+	"batch" INT DEFAULT 1, /* Option < i32 > */
+	"lease" interval DEFAULT NULL /* Option < Interval > */
+) RETURNS TABLE (
+	"job_id" TEXT,  /* String */
+	"tenant_id" uuid,  /* Uuid */
+	"project_id" uuid,  /* Option < Uuid > */
+	"concurrency_key" TEXT,  /* Option < String > */
+	"slot_id" uuid,  /* Uuid */
+	"lease_expires_at" timestamp with time zone,  /* Option < Ts > */
+	"data" jsonb,  /* Option < JsonB > */
+	"retry_count" INT  /* Option < i32 > */
+)
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'claim_jobs_wrapper';
+COMMENT ON FUNCTION meshhook_limits.claim_jobs(text, text, integer, interval) IS
+  'Claim up to batch jobs whose every limit has room, fairly across tenants, with their slots; the job is taken as the queue''s own fetch takes it. Runs as the caller (an admin worker). See docs/claiming.md.';
+
+-- explain_queues: one row per tenant however its jobs spell it; deferred,
+-- invalid and key-limited jobs are not runnable (two columns added).
+DROP FUNCTION meshhook_limits.explain_queues(uuid);
+CREATE FUNCTION meshhook_limits.explain_queues(tenant uuid DEFAULT NULL)
+RETURNS TABLE(source text, queue text, tenant_id uuid, waiting bigint, running bigint, runnable bigint,
+              blocked bigint, blocked_by text, deferred bigint, invalid bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  me uuid := meshhook_limits.current_tenant();
+  v_only uuid := explain_queues.tenant;
+  b meshhook_limits.queue_bindings;
+  t_sql text; p_sql text; k_sql text; c_sql text;
+  not_due text;
+  w jsonb;
+  r record;
+  k record;
+  why text;
+  key_blocked bigint;
+  -- As claim_jobs parses ids (src/claim/mod.rs parse_uuid).
+  uuid_re constant text := '^([0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$';
+BEGIN
+  IF NOT meshhook_limits.can_monitor() THEN
+    IF me IS NULL THEN
+      RAISE EXCEPTION 'no tenant identity to explain queues for' USING ERRCODE = '42501',
+        HINT = 'call with a JWT whose claims carry the tenant id, or as an admin';
+    END IF;
+    IF v_only IS NOT NULL AND v_only <> me THEN
+      RAISE EXCEPTION 'a tenant may explain only its own jobs' USING ERRCODE = '42501',
+        HINT = 'call with the tenant id of your own JWT claim, or NULL';
+    END IF;
+    v_only := me;
+  END IF;
+  FOR b IN SELECT * FROM meshhook_limits.queue_bindings qb
+            WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = qb.relation)
+            ORDER BY qb.source, qb.queue LOOP
+    t_sql := meshhook_limits._tenant_sql(b.source, b.tenant_path);
+    p_sql := meshhook_limits._path_sql(b.source, b.project_path);
+    k_sql := meshhook_limits._path_sql(b.source, b.key_path);
+    c_sql := meshhook_limits._path_sql(b.source, b.cost_path);
+    not_due := CASE WHEN b.source = 'pgmq' THEN 'false'
+                    WHEN meshhook_limits._pgboss_major() >= 12 THEN '(j.blocked OR j.start_after > pg_catalog.now())'
+                    ELSE 'j.start_after >= pg_catalog.now()' END;
+    BEGIN
+      w := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
+        SELECT coalesce(pg_catalog.jsonb_agg(x), '[]') FROM (
+          SELECT tenant, key, count(*) AS waiting,
+                 count(*) FILTER (WHERE not_due) AS deferred,
+                 count(*) FILTER (WHERE NOT not_due AND NOT valid) AS invalid
+            FROM (SELECT %1$s AS tenant, %2$s AS key, %7$s AS not_due,
+                         ((%3$s) IS NULL OR (%3$s) ~ %8$L)
+                         AND ((%2$s) IS NULL OR pg_catalog.octet_length(%2$s) BETWEEN 1 AND 200)
+                         AND ((%4$s) IS NULL OR ((%4$s) ~ '^[0-9]{1,7}$' AND (%4$s)::int BETWEEN 1 AND 1000000)) AS valid
+                    FROM %5$s j WHERE %6$s AND %1$s ~ %8$L) y
+           WHERE %9$s
+           GROUP BY tenant, key) x $q$,
+        t_sql, k_sql, p_sql, c_sql,
+        CASE b.source WHEN 'pgboss' THEN 'pgboss.job' ELSE b.relation::text END,
+        CASE b.source WHEN 'pgboss' THEN pg_catalog.format('j.name = %L AND j.state < ''active''', b.queue)
+                      ELSE 'j.vt <= pg_catalog.clock_timestamp()' END,
+        not_due, uuid_re,
+        CASE WHEN v_only IS NOT NULL
+             THEN pg_catalog.format('pg_catalog.lower(pg_catalog.replace(tenant, ''-'', '''')) = %L',
+                                    pg_catalog.replace(v_only::text, '-', ''))
+             ELSE 'true' END));
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: reading % queue % failed: %', b.source, b.queue, SQLERRM;
+      CONTINUE;
+    END;
+    -- Tenants with waiting jobs, and tenants with claimed jobs running.
+    FOR r IN SELECT coalesce(w.tenant_id, c.tenant_id) AS tenant, coalesce(w.waiting, 0) AS waiting,
+                    coalesce(w.deferred, 0) AS deferred, coalesce(w.invalid, 0) AS invalid,
+                    coalesce(c.running, 0) AS running
+               FROM (SELECT x.tenant::uuid AS tenant_id, sum(x.waiting)::bigint AS waiting,
+                            sum(x.deferred)::bigint AS deferred, sum(x.invalid)::bigint AS invalid
+                       FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, key text, waiting bigint,
+                                                                deferred bigint, invalid bigint)
+                      GROUP BY 1) w
+               FULL JOIN (SELECT s.tenant_id, sum(s.cost)::bigint AS running
+                            FROM meshhook_limits._claimed_slots() s
+                           WHERE s.binding_id = b.id AND (v_only IS NULL OR s.tenant_id = v_only)
+                           GROUP BY s.tenant_id) c ON c.tenant_id = w.tenant_id
+              ORDER BY 2 DESC, 1 LOOP
+      SELECT e.resource INTO why FROM meshhook_limits.explain_admission(r.tenant) e
+       WHERE e.blocking ORDER BY e.scope = 'total' LIMIT 1;
+      source := b.source; queue := b.queue; tenant_id := r.tenant; waiting := r.waiting;
+      running := r.running; deferred := r.deferred; invalid := r.invalid;
+      blocked := 0;
+      IF why IS NULL THEN
+        -- The tenant has room: its jobs under a full concurrency key wait.
+        FOR k IN SELECT x.key, sum(x.waiting - x.deferred - x.invalid)::bigint AS ready
+                   FROM pg_catalog.jsonb_to_recordset(w) x(tenant text, key text, waiting bigint,
+                                                            deferred bigint, invalid bigint)
+                  WHERE x.key IS NOT NULL AND pg_catalog.octet_length(x.key) BETWEEN 1 AND 200
+                    AND x.tenant::uuid = r.tenant
+                  GROUP BY x.key HAVING sum(x.waiting - x.deferred - x.invalid) > 0 LOOP
+          IF EXISTS (SELECT 1 FROM meshhook_limits.explain_admission(r.tenant, NULL, k.key) e
+                      WHERE e.scope = 'key' AND e.blocking) THEN
+            blocked := blocked + k.ready;
+            why := coalesce(why, 'concurrent_executions.' || k.key);
+          END IF;
+        END LOOP;
+      ELSE
+        blocked := r.waiting - r.deferred - r.invalid;
+      END IF;
+      runnable := r.waiting - r.deferred - r.invalid - blocked;
+      blocked_by := why;
+      RETURN NEXT;
+      why := NULL;
+    END LOOP;
+  END LOOP;
+END
+$$;
+COMMENT ON FUNCTION meshhook_limits.explain_queues(uuid) IS
+  'Per bound queue and tenant: waiting (= deferred + invalid + blocked + runnable), running (claimed), and the limit that blocks. Admins see all tenants, a tenant its own.';
+
+-- Serve this database now (the launcher).
 SELECT meshhook_limits._serve_database();

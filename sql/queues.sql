@@ -119,7 +119,8 @@ BEGIN
              meshhook_limits._queue_status('pgboss', q.name, coalesce(w.queued, 0), p_at - w.oldest, p.error_rate),
              p.stats_at
         FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(queue,
-               'SELECT coalesce(pg_catalog.jsonb_agg(q.name::text), ''[]'') FROM pgboss.queue q')) AS q(name)
+               'SELECT coalesce(pg_catalog.jsonb_agg(q.name::text), ''[]'') FROM pgboss.queue q
+                 WHERE pg_catalog.left(q.name, 10) <> ''__pgboss__''')) AS q(name)
         LEFT JOIN waiting w ON w.name = q.name
         LEFT JOIN prev p ON p.queue = q.name;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -164,7 +165,9 @@ BEGIN
         FROM pgboss.queue q LEFT JOIN agg a ON a.name = q.name
         LEFT JOIN LATERAL (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
                                   percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
-                             FROM unnest(a.durations) d) pc ON true)
+                             FROM unnest(a.durations) d) pc ON true
+       -- pg-boss's own queues (__pgboss__send-it: its scheduler's) are not the user's.
+       WHERE pg_catalog.left(q.name, 10) <> '__pgboss__')
     SELECT coalesce(pg_catalog.jsonb_agg(s), '[]') FROM s $q$, src), p_at, p_window);
   INSERT INTO meshhook_limits.queue_samples
     SELECT p_at, 'pgboss', s.name, s.queued, s.active, s.failed, s.oldest_age, s.p50::numeric, s.p95::numeric,

@@ -289,6 +289,11 @@ def test_a_tenant_over_rpc_reaches_no_claim_internals(cluster, adb, db, tenant):
         (f"SELECT {S}._renew_slots(ARRAY[%s]::uuid[])", (victim_slot,), "42501"),
         (f"SELECT * FROM {S}._slot_counts(%s, NULL, NULL)", (other,), "42501"),
         (f"SELECT {S}._end_claims()", None, "42501"),
+        # The rebuild after a restart, and what it reads.
+        (f"SELECT {S}._restore_claims()", None, "42501"),
+        (f"SELECT * FROM {S}._claims_to_restore()", None, "42501"),
+        (f"SELECT {S}._pgboss_major()", None, "42501"),
+        (f"SELECT {S}._serve_database()", None, "42501"),
         (f"SELECT {S}._queue_relation('pgboss', %s)", (q,), "42501"),
         (f"SELECT {S}._read_as_owner('pgboss.job'::regclass, 'SELECT to_jsonb(count(*)) FROM pgboss.job')", None,
          "42501"),
@@ -644,8 +649,16 @@ def test_odd_job_json_never_fails_a_claim_or_takes_from_another_tenant(cluster, 
         assert [str(c["tenant_id"]) for c in got] == [other], (source, got)
         assert claim(db, source, queue, batch=100) == []
     assert live_slots(db, tenant) == set()
-    assert db.execute("SELECT count(*) FROM pgboss.job WHERE id = ANY(%s::uuid[]) AND state = 'created'",
-                      (ids,)).fetchone()[0] == len(odd)
+    # Jobs naming no valid tenant stay as they are; the tenant's jobs that
+    # can never be claimed (a bad cost, key or project) are failed with the
+    # reason, so they never stand in front of its others again; the job of
+    # cost 1,000,000 is valid and waits.
+    states = dict(db.execute("SELECT state::text, count(*) FROM pgboss.job WHERE id = ANY(%s::uuid[]) GROUP BY 1",
+                             (ids,)).fetchall())
+    assert states == {"created": 9, "failed": 10}, states
+    outputs = {r[0] for r in db.execute("SELECT output->>'message' FROM pgboss.job WHERE id = ANY(%s::uuid[]) "
+                                        "AND state = 'failed'", (ids,)).fetchall()}
+    assert all(o.startswith("meshhook_limits: its ") for o in outputs), outputs
     assert db.execute("SELECT state FROM pgboss.job WHERE id = %s::uuid", (good,)).fetchone()[0] == "active"
 
 

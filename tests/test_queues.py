@@ -43,10 +43,19 @@ class PgBossError(Exception):
         self.code = code
 
 
+# The pg-boss major each test database runs (default 11): the Node drivers
+# load pg-boss 11.1.2 or 12.38.1 by PGBOSS_MAJOR (tests/node/conn.mjs).
+PGBOSS_MAJOR: dict[str, int] = {}
+
+
+def boss_env(db: str) -> dict:
+    return {**os.environ, "PGBOSS_MAJOR": str(PGBOSS_MAJOR.get(db, 11))}
+
+
 def boss(c: Cluster, db: str, command: str, **args):
     """One pg-boss API call through the Node driver; returns its JSON result."""
     p = subprocess.run([NODE, str(DRIVER), c.dsn(db), command, json.dumps(args)],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=180, env=boss_env(db))
     try:
         out = json.loads(p.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):

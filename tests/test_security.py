@@ -501,7 +501,7 @@ def test_a_login_role_cannot_assert_a_tenant_by_forged_claims(cluster, admin, wo
 # INVOKER: it updates the queue tables with the caller's rights) calls as
 # the caller, which refuse any caller but an admin (test_claim.py).
 CALLED_AS_THE_CALLER = {"_acquire_execution_slot", "_release_execution_slot", "_check_rate_limit", "_row_bytes",
-                        "_claim_slot", "_claim_shares", "_queue_binding", "_claim_queries"}
+                        "_claim_slot", "_claim_shares", "_queue_binding", "_claim_queries", "_restore_claims"}
 
 
 def test_internal_functions_are_revoked_from_public(admin):

@@ -104,6 +104,8 @@ struct Plans {
     tenants: OwnedPreparedStatement,
     head: OwnedPreparedStatement,
     take: OwnedPreparedStatement,
+    /// Takes jobs that can never be claimed out of the queue's waiting jobs.
+    reject: OwnedPreparedStatement,
     /// The tenants with waiting jobs the last scan found (id, as the JSON
     /// spells it, its next job's queue time), and when it ran.
     found: Vec<Found>,
@@ -115,8 +117,12 @@ thread_local! {
     static BINDING: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
 }
 
+// The shape has pg-boss's schema too: 12 has columns 11 has not, and a
+// queue migrated from 11 to 12 needs 12's statements.
 const BINDING_Q: &str = "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.source, b.queue, b.tenant_path,
-        b.project_path, b.key_path, b.cost_path, b.relation::oid),
+        b.project_path, b.key_path, b.cost_path, b.relation::oid,
+        (SELECT count(*) FROM pg_catalog.pg_attribute a
+          WHERE a.attrelid = b.relation AND a.attname = 'blocked' AND NOT a.attisdropped)),
         (SELECT r.rolsuper FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
           WHERE c.oid = b.relation)
    FROM meshhook_limits._queue_binding($1, $2) b";
@@ -156,13 +162,13 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
 
 fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
     let rows = c.select(
-        "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
+        "SELECT tenants_q, head_q, take_q, reject_q FROM meshhook_limits._claim_queries($1)",
         Some(1),
         &[b.id.into()],
     )?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
     let text = |i| -> Result<String> { Ok(r.get::<String>(i)?.unwrap_or_default()) };
-    let (tenants_q, head_q, take_q) = (text(1)?, text(2)?, text(3)?);
+    let (tenants_q, head_q, take_q, reject_q) = (text(1)?, text(2)?, text(3)?, text(4)?);
     let text_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
     let take_args: &[PgOid] = if b.pgmq {
@@ -177,6 +183,9 @@ fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
             .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
             .keep(),
         take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
+        reject: c
+            .prepare_mut(reject_q.as_str(), &[texts_oid, texts_oid])?
+            .keep(),
         found: Vec::new(),
         found_at: i64::MIN,
     })
@@ -236,6 +245,9 @@ struct Job {
     one_active: bool,
     /// Its queue time.
     at: Option<Ts>,
+    /// pg-boss: its retry_count once taken (pg-boss 12's complete and
+    /// touch fence on it); pgmq: the reads before this one.
+    retry_count: Option<i32>,
 }
 
 impl Job {
@@ -249,6 +261,7 @@ impl Job {
             generation: r.get::<String>(6)?,
             at: r.get::<Ts>(7)?,
             one_active: r.get::<bool>(8)?.unwrap_or(false),
+            retry_count: r.get::<i32>(9)?,
         })
     }
 }
@@ -262,6 +275,7 @@ type Claimed = (
     Uuid,
     Option<Ts>,
     Option<JsonB>,
+    Option<i32>,
 );
 
 /// A tenant or project id as PostgreSQL's uuid input takes it in the common
@@ -415,6 +429,8 @@ fn claim_with(
     let mut claimed = Vec::new();
     // The claimed jobs not taken yet (indexes into claimed).
     let mut pending = Vec::new();
+    // Jobs that can never be claimed, and why.
+    let mut rejected: Vec<(String, &str)> = Vec::new();
     while claimed.len() < batch {
         // Where each stands now (this call's and other claimers' claims
         // moved the tags). Read for a lone tenant too: the start it is
@@ -485,7 +501,17 @@ fn claim_with(
             .as_ref()
             .is_none_or(|k| !k.is_empty() && k.len() <= slot_claim::KEY_MAX);
         let (Some(project), Some(cost), true) = (project, cost, key_ok) else {
+            // Out of the waiting jobs when the call ends, so it never
+            // stands in front of the tenant's others again.
             invalid_job();
+            let why = if project.is_none() {
+                "its project is not a uuid"
+            } else if cost.is_none() {
+                "its cost is not a whole number from 1 to 1000000"
+            } else {
+                "its concurrency key is empty or longer than 200 bytes"
+            };
+            rejected.push((job.id.clone(), why));
             t.pass(job.id);
             continue;
         };
@@ -536,11 +562,18 @@ fn claim_with(
             slot_id,
             answer.lease_expires_at,
             job.data,
+            job.retry_count,
         ));
     }
     if !pending.is_empty() {
         let ids: Vec<&str> = pending.iter().map(|&i| claimed[i].0.as_str()).collect();
         take(c, plans, ids, vt)?;
+    }
+    if !rejected.is_empty() {
+        let (ids, whys): (Vec<&str>, Vec<&str>) =
+            rejected.iter().map(|(id, why)| (id.as_str(), *why)).unzip();
+        let _pinned = ClaimIndexOnly::new();
+        c.update(&plans.reject, None, &[ids.into(), whys.into()])?;
     }
     // The next calls of this backend (until the next skip scan) see the
     // tenants as this one left them: served since, or with nothing left
@@ -581,6 +614,7 @@ fn claim_jobs(
         name!(slot_id, Uuid),
         name!(lease_expires_at, Option<Ts>),
         name!(data, Option<JsonB>),
+        name!(retry_count, Option<i32>),
     ),
 > {
     let rows = match (source, queue, batch) {
