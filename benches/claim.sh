@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Limit-aware fair claiming (meshhook_limits.claim_jobs) on real pg-boss 11
+# (PGBOSS_MAJOR=12: pg-boss 12)
 # (and pgmq), side by side with the queues' own fetch, on one throwaway
 # cluster (benches/claim_load.mjs runs the worker loops):
 #
@@ -13,6 +14,8 @@
 #                d  with A, the naive loop: boss.fetch → acquire_execution_slot
 #                   → refused: the job is put back, fetchable after the
 #                   refusal's retry_after (BENCH_PUTBACK)
+#                g  with A, pg-boss 12's own boss.fetch with groupConcurrency =
+#                   BENCH_LIMIT, each tenant a group (PGBOSS_MAJOR=12 only)
 #                e  as b, with ANALYZE pgboss.job after A's enqueue (b runs on
 #                   the statistics of the queue before the burst: nothing waiting)
 #              concurrent_executions = BENCH_LIMIT for every tenant (global
@@ -142,7 +145,8 @@ done
 for s in $SCENARIOS; do
   [[ $s =~ ^(noisy|weights|throughput|backlog)$ ]] || { echo "unknown scenario $s (noisy weights throughput backlog)" >&2; exit 2; }
 done
-for a in $NOISY_ARMS; do [[ $a =~ ^[abcde]$ ]] || { echo "unknown noisy arm $a (a b c d e)" >&2; exit 2; }; done
+for a in $NOISY_ARMS; do [[ $a =~ ^[abcdeg]$ ]] || { echo "unknown noisy arm $a (a b c d e g)" >&2; exit 2; }; done
+if has "$NOISY_ARMS" g && [[ ${PGBOSS_MAJOR:-11} != 12 ]]; then echo "noisy arm g needs PGBOSS_MAJOR=12" >&2; exit 2; fi
 for a in $TP_ARMS; do [[ $a =~ ^(fetch|claim|claimrel)$ ]] || { echo "unknown throughput arm $a (fetch claim claimrel)" >&2; exit 2; }; done
 for m in $TP_MODES; do [[ $m =~ ^(steady|backlog)$ ]] || { echo "unknown throughput mode $m (steady backlog)" >&2; exit 2; }; done
 IFS=, read -r -a weights <<<"$W_WEIGHTS"
@@ -166,7 +170,8 @@ if has "$SCENARIOS" throughput && [[ $TP_PGMQ == 1 && ! -f $pgmq_sql ]]; then
 fi
 [[ -f /usr/lib/postgresql/15/lib/auto_explain.so ]] || { echo "auto_explain (postgresql-15 contrib) not found" >&2; exit 2; }
 need_so
-boss_version=$(node -p "require('$root/tests/node/node_modules/pg-boss/package.json').version")
+boss_pkg=pg-boss; [[ ${PGBOSS_MAJOR:-11} == 12 ]] && boss_pkg=pg-boss-12
+boss_version=$(node -p "require('$root/tests/node/node_modules/$boss_pkg/package.json').version")
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.txt "$OUT"/results.md
@@ -269,7 +274,7 @@ declare -A NOISY_FILE NOISY_CPU
 noisy_arm() { # ARM
   local arm=$1 qn="noisy-$1" mode noisy=$NOISY_JOBS
   local analyze=0
-  case $arm in a) mode=claim noisy=0 ;; b) mode=claim ;; e) mode=claim analyze=1 ;; c) mode=fetch ;; d) mode=naive ;; esac
+  case $arm in a) mode=claim noisy=0 ;; b) mode=claim ;; e) mode=claim analyze=1 ;; c) mode=fetch ;; d) mode=naive ;; g) mode=group ;; esac
   create_queue "$DB" "$qn"
   [[ $mode == claim ]] && q "SELECT meshhook_limits.bind_queue('pgboss', '$qn')" >/dev/null
   echo "  arm $arm ($mode, A: $noisy jobs)" >&2
@@ -562,6 +567,7 @@ report() {
     has "$NOISY_ARMS" e && noisy_row e "with A, claim_jobs, ANALYZE after A's enqueue"
     has "$NOISY_ARMS" c && noisy_row c "with A, FIFO boss.fetch (no limits)"
     has "$NOISY_ARMS" d && noisy_row d "with A, boss.fetch + acquire_execution_slot, put back"
+    has "$NOISY_ARMS" g && noisy_row g "with A, pg-boss 12 boss.fetch with groupConcurrency = limit"
     echo
     local pa="" pb=""
     [[ -n ${NOISY_FILE[a]:-} && -s ${NOISY_FILE[a]:-/nonexistent} ]] && pa=$(json "${NOISY_FILE[a]}" .quiet_p95_s 2>/dev/null || true)

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // Worker loads for benches/claim.sh: limit-aware fair claiming
-// (meshhook_limits.claim_jobs) against real pg-boss 11 (tests/node/node_modules)
+// (meshhook_limits.claim_jobs) against real pg-boss 11 or 12 (PGBOSS_MAJOR=12;
+// tests/node/node_modules)
 // and pgmq, side by side with the queues' own fetch. One Node process runs W
 // concurrent worker loops over pg-boss's own connection pool (pgmq: a pg
 // pool of the same size); every statement is its own autocommit transaction.
@@ -22,6 +23,9 @@
 //             with --release 1 also SELECT release_execution_slot(slot)
 //             for each, right after the complete
 //   claimrel  (throughput) claim with the explicit release
+//   group     (noisy, pg-boss 12) boss.fetch(Q, { batchSize, groupConcurrency:
+//             --limit }) with each job in its tenant's group: pg-boss 12's
+//             own per-group limit → sleep → boss.complete
 //   fetch     boss.fetch(Q, { batchSize }) → sleep → boss.complete: plain
 //             FIFO, no limits (pgmq `read`: pgmq.read(Q, vt, n) → archive)
 //   naive     what a team writes today on pg-boss: boss.fetch(Q) →
@@ -67,10 +71,11 @@
 // every --sample-ms ms. Both maxima are reported against --limit (per
 // tenant) and --total (all tenants).
 import { createRequire } from 'node:module'
-import { parseConn, runAsJson } from '../tests/node/conn.mjs'
+import { loadPgBoss, parseConn, quietOptions, runAsJson } from '../tests/node/conn.mjs'
 
 const require = createRequire(new URL('../tests/node/package.json', import.meta.url))
-const PgBoss = require('pg-boss')
+// pg-boss 11.1.2, or 12.38.1 with PGBOSS_MAJOR=12 (tests/node/conn.mjs).
+const { PgBoss, major: PGBOSS_MAJOR } = await loadPgBoss()
 const pg = require('pg')
 
 const TEXT_OPTIONS = new Set(['queue', 'arm', 'putback', 'weights', 'source'])
@@ -111,7 +116,7 @@ function percentile (sorted, p) { // nearest rank; sorted ascending
 // --- claiming, one interface over the arms ----------------------------------------
 // A "source" gives take(batch) → [{id, tenant, slot, cost}], done(jobs) (complete
 // or archive), and for naive putBack(jobs, retryAfterSeconds[]).
-function pgbossSource (boss, q) {
+function pgbossSource (boss, q, fetchOptions = {}) {
   const db = boss.getDb()
   return {
     db,
@@ -121,7 +126,7 @@ function pgbossSource (boss, q) {
       return rows.map(r => ({ id: r.job_id, tenant: r.tenant_id, slot: r.slot_id, cost: Number(r.data?.cost ?? 1) }))
     },
     async fetch (batch) {
-      const jobs = await boss.fetch(q, { batchSize: batch })
+      const jobs = await boss.fetch(q, { ...fetchOptions, batchSize: batch })
       return jobs.map(j => ({ id: j.id, tenant: j.data?.tenant_id, slot: null, cost: Number(j.data?.cost ?? 1) }))
     },
     async done (jobs) {
@@ -337,27 +342,33 @@ function overAdmission (o, s, sampled) {
   return out
 }
 
-async function insertChunks (boss, q, rows, options = {}) {
+// group: each job in its tenant's pg-boss 12 group (groupConcurrency).
+async function insertChunks (boss, q, rows, options = {}, group = false) {
   for (let i = 0; i < rows.length; i += 1000) {
-    await boss.insert(q, rows.slice(i, i + 1000).map(data => ({ data, ...options })))
+    await boss.insert(q, rows.slice(i, i + 1000).map(data => ({
+      data, ...options, ...(group ? { group: { id: data.tenant_id } } : {})
+    })))
   }
 }
 
 // --- noisy neighbour ---------------------------------------------------------------
 async function noisy (boss, conn, o) {
   const q = o.queue
-  const src = pgbossSource(boss, q)
+  // group: pg-boss 12's own per-group limit, each tenant a group of --limit.
+  const group = o.arm === 'group'
+  if (group && PGBOSS_MAJOR < 12) throw new Error('--arm group needs pg-boss 12 (PGBOSS_MAJOR=12)')
+  const src = pgbossSource(boss, q, group ? { groupConcurrency: o.limit } : {})
   const db = src.db
   const quiet = Array.from({ length: o.quietTenants }, (_, i) => tenant(i + 1))
   const quietTotal = o.quietTenants * o.quietJobs
   const jobOptions = o.arm === 'naive' && o.putback === 'fail' ? { retryLimit: 1000000, retryDelay: o.retryDelay } : {}
   const t0 = Date.now()
-  await insertChunks(boss, q, Array.from({ length: o.noisyJobs }, () => ({ tenant_id: NOISY, bench: 'a' })), jobOptions)
+  await insertChunks(boss, q, Array.from({ length: o.noisyJobs }, () => ({ tenant_id: NOISY, bench: 'a' })), jobOptions, group)
   const enqueueNoisyS = (Date.now() - t0) / 1000
   if (o.analyze) await db.executeSql('ANALYZE pgboss.job')
 
   const s = makeStats(o)
-  const sampler = o.arm === 'fetch' ? null : slotSampler(conn, o.sampleMs)
+  const sampler = o.arm === 'fetch' || group ? null : slotSampler(conn, o.sampleMs)
   let quietAt = 0
   let stopAt = Infinity
   let quietDone = 0
@@ -367,7 +378,7 @@ async function noisy (boss, conn, o) {
   const conductor = (async () => {
     await sleep(o.quietDelay * 1000)
     quietAt = Date.now()
-    for (const t of quiet) await insertChunks(boss, q, Array.from({ length: o.quietJobs }, () => ({ tenant_id: t, bench: 'q' })), jobOptions)
+    for (const t of quiet) await insertChunks(boss, q, Array.from({ length: o.quietJobs }, () => ({ tenant_id: t, bench: 'q' })), jobOptions, group)
     stopAt = quietAt + o.cap * 1000
     while (!stop()) {
       quietDone = countQuiet()
@@ -610,8 +621,7 @@ async function main () {
     ...parseConn(conn),
     max: o.workers + 2,
     application_name: 'claim_bench',
-    supervise: false,
-    schedule: false,
+    ...quietOptions(PGBOSS_MAJOR),
     migrate: command === 'init'
   })
   const errors = []
@@ -625,7 +635,7 @@ async function main () {
     } else {
       if (!await boss.getQueue(o.queue)) throw new Error(`queue ${o.queue} missing: run init first`)
       if (command === 'noisy') {
-        if (!['claim', 'fetch', 'naive'].includes(o.arm)) throw new Error('noisy needs --arm claim|fetch|naive')
+        if (!['claim', 'fetch', 'naive', 'group'].includes(o.arm)) throw new Error('noisy needs --arm claim|fetch|naive|group')
         out = await noisy(boss, conn, o)
       } else if (command === 'weights') {
         out = await weights(boss, conn, o)

@@ -18,7 +18,7 @@ import pytest
 from conftest import destroy_cluster, fresh_cluster, set_limit
 from test_claim import (PGMQ_SQL, bind, boss_complete_sql, claim, live_slots, metrics, mq_send, send,
                         tick, uniq)
-from test_queues import NODE, boss, install_pgmq
+from test_queues import NODE, PGBOSS_MAJOR, boss, install_pgmq
 from conftest import ROOT, requires
 
 S = "meshhook_limits"
@@ -62,7 +62,8 @@ def rc():
     destroy_cluster(c)
 
 
-def setup_db(c, name):
+def setup_db(c, name, pgboss_major=11):
+    PGBOSS_MAJOR[name] = pgboss_major
     with c.connect(dbname="postgres") as conn:
         conn.execute(f"CREATE DATABASE {name}")
     with c.connect(dbname=name) as conn:
@@ -76,13 +77,14 @@ def held(conn, tenant) -> int:
 
 
 @pytest.mark.smoke
+@pytest.mark.parametrize("major", [11, 12], ids=["pgboss11", "pgboss12"])
 @pytest.mark.parametrize("how", ["crash", "restart"])
-def test_claimed_jobs_still_count_after_a_crash_or_restart(rc, how):
-    """The operator's reproduction: limit 3, claim 3 from pg-boss and 3 from
+def test_claimed_jobs_still_count_after_a_crash_or_restart(rc, how, major):
+    """The operator's reproduction: limit 6, claim 3 from pg-boss and 3 from
     pgmq (the workers keep them), crash or restart, claim again: nothing
-    more for the tenant; finish one job of each and one more is claimed at
+    more for the tenant; finish one job of each and two more are claimed at
     once, well within the restart grace."""
-    setup_db(rc, "app")
+    setup_db(rc, "app", major)
     t = str(uuid.uuid4())
     q, mq = uniq("q"), uniq("mq")
     boss(rc, "app", "create-queue", name=q, options={})

@@ -318,3 +318,88 @@ def test_operator_upgrade_from_0_1_0(old_server):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     check("restored")
+
+
+@pytest.fixture(scope="module")
+def server_020():
+    """A server running 0.2.0, built from its commit, in a relocated copy
+    of the installation (as old_server, for 0.2.0)."""
+    base = Path(f"/tmp/meshhook_limits/upgrade020-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    bin_dir = relocated_installation(base / "install")
+    install_release_from_commit("0.2.0", bin_dir, base)
+    c = Cluster(f"pytest-upgrade020-{os.getpid()}", bin=str(bin_dir))
+    destroy_cluster(c)
+    c.dbname = "app"
+    c.start("meshhook_limits.restart_grace = '60s'", "meshhook_limits.database = 'app'", "fsync = off")
+    with c.connect(dbname="postgres") as conn:
+        conn.execute("CREATE DATABASE app")
+        conn.execute("CREATE DATABASE fresh")
+    c.bin_dir = bin_dir
+    yield c
+    destroy_cluster(c)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_operator_upgrade_from_0_2_0_with_claimed_jobs_in_flight(server_020):
+    """0.2.0 claims jobs from pg-boss and pgmq (workers hold them); the new
+    library goes in and the server restarts; in the window claim_jobs says
+    to update (55000) and admits nothing; after ALTER EXTENSION UPDATE the
+    catalog equals a fresh install, the jobs still running count against
+    the limit (rebuilt from the queues), and the next job is claimed when
+    one ends -- well within the 60 s restart grace."""
+    from test_queues import boss, install_pgmq
+    c = server_020
+    t = str(uuid.uuid4())
+    install_pgmq(c, "app")
+    boss(c, "app", "start")
+    boss(c, "app", "create-queue", name="webhooks")
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION meshhook_limits")
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'meshhook_limits'"
+                            ).fetchone() == ("0.2.0",)
+        conn.execute("SELECT pgmq.create('orders')")
+        conn.execute("SELECT meshhook_limits.set_limit('concurrent_executions', 4, %s)", (t,))
+        conn.execute("SELECT meshhook_limits.bind_queue('pgboss', 'webhooks')")
+        conn.execute("SELECT meshhook_limits.bind_queue('pgmq', 'orders')")
+        for i in range(5):
+            boss(c, "app", "send", name="webhooks", data={"tenant_id": t, "i": i})
+        conn.execute("SELECT pgmq.send_batch('orders', ARRAY(SELECT jsonb_build_object('tenant_id', %s::text, 'i', i) "
+                     "FROM generate_series(1, 5) i))", (t,))
+        # 0.2.0's restart grace after the server's start: wait it out.
+        deadline = time.monotonic() + 90
+        boss_jobs = []
+        while not boss_jobs and time.monotonic() < deadline:
+            boss_jobs = conn.execute("SELECT job_id FROM meshhook_limits.claim_jobs('pgboss', 'webhooks', 2)").fetchall()
+            time.sleep(0.5)
+        assert len(boss_jobs) == 2
+        mq = conn.execute("SELECT job_id FROM meshhook_limits.claim_jobs('pgmq', 'orders', 2, '10 minutes')").fetchall()
+        assert len(mq) == 2
+        install_current_library(c.bin_dir)
+    c.restart()
+
+    with c.connect() as conn:
+        # The window: new library, 0.2.0 SQL.
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute("SELECT * FROM meshhook_limits.claim_jobs('pgboss', 'webhooks', 10)")
+        assert e.value.sqlstate == "55000", e.value
+        assert e.value.diag.message_hint == "Run ALTER EXTENSION meshhook_limits UPDATE in this database."
+        conn.execute("ALTER EXTENSION meshhook_limits UPDATE")
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'meshhook_limits'"
+                            ).fetchone() == (CURRENT_VERSION,)
+        # 4 running (2 + 2), limit 4: nothing more, though 6 jobs wait.
+        assert conn.execute("SELECT count(*) FROM meshhook_limits.claim_jobs('pgboss', 'webhooks', 10)"
+                            ).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM meshhook_limits.claim_jobs('pgmq', 'orders', 10)").fetchone() == (0,)
+        assert conn.execute("SELECT meshhook_limits.live_slots(%s)", (t,)).fetchone() == (4,)
+        conn.execute("UPDATE pgboss.job SET state = 'completed', completed_on = now() WHERE id = %s",
+                     (boss_jobs[0][0],))
+        got = conn.execute("SELECT job_id, retry_count FROM meshhook_limits.claim_jobs('pgboss', 'webhooks', 10)"
+                           ).fetchall()
+        assert len(got) == 1 and got[0][1] == 0
+    with c.connect(dbname="fresh") as conn:
+        conn.execute("CREATE EXTENSION meshhook_limits")
+        fresh_catalog = catalog_of(conn)
+    with c.connect() as conn:
+        assert catalog_difference(fresh_catalog, catalog_of(conn)) == ([], [])

@@ -618,7 +618,11 @@ fn claim_jobs(
     ),
 > {
     let rows = match (source, queue, batch) {
-        (Some(source), Some(queue), Some(batch)) => claim(source, queue, batch, lease),
+        // Between a new library and ALTER EXTENSION UPDATE, the SQL this
+        // library calls may be missing: 55000, with what to do.
+        (Some(source), Some(queue), Some(batch)) => {
+            crate::error::passthrough(|| claim(source, queue, batch, lease))
+        }
         (_, _, None) => Err(LimitsError::invalid(
             "batch must be between 1 and 1000, got NULL",
             "claim up to batch jobs at once; 1 to 1000",
