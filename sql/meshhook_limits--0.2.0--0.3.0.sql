@@ -170,14 +170,17 @@ BEGIN
       ELSE
         running := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
           SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(j.msg_id::text || '/' || j.read_ct::text, %s,
-                   (extract(epoch FROM j.vt - pg_catalog.clock_timestamp()) * 1000000)::bigint)), '[]')
+                   -- A day at most: an infinite or far vt (anyone who may
+                   -- send may write one) neither fails nor overflows.
+                   (extract(epoch FROM LEAST(j.vt, pg_catalog.clock_timestamp() + interval '1 day')
+                                       - pg_catalog.clock_timestamp()) * 1000000)::bigint)), '[]')
             FROM %s j WHERE j.read_ct > 0 AND j.vt > pg_catalog.clock_timestamp() $q$, row_sql, b.relation));
       END IF;
     EXCEPTION WHEN OTHERS THEN
       RAISE EXCEPTION 'meshhook_limits: cannot rebuild the claimed slots of % queue % after the restart: %',
         b.source, b.queue, SQLERRM
         USING ERRCODE = '55000',
-              HINT = 'claiming in this database resumes once the queue table can be read (grant the extension''s owner access, or unbind the queue)';
+              HINT = 'claiming in this database resumes once the queue table can be read by its owner (see the error), or once the queue is unbound';
     END;
     RETURN QUERY SELECT b.id, x->>0, x->>1, x->>2, x->>3, x->>4, (x->>5)::bigint
                    FROM pg_catalog.jsonb_array_elements(running) x;
@@ -240,15 +243,17 @@ BEGIN
   -- is logged and the others still run, so reaping never stops.
   -- After a restart: the claimed slots of jobs that still run, from the
   -- queues, before claiming resumes (once per server start; cheap after).
+  -- Claimed slots are ended only once they are rebuilt: before, shared
+  -- memory knows none, and a retired binding would look done.
   BEGIN
     PERFORM meshhook_limits._restore_claims();
+    BEGIN
+      PERFORM meshhook_limits._end_claims();
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: ending claimed jobs'' slots failed: %', SQLERRM;
+    END;
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING '%', SQLERRM;
-  END;
-  BEGIN
-    PERFORM meshhook_limits._end_claims();
-  EXCEPTION WHEN OTHERS THEN
-    RAISE WARNING 'meshhook_limits: ending claimed jobs'' slots failed: %', SQLERRM;
   END;
   BEGIN
     PERFORM meshhook_limits.reap_execution_slots();
@@ -281,7 +286,7 @@ AS 'MODULE_PATHNAME', '_serve_database_wrapper';
 REVOKE EXECUTE ON FUNCTION meshhook_limits._serve_database() FROM PUBLIC;
 
 -- pg-boss 12: the claim statements follow its fetch (blocked, start_after <=,
--- key_strict_fifo heads, heartbeat_on); invalid jobs are rejected (reject_q).
+-- key_strict_fifo heads, heartbeat_on).
 -- The major version of pg-boss in this database, from its schema: 12 has
 -- columns 11 has not (blocked, heartbeat_on); NULL without pg-boss.
 CREATE FUNCTION meshhook_limits._pgboss_major() RETURNS integer
@@ -294,9 +299,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
 
-DROP FUNCTION meshhook_limits._claim_queries(bigint);
-CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
-RETURNS TABLE(tenants_q text, head_q text, take_q text, reject_q text)
+CREATE OR REPLACE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
+RETURNS TABLE(tenants_q text, head_q text, take_q text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   b meshhook_limits.queue_bindings;
@@ -306,12 +310,10 @@ DECLARE
   at_sql text;    -- when a job was queued
   rel text;
   v12 boolean;
-  archive regclass;
-  cols text;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('claim jobs');
   SELECT * INTO STRICT b FROM meshhook_limits.queue_bindings qb WHERE qb.id = p_binding;
-  t_sql := meshhook_limits._tenant_sql(b.source, b.tenant_path);
+  t_sql := meshhook_limits._claim_key_sql(b);
   p_sql := meshhook_limits._path_sql(b.source, b.project_path);
   k_sql := meshhook_limits._path_sql(b.source, b.key_path);
   c_sql := meshhook_limits._path_sql(b.source, b.cost_path);
@@ -373,11 +375,6 @@ BEGIN
         $v12$ ELSE '' END);
     -- What boss.fetch() does to a job it takes (12 also starts its
     -- heartbeat clock, which 12's supervisor fails a silent job by).
-    reject_q := pg_catalog.format($q$
-      UPDATE pgboss.job j SET state = 'failed', completed_on = pg_catalog.now(),
-             output = pg_catalog.jsonb_build_object('message', 'meshhook_limits: ' || r.why)
-        FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why)
-       WHERE j.name = %L AND j.id = r.id::uuid AND j.state < 'active' $q$, b.queue);
     take_q := pg_catalog.format($q$
       UPDATE pgboss.job j SET state = 'active', started_on = pg_catalog.now(), %s
              retry_count = CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END
@@ -392,28 +389,6 @@ BEGIN
        WHERE %5$s = $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
        ORDER BY %6$s LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
       p_sql, k_sql, c_sql, rel, t_sql, order_by);
-    -- What pgmq.archive does, with the reason in the headers: the columns
-    -- the queue and its archive share (the archive adds archived_at).
-    archive := pg_catalog.to_regclass(pg_catalog.format('pgmq.%I',
-                 'a_' || pg_catalog.substr((SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = b.relation), 3)));
-    IF archive IS NOT NULL THEN
-      SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO cols
-        FROM pg_catalog.pg_attribute a
-       WHERE a.attrelid = b.relation AND a.attnum > 0 AND NOT a.attisdropped
-         AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute x WHERE x.attrelid = archive AND x.attname = a.attname
-                        AND x.atttypid = a.atttypid AND NOT x.attisdropped);
-      reject_q := pg_catalog.format($q$
-        WITH d AS (DELETE FROM %1$s j USING ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why)
-                    WHERE j.msg_id = r.id::bigint RETURNING j.*, r.why)
-        INSERT INTO %2$s (%3$s) SELECT %4$s FROM d $q$, rel, archive, cols,
-        CASE WHEN cols ~ '\mheaders\M'
-             THEN pg_catalog.replace(cols, 'headers',
-                    'pg_catalog.jsonb_set(coalesce(d.headers, ''{}''), ''{x-meshhook-limits}'', pg_catalog.to_jsonb(d.why))')
-             ELSE cols END);
-    ELSE
-      reject_q := pg_catalog.format($q$
-        DELETE FROM %s j USING ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) r(id, why) WHERE j.msg_id = r.id::bigint $q$, rel);
-    END IF;
     -- What pgmq.read(queue, vt, qty) does to the messages it returns.
     take_q := pg_catalog.format($q$
       UPDATE %s j SET vt = pg_catalog.clock_timestamp() + $2, read_ct = j.read_ct + 1,
@@ -421,6 +396,129 @@ BEGIN
        WHERE j.msg_id = ANY ($1::bigint[]) $q$, rel);
   END IF;
   RETURN NEXT;
+END
+$$;
+
+-- Jobs that can never be claimed are out of their tenant's range of the claim index.
+-- The key of a job in the claim index: its tenant (_tenant_sql), or NULL
+-- when the job can never be claimed: a project that is not a uuid, an empty
+-- or over-long (200 bytes) concurrency key, a cost that is not a whole
+-- number from 1 to 1,000,000 (as claim_jobs parses them, src/claim/mod.rs).
+-- Such a job is out of its tenant's range, so it never stands in front of
+-- the tenant's claimable jobs, and is left as it is (counted as invalid).
+CREATE FUNCTION meshhook_limits._claim_key_sql(b meshhook_limits.queue_bindings, p_alias text DEFAULT 'j.')
+RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT pg_catalog.format(
+    '((CASE WHEN pg_catalog.octet_length(%1$s) OPERATOR(pg_catalog.<=) 64'
+    ' AND (%2$s IS NULL OR %2$s OPERATOR(pg_catalog.~) %5$L)'
+    ' AND (%3$s IS NULL OR pg_catalog.octet_length(%3$s) OPERATOR(pg_catalog.<=) 200 AND %3$s OPERATOR(pg_catalog.<>) %6$L)'
+    ' AND (%4$s IS NULL OR CASE WHEN %4$s OPERATOR(pg_catalog.~) %7$L'
+    ' THEN (%4$s)::pg_catalog.int4 OPERATOR(pg_catalog.>=) 1 AND (%4$s)::pg_catalog.int4 OPERATOR(pg_catalog.<=) 1000000'
+    ' ELSE false END)'
+    ' THEN %1$s END) COLLATE pg_catalog."C")',
+    meshhook_limits._path_sql(b.source, b.tenant_path, p_alias),
+    meshhook_limits._path_sql(b.source, b.project_path, p_alias),
+    meshhook_limits._path_sql(b.source, b.key_path, p_alias),
+    meshhook_limits._path_sql(b.source, b.cost_path, p_alias),
+    '^([0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$',
+    '',
+    '^[0-9]{1,7}$')
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_key_sql(meshhook_limits.queue_bindings, text) FROM PUBLIC;
+
+-- The claim index of a binding: each tenant's waiting jobs in the queue's
+-- own order (what claim_jobs walks), named in the binding. Built in the
+-- caller's transaction: writers of the queue wait meanwhile.
+CREATE FUNCTION meshhook_limits._create_claim_index(b meshhook_limits.queue_bindings)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF b.source = 'pgboss' THEN
+    EXECUTE pg_catalog.format(
+      'CREATE INDEX %I ON pgboss.job (%s, priority DESC, created_on, id) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state',
+      b.index_name, meshhook_limits._claim_key_sql(b, ''), b.queue, 'active');
+  ELSE
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id)', b.index_name, b.relation,
+      meshhook_limits._claim_key_sql(b, ''));
+  END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._create_claim_index(meshhook_limits.queue_bindings) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION meshhook_limits.bind_queue(source text, queue text, tenant_path text DEFAULT 'tenant_id',
+    project_path text DEFAULT NULL, key_path text DEFAULT NULL, cost_path text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  rel regclass;
+  tp text[]; pp text[]; kp text[]; cp text[];
+  b meshhook_limits.queue_bindings;
+  idx name;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('bind queues');
+  rel := meshhook_limits._queue_relation(bind_queue.source, bind_queue.queue);
+  IF bind_queue.tenant_path IS NULL THEN
+    RAISE EXCEPTION 'tenant_path must not be NULL' USING ERRCODE = '22023';
+  END IF;
+  tp := meshhook_limits._json_path(bind_queue.tenant_path, 'tenant_path');
+  pp := meshhook_limits._json_path(bind_queue.project_path, 'project_path');
+  kp := meshhook_limits._json_path(bind_queue.key_path, 'key_path');
+  cp := meshhook_limits._json_path(bind_queue.cost_path, 'cost_path');
+  SELECT * INTO b FROM meshhook_limits.queue_bindings qb
+   WHERE qb.source = bind_queue.source AND qb.queue = bind_queue.queue FOR UPDATE;
+  IF FOUND THEN
+    IF b.tenant_path = tp AND b.relation = rel AND b.project_path IS NOT DISTINCT FROM pp
+       AND b.key_path IS NOT DISTINCT FROM kp AND b.cost_path IS NOT DISTINCT FROM cp THEN
+      RETURN;
+    END IF;
+    -- Other paths, another index: bound again (its claimed jobs are followed
+    -- through the retired binding).
+    PERFORM meshhook_limits.unbind_queue(bind_queue.source, bind_queue.queue);
+  END IF;
+  INSERT INTO meshhook_limits.queue_bindings (source, queue, tenant_path, project_path, key_path, cost_path,
+                                              relation, index_name)
+  VALUES (bind_queue.source, bind_queue.queue, tp, pp, kp, cp, rel, '-')
+  RETURNING * INTO b;
+  idx := 'meshhook_claim_' || b.id;
+  UPDATE meshhook_limits.queue_bindings qb SET index_name = idx WHERE qb.id = b.id
+  RETURNING * INTO b;
+  PERFORM meshhook_limits._create_claim_index(b);
+  -- The triggers end a claimed job's slot in the transaction that ends the
+  -- job (_claim_ended: shared memory only, no SQL in the queue's statements).
+  IF bind_queue.source = 'pgboss' THEN
+    EXECUTE pg_catalog.format(
+      'CREATE TRIGGER %I AFTER UPDATE ON pgboss.job FOR EACH ROW WHEN (OLD.name OPERATOR(pg_catalog.=) %L '
+      'AND OLD.state OPERATOR(pg_catalog.=) %L::pgboss.job_state AND NEW.state OPERATOR(pg_catalog.<>) %L::pgboss.job_state) '
+      'EXECUTE FUNCTION meshhook_limits._claim_ended(%L, %L)',
+      idx || '_ended', bind_queue.queue, 'active', 'active', b.id, 'pgboss');
+    EXECUTE pg_catalog.format(
+      'CREATE TRIGGER %I AFTER DELETE ON pgboss.job FOR EACH ROW WHEN (OLD.name OPERATOR(pg_catalog.=) %L '
+      'AND OLD.state OPERATOR(pg_catalog.=) %L::pgboss.job_state) '
+      'EXECUTE FUNCTION meshhook_limits._claim_ended(%L, %L)',
+      idx || '_deleted', bind_queue.queue, 'active', b.id, 'pgboss');
+  ELSE
+    EXECUTE pg_catalog.format(
+      'CREATE TRIGGER %I AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION meshhook_limits._claim_ended(%L, %L)',
+      idx || '_deleted', rel, b.id, 'pgmq');
+  END IF;
+END
+$$;
+
+COMMENT ON FUNCTION meshhook_limits.bind_queue(text, text, text, text, text, text) IS
+  'Admin: where a pg-boss or pgmq queue''s jobs name their tenant, project, concurrency key and cost; adds the claim index. See docs/claiming.md.';
+
+-- Every bound queue's claim index again, with the new key.
+DO $$
+DECLARE b meshhook_limits.queue_bindings;
+BEGIN
+  FOR b IN SELECT * FROM meshhook_limits.queue_bindings qb
+            WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = qb.relation) LOOP
+    EXECUTE pg_catalog.format('DROP INDEX IF EXISTS %I.%I',
+      (SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = b.relation), b.index_name);
+    PERFORM meshhook_limits._create_claim_index(b);
+  END LOOP;
 END
 $$;
 
@@ -584,7 +682,8 @@ BEGIN
             FROM (SELECT %1$s AS tenant, %2$s AS key, %7$s AS not_due,
                          ((%3$s) IS NULL OR (%3$s) ~ %8$L)
                          AND ((%2$s) IS NULL OR pg_catalog.octet_length(%2$s) BETWEEN 1 AND 200)
-                         AND ((%4$s) IS NULL OR ((%4$s) ~ '^[0-9]{1,7}$' AND (%4$s)::int BETWEEN 1 AND 1000000)) AS valid
+                         AND ((%4$s) IS NULL OR CASE WHEN (%4$s) ~ '^[0-9]{1,7}$'
+                                                     THEN (%4$s)::int BETWEEN 1 AND 1000000 ELSE false END) AS valid
                     FROM %5$s j WHERE %6$s AND %1$s ~ %8$L) y
            WHERE %9$s
            GROUP BY tenant, key) x $q$,

@@ -75,15 +75,17 @@ BEGIN
   -- is logged and the others still run, so reaping never stops.
   -- After a restart: the claimed slots of jobs that still run, from the
   -- queues, before claiming resumes (once per server start; cheap after).
+  -- Claimed slots are ended only once they are rebuilt: before, shared
+  -- memory knows none, and a retired binding would look done.
   BEGIN
     PERFORM meshhook_limits._restore_claims();
+    BEGIN
+      PERFORM meshhook_limits._end_claims();
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: ending claimed jobs'' slots failed: %', SQLERRM;
+    END;
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING '%', SQLERRM;
-  END;
-  BEGIN
-    PERFORM meshhook_limits._end_claims();
-  EXCEPTION WHEN OTHERS THEN
-    RAISE WARNING 'meshhook_limits: ending claimed jobs'' slots failed: %', SQLERRM;
   END;
   BEGIN
     PERFORM meshhook_limits.reap_execution_slots();

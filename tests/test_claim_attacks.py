@@ -649,16 +649,8 @@ def test_odd_job_json_never_fails_a_claim_or_takes_from_another_tenant(cluster, 
         assert [str(c["tenant_id"]) for c in got] == [other], (source, got)
         assert claim(db, source, queue, batch=100) == []
     assert live_slots(db, tenant) == set()
-    # Jobs naming no valid tenant stay as they are; the tenant's jobs that
-    # can never be claimed (a bad cost, key or project) are failed with the
-    # reason, so they never stand in front of its others again; the job of
-    # cost 1,000,000 is valid and waits.
-    states = dict(db.execute("SELECT state::text, count(*) FROM pgboss.job WHERE id = ANY(%s::uuid[]) GROUP BY 1",
-                             (ids,)).fetchall())
-    assert states == {"created": 9, "failed": 10}, states
-    outputs = {r[0] for r in db.execute("SELECT output->>'message' FROM pgboss.job WHERE id = ANY(%s::uuid[]) "
-                                        "AND state = 'failed'", (ids,)).fetchall()}
-    assert all(o.startswith("meshhook_limits: its ") for o in outputs), outputs
+    assert db.execute("SELECT count(*) FROM pgboss.job WHERE id = ANY(%s::uuid[]) AND state = 'created'",
+                      (ids,)).fetchone()[0] == len(odd)
     assert db.execute("SELECT state FROM pgboss.job WHERE id = %s::uuid", (good,)).fetchone()[0] == "active"
 
 

@@ -8,11 +8,13 @@ Each test has its own cluster: restarts and dropped databases would
 disturb the session's. The restart grace is long (60 s) on purpose:
 claiming must resume as soon as the claimed slots are rebuilt from the
 queues, not when the grace ends."""
+import json
 import os
 import signal
 import time
 import uuid
 
+import psycopg
 import pytest
 
 from conftest import destroy_cluster, fresh_cluster, set_limit
@@ -224,3 +226,106 @@ def test_every_database_with_the_extension_is_served_and_a_dropped_one_leaves_no
 def metrics_live(conn) -> float:
     """Live slots of the whole server (every database), as metrics() reports them."""
     return metrics(conn)["meshhook_limits_slots_live"]
+
+
+def test_the_drop_database_hook_stops_only_our_worker_for_the_databases_owner(rc):
+    """The hook that lets DROP DATABASE through a served database runs no
+    SQL of the caller's: a role with CREATEDB and its own `=` operators in
+    its search_path kills nobody with a DROP DATABASE of a database it does
+    not own (red-team finding: it killed every backend); the database's
+    owner, not a superuser, drops it without FORCE while its worker serves
+    it; CREATE DATABASE ... TEMPLATE DEFAULT still works."""
+    with rc.connect(dbname="postgres") as su:
+        su.execute("CREATE ROLE mallory LOGIN CREATEDB")
+        su.execute("CREATE ROLE owner_o LOGIN CREATEDB")
+        su.execute("CREATE DATABASE victim")
+        su.execute("CREATE DATABASE owned OWNER owner_o")
+    for db in ("victim", "owned"):
+        with rc.connect(dbname=db) as conn:
+            conn.execute("CREATE EXTENSION meshhook_limits")
+
+    def worker_in(db):
+        return rc.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'meshhook_limits worker' "
+                      "AND datname = %s", (db,), dbname="postgres")
+    wait_for(lambda: worker_in("victim") and worker_in("owned"), "workers in victim and owned")
+    with rc.connect(dbname="postgres") as bystander:
+        pid = bystander.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with rc.connect(dbname="postgres", user="mallory") as m:
+            m.execute("CREATE DATABASE mdb")
+        with rc.connect(dbname="mdb", user="mallory") as m:
+            m.execute("CREATE SCHEMA evil")
+            for left, right in (("text", "text"), ("name", "text"), ("oid", "oid"), ("name", "name")):
+                m.execute(f"CREATE FUNCTION evil.t(a {left}, b {right}) RETURNS boolean LANGUAGE sql "
+                          "AS 'SELECT true'")
+                m.execute(f"CREATE OPERATOR evil.= (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = evil.t)")
+            m.execute("SET search_path = evil, pg_catalog")
+            for stmt in ("DROP DATABASE IF EXISTS no_such_db", "DROP DATABASE victim"):
+                try:
+                    m.execute(stmt)
+                except psycopg.Error:
+                    pass                                      # not the owner: refused, as it must be
+            m.execute("CREATE DATABASE mdb2 TEMPLATE DEFAULT")
+        assert bystander.execute("SELECT pg_backend_pid()").fetchone()[0] == pid   # still alive
+    assert worker_in("victim"), "a non-owner's DROP DATABASE stopped the victim's worker"
+    with rc.connect(dbname="postgres", user="owner_o") as o:
+        o.execute("DROP DATABASE owned")                      # no FORCE, worker serving it
+    assert rc.sql("SELECT count(*) FROM pg_database WHERE datname = 'owned'", dbname="postgres") == [(0,)]
+
+
+def test_advisory_locks_any_role_can_take_hold_up_neither_rebuild_nor_worker(rc):
+    """Any role can take advisory locks; a plain role holding every key the
+    extension might use neither holds up claiming after a restart nor keeps
+    the worker out of its database (red-team finding)."""
+    setup_db(rc, "app")
+    t = str(uuid.uuid4())
+    q = uniq("mq")
+    with rc.connect(dbname="app") as db:
+        db.execute("CREATE ROLE bob LOGIN")
+        db.execute("SELECT pgmq.create(%s)", (q,))
+        bind(db, "pgmq", q)
+        mq_send(db, q, [{"tenant_id": t}] * 3)
+    rc.restart("fast")
+    with rc.connect(dbname="app", user="bob") as bob:
+        bob.execute("SELECT pg_advisory_lock(k) FROM (VALUES (7882833615114562817), (7882833615114562818)) v(k)")
+        with rc.connect(dbname="app") as db:
+            db.execute("SET statement_timeout = '20s'")
+            assert len(claim(db, "pgmq", q, 3)) == 3
+        wait_for(lambda: rc.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                                "'meshhook_limits worker' AND datname = 'app'", dbname="postgres") == [(1,)],
+                 "the worker serves app")
+
+
+def test_hostile_in_flight_rows_neither_fail_the_rebuild_nor_fill_the_table(rc):
+    """Whoever may send to a bound pgmq queue may write any vt and read_ct:
+    an infinite vt does not fail the rebuild after a restart (claiming goes
+    on), and 1,100 rows in flight for one victim rebuild at most the
+    tenant's ceiling of slots, with a lease of at most a day: the slot table
+    stays open to every other database (red-team findings)."""
+    setup_db(rc, "app")
+    setup_db(rc, "other")
+    victim, t = str(uuid.uuid4()), str(uuid.uuid4())
+    q = uniq("mq")
+    with rc.connect(dbname="app") as db:
+        db.execute("SELECT pgmq.create(%s)", (q,))
+        bind(db, "pgmq", q)
+        db.execute(f"INSERT INTO pgmq.q_{q} (read_ct, vt, message) VALUES (1, 'infinity', %s::jsonb)",
+                   (json.dumps({"tenant_id": t}),))
+        db.execute(f"INSERT INTO pgmq.q_{q} (read_ct, vt, message) "
+                   "SELECT 1, now() + interval '30 days', %s::jsonb FROM generate_series(1, 1100)",
+                   (json.dumps({"tenant_id": victim}),))
+        mq_send(db, q, [{"tenant_id": t}])
+    rc.restart("fast")
+    with rc.connect(dbname="app") as db:
+        assert len(claim(db, "pgmq", q, 5)) == 1               # the rebuild did not fail
+        ceiling = int(db.execute("SHOW meshhook_limits.tenant_slot_ceiling").fetchone()[0])
+        assert held(db, victim) == ceiling
+        longest = db.execute(f"SELECT max(lease_expires_at) - now() FROM {S}.slots() WHERE state = 'live'"
+                             ).fetchone()[0]
+        assert longest.total_seconds() <= 86400 + 5
+    with rc.connect(dbname="other") as db:
+        # Past the restart grace? Direct slots wait for it; a claim does not.
+        mq2 = uniq("mq")
+        db.execute("SELECT pgmq.create(%s)", (mq2,))
+        bind(db, "pgmq", mq2)
+        mq_send(db, mq2, [{"tenant_id": t}] * 3)
+        assert len(claim(db, "pgmq", mq2, 3)) == 3

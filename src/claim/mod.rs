@@ -104,8 +104,6 @@ struct Plans {
     tenants: OwnedPreparedStatement,
     head: OwnedPreparedStatement,
     take: OwnedPreparedStatement,
-    /// Takes jobs that can never be claimed out of the queue's waiting jobs.
-    reject: OwnedPreparedStatement,
     /// The tenants with waiting jobs the last scan found (id, as the JSON
     /// spells it, its next job's queue time), and when it ran.
     found: Vec<Found>,
@@ -162,13 +160,13 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
 
 fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
     let rows = c.select(
-        "SELECT tenants_q, head_q, take_q, reject_q FROM meshhook_limits._claim_queries($1)",
+        "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
         Some(1),
         &[b.id.into()],
     )?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
     let text = |i| -> Result<String> { Ok(r.get::<String>(i)?.unwrap_or_default()) };
-    let (tenants_q, head_q, take_q, reject_q) = (text(1)?, text(2)?, text(3)?, text(4)?);
+    let (tenants_q, head_q, take_q) = (text(1)?, text(2)?, text(3)?);
     let text_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
     let take_args: &[PgOid] = if b.pgmq {
@@ -183,9 +181,6 @@ fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
             .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
             .keep(),
         take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
-        reject: c
-            .prepare_mut(reject_q.as_str(), &[texts_oid, texts_oid])?
-            .keep(),
         found: Vec::new(),
         found_at: i64::MIN,
     })
@@ -429,8 +424,6 @@ fn claim_with(
     let mut claimed = Vec::new();
     // The claimed jobs not taken yet (indexes into claimed).
     let mut pending = Vec::new();
-    // Jobs that can never be claimed, and why.
-    let mut rejected: Vec<(String, &str)> = Vec::new();
     while claimed.len() < batch {
         // Where each stands now (this call's and other claimers' claims
         // moved the tags). Read for a lone tenant too: the start it is
@@ -500,18 +493,10 @@ fn claim_with(
             .key
             .as_ref()
             .is_none_or(|k| !k.is_empty() && k.len() <= slot_claim::KEY_MAX);
+        // (The claim index leaves such jobs out of their tenant's range:
+        // this is the guard, not the filter.)
         let (Some(project), Some(cost), true) = (project, cost, key_ok) else {
-            // Out of the waiting jobs when the call ends, so it never
-            // stands in front of the tenant's others again.
             invalid_job();
-            let why = if project.is_none() {
-                "its project is not a uuid"
-            } else if cost.is_none() {
-                "its cost is not a whole number from 1 to 1000000"
-            } else {
-                "its concurrency key is empty or longer than 200 bytes"
-            };
-            rejected.push((job.id.clone(), why));
             t.pass(job.id);
             continue;
         };
@@ -568,12 +553,6 @@ fn claim_with(
     if !pending.is_empty() {
         let ids: Vec<&str> = pending.iter().map(|&i| claimed[i].0.as_str()).collect();
         take(c, plans, ids, vt)?;
-    }
-    if !rejected.is_empty() {
-        let (ids, whys): (Vec<&str>, Vec<&str>) =
-            rejected.iter().map(|(id, why)| (id.as_str(), *why)).unzip();
-        let _pinned = ClaimIndexOnly::new();
-        c.update(&plans.reject, None, &[ids.into(), whys.into()])?;
     }
     // The next calls of this backend (until the next skip scan) see the
     // tenants as this one left them: served since, or with nothing left

@@ -4,20 +4,16 @@
 //! the worker's first tick there, does it: every job a bound queue shows
 //! running (pg-boss `active`; pgmq read and still invisible) gets its slot
 //! with its tenant, project, key and cost, as claim_jobs would have given
-//! it, and ends like any claimed slot when its job ends. A transaction
-//! advisory lock lets one backend of the database rebuild while the others
-//! wait for it; a rebuild that fails (a queue that cannot be read) marks
-//! nothing, and claiming stays refused until one succeeds.
+//! it, and ends like any claimed slot when its job ends. One backend of the
+//! database rebuilds while the others wait for it (`slots::restore::begin`);
+//! a rebuild that fails (a queue that cannot be read) marks nothing, and
+//! claiming stays refused until one succeeds.
 use super::{parse_cost, parse_uuid};
 use crate::error::{OrRaise, Result};
 use crate::identity;
 use crate::slots::claim::KEY_MAX;
 use crate::slots::restore::{self, Running};
 use pgrx::prelude::*;
-
-/// The advisory lock (per database, as all advisory locks are) the rebuild
-/// holds: "meshlim" and 1.
-const RESTORE_LOCK: i64 = 0x6d65_7368_6c69_6d01;
 
 /// Make sure this database's claimed slots were rebuilt since the server
 /// started; rebuild them now if not. Cheap once done.
@@ -30,19 +26,18 @@ pub fn ensure(c: &pgrx::spi::SpiClient) -> Result<()> {
 }
 
 fn rebuild() -> Result<i64> {
-    if restore::restored() {
+    if restore::restored() || !restore::begin()? {
         return Ok(0);
     }
+    // However the rebuild ends, this backend no longer holds it (after a
+    // success `insert` has marked the database restored).
+    pgrx::PgTryBuilder::new(rebuild_now)
+        .finally(restore::abandon)
+        .execute()
+}
+
+fn rebuild_now() -> Result<i64> {
     let jobs = Spi::connect(|c| -> Result<Option<Vec<Running>>> {
-        c.select(
-            "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-            Some(1),
-            &[RESTORE_LOCK.into()],
-        )?;
-        // Whoever held the lock before may have done it.
-        if restore::restored() {
-            return Ok(None);
-        }
         let rows = c.select(
             "SELECT binding_id, job_id, tenant, project, key, cost, lease_micros
                FROM meshhook_limits._claims_to_restore()",
@@ -92,8 +87,9 @@ fn rebuild() -> Result<i64> {
     let (made, no_room) = restore::insert(&jobs)?;
     if no_room > 0 {
         pgrx::warning!(
-            "meshhook_limits: {no_room} running claimed jobs found no free slot entry after the restart \
-             (the slot table holds {}); they are not counted against their limits",
+            "meshhook_limits: {no_room} running claimed jobs got no slot after the restart (past their \
+             tenant's meshhook_limits.tenant_slot_ceiling, half the slot table of {} for one database, \
+             or a full table); they are not counted against their limits",
             crate::slots::table::MAX_SLOTS
         );
     }

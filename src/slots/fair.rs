@@ -178,12 +178,12 @@ impl Clock {
         }
     }
 
-    /// Drop the clocks and tags of databases not in `existing` (sorted).
-    pub fn forget_databases(&mut self, existing: &[u32]) {
+    /// Drop the clocks and tags of the databases `gone` (sorted).
+    pub fn forget_databases(&mut self, gone: &[u32]) {
         let keep: Vec<Tag> = self
             .tags
             .iter()
-            .filter(|t| t.kind != EMPTY && existing.binary_search(&t.database).is_ok())
+            .filter(|t| t.kind != EMPTY && gone.binary_search(&t.database).is_err())
             .copied()
             .collect();
         if keep.len() == self.used as usize {

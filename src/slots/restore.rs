@@ -7,7 +7,7 @@
 //! and gives each one its claimed slot here, unchecked (the job holds its
 //! room already), and marks the database restored (`Table::restored`): from
 //! then on its claims are admitted, restart grace or not.
-use super::table::{self, LockedTable, Slot, LIVE, RUN_ID_MAX};
+use super::table::{self, LockedTable, Slot, LIVE, MAX_SLOTS, RUN_ID_MAX};
 use super::{now, random_slot_id, with_index};
 use crate::error::{LimitsError, Result};
 use crate::shmem;
@@ -48,6 +48,54 @@ pub fn restored() -> bool {
     done
 }
 
+/// Take the rebuild of this database: true when this backend is to do it
+/// (then `insert` or `abandon` ends it), false when it is done. While another
+/// live backend does it, waits for it (a shared-memory mark, not a lock any
+/// role could take: an advisory lock would let any session hold claiming up).
+pub fn begin() -> Result<bool> {
+    let (db, me) = (shmem::my_database(), unsafe { pg_sys::MyProcPid });
+    loop {
+        let holder = {
+            let mut locked = LockedTable::exclusive().ok_or(LimitsError::NotPreloaded)?;
+            let t = locked.table();
+            if t.restored(db) {
+                SEEN.set(true);
+                return Ok(false);
+            }
+            match t.restoring(db) {
+                None => {
+                    t.set_restoring(db, Some(me));
+                    return Ok(true);
+                }
+                Some(pid) if pid == me => return Ok(true),
+                Some(pid) => pid,
+            }
+        };
+        // Outside our lock: this takes the proc array's.
+        if unsafe { pg_sys::BackendPidGetProc(holder) }.is_null() {
+            // It died mid-rebuild: take over.
+            let mut locked = LockedTable::exclusive().ok_or(LimitsError::NotPreloaded)?;
+            if locked.table().restoring(db) == Some(holder) {
+                locked.table().set_restoring(db, Some(me));
+                return Ok(true);
+            }
+            continue;
+        }
+        unsafe { pg_sys::pg_usleep(10_000) };
+        pgrx::check_for_interrupts!();
+    }
+}
+
+/// This backend gives the rebuild up (it failed): another may take it.
+pub fn abandon() {
+    let (db, me) = (shmem::my_database(), unsafe { pg_sys::MyProcPid });
+    if let Some(mut locked) = LockedTable::exclusive() {
+        if locked.table().restoring(db) == Some(me) {
+            locked.table().set_restoring(db, None);
+        }
+    }
+}
+
 /// Give each running job its claimed slot (those that have one already
 /// are left alone) and mark this database restored. Returns how many slots
 /// were made, and how many jobs found no free entry in the table.
@@ -60,6 +108,12 @@ pub fn insert(jobs: &[Running]) -> Result<(usize, usize)> {
         .iter()
         .map(|_| random_slot_id())
         .collect::<Result<Vec<_>>>()?;
+    // The caps claiming itself has: a tenant's ceiling, and half the table
+    // for one database (what an enqueuer writes into a queue could
+    // otherwise fill the table for every database); a lease of max_lease.
+    let ceiling = u32::try_from(crate::gucs::tenant_slot_ceiling()).unwrap_or(u32::MAX);
+    let max_lease = crate::gucs::max_lease_micros();
+    let mut per_tenant: std::collections::HashMap<[u8; 16], u32> = Default::default();
     let mut locked = LockedTable::exclusive().ok_or(LimitsError::NotPreloaded)?;
     if locked.table().restored(db) {
         return Ok((0, 0));
@@ -70,6 +124,12 @@ pub fn insert(jobs: &[Running]) -> Result<(usize, usize)> {
         if locked.table().claimed(db, &digest).is_some() {
             continue;
         }
+        let held = per_tenant.entry(*job.tenant.as_bytes()).or_default();
+        if *held + job.cost > ceiling || made >= MAX_SLOTS / 2 {
+            no_room += 1;
+            continue;
+        }
+        *held += job.cost;
         let run_id = format!("{}{}/{}", super::claim::RUN_ID_PREFIX, job.binding, job.job);
         if run_id.len() > RUN_ID_MAX {
             continue;
@@ -78,7 +138,10 @@ pub fn insert(jobs: &[Running]) -> Result<(usize, usize)> {
             no_room += 1;
             continue;
         };
-        let lease_micros = job.lease_micros.unwrap_or(default_lease).max(1_000_000);
+        let lease_micros = job
+            .lease_micros
+            .unwrap_or(default_lease)
+            .clamp(1_000_000, max_lease.max(1_000_000));
         let mut run = [0u8; RUN_ID_MAX];
         run[..run_id.len()].copy_from_slice(run_id.as_bytes());
         let key = job.key.as_deref().map(table::key_digest);

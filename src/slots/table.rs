@@ -54,6 +54,9 @@ pub const KIND_CLAIM: u8 = 5;
 /// Not a count: present (1) once the claimed slots of a database have been
 /// rebuilt from its bound queues since the server started (`restore`).
 pub const KIND_RESTORED: u8 = 6;
+/// Not a count: the pid of the backend rebuilding a database's claimed
+/// slots now (`restore`).
+pub const KIND_RESTORING: u8 = 7;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -197,6 +200,15 @@ impl CounterKey {
         }
     }
 
+    pub fn restoring(database: u32) -> Self {
+        CounterKey {
+            database,
+            tenant: [0; 16],
+            project: [0; 16],
+            kind: KIND_RESTORING,
+        }
+    }
+
     /// Every key a slot counts under.
     fn all_of(s: &Slot) -> impl Iterator<Item = CounterKey> {
         [
@@ -320,15 +332,15 @@ unsafe fn startup() {
     }
 }
 
-/// Drop everything the table holds of databases not in `existing` (sorted):
-/// their slots, counts, claim maps and restored marks, and their tenants'
-/// fair-share tags. The launcher calls it when a database is gone.
-pub fn forget_databases(existing: &[u32]) {
+/// Drop everything the table holds of the databases `gone` (sorted): their
+/// slots, counts, claim maps and restored marks, and their tenants'
+/// fair-share tags. The launcher calls it when a database it saw is gone.
+pub fn forget_databases(gone_ones: &[u32]) {
     let Some(mut locked) = LockedTable::exclusive() else {
         return;
     };
     let t = locked.table();
-    let gone = |db: u32| existing.binary_search(&db).is_err();
+    let gone = |db: u32| gone_ones.binary_search(&db).is_ok();
     for idx in 0..MAX_SLOTS {
         let s = t.slots[idx];
         if s.state == FREE || !gone(s.database) {
@@ -349,7 +361,7 @@ pub fn forget_databases(existing: &[u32]) {
     for (key, count) in stale {
         t.decr(&key, count);
     }
-    t.fair.forget_databases(existing);
+    t.fair.forget_databases(gone_ones);
 }
 
 /// True when the library was preloaded and the table exists in this process.
@@ -532,6 +544,24 @@ impl Table {
     pub fn mark_restored(&mut self, database: u32) {
         if !self.restored(database) {
             self.incr(&CounterKey::restored(database), 1);
+        }
+        self.set_restoring(database, None);
+    }
+
+    /// The backend rebuilding `database`'s claimed slots, if any.
+    pub fn restoring(&self, database: u32) -> Option<i32> {
+        let i = self.find(&CounterKey::restoring(database)).ok()?;
+        Some(self.counters[i].count as i32)
+    }
+
+    pub fn set_restoring(&mut self, database: u32, pid: Option<i32>) {
+        let key = CounterKey::restoring(database);
+        if let Ok(i) = self.find(&key) {
+            let n = self.counters[i].count;
+            self.decr(&key, n);
+        }
+        if let Some(pid) = pid {
+            self.incr(&key, pid as u32);
         }
     }
 

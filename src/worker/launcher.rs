@@ -5,13 +5,15 @@
 //! database, it lists the databases that accept connections every second
 //! (templates are left alone: a session in one would make CREATE DATABASE
 //! fail) and keeps a worker (`super::meshhook_limits_worker_main`) in each.
-//! A worker that finds no extension leaves at once, and is tried again 5 s
-//! later, so a new `CREATE EXTENSION` is served within seconds; sooner,
-//! since the extension's install script wakes the launcher when it commits
-//! (`_serve_database`). The launcher also drops what shared memory holds of
-//! databases that no longer exist (`slots::table::Table::forget_databases`).
-//! Each worker is a dynamic background worker: it takes one of
-//! `max_worker_processes`.
+//! A worker that finds no extension leaves at once, and is tried again a
+//! minute later; the extension's install script wakes the launcher when it
+//! commits (`_serve_database`), so a new `CREATE EXTENSION` is served at
+//! once. A worker that served and exited is started again after 5 s.
+//! Each worker registers itself in shared memory (`register_worker`): one per
+//! database, and the pid `utility` stops before DROP DATABASE. The launcher
+//! also drops what shared memory holds of a database it saw and no longer
+//! sees (`slots::table::forget_databases`). Each worker is a dynamic
+//! background worker: it takes one of `max_worker_processes`.
 use super::{in_transaction, WORKER_TYPE};
 use crate::gucs;
 use pgrx::bgworkers::{
@@ -23,28 +25,143 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long a database's worker that exited (or found no extension) waits
-/// before it is started again.
+/// How long a database's worker that exited waits before it is started again.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
+/// How often a database where no worker stayed (no extension there) is
+/// tried again; CREATE EXTENSION wakes the launcher sooner (`_serve_database`).
+const PROBE_EVERY: Duration = Duration::from_secs(60);
 
-/// In shared memory: the launcher's latch, and a database to serve at once.
+/// Databases served at once, at most.
+const MAX_SERVED: usize = 256;
+
+/// A database's worker, as it registered itself (`register_worker`).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Serving {
+    database: u32,
+    pid: i32,
+}
+
+/// In shared memory: the launcher's latch, a database to serve at once, and
+/// the worker serving each database (under `LOCK`).
 #[repr(C)]
 struct Shared {
     latch: AtomicPtr<pg_sys::Latch>,
     wake: AtomicU32,
+    serving: [Serving; MAX_SERVED],
 }
 
 static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+static LOCK: AtomicPtr<pg_sys::LWLock> = AtomicPtr::new(std::ptr::null_mut());
+const TRANCHE: &std::ffi::CStr = c"meshhook_limits launcher";
 
 pub static SEGMENT: crate::shmem::Segment = crate::shmem::Segment { request, startup };
 
 unsafe fn request() {
-    unsafe { pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>()) };
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
 }
 
 unsafe fn startup() {
-    let (shared, _) = unsafe { crate::shmem::init_struct::<Shared>(c"meshhook_limits launcher") };
-    SHARED.store(shared, Ordering::Release);
+    unsafe {
+        let (shared, _) = crate::shmem::init_struct::<Shared>(c"meshhook_limits launcher");
+        SHARED.store(shared, Ordering::Release);
+        LOCK.store(
+            &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock,
+            Ordering::Release,
+        );
+    }
+}
+
+/// The registry of serving workers, under its lock.
+fn with_serving<R>(f: impl FnOnce(&mut [Serving; MAX_SERVED]) -> R) -> Option<R> {
+    let (shared, lock) = (SHARED.load(Ordering::Acquire), LOCK.load(Ordering::Acquire));
+    if !crate::shmem::preloaded() || shared.is_null() || lock.is_null() {
+        return None;
+    }
+    // SAFETY: both set by the startup hook; the lock guards `serving`.
+    let _guard =
+        unsafe { crate::shmem::LwLockGuard::acquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+    Some(f(unsafe { &mut (*shared).serving }))
+}
+
+/// `pid` is a live backend connected to `database` (a pid of a worker that
+/// is gone may have been given to another process).
+fn serves(pid: i32, database: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let proc_ = unsafe { pg_sys::BackendPidGetProc(pid) };
+    !proc_.is_null() && unsafe { (*proc_).databaseId }.to_u32() == database
+}
+
+/// This process becomes the worker of its database; false when another live
+/// worker serves it already (or the registry is full).
+pub fn register_worker() -> bool {
+    let (db, me) = (crate::shmem::my_database(), unsafe { pg_sys::MyProcPid });
+    // Who is registered, first (liveness is checked outside our lock: it
+    // takes the proc array's).
+    let current = with_serving(|s| s.iter().find(|w| w.database == db).map(|w| w.pid)).flatten();
+    if current.is_some_and(|pid| pid != me && serves(pid, db)) {
+        return false;
+    }
+    with_serving(|s| {
+        if let Some(w) = s.iter_mut().find(|w| w.database == db) {
+            if w.pid != current.unwrap_or(w.pid) {
+                return false; // another worker registered meanwhile
+            }
+            w.pid = me;
+            return true;
+        }
+        match s.iter_mut().find(|w| w.database == 0) {
+            Some(w) => {
+                *w = Serving {
+                    database: db,
+                    pid: me,
+                };
+                true
+            }
+            None => false,
+        }
+    })
+    .unwrap_or(false)
+}
+
+/// This process no longer serves its database.
+pub fn unregister_worker() {
+    let (db, me) = (crate::shmem::my_database(), unsafe { pg_sys::MyProcPid });
+    with_serving(|s| {
+        for w in s.iter_mut().filter(|w| w.database == db && w.pid == me) {
+            *w = Serving {
+                database: 0,
+                pid: 0,
+            };
+        }
+    });
+}
+
+/// The pid of the worker serving `database`, if it is alive.
+pub fn worker_of(database: u32) -> Option<i32> {
+    let pid =
+        with_serving(|s| s.iter().find(|w| w.database == database).map(|w| w.pid)).flatten()?;
+    serves(pid, database).then_some(pid)
+}
+
+/// Forget the registrations of the databases `gone` (sorted).
+fn forget_databases(gone: &[u32]) {
+    with_serving(|s| {
+        for w in s
+            .iter_mut()
+            .filter(|w| w.database != 0 && gone.binary_search(&w.database).is_ok())
+        {
+            *w = Serving {
+                database: 0,
+                pid: 0,
+            };
+        }
+    });
 }
 
 fn shared() -> Option<&'static Shared> {
@@ -120,6 +237,8 @@ struct Served {
     worker: Option<DynamicBackgroundWorker>,
     next_start: Instant,
     warned: bool,
+    /// Its worker registered as serving the database (the extension is there).
+    served: bool,
 }
 
 fn running(w: &DynamicBackgroundWorker) -> bool {
@@ -161,9 +280,17 @@ pub extern "C-unwind" fn meshhook_limits_launcher_main(_arg: pg_sys::Datum) {
         // What shared memory holds of a database that is gone goes with it.
         let mut oids: Vec<u32> = all.iter().map(|d| d.oid).collect();
         oids.sort_unstable();
+        // Only databases this launcher saw and no longer sees: one created
+        // after the scan is never taken for gone.
         if oids != known {
-            if !all.is_empty() {
-                crate::slots::table::forget_databases(&oids);
+            let gone: Vec<u32> = known
+                .iter()
+                .copied()
+                .filter(|d| oids.binary_search(d).is_err())
+                .collect();
+            if !gone.is_empty() && !all.is_empty() {
+                crate::slots::table::forget_databases(&gone);
+                forget_databases(&gone);
             }
             known = oids;
         }
@@ -191,17 +318,27 @@ pub extern "C-unwind" fn meshhook_limits_launcher_main(_arg: pg_sys::Datum) {
                 worker: None,
                 next_start: now,
                 warned: false,
+                served: false,
             });
             if entry.worker.as_ref().is_some_and(running) {
+                entry.served |= worker_of(db.oid).is_some();
                 continue;
             }
             if entry.worker.take().is_some() {
-                entry.next_start = now + RESTART_AFTER;
+                // A worker that served (and was stopped, or crashed) comes
+                // back soon; a probe that found no extension, much later.
+                let after = if entry.served {
+                    RESTART_AFTER
+                } else {
+                    PROBE_EVERY
+                };
+                entry.next_start = now + after;
+                entry.served = false;
             }
             if !role_ok || (now < entry.next_start && woken != db.oid) {
                 continue;
             }
-            entry.next_start = now + RESTART_AFTER;
+            entry.next_start = now + PROBE_EVERY;
             entry.worker = start(db);
             if entry.worker.is_none() && !entry.warned {
                 pgrx::warning!(

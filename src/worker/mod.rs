@@ -62,11 +62,6 @@ pub fn in_transaction<R>(body: impl FnOnce() -> R + std::panic::UnwindSafe) -> R
 const EXTENSION_PRESENT_SQL: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'meshhook_limits')";
 
-/// The lock a database's worker holds for its life (per database, as all
-/// advisory locks are): a second worker started for the same database (by a
-/// launcher that restarted and forgot the first) leaves at once.
-const WORKER_LOCK: i64 = 0x6d65_7368_6c69_6d02;
-
 /// One tick; false when the extension is not (or no longer) installed.
 fn tick_once() -> bool {
     let result = in_transaction(|| -> bool {
@@ -107,23 +102,16 @@ pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
     let db = BackgroundWorker::get_extra().to_string();
     let role = gucs::worker_role();
     BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
-    let serving = in_transaction(|| {
-        let present = Spi::get_one::<bool>(EXTENSION_PRESENT_SQL)
-            .ok()
-            .flatten()
-            .unwrap_or(false);
-        // A session lock: held until the process exits.
-        present
-            && Spi::get_one_with_args::<bool>(
-                "SELECT pg_catalog.pg_try_advisory_lock($1)",
-                &[WORKER_LOCK.into()],
-            )
+    let present = in_transaction(|| {
+        Spi::get_one::<bool>(EXTENSION_PRESENT_SQL)
             .ok()
             .flatten()
             .unwrap_or(false)
     })
     .unwrap_or(false);
-    if !serving {
+    // One worker per database: a second one (started by a launcher that
+    // restarted and forgot the first) leaves at once.
+    if !present || !launcher::register_worker() {
         unsafe { pg_sys::proc_exit(0) };
     }
     pgrx::log!("meshhook_limits worker started in database \"{db}\"");
@@ -133,6 +121,7 @@ pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
             pgrx::log!(
                 "meshhook_limits worker: the extension is gone from database \"{db}\"; exiting"
             );
+            launcher::unregister_worker();
             unsafe { pg_sys::proc_exit(0) };
         }
         let interval = gucs::sample_interval();
@@ -151,5 +140,6 @@ pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
     // nothing is started again. To stop it, set meshhook_limits.worker = off
     // and restart the server.
     pgrx::log!("meshhook_limits worker exiting; the launcher starts it again unless the server is shutting down");
+    launcher::unregister_worker();
     unsafe { pg_sys::proc_exit(1) };
 }

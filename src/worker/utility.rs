@@ -1,11 +1,14 @@
-//! DROP DATABASE, CREATE DATABASE ... TEMPLATE and ALTER DATABASE ... RENAME
-//! refuse to run while another session is connected to the database, and
-//! a database's worker is one. So, before such a command, this hook asks
-//! that database's worker to leave (SIGTERM). The command waits up to 5 s
-//! for it to go; the launcher waits 5 s before it starts another
-//! (`launcher::RESTART_AFTER`), and a DROP DATABASE leaves nothing to start.
-//! Only for a caller who may run the command: the database's owner (or a
-//! member of its role) or a superuser.
+//! DROP DATABASE, CREATE DATABASE ... TEMPLATE, ALTER DATABASE ... RENAME
+//! and ALTER DATABASE ... SET TABLESPACE refuse to run while another session
+//! is connected to the database, and a database's worker is one. So, before
+//! such a command, this hook asks that database's worker to leave
+//! (SIGTERM). The command waits up to 5 s for it to go; the launcher waits
+//! 5 s before it starts another (`launcher::RESTART_AFTER`), and a DROP
+//! DATABASE leaves nothing to start. Only for a caller who may run the
+//! command (the database's owner, a member of its role, or a superuser),
+//! and only our worker, as it registered itself in shared memory
+//! (`launcher::worker_of`): no SQL runs here, so nothing of the caller's
+//! (operators, search_path) takes part.
 use pgrx::prelude::*;
 use std::ffi::{c_char, CStr};
 
@@ -19,15 +22,18 @@ pub fn install() {
     }
 }
 
-/// The database `stmt` needs free of sessions, if any.
-unsafe fn database_to_free(stmt: *mut pg_sys::Node) -> Option<String> {
-    let name = |p: *const c_char| unsafe {
-        (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
-    };
+/// The name of the database `stmt` needs free of sessions, if any.
+unsafe fn database_to_free(stmt: *mut pg_sys::Node) -> Option<*const c_char> {
+    let name = |p: *const c_char| (!p.is_null()).then_some(p);
     unsafe {
         if stmt.is_null() {
             return None;
         }
+        let option = |options: *mut pg_sys::List, wanted: &CStr| {
+            pgrx::PgList::<pg_sys::DefElem>::from_pg(options)
+                .iter_ptr()
+                .find(|d| !(**d).defname.is_null() && CStr::from_ptr((**d).defname) == wanted)
+        };
         match (*stmt).type_ {
             pg_sys::NodeTag::T_DropdbStmt => name((*stmt.cast::<pg_sys::DropdbStmt>()).dbname),
             pg_sys::NodeTag::T_RenameStmt => {
@@ -36,11 +42,16 @@ unsafe fn database_to_free(stmt: *mut pg_sys::Node) -> Option<String> {
                     .then(|| name((*r).subname))
                     .flatten()
             }
+            pg_sys::NodeTag::T_AlterDatabaseStmt => {
+                let a = stmt.cast::<pg_sys::AlterDatabaseStmt>();
+                option((*a).options, c"tablespace").and_then(|_| name((*a).dbname))
+            }
             pg_sys::NodeTag::T_CreatedbStmt => {
+                // TEMPLATE name; TEMPLATE DEFAULT has no argument (template1,
+                // which is never served).
                 let options = (*stmt.cast::<pg_sys::CreatedbStmt>()).options;
-                pgrx::PgList::<pg_sys::DefElem>::from_pg(options)
-                    .iter_ptr()
-                    .find(|d| name((**d).defname).as_deref() == Some("template"))
+                option(options, c"template")
+                    .filter(|d| !(**d).arg.is_null())
                     .and_then(|d| name(pg_sys::defGetString(d)))
             }
             _ => None,
@@ -48,23 +59,23 @@ unsafe fn database_to_free(stmt: *mut pg_sys::Node) -> Option<String> {
     }
 }
 
-/// SIGTERM to the workers connected to database `db`, if the caller owns it.
-fn stop_workers(db: &str) {
-    let pids = Spi::connect(|c| {
-        c.select(
-            "SELECT a.pid FROM pg_catalog.pg_stat_activity a
-               JOIN pg_catalog.pg_database d ON d.oid = a.datid
-              WHERE a.backend_type = $1 AND d.datname = $2
-                AND pg_catalog.pg_has_role(d.datdba, 'USAGE')",
-            None,
-            &[super::WORKER_TYPE.into(), db.into()],
-        )?
-        .map(|r| r.get::<i32>(1))
-        .collect::<Result<Vec<_>, _>>()
-    })
-    .unwrap_or_default();
-    for pid in pids.into_iter().flatten() {
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+/// SIGTERM to the worker of database `name`, if the caller owns it.
+unsafe fn stop_worker(name: *const c_char) {
+    unsafe {
+        let db = pg_sys::get_database_oid(name, true);
+        if db == pg_sys::InvalidOid {
+            return;
+        }
+        #[cfg(feature = "pg15")]
+        let owner = pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId());
+        #[cfg(not(feature = "pg15"))]
+        let owner = pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, db, pg_sys::GetUserId());
+        if !owner {
+            return;
+        }
+        if let Some(pid) = super::launcher::worker_of(db.to_u32()) {
+            libc::kill(pid, libc::SIGTERM);
+        }
     }
 }
 
@@ -82,7 +93,7 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     unsafe {
         if let Some(db) = database_to_free((*pstmt).utilityStmt) {
-            stop_workers(&db);
+            stop_worker(db);
         }
         match PREV {
             Some(prev) => prev(
