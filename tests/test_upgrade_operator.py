@@ -224,17 +224,19 @@ def window_calls(w: World) -> list[tuple[str, str, tuple]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def old_server():
-    base = Path(f"/tmp/meshhook_limits/upgrade-{os.getpid()}")
+def release_server(version: str, tag: str, grace: str):
+    """A server running `version`, built from its commit, in a relocated copy
+    of the installation, with databases app (served by the worker) and
+    fresh; destroyed when the generator is closed."""
+    base = Path(f"/tmp/meshhook_limits/{tag}-{os.getpid()}")
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     bin_dir = relocated_installation(base / "install")
-    install_release_from_commit(OLD, bin_dir, base)
-    c = Cluster(f"pytest-upgrade-{os.getpid()}", bin=str(bin_dir))
+    install_release_from_commit(version, bin_dir, base)
+    c = Cluster(f"pytest-{tag}-{os.getpid()}", bin=str(bin_dir))
     destroy_cluster(c)
     c.dbname = "app"
-    c.start("meshhook_limits.restart_grace = '3s'", "meshhook_limits.database = 'app'", "fsync = off")
+    c.start(f"meshhook_limits.restart_grace = '{grace}'", "meshhook_limits.database = 'app'", "fsync = off")
     with c.connect(dbname="postgres") as conn:
         conn.execute("CREATE DATABASE app")
         conn.execute("CREATE DATABASE fresh")
@@ -242,6 +244,11 @@ def old_server():
     yield c
     destroy_cluster(c)
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def old_server():
+    yield from release_server(OLD, "upgrade", "3s")
 
 
 def test_operator_upgrade_from_0_1_0(old_server):
@@ -322,24 +329,7 @@ def test_operator_upgrade_from_0_1_0(old_server):
 
 @pytest.fixture(scope="module")
 def server_020():
-    """A server running 0.2.0, built from its commit, in a relocated copy
-    of the installation (as old_server, for 0.2.0)."""
-    base = Path(f"/tmp/meshhook_limits/upgrade020-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    bin_dir = relocated_installation(base / "install")
-    install_release_from_commit("0.2.0", bin_dir, base)
-    c = Cluster(f"pytest-upgrade020-{os.getpid()}", bin=str(bin_dir))
-    destroy_cluster(c)
-    c.dbname = "app"
-    c.start("meshhook_limits.restart_grace = '60s'", "meshhook_limits.database = 'app'", "fsync = off")
-    with c.connect(dbname="postgres") as conn:
-        conn.execute("CREATE DATABASE app")
-        conn.execute("CREATE DATABASE fresh")
-    c.bin_dir = bin_dir
-    yield c
-    destroy_cluster(c)
-    shutil.rmtree(base, ignore_errors=True)
+    yield from release_server("0.2.0", "upgrade020", "60s")
 
 
 def test_operator_upgrade_from_0_2_0_with_claimed_jobs_in_flight(server_020):

@@ -13,7 +13,7 @@ use crate::identity;
 use crate::limits::{self, Mode};
 use crate::row::datum;
 use crate::shmem;
-use table::{CounterKey, LockedTable, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED, RUN_ID_MAX};
+use table::{CounterKey, LockedTable, RevokeReason, Slot, MAX_SLOTS, REVOKED, RUN_ID_MAX};
 use xact::Op;
 
 pub mod claim;
@@ -408,38 +408,24 @@ fn acquire(
     };
     let id = with_index(random_id, idx);
     let deadline = lim.exec_micros.map_or(i64::MAX, |m| now.saturating_add(m));
-    let mut run = [0u8; RUN_ID_MAX];
-    run[..run_id.len()].copy_from_slice(run_id.as_bytes());
-    let slot = Slot {
-        id,
-        database: db,
-        tenant: t,
-        project: p.unwrap_or([0; 16]),
-        has_project: p.is_some(),
-        key: k.unwrap_or([0; 16]),
-        has_key: k.is_some(),
-        cost: demand.cost,
-        claim: demand.claim.unwrap_or([0; 16]),
-        has_claim: demand.claim.is_some(),
-        state: LIVE,
-        reason: 0,
-        notified: false,
-        announcer: 0,
-        pid: unsafe { pg_sys::MyProcPid },
-        xid: unsafe { u32::from(pg_sys::GetTopTransactionIdIfAny()) },
-        acquired_at: now,
-        lease_micros,
-        lease_expires: now.saturating_add(lease_micros).min(deadline),
-        deadline,
-        memory_limit: lim.memory_bytes.unwrap_or(-1),
-        memory_peak: 0,
-        revoked_at: 0,
-        run_id_len: run_id.len() as u8,
-        run_id: run,
-    };
-    locked.table().slots[idx] = slot;
-    locked.table().count_in(&slot);
-    locked.table().map_claim(idx);
+    let slot = locked.table().put_live(
+        idx,
+        &table::NewSlot {
+            id,
+            database: db,
+            tenant: t,
+            project: p,
+            key: k,
+            cost: demand.cost,
+            claim: demand.claim,
+            xid: unsafe { u32::from(pg_sys::GetTopTransactionIdIfAny()) },
+            now,
+            lease_micros,
+            deadline,
+            memory_limit: lim.memory_bytes.unwrap_or(-1),
+            run_id,
+        },
+    );
     if demand.claim.is_some() {
         // Claimed cost is what fair share divides (`fair`).
         let weight = lim.weight.unwrap_or(1.0);

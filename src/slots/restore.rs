@@ -7,7 +7,7 @@
 //! and gives each one its claimed slot here, unchecked (the job holds its
 //! room already), and marks the database restored (`Table::restored`): from
 //! then on its claims are admitted, restart grace or not.
-use super::table::{self, LockedTable, Slot, LIVE, MAX_SLOTS, RUN_ID_MAX};
+use super::table::{self, LockedTable, NewSlot, MAX_SLOTS, RUN_ID_MAX};
 use super::{now, random_slot_id, with_index};
 use crate::error::{LimitsError, Result};
 use crate::shmem;
@@ -142,43 +142,28 @@ pub fn insert(jobs: &[Running]) -> Result<(usize, usize)> {
             .lease_micros
             .unwrap_or(default_lease)
             .clamp(1_000_000, max_lease.max(1_000_000));
-        let mut run = [0u8; RUN_ID_MAX];
-        run[..run_id.len()].copy_from_slice(run_id.as_bytes());
-        let key = job.key.as_deref().map(table::key_digest);
-        let slot = Slot {
-            id: with_index(random_id, idx),
-            database: db,
-            tenant: *job.tenant.as_bytes(),
-            project: job.project.map_or([0; 16], |p| *p.as_bytes()),
-            has_project: job.project.is_some(),
-            key: key.unwrap_or([0; 16]),
-            has_key: key.is_some(),
-            cost: job.cost,
-            claim: digest,
-            has_claim: true,
-            state: LIVE,
-            reason: 0,
-            notified: false,
-            announcer: 0,
-            pid: unsafe { pg_sys::MyProcPid },
-            // No transaction of ours: the tick may end it as soon as the
-            // job ends.
-            xid: 0,
-            acquired_at: now,
-            lease_micros,
-            lease_expires: now.saturating_add(lease_micros),
-            // When the job started is the queue's to know; the reaper
-            // revokes by lease, which the tick renews only while it runs.
-            deadline: i64::MAX,
-            memory_limit: -1,
-            memory_peak: 0,
-            revoked_at: 0,
-            run_id_len: run_id.len() as u8,
-            run_id: run,
-        };
-        locked.table().slots[idx] = slot;
-        locked.table().count_in(&slot);
-        locked.table().map_claim(idx);
+        locked.table().put_live(
+            idx,
+            &NewSlot {
+                id: with_index(random_id, idx),
+                database: db,
+                tenant: *job.tenant.as_bytes(),
+                project: job.project.map(|p| *p.as_bytes()),
+                key: job.key.as_deref().map(table::key_digest),
+                cost: job.cost,
+                claim: Some(digest),
+                // No transaction of ours: the tick may end it as soon as the
+                // job ends.
+                xid: 0,
+                now,
+                lease_micros,
+                // When the job started is the queue's to know; the reaper
+                // revokes by lease, which the tick renews only while it runs.
+                deadline: i64::MAX,
+                memory_limit: -1,
+                run_id: &run_id,
+            },
+        );
         made += 1;
     }
     locked.table().mark_restored(db);

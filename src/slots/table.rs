@@ -132,6 +132,26 @@ pub struct Slot {
     pub run_id: [u8; RUN_ID_MAX],
 }
 
+/// What a new live slot is made of (`Table::put_live`).
+pub struct NewSlot<'a> {
+    pub id: [u8; 16],
+    pub database: u32,
+    pub tenant: [u8; 16],
+    pub project: Option<[u8; 16]>,
+    pub key: Option<[u8; 16]>,
+    pub cost: u32,
+    pub claim: Option<[u8; 16]>,
+    pub xid: u32,
+    pub now: i64,
+    pub lease_micros: i64,
+    /// i64::MAX: none.
+    pub deadline: i64,
+    /// -1: none.
+    pub memory_limit: i64,
+    /// At most RUN_ID_MAX bytes.
+    pub run_id: &'a str,
+}
+
 /// What a live count is kept for: a tenant of a database, or a project of
 /// a tenant of a database (projects are counted per tenant, so a tenant
 /// naming another tenant's project id counts only against itself).
@@ -519,6 +539,45 @@ impl Table {
             self.incr(&key, s.cost);
         }
         self.header.live += 1;
+    }
+
+    /// Make entry `idx` (from `allocate`) a live slot of this backend, and
+    /// count it under its keys.
+    pub fn put_live(&mut self, idx: usize, n: &NewSlot) -> Slot {
+        let mut run = [0u8; RUN_ID_MAX];
+        let len = n.run_id.len().min(RUN_ID_MAX);
+        run[..len].copy_from_slice(&n.run_id.as_bytes()[..len]);
+        let slot = Slot {
+            id: n.id,
+            database: n.database,
+            tenant: n.tenant,
+            project: n.project.unwrap_or([0; 16]),
+            has_project: n.project.is_some(),
+            key: n.key.unwrap_or([0; 16]),
+            has_key: n.key.is_some(),
+            cost: n.cost,
+            claim: n.claim.unwrap_or([0; 16]),
+            has_claim: n.claim.is_some(),
+            state: LIVE,
+            reason: 0,
+            notified: false,
+            announcer: 0,
+            pid: unsafe { pg_sys::MyProcPid },
+            xid: n.xid,
+            acquired_at: n.now,
+            lease_micros: n.lease_micros,
+            lease_expires: n.now.saturating_add(n.lease_micros).min(n.deadline),
+            deadline: n.deadline,
+            memory_limit: n.memory_limit,
+            memory_peak: 0,
+            revoked_at: 0,
+            run_id_len: len as u8,
+            run_id: run,
+        };
+        self.slots[idx] = slot;
+        self.count_in(&slot);
+        self.map_claim(idx);
+        slot
     }
 
     /// Map a claimed job to its live slot (a later claim of the same job
