@@ -25,7 +25,7 @@ import pytest
 from psycopg import sql
 
 from conftest import ROOT, Cluster, requires, rpc, set_limit, sqlstate
-from test_queues import PgBossError, boss, boss_env, create_db, drop_db, install_pgmq
+from test_queues import PGBOSS_MAJOR, PgBossError, boss, boss_env, create_db, drop_db, install_pgmq
 
 S = "meshhook_limits"
 CLAIM_DRIVER = ROOT / "tests" / "node" / "claim_driver.mjs"
@@ -170,10 +170,12 @@ def claims_of(tenant) -> dict:
 
 # --------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def cdb(cluster):
-    """The module's database: meshhook_limits, pgmq and pg-boss 11."""
-    name = f"mlclaim_{os.getpid()}"
+@pytest.fixture(scope="module", params=[11, 12], ids=["pgboss11", "pgboss12"])
+def cdb(cluster, request):
+    """The module's database: meshhook_limits, pgmq and pg-boss (11, then
+    12: every test runs on both majors)."""
+    name = f"mlclaim{request.param}_{os.getpid()}"
+    PGBOSS_MAJOR[name] = request.param
     create_db(cluster, name)
     install_pgmq(cluster, name)
     assert boss(cluster, name, "start")["installed"] is True
@@ -227,8 +229,10 @@ def test_pgboss_claimed_job_is_a_fetched_job(cluster, cdb, db, tenant):
 
     def changed(i):
         return {k for k in after[i] if k not in ("ctid", "xmin") and after[i][k] != before[i][k]}
-    # The claim changed exactly what pg-boss's fetch changed, to the same values.
-    assert changed(a) == changed(b) == {"state", "started_on"}
+    # The claim changed exactly what pg-boss's fetch changed, to the same
+    # values (pg-boss 12 also starts the job's heartbeat clock).
+    want = {"state", "started_on"} | ({"heartbeat_on"} if PGBOSS_MAJOR[cdb] == 12 else set())
+    assert changed(a) == changed(b) == want
     for i in (a, b):
         assert after[i]["state"] == "active" and after[i]["started_on"] is not None
         assert after[i]["retry_count"] == 0

@@ -131,10 +131,12 @@ def secs(x: dt.timedelta) -> float:
 
 # --------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def qdb(cluster):
-    """The module's database: meshhook_limits, pgmq and pg-boss 11 installed."""
-    name = f"mlqueues_{os.getpid()}"
+@pytest.fixture(scope="module", params=[11, 12], ids=["pgboss11", "pgboss12"])
+def qdb(cluster, request):
+    """The module's database: meshhook_limits, pgmq and pg-boss (11, then 12:
+    every test of it runs on both majors)."""
+    name = f"mlqueues{request.param}_{os.getpid()}"
+    PGBOSS_MAJOR[name] = request.param
     create_db(cluster, name)
     install_pgmq(cluster, name)
     assert boss(cluster, name, "start")["installed"] is True
@@ -285,7 +287,10 @@ def test_pgboss_names_that_need_care(cluster, qdb, qconn):
     """pg-boss 11.1.2 checks names with an unanchored /[\\w-]/ (any name with
     one word character passes), then interpolates them into SQL literals:
     spaces, semicolons, double quotes, dots, non-ASCII all work; a single
-    quote does not (syntax error from pg-boss's own SQL)."""
+    quote does not (syntax error from pg-boss's own SQL). pg-boss 12 refuses
+    such names itself."""
+    if PGBOSS_MAJOR[qdb] >= 12:
+        pytest.skip("pg-boss 12 takes only letters, digits, _ - . / in queue names")
     q = f'Bad name; "x".y-é {uuid.uuid4().hex[:4]}'
     created = boss(cluster, qdb, "create-queue", name=q, options={"partition": True})
     assert created["partition"] is True and created["table"] != "job_common"  # a partition of its own
@@ -333,6 +338,8 @@ def test_cheap_ticks_between_full_passes(cluster, qdb, qconn):
     c = qconn
     suffix = uuid.uuid4().hex[:4]
     plain, spaced = f"cheap_{suffix}", f'Cheap "q"; {suffix}'
+    if PGBOSS_MAJOR[qdb] >= 12:
+        spaced = f"Cheap.q/{suffix}-x"    # 12 allows letters, digits, _ - . / only
     boss(cluster, qdb, "create-queue", name=plain, options={"retryLimit": 1})
     boss(cluster, qdb, "create-queue", name=spaced, options={"partition": True})
     ids = boss(cluster, qdb, "send", name=plain, count=5)
@@ -629,7 +636,8 @@ def test_queue_health_is_admin_only(cluster, qdb, qconn):
 
 # --------------------------------------------------------------------------- the background worker
 
-def test_background_worker_ticks_through_queue_systems(cluster):
+@pytest.mark.parametrize("major", [11, 12], ids=["pgboss11", "pgboss12"])
+def test_background_worker_ticks_through_queue_systems(cluster, major):
     """A second cluster whose worker ticks in a database of this module every
     200 ms: it waits for the extension, picks pg-boss and pgmq up when they
     are installed (no restart), and keeps ticking without errors through
@@ -637,6 +645,7 @@ def test_background_worker_ticks_through_queue_systems(cluster):
     name = f"pytest-queues-worker-{os.getpid()}"
     w = Cluster(name)
     w.dbname = "mlworker"
+    PGBOSS_MAJOR["mlworker"] = major
     subprocess.run([str(PG_SH), "destroy", name], check=False, capture_output=True)
     try:
         w.start("meshhook_limits.restart_grace = 0", "fsync = off", "meshhook_limits.database = 'mlworker'",
