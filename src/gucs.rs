@@ -58,6 +58,8 @@ pub const SLOT_TABLE_SIZE: usize = 8192;
 
 /// The most live slots one tenant may hold, whatever its own limit.
 static TENANT_SLOT_CEILING: GucSetting<i32> = GucSetting::<i32>::new((SLOT_TABLE_SIZE / 8) as i32);
+/// Waiters entries one tenant may hold at once (of the table's 1,024).
+static TENANT_WAITERS: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// The longest lease a slot may have (seconds).
 static MAX_LEASE: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 
@@ -180,6 +182,16 @@ fn define_runtime_gucs() {
         &TENANT_SLOT_CEILING,
         1,
         SLOT_TABLE_SIZE as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.tenant_waiters",
+        c"The most callers of one tenant that may wait for room at once (acquire_execution_slot with wait).",
+        c"The 1,024 waiters entries are shared by every tenant; past this, a tenant's call tries once instead of waiting.",
+        &TENANT_WAITERS,
+        0,
+        1024,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -352,6 +364,11 @@ pub fn metrics_tenant_labels() -> (bool, usize) {
 /// The most live slots one tenant may hold, whatever its own limit.
 pub fn tenant_slot_ceiling() -> i64 {
     i64::from(TENANT_SLOT_CEILING.get())
+}
+
+/// The most waiters entries one tenant may hold at once.
+pub fn tenant_waiters() -> usize {
+    usize::try_from(TENANT_WAITERS.get()).unwrap_or(0)
 }
 
 /// The rate limiter's clock for tests, in Unix epoch seconds (0: the real clock).

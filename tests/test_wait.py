@@ -225,3 +225,57 @@ def test_a_waiter_holds_no_lock_others_need(cluster, admin, tenant):
     assert out["w"][:2] == (True, "granted")
     for s in (held, out["w"][3]):
         admin.execute(f"SELECT {S}.release_execution_slot(%s)", (s,))
+
+
+def test_one_tenant_cannot_take_every_waiter_entry(cluster, admin, tenant):
+    """meshhook_limits.tenant_waiters (here 3): a tenant's fourth concurrent
+    waiter tries once and is refused at once instead of waiting, so the
+    1,024 shared entries never all go to one tenant; another tenant still
+    waits, and is granted when its slot is released (red-team finding: one
+    tenant's sessions could take all 1,024)."""
+    other = str(__import__("uuid").uuid4())
+    admin.execute("ALTER SYSTEM SET meshhook_limits.tenant_waiters = 3")
+    admin.execute("SELECT pg_reload_conf()")
+    try:
+        deadline = time.monotonic() + 10
+        while admin.execute("SHOW meshhook_limits.tenant_waiters").fetchone()[0] != "3":
+            assert time.monotonic() < deadline, "the reload did not reach this session"
+            time.sleep(0.05)
+        for t in (tenant, other):
+            set_limit(admin, "concurrent_executions", 1, t)
+        held = {t: acquire(admin, t)[1] for t in (tenant, other)}
+        out = {}
+        threads = [threading.Thread(target=wait_acquire, args=(cluster, tenant, "20 seconds", out, f"a{i}"))
+                   for i in range(3)]
+        for th in threads:
+            th.start()
+        waiting_backends(admin, 3, timeout=30)
+        # The fourth of the tenant: no entry left for it, refused at once.
+        wait_acquire(cluster, tenant, "20 seconds", out, "a3")
+        granted, reason, took, _, _ = out["a3"]
+        assert (granted, reason) == (False, "tenant_limit") and took < 5, out["a3"]
+        # Another tenant still waits, and gets its slot when it is released.
+        tb = threading.Thread(target=wait_acquire, args=(cluster, other, "20 seconds", out, "b"))
+        tb.start()
+        waiting_backends(admin, 4, timeout=30)
+        admin.execute(f"SELECT {S}.release_execution_slot(%s)", (held[other],))
+        tb.join(30)
+        assert out["b"][:2] == (True, "granted"), out["b"]
+        admin.execute(f"SELECT {S}.release_execution_slot(%s)", (out["b"][3],))
+        # The tenant's three waiters: the first is granted on release, the
+        # others in turn.
+        admin.execute(f"SELECT {S}.release_execution_slot(%s)", (held[tenant],))
+        for i in range(3):
+            deadline = time.monotonic() + 30
+            while not any(k.startswith("a") and k != "a3" and v[0] is True and not v[5:]
+                          for k, v in out.items()):
+                assert time.monotonic() < deadline, out
+                time.sleep(0.02)
+            k = next(k for k, v in out.items() if k.startswith("a") and k != "a3" and v[0] is True and not v[5:])
+            out[k] = out[k] + ("released",)
+            admin.execute(f"SELECT {S}.release_execution_slot(%s)", (out[k][3],))
+        for th in threads:
+            th.join(30)
+    finally:
+        admin.execute("ALTER SYSTEM RESET meshhook_limits.tenant_waiters")
+        admin.execute("SELECT pg_reload_conf()")

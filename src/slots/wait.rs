@@ -96,13 +96,23 @@ fn register(tenant: &pgrx::Uuid) -> Option<usize> {
         // A backend terminated while waiting leaves no entry behind.
         unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
     }
+    let (db, cap) = (shmem::my_database(), crate::gucs::tenant_waiters());
     let mut l = LockedTable::exclusive()?;
     let t = l.table();
+    // No tenant takes every entry: past its share, its call tries once.
+    let its = t
+        .waiters
+        .iter()
+        .filter(|w| w.pid != 0 && w.database == db && w.tenant == *tenant.as_bytes())
+        .count();
+    if its >= cap {
+        return None;
+    }
     let w = t.waiters.iter().position(|w| w.pid == 0)?;
     t.header.next_ticket += 1;
     t.waiters[w] = Waiter {
         pid: unsafe { pg_sys::MyProcPid },
-        database: shmem::my_database(),
+        database: db,
         tenant: *tenant.as_bytes(),
         ticket: t.header.next_ticket,
         last_refusal: 0,
