@@ -329,3 +329,23 @@ def test_hostile_in_flight_rows_neither_fail_the_rebuild_nor_fill_the_table(rc):
         bind(db, "pgmq", mq2)
         mq_send(db, mq2, [{"tenant_id": t}] * 3)
         assert len(claim(db, "pgmq", mq2, 3)) == 3
+
+
+def test_databases_created_back_to_back_are_all_served_at_once(rc):
+    """CREATE DATABASE then CREATE EXTENSION at once, in five databases one
+    after the other: each gets its worker within seconds, not after the
+    launcher's minute between probes (one wake stands for all of them, a
+    probe that looked just before the commit is followed by another, and a
+    start refused for want of a free max_worker_processes slot, as the
+    probes of the other databases take some, is tried again in 5 s)."""
+    names = [f"fast_{i}" for i in range(5)]
+    for n in names:
+        with rc.connect(dbname="postgres") as conn:
+            conn.execute(f"CREATE DATABASE {n}")
+        with rc.connect(dbname=n) as conn:
+            conn.execute("CREATE EXTENSION meshhook_limits")
+
+    def served():
+        return {r[0] for r in rc.sql("SELECT datname FROM pg_stat_activity "
+                                     "WHERE backend_type = 'meshhook_limits worker'", dbname="postgres")}
+    wait_for(lambda: set(names) <= served(), "a worker in each of the five databases", timeout=30)

@@ -239,6 +239,8 @@ struct Served {
     warned: bool,
     /// Its worker registered as serving the database (the extension is there).
     served: bool,
+    /// A CREATE EXTENSION committed since its last start.
+    woken: bool,
 }
 
 fn running(w: &DynamicBackgroundWorker) -> bool {
@@ -308,7 +310,15 @@ pub extern "C-unwind" fn meshhook_limits_launcher_main(_arg: pg_sys::Datum) {
                 true
             }
         };
-        let woken = shared().map_or(0, |s| s.wake.swap(0, Ordering::AcqRel));
+        // A CREATE EXTENSION committed somewhere: every database without a
+        // worker is tried now (one wake can stand for several databases),
+        // or as soon as its probe in flight ends (it may have looked before
+        // the commit).
+        if shared().is_some_and(|s| s.wake.swap(0, Ordering::AcqRel) != 0) {
+            for entry in served.values_mut() {
+                entry.woken = true;
+            }
+        }
         served.retain(|oid, _| all.iter().any(|d| d.oid == *oid && d.servable));
         for db in all
             .iter()
@@ -319,6 +329,7 @@ pub extern "C-unwind" fn meshhook_limits_launcher_main(_arg: pg_sys::Datum) {
                 next_start: now,
                 warned: false,
                 served: false,
+                woken: false,
             });
             if entry.worker.as_ref().is_some_and(running) {
                 entry.served |= worker_of(db.oid).is_some();
@@ -326,20 +337,29 @@ pub extern "C-unwind" fn meshhook_limits_launcher_main(_arg: pg_sys::Datum) {
             }
             if entry.worker.take().is_some() {
                 // A worker that served (and was stopped, or crashed) comes
-                // back soon; a probe that found no extension, much later.
-                let after = if entry.served {
-                    RESTART_AFTER
+                // back after 5 s, wake or not; a probe that found no
+                // extension, a minute later, or at once after a wake.
+                if entry.served {
+                    entry.next_start = now + RESTART_AFTER;
+                    entry.woken = false;
                 } else {
-                    PROBE_EVERY
-                };
-                entry.next_start = now + after;
+                    entry.next_start = now + PROBE_EVERY;
+                }
                 entry.served = false;
             }
-            if !role_ok || (now < entry.next_start && woken != db.oid) {
+            if entry.woken {
+                entry.next_start = entry.next_start.min(now);
+            }
+            if !role_ok || now < entry.next_start {
                 continue;
             }
+            entry.woken = false;
             entry.next_start = now + PROBE_EVERY;
             entry.worker = start(db);
+            if entry.worker.is_none() {
+                // No background worker slot free now: again in 5 s.
+                entry.next_start = now + RESTART_AFTER;
+            }
             if entry.worker.is_none() && !entry.warned {
                 pgrx::warning!(
                     "meshhook_limits launcher: no background worker slot for database \"{}\"; raise max_worker_processes",
