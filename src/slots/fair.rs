@@ -52,13 +52,10 @@ pub struct Clock {
     tags: [Tag; CAP],
 }
 
+/// Keyed with the server's secret (`table::keyed_hash`): tenant ids come
+/// from job data, and must not be able to build long probe chains.
 fn hash(kind: u8, database: u32, tenant: &[u8; 16]) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(kind);
-    for b in database.to_le_bytes().iter().chain(tenant) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h as usize) & (CAP - 1)
+    (super::table::keyed_hash(kind, database, tenant, &[]) as usize) & (CAP - 1)
 }
 
 impl Clock {

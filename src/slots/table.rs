@@ -294,6 +294,8 @@ pub struct Header {
     /// Entries in use in `waiters`, and the next waiter's ticket.
     pub waiting: u32,
     pub next_ticket: u64,
+    /// The key of `keyed_hash`, from pg_strong_random at server start.
+    pub hash_key: [u64; 2],
 }
 
 /// A caller waiting for room (see `slots::wait`). Free when `pid` is 0.
@@ -343,6 +345,17 @@ unsafe fn startup() {
             (*table).header.started_at = now;
             (*table).header.grace_end = now.saturating_add(crate::gucs::restart_grace_micros());
             pg_sys::ConditionVariableInit(&raw mut (*table).header.wakeup);
+            let mut key = [0u8; 16];
+            if !pg_sys::pg_strong_random(key.as_mut_ptr().cast(), key.len()) {
+                key[..8].copy_from_slice(&now.to_le_bytes());
+            }
+            (*table).header.hash_key = [
+                u64::from_le_bytes(key[..8].try_into().unwrap_or_default()),
+                u64::from_le_bytes(key[8..].try_into().unwrap_or_default()),
+            ];
+        }
+        for (k, v) in HASH_KEY.iter().zip((*table).header.hash_key) {
+            k.store(v, Ordering::Relaxed);
         }
         TABLE.store(table, Ordering::Release);
         LOCK.store(
@@ -438,15 +451,27 @@ impl LockedTable {
     }
 }
 
+/// The secret key of the open-addressing maps in shared memory (counts,
+/// fair-share tags): chosen at server start, so nobody who picks tenant ids
+/// (anyone who writes job data) can aim many of them at one probe chain.
+static HASH_KEY: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// SipHash-1-3 under the server's secret key of a map entry's fields.
+pub fn keyed_hash(kind: u8, database: u32, tenant: &[u8; 16], project: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(
+        HASH_KEY[0].load(Ordering::Relaxed),
+        HASH_KEY[1].load(Ordering::Relaxed),
+    );
+    h.write_u8(kind);
+    h.write_u32(database);
+    h.write(tenant);
+    h.write(project);
+    h.finish()
+}
+
 fn hash(key: &CounterKey) -> usize {
-    // FNV-1a over the key's fields.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(key.kind);
-    let bytes = key.database.to_le_bytes();
-    for b in bytes.iter().chain(&key.tenant).chain(&key.project) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h as usize) & (COUNTER_CAP - 1)
+    (keyed_hash(key.kind, key.database, &key.tenant, &key.project) as usize) & (COUNTER_CAP - 1)
 }
 
 impl Header {
