@@ -401,7 +401,9 @@ $$;
 
 -- Jobs that can never be claimed are out of their tenant's range of the claim index.
 -- The key of a job in the claim index: its tenant (_tenant_sql), or NULL
--- when the job can never be claimed: a project that is not a uuid, an empty
+-- when the job can never be claimed: a tenant or project that is not a
+-- uuid (so values anyone who may enqueue writes, junk or not, add no
+-- tenants for the skip scan to visit; issue 19), an empty
 -- or over-long (200 bytes) concurrency key, a cost that is not a whole
 -- number from 1 to 1,000,000 (as claim_jobs parses them, src/claim/mod.rs).
 -- Such a job is out of its tenant's range, so it never stands in front of
@@ -410,7 +412,7 @@ CREATE FUNCTION meshhook_limits._claim_key_sql(b meshhook_limits.queue_bindings,
 RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
   SELECT pg_catalog.format(
-    '((CASE WHEN pg_catalog.octet_length(%1$s) OPERATOR(pg_catalog.<=) 64'
+    '((CASE WHEN %1$s OPERATOR(pg_catalog.~) %5$L'
     ' AND (%2$s IS NULL OR %2$s OPERATOR(pg_catalog.~) %5$L)'
     ' AND (%3$s IS NULL OR pg_catalog.octet_length(%3$s) OPERATOR(pg_catalog.<=) 200 AND %3$s OPERATOR(pg_catalog.<>) %6$L)'
     ' AND (%4$s IS NULL OR CASE WHEN %4$s OPERATOR(pg_catalog.~) %7$L'
@@ -455,9 +457,16 @@ DECLARE
   tp text[]; pp text[]; kp text[]; cp text[];
   b meshhook_limits.queue_bindings;
   idx name;
+  why text; why_hint text;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('bind queues');
   rel := meshhook_limits._queue_relation(bind_queue.source, bind_queue.queue);
+  -- Owned by roles the binder controls, and nothing a claim cannot confine.
+  SELECT d.problem, d.hint INTO why, why_hint FROM meshhook_limits._queue_distrust(rel, true) d LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'cannot bind % queue %: %', bind_queue.source, quote_literal(left(bind_queue.queue, 80)), why
+      USING ERRCODE = '42501', HINT = why_hint;
+  END IF;
   IF bind_queue.tenant_path IS NULL THEN
     RAISE EXCEPTION 'tenant_path must not be NULL' USING ERRCODE = '22023';
   END IF;
@@ -746,6 +755,109 @@ END
 $$;
 COMMENT ON FUNCTION meshhook_limits.explain_queues(uuid) IS
   'Per bound queue and tenant: waiting (= deferred + invalid + blocked + runnable), running (claimed), and the limit that blocks. Admins see all tenants, a tenant its own.';
+
+-- Claims run the queue's statements as the queue table's owner (src/claim/mod.rs);
+-- bind_queue and claim_jobs refuse what that cannot confine, and bind_queue
+-- refuses queue objects of roles the binder does not control (issue 19).
+CREATE FUNCTION meshhook_limits."_caller_controls"(
+	"role" oid /* pg_sys :: Oid */
+) RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_caller_controls_wrapper';
+REVOKE EXECUTE ON FUNCTION meshhook_limits._caller_controls(oid) FROM PUBLIC;
+
+-- Why a claim must not run on a queue table, as (problem, hint) rows, none
+-- when it may. claim_jobs runs the queue's statements as the table's owner
+-- in a security-restricted operation (src/claim/mod.rs), so whatever code
+-- the owner attached to the table (triggers, rules, policies, defaults,
+-- index expressions) runs with the owner's rights and no meshhook_limits
+-- identity. What that cannot cover is refused:
+--   - a partition owned by another role (its code would run as the table's
+--     owner);
+--   - a deferrable trigger the table's owner made, on the table or a
+--     partition: it fires at COMMIT, after the claim, as whoever claimed
+--     (unless the owner is a superuser, who has every right anyway).
+-- And at bind_queue (p_binding), against squatting: the schema, the table
+-- and its partitions must each be owned by a role the caller of bind_queue
+-- controls (_caller_controls: itself, a role it is a member of, or a
+-- superuser). A schema someone else made before the queue system was
+-- installed (CREATE SCHEMA IF NOT EXISTS keeps it) lets its owner replace
+-- the queue's objects; a table someone else owns is theirs to read and
+-- rewrite.
+CREATE FUNCTION meshhook_limits._queue_distrust(p_rel regclass, p_binding boolean)
+RETURNS TABLE(problem text, hint text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH t AS (
+    SELECT c.oid, c.relowner, n.nspname, n.nspowner
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = p_rel),
+  parts AS (
+    SELECT p.relid::oid AS oid FROM pg_catalog.pg_partition_tree(p_rel) p UNION SELECT p_rel::oid)
+  SELECT pg_catalog.format('schema %I is owned by role %I, which the role binding the queue does not control',
+                           t.nspname, t.nspowner::regrole::text),
+         pg_catalog.format('if %1$s is meant to own the queue, GRANT %1$s TO the binding role; otherwise the schema was '
+                           'made by someone else before the queue system was installed: drop it and install again',
+                           t.nspowner::regrole::text)
+    FROM t WHERE p_binding AND NOT meshhook_limits._caller_controls(t.nspowner)
+  UNION ALL
+  SELECT pg_catalog.format('queue table %s is owned by role %I, which the role binding the queue does not control',
+                           c.oid::regclass, c.relowner::regrole::text),
+         pg_catalog.format('if %1$s is meant to own the queue, GRANT %1$s TO the binding role; otherwise create the '
+                           'queue again as a role you control', c.relowner::regrole::text)
+    FROM parts JOIN pg_catalog.pg_class c ON c.oid = parts.oid
+   WHERE p_binding AND NOT meshhook_limits._caller_controls(c.relowner)
+  UNION ALL
+  SELECT pg_catalog.format('partition %s of queue table %s is owned by role %I, not by %I, the owner of the table',
+                           c.oid::regclass, p_rel, c.relowner::regrole::text, t.relowner::regrole::text),
+         'claims run the queue''s statements as the table''s owner: give the partition to the same owner (ALTER TABLE ... OWNER TO)'
+    FROM t, parts JOIN pg_catalog.pg_class c ON c.oid = parts.oid
+   WHERE c.relowner <> t.relowner
+  UNION ALL
+  SELECT pg_catalog.format('trigger %I on %s is deferrable: it would run at commit, after the claim, as the worker that claimed',
+                           tg.tgname, tg.tgrelid::regclass),
+         'drop the trigger or create it NOT DEFERRABLE (claims run the queue table''s code as its owner, and a deferred trigger escapes that)'
+    FROM t, parts JOIN pg_catalog.pg_trigger tg ON tg.tgrelid = parts.oid
+   WHERE tg.tgdeferrable AND NOT tg.tgisinternal
+     AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = t.relowner)
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_distrust(regclass, boolean) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION meshhook_limits._queue_binding(p_source text, p_queue text)
+RETURNS meshhook_limits.queue_bindings
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  b meshhook_limits.queue_bindings;
+  why text; why_hint text;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('claim jobs');
+  SELECT * INTO b FROM meshhook_limits.queue_bindings qb WHERE qb.source = p_source AND qb.queue = p_queue;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'queue % of % is not bound', coalesce(quote_literal(left(p_queue, 80)), 'NULL'),
+      coalesce(quote_literal(left(p_source, 40)), 'NULL')
+      USING ERRCODE = '22023', HINT = 'an admin binds it with meshhook_limits.bind_queue(source, queue, tenant_path)';
+  END IF;
+  -- A queue dropped (and perhaps created again) after it was bound: its
+  -- table, index and triggers are gone.
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = b.relation) THEN
+    RAISE EXCEPTION 'queue % of % was dropped after it was bound', quote_literal(left(p_queue, 80)),
+      quote_literal(p_source)
+      USING ERRCODE = '55000', HINT = 'bind it again with meshhook_limits.bind_queue (or unbind it)';
+  END IF;
+  -- The claim statements name pg-boss's table: it must still be this one.
+  IF b.source = 'pgboss' AND pg_catalog.to_regclass('pgboss.job') IS DISTINCT FROM b.relation THEN
+    RAISE EXCEPTION 'pgboss.job is no longer the table queue % was bound on', quote_literal(left(p_queue, 80))
+      USING ERRCODE = '55000', HINT = 'bind it again with meshhook_limits.bind_queue (or unbind it)';
+  END IF;
+  -- What was planted on the table since it was bound (_queue_distrust).
+  SELECT d.problem, d.hint INTO why, why_hint FROM meshhook_limits._queue_distrust(b.relation, false) d LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'meshhook_limits does not claim from % queue %: %', p_source, quote_literal(left(p_queue, 80)), why
+      USING ERRCODE = '42501', HINT = why_hint;
+  END IF;
+  RETURN b;
+END
+$$;
 
 -- Serve this database now (the launcher).
 SELECT meshhook_limits._serve_database();

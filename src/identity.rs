@@ -252,6 +252,26 @@ pub fn _caller_has_privs_of(role: pg_sys::Oid) -> bool {
     unsafe { pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), role) }
 }
 
+/// True when the caller (the outer user) controls `role`, so code `role`
+/// owns is the caller's own or a superuser's: `role` is the caller, a role
+/// the caller is a member of (directly or through others), or a superuser.
+/// Unlike `_caller_has_privs_of`, a superuser caller is not taken to be a
+/// member of every role: bind_queue asks this of a queue's owners
+/// (docs/security.md, "Queue owners").
+#[pg_extern(stable, parallel_safe, strict)]
+pub fn _caller_controls(role: pg_sys::Oid) -> bool {
+    unsafe {
+        let outer = pg_sys::GetOuterUserId();
+        role == outer || pg_sys::superuser_arg(role) || pg_sys::is_member_of_role_nosuper(outer, role)
+    }
+}
+
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits._caller_controls(oid) FROM PUBLIC;",
+    name = "caller_controls_grants",
+    requires = [_caller_controls]
+);
+
 pgrx::extension_sql!(
     "REVOKE EXECUTE ON FUNCTION meshhook_limits._caller_has_privs_of(oid) FROM PUBLIC;",
     name = "caller_has_privs_of_grants",

@@ -44,16 +44,11 @@ fn table_owner(rel: pg_sys::Oid) -> Result<pg_sys::Oid> {
     }
 }
 
-/// Run `query` (one row, one jsonb column; `$1` timestamptz and `$2`
-/// interval) as the owner of table `rel`, in a security-restricted
-/// operation, and return its value.
-pub fn read_as_owner(
-    rel: pg_sys::Oid,
-    query: &str,
-    at: Option<TimestampWithTimeZone>,
-    window: Option<Interval>,
-) -> Result<Option<JsonB>> {
-    let owner = table_owner(rel)?;
+/// Run `f` as `owner`, in a security-restricted operation: code the owner
+/// attached to what `f` reads or writes runs with the owner's rights and no
+/// meshhook_limits identity (`identity::in_planted_code`), cannot change
+/// the role, and the settings it changes are undone on the way out.
+pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0i32);
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
@@ -64,9 +59,26 @@ pub fn read_as_owner(
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         );
     }
-    // Settings the owner's code changes are undone with the switch back.
     let nest = unsafe { pg_sys::NewGUCNestLevel() };
-    let result = pgrx::PgTryBuilder::new(|| {
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
+        .finally(|| unsafe {
+            pg_sys::AtEOXact_GUC(false, nest);
+            pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+        })
+        .execute()
+}
+
+/// Run `query` (one row, one jsonb column; `$1` timestamptz and `$2`
+/// interval) as the owner of table `rel`, in a security-restricted
+/// operation (`as_owner`), and return its value.
+pub fn read_as_owner(
+    rel: pg_sys::Oid,
+    query: &str,
+    at: Option<TimestampWithTimeZone>,
+    window: Option<Interval>,
+) -> Result<Option<JsonB>> {
+    let owner = table_owner(rel)?;
+    let result = as_owner(owner, || {
         Spi::connect(|c| {
             let rows = c.select(query, Some(1), &[at.into(), window.into()])?;
             match rows.into_iter().next() {
@@ -74,12 +86,7 @@ pub fn read_as_owner(
                 None => Ok(None),
             }
         })
-    })
-    .finally(|| unsafe {
-        pg_sys::AtEOXact_GUC(false, nest);
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
-    })
-    .execute();
+    });
     Ok(result?)
 }
 

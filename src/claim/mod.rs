@@ -8,9 +8,15 @@
 //! and binding and kept, so a claim plans nothing. The slot side is
 //! `slots::claim`. This module is the loop between them.
 //!
-//! claim_jobs runs as its caller (SECURITY INVOKER): the queue tables are
-//! read and written with the caller's rights, never the extension owner's.
+//! claim_jobs runs as its caller (SECURITY INVOKER), an admin worker, but
+//! the queue's statements run as the queue table's owner in a
+//! security-restricted operation (`owner::as_owner`): the triggers, rules,
+//! policies, defaults and index expressions the owner attached run with the
+//! owner's rights, never the caller's, and have no meshhook_limits identity.
+//! `_queue_binding` refuses the tables where that would not hold
+//! (`_queue_distrust`: a partition another role owns, a deferrable trigger).
 use crate::error::{LimitsError, OrRaise, Result};
+use crate::owner::as_owner;
 use crate::slots::claim::{self as slot_claim, BLOCKED_REASONS};
 use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone, Uuid};
 use pgrx::prelude::*;
@@ -88,6 +94,8 @@ struct Binding {
     id: i64,
     pgmq: bool,
     shape: String,
+    /// The queue table's owner, whom its statements run as.
+    owner: pg_sys::Oid,
 }
 
 /// A tenant the skip scan found: its id, as the JSON spells it, and its
@@ -115,14 +123,18 @@ thread_local! {
     static BINDING: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
 }
 
-// The shape has pg-boss's schema too: 12 has columns 11 has not, and a
-// queue migrated from 11 to 12 needs 12's statements.
+// The shape has pg-boss's schema too (12 has columns 11 has not, and a
+// queue migrated from 11 to 12 needs 12's statements) and the table's name
+// (the statements name it: a renamed table gets statements that do).
 const BINDING_Q: &str = "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.source, b.queue, b.tenant_path,
-        b.project_path, b.key_path, b.cost_path, b.relation::oid,
+        b.project_path, b.key_path, b.cost_path, b.relation::oid, b.relation::text,
         (SELECT count(*) FROM pg_catalog.pg_attribute a
           WHERE a.attrelid = b.relation AND a.attname = 'blocked' AND NOT a.attisdropped)),
-        (SELECT r.rolsuper FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
-          WHERE c.oid = b.relation)
+        (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = b.relation),
+        pg_catalog.has_table_privilege(b.relation, 'SELECT, UPDATE')
+          AND pg_catalog.has_schema_privilege((SELECT c.relnamespace FROM pg_catalog.pg_class c
+                                                WHERE c.oid = b.relation), 'USAGE'),
+        b.relation::text
    FROM meshhook_limits._queue_binding($1, $2) b";
 
 fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
@@ -140,22 +152,24 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
         Ok(c.select(q, Some(1), &[source.into(), queue.into()])?)
     })?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
-    let binding = Binding {
+    // The statements run as the table's owner, but only for a caller with
+    // the rights the queue's own fetch needs: claim_jobs takes jobs on the
+    // caller's behalf, not on the owner's.
+    if r.get::<bool>(5)? != Some(true) {
+        let table = r.get::<String>(6)?.unwrap_or_default();
+        return Err(LimitsError::forbidden(
+            format!("permission denied for table {table}: claim_jobs needs SELECT and UPDATE on it (and USAGE on its schema)"),
+            "grant the claiming role the queue system's rights on its tables, as its own workers have them",
+        ));
+    }
+    Ok(Binding {
         id: r.get::<i64>(1)?.unwrap_or(0),
         pgmq: r.get::<String>(2)?.as_deref() == Some("pgmq"),
         shape: r.get::<String>(3)?.unwrap_or_default(),
-    };
-    // claim_jobs writes the queue table with its caller's rights, so the
-    // triggers, defaults and checks the table's owner put on it run as the
-    // caller: never as a superuser, unless the owner is one too.
-    if unsafe { pg_sys::superuser() } && r.get::<bool>(4)? != Some(true) {
-        return Err(LimitsError::forbidden(
-            "claim_jobs does not run as a superuser on a queue table a non-superuser owns",
-            "claim as a member of meshhook_limits_admin (or service_role) with the queue's rights: \
-             the table owner's triggers would run as superuser",
-        ));
-    }
-    Ok(binding)
+        owner: r
+            .get::<pg_sys::Oid>(4)?
+            .ok_or(LimitsError::NotPreloaded)?,
+    })
 }
 
 fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
@@ -339,7 +353,7 @@ fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Resu
 
 /// The tenants with waiting jobs: a skip scan over the claim index (one
 /// probe per tenant), or the last one's, if it is recent.
-fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<Found>> {
+fn waiting_tenants(c: &SpiClient, owner: pg_sys::Oid, plans: &mut Plans) -> Result<Vec<Found>> {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if now.saturating_sub(plans.found_at) < TENANTS_FRESH_MICROS && now >= plans.found_at {
         return Ok(plans.found.clone());
@@ -347,7 +361,7 @@ fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<Found>> {
     let mut found = Vec::new();
     let scanned = {
         let _pinned = ClaimIndexOnly::new();
-        c.select(&plans.tenants, None, &[])?
+        as_owner(owner, || c.select(&plans.tenants, None, &[]))?
     };
     for r in scanned {
         let (key, Some(at)) = (r.get::<String>(1)?, r.get::<Ts>(2)?) else {
@@ -370,13 +384,13 @@ fn waiting_tenants(c: &SpiClient, plans: &mut Plans) -> Result<Vec<Found>> {
 }
 
 /// What the queue's own fetch does to the jobs it takes.
-fn take(c: &mut SpiClient, plans: &Plans, ids: Vec<&str>, vt: Option<Interval>) -> Result<()> {
+fn take(c: &mut SpiClient, b: &Binding, plans: &Plans, ids: Vec<&str>, vt: Option<Interval>) -> Result<()> {
     let args: Vec<pgrx::datum::DatumWithOid> = match vt {
         Some(vt) => vec![ids.into(), vt.into()],
         None => vec![ids.into()],
     };
     let _pinned = ClaimIndexOnly::new();
-    c.update(&plans.take, None, &args)?;
+    as_owner(b.owner, || c.update(&plans.take, None, &args))?;
     Ok(())
 }
 
@@ -387,7 +401,7 @@ fn claim_with(
     batch: usize,
     lease: Option<Interval>,
 ) -> Result<Vec<Claimed>> {
-    let tenants = waiting_tenants(c, plans)?;
+    let tenants = waiting_tenants(c, b.owner, plans)?;
     if tenants.is_empty() {
         return Ok(Vec::new());
     }
@@ -458,14 +472,10 @@ fn claim_with(
         while let Some((spelling, _)) = t.spellings.first() {
             let head = {
                 let _pinned = ClaimIndexOnly::new();
-                c.update(
-                    &plans.head,
-                    Some(1),
-                    &[
-                        spelling.as_str().into(),
-                        t.seen.iter().map(String::as_str).collect::<Vec<_>>().into(),
-                    ],
-                )?
+                let seen: Vec<&str> = t.seen.iter().map(String::as_str).collect();
+                as_owner(b.owner, || {
+                    c.update(&plans.head, Some(1), &[spelling.as_str().into(), seen.into()])
+                })?
             };
             match head.into_iter().next() {
                 Some(job) => {
@@ -530,7 +540,7 @@ fn claim_with(
         };
         // Taken with the others when the call ends (locked until then).
         if job.one_active {
-            take(c, plans, vec![job.id.as_str()], vt)?;
+            take(c, b, plans, vec![job.id.as_str()], vt)?;
         } else {
             pending.push(claimed.len());
         }
@@ -552,7 +562,7 @@ fn claim_with(
     }
     if !pending.is_empty() {
         let ids: Vec<&str> = pending.iter().map(|&i| claimed[i].0.as_str()).collect();
-        take(c, plans, ids, vt)?;
+        take(c, b, plans, ids, vt)?;
     }
     // The next calls of this backend (until the next skip scan) see the
     // tenants as this one left them: served since, or with nothing left

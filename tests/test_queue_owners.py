@@ -1,0 +1,336 @@
+"""Claiming is safe against the owners of queue tables and schemas (issue 19,
+items 1 and 2), on pg-boss 11, pg-boss 12 and pgmq, attacked as they would be.
+
+The owner of a queue table is the application's role (not an admin of
+meshhook_limits); the worker that binds and claims is an admin that is
+granted that role, as a deployment has it. Whatever the owner attaches to
+its table (row and statement triggers, rules, row-level security policies,
+index expressions), before or after the queue is bound, runs during a claim
+as the owner, with no meshhook_limits identity: the payload's attempt to set
+a limit is refused, and the log it writes says who it ran as. Deferrable
+triggers (which would fire at commit, as the worker) and partitions of
+another owner are refused by bind_queue and claim_jobs; so is a queue schema
+another role made before the queue system was installed.
+"""
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+
+from conftest import PG_BIN, ROOT, requires
+
+S = "meshhook_limits"
+DRIVER = ROOT / "tests" / "node" / "pgboss_driver.mjs"
+PGMQ_SQL = ROOT / ".cache" / "pgmq" / "pgmq.sql"
+NODE = shutil.which("node")
+
+pytestmark = requires(NODE is not None and (ROOT / "tests/node/node_modules/pg-boss-12/package.json").exists()
+                      and PGMQ_SQL.exists(), "pg-boss 11 and 12 (npm) and pgmq's SQL")
+
+SOURCES = ["pgboss11", "pgboss12", "pgmq"]
+
+
+def boss(cluster, db: str, major: int, command: str, user: str, **args):
+    p = subprocess.run([NODE, str(DRIVER), cluster.dsn(db, user=user), command, json.dumps(args)],
+                       capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "PGBOSS_MAJOR": str(major)})
+    try:
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise AssertionError(f"driver {command} failed: rc={p.returncode} {p.stdout!r} {p.stderr!r}")
+    assert p.returncode == 0, out
+    return out
+
+
+def install_pgmq(cluster, db: str) -> None:
+    subprocess.run([f"{PG_BIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", cluster.host, "-p",
+                    str(cluster.port), "-U", "postgres", "-d", db, "-f", str(PGMQ_SQL)],
+                   check=True, capture_output=True, text=True, timeout=60)
+
+
+def role(cluster, prefix: str, *options: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with cluster.connect(dbname="postgres") as c:
+        c.execute(f"CREATE ROLE {name} LOGIN NOSUPERUSER {' '.join(options)}")
+    return name
+
+
+def refusal(conn, query, params=None):
+    """(sqlstate, message, hint) of the error `query` raises, or None."""
+    try:
+        conn.execute(query, params)
+    except psycopg.Error as e:
+        return e.sqlstate, e.diag.message_primary or "", e.diag.message_hint or ""
+    return None
+
+
+def global_limit(conn):
+    r = conn.execute(f"SELECT limit_value FROM {S}.limits WHERE resource = 'concurrent_executions' "
+                     "AND tenant_id IS NULL AND plan IS NULL").fetchone()
+    return None if r is None else int(r[0])
+
+
+class Queue:
+    """A queue of `source` in a scratch database: the queue system's tables
+    belong to `owner` (pg-boss migrated by it; pgmq installed by the
+    superuser, the queue created by `owner`), and `worker` (an admin of
+    meshhook_limits, granted `owner`) binds and claims."""
+
+    def __init__(self, cluster, db, source, owner, worker):
+        self.cluster, self.db, self.source, self.owner, self.worker = cluster, db, source, owner, worker
+        self.major = {"pgboss11": 11, "pgboss12": 12}.get(source)
+        self.kind = "pgmq" if source == "pgmq" else "pgboss"
+        self.name = f"q_{uuid.uuid4().hex[:8]}"
+        with cluster.connect(dbname=db, user=owner) as o:
+            if self.major:
+                boss(cluster, db, self.major, "create-queue", owner, name=self.name)
+                self.table = "pgboss.job"
+            else:
+                o.execute("SELECT pgmq.create(%s)", (self.name,))
+                self.table = f"pgmq.q_{self.name}"
+
+    def send(self, tenant, n=1):
+        with self.cluster.connect(dbname=self.db, user=self.owner) as o:
+            for _ in range(n):
+                if self.major:
+                    boss(self.cluster, self.db, self.major, "send", self.owner, name=self.name,
+                         data={"tenant_id": tenant})
+                else:
+                    o.execute("SELECT pgmq.send(%s, %s::jsonb)", (self.name, json.dumps({"tenant_id": tenant})))
+
+    def leaf(self, conn) -> str:
+        """The table the queue's rows are in (a partition of pgboss.job)."""
+        if not self.major:
+            return self.table
+        return conn.execute("SELECT tableoid::regclass::text FROM pgboss.job WHERE name = %s LIMIT 1",
+                            (self.name,)).fetchone()[0]
+
+    def bind(self, conn):
+        conn.execute(f"SELECT {S}.bind_queue(%s, %s)", (self.kind, self.name))
+
+    def claim(self, conn, batch=1):
+        return conn.execute(f"SELECT job_id FROM {S}.claim_jobs(%s, %s, %s)", (self.kind, self.name, batch)).fetchall()
+
+
+@contextmanager
+def app_queue(cluster, source):
+    owner = role(cluster, "app")
+    worker = role(cluster, "worker", "IN ROLE meshhook_limits_admin, " + owner)
+    db = f"mlown_{uuid.uuid4().hex[:8]}"
+    with cluster.connect(dbname="postgres") as c:
+        c.execute(f"CREATE DATABASE {db} OWNER {owner}")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute(f"CREATE EXTENSION {S}")
+            if source == "pgmq":
+                install_pgmq(cluster, db)
+                c.execute(f"GRANT USAGE, CREATE ON SCHEMA pgmq TO {owner}")
+                c.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA pgmq TO {owner}")
+            c.execute(f"CREATE SCHEMA atk AUTHORIZATION {owner}")
+        if source != "pgmq":
+            assert boss(cluster, db, int(source[-2:]), "start", owner)["installed"] is True
+        with cluster.connect(dbname=db, user=owner) as o:
+            # The payload every plant runs: act as an admin (set the global
+            # limit), and log who it ran as and whether it was refused.
+            o.execute("CREATE TABLE atk.seen (plant text, who name, refused boolean)")
+            o.execute("""CREATE FUNCTION atk.payload(plant text) RETURNS boolean LANGUAGE plpgsql AS $$
+                BEGIN
+                  BEGIN
+                    PERFORM meshhook_limits.set_limit('concurrent_executions', 999);
+                    INSERT INTO atk.seen VALUES (plant, current_user, false);
+                  EXCEPTION WHEN OTHERS THEN
+                    INSERT INTO atk.seen VALUES (plant, current_user, true);
+                  END;
+                  RETURN true;
+                END $$""")
+            o.execute("""CREATE FUNCTION atk.trg() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM atk.payload(TG_ARGV[0]); RETURN NEW; END $$""")
+            o.execute("""CREATE FUNCTION atk.imm(text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+                BEGIN PERFORM atk.payload('index expression'); RETURN $1; END $$""")
+        yield Queue(cluster, db, source, owner, worker)
+    finally:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+            c.execute(f"DROP ROLE IF EXISTS {worker}")
+            c.execute(f"DROP ROLE IF EXISTS {owner}")
+
+
+def plant_everything(q: Queue) -> list[str]:
+    """As the owner: code on the queue table that a claim's statements run."""
+    with q.cluster.connect(dbname=q.db, user=q.owner) as o:
+        leaf = q.leaf(o)
+        o.execute(f"CREATE TRIGGER atk_before BEFORE UPDATE ON {leaf} FOR EACH ROW "
+                  "EXECUTE FUNCTION atk.trg('row trigger')")
+        o.execute(f"CREATE TRIGGER atk_after AFTER UPDATE ON {q.table} FOR EACH STATEMENT "
+                  "EXECUTE FUNCTION atk.trg('statement trigger')")
+        o.execute(f"CREATE RULE atk_rule AS ON UPDATE TO {q.table} DO ALSO SELECT atk.payload('rule')")
+        o.execute(f"ALTER TABLE {q.table} ENABLE ROW LEVEL SECURITY")
+        o.execute(f"ALTER TABLE {q.table} FORCE ROW LEVEL SECURITY")
+        o.execute(f"CREATE POLICY atk_policy ON {q.table} USING (atk.payload('policy'))")
+        o.execute(f"CREATE INDEX atk_index ON {leaf} (atk.imm(({'id' if q.major else 'msg_id'})::text))")
+        o.execute("DELETE FROM atk.seen")   # what CREATE INDEX itself ran
+    return ["row trigger", "statement trigger", "rule", "policy", "index expression"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("planted", ["before binding", "after binding"])
+def test_the_queue_owners_code_runs_as_the_owner_not_as_the_claiming_admin(cluster, source, planted):
+    tenant = str(uuid.uuid4())
+    with app_queue(cluster, source) as q:
+        q.send(tenant, 2)
+        with cluster.connect(dbname=q.db, user=q.worker) as w:
+            if planted == "before binding":
+                plants = plant_everything(q)
+                q.bind(w)
+            else:
+                q.bind(w)
+                plants = plant_everything(q)
+            assert len(q.claim(w)) == 1
+        with cluster.connect(dbname=q.db) as c:
+            assert global_limit(c) is None, "the queue owner's code set a limit as the claiming admin"
+            seen = c.execute("SELECT plant, who::text, refused FROM atk.seen").fetchall()
+        ran = {p for p, _, _ in seen}
+        assert ran == set(plants), f"plants that did not run during the claim: {set(plants) - ran}"
+        assert {(who, refused) for _, who, refused in seen} == {(q.owner, True)}, seen
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_deferrable_triggers_of_the_owner_are_refused_at_bind_and_at_claim(cluster, source):
+    """A deferred trigger would fire at COMMIT, after claim_jobs, as the
+    worker: bind_queue refuses a table with one (planted before), claim_jobs
+    refuses it once one is planted (after), taking nothing."""
+    tenant = str(uuid.uuid4())
+    with app_queue(cluster, source) as q:
+        q.send(tenant, 1)
+        plant = (f"CREATE CONSTRAINT TRIGGER atk_deferred AFTER UPDATE ON {{}} DEFERRABLE INITIALLY DEFERRED "
+                 "FOR EACH ROW EXECUTE FUNCTION atk.trg('deferred trigger')")
+        with cluster.connect(dbname=q.db, user=q.owner) as o:
+            leaf = q.leaf(o)
+            o.execute(plant.format(leaf))
+        with cluster.connect(dbname=q.db, user=q.worker) as w:
+            got = refusal(w, f"SELECT {S}.bind_queue(%s, %s)", (q.kind, q.name))
+            assert got is not None and got[0] == "42501" and "atk_deferred" in got[1] and "deferrable" in got[1], got
+            assert "NOT DEFERRABLE" in got[2], got
+        with cluster.connect(dbname=q.db, user=q.owner) as o:
+            o.execute(f"DROP TRIGGER atk_deferred ON {leaf}")
+        with cluster.connect(dbname=q.db, user=q.worker) as w:
+            q.bind(w)
+        with cluster.connect(dbname=q.db, user=q.owner) as o:
+            o.execute(plant.format(leaf))
+        with cluster.connect(dbname=q.db, user=q.worker) as w:
+            got = refusal(w, f"SELECT * FROM {S}.claim_jobs(%s, %s)", (q.kind, q.name))
+            assert got is not None and got[0] == "42501" and "atk_deferred" in got[1], got
+        with cluster.connect(dbname=q.db) as c:
+            assert global_limit(c) is None
+            assert c.execute("SELECT count(*) FROM atk.seen").fetchone()[0] == 0
+            assert c.execute(f"SELECT count(*) FROM {S}.slots() WHERE state = 'live'").fetchone()[0] == 0
+
+
+def test_a_partition_of_another_owner_is_refused(cluster):
+    """Code on a partition another role owns would run as the table's owner."""
+    with app_queue(cluster, "pgboss11") as q:
+        q.send(str(uuid.uuid4()), 1)
+        with cluster.connect(dbname=q.db, user=q.worker) as w:
+            q.bind(w)
+        other = role(cluster, "other")
+        try:
+            with cluster.connect(dbname=q.db) as c:
+                leaf = q.leaf(c)
+                c.execute(f"ALTER TABLE {leaf} OWNER TO {other}")
+            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                got = refusal(w, f"SELECT * FROM {S}.claim_jobs('pgboss', %s)", (q.name,))
+                assert got is not None and got[0] == "42501" and other in got[1] and "partition" in got[1], got
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"ALTER TABLE {leaf} OWNER TO {q.owner}")
+        finally:
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"DROP OWNED BY {other}")
+            with cluster.connect(dbname="postgres") as c:
+                c.execute(f"DROP ROLE {other}")
+
+
+def test_a_worker_without_the_queues_rights_is_refused(cluster):
+    """The statements run as the owner, but only for a claimer that has the
+    rights the queue's own fetch needs."""
+    with app_queue(cluster, "pgmq") as q:
+        q.send(str(uuid.uuid4()), 1)
+        bare = role(cluster, "bare", "IN ROLE meshhook_limits_admin")
+        try:
+            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                q.bind(w)
+            with cluster.connect(dbname=q.db, user=bare) as b:
+                got = refusal(b, f"SELECT * FROM {S}.claim_jobs('pgmq', %s)", (q.name,))
+                assert got is not None and got[0] == "42501" and "permission denied" in got[1], got
+        finally:
+            with cluster.connect(dbname="postgres") as c:
+                c.execute(f"DROP ROLE {bare}")
+
+
+# =========================================================================== squatting (item 2)
+
+@contextmanager
+def squatted_db(cluster):
+    """A database where mallory, with only CREATE on it, got there first."""
+    mallory = role(cluster, "mallory")
+    db = f"mlsquat_{uuid.uuid4().hex[:8]}"
+    with cluster.connect(dbname="postgres") as c:
+        c.execute(f"CREATE DATABASE {db}")
+        c.execute(f"GRANT CREATE ON DATABASE {db} TO {mallory}")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute(f"CREATE EXTENSION {S}")
+        yield db, mallory
+    finally:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+            c.execute(f"DROP ROLE IF EXISTS {mallory}")
+
+
+PAYLOAD = """CREATE FUNCTION {s}.evil() RETURNS trigger LANGUAGE plpgsql AS $$
+  BEGIN PERFORM meshhook_limits.set_limit('concurrent_executions', 0); RETURN NEW;
+  EXCEPTION WHEN OTHERS THEN RETURN NEW; END $$"""
+
+
+def test_a_pgmq_schema_squatted_before_pgmq_was_installed_is_refused(cluster):
+    with squatted_db(cluster) as (db, mallory):
+        with cluster.connect(dbname=db, user=mallory) as m:
+            m.execute("CREATE SCHEMA pgmq")
+            m.execute(PAYLOAD.format(s="pgmq"))
+            m.execute("CREATE TABLE pgmq.q_jobs (msg_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, read_ct int DEFAULT 0 NOT NULL, "
+                      "enqueued_at timestamptz DEFAULT now() NOT NULL, last_read_at timestamptz, "
+                      "vt timestamptz NOT NULL, message jsonb, headers jsonb)")
+            m.execute("CREATE TRIGGER zz BEFORE UPDATE ON pgmq.q_jobs FOR EACH ROW EXECUTE FUNCTION pgmq.evil()")
+        install_pgmq(cluster, db)                       # the operator installs pgmq, then makes the queue
+        with cluster.connect(dbname=db) as a:
+            a.execute("SELECT pgmq.create('jobs')")
+            a.execute("SELECT pgmq.send('jobs', %s::jsonb)", (json.dumps({"tenant_id": str(uuid.uuid4())}),))
+            got = refusal(a, f"SELECT {S}.bind_queue('pgmq', 'jobs')")
+            assert got is not None and got[0] == "42501", got
+            assert "schema pgmq" in got[1] and mallory in got[1], got
+            assert f"GRANT {mallory}" in got[2], got
+            assert a.execute(f"SELECT count(*) FROM {S}.queue_bindings").fetchone()[0] == 0
+            assert global_limit(a) is None
+
+
+@pytest.mark.parametrize("major", [11, 12])
+def test_a_pgboss_schema_squatted_before_pgboss_was_installed_is_refused(cluster, major):
+    with squatted_db(cluster) as (db, mallory):
+        with cluster.connect(dbname=db, user=mallory) as m:
+            m.execute("CREATE SCHEMA pgboss")
+            m.execute("GRANT USAGE, CREATE ON SCHEMA pgboss TO PUBLIC")
+        assert boss(cluster, db, major, "start", "postgres")["installed"] is True
+        boss(cluster, db, major, "create-queue", "postgres", name="jobs")
+        with cluster.connect(dbname=db) as a:
+            got = refusal(a, f"SELECT {S}.bind_queue('pgboss', 'jobs')")
+            assert got is not None and got[0] == "42501", got
+            assert "schema pgboss" in got[1] and mallory in got[1], got
+            # The operator who means it: the schema's owner is trusted once
+            # the binding role is granted it.
+            a.execute(f"GRANT {mallory} TO postgres")
+            a.execute(f"SELECT {S}.bind_queue('pgboss', 'jobs')")
+            a.execute(f"REVOKE {mallory} FROM postgres")
