@@ -279,3 +279,124 @@ def test_one_tenant_cannot_take_every_waiter_entry(cluster, admin, tenant):
     finally:
         admin.execute("ALTER SYSTEM RESET meshhook_limits.tenant_waiters")
         admin.execute("SELECT pg_reload_conf()")
+
+
+def test_more_than_1024_waiters_of_one_tenant_leave_entries_for_another():
+    """The attack of test_one_tenant_cannot_take_every_waiter_entry at full
+    size, at the default meshhook_limits.tenant_waiters (64): one tenant
+    sends 1,100 sessions, more than the 1,024 shared waiter entries, into
+    acquire_execution_slot(..., wait => '10 minutes') against a full limit.
+    Exactly 64 of them wait; the other 1,036 return at once, not granted
+    ('tenant_limit'), instead of waiting. While the 64 wait, another tenant
+    whose slot is held still gets an entry: it waits, and is granted when the
+    slot is released. Without the cap (1,024) the attacker holds every entry
+    and that tenant cannot wait at all.
+
+    Own server (max_connections = 1200); the sessions are asynchronous
+    connections driven from one thread. Every step loops until its count is
+    reached, with a generous deadline: no fixed sleeps."""
+    import asyncio
+    import uuid
+
+    from conftest import destroy_cluster, fresh_cluster
+
+    n, cap = 1100, 64
+    attacker, victim = str(uuid.uuid4()), str(uuid.uuid4())
+    call = f"SELECT granted, reason, slot_id FROM {S}.acquire_execution_slot(%s, wait => '10 minutes')"
+
+    async def attack(c):
+        admin = await psycopg.AsyncConnection.connect(c.dsn(), autocommit=True)
+        conns, tasks = [], []
+
+        async def q(sql, params=None):
+            cur = await admin.execute(sql, params)
+            return await cur.fetchall() if cur.description else None
+
+        async def waiting(app):
+            """Sessions of `app` asleep in acquire_execution_slot's wait."""
+            return (await q("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                            "AND wait_event_type = 'Extension'", (app,)))[0][0]
+
+        async def ask(conn, tenant):
+            cur = await conn.execute(call, (tenant,))
+            return await cur.fetchone()
+
+        try:
+            assert (await q("SHOW meshhook_limits.tenant_waiters"))[0][0] == str(cap)
+            # Both tenants full: one slot each, held by the admin session.
+            held = {}
+            for t in (attacker, victim):
+                await q(f"SELECT {S}.set_limit('concurrent_executions', 1, %s)", (t,))
+                held[t] = (await q(f"SELECT slot_id FROM {S}.acquire_execution_slot(%s)", (t,)))[0][0]
+                assert held[t] is not None
+
+            gate = asyncio.Semaphore(25)  # the postmaster forks one backend at a time anyway
+
+            async def connect(app):
+                async with gate:
+                    conn = await psycopg.AsyncConnection.connect(c.dsn(), autocommit=True, application_name=app)
+                    conns.append(conn)
+                    return conn
+
+            attackers = await asyncio.gather(*(connect("ml_attacker") for _ in range(n)))
+            victim_conn = await connect("ml_victim")
+
+            # The attack: every attacker session waits for room at once.
+            tasks = [asyncio.create_task(ask(conn, attacker)) for conn in attackers]
+            deadline = time.monotonic() + 60
+            while True:  # until every call has either returned or is asleep
+                returned = sum(t.done() for t in tasks)
+                asleep = await waiting("ml_attacker")
+                if returned + asleep == n:
+                    break
+                assert time.monotonic() < deadline, f"{returned} returned and {asleep} asleep of {n}"
+                await asyncio.sleep(0.05)
+
+            # While they wait, the victim still gets a waiter entry: it waits...
+            v = asyncio.create_task(ask(victim_conn, victim))
+            deadline = time.monotonic() + 30
+            while await waiting("ml_victim") != 1:
+                assert not v.done(), f"the victim could not wait: {v.result()} ({asleep} attacker waiters)"
+                assert time.monotonic() < deadline, "the victim never waited"
+                await asyncio.sleep(0.02)
+            # ...and is granted when its slot is released (it asked for 10 minutes).
+            assert (await q(f"SELECT {S}.release_execution_slot(%s)", (held[victim],)))[0][0] is True
+            granted, reason, slot = await asyncio.wait_for(v, 30)
+            assert (granted, reason) == (True, "granted") and slot is not None
+            await q(f"SELECT {S}.release_execution_slot(%s)", (slot,))
+
+            # Exactly the cap of the attacker's calls wait; every other one
+            # returned at once (well inside its 10 minutes), not granted.
+            done = [t.result() for t in tasks if t.done()]
+            assert len(done) == n - cap, f"{len(done)} attacker calls returned, expected {n - cap}"
+            assert all(r == (False, "tenant_limit", None) for r in done), \
+                {r for r in done if r != (False, "tenant_limit", None)}
+            deadline = time.monotonic() + 30
+            while (asleep := await waiting("ml_attacker")) != cap:
+                assert asleep < cap, f"{asleep} attacker sessions wait, more than {cap}"
+                assert time.monotonic() < deadline, f"{asleep} attacker sessions wait, expected {cap}"
+                await asyncio.sleep(0.02)
+
+            # The 64 were real waiters: room for them (the ceiling raised past
+            # what runs), and each is granted in turn, still within its wait.
+            await q(f"SELECT {S}.set_limit('concurrent_executions', %s, %s)", (cap + 1, attacker))
+            rest = await asyncio.wait_for(asyncio.gather(*(t for t in tasks if not t.done())), 60)
+            assert len(rest) == cap and all(r[:2] == (True, "granted") for r in rest), rest
+            assert (await q(f"SELECT count(*) FROM {S}.slots() WHERE tenant_id = %s AND state = 'live'",
+                            (attacker,)))[0][0] == cap + 1
+            assert await waiting("ml_attacker") == 0
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(conn.close() for conn in conns), return_exceptions=True)
+            await admin.close()
+
+    c = fresh_cluster("waiters", "max_connections = 1200", "shared_buffers = 32MB", "fsync = off",
+                      "meshhook_limits.restart_grace = 0", "meshhook_limits.database = 'postgres'")
+    try:
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION meshhook_limits")
+        asyncio.run(attack(c))
+    finally:
+        destroy_cluster(c)
