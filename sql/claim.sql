@@ -28,6 +28,9 @@ CREATE TABLE meshhook_limits.queue_bindings (
   relation regclass NOT NULL,
   index_name name NOT NULL,
   created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- pgmq: a message's tenant is its sender's, written by a trigger
+  -- (bind_queue's sender_tenant, _stamp_sender_tenant).
+  sender_tenant boolean NOT NULL DEFAULT false,
   PRIMARY KEY (source, queue)
 );
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.queue_bindings', '');
@@ -230,9 +233,17 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_key_sql(meshhook_limits.queue_bindings, text) FROM PUBLIC;
 
--- The claim index of a binding: each tenant's waiting jobs in the queue's
--- own order (what claim_jobs walks), named in the binding. Built in the
--- caller's transaction: writers of the queue wait meanwhile.
+-- The claim indexes of a binding, built in the caller's transaction
+-- (writers of the queue wait meanwhile):
+--   <index_name>:      each tenant's waiting jobs in the queue's own order
+--                      (the head of a tenant's jobs, what claim_jobs takes);
+--   <index_name>_due:  each tenant's waiting jobs by when they are due
+--                      (pg-boss start_after, pgmq vt; pg-boss 12: not held
+--                      by a flow), for the skip scan over the tenants: its
+--                      first entry per tenant says whether the tenant has a
+--                      job due at all, so tenants whose jobs are all
+--                      deferred cost one probe a scan, never a walk through
+--                      their jobs (issue 19, item 3).
 CREATE FUNCTION meshhook_limits._create_claim_index(b meshhook_limits.queue_bindings)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -241,16 +252,63 @@ BEGIN
     EXECUTE pg_catalog.format(
       'CREATE INDEX %I ON pgboss.job (%s, priority DESC, created_on, id) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state',
       b.index_name, meshhook_limits._claim_key_sql(b, ''), b.queue, 'active');
+    EXECUTE pg_catalog.format(
+      'CREATE INDEX %I ON pgboss.job (%s, start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state%s',
+      b.index_name || '_due', meshhook_limits._claim_key_sql(b, ''), b.queue, 'active',
+      CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END);
   ELSE
     EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id)', b.index_name, b.relation,
+      meshhook_limits._claim_key_sql(b, ''));
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, vt)', b.index_name || '_due', b.relation,
       meshhook_limits._claim_key_sql(b, ''));
   END IF;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._create_claim_index(meshhook_limits.queue_bindings) FROM PUBLIC;
 
+-- The trigger bind_queue(..., sender_tenant => true) puts on a pgmq queue
+-- table, BEFORE INSERT OR UPDATE OF message: the tenant of a message is the
+-- sender's, whatever the sender wrote (issue 19, item 4). TG_ARGV[0] is the
+-- binding's tenant path (text[]).
+--   - A sender that carries a tenant (JWT claims of meshhook_limits.jwt_roles,
+--     or meshhook_limits.tenant_id): its tenant is written at the path.
+--   - An admin (superuser, service_role, meshhook_limits_admin): as written.
+--   - A request with JWT claims but no tenant (anon): refused, 42501.
+--   - Any other role (the application's backend, granted INSERT by the
+--     operator): as written; it is trusted with the tenant, as pg-boss's
+--     senders are.
+-- A message must be a JSON object (22023): its tenant is written into it.
+CREATE FUNCTION meshhook_limits._stamp_sender_tenant() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  path text[] := TG_ARGV[0]::text[];
+  me uuid := meshhook_limits.current_tenant();
+BEGIN
+  IF me IS NULL THEN
+    IF meshhook_limits.is_admin() OR coalesce(pg_catalog.current_setting('request.jwt.claims', true), '') = '' THEN
+      RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'a request without a tenant may not send to %', TG_TABLE_NAME USING ERRCODE = '42501',
+      HINT = 'send with a JWT whose claims carry the tenant id (meshhook_limits.tenant_claim)';
+  END IF;
+  IF pg_catalog.jsonb_typeof(NEW.message) IS DISTINCT FROM 'object' THEN
+    RAISE EXCEPTION 'messages of % must be JSON objects', TG_TABLE_NAME USING ERRCODE = '22023',
+      HINT = 'the sender''s tenant is written into the message at the queue''s tenant path';
+  END IF;
+  FOR i IN 1 .. pg_catalog.array_length(path, 1) - 1 LOOP
+    IF pg_catalog.jsonb_typeof(NEW.message OPERATOR(pg_catalog.#>) path[1:i]) IS DISTINCT FROM 'object' THEN
+      NEW.message := pg_catalog.jsonb_set(NEW.message, path[1:i], '{}'::jsonb, true);
+    END IF;
+  END LOOP;
+  NEW.message := pg_catalog.jsonb_set(NEW.message, path, pg_catalog.to_jsonb(me::text), true);
+  RETURN NEW;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._stamp_sender_tenant() FROM PUBLIC;
+
 CREATE FUNCTION meshhook_limits.bind_queue(source text, queue text, tenant_path text DEFAULT 'tenant_id',
-    project_path text DEFAULT NULL, key_path text DEFAULT NULL, cost_path text DEFAULT NULL)
+    project_path text DEFAULT NULL, key_path text DEFAULT NULL, cost_path text DEFAULT NULL,
+    sender_tenant boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
@@ -271,6 +329,10 @@ BEGIN
   IF bind_queue.tenant_path IS NULL THEN
     RAISE EXCEPTION 'tenant_path must not be NULL' USING ERRCODE = '22023';
   END IF;
+  IF bind_queue.sender_tenant IS NULL OR (bind_queue.sender_tenant AND bind_queue.source <> 'pgmq') THEN
+    RAISE EXCEPTION 'sender_tenant is true or false, and true only for pgmq' USING ERRCODE = '22023',
+      HINT = 'pg-boss jobs are sent by the application''s own backend, which names their tenant (docs/security.md)';
+  END IF;
   tp := meshhook_limits._json_path(bind_queue.tenant_path, 'tenant_path');
   pp := meshhook_limits._json_path(bind_queue.project_path, 'project_path');
   kp := meshhook_limits._json_path(bind_queue.key_path, 'key_path');
@@ -279,7 +341,8 @@ BEGIN
    WHERE qb.source = bind_queue.source AND qb.queue = bind_queue.queue FOR UPDATE;
   IF FOUND THEN
     IF b.tenant_path = tp AND b.relation = rel AND b.project_path IS NOT DISTINCT FROM pp
-       AND b.key_path IS NOT DISTINCT FROM kp AND b.cost_path IS NOT DISTINCT FROM cp THEN
+       AND b.key_path IS NOT DISTINCT FROM kp AND b.cost_path IS NOT DISTINCT FROM cp
+       AND b.sender_tenant = bind_queue.sender_tenant THEN
       RETURN;
     END IF;
     -- Other paths, another index: bound again (its claimed jobs are followed
@@ -287,8 +350,8 @@ BEGIN
     PERFORM meshhook_limits.unbind_queue(bind_queue.source, bind_queue.queue);
   END IF;
   INSERT INTO meshhook_limits.queue_bindings (source, queue, tenant_path, project_path, key_path, cost_path,
-                                              relation, index_name)
-  VALUES (bind_queue.source, bind_queue.queue, tp, pp, kp, cp, rel, '-')
+                                              relation, index_name, sender_tenant)
+  VALUES (bind_queue.source, bind_queue.queue, tp, pp, kp, cp, rel, '-', bind_queue.sender_tenant)
   RETURNING * INTO b;
   idx := 'meshhook_claim_' || b.id;
   UPDATE meshhook_limits.queue_bindings qb SET index_name = idx WHERE qb.id = b.id
@@ -311,11 +374,18 @@ BEGIN
     EXECUTE pg_catalog.format(
       'CREATE TRIGGER %I AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION meshhook_limits._claim_ended(%L, %L)',
       idx || '_deleted', rel, b.id, 'pgmq');
+    -- A message's tenant is its sender's (_stamp_sender_tenant), before any
+    -- other trigger of ours sees it.
+    IF bind_queue.sender_tenant THEN
+      EXECUTE pg_catalog.format(
+        'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF message ON %s FOR EACH ROW '
+        'EXECUTE FUNCTION meshhook_limits._stamp_sender_tenant(%L)', idx || '_sender', rel, tp::text);
+    END IF;
   END IF;
 END
 $$;
-COMMENT ON FUNCTION meshhook_limits.bind_queue(text, text, text, text, text, text) IS
-  'Admin: where a pg-boss or pgmq queue''s jobs name their tenant, project, concurrency key and cost; adds the claim index. See docs/claiming.md.';
+COMMENT ON FUNCTION meshhook_limits.bind_queue(text, text, text, text, text, text, boolean) IS
+  'Admin: where a pg-boss or pgmq queue''s jobs name their tenant, project, concurrency key and cost; adds the claim index; sender_tenant (pgmq): each message''s tenant is its sender''s. See docs/claiming.md.';
 
 CREATE FUNCTION meshhook_limits.unbind_queue(source text, queue text)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -334,20 +404,20 @@ BEGIN
   -- Its claimed jobs that still run keep their slots until they end: the
   -- tick follows them through the retired binding.
   INSERT INTO meshhook_limits.retired_bindings (id, source, queue, tenant_path, project_path, key_path, cost_path,
-                                                relation, index_name, created_at)
+                                                relation, index_name, created_at, sender_tenant)
   VALUES (b.id, b.source, b.queue, b.tenant_path, b.project_path, b.key_path, b.cost_path, b.relation,
-          b.index_name, b.created_at)
+          b.index_name, b.created_at, b.sender_tenant)
   ON CONFLICT (id) DO NOTHING;
   -- Only the index and triggers bind_queue made: on the queue table.
-  IF EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-              WHERE i.indrelid = b.relation AND c.relname = b.index_name) THEN
+  FOR t IN SELECT c.relname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+            WHERE i.indrelid = b.relation AND c.relname IN (b.index_name, b.index_name || '_due') LOOP
     EXECUTE pg_catalog.format('DROP INDEX %I.%I',
       (SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.oid = b.relation), b.index_name);
-  END IF;
+        WHERE c.oid = b.relation), t);
+  END LOOP;
   FOR t IN SELECT tg.tgname FROM pg_catalog.pg_trigger tg
             WHERE tg.tgrelid = b.relation AND NOT tg.tgisinternal
-              AND tg.tgname IN (b.index_name || '_ended', b.index_name || '_deleted') LOOP
+              AND tg.tgname IN (b.index_name || '_ended', b.index_name || '_deleted', b.index_name || '_sender') LOOP
     EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', t, b.relation);
   END LOOP;
   RETURN true;
@@ -408,11 +478,12 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
 
--- The statements claim_jobs (src/claim.rs) runs for a binding, built once
+-- The statements claim_jobs (src/claim/mod.rs) runs for a binding, built once
 -- per backend and binding and kept as prepared plans:
---   tenants: a skip scan over the claim index, one index probe per tenant
---            with waiting jobs: (tenant text, when its next job was queued);
---            and a row with a NULL tenant when jobs name no tenant;
+--   tenants: a skip scan over the _due index, one index probe per tenant
+--            with waiting jobs: (tenant text, when its first job is due,
+--            whether that is now); and a row with a NULL tenant when jobs
+--            name no tenant;
 --   head:    a tenant's next job in the queue's own order, locked, skipping
 --            the jobs this call passed over or claimed ($1 tenant text,
 --            $2 text[] job ids): (id, data, project, key, cost, gen, queued
@@ -431,7 +502,6 @@ DECLARE
   t_sql text; p_sql text; k_sql text; c_sql text;
   waiting text;   -- the queue's waiting jobs, as in the index predicate
   order_by text;  -- the queue's own order within a tenant
-  at_sql text;    -- when a job was queued
   rel text;
   v12 boolean;
 BEGIN
@@ -445,23 +515,30 @@ BEGIN
     rel := 'pgboss.job';
     waiting := pg_catalog.format('j.name = %L AND j.state < %L', b.queue, 'active');
     order_by := pg_catalog.format('%s, j.priority DESC, j.created_on, j.id', t_sql);
-    at_sql := 'j.created_on';
   ELSE
     rel := b.relation::text;
     waiting := 'true';
     order_by := pg_catalog.format('%s, j.msg_id', t_sql);
-    at_sql := 'j.enqueued_at';
   END IF;
+  -- Over the _due index: per tenant, when its first job is due, and
+  -- whether that is now (a tenant whose jobs are all deferred is left out
+  -- by claim_jobs, without a probe of its jobs).
   tenants_q := pg_catalog.format($q$
     WITH RECURSIVE t(tenant, at) AS (
-      (SELECT %1$s, %5$s FROM %2$s j WHERE %3$s AND %1$s IS NOT NULL ORDER BY %4$s LIMIT 1)
+      (SELECT %1$s, %4$s FROM %2$s j WHERE %3$s AND %1$s IS NOT NULL ORDER BY %1$s, %4$s LIMIT 1)
       UNION ALL
       SELECT x.tenant, x.at FROM t, LATERAL (
-        SELECT %1$s AS tenant, %5$s AS at FROM %2$s j WHERE %3$s AND %1$s > t.tenant ORDER BY %4$s LIMIT 1) x)
-    SELECT tenant, at FROM t
+        SELECT %1$s AS tenant, %4$s AS at FROM %2$s j WHERE %3$s AND %1$s > t.tenant ORDER BY %1$s, %4$s LIMIT 1) x)
+    SELECT tenant, at, at %5$s FROM t
     UNION ALL
-    (SELECT NULL, %5$s FROM %2$s j WHERE %3$s AND %1$s IS NULL LIMIT 1) $q$,
-    t_sql, rel, waiting, order_by, at_sql);
+    (SELECT NULL, NULL, true FROM %2$s j WHERE %3$s AND %1$s IS NULL LIMIT 1) $q$,
+    t_sql, rel,
+    CASE WHEN b.source = 'pgboss' AND meshhook_limits._pgboss_major() >= 12 THEN waiting || ' AND NOT j.blocked'
+         ELSE waiting END,
+    CASE b.source WHEN 'pgboss' THEN 'j.start_after' ELSE 'j.vt' END,
+    CASE WHEN b.source = 'pgmq' THEN '<= pg_catalog.clock_timestamp()'
+         WHEN meshhook_limits._pgboss_major() >= 12 THEN '<= pg_catalog.now()'
+         ELSE '< pg_catalog.now()' END);
   IF b.source = 'pgboss' THEN
     v12 := meshhook_limits._pgboss_major() >= 12;
     -- Queues whose policy allows one active job per singleton key (pg-boss's
@@ -506,11 +583,14 @@ BEGIN
       CASE WHEN v12 THEN 'heartbeat_on = pg_catalog.now(),' ELSE '' END, b.queue);
   ELSE
     -- retry_count: the reads before this one (read_ct after it, less one).
+    -- The tenant as a range (>= and <=, not =): with =, the planner may
+    -- walk the queue's primary key in msg_id order instead (the tenant is
+    -- then a constant of the order), past every other tenant's messages.
     head_q := pg_catalog.format($q$
       SELECT j.msg_id::text AS id, j.message AS data, %1$s AS project, %2$s AS key, %3$s AS cost,
              (j.read_ct + 1)::text AS gen, j.enqueued_at AS at, false AS one_active, j.read_ct AS retry_count
         FROM %4$s j
-       WHERE %5$s = $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
+       WHERE %5$s >= $1 AND %5$s <= $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
        ORDER BY %6$s LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
       p_sql, k_sql, c_sql, rel, t_sql, order_by);
     -- What pgmq.read(queue, vt, qty) does to the messages it returns.
@@ -547,7 +627,7 @@ BEGIN
     IF NOT FOUND THEN
       -- Unbound since: its jobs are followed the same way.
       SELECT r.id, r.source, r.queue, r.tenant_path, r.project_path, r.key_path, r.cost_path, r.relation,
-             r.index_name, r.created_at
+             r.index_name, r.created_at, r.sender_tenant
         INTO b FROM meshhook_limits.retired_bindings r WHERE r.id = c.binding_id;
       -- Neither (the extension was created again): they end with their leases.
       CONTINUE WHEN NOT FOUND;
@@ -617,7 +697,7 @@ BEGIN
               -- A retired binding's jobs, unless its queue is bound again
               -- (the new binding restores them).
               SELECT r.id, r.source, r.queue, r.tenant_path, r.project_path, r.key_path, r.cost_path, r.relation,
-                     r.index_name, r.created_at
+                     r.index_name, r.created_at, r.sender_tenant
                 FROM meshhook_limits.retired_bindings r
                WHERE NOT EXISTS (SELECT 1 FROM meshhook_limits.queue_bindings qb
                                   WHERE qb.source = r.source AND qb.queue = r.queue)) qb

@@ -60,6 +60,9 @@ impl ClaimIndexOnly {
         // and compile each claim's statements (~10 ms) for a few rows.
         for (name, value) in [
             (c"enable_sort", c"off"),
+            // (An incremental sort would read a tenant's every job to order
+            // them by when they are due.)
+            (c"enable_incremental_sort", c"off"),
             (c"enable_seqscan", c"off"),
             (c"enable_bitmapscan", c"off"),
             (c"jit", c"off"),
@@ -98,8 +101,8 @@ struct Binding {
     owner: pg_sys::Oid,
 }
 
-/// A tenant the skip scan found: its id, as the JSON spells it, and its
-/// next job's queue time.
+/// A tenant the skip scan found: its id, as the JSON spells it, and since
+/// when its first job has been due.
 #[derive(Clone)]
 struct Found {
     id: Uuid,
@@ -203,10 +206,9 @@ fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
 /// A tenant competing for this call's claims.
 struct Contender {
     id: Uuid,
-    /// The ways its jobs spell its id (what the index holds), each with its
-    /// next job's queue time as the skip scan found it, or the queue time
-    /// of the last job claimed under it (which the next one's is not
-    /// before, within a priority).
+    /// The ways its jobs spell its id (what the index holds), each with
+    /// since when its first job has been due as the skip scan found it, or
+    /// the queue time of the last job claimed under it.
     spellings: Vec<(String, Ts)>,
     /// When its last claim was made (any claimer's; `slots::fair`).
     served_at: Option<Ts>,
@@ -351,8 +353,9 @@ fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Resu
     })
 }
 
-/// The tenants with waiting jobs: a skip scan over the claim index (one
-/// probe per tenant), or the last one's, if it is recent.
+/// The tenants with a job due: a skip scan over the binding's `_due` index
+/// (one probe per tenant with waiting jobs), or the last one's, if it is
+/// recent.
 fn waiting_tenants(c: &SpiClient, owner: pg_sys::Oid, plans: &mut Plans) -> Result<Vec<Found>> {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if now.saturating_sub(plans.found_at) < TENANTS_FRESH_MICROS && now >= plans.found_at {
@@ -364,14 +367,18 @@ fn waiting_tenants(c: &SpiClient, owner: pg_sys::Oid, plans: &mut Plans) -> Resu
         as_owner(owner, || c.select(&plans.tenants, None, &[]))?
     };
     for r in scanned {
-        let (key, Some(at)) = (r.get::<String>(1)?, r.get::<Ts>(2)?) else {
+        let key = r.get::<String>(1)?;
+        // A tenant none of whose jobs is due yet (deferred, or held by a
+        // flow): not a contender, and its jobs are not walked.
+        if key.is_some() && r.get::<bool>(3)? != Some(true) {
             continue;
-        };
+        }
+        let at = r.get::<Ts>(2)?;
         match key.as_deref().map(parse_uuid) {
             Some(Some(id)) => found.push(Found {
                 id,
                 spelling: key.unwrap_or_default(),
-                at,
+                at: at.ok_or(LimitsError::NotPreloaded)?,
             }),
             // No tenant, or not a tenant id: those jobs are never claimed
             // (counted once a scan).
