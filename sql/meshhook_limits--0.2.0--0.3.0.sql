@@ -4,6 +4,20 @@
 -- that the result equals a fresh install.
 \echo Use "ALTER EXTENSION meshhook_limits UPDATE" to load this file. \quit
 
+-- The extension's schema must be a superuser's (a schema another role made
+-- before CREATE EXTENSION lets it add overloads our definer functions call).
+DO $$
+DECLARE
+  owner oid := (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'meshhook_limits');
+BEGIN
+  IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = owner) THEN
+    RAISE EXCEPTION 'schema meshhook_limits is owned by role %, not by a superuser', owner::pg_catalog.regrole
+      USING ERRCODE = '42501',
+            HINT = 'check what that role put in the schema, then ALTER SCHEMA meshhook_limits OWNER TO a superuser and update again';
+  END IF;
+END
+$$;
+
 -- pgmq: a message's tenant can be bound to its sender (bind_queue's sender_tenant).
 ALTER TABLE meshhook_limits.queue_bindings ADD COLUMN sender_tenant boolean NOT NULL DEFAULT false;
 

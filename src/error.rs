@@ -23,6 +23,10 @@ pub enum LimitsError {
     /// 0A000: slots were acquired or released in a transaction being prepared.
     #[error("execution slots and limits cannot be changed in a transaction that is prepared (two-phase commit)")]
     PreparedTransaction,
+    /// 54000: a read as another table's owner ran past
+    /// meshhook_limits.queue_read_timeout.
+    #[error("{msg}")]
+    TooSlow { msg: String, hint: String },
     /// XX000: an internal query failed.
     #[error("internal query failed: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
@@ -53,13 +57,16 @@ impl LimitsError {
             LimitsError::SlotTableFull(_) => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             LimitsError::PreparedTransaction => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             LimitsError::Standby(_) => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            LimitsError::TooSlow { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             LimitsError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
 
     fn hint(&self) -> Option<String> {
         match self {
-            LimitsError::InvalidParameter { hint, .. } | LimitsError::Forbidden { hint, .. } => {
+            LimitsError::InvalidParameter { hint, .. }
+            | LimitsError::Forbidden { hint, .. }
+            | LimitsError::TooSlow { hint, .. } => {
                 (!hint.is_empty()).then(|| hint.clone())
             }
             LimitsError::NotPreloaded => Some(

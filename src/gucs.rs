@@ -60,6 +60,7 @@ pub const SLOT_TABLE_SIZE: usize = 8192;
 static TENANT_SLOT_CEILING: GucSetting<i32> = GucSetting::<i32>::new((SLOT_TABLE_SIZE / 8) as i32);
 /// Waiters entries one tenant may hold at once (of the table's 1,024).
 static TENANT_WAITERS: GucSetting<i32> = GucSetting::<i32>::new(64);
+static QUEUE_READ_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// The longest lease a slot may have (seconds).
 static MAX_LEASE: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 
@@ -194,6 +195,16 @@ fn define_runtime_gucs() {
         1024,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.queue_read_timeout",
+        c"The longest a read of a pg-boss or pgmq table, as its owner, may take (0: no limit).",
+        c"The owner's code (a policy, an index function) runs in such reads: past this the read fails (54000) and the tick, explain_queues or bind_queue goes on without it.",
+        &QUEUE_READ_TIMEOUT,
+        0,
+        3_600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"meshhook_limits.max_lease",
@@ -364,6 +375,12 @@ pub fn metrics_tenant_labels() -> (bool, usize) {
 /// The most live slots one tenant may hold, whatever its own limit.
 pub fn tenant_slot_ceiling() -> i64 {
     i64::from(TENANT_SLOT_CEILING.get())
+}
+
+/// The longest a read as another role (`owner::read_as_owner`) may take, in
+/// milliseconds; 0 for no limit.
+pub fn queue_read_timeout_ms() -> i32 {
+    QUEUE_READ_TIMEOUT.get()
 }
 
 /// The most waiters entries one tenant may hold at once.

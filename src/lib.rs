@@ -30,6 +30,28 @@ static SEGMENTS: &[&shmem::Segment] = &[
     &worker::launcher::SEGMENT,
 ];
 
+// First of all: the schema everything goes into must not be another role's.
+// CREATE EXTENSION uses a schema named meshhook_limits that already exists,
+// and its owner could add overloads that our SECURITY DEFINER functions
+// would call (issue 19, a schema squatted before the install).
+pgrx::extension_sql!(
+    r#"
+DO $$
+DECLARE
+  owner oid := (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'meshhook_limits');
+BEGIN
+  IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = owner) THEN
+    RAISE EXCEPTION 'schema meshhook_limits is owned by role %, not by a superuser', owner::pg_catalog.regrole
+      USING ERRCODE = '42501',
+            HINT = 'someone created it before the extension: drop it (and what is in it) or ALTER SCHEMA meshhook_limits OWNER TO a superuser after checking its contents, then CREATE EXTENSION again';
+  END IF;
+END
+$$;
+"#,
+    name = "schema_owner_check",
+    bootstrap
+);
+
 // The hand-written SQL, one file per concern, created in this order (each
 // file `requires` the one before it, and the Rust functions its SQL-language
 // functions, policies and grants name when they are created). Each file

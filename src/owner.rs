@@ -14,19 +14,26 @@ use crate::error::{LimitsError, OrRaise, Result};
 use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
-/// The owner of `rel` when it is a table (plain or partitioned); an error
-/// for anything else (a view, a foreign table, a missing relation).
-fn table_owner(rel: pg_sys::Oid) -> Result<pg_sys::Oid> {
+/// The owner of `rel` when it is a table (plain or partitioned), and
+/// whether it is a queue table (in schema pgboss or pgmq); an error for
+/// anything else (a view, a foreign table, a missing relation).
+fn table_owner(rel: pg_sys::Oid) -> Result<(pg_sys::Oid, bool, String)> {
     let row = Spi::connect(|c| {
         let rows = c.select(
-            "SELECT c.relkind::text, c.relowner FROM pg_catalog.pg_class c WHERE c.oid = $1",
+            "SELECT c.relkind::text, c.relowner, n.nspname IN ('pgboss', 'pgmq'), c.oid::pg_catalog.regclass::text
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1",
             Some(1),
             &[rel.into()],
         )?;
         match rows.into_iter().next() {
             Some(r) => Ok::<_, pgrx::spi::SpiError>(Some((
                 r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                (
+                    r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                    r.get::<bool>(3)?.unwrap_or(false),
+                    r.get::<String>(4)?.unwrap_or_default(),
+                ),
             ))),
             None => Ok(None),
         }
@@ -68,26 +75,82 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
         .execute()
 }
 
+// PostgreSQL's timeouts (utils/timeout.h), which pgrx does not bind.
+// STATEMENT_TIMEOUT is the fourth TimeoutId in PostgreSQL 15 to 18.
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+extern "C-unwind" {
+    fn enable_timeout_at(id: std::ffi::c_int, fin_time: pg_sys::TimestampTz);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    fn get_timeout_active(id: std::ffi::c_int) -> bool;
+    fn get_timeout_finish_time(id: std::ffi::c_int) -> pg_sys::TimestampTz;
+}
+
+/// Run `f` with the statement timeout due within `ms` milliseconds (or
+/// sooner, if the statement's own is): the owner's code in a read (a
+/// policy that sleeps) cannot hold the tick, and its snapshot, for longer.
+/// Our deadline passing is an error of its own (54000), which the tick's
+/// and explain_queues' handlers catch; any other cancel is raised as it is.
+fn within<R>(ms: i32, what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    if ms <= 0 {
+        return f();
+    }
+    let outer = unsafe { get_timeout_active(STATEMENT_TIMEOUT) }
+        .then(|| unsafe { get_timeout_finish_time(STATEMENT_TIMEOUT) });
+    let deadline = unsafe { pg_sys::GetCurrentTimestamp() }.saturating_add(i64::from(ms) * 1000);
+    let ours = outer.is_none_or(|o| deadline < o);
+    if ours {
+        unsafe { enable_timeout_at(STATEMENT_TIMEOUT, deadline) };
+    }
+    let timed_out = move || {
+        Err(LimitsError::TooSlow {
+            msg: format!("reading {what} as its owner took longer than meshhook_limits.queue_read_timeout ({ms} ms)"),
+            hint: "the table's owner attached slow code to it (a policy, an index function), or the read is larger than the setting allows".into(),
+        })
+    };
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
+        .catch_when(pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED, move |e| {
+            if ours && unsafe { pg_sys::GetCurrentTimestamp() } >= deadline {
+                timed_out()
+            } else {
+                e.rethrow()
+            }
+        })
+        .finally(move || unsafe {
+            match outer {
+                Some(at) => enable_timeout_at(STATEMENT_TIMEOUT, at),
+                None => disable_timeout(STATEMENT_TIMEOUT, false),
+            }
+        })
+        .execute()
+}
+
 /// Run `query` (one row, one jsonb column; `$1` timestamptz and `$2`
 /// interval) as the owner of table `rel`, in a security-restricted
-/// operation (`as_owner`), and return its value.
+/// operation (`as_owner`), within `meshhook_limits.queue_read_timeout` for
+/// a queue table, and return its value.
 pub fn read_as_owner(
     rel: pg_sys::Oid,
     query: &str,
     at: Option<TimestampWithTimeZone>,
     window: Option<Interval>,
 ) -> Result<Option<JsonB>> {
-    let owner = table_owner(rel)?;
-    let result = as_owner(owner, || {
-        Spi::connect(|c| {
-            let rows = c.select(query, Some(1), &[at.into(), window.into()])?;
-            match rows.into_iter().next() {
-                Some(r) => r.get::<JsonB>(1),
-                None => Ok(None),
-            }
+    let (owner, queue, name) = table_owner(rel)?;
+    let what = format!("table {name}");
+    // Queue tables: the tick reads every one, whoever made it. (Tracked
+    // tables are counted at their owner's own request.)
+    let limit = if queue { crate::gucs::queue_read_timeout_ms() } else { 0 };
+    within(limit, &what, || {
+        as_owner(owner, || {
+            Spi::connect(|c| {
+                let rows = c.select(query, Some(1), &[at.into(), window.into()])?;
+                match rows.into_iter().next() {
+                    Some(r) => r.get::<JsonB>(1),
+                    None => Ok(None),
+                }
+            })
         })
-    });
-    Ok(result?)
+        .map_err(LimitsError::from)
+    })
 }
 
 /// `_read_as_owner(rel, query, at, window)`: `query` run as the owner of

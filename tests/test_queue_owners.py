@@ -1,16 +1,21 @@
 """Claiming is safe against the owners of queue tables and schemas (issue 19,
 items 1 and 2), on pg-boss 11, pg-boss 12 and pgmq, attacked as they would be.
 
-The owner of a queue table is the application's role (not an admin of
-meshhook_limits); the worker that binds and claims is an admin that is
-granted that role, as a deployment has it. Whatever the owner attaches to
-its table (row and statement triggers, rules, row-level security policies,
-index expressions), before or after the queue is bound, runs during a claim
-as the owner, with no meshhook_limits identity: the payload's attempt to set
-a limit is refused, and the log it writes says who it ran as. Deferrable
-triggers (which would fire at commit, as the worker) and partitions of
-another owner are refused by bind_queue and claim_jobs; so is a queue schema
-another role made before the queue system was installed.
+The worker that claims also ends its jobs with the queue system's own calls
+(boss.complete, pgmq.archive), which run whatever the queue table's owner
+attached to it with the worker's rights. So claim_jobs claims only from a
+queue whose table and schema owners have the claiming role's privileges
+(a superuser, the claiming role itself, or a member of it): a worker that is
+merely granted the application's role is refused. Where the worker is the
+owner (the application's role, granted meshhook_limits_admin), what the
+owner attached to its table (row and statement triggers, rules, row-level
+security policies, index expressions), before or after binding, runs during
+a claim in a security-restricted operation, with no meshhook_limits
+identity: the payload's attempt to set a limit is refused, and the log it
+writes says who it ran as. Deferrable triggers (which would fire at commit)
+and partitions of another owner are refused by bind_queue and claim_jobs;
+so are a queue schema another role made before the queue system was
+installed, and a meshhook_limits schema made before CREATE EXTENSION.
 """
 import json
 import os
@@ -78,8 +83,9 @@ def global_limit(conn):
 class Queue:
     """A queue of `source` in a scratch database: the queue system's tables
     belong to `owner` (pg-boss migrated by it; pgmq installed by the
-    superuser, the queue created by `owner`), and `worker` (an admin of
-    meshhook_limits, granted `owner`) binds and claims."""
+    superuser, the queue created by `owner`), and `worker` binds and claims:
+    the owner itself, granted meshhook_limits_admin, or another admin that is
+    granted the owner's role."""
 
     def __init__(self, cluster, db, source, owner, worker):
         self.cluster, self.db, self.source, self.owner, self.worker = cluster, db, source, owner, worker
@@ -118,9 +124,12 @@ class Queue:
 
 
 @contextmanager
-def app_queue(cluster, source):
-    owner = role(cluster, "app")
-    worker = role(cluster, "worker", "IN ROLE meshhook_limits_admin, " + owner)
+def app_queue(cluster, source, worker_is_owner: bool = True):
+    if worker_is_owner:
+        owner = worker = role(cluster, "app", "IN ROLE meshhook_limits_admin")
+    else:
+        owner = role(cluster, "app")
+        worker = role(cluster, "worker", "IN ROLE meshhook_limits_admin, " + owner)
     db = f"mlown_{uuid.uuid4().hex[:8]}"
     with cluster.connect(dbname="postgres") as c:
         c.execute(f"CREATE DATABASE {db} OWNER {owner}")
@@ -200,6 +209,33 @@ def test_the_queue_owners_code_runs_as_the_owner_not_as_the_claiming_admin(clust
 
 
 @pytest.mark.parametrize("source", SOURCES)
+def test_a_worker_whose_privileges_the_queue_owner_lacks_does_not_claim(cluster, source):
+    """The worker is an admin granted the application's role, which owns the
+    queue and is not an admin: its triggers would run as the worker when the
+    worker completes a job, so the worker does not claim from it (42501,
+    naming the owner), and takes nothing. Once the owner may act as the
+    worker (GRANT worker TO owner), it claims."""
+    tenant = str(uuid.uuid4())
+    with app_queue(cluster, source, worker_is_owner=False) as q:
+        q.send(tenant, 1)
+        with cluster.connect(dbname=q.db, user=q.worker) as w:
+            q.bind(w)
+            got = refusal(w, f"SELECT * FROM {S}.claim_jobs(%s, %s)", (q.kind, q.name))
+            assert got is not None and got[0] == "42501" and q.owner in got[1], got
+            assert "meshhook_limits_admin" in got[2], got
+        with cluster.connect(dbname=q.db) as c:
+            assert c.execute(f"SELECT count(*) FROM {S}.slots() WHERE state = 'live'").fetchone()[0] == 0
+            # The other way round: the owner may act as the worker, and the
+            # worker has just the rights claiming needs.
+            c.execute(f"REVOKE {q.owner} FROM {q.worker}")
+            c.execute(f"GRANT {q.worker} TO {q.owner}")
+            c.execute(f"GRANT USAGE ON SCHEMA {q.table.split('.')[0]} TO {q.worker}")
+            c.execute(f"GRANT SELECT, UPDATE ON {q.table} TO {q.worker}")
+        with cluster.connect(dbname=q.db, user=q.worker) as w:
+            assert len(q.claim(w)) == 1
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_deferrable_triggers_of_the_owner_are_refused_at_bind_and_at_claim(cluster, source):
     """A deferred trigger would fire at COMMIT, after claim_jobs, as the
     worker: bind_queue refuses a table with one (planted before), claim_jobs
@@ -260,6 +296,8 @@ def test_a_worker_without_the_queues_rights_is_refused(cluster):
     with app_queue(cluster, "pgmq") as q:
         q.send(str(uuid.uuid4()), 1)
         bare = role(cluster, "bare", "IN ROLE meshhook_limits_admin")
+        with cluster.connect(dbname=q.db) as c:
+            c.execute(f"GRANT {bare} TO {q.owner}")     # trusted by the owner: only the rights are missing
         try:
             with cluster.connect(dbname=q.db, user=q.worker) as w:
                 q.bind(w)
@@ -334,3 +372,45 @@ def test_a_pgboss_schema_squatted_before_pgboss_was_installed_is_refused(cluster
             a.execute(f"GRANT {mallory} TO postgres")
             a.execute(f"SELECT {S}.bind_queue('pgboss', 'jobs')")
             a.execute(f"REVOKE {mallory} FROM postgres")
+
+
+def test_a_meshhook_limits_schema_squatted_before_create_extension_is_refused(cluster):
+    """The owner of the extension's schema could add overloads that its
+    SECURITY DEFINER functions call: CREATE EXTENSION refuses such a schema."""
+    with squatted_db(cluster) as (db, mallory):
+        with cluster.connect(dbname=db) as a:
+            a.execute(f"DROP EXTENSION {S}")
+            a.execute(f"DROP SCHEMA IF EXISTS {S} CASCADE")
+        with cluster.connect(dbname=db, user=mallory) as m:
+            m.execute(f"CREATE SCHEMA {S}")
+        with cluster.connect(dbname=db) as a:
+            got = refusal(a, f"CREATE EXTENSION {S}")
+            assert got is not None and got[0] == "42501" and mallory in got[1], got
+            assert a.execute("SELECT count(*) FROM pg_extension WHERE extname = %s", (S,)).fetchone()[0] == 0
+            assert a.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = %s::regnamespace", (S,)).fetchone()[0] == 0
+
+
+def test_a_queue_owners_slow_policy_cannot_hold_the_tick(cluster):
+    """The tick reads every queue as its owner (queue health), bound or not.
+    An owner's policy that sleeps makes that read fail after
+    meshhook_limits.queue_read_timeout (54000), and the tick goes on without
+    it: a tick returns under a statement_timeout far below the sleep (the
+    worker runs the same tick)."""
+    with app_queue(cluster, "pgmq") as q:
+        q.send(str(uuid.uuid4()), 1)
+        with cluster.connect(dbname=q.db, user=q.owner) as o:
+            o.execute("CREATE FUNCTION atk.slow() RETURNS boolean LANGUAGE plpgsql AS $$ "
+                      "BEGIN IF session_user <> current_user THEN PERFORM pg_sleep(3600); END IF; RETURN true; END $$")
+            o.execute(f"ALTER TABLE {q.table} ENABLE ROW LEVEL SECURITY")
+            o.execute(f"ALTER TABLE {q.table} FORCE ROW LEVEL SECURITY")
+            o.execute(f"CREATE POLICY slow ON {q.table} USING (atk.slow())")
+        with cluster.connect(dbname=q.db) as c:
+            c.execute("SET meshhook_limits.queue_read_timeout = '1s'")
+            c.execute("SET statement_timeout = '30s'")
+            warnings = []
+            c.add_notice_handler(lambda d: warnings.append(d.message_primary or ""))
+            c.execute(f"SELECT {S}.tick()")           # 57014 here if the read were not bounded
+            assert any(q.name in w and "queue_read_timeout" in w for w in warnings), warnings
+            c.execute("RESET statement_timeout")
+            # The queue's health was carried from the last sample, not lost.
+            assert c.execute(f"SELECT ticks FROM {S}.worker_state").fetchone()[0] >= 1

@@ -14,7 +14,9 @@
 //! policies, defaults and index expressions the owner attached run with the
 //! owner's rights, never the caller's, and have no meshhook_limits identity.
 //! `_queue_binding` refuses the tables where that would not hold
-//! (`_queue_distrust`: a partition another role owns, a deferrable trigger).
+//! (`_queue_distrust`: a partition another role owns, a deferrable trigger),
+//! and `binding` the queues whose owners lack the claimer's privileges: the
+//! worker runs their code anyway when it ends a job with the queue's calls.
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::owner::as_owner;
 use crate::slots::claim::{self as slot_claim, BLOCKED_REASONS};
@@ -137,7 +139,13 @@ const BINDING_Q: &str = "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.sour
         pg_catalog.has_table_privilege(b.relation, 'SELECT, UPDATE')
           AND pg_catalog.has_schema_privilege((SELECT c.relnamespace FROM pg_catalog.pg_class c
                                                 WHERE c.oid = b.relation), 'USAGE'),
-        b.relation::text
+        b.relation::text,
+        (SELECT CASE WHEN NOT pg_catalog.pg_has_role(c.relowner, current_user, 'USAGE')
+                     THEN pg_catalog.format('queue table %s is owned by role %s', b.relation, c.relowner::regrole)
+                     WHEN NOT pg_catalog.pg_has_role(n.nspowner, current_user, 'USAGE')
+                     THEN pg_catalog.format('schema %s is owned by role %s', n.nspname, n.nspowner::regrole) END
+           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.oid = b.relation)
    FROM meshhook_limits._queue_binding($1, $2) b";
 
 fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
@@ -163,6 +171,23 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
         return Err(LimitsError::forbidden(
             format!("permission denied for table {table}: claim_jobs needs SELECT and UPDATE on it (and USAGE on its schema)"),
             "grant the claiming role the queue system's rights on its tables, as its own workers have them",
+        ));
+    }
+    // The worker that claims also ends the jobs with the queue system's own
+    // calls (boss.complete, pgmq.archive), which run the code the queue's
+    // owners attached as the worker: it claims only from queues whose table
+    // and schema owners have its privileges anyway (a superuser, itself, or
+    // a role that is a member of it).
+    if let Some(untrusted) = r.get::<String>(7)? {
+        return Err(LimitsError::forbidden(
+            format!(
+                "claim_jobs does not claim from {source} queue \"{}\" as this role: {untrusted}, \
+                 which does not have this role's privileges",
+                crate::identity::truncate(queue, 80)
+            ),
+            "the worker ends claimed jobs with the queue's own calls, which run that owner's triggers \
+             with the worker's rights: claim as the owner (granted meshhook_limits_admin), or GRANT the \
+             claiming role TO the owner if the owner may act as it",
         ));
     }
     Ok(Binding {
@@ -451,7 +476,12 @@ fn claim_with(
         // picked at moves the clock (`slots::fair`), or a tenant that
         // claimed alone would run ahead of it and then wait for every
         // newcomer to catch up.
-        for (t, (start, served)) in field.iter_mut().zip(slot_claim::starts(&ids)) {
+        // Only the tenants still in the running: a call that passes over
+        // many tenants must not read every tag again for each of them.
+        let live: Vec<usize> = (0..field.len()).filter(|&i| field[i].live).collect();
+        let live_ids: Vec<Uuid> = live.iter().map(|&i| field[i].id).collect();
+        for (&i, (start, served)) in live.iter().zip(slot_claim::starts(&live_ids)) {
+            let t = &mut field[i];
             t.start = start;
             t.served_at = (served != 0).then(|| Ts::try_from(served).ok()).flatten();
         }
