@@ -12,10 +12,11 @@ owner attached to its table (row and statement triggers, rules, row-level
 security policies, index expressions), before or after binding, runs during
 a claim in a security-restricted operation, with no meshhook_limits
 identity: the payload's attempt to set a limit is refused, and the log it
-writes says who it ran as. Deferrable triggers (which would fire at commit)
-and partitions of another owner are refused by bind_queue and claim_jobs;
-so are a queue schema another role made before the queue system was
-installed, and a meshhook_limits schema made before CREATE EXTENSION.
+writes says who it ran as. A partition of another owner is refused like the
+table's owner; bind_queue refuses a queue schema another role made before
+the queue system was installed, CREATE EXTENSION a meshhook_limits schema
+made before it, and the tick's reads of queue tables end after
+meshhook_limits.queue_read_timeout.
 """
 import json
 import os
@@ -233,38 +234,6 @@ def test_a_worker_whose_privileges_the_queue_owner_lacks_does_not_claim(cluster,
             c.execute(f"GRANT SELECT, UPDATE ON {q.table} TO {q.worker}")
         with cluster.connect(dbname=q.db, user=q.worker) as w:
             assert len(q.claim(w)) == 1
-
-
-@pytest.mark.parametrize("source", SOURCES)
-def test_deferrable_triggers_of_the_owner_are_refused_at_bind_and_at_claim(cluster, source):
-    """A deferred trigger would fire at COMMIT, after claim_jobs, as the
-    worker: bind_queue refuses a table with one (planted before), claim_jobs
-    refuses it once one is planted (after), taking nothing."""
-    tenant = str(uuid.uuid4())
-    with app_queue(cluster, source) as q:
-        q.send(tenant, 1)
-        plant = (f"CREATE CONSTRAINT TRIGGER atk_deferred AFTER UPDATE ON {{}} DEFERRABLE INITIALLY DEFERRED "
-                 "FOR EACH ROW EXECUTE FUNCTION atk.trg('deferred trigger')")
-        with cluster.connect(dbname=q.db, user=q.owner) as o:
-            leaf = q.leaf(o)
-            o.execute(plant.format(leaf))
-        with cluster.connect(dbname=q.db, user=q.worker) as w:
-            got = refusal(w, f"SELECT {S}.bind_queue(%s, %s)", (q.kind, q.name))
-            assert got is not None and got[0] == "42501" and "atk_deferred" in got[1] and "deferrable" in got[1], got
-            assert "NOT DEFERRABLE" in got[2], got
-        with cluster.connect(dbname=q.db, user=q.owner) as o:
-            o.execute(f"DROP TRIGGER atk_deferred ON {leaf}")
-        with cluster.connect(dbname=q.db, user=q.worker) as w:
-            q.bind(w)
-        with cluster.connect(dbname=q.db, user=q.owner) as o:
-            o.execute(plant.format(leaf))
-        with cluster.connect(dbname=q.db, user=q.worker) as w:
-            got = refusal(w, f"SELECT * FROM {S}.claim_jobs(%s, %s)", (q.kind, q.name))
-            assert got is not None and got[0] == "42501" and "atk_deferred" in got[1], got
-        with cluster.connect(dbname=q.db) as c:
-            assert global_limit(c) is None
-            assert c.execute("SELECT count(*) FROM atk.seen").fetchone()[0] == 0
-            assert c.execute(f"SELECT count(*) FROM {S}.slots() WHERE state = 'live'").fetchone()[0] == 0
 
 
 def test_a_partition_of_another_owner_is_refused(cluster):

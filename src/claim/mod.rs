@@ -13,10 +13,13 @@
 //! security-restricted operation (`owner::as_owner`): the triggers, rules,
 //! policies, defaults and index expressions the owner attached run with the
 //! owner's rights, never the caller's, and have no meshhook_limits identity.
-//! `_queue_binding` refuses the tables where that would not hold
-//! (`_queue_distrust`: a partition another role owns, a deferrable trigger),
-//! and `binding` the queues whose owners lack the claimer's privileges: the
-//! worker runs their code anyway when it ends a job with the queue's calls.
+//! And `binding` refuses the queues whose owners (of the table, its schema,
+//! its partitions) lack the claimer's privileges: the worker runs their
+//! code anyway, with its own rights, when it ends a job with the queue's
+//! calls (and a deferred trigger the owner attached fires at commit, as
+//! the worker). So the owner's code never gains from a claim: the
+//! restricted operation keeps it from the claimer's meshhook_limits
+//! identity, and the trust check from rights the owner has not got.
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::owner::as_owner;
 use crate::slots::claim::{self as slot_claim, BLOCKED_REASONS};
@@ -140,12 +143,21 @@ const BINDING_Q: &str = "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.sour
           AND pg_catalog.has_schema_privilege((SELECT c.relnamespace FROM pg_catalog.pg_class c
                                                 WHERE c.oid = b.relation), 'USAGE'),
         b.relation::text,
-        (SELECT CASE WHEN NOT pg_catalog.pg_has_role(c.relowner, current_user, 'USAGE')
-                     THEN pg_catalog.format('queue table %s is owned by role %s', b.relation, c.relowner::regrole)
-                     WHEN NOT pg_catalog.pg_has_role(n.nspowner, current_user, 'USAGE')
-                     THEN pg_catalog.format('schema %s is owned by role %s', n.nspname, n.nspowner::regrole) END
-           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-          WHERE c.oid = b.relation)
+        (SELECT x.what FROM (
+            SELECT 1 AS o, c.relowner AS owner,
+                   pg_catalog.format('queue table %s is owned by role %s', b.relation, c.relowner::regrole) AS what
+              FROM pg_catalog.pg_class c WHERE c.oid = b.relation
+            UNION ALL
+            SELECT 2, n.nspowner, pg_catalog.format('schema %s is owned by role %s', n.nspname, n.nspowner::regrole)
+              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = b.relation
+            UNION ALL
+            SELECT 3, pc.relowner,
+                   pg_catalog.format('partition %s of %s is owned by role %s', pc.oid::regclass, b.relation,
+                                     pc.relowner::regrole)
+              FROM pg_catalog.pg_partition_tree(b.relation) p JOIN pg_catalog.pg_class pc ON pc.oid = p.relid
+             WHERE p.relid OPERATOR(pg_catalog.<>) b.relation) x
+          WHERE NOT pg_catalog.pg_has_role(x.owner, current_user, 'USAGE') ORDER BY x.o LIMIT 1)
    FROM meshhook_limits._queue_binding($1, $2) b";
 
 fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
@@ -175,9 +187,9 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
     }
     // The worker that claims also ends the jobs with the queue system's own
     // calls (boss.complete, pgmq.archive), which run the code the queue's
-    // owners attached as the worker: it claims only from queues whose table
-    // and schema owners have its privileges anyway (a superuser, itself, or
-    // a role that is a member of it).
+    // owners attached as the worker: it claims only from queues whose
+    // table, schema and partition owners have its privileges anyway (a
+    // superuser, itself, or a role that is a member of it).
     if let Some(untrusted) = r.get::<String>(7)? {
         return Err(LimitsError::forbidden(
             format!(
