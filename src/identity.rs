@@ -262,7 +262,9 @@ pub fn _caller_has_privs_of(role: pg_sys::Oid) -> bool {
 pub fn _caller_controls(role: pg_sys::Oid) -> bool {
     unsafe {
         let outer = pg_sys::GetOuterUserId();
-        role == outer || pg_sys::superuser_arg(role) || pg_sys::is_member_of_role_nosuper(outer, role)
+        role == outer
+            || pg_sys::superuser_arg(role)
+            || pg_sys::is_member_of_role_nosuper(outer, role)
     }
 }
 

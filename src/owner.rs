@@ -138,7 +138,11 @@ pub fn read_as_owner(
     let what = format!("table {name}");
     // Queue tables: the tick reads every one, whoever made it. (Tracked
     // tables are counted at their owner's own request.)
-    let limit = if queue { crate::gucs::queue_read_timeout_ms() } else { 0 };
+    let limit = if queue {
+        crate::gucs::queue_read_timeout_ms()
+    } else {
+        0
+    };
     within(limit, &what, || {
         as_owner(owner, || {
             Spi::connect(|c| {

@@ -206,9 +206,7 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
         id: r.get::<i64>(1)?.unwrap_or(0),
         pgmq: r.get::<String>(2)?.as_deref() == Some("pgmq"),
         shape: r.get::<String>(3)?.unwrap_or_default(),
-        owner: r
-            .get::<pg_sys::Oid>(4)?
-            .ok_or(LimitsError::NotPreloaded)?,
+        owner: r.get::<pg_sys::Oid>(4)?.ok_or(LimitsError::NotPreloaded)?,
     })
 }
 
@@ -428,7 +426,13 @@ fn waiting_tenants(c: &SpiClient, owner: pg_sys::Oid, plans: &mut Plans) -> Resu
 }
 
 /// What the queue's own fetch does to the jobs it takes.
-fn take(c: &mut SpiClient, b: &Binding, plans: &Plans, ids: Vec<&str>, vt: Option<Interval>) -> Result<()> {
+fn take(
+    c: &mut SpiClient,
+    b: &Binding,
+    plans: &Plans,
+    ids: Vec<&str>,
+    vt: Option<Interval>,
+) -> Result<()> {
     let args: Vec<pgrx::datum::DatumWithOid> = match vt {
         Some(vt) => vec![ids.into(), vt.into()],
         None => vec![ids.into()],
@@ -523,7 +527,11 @@ fn claim_with(
                 let _pinned = ClaimIndexOnly::new();
                 let seen: Vec<&str> = t.seen.iter().map(String::as_str).collect();
                 as_owner(b.owner, || {
-                    c.update(&plans.head, Some(1), &[spelling.as_str().into(), seen.into()])
+                    c.update(
+                        &plans.head,
+                        Some(1),
+                        &[spelling.as_str().into(), seen.into()],
+                    )
                 })?
             };
             match head.into_iter().next() {
