@@ -125,6 +125,18 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_relation(text, text) FROM PUBLIC;
 
+-- Every table below a queue table, partitions and plain inheritance
+-- children alike, at any depth: statements on the queue table reach them
+-- and fire their triggers.
+CREATE FUNCTION meshhook_limits._queue_descendants(p_rel regclass) RETURNS TABLE(oid oid)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH RECURSIVE kids(oid) AS (
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = p_rel
+    UNION
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN kids k ON i.inhparent = k.oid)
+  SELECT kids.oid FROM kids
+$$;
+
 -- Why bind_queue must not bind a queue table, as (problem, hint) rows,
 -- none when it may: against squatting, its schema, the table and its
 -- partitions must each be owned by a role the caller of bind_queue controls
@@ -142,7 +154,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_rel),
   parts AS (
-    SELECT p.relid::oid AS oid FROM pg_catalog.pg_partition_tree(p_rel) p UNION SELECT p_rel::oid)
+    SELECT d.oid FROM meshhook_limits._queue_descendants(p_rel) d UNION SELECT p_rel::oid)
   SELECT pg_catalog.format('schema %I is owned by role %I, which the role binding the queue does not control',
                            t.nspname, t.nspowner::regrole::text),
          pg_catalog.format('if %1$s is meant to own the queue, GRANT %1$s TO the binding role; otherwise the schema was '
@@ -251,7 +263,9 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._create_claim_index(meshhook_limits.q
 --   - A sender that carries a tenant (JWT claims of meshhook_limits.jwt_roles,
 --     or meshhook_limits.tenant_id): its tenant is written at the path.
 --   - An admin (superuser, service_role, meshhook_limits_admin): as written.
---   - A request with JWT claims but no tenant (anon): refused, 42501.
+--   - A request with JWT claims but no tenant (anon), or a session with
+--     meshhook_limits.tenant_id set whose tenant does not count here (code
+--     run for someone else: CREATE INDEX, ANALYZE): refused, 42501.
 --   - Any other role (the application's backend, granted INSERT by the
 --     operator): as written; it is trusted with the tenant, as pg-boss's
 --     senders are.
@@ -263,7 +277,9 @@ DECLARE
   me uuid := meshhook_limits.current_tenant();
 BEGIN
   IF me IS NULL THEN
-    IF meshhook_limits.is_admin() OR coalesce(pg_catalog.current_setting('request.jwt.claims', true), '') = '' THEN
+    IF meshhook_limits.is_admin()
+       OR (coalesce(pg_catalog.current_setting('request.jwt.claims', true), '') = ''
+           AND coalesce(pg_catalog.current_setting('meshhook_limits.tenant_id', true), '') = '') THEN
       RETURN NEW;
     END IF;
     RAISE EXCEPTION 'a request without a tenant may not send to %', TG_TABLE_NAME USING ERRCODE = '42501',
@@ -455,10 +471,13 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
 --            with waiting jobs: (tenant text, when its first job is due,
 --            whether that is now); and a row with a NULL tenant when jobs
 --            name no tenant;
---   head:    a tenant's next job in the queue's own order, locked, skipping
---            the jobs this call passed over or claimed ($1 tenant text,
---            $2 text[] job ids): (id, data, project, key, cost, gen, queued
---            at, whether its queue's policy allows one active job per key);
+--   head:    a tenant's next job in the queue's own order among its first
+--            64 waiting jobs, locked, skipping the jobs this call passed
+--            over or claimed ($1 tenant text, $2 text[] job ids): (id,
+--            data, project, key, cost, gen, queued at, whether its queue's
+--            policy allows one active job per key, retry count);
+--   head_due: the same columns, for the tenant's job due earliest (when
+--            head finds none: the front of its jobs is deferred or held);
 --   take:    what the queue's own fetch does to the jobs it takes, for the
 --            call's claimed jobs at once (a job of a one-active policy at
 --            once, so the next head sees it active) ($1 text[] job ids;
@@ -466,15 +485,16 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
 -- Every path expression is spelt as in the index (_path_sql), so the planner
 -- uses it.
 CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
-RETURNS TABLE(tenants_q text, head_q text, take_q text)
+RETURNS TABLE(tenants_q text, head_q text, head_due_q text, take_q text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   b meshhook_limits.queue_bindings;
   t_sql text; p_sql text; k_sql text; c_sql text;
   waiting text;   -- the queue's waiting jobs, as in the index predicate
-  order_by text;  -- the queue's own order within a tenant
   rel text;
   v12 boolean;
+  conds text;     -- pg-boss: what else the queue's fetch asks of a job it takes
+  cols text;      -- the head statements' columns
 BEGIN
   PERFORM meshhook_limits.require_admin_access('claim jobs');
   SELECT * INTO STRICT b FROM meshhook_limits.queue_bindings qb WHERE qb.id = p_binding;
@@ -485,11 +505,9 @@ BEGIN
   IF b.source = 'pgboss' THEN
     rel := 'pgboss.job';
     waiting := pg_catalog.format('j.name = %L AND j.state < %L', b.queue, 'active');
-    order_by := pg_catalog.format('%s, j.priority DESC, j.created_on, j.id', t_sql);
   ELSE
     rel := b.relation::text;
     waiting := 'true';
-    order_by := pg_catalog.format('%s, j.msg_id', t_sql);
   END IF;
   -- Over the _due index: per tenant, when its first job is due, and
   -- whether that is now (a tenant whose jobs are all deferred is left out
@@ -520,19 +538,18 @@ BEGIN
     -- of its key (a retry first, then the oldest), when no job of the key is
     -- active, retried or failed (pg-boss's strict_fifo_heads, and its unique
     -- index job_i8): taken at once, so the next head statement sees it.
-    head_q := pg_catalog.format($q$
-      SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen,
-             j.created_on AS at,
-             coalesce(j.policy IN ('singleton', 'stately', 'exclusive', 'key_strict_fifo'), false) AS one_active,
-             CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END AS retry_count
-        FROM pgboss.job j
-       WHERE %4$s AND %5$s = $1 AND j.start_after %7$s pg_catalog.now() AND j.id::text <> ALL ($2)
+    -- The head: the tenant's next job in the queue's order, among the first
+    -- HEAD_WINDOW (64) of its waiting jobs in that order (so jobs deferred
+    -- or held at the front cost at most that many rows); when none of
+    -- those can be taken, head_due: its job due earliest, over the _due
+    -- index (only due jobs are read). Both lock the job they return.
+    conds := pg_catalog.format($q$
+         AND j.start_after %1$s pg_catalog.now()
          AND (j.policy IS NULL OR j.policy NOT IN ('singleton', 'stately', 'exclusive')
               OR NOT EXISTS (SELECT 1 FROM pgboss.job a
                               WHERE a.name = j.name AND a.state = 'active' AND a.policy = j.policy
-                                AND coalesce(a.singleton_key, '') = coalesce(j.singleton_key, ''))) %8$s
-       ORDER BY %6$s LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
-      p_sql, k_sql, c_sql, waiting, t_sql, order_by, CASE WHEN v12 THEN '<=' ELSE '<' END,
+                                AND coalesce(a.singleton_key, '') = coalesce(j.singleton_key, ''))) %2$s $q$,
+      CASE WHEN v12 THEN '<=' ELSE '<' END,
       CASE WHEN v12 THEN $v12$
          AND NOT j.blocked
          AND (j.policy IS DISTINCT FROM 'key_strict_fifo'
@@ -545,6 +562,26 @@ BEGIN
                                  AND h.start_after <= pg_catalog.now()
                                  AND (h.state > j.state OR (h.state = j.state AND (h.created_on, h.id) < (j.created_on, j.id))))))
         $v12$ ELSE '' END);
+    cols := pg_catalog.format($q$
+      SELECT j.id::text AS id, j.data AS data, %1$s AS project, %2$s AS key, %3$s AS cost, NULL::text AS gen,
+             j.created_on AS at,
+             coalesce(j.policy IN ('singleton', 'stately', 'exclusive', 'key_strict_fifo'), false) AS one_active,
+             CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END AS retry_count $q$,
+      p_sql, k_sql, c_sql);
+    head_q := pg_catalog.format($q$ %1$s
+        FROM (SELECT w.id AS wid, %2$s AS wk, w.priority AS wp, w.created_on AS wc
+                FROM pgboss.job w
+               WHERE w.name = %3$L AND w.state < 'active' AND %2$s = $1 AND w.id::text <> ALL ($2)
+               ORDER BY %2$s, w.priority DESC, w.created_on, w.id LIMIT 64) h
+        JOIN pgboss.job j ON j.name = %3$L AND j.id = h.wid
+       WHERE j.state < 'active' %4$s
+       ORDER BY h.wk, h.wp DESC, h.wc, h.wid LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+      cols, meshhook_limits._claim_key_sql(b, 'w.'), b.queue, conds);
+    head_due_q := pg_catalog.format($q$ %1$s
+        FROM pgboss.job j
+       WHERE %2$s AND %3$s = $1 AND j.id::text <> ALL ($2) %4$s
+       ORDER BY %3$s, j.start_after LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+      cols, waiting || CASE WHEN v12 THEN ' AND NOT j.blocked' ELSE '' END, t_sql, conds);
     -- What boss.fetch() does to a job it takes (12 also starts its
     -- heartbeat clock, which 12's supervisor fails a silent job by).
     take_q := pg_catalog.format($q$
@@ -557,13 +594,27 @@ BEGIN
     -- The tenant as a range (>= and <=, not =): with =, the planner may
     -- walk the queue's primary key in msg_id order instead (the tenant is
     -- then a constant of the order), past every other tenant's messages.
-    head_q := pg_catalog.format($q$
+    -- head and head_due as for pg-boss: the first of the first 64 waiting
+    -- messages that is visible, else the one visible earliest (as of the
+    -- transaction's start: now(), unlike clock_timestamp(), bounds the
+    -- _due index scan, so invisible messages are not read).
+    cols := pg_catalog.format($q$
       SELECT j.msg_id::text AS id, j.message AS data, %1$s AS project, %2$s AS key, %3$s AS cost,
-             (j.read_ct + 1)::text AS gen, j.enqueued_at AS at, false AS one_active, j.read_ct AS retry_count
-        FROM %4$s j
-       WHERE %5$s >= $1 AND %5$s <= $1 AND j.vt <= pg_catalog.clock_timestamp() AND j.msg_id::text <> ALL ($2)
-       ORDER BY %6$s LIMIT 1 FOR UPDATE SKIP LOCKED $q$,
-      p_sql, k_sql, c_sql, rel, t_sql, order_by);
+             (j.read_ct + 1)::text AS gen, j.enqueued_at AS at, false AS one_active, j.read_ct AS retry_count $q$,
+      p_sql, k_sql, c_sql);
+    head_q := pg_catalog.format($q$ %1$s
+        FROM (SELECT w.msg_id AS wid, %2$s AS wk FROM %3$s w
+               WHERE %2$s >= $1 AND %2$s <= $1 AND w.msg_id::text <> ALL ($2)
+               ORDER BY %2$s, w.msg_id LIMIT 64) h
+        JOIN %3$s j ON j.msg_id = h.wid
+       WHERE j.vt <= pg_catalog.clock_timestamp()
+       ORDER BY h.wk, h.wid LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+      cols, meshhook_limits._claim_key_sql(b, 'w.'), rel);
+    head_due_q := pg_catalog.format($q$ %1$s
+        FROM %2$s j
+       WHERE %3$s >= $1 AND %3$s <= $1 AND j.vt <= pg_catalog.now() AND j.msg_id::text <> ALL ($2)
+       ORDER BY %3$s, j.vt LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+      cols, rel, t_sql);
     -- What pgmq.read(queue, vt, qty) does to the messages it returns.
     take_q := pg_catalog.format($q$
       UPDATE %s j SET vt = pg_catalog.clock_timestamp() + $2, read_ct = j.read_ct + 1,

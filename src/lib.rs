@@ -38,12 +38,25 @@ pgrx::extension_sql!(
     r#"
 DO $$
 DECLARE
-  owner oid := (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'meshhook_limits');
+  nsp oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = 'meshhook_limits');
+  owner oid := (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.oid = nsp);
 BEGIN
   IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = owner) THEN
     RAISE EXCEPTION 'schema meshhook_limits is owned by role %, not by a superuser', owner::pg_catalog.regrole
       USING ERRCODE = '42501',
             HINT = 'someone created it before the extension: drop it (and what is in it) or ALTER SCHEMA meshhook_limits OWNER TO a superuser after checking its contents, then CREATE EXTENSION again';
+  END IF;
+  -- Nor may anyone else create in it, or have done so.
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+              WHERE n.oid = nsp AND a.privilege_type = 'CREATE'
+                AND (a.grantee = 0 OR NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = a.grantee)))
+     OR EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = nsp)
+     OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace = nsp)
+     OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace = nsp)
+     OR EXISTS (SELECT 1 FROM pg_catalog.pg_operator o WHERE o.oprnamespace = nsp) THEN
+    RAISE EXCEPTION 'schema meshhook_limits already holds objects, or a role that is not a superuser may create in it'
+      USING ERRCODE = '42501',
+            HINT = 'check what is in it and who may create there, drop the schema, then CREATE EXTENSION again';
   END IF;
 END
 $$;

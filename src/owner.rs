@@ -166,8 +166,8 @@ pub fn read_as_owner(
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn _read_as_owner(
-    rel: pg_sys::Oid,
-    query: &str,
+    rel: Option<pg_sys::Oid>,
+    query: Option<&str>,
     at: default!(Option<TimestampWithTimeZone>, "NULL"),
     window: default!(Option<Interval>, "NULL"),
 ) -> Option<JsonB> {
@@ -178,6 +178,9 @@ fn _read_as_owner(
         )
         .raise();
     }
+    let (Some(rel), Some(query)) = (rel, query) else {
+        LimitsError::invalid("rel and query must not be NULL", "pass a table and a query").raise();
+    };
     read_as_owner(rel, query, at, window).or_raise()
 }
 

@@ -51,25 +51,27 @@ def edb(request, cluster):
 
 def new_queue(db, source) -> str:
     q = f"enq_{uuid.uuid4().hex[:8]}"
+    kind = "pgmq" if source == "pgmq" else "pgboss"
     if source == "pgmq":
         db.execute("SELECT pgmq.create(%s)", (q,))
-        db.execute(f"SELECT {S}.bind_queue('pgmq', %s)", (q,))
     else:
         db.execute("""SELECT pgboss.create_queue(%s, '{"policy": "standard"}'::jsonb)""", (q,))
-        db.execute(f"SELECT {S}.bind_queue('pgboss', %s)", (q,))
+    db.execute(f"SELECT {S}.bind_queue(%s, %s, cost_path => 'cost')", (kind, q))
     return q
 
 
-def enqueue(db, source, q, tenants_sql: str, delay_seconds: int) -> None:
+def enqueue(db, source, q, tenants_sql: str, delay_seconds: int, extra: dict | None = None) -> None:
     """One job per row of `tenants_sql` (a query of one text column, the
     tenant value), due after `delay_seconds`, as the queue system's sender
-    writes it."""
+    writes it; `extra`: more keys of its JSON."""
+    more = json.dumps(extra or {})
+    data = f"jsonb_build_object('tenant_id', t) || '{more}'::jsonb"
     if source == "pgmq":
-        db.execute(f"SELECT pgmq.send_batch(%s, ARRAY(SELECT jsonb_build_object('tenant_id', t) FROM ({tenants_sql}) x(t)),"
-                   " %s)", (q, delay_seconds))
+        db.execute(f"SELECT pgmq.send_batch(%s, ARRAY(SELECT {data} FROM ({tenants_sql}) x(t)), %s)",
+                   (q, delay_seconds))
     else:
         db.execute(f"INSERT INTO pgboss.job (id, name, data, start_after) "
-                   f"SELECT gen_random_uuid(), %s, jsonb_build_object('tenant_id', t), now() + %s * interval '1 second' "
+                   f"SELECT gen_random_uuid(), %s, {data}, now() + %s * interval '1 second' "
                    f"FROM ({tenants_sql}) x(t)", (q, delay_seconds))
     db.execute("ANALYZE")
 
@@ -127,3 +129,20 @@ def test_junk_tenant_values_add_nothing_for_a_claim_to_visit(cluster, edb):
     got, scans, fetched = claim_work(cluster, dbname, source, q)
     assert got == [victim]
     assert scans < 50, f"{scans} index scans: the junk values were visited"
+
+
+def test_a_due_job_behind_a_deferred_backlog_does_not_make_claims_walk_it(cluster, edb):
+    """The same tenant also has one job due, which never fits (its cost is
+    above every limit): it stays a contender on every claim, and its
+    deferred backlog sits in front of that job in queue order."""
+    dbname, source = edb
+    deferred, victim = str(uuid.uuid4()), str(uuid.uuid4())
+    with cluster.connect(dbname=dbname) as db:
+        q = new_queue(db, source)
+        db.execute(f"SELECT {S}.set_limit('concurrent_executions', 10, tenant_id => %s)", (deferred,))
+        enqueue(db, source, q, f"SELECT '{deferred}' FROM generate_series(1, 20000)", 86400)
+        enqueue(db, source, q, f"SELECT '{deferred}'", 0, {"cost": "1000000"})
+        enqueue(db, source, q, f"SELECT '{victim}'", 0)
+    got, scans, fetched = claim_work(cluster, dbname, source, q)
+    assert got == [victim]
+    assert fetched < 300, f"a claim fetched {fetched} jobs (20,000 deferred jobs of another tenant, one due)"

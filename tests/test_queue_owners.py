@@ -383,3 +383,57 @@ def test_a_queue_owners_slow_policy_cannot_hold_the_tick(cluster):
             c.execute("RESET statement_timeout")
             # The queue's health was carried from the last sample, not lost.
             assert c.execute(f"SELECT ticks FROM {S}.worker_state").fetchone()[0] >= 1
+
+
+def test_an_inheritance_child_or_a_schema_creator_of_another_role_is_refused(cluster):
+    """Statements on the queue table reach plain inheritance children and
+    fire their triggers, and whoever may create in the queue's schema can
+    put functions there that the worker calls (pgmq.archive): their roles
+    too must have the claiming role's privileges."""
+    with app_queue(cluster, "pgmq") as q:
+        q.send(str(uuid.uuid4()), 1)
+        with cluster.connect(dbname=q.db, user=q.worker) as w:
+            q.bind(w)
+        other = role(cluster, "other")
+        try:
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"CREATE TABLE atk.kid () INHERITS ({q.table})")
+                c.execute(f"ALTER TABLE atk.kid OWNER TO {other}")
+            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                got = refusal(w, f"SELECT * FROM {S}.claim_jobs('pgmq', %s)", (q.name,))
+                assert got is not None and got[0] == "42501" and other in got[1] and "atk.kid" in got[1], got
+            with cluster.connect(dbname=q.db) as c:
+                c.execute("DROP TABLE atk.kid")
+                c.execute(f"GRANT CREATE ON SCHEMA pgmq TO {other}")
+            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                got = refusal(w, f"SELECT * FROM {S}.claim_jobs('pgmq', %s)", (q.name,))
+                assert got is not None and got[0] == "42501" and other in got[1] and "create" in got[1], got
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"REVOKE CREATE ON SCHEMA pgmq FROM {other}")
+            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                assert len(q.claim(w)) == 1
+        finally:
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"DROP OWNED BY {other}")
+            with cluster.connect(dbname="postgres") as c:
+                c.execute(f"DROP ROLE {other}")
+
+
+def test_a_meshhook_limits_schema_others_may_create_in_is_refused(cluster):
+    """A superuser's schema, but one another role may create in (or already
+    did): CREATE EXTENSION refuses it too."""
+    with squatted_db(cluster) as (db, mallory):
+        with cluster.connect(dbname=db) as a:
+            a.execute(f"DROP EXTENSION {S}")
+            a.execute(f"DROP SCHEMA IF EXISTS {S} CASCADE")
+            a.execute(f"CREATE SCHEMA {S}")
+            a.execute(f"GRANT CREATE, USAGE ON SCHEMA {S} TO {mallory}")
+        with cluster.connect(dbname=db, user=mallory) as m:
+            m.execute(f"CREATE FUNCTION {S}.require_admin_access(text, int DEFAULT 0) RETURNS void "
+                      "LANGUAGE sql AS 'SELECT'")
+        with cluster.connect(dbname=db) as a:
+            got = refusal(a, f"CREATE EXTENSION {S}")
+            assert got is not None and got[0] == "42501", got
+            a.execute(f"REVOKE CREATE ON SCHEMA {S} FROM {mallory}")
+            got = refusal(a, f"CREATE EXTENSION {S}")        # what mallory put there is still there
+            assert got is not None and got[0] == "42501" and "holds objects" in got[1], got

@@ -136,3 +136,38 @@ def test_sender_tenant_is_for_pgmq_only(cluster, sdb):
     with cluster.connect(dbname=sdb) as db:
         with pytest.raises(psycopg.errors.InvalidParameterValue):
             db.execute(f"SELECT {S}.bind_queue('pgboss', 'any', sender_tenant => true)")
+
+
+def test_a_tenant_login_cannot_send_as_another_from_code_run_for_someone_else(cluster, sdb):
+    """A login role bound to a tenant (meshhook_limits.tenant_id) sends from
+    inside CREATE INDEX on its own temp table, a security-restricted
+    operation where its tenant does not count: refused, not sent as written."""
+    mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+    with cluster.connect(dbname=sdb) as db:
+        q = rpc_queue(db, True)
+        table = f"pgmq.q_{q}"
+        login = f"tl_{uuid.uuid4().hex[:8]}"
+        db.execute(f"CREATE ROLE {login} LOGIN")
+        db.execute(f"ALTER ROLE {login} SET meshhook_limits.tenant_id = '{mine}'")
+        db.execute(f"GRANT USAGE ON SCHEMA pgmq TO {login}")
+        db.execute(f"GRANT INSERT, SELECT ON {table} TO {login}")
+        db.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgmq TO {login}")
+        try:
+            with cluster.connect(dbname=sdb, user=login) as t:
+                t.execute(f"INSERT INTO {table} (message, vt) VALUES (%s::jsonb, now())",
+                          (json.dumps({"tenant_id": other}),))
+                t.execute("CREATE FUNCTION pg_temp.w(x int) RETURNS int LANGUAGE plpgsql AS $$ BEGIN "
+                          f"INSERT INTO {table} (message, vt) VALUES ('{{\"tenant_id\": \"{other}\"}}', now()); "
+                          "RETURN x; END $$")
+                t.execute("CREATE FUNCTION pg_temp.f(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$ "
+                          "BEGIN RETURN pg_temp.w(x); END $$")
+                t.execute("CREATE TEMP TABLE t (x int)")
+                t.execute("INSERT INTO t VALUES (1)")
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    t.execute("CREATE INDEX ON pg_temp.t ((pg_temp.f(x)))")
+            got = [r[0] for r in db.execute(f"SELECT message->>'tenant_id' FROM {table}").fetchall()]
+            assert got == [mine], got
+        finally:
+            db.execute(f"SELECT {S}.unbind_queue('pgmq', %s)", (q,))
+            db.execute(f"DROP OWNED BY {login}")
+            db.execute(f"DROP ROLE {login}")
