@@ -324,7 +324,7 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
 
 DROP FUNCTION meshhook_limits._claim_queries(bigint);
 CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
-RETURNS TABLE(tenants_q text, head_q text, head_due_q text, take_q text)
+RETURNS TABLE(tenants_q text, head_q text, take_q text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   b meshhook_limits.queue_bindings;
@@ -377,11 +377,9 @@ BEGIN
     -- of its key (a retry first, then the oldest), when no job of the key is
     -- active, retried or failed (pg-boss's strict_fifo_heads, and its unique
     -- index job_i8): taken at once, so the next head statement sees it.
-    -- The head: the tenant's next job in the queue's order, among the first
-    -- HEAD_WINDOW (64) of its waiting jobs in that order (so jobs deferred
-    -- or held at the front cost at most that many rows); when none of
-    -- those can be taken, head_due: its job due earliest, over the _due
-    -- index (only due jobs are read). Both lock the job they return.
+    -- The head: the tenant's next job in the queue's order, locked. Its
+    -- start_after test is on the claim index's last column: deferred jobs
+    -- at the front of the tenant's range are passed over on the index.
     conds := pg_catalog.format($q$
          AND j.start_after %1$s pg_catalog.now()
          AND (j.policy IS NULL OR j.policy NOT IN ('singleton', 'stately', 'exclusive')
@@ -408,19 +406,10 @@ BEGIN
              CASE WHEN j.started_on IS NOT NULL THEN j.retry_count + 1 ELSE j.retry_count END AS retry_count $q$,
       p_sql, k_sql, c_sql);
     head_q := pg_catalog.format($q$ %1$s
-        FROM (SELECT w.id AS wid, %2$s AS wk, w.priority AS wp, w.created_on AS wc
-                FROM pgboss.job w
-               WHERE w.name = %3$L AND w.state < 'active' AND %2$s = $1 AND w.id::text <> ALL ($2)
-               ORDER BY %2$s, w.priority DESC, w.created_on, w.id LIMIT 64) h
-        JOIN pgboss.job j ON j.name = %3$L AND j.id = h.wid
-       WHERE j.state < 'active' %4$s
-       ORDER BY h.wk, h.wp DESC, h.wc, h.wid LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
-      cols, meshhook_limits._claim_key_sql(b, 'w.'), b.queue, conds);
-    head_due_q := pg_catalog.format($q$ %1$s
         FROM pgboss.job j
        WHERE %2$s AND %3$s = $1 AND j.id::text <> ALL ($2) %4$s
-       ORDER BY %3$s, j.start_after LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
-      cols, waiting || CASE WHEN v12 THEN ' AND NOT j.blocked' ELSE '' END, t_sql, conds);
+       ORDER BY %5$s, j.priority DESC, j.created_on, j.id LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+      cols, waiting, t_sql, conds, t_sql);
     -- What boss.fetch() does to a job it takes (12 also starts its
     -- heartbeat clock, which 12's supervisor fails a silent job by).
     take_q := pg_catalog.format($q$
@@ -433,26 +422,17 @@ BEGIN
     -- The tenant as a range (>= and <=, not =): with =, the planner may
     -- walk the queue's primary key in msg_id order instead (the tenant is
     -- then a constant of the order), past every other tenant's messages.
-    -- head and head_due as for pg-boss: the first of the first 64 waiting
-    -- messages that is visible, else the one visible earliest (as of the
-    -- transaction's start: now(), unlike clock_timestamp(), bounds the
-    -- _due index scan, so invisible messages are not read).
+    -- Visible as of the transaction's start (now(), unlike
+    -- clock_timestamp(), is a condition on the claim index's vt column, so
+    -- messages not visible yet are passed over on the index).
     cols := pg_catalog.format($q$
       SELECT j.msg_id::text AS id, j.message AS data, %1$s AS project, %2$s AS key, %3$s AS cost,
              (j.read_ct + 1)::text AS gen, j.enqueued_at AS at, false AS one_active, j.read_ct AS retry_count $q$,
       p_sql, k_sql, c_sql);
     head_q := pg_catalog.format($q$ %1$s
-        FROM (SELECT w.msg_id AS wid, %2$s AS wk FROM %3$s w
-               WHERE %2$s >= $1 AND %2$s <= $1 AND w.msg_id::text <> ALL ($2)
-               ORDER BY %2$s, w.msg_id LIMIT 64) h
-        JOIN %3$s j ON j.msg_id = h.wid
-       WHERE j.vt <= pg_catalog.clock_timestamp()
-       ORDER BY h.wk, h.wid LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
-      cols, meshhook_limits._claim_key_sql(b, 'w.'), rel);
-    head_due_q := pg_catalog.format($q$ %1$s
         FROM %2$s j
        WHERE %3$s >= $1 AND %3$s <= $1 AND j.vt <= pg_catalog.now() AND j.msg_id::text <> ALL ($2)
-       ORDER BY %3$s, j.vt LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
+       ORDER BY %3$s, j.msg_id LIMIT 1 FOR UPDATE OF j SKIP LOCKED $q$,
       cols, rel, t_sql);
     -- What pgmq.read(queue, vt, qty) does to the messages it returns.
     take_q := pg_catalog.format($q$
@@ -497,7 +477,10 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_key_sql(meshhook_limits.queue_
 -- The claim indexes of a binding, built in the caller's transaction
 -- (writers of the queue wait meanwhile):
 --   <index_name>:      each tenant's waiting jobs in the queue's own order
---                      (the head of a tenant's jobs, what claim_jobs takes);
+--                      (the head of a tenant's jobs, what claim_jobs takes),
+--                      with when each is due last, so the head statement
+--                      passes deferred jobs on the index alone, never
+--                      reading them from the table;
 --   <index_name>_due:  each tenant's waiting jobs by when they are due
 --                      (pg-boss start_after, pgmq vt; pg-boss 12: not held
 --                      by a flow), for the skip scan over the tenants: its
@@ -511,14 +494,14 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF b.source = 'pgboss' THEN
     EXECUTE pg_catalog.format(
-      'CREATE INDEX %I ON pgboss.job (%s, priority DESC, created_on, id) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state',
+      'CREATE INDEX %I ON pgboss.job (%s, priority DESC, created_on, id, start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state',
       b.index_name, meshhook_limits._claim_key_sql(b, ''), b.queue, 'active');
     EXECUTE pg_catalog.format(
       'CREATE INDEX %I ON pgboss.job (%s, start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state%s',
       b.index_name || '_due', meshhook_limits._claim_key_sql(b, ''), b.queue, 'active',
       CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END);
   ELSE
-    EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id)', b.index_name, b.relation,
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id, vt)', b.index_name, b.relation,
       meshhook_limits._claim_key_sql(b, ''));
     EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, vt)', b.index_name || '_due', b.relation,
       meshhook_limits._claim_key_sql(b, ''));

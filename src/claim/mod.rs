@@ -119,8 +119,6 @@ struct Plans {
     shape: String,
     tenants: OwnedPreparedStatement,
     head: OwnedPreparedStatement,
-    /// When `head` finds nothing among the first jobs of a tenant.
-    head_due: OwnedPreparedStatement,
     take: OwnedPreparedStatement,
     /// The tenants with waiting jobs the last scan found (id, as the JSON
     /// spells it, its next job's queue time), and when it ran.
@@ -145,28 +143,31 @@ const BINDING_Q: &str = "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.sour
           AND pg_catalog.has_schema_privilege((SELECT c.relnamespace FROM pg_catalog.pg_class c
                                                 WHERE c.oid = b.relation), 'USAGE'),
         b.relation::text,
-        (SELECT x.what FROM (
-            SELECT 1 AS o, c.relowner AS owner,
-                   pg_catalog.format('queue table %s is owned by role %s', b.relation, c.relowner::regrole) AS what
-              FROM pg_catalog.pg_class c WHERE c.oid = b.relation
-            UNION ALL
-            SELECT 2, n.nspowner, pg_catalog.format('schema %s is owned by role %s', n.nspname, n.nspowner::regrole)
-              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.oid = b.relation
-            UNION ALL
-            SELECT 3, pc.relowner,
-                   pg_catalog.format('%s, a partition or child of %s, is owned by role %s', pc.oid::regclass,
-                                     b.relation, pc.relowner::regrole)
-              FROM meshhook_limits._queue_descendants(b.relation) d JOIN pg_catalog.pg_class pc ON pc.oid = d.oid
-            UNION ALL
-            SELECT 4, a.grantee,
-                   pg_catalog.format('role %s may create objects in schema %s',
-                                     CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
-                                     n.nspname)
-              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
+        (SELECT CASE x.o
+                  WHEN 1 THEN pg_catalog.format('queue table %s is owned by role %s', b.relation, x.owner::regrole)
+                  WHEN 2 THEN pg_catalog.format('schema %s is owned by role %s', x.rel::regnamespace, x.owner::regrole)
+                  WHEN 3 THEN pg_catalog.format('%s, a partition or child of %s, is owned by role %s',
+                                                x.rel::regclass, b.relation, x.owner::regrole)
+                  ELSE pg_catalog.format('role %s may create objects in schema %s',
+                                         CASE WHEN x.owner = 0 THEN 'PUBLIC' ELSE x.owner::regrole::text END,
+                                         x.rel::regnamespace) END
+           FROM (WITH RECURSIVE kids(oid) AS (
+                   SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = b.relation
+                   UNION
+                   SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN kids k ON i.inhparent = k.oid)
+                 SELECT 1 AS o, c.relowner AS owner, c.oid AS rel FROM pg_catalog.pg_class c WHERE c.oid = b.relation
+                 UNION ALL
+                 SELECT 2, n.nspowner, n.oid FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = b.relation
+                 UNION ALL
+                 SELECT 3, (SELECT pc.relowner FROM pg_catalog.pg_class pc WHERE pc.oid = kids.oid), kids.oid FROM kids
+                 UNION ALL
+                 SELECT 4, a.grantee, n.oid FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
                    pg_catalog.aclexplode(n.nspacl) a
-             WHERE c.oid = b.relation AND a.privilege_type = 'CREATE') x
-          WHERE x.owner = 0 OR NOT pg_catalog.pg_has_role(x.owner, current_user, 'USAGE') ORDER BY x.o LIMIT 1)
+                  WHERE c.oid = b.relation AND a.privilege_type = 'CREATE') x
+          WHERE x.owner = 0 OR NOT pg_catalog.pg_has_role(x.owner, current_user, 'USAGE')
+          ORDER BY x.o LIMIT 1)
    FROM meshhook_limits._queue_binding($1, $2) b";
 
 fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
@@ -223,13 +224,13 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
 
 fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
     let rows = c.select(
-        "SELECT tenants_q, head_q, head_due_q, take_q FROM meshhook_limits._claim_queries($1)",
+        "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
         Some(1),
         &[b.id.into()],
     )?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
     let text = |i| -> Result<String> { Ok(r.get::<String>(i)?.unwrap_or_default()) };
-    let (tenants_q, head_q, head_due_q, take_q) = (text(1)?, text(2)?, text(3)?, text(4)?);
+    let (tenants_q, head_q, take_q) = (text(1)?, text(2)?, text(3)?);
     let text_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
     let take_args: &[PgOid] = if b.pgmq {
@@ -242,9 +243,6 @@ fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
         tenants: c.prepare(tenants_q.as_str(), &[])?.keep(),
         head: c
             .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
-            .keep(),
-        head_due: c
-            .prepare_mut(head_due_q.as_str(), &[text_oid, texts_oid])?
             .keep(),
         take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
         found: Vec::new(),
@@ -541,18 +539,8 @@ fn claim_with(
                 let _pinned = ClaimIndexOnly::new();
                 let seen: Vec<&str> = t.seen.iter().map(String::as_str).collect();
                 as_owner(b.owner, || {
-                    let first = c.update(
-                        &plans.head,
-                        Some(1),
-                        &[spelling.as_str().into(), seen.clone().into()],
-                    )?;
-                    if !first.is_empty() {
-                        return Ok(first);
-                    }
-                    // Deferred or held jobs at the front: the job due
-                    // earliest, over the _due index.
                     c.update(
-                        &plans.head_due,
+                        &plans.head,
                         Some(1),
                         &[spelling.as_str().into(), seen.into()],
                     )
