@@ -466,20 +466,26 @@ fn claim_with(
         return Ok(Vec::new());
     }
     // One contender per tenant, however many ways its jobs spell its id.
-    let mut field: Vec<Contender> = Vec::new();
+    // (Indexed by id: with thousands of tenants a search of the field for
+    // each would be quadratic.)
+    let mut field: Vec<Contender> = Vec::with_capacity(tenants.len());
+    let mut index: HashMap<[u8; 16], usize> = HashMap::with_capacity(tenants.len());
     for f in tenants {
-        match field.iter_mut().find(|t| t.id == f.id) {
-            Some(t) => t.spellings.push((f.spelling, f.at)),
-            None => field.push(Contender {
-                id: f.id,
-                spellings: vec![(f.spelling, f.at)],
-                served_at: None,
-                start: 0.0,
-                weight: 1.0,
-                live: true,
-                seen: Vec::new(),
-                passed: 0,
-            }),
+        match index.get(f.id.as_bytes()) {
+            Some(&i) => field[i].spellings.push((f.spelling, f.at)),
+            None => {
+                index.insert(*f.id.as_bytes(), field.len());
+                field.push(Contender {
+                    id: f.id,
+                    spellings: vec![(f.spelling, f.at)],
+                    served_at: None,
+                    start: 0.0,
+                    weight: 1.0,
+                    live: true,
+                    seen: Vec::new(),
+                    passed: 0,
+                });
+            }
         }
     }
     let ids: Vec<Uuid> = field.iter().map(|t| t.id).collect();
@@ -637,7 +643,7 @@ fn claim_with(
     // tenants as this one left them: served since, or with nothing left
     // to claim under a spelling (dropped).
     plans.found.retain_mut(|f| {
-        let Some(t) = field.iter().find(|t| t.id == f.id) else {
+        let Some(t) = index.get(f.id.as_bytes()).map(|&i| &field[i]) else {
             return true;
         };
         match t.spellings.iter().find(|s| s.0 == f.spelling) {
