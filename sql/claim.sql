@@ -136,6 +136,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN kids k ON i.inhparent = k.oid)
   SELECT kids.oid FROM kids
 $$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_descendants(regclass) FROM PUBLIC;
 
 -- Why bind_queue must not bind a queue table, as (problem, hint) rows,
 -- none when it may: against squatting, its schema, the table and its

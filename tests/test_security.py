@@ -499,11 +499,9 @@ def test_a_login_role_cannot_assert_a_tenant_by_forged_claims(cluster, admin, wo
 # a tracked table's rows as that table's owner (owner.rs), a pure function
 # of the row it is given; the definer functions claim_jobs (SECURITY
 # INVOKER) calls as the caller, which refuse any caller but an admin
-# (test_claim.py); and _queue_descendants, which claim_jobs' trust check
-# calls as the caller, an invoker SQL function over pg_inherits.
+# (test_claim.py).
 CALLED_AS_THE_CALLER = {"_acquire_execution_slot", "_release_execution_slot", "_check_rate_limit", "_row_bytes",
-                        "_claim_slot", "_claim_shares", "_queue_binding", "_claim_queries", "_restore_claims",
-                        "_queue_descendants"}
+                        "_claim_slot", "_claim_shares", "_queue_binding", "_claim_queries", "_restore_claims"}
 
 
 def test_internal_functions_are_revoked_from_public(admin):
