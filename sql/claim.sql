@@ -139,8 +139,9 @@ $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_descendants(regclass) FROM PUBLIC;
 
 -- Why bind_queue must not bind a queue table, as (problem, hint) rows,
--- none when it may: against squatting, its schema, the table and its
--- partitions must each be owned by a role the caller of bind_queue controls
+-- none when it may: against squatting, its schema, the table, its
+-- partitions and the functions in the schema (which workers call) must each
+-- be owned by a role the caller of bind_queue controls
 -- (_caller_controls: itself, a role it is a member of, or a superuser). A
 -- schema someone else made before the queue system was installed (CREATE
 -- SCHEMA IF NOT EXISTS keeps it) lets its owner replace the queue's
@@ -151,7 +152,7 @@ CREATE FUNCTION meshhook_limits._queue_distrust(p_rel regclass)
 RETURNS TABLE(problem text, hint text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   WITH t AS (
-    SELECT c.oid, c.relowner, n.nspname, n.nspowner
+    SELECT c.oid, c.relowner, n.oid AS nsp, n.nspname, n.nspowner
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_rel),
   parts AS (
@@ -169,6 +170,16 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                            'queue again as a role you control', c.relowner::regrole::text)
     FROM parts JOIN pg_catalog.pg_class c ON c.oid = parts.oid
    WHERE NOT meshhook_limits._caller_controls(c.relowner)
+  UNION ALL
+  -- The workers call the queue system's functions (pgmq.archive): their
+  -- owners can rewrite them.
+  SELECT pg_catalog.format('function %s is owned by role %I, which the role binding the queue does not control',
+                           p.oid::regprocedure, p.proowner::regrole::text),
+         pg_catalog.format('workers call the functions in schema %1$I: if %2$s is meant to own %3$s, GRANT %2$s TO the '
+                           'binding role; otherwise drop the function or give it to the schema''s owner',
+                           t.nspname, p.proowner::regrole::text, p.oid::regprocedure)
+    FROM t JOIN pg_catalog.pg_proc p ON p.pronamespace = t.nsp
+   WHERE NOT meshhook_limits._caller_controls(p.proowner)
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_distrust(regclass) FROM PUBLIC;
 
@@ -203,24 +214,17 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._tenant_sql(text, text[], text) FROM 
 -- number from 1 to 1,000,000 (as claim_jobs parses them, src/claim/mod.rs).
 -- Such a job is out of its tenant's range, so it never stands in front of
 -- the tenant's claimable jobs, and is left as it is (counted as invalid).
+-- The checks are one C function (_claim_key, src/claim/key.rs): both claim
+-- indexes compute the key on every send, and regular expressions here made
+-- sends into a bound queue twice as dear.
 CREATE FUNCTION meshhook_limits._claim_key_sql(b meshhook_limits.queue_bindings, p_alias text DEFAULT 'j.')
 RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT pg_catalog.format(
-    '((CASE WHEN %1$s OPERATOR(pg_catalog.~) %5$L'
-    ' AND (%2$s IS NULL OR %2$s OPERATOR(pg_catalog.~) %5$L)'
-    ' AND (%3$s IS NULL OR pg_catalog.octet_length(%3$s) OPERATOR(pg_catalog.<=) 200 AND %3$s OPERATOR(pg_catalog.<>) %6$L)'
-    ' AND (%4$s IS NULL OR CASE WHEN %4$s OPERATOR(pg_catalog.~) %7$L'
-    ' THEN (%4$s)::pg_catalog.int4 OPERATOR(pg_catalog.>=) 1 AND (%4$s)::pg_catalog.int4 OPERATOR(pg_catalog.<=) 1000000'
-    ' ELSE false END)'
-    ' THEN %1$s END) COLLATE pg_catalog."C")',
+  SELECT pg_catalog.format('(meshhook_limits._claim_key(%s, %s, %s, %s) COLLATE pg_catalog."C")',
     meshhook_limits._path_sql(b.source, b.tenant_path, p_alias),
     meshhook_limits._path_sql(b.source, b.project_path, p_alias),
     meshhook_limits._path_sql(b.source, b.key_path, p_alias),
-    meshhook_limits._path_sql(b.source, b.cost_path, p_alias),
-    '^([0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$',
-    '',
-    '^[0-9]{1,7}$')
+    meshhook_limits._path_sql(b.source, b.cost_path, p_alias))
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_key_sql(meshhook_limits.queue_bindings, text) FROM PUBLIC;
 
@@ -643,6 +647,9 @@ BEGIN
       ended := ended + pg_catalog.jsonb_array_length(c.claimed);
       CONTINUE;
     END IF;
+    -- A queue whose owner is no longer trusted (_tick_reads; claim_jobs
+    -- refuses it too) is not read: its claims end with their leases.
+    CONTINUE WHEN NOT meshhook_limits._tick_reads(b.relation);
     BEGIN
       IF b.source = 'pgboss' THEN
         alive := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
@@ -685,7 +692,8 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._end_claims() FROM PUBLIC;
 -- what is left of pgmq's visibility timeout (NULL for pg-boss: the default
 -- lease, renewed by the tick while the job stays active). The queue tables
 -- are read as their owners (_read_as_owner). A queue that cannot be read
--- fails the whole rebuild: claiming must not resume without its jobs.
+-- fails the whole rebuild: claiming must not resume without its jobs (a
+-- queue of an owner the tick does not trust is not read at all).
 CREATE FUNCTION meshhook_limits._claims_to_restore()
 RETURNS TABLE(binding_id bigint, job_id text, tenant text, project text, key text, cost text, lease_micros bigint)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -707,6 +715,10 @@ BEGIN
                                   WHERE qb.source = r.source AND qb.queue = r.queue)) qb
             WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = qb.relation)
             ORDER BY qb.id LOOP
+    -- A queue whose owner the tick does not trust (_tick_reads) is not read:
+    -- claim_jobs refuses it too, so its jobs were claimed, if at all, before
+    -- its owner changed, and end with their leases.
+    CONTINUE WHEN NOT meshhook_limits._tick_reads(b.relation);
     row_sql := pg_catalog.format('%s, %s, %s, %s',
       meshhook_limits._tenant_sql(b.source, b.tenant_path), meshhook_limits._path_sql(b.source, b.project_path),
       meshhook_limits._path_sql(b.source, b.key_path), meshhook_limits._path_sql(b.source, b.cost_path));

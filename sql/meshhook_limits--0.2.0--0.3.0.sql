@@ -119,6 +119,9 @@ BEGIN
       ended := ended + pg_catalog.jsonb_array_length(c.claimed);
       CONTINUE;
     END IF;
+    -- A queue whose owner is no longer trusted (_tick_reads; claim_jobs
+    -- refuses it too) is not read: its claims end with their leases.
+    CONTINUE WHEN NOT meshhook_limits._tick_reads(b.relation);
     BEGIN
       IF b.source = 'pgboss' THEN
         alive := meshhook_limits._read_as_owner(b.relation, pg_catalog.format($q$
@@ -160,7 +163,8 @@ $$;
 -- what is left of pgmq's visibility timeout (NULL for pg-boss: the default
 -- lease, renewed by the tick while the job stays active). The queue tables
 -- are read as their owners (_read_as_owner). A queue that cannot be read
--- fails the whole rebuild: claiming must not resume without its jobs.
+-- fails the whole rebuild: claiming must not resume without its jobs (a
+-- queue of an owner the tick does not trust is not read at all).
 CREATE FUNCTION meshhook_limits._claims_to_restore()
 RETURNS TABLE(binding_id bigint, job_id text, tenant text, project text, key text, cost text, lease_micros bigint)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -182,6 +186,10 @@ BEGIN
                                   WHERE qb.source = r.source AND qb.queue = r.queue)) qb
             WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = qb.relation)
             ORDER BY qb.id LOOP
+    -- A queue whose owner the tick does not trust (_tick_reads) is not read:
+    -- claim_jobs refuses it too, so its jobs were claimed, if at all, before
+    -- its owner changed, and end with their leases.
+    CONTINUE WHEN NOT meshhook_limits._tick_reads(b.relation);
     row_sql := pg_catalog.format('%s, %s, %s, %s',
       meshhook_limits._tenant_sql(b.source, b.tenant_path), meshhook_limits._path_sql(b.source, b.project_path),
       meshhook_limits._path_sql(b.source, b.key_path), meshhook_limits._path_sql(b.source, b.cost_path));
@@ -445,6 +453,12 @@ END
 $$;
 
 -- Jobs that can never be claimed are out of their tenant's range of the claim index.
+CREATE FUNCTION meshhook_limits._claim_key(tenant text, project text, key text, cost text) RETURNS text
+LANGUAGE c IMMUTABLE PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'meshhook_limits_claim_key';
+COMMENT ON FUNCTION meshhook_limits._claim_key(text, text, text, text) IS
+  'The key of a job in a claim index: its tenant when claim_jobs can claim it, else NULL.';
+
 -- The key of a job in the claim index: its tenant (_tenant_sql), or NULL
 -- when the job can never be claimed: a tenant or project that is not a
 -- uuid (so values anyone who may enqueue writes, junk or not, add no
@@ -453,24 +467,17 @@ $$;
 -- number from 1 to 1,000,000 (as claim_jobs parses them, src/claim/mod.rs).
 -- Such a job is out of its tenant's range, so it never stands in front of
 -- the tenant's claimable jobs, and is left as it is (counted as invalid).
+-- The checks are one C function (_claim_key, src/claim/key.rs): both claim
+-- indexes compute the key on every send, and regular expressions here made
+-- sends into a bound queue twice as dear.
 CREATE FUNCTION meshhook_limits._claim_key_sql(b meshhook_limits.queue_bindings, p_alias text DEFAULT 'j.')
 RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT pg_catalog.format(
-    '((CASE WHEN %1$s OPERATOR(pg_catalog.~) %5$L'
-    ' AND (%2$s IS NULL OR %2$s OPERATOR(pg_catalog.~) %5$L)'
-    ' AND (%3$s IS NULL OR pg_catalog.octet_length(%3$s) OPERATOR(pg_catalog.<=) 200 AND %3$s OPERATOR(pg_catalog.<>) %6$L)'
-    ' AND (%4$s IS NULL OR CASE WHEN %4$s OPERATOR(pg_catalog.~) %7$L'
-    ' THEN (%4$s)::pg_catalog.int4 OPERATOR(pg_catalog.>=) 1 AND (%4$s)::pg_catalog.int4 OPERATOR(pg_catalog.<=) 1000000'
-    ' ELSE false END)'
-    ' THEN %1$s END) COLLATE pg_catalog."C")',
+  SELECT pg_catalog.format('(meshhook_limits._claim_key(%s, %s, %s, %s) COLLATE pg_catalog."C")',
     meshhook_limits._path_sql(b.source, b.tenant_path, p_alias),
     meshhook_limits._path_sql(b.source, b.project_path, p_alias),
     meshhook_limits._path_sql(b.source, b.key_path, p_alias),
-    meshhook_limits._path_sql(b.source, b.cost_path, p_alias),
-    '^([0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$',
-    '',
-    '^[0-9]{1,7}$')
+    meshhook_limits._path_sql(b.source, b.cost_path, p_alias))
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_key_sql(meshhook_limits.queue_bindings, text) FROM PUBLIC;
 
@@ -662,7 +669,11 @@ BEGIN
     RETURN 0;
   END IF;
   -- pg-boss's tables are read as their owner (_read_as_owner), never as
-  -- ourselves: their owner may not be trusted with our rights.
+  -- ourselves: their owner may not be trusted with our rights. And only an
+  -- administrator's (_tick_reads): the tick waits on the code they run.
+  IF NOT (meshhook_limits._tick_reads(job) AND meshhook_limits._tick_reads(queue)) THEN
+    RETURN 0;
+  END IF;
   IF NOT p_full THEN
     WITH waiting AS (SELECT * FROM meshhook_limits._pgboss_waiting()),
     prev AS (SELECT p.* FROM meshhook_limits._latest_queue_samples() p WHERE p.source = 'pgboss')
@@ -901,8 +912,9 @@ $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_descendants(regclass) FROM PUBLIC;
 
 -- Why bind_queue must not bind a queue table, as (problem, hint) rows,
--- none when it may: against squatting, its schema, the table and its
--- partitions must each be owned by a role the caller of bind_queue controls
+-- none when it may: against squatting, its schema, the table, its
+-- partitions and the functions in the schema (which workers call) must each
+-- be owned by a role the caller of bind_queue controls
 -- (_caller_controls: itself, a role it is a member of, or a superuser). A
 -- schema someone else made before the queue system was installed (CREATE
 -- SCHEMA IF NOT EXISTS keeps it) lets its owner replace the queue's
@@ -913,7 +925,7 @@ CREATE FUNCTION meshhook_limits._queue_distrust(p_rel regclass)
 RETURNS TABLE(problem text, hint text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   WITH t AS (
-    SELECT c.oid, c.relowner, n.nspname, n.nspowner
+    SELECT c.oid, c.relowner, n.oid AS nsp, n.nspname, n.nspowner
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_rel),
   parts AS (
@@ -931,6 +943,16 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                            'queue again as a role you control', c.relowner::regrole::text)
     FROM parts JOIN pg_catalog.pg_class c ON c.oid = parts.oid
    WHERE NOT meshhook_limits._caller_controls(c.relowner)
+  UNION ALL
+  -- The workers call the queue system's functions (pgmq.archive): their
+  -- owners can rewrite them.
+  SELECT pg_catalog.format('function %s is owned by role %I, which the role binding the queue does not control',
+                           p.oid::regprocedure, p.proowner::regrole::text),
+         pg_catalog.format('workers call the functions in schema %1$I: if %2$s is meant to own %3$s, GRANT %2$s TO the '
+                           'binding role; otherwise drop the function or give it to the schema''s owner',
+                           t.nspname, p.proowner::regrole::text, p.oid::regprocedure)
+    FROM t JOIN pg_catalog.pg_proc p ON p.pronamespace = t.nsp
+   WHERE NOT meshhook_limits._caller_controls(p.proowner)
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_distrust(regclass) FROM PUBLIC;
 
@@ -965,3 +987,87 @@ $$;
 
 -- Serve this database now (the launcher).
 SELECT meshhook_limits._serve_database();
+
+-- The tick reads only the queue tables of administrators' roles: code an
+-- owner attached to a table can catch the cancel of
+-- meshhook_limits.queue_read_timeout and hold the tick (issue 19).
+CREATE FUNCTION meshhook_limits."_tick_reads"(
+	"rel" oid /* pg_sys :: Oid */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_tick_reads_wrapper';
+REVOKE EXECUTE ON FUNCTION meshhook_limits._tick_reads(oid) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION meshhook_limits._sample_pgmq(p_at timestamptz, p_window interval, p_full boolean DEFAULT true)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE q record; n bigint; qt text; at_ text; r record; a record; stats timestamptz;
+  v_p50 numeric; v_p95 numeric; v_tput numeric;
+  rows meshhook_limits.queue_samples[] := '{}';
+BEGIN
+  IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
+    RETURN 0;
+  END IF;
+  -- pgmq's tables are read as their owner (_read_as_owner), never as
+  -- ourselves, and only an administrator's (_tick_reads): the tick waits on
+  -- the code they run.
+  IF NOT meshhook_limits._tick_reads(pg_catalog.to_regclass('pgmq.meta')) THEN
+    RETURN 0;
+  END IF;
+  FOR q IN SELECT x.name FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(
+             pg_catalog.to_regclass('pgmq.meta'),
+             'SELECT coalesce(pg_catalog.jsonb_agg(m.queue_name::text), ''[]'') FROM pgmq.meta m')) AS x(name)
+            ORDER BY 1 LOOP
+    qt := lower('q_' || q.name);
+    at_ := lower('a_' || q.name);
+    -- Each queue in its own read-only subtransaction (no XID is assigned):
+    -- a broken or locked queue table is skipped with a warning, the others
+    -- are still sampled.
+    BEGIN
+      CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL
+                 OR NOT meshhook_limits._tick_reads(pg_catalog.to_regclass(format('pgmq.%I', qt)));
+      SELECT * INTO r FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
+          pg_catalog.to_regclass(format('pgmq.%I', qt)),
+          format('SELECT pg_catalog.to_jsonb(x) FROM (SELECT count(*) FILTER (WHERE vt <= $1) AS visible,
+                         count(*) FILTER (WHERE vt > $1) AS invisible,
+                         min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I) x', qt), p_at))
+        AS x(visible bigint, invisible bigint, oldest timestamptz);
+      v_p50 := NULL; v_p95 := NULL; v_tput := 0; stats := p_at;
+      IF NOT p_full THEN
+        -- (_latest_queue_samples() inline: as a function with a SET clause it
+        -- would be planned again for every queue)
+        SELECT p.p50_ms, p.p95_ms, p.throughput_per_min, p.stats_at INTO v_p50, v_p95, v_tput, stats
+          FROM meshhook_limits.queue_samples p
+         WHERE p.source = 'pgmq' AND p.queue = q.name
+           AND p.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w);
+      ELSIF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL
+            AND meshhook_limits._tick_reads(pg_catalog.to_regclass(format('pgmq.%I', at_))) THEN
+        SELECT * INTO a FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
+            pg_catalog.to_regclass(format('pgmq.%I', at_)),
+            format('SELECT pg_catalog.to_jsonb(x) FROM (
+               SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p95
+               FROM pgmq.%I WHERE archived_at > $1 - $2) x', at_), p_at, p_window))
+          AS x(last_minute bigint, p50 float8, p95 float8);
+        v_p50 := round(a.p50::numeric, 3); v_p95 := round(a.p95::numeric, 3); v_tput := coalesce(a.last_minute, 0);
+      END IF;
+      rows := rows || ROW(p_at, 'pgmq', q.name, r.visible, r.invisible, 0, p_at - r.oldest,
+                          v_p50, v_p95, coalesce(v_tput, 0), NULL,
+                          meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL), stats
+                         )::meshhook_limits.queue_samples;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM;
+      rows := rows || ARRAY(SELECT ROW(p_at, p.source, p.queue, p.queued, p.active, p.failed_recent, p.oldest_age,
+                                       p.p50_ms, p.p95_ms, p.throughput_per_min, p.error_rate, p.status, p.stats_at
+                                      )::meshhook_limits.queue_samples
+                              FROM meshhook_limits._latest_queue_samples() p
+                             WHERE p.source = 'pgmq' AND p.queue = q.name);
+    END;
+  END LOOP;
+  INSERT INTO meshhook_limits.queue_samples SELECT * FROM unnest(rows);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;

@@ -109,7 +109,11 @@ BEGIN
     RETURN 0;
   END IF;
   -- pg-boss's tables are read as their owner (_read_as_owner), never as
-  -- ourselves: their owner may not be trusted with our rights.
+  -- ourselves: their owner may not be trusted with our rights. And only an
+  -- administrator's (_tick_reads): the tick waits on the code they run.
+  IF NOT (meshhook_limits._tick_reads(job) AND meshhook_limits._tick_reads(queue)) THEN
+    RETURN 0;
+  END IF;
   IF NOT p_full THEN
     WITH waiting AS (SELECT * FROM meshhook_limits._pgboss_waiting()),
     prev AS (SELECT p.* FROM meshhook_limits._latest_queue_samples() p WHERE p.source = 'pgboss')
@@ -197,7 +201,12 @@ BEGIN
   IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
     RETURN 0;
   END IF;
-  -- pgmq's tables are read as their owner (_read_as_owner), never as ourselves.
+  -- pgmq's tables are read as their owner (_read_as_owner), never as
+  -- ourselves, and only an administrator's (_tick_reads): the tick waits on
+  -- the code they run.
+  IF NOT meshhook_limits._tick_reads(pg_catalog.to_regclass('pgmq.meta')) THEN
+    RETURN 0;
+  END IF;
   FOR q IN SELECT x.name FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(
              pg_catalog.to_regclass('pgmq.meta'),
              'SELECT coalesce(pg_catalog.jsonb_agg(m.queue_name::text), ''[]'') FROM pgmq.meta m')) AS x(name)
@@ -208,7 +217,8 @@ BEGIN
     -- a broken or locked queue table is skipped with a warning, the others
     -- are still sampled.
     BEGIN
-      CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL;
+      CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL
+                 OR NOT meshhook_limits._tick_reads(pg_catalog.to_regclass(format('pgmq.%I', qt)));
       SELECT * INTO r FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
           pg_catalog.to_regclass(format('pgmq.%I', qt)),
           format('SELECT pg_catalog.to_jsonb(x) FROM (SELECT count(*) FILTER (WHERE vt <= $1) AS visible,
@@ -223,7 +233,8 @@ BEGIN
           FROM meshhook_limits.queue_samples p
          WHERE p.source = 'pgmq' AND p.queue = q.name
            AND p.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w);
-      ELSIF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL THEN
+      ELSIF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL
+            AND meshhook_limits._tick_reads(pg_catalog.to_regclass(format('pgmq.%I', at_))) THEN
         SELECT * INTO a FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
             pg_catalog.to_regclass(format('pgmq.%I', at_)),
             format('SELECT pg_catalog.to_jsonb(x) FROM (

@@ -86,6 +86,16 @@ impl LimitsError {
         }
     }
 
+    /// Report as a PostgreSQL WARNING (its SQLSTATE, message and hint), and
+    /// go on.
+    pub fn warn(&self) {
+        let mut report = ErrorReport::new(self.code(), self.to_string(), "meshhook_limits");
+        if let Some(h) = self.hint() {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::WARNING);
+    }
+
     /// Raise as a PostgreSQL ERROR. Does not return.
     pub fn raise(self) -> ! {
         let hint = self.hint();

@@ -128,15 +128,14 @@ fn has_role(member: pg_sys::Oid, role: &CStr) -> bool {
 
 /// Superuser, `service_role` (where it exists) or a member of `meshhook_limits_admin`.
 pub fn caller_is_admin() -> bool {
-    if in_planted_code() {
-        return false;
-    }
-    unsafe {
-        let outer = pg_sys::GetOuterUserId();
-        pg_sys::superuser_arg(outer)
-            || has_role(outer, c"service_role")
-            || has_role(outer, c"meshhook_limits_admin")
-    }
+    !in_planted_code() && role_is_admin(unsafe { pg_sys::GetOuterUserId() })
+}
+
+/// Whether `role` has an administrator's privileges (a superuser, or the
+/// privileges of `service_role` or `meshhook_limits_admin`), whoever asks.
+pub fn role_is_admin(role: pg_sys::Oid) -> bool {
+    let superuser = unsafe { pg_sys::superuser_arg(role) };
+    superuser || has_role(role, c"service_role") || has_role(role, c"meshhook_limits_admin")
 }
 
 /// Admins, and the read-only roles `meshhook_limits_monitor` and `pg_monitor`

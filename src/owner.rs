@@ -124,6 +124,84 @@ fn within<R>(ms: i32, what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
         .execute()
 }
 
+/// Why the tick does not read queue table `rel`, if it does not: a role
+/// that owns it or one of its partitions or inheritance children (whose
+/// code a read of it runs) is not an administrator (`identity::role_is_admin`).
+///
+/// The timeout (`within`) bounds only code that lets the cancel through:
+/// code that catches query_canceled (a PL/pgSQL handler naming it, in a
+/// loop) outlasts any timeout, and would hold the tick, and with it the
+/// reaping, claim ending and alerts of the whole database. Only roles that
+/// could stop those anyway (administrators: pause, set limits) are trusted
+/// with that.
+fn untrusted_owner(rel: pg_sys::Oid) -> Result<Option<String>> {
+    let owners = Spi::connect(|c| {
+        c.select(
+            "WITH RECURSIVE t(oid) AS (
+               SELECT $1::oid
+               UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent = t.oid)
+             SELECT c.oid::pg_catalog.regclass::text, c.relowner, c.relowner::pg_catalog.regrole::text
+               FROM t JOIN pg_catalog.pg_class c ON c.oid = t.oid ORDER BY c.oid = $1 DESC, c.oid",
+            None,
+            &[rel.into()],
+        )?
+        .map(|r| {
+            Ok::<_, pgrx::spi::SpiError>((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                r.get::<String>(3)?.unwrap_or_default(),
+            ))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+    })?;
+    let mut trusted = std::collections::HashMap::new();
+    for (table, owner, role) in owners {
+        if !*trusted
+            .entry(owner)
+            .or_insert_with(|| crate::identity::role_is_admin(owner))
+        {
+            return Ok(Some(format!("table {table} is owned by role {role}")));
+        }
+    }
+    Ok(None)
+}
+
+fn not_read(why: &str) -> LimitsError {
+    LimitsError::forbidden(
+        format!("the meshhook_limits tick does not read this queue: {why}, which is not an administrator"),
+        "the tick reads queue tables as their owners, and would wait on any code an owner attached to them (queue_health, claimed jobs); \
+         GRANT meshhook_limits_admin to that role, or have an administrator's role own the queue's tables",
+    )
+}
+
+thread_local! {
+    /// Queue tables `_tick_reads` said no to in this process, with why.
+    static WARNED: std::cell::RefCell<std::collections::HashSet<(u32, String)>> = Default::default();
+}
+
+/// `_tick_reads(rel)`: whether the tick reads queue table `rel`
+/// (`untrusted_owner`). When it does not, a warning says why, once per
+/// process and reason: the worker asks every second.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog, pg_temp)]
+fn _tick_reads(rel: pg_sys::Oid) -> bool {
+    match untrusted_owner(rel).or_raise() {
+        None => true,
+        Some(why) => {
+            if WARNED.with(|w| w.borrow_mut().insert((rel.to_u32(), why.clone()))) {
+                not_read(&why).warn();
+            }
+            false
+        }
+    }
+}
+
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits._tick_reads(oid) FROM PUBLIC;",
+    name = "tick_reads_grants",
+    requires = [_tick_reads]
+);
+
 /// Run `query` (one row, one jsonb column; `$1` timestamptz and `$2`
 /// interval) as the owner of table `rel`, in a security-restricted
 /// operation (`as_owner`), within `meshhook_limits.queue_read_timeout` for
@@ -136,8 +214,9 @@ pub fn read_as_owner(
 ) -> Result<Option<JsonB>> {
     let (owner, queue, name) = table_owner(rel)?;
     let what = format!("table {name}");
-    // Queue tables: the tick reads every one, whoever made it. (Tracked
-    // tables are counted at their owner's own request.)
+    // Queue tables: the tick reads them (those of administrators' roles:
+    // `_tick_reads`), whoever made them. (Tracked tables are counted at
+    // their owner's own request.)
     let limit = if queue {
         crate::gucs::queue_read_timeout_ms()
     } else {

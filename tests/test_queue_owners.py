@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from contextlib import contextmanager
 
@@ -343,6 +344,33 @@ def test_a_pgboss_schema_squatted_before_pgboss_was_installed_is_refused(cluster
             a.execute(f"REVOKE {mallory} FROM postgres")
 
 
+@pytest.mark.parametrize("source", ["pgboss12", "pgmq"])
+def test_a_function_of_another_role_in_the_queue_schema_is_refused(cluster, source):
+    """Workers call the queue system's functions (pgmq.archive, pg-boss's
+    own): a function in the queue's schema that a role the binder does not
+    control owns (it had CREATE there once, or was given the function) can
+    be rewritten by that role, to run as the worker. bind_queue refuses it."""
+    with app_queue(cluster, source) as q:
+        other = role(cluster, "other")
+        try:
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"CREATE FUNCTION {q.kind}.archive_all(text) RETURNS boolean LANGUAGE sql AS 'SELECT true'")
+                c.execute(f"ALTER FUNCTION {q.kind}.archive_all(text) OWNER TO {other}")
+            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                got = refusal(w, f"SELECT {S}.bind_queue(%s, %s)", (q.kind, q.name))
+                assert got is not None and got[0] == "42501", got
+                assert "archive_all" in got[1] and other in got[1], got
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"ALTER FUNCTION {q.kind}.archive_all(text) OWNER TO {q.owner}")
+            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                q.bind(w)
+        finally:
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"DROP OWNED BY {other}")
+            with cluster.connect(dbname="postgres") as c:
+                c.execute(f"DROP ROLE {other}")
+
+
 def test_a_meshhook_limits_schema_squatted_before_create_extension_is_refused(cluster):
     """The owner of the extension's schema could add overloads that its
     SECURITY DEFINER functions call: CREATE EXTENSION refuses such a schema."""
@@ -383,6 +411,51 @@ def test_a_queue_owners_slow_policy_cannot_hold_the_tick(cluster):
             c.execute("RESET statement_timeout")
             # The queue's health was carried from the last sample, not lost.
             assert c.execute(f"SELECT ticks FROM {S}.worker_state").fetchone()[0] >= 1
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_queue_owner_that_catches_the_cancel_cannot_hold_the_tick(cluster, source):
+    """Code that catches query_canceled outlasts queue_read_timeout (and any
+    statement_timeout): a policy that sleeps in such a loop would hold the
+    tick, and with it reaping, claim ending and alerts, for as long as it
+    likes. So the tick reads only queue tables whose owners are
+    administrators, and says once why it skips the others: the owner's code
+    never runs (its warning never reaches the caller), and the tick returns
+    long before the code's own bound (60 s, so that this test ends on a
+    library that does run it)."""
+    with app_queue(cluster, source, worker_is_owner=False) as q:
+        q.send(str(uuid.uuid4()), 1)
+        with cluster.connect(dbname=q.db, user=q.owner) as o:
+            o.execute("""CREATE FUNCTION atk.stubborn() RETURNS boolean LANGUAGE plpgsql AS $$
+                DECLARE until timestamptz := clock_timestamp() + interval '60 seconds';
+                BEGIN
+                  RAISE WARNING 'stubborn code ran as %', current_user;
+                  WHILE clock_timestamp() < until LOOP
+                    BEGIN PERFORM pg_sleep(1); EXCEPTION WHEN query_canceled THEN NULL; END;
+                  END LOOP;
+                  RETURN true;
+                END $$""")
+            o.execute(f"ALTER TABLE {q.table} ENABLE ROW LEVEL SECURITY")
+            o.execute(f"ALTER TABLE {q.table} FORCE ROW LEVEL SECURITY")
+            o.execute(f"CREATE POLICY stubborn ON {q.table} USING (atk.stubborn())")
+        with cluster.connect(dbname=q.db) as c:
+            c.execute("SET meshhook_limits.queue_read_timeout = '1s'")
+            c.execute("SET meshhook_limits.queue_scan_budget = 1")   # every tick a full pass
+            warnings = []
+            c.add_notice_handler(lambda d: warnings.append(d.message_primary or ""))
+            started = time.monotonic()
+            c.execute(f"SELECT {S}.tick()")
+            assert time.monotonic() - started < 30, warnings
+            assert not any("stubborn" in w for w in warnings), warnings
+            skipped = [w for w in warnings if "does not read this queue" in w and q.owner in w]
+            assert skipped, warnings
+            # Once per process and reason, not every second.
+            warnings.clear()
+            c.execute(f"SELECT {S}.tick()")
+            assert not any("does not read this queue" in w for w in warnings), warnings
+            # The skipped queue is not in queue_health.
+            assert c.execute(f"SELECT count(*) FROM {S}.queue_health() WHERE queue = %s",
+                             (q.name,)).fetchone()[0] == 0
 
 
 def test_an_inheritance_child_or_a_schema_creator_of_another_role_is_refused(cluster):

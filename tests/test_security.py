@@ -499,9 +499,11 @@ def test_a_login_role_cannot_assert_a_tenant_by_forged_claims(cluster, admin, wo
 # a tracked table's rows as that table's owner (owner.rs), a pure function
 # of the row it is given; the definer functions claim_jobs (SECURITY
 # INVOKER) calls as the caller, which refuse any caller but an admin
-# (test_claim.py).
+# (test_claim.py); and _claim_key, the claim indexes' key, a pure function
+# of a job's fields that every sender into a bound queue evaluates.
 CALLED_AS_THE_CALLER = {"_acquire_execution_slot", "_release_execution_slot", "_check_rate_limit", "_row_bytes",
-                        "_claim_slot", "_claim_shares", "_queue_binding", "_claim_queries", "_restore_claims"}
+                        "_claim_slot", "_claim_shares", "_queue_binding", "_claim_queries", "_restore_claims",
+                        "_claim_key"}
 
 
 def test_internal_functions_are_revoked_from_public(admin):

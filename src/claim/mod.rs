@@ -30,6 +30,7 @@ use pgrx::PgOid;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+mod key;
 pub mod restore;
 
 type Ts = TimestampWithTimeZone;
