@@ -142,6 +142,8 @@ for v in RUN_MS POLL_MS NOISY_JOBS QUIET_DELAY W_WARMUP W_TOTAL TP_WARMUP BL_TEN
 done
 [[ $W_WEIGHTS =~ ^[0-9]+(\.[0-9]+)?(,[0-9]+(\.[0-9]+)?)*$ ]] || { echo "BENCH_WEIGHTS must be numbers separated by commas" >&2; exit 2; }
 [[ $PUTBACK == update || $PUTBACK == fail ]] || { echo "BENCH_PUTBACK must be update or fail" >&2; exit 2; }
+# has LIST WORD: whether WORD is one of the words of LIST.
+has() { [[ " $1 " == *" $2 "* ]]; }
 for s in $SCENARIOS; do
   [[ $s =~ ^(noisy|weights|throughput|backlog)$ ]] || { echo "unknown scenario $s (noisy weights throughput backlog)" >&2; exit 2; }
 done
@@ -159,7 +161,6 @@ else
   W_JOBS=$BENCH_W_JOBS
 fi
 need_positive BENCH_W_JOBS "$W_JOBS"
-has() { [[ " $1 " == *" $2 "* ]]; }
 
 command -v node >/dev/null || { echo "node not found (Node 20+)" >&2; exit 2; }
 [[ -f $root/tests/node/node_modules/pg-boss/package.json ]] \

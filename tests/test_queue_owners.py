@@ -347,23 +347,45 @@ def test_a_pgboss_schema_squatted_before_pgboss_was_installed_is_refused(cluster
 @pytest.mark.parametrize("source", ["pgboss12", "pgmq"])
 def test_a_function_of_another_role_in_the_queue_schema_is_refused(cluster, source):
     """Workers call the queue system's functions (pgmq.archive, pg-boss's
-    own): a function in the queue's schema that a role the binder does not
-    control owns (it had CREATE there once, or was given the function) can
-    be rewritten by that role, to run as the worker. bind_queue refuses it."""
+    own): a function in the queue's schema that a role without the worker's
+    privileges owns (it had CREATE there once, or was given the function)
+    can be rewritten by that role, to run as the worker. bind_queue refuses
+    it, and claim_jobs refuses it when it appears later, in a worker's
+    session that has claimed before (the check is cached per backend until
+    the catalogs change: a stale answer would be the bug)."""
     with app_queue(cluster, source) as q:
+        q.send(str(uuid.uuid4()), 3)
         other = role(cluster, "other")
+        fn = f"{q.kind}.archive_all(text)"
         try:
             with cluster.connect(dbname=q.db) as c:
-                c.execute(f"CREATE FUNCTION {q.kind}.archive_all(text) RETURNS boolean LANGUAGE sql AS 'SELECT true'")
-                c.execute(f"ALTER FUNCTION {q.kind}.archive_all(text) OWNER TO {other}")
+                c.execute(f"CREATE FUNCTION {fn} RETURNS boolean LANGUAGE sql AS 'SELECT true'")
+                c.execute(f"ALTER FUNCTION {fn} OWNER TO {other}")
             with cluster.connect(dbname=q.db, user=q.worker) as w:
                 got = refusal(w, f"SELECT {S}.bind_queue(%s, %s)", (q.kind, q.name))
                 assert got is not None and got[0] == "42501", got
                 assert "archive_all" in got[1] and other in got[1], got
             with cluster.connect(dbname=q.db) as c:
-                c.execute(f"ALTER FUNCTION {q.kind}.archive_all(text) OWNER TO {q.owner}")
-            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                c.execute(f"ALTER FUNCTION {fn} OWNER TO {q.owner}")
+            with cluster.connect(dbname=q.db, user=q.worker) as w, cluster.connect(dbname=q.db) as c:
                 q.bind(w)
+                assert len(q.claim(w)) == 1
+                # Given away after binding, between two claims of one session.
+                c.execute(f"ALTER FUNCTION {fn} OWNER TO {other}")
+                got = refusal(w, f"SELECT * FROM {S}.claim_jobs(%s, %s)", (q.kind, q.name))
+                assert got is not None and got[0] == "42501" and "archive_all" in got[1] and other in got[1], got
+                c.execute(f"ALTER FUNCTION {fn} OWNER TO {q.owner}")
+                assert len(q.claim(w)) == 1
+                # The same for the table the jobs are in (pg-boss: the
+                # queue's partition) given to another role.
+                leaf = q.leaf(c)
+                c.execute(f"ALTER TABLE {leaf} OWNER TO {other}")
+                got = refusal(w, f"SELECT * FROM {S}.claim_jobs(%s, %s)", (q.kind, q.name))
+                # (pgmq: the worker, its owner until now, lost its rights on it first.)
+                assert got is not None and got[0] == "42501", got
+                assert other in got[1] or "permission denied for table" in got[1], got
+                c.execute(f"ALTER TABLE {leaf} OWNER TO {q.owner}")
+                assert len(q.claim(w)) == 1
         finally:
             with cluster.connect(dbname=q.db) as c:
                 c.execute(f"DROP OWNED BY {other}")

@@ -13,8 +13,9 @@
 //! security-restricted operation (`owner::as_owner`): the triggers, rules,
 //! policies, defaults and index expressions the owner attached run with the
 //! owner's rights, never the caller's, and have no meshhook_limits identity.
-//! And `binding` refuses the queues whose owners (of the table, its schema,
-//! its partitions) lack the claimer's privileges: the worker runs their
+//! And `binding` refuses (`trust`) the queues whose owners (of the table,
+//! its schema, its partitions, the functions in the schema) lack the
+//! claimer's privileges: the worker runs their
 //! code anyway, with its own rights, when it ends a job with the queue's
 //! calls (and a deferred trigger the owner attached fires at commit, as
 //! the worker). So the owner's code never gains from a claim: the
@@ -32,6 +33,7 @@ use std::collections::HashMap;
 
 mod key;
 pub mod restore;
+mod trust;
 
 type Ts = TimestampWithTimeZone;
 
@@ -135,40 +137,13 @@ thread_local! {
 // The shape has pg-boss's schema too (12 has columns 11 has not, and a
 // queue migrated from 11 to 12 needs 12's statements) and the table's name
 // (the statements name it: a renamed table gets statements that do).
-const BINDING_Q: &str = "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.source, b.queue, b.tenant_path,
+const BINDING_Q: &str =
+    "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.source, b.queue, b.tenant_path,
         b.project_path, b.key_path, b.cost_path, b.relation::oid, b.relation::text,
         (SELECT count(*) FROM pg_catalog.pg_attribute a
           WHERE a.attrelid = b.relation AND a.attname = 'blocked' AND NOT a.attisdropped)),
         (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = b.relation),
-        pg_catalog.has_table_privilege(b.relation, 'SELECT, UPDATE')
-          AND pg_catalog.has_schema_privilege((SELECT c.relnamespace FROM pg_catalog.pg_class c
-                                                WHERE c.oid = b.relation), 'USAGE'),
-        b.relation::text,
-        (SELECT CASE x.o
-                  WHEN 1 THEN pg_catalog.format('queue table %s is owned by role %s', b.relation, x.owner::regrole)
-                  WHEN 2 THEN pg_catalog.format('schema %s is owned by role %s', x.rel::regnamespace, x.owner::regrole)
-                  WHEN 3 THEN pg_catalog.format('%s, a partition or child of %s, is owned by role %s',
-                                                x.rel::regclass, b.relation, x.owner::regrole)
-                  ELSE pg_catalog.format('role %s may create objects in schema %s',
-                                         CASE WHEN x.owner = 0 THEN 'PUBLIC' ELSE x.owner::regrole::text END,
-                                         x.rel::regnamespace) END
-           FROM (WITH RECURSIVE kids(oid) AS (
-                   SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = b.relation
-                   UNION
-                   SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN kids k ON i.inhparent = k.oid)
-                 SELECT 1 AS o, c.relowner AS owner, c.oid AS rel FROM pg_catalog.pg_class c WHERE c.oid = b.relation
-                 UNION ALL
-                 SELECT 2, n.nspowner, n.oid FROM pg_catalog.pg_class c
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = b.relation
-                 UNION ALL
-                 SELECT 3, (SELECT pc.relowner FROM pg_catalog.pg_class pc WHERE pc.oid = kids.oid), kids.oid FROM kids
-                 UNION ALL
-                 SELECT 4, a.grantee, n.oid FROM pg_catalog.pg_class c
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
-                   pg_catalog.aclexplode(n.nspacl) a
-                  WHERE c.oid = b.relation AND a.privilege_type = 'CREATE') x
-          WHERE x.owner = 0 OR NOT pg_catalog.pg_has_role(x.owner, current_user, 'USAGE')
-          ORDER BY x.o LIMIT 1)
+        b.relation::oid
    FROM meshhook_limits._queue_binding($1, $2) b";
 
 fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
@@ -186,35 +161,9 @@ fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
         Ok(c.select(q, Some(1), &[source.into(), queue.into()])?)
     })?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
-    // The statements run as the table's owner, but only for a caller with
-    // the rights the queue's own fetch needs: claim_jobs takes jobs on the
-    // caller's behalf, not on the owner's.
-    if r.get::<bool>(5)? != Some(true) {
-        let table = r.get::<String>(6)?.unwrap_or_default();
-        return Err(LimitsError::forbidden(
-            format!("permission denied for table {table}: claim_jobs needs SELECT and UPDATE on it (and USAGE on its schema)"),
-            "grant the claiming role the queue system's rights on its tables, as its own workers have them",
-        ));
-    }
-    // The worker that claims also ends the jobs with the queue system's own
-    // calls (boss.complete, pgmq.archive), which run the code the queue's
-    // owners attached as the worker: it claims only from queues whose
-    // table, schema, partition and child owners, and whoever may create in
-    // the schema (a function the worker calls, pgmq.archive), have its
-    // privileges anyway (a superuser, itself, or a role that is a member of
-    // it).
-    if let Some(untrusted) = r.get::<String>(7)? {
-        return Err(LimitsError::forbidden(
-            format!(
-                "claim_jobs does not claim from {source} queue \"{}\" as this role: {untrusted}, \
-                 which does not have this role's privileges",
-                crate::identity::truncate(queue, 80)
-            ),
-            "the worker ends claimed jobs with the queue's own calls, which run that owner's triggers \
-             with the worker's rights: claim as the owner (granted meshhook_limits_admin), or GRANT the \
-             claiming role TO the owner if the owner may act as it",
-        ));
-    }
+    // May this role claim from it, and trust its owners? (`trust`)
+    let relation = r.get::<pg_sys::Oid>(5)?.ok_or(LimitsError::NotPreloaded)?;
+    trust::check(c, relation, source, queue)?;
     Ok(Binding {
         id: r.get::<i64>(1)?.unwrap_or(0),
         pgmq: r.get::<String>(2)?.as_deref() == Some("pgmq"),
