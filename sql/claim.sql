@@ -858,10 +858,7 @@ BEGIN
                  count(*) FILTER (WHERE not_due) AS deferred,
                  count(*) FILTER (WHERE NOT not_due AND NOT valid) AS invalid
             FROM (SELECT %1$s AS tenant, %2$s AS key, %7$s AS not_due,
-                         ((%3$s) IS NULL OR (%3$s) ~ %8$L)
-                         AND ((%2$s) IS NULL OR pg_catalog.octet_length(%2$s) BETWEEN 1 AND 200)
-                         AND ((%4$s) IS NULL OR CASE WHEN (%4$s) ~ '^[0-9]{1,7}$'
-                                                     THEN (%4$s)::int BETWEEN 1 AND 1000000 ELSE false END) AS valid
+                         meshhook_limits._claim_key(%1$s, %3$s, %2$s, %4$s) IS NOT NULL AS valid
                     FROM %5$s j WHERE %6$s AND %1$s ~ %8$L) y
            WHERE %9$s
            GROUP BY tenant, key) x $q$,

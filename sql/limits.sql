@@ -164,6 +164,54 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_limits(uuid, uuid, text) FROM PUBLIC;
 
+-- _slot_limits(t, NULL, NULL) of many tenants at once, in one set-based
+-- query (claim_jobs loads the limits of every tenant it finds waiting: one
+-- query per tenant cost 2 ms each, seconds with thousands; issue 20).
+-- Without a project or key, the project's and the key's caps are NULL and
+-- each resource resolves tenant -> plan -> global, as in _resolve.
+CREATE FUNCTION meshhook_limits._slot_limits_of(p_tenants uuid[])
+RETURNS TABLE(tenant_id uuid, tenant_cap bigint, project_cap bigint, exec_micros bigint, memory_bytes bigint,
+              key_cap bigint, total_cap bigint, weight float8)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH t AS (SELECT DISTINCT u AS tenant_id FROM pg_catalog.unnest(p_tenants) u WHERE u IS NOT NULL),
+  wanted(resource) AS (VALUES ('concurrent_executions'), ('execution_seconds'), ('memory_bytes'),
+                              ('fair_share_weight')),
+  r AS (
+    SELECT DISTINCT ON (x.tenant_id, x.resource) x.tenant_id, x.resource, x.limit_value
+      FROM (
+        SELECT t.tenant_id, l.resource, l.limit_value, 1 AS rank
+          FROM t JOIN meshhook_limits.limits l ON l.tenant_id = t.tenant_id AND l.project_id IS NULL
+         WHERE l.resource IN (SELECT w.resource FROM wanted w)
+        UNION ALL
+        SELECT t.tenant_id, l.resource, l.limit_value, 2
+          FROM t JOIN meshhook_limits.tenant_plans tp ON tp.tenant_id = t.tenant_id
+          JOIN meshhook_limits.limits l ON l.plan = tp.plan
+         WHERE l.resource IN (SELECT w.resource FROM wanted w)
+        UNION ALL
+        SELECT t.tenant_id, l.resource, l.limit_value, 3
+          FROM t CROSS JOIN meshhook_limits.limits l
+         WHERE l.tenant_id IS NULL AND l.plan IS NULL AND l.resource IN (SELECT w.resource FROM wanted w)) x
+     ORDER BY x.tenant_id, x.resource, x.rank)
+  -- (LEAST ignores a NULL: a resource without a limit stays NULL here.)
+  SELECT p.tenant_id,
+         CASE WHEN p.ce IS NOT NULL THEN LEAST(pg_catalog.floor(p.ce), 9e18)::bigint END,
+         NULL::bigint,
+         CASE WHEN p.es IS NOT NULL THEN LEAST(p.es * 1000000, 9e18)::bigint END,
+         CASE WHEN p.mb IS NOT NULL THEN LEAST(p.mb, 9e18)::bigint END,
+         NULL::bigint,
+         (SELECT LEAST(pg_catalog.floor(l.limit_value), 9e18)::bigint FROM meshhook_limits.limits l
+           WHERE l.resource = 'concurrent_executions_total' AND l.tenant_id IS NULL AND l.plan IS NULL),
+         p.fw::float8
+    FROM (SELECT t.tenant_id,
+                 max(r.limit_value) FILTER (WHERE r.resource = 'concurrent_executions') AS ce,
+                 max(r.limit_value) FILTER (WHERE r.resource = 'execution_seconds') AS es,
+                 max(r.limit_value) FILTER (WHERE r.resource = 'memory_bytes') AS mb,
+                 max(r.limit_value) FILTER (WHERE r.resource = 'fair_share_weight') AS fw
+            FROM t LEFT JOIN r ON r.tenant_id = t.tenant_id
+           GROUP BY t.tenant_id) p
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._slot_limits_of(uuid[]) FROM PUBLIC;
+
 CREATE FUNCTION meshhook_limits.effective_limits(tenant_id uuid, project_id uuid DEFAULT NULL)
 RETURNS TABLE(resource text, limit_value numeric, warn_ratio numeric, window_length interval,
               burst numeric, source text)

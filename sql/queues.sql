@@ -135,7 +135,10 @@ BEGIN
   -- window. v11+: finished jobs stay in it, and states
   -- are compared as pg-boss's own enum (no cast per row). v10 moves finished
   -- jobs to pgboss.archive, read only for the window.
-  IF pg_catalog.to_regclass('pgboss.archive') IS NULL THEN
+  -- pg-boss 10's archive: a table of its own (a trusted one: _tick_reads),
+  -- never whatever else bears the name (the read runs as job's owner).
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('pgboss.archive')
+                    AND c.relkind IN ('r', 'p') AND meshhook_limits._tick_reads(c.oid)) THEN
     src := 'SELECT name, state, created_on, started_on, completed_on FROM pgboss.job
              WHERE completed_on IS NULL OR completed_on > $1 - $2';
   ELSE

@@ -124,7 +124,8 @@ pub struct GenerationCache<K, V> {
     map: HashMap<K, V>,
 }
 
-const CACHE_MAX: usize = 10_000;
+/// Entries of a `GenerationCache` at most (emptied when full).
+const MAX_ENTRIES: usize = 10_000;
 
 impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
     pub fn new() -> Self {
@@ -158,35 +159,57 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
         key: K,
         load: impl FnOnce() -> Result<V>,
     ) -> Result<V> {
-        let Some(shared) = generation() else {
+        let Some(generation) = Self::current(cell) else {
             return load();
         };
+        if let Some(v) = cell.with(|c| c.borrow().map.get(&key).copied()) {
+            return Ok(v);
+        }
+        let v = load()?;
+        Self::store(cell, generation, MAX_ENTRIES, [(key, v)]);
+        Ok(v)
+    }
+
+    /// The generation that values loaded from now on may be cached under,
+    /// with the cache emptied if it moved; None when nothing may be cached
+    /// (no shared memory; REPEATABLE READ or SERIALIZABLE).
+    fn current(cell: &'static std::thread::LocalKey<RefCell<Self>>) -> Option<u64> {
+        let shared = generation()?;
         if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
-            return load();
+            return None;
         }
         let generation = shared.load(Ordering::Acquire);
-        let hit = cell.with(|c| {
+        cell.with(|c| {
             let mut c = c.borrow_mut();
             if c.generation != generation {
                 c.generation = generation;
                 c.map.clear();
             }
-            c.map.get(&key).copied()
         });
-        if let Some(v) = hit {
-            return Ok(v);
-        }
-        let v = load()?;
+        Some(generation)
+    }
+
+    /// Cache values loaded (with a fresh snapshot) after `current` answered
+    /// `generation`, unless it moved since; emptied first when full (at
+    /// `max` entries).
+    fn store(
+        cell: &'static std::thread::LocalKey<RefCell<Self>>,
+        generation: u64,
+        max: usize,
+        values: impl IntoIterator<Item = (K, V)>,
+    ) {
         cell.with(|c| {
             let mut c = c.borrow_mut();
-            if c.generation == generation {
-                if c.map.len() >= CACHE_MAX {
+            if c.generation != generation {
+                return;
+            }
+            for (k, v) in values {
+                if c.map.len() >= max {
                     c.map.clear();
                 }
-                c.map.insert(key, v);
+                c.map.insert(k, v);
             }
         });
-        Ok(v)
     }
 }
 
@@ -276,3 +299,82 @@ pgrx::extension_sql!(
     name = "limits_changed_grants",
     requires = [_limits_changed]
 );
+
+/// What claim_jobs needs of each tenant it finds waiting: its
+/// concurrent_executions and its fair_share_weight (no project, no key).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TenantShareLimits {
+    pub tenant_cap: Option<i64>,
+    pub weight: Option<f64>,
+}
+
+/// Tenants `TENANT_SHARES` holds at most: claim_jobs meets every tenant with
+/// waiting jobs on every scan, and a cache smaller than their number would
+/// be emptied and reloaded on every scan. About 50 bytes each, in the
+/// claiming backends only.
+const MAX_TENANT_SHARES: usize = 200_000;
+
+thread_local! {
+    static TENANT_SHARES: RefCell<GenerationCache<[u8; 16], TenantShareLimits>> =
+        RefCell::new(GenerationCache::new());
+}
+
+/// The cached share limits of these tenants, if this backend has them all
+/// (never runs SQL).
+pub fn cached_tenant_shares(tenants: &[pgrx::Uuid]) -> Option<Vec<TenantShareLimits>> {
+    tenants
+        .iter()
+        .map(|t| GenerationCache::get(&TENANT_SHARES, t.as_bytes()))
+        .collect()
+}
+
+/// The share limits of these tenants, in their order: those this backend
+/// lacks loaded in one query (`_slot_limits_of`), however many.
+pub fn tenant_shares(tenants: &[pgrx::Uuid]) -> Result<Vec<TenantShareLimits>> {
+    let generation = GenerationCache::current(&TENANT_SHARES);
+    let mut out: Vec<Option<TenantShareLimits>> = tenants
+        .iter()
+        .map(|t| {
+            generation
+                .and_then(|_| TENANT_SHARES.with(|c| c.borrow().map.get(t.as_bytes()).copied()))
+        })
+        .collect();
+    let missing: Vec<pgrx::Uuid> = tenants
+        .iter()
+        .zip(&out)
+        .filter(|(_, l)| l.is_none())
+        .map(|(t, _)| *t)
+        .collect();
+    if missing.is_empty() {
+        return Ok(out.into_iter().flatten().collect());
+    }
+    // update(), not select(): a fresh snapshot (see `load`).
+    let loaded: HashMap<[u8; 16], TenantShareLimits> = Spi::connect_mut(|c| {
+        c.update(
+            "SELECT tenant_id, tenant_cap, weight FROM meshhook_limits._slot_limits_of($1)",
+            None,
+            &[missing.into()],
+        )?
+        .map(|r| {
+            Ok::<_, pgrx::spi::SpiError>((
+                r.get::<pgrx::Uuid>(1)?
+                    .map(|t| *t.as_bytes())
+                    .unwrap_or([0; 16]),
+                TenantShareLimits {
+                    tenant_cap: r.get::<i64>(2)?,
+                    weight: r.get::<f64>(3)?,
+                },
+            ))
+        })
+        .collect::<std::result::Result<HashMap<_, _>, _>>()
+    })?;
+    for (slot, t) in out.iter_mut().zip(tenants) {
+        if slot.is_none() {
+            *slot = Some(loaded.get(t.as_bytes()).copied().unwrap_or_default());
+        }
+    }
+    if let Some(generation) = generation {
+        GenerationCache::store(&TENANT_SHARES, generation, MAX_TENANT_SHARES, loaded);
+    }
+    Ok(out.into_iter().flatten().collect())
+}

@@ -11,7 +11,8 @@
 //! index functions: whatever code the owner planted runs with the owner's
 //! rights, which the owner had anyway.
 use crate::error::{LimitsError, OrRaise, Result};
-use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone};
+use crate::row::RawJsonb;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
 /// The owner of `rel` when it is a table (plain or partitioned), and
@@ -126,7 +127,9 @@ fn within<R>(ms: i32, what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
 
 /// Why the tick does not read queue table `rel`, if it does not: a role
 /// that owns it or one of its partitions or inheritance children (whose
-/// code a read of it runs) is not an administrator (`identity::role_is_admin`).
+/// code a read of it runs), owns its schema or may create in it (and so
+/// add to what the tick's queries name: pg-boss 10's `pgboss.archive`) is
+/// not an administrator (`identity::role_is_admin`).
 ///
 /// The timeout (`within`) bounds only code that lets the cancel through:
 /// code that catches query_canceled (a PL/pgSQL handler naming it, in a
@@ -140,8 +143,21 @@ fn untrusted_owner(rel: pg_sys::Oid) -> Result<Option<String>> {
             "WITH RECURSIVE t(oid) AS (
                SELECT $1::oid
                UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent = t.oid)
-             SELECT c.oid::pg_catalog.regclass::text, c.relowner, c.relowner::pg_catalog.regrole::text
-               FROM t JOIN pg_catalog.pg_class c ON c.oid = t.oid ORDER BY c.oid = $1 DESC, c.oid",
+             SELECT pg_catalog.format('table %s is owned by role %s', c.oid::pg_catalog.regclass,
+                                      c.relowner::pg_catalog.regrole), c.relowner
+               FROM t JOIN pg_catalog.pg_class c ON c.oid = t.oid
+             UNION ALL
+             SELECT pg_catalog.format('its schema %s is owned by role %s', n.oid::pg_catalog.regnamespace,
+                                      n.nspowner::pg_catalog.regrole), n.nspowner
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1
+             UNION ALL
+             SELECT pg_catalog.format('role %s may create objects in its schema %s',
+                                      CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::pg_catalog.regrole::text END,
+                                      n.oid::pg_catalog.regnamespace), a.grantee
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
+                    pg_catalog.aclexplode(n.nspacl) a
+              WHERE c.oid = $1 AND a.privilege_type = 'CREATE'",
             None,
             &[rel.into()],
         )?
@@ -149,18 +165,18 @@ fn untrusted_owner(rel: pg_sys::Oid) -> Result<Option<String>> {
             Ok::<_, pgrx::spi::SpiError>((
                 r.get::<String>(1)?.unwrap_or_default(),
                 r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                r.get::<String>(3)?.unwrap_or_default(),
             ))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
     })?;
     let mut trusted = std::collections::HashMap::new();
-    for (table, owner, role) in owners {
-        if !*trusted
-            .entry(owner)
-            .or_insert_with(|| crate::identity::role_is_admin(owner))
-        {
-            return Ok(Some(format!("table {table} is owned by role {role}")));
+    for (why, role) in owners {
+        // (PUBLIC, grantee 0, is no administrator.)
+        let admin = *trusted
+            .entry(role)
+            .or_insert_with(|| role != pg_sys::InvalidOid && crate::identity::role_is_admin(role));
+        if !admin {
+            return Ok(Some(why));
         }
     }
     Ok(None)
@@ -170,7 +186,8 @@ fn not_read(why: &str) -> LimitsError {
     LimitsError::forbidden(
         format!("the meshhook_limits tick does not read this queue: {why}, which is not an administrator"),
         "the tick reads queue tables as their owners, and would wait on any code an owner attached to them (queue_health, claimed jobs); \
-         GRANT meshhook_limits_admin to that role, or have an administrator's role own the queue's tables",
+         GRANT meshhook_limits_admin to that role, or have an administrator's role own the queue's schema and tables \
+         (and create in the schema)",
     )
 }
 
@@ -211,7 +228,7 @@ pub fn read_as_owner(
     query: &str,
     at: Option<TimestampWithTimeZone>,
     window: Option<Interval>,
-) -> Result<Option<JsonB>> {
+) -> Result<Option<RawJsonb>> {
     let (owner, queue, name) = table_owner(rel)?;
     let what = format!("table {name}");
     // Queue tables: the tick reads them (those of administrators' roles:
@@ -227,7 +244,7 @@ pub fn read_as_owner(
             Spi::connect(|c| {
                 let rows = c.select(query, Some(1), &[at.into(), window.into()])?;
                 match rows.into_iter().next() {
-                    Some(r) => r.get::<JsonB>(1),
+                    Some(r) => r.get::<RawJsonb>(1),
                     None => Ok(None),
                 }
             })
@@ -249,7 +266,7 @@ fn _read_as_owner(
     query: Option<&str>,
     at: default!(Option<TimestampWithTimeZone>, "NULL"),
     window: default!(Option<Interval>, "NULL"),
-) -> Option<JsonB> {
+) -> Option<RawJsonb> {
     if !unsafe { pg_sys::superuser() } {
         LimitsError::forbidden(
             "_read_as_owner is internal to meshhook_limits",

@@ -165,3 +165,52 @@ unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for Utf8<'fcx> {
 }
 
 pgrx::impl_sql_translatable!(Utf8<'_>, arg_only = "TEXT");
+
+/// A `jsonb` value read through SPI and answered as it is, never converted
+/// to Rust: pgrx's `JsonB` goes through UTF-8 text, which fails (XX000) on
+/// any non-ASCII text in a database whose encoding is not UTF-8 (LATIN1,
+/// SQL_ASCII). claim_jobs returns each job's data this way, and
+/// `_read_as_owner` its reads of queue tables: data an enqueuer wrote must
+/// not break the claims, or the health, of a whole queue.
+pub struct RawJsonb(pg_sys::Datum);
+
+impl pgrx::FromDatum for RawJsonb {
+    /// Copied, detoasted, into the current memory context: read from SPI
+    /// (`get`), that is the context of the call that opened SPI, which
+    /// outlives SPI (a set-returning function's: every call of it).
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: a non-null jsonb datum (SPI's `get` checks the column's
+        // type against JSONBOID before this is called).
+        let copy = unsafe { pg_sys::pg_detoast_datum_copy(datum.cast_mut_ptr()) };
+        Some(RawJsonb(pg_sys::Datum::from(copy)))
+    }
+}
+
+impl pgrx::IntoDatum for RawJsonb {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.0)
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+// SAFETY: the datum is a jsonb value, valid until the transaction ends.
+unsafe impl pgrx::callconv::BoxRet for RawJsonb {
+    unsafe fn box_into<'fcx>(
+        self,
+        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
+    ) -> pgrx::datum::Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(self.0) }
+    }
+}
+
+pgrx::impl_sql_translatable!(RawJsonb, "jsonb");

@@ -480,6 +480,81 @@ def test_a_queue_owner_that_catches_the_cancel_cannot_hold_the_tick(cluster, sou
                              (q.name,)).fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("major", [11, 12])
+def test_a_pgboss_archive_of_a_schema_squatter_runs_no_code_in_the_tick(cluster, major):
+    """Found by the red team: the tick's pg-boss sample reads pg-boss 10's
+    pgboss.archive with pgboss.job, as job's owner (here the superuser that
+    installed pg-boss). Whoever made the schema first (or may create in it)
+    makes pgboss.archive a view over its own function, which would run as
+    that owner, make its author superuser, and hold the tick. The tick reads
+    no queue table whose schema a non-administrator owns or may create in,
+    and an archive only when it is a table."""
+    with squatted_db(cluster) as (db, mallory):
+        with cluster.connect(dbname=db, user=mallory) as m:
+            m.execute("CREATE SCHEMA pgboss")
+        assert boss(cluster, db, major, "start", "postgres")["installed"] is True
+        boss(cluster, db, major, "create-queue", "postgres", name="jobs")
+        boss(cluster, db, major, "send", "postgres", name="jobs", data={"tenant_id": str(uuid.uuid4())})
+        with cluster.connect(dbname=db, user=mallory) as m:
+            m.execute("CREATE TABLE pgboss.seen (who name)")
+            m.execute("GRANT INSERT ON pgboss.seen TO PUBLIC")
+            m.execute(f"""CREATE FUNCTION pgboss.evil() RETURNS boolean LANGUAGE plpgsql AS $$
+                DECLARE until timestamptz := clock_timestamp() + interval '20 seconds';
+                BEGIN
+                  INSERT INTO pgboss.seen VALUES (current_user);
+                  BEGIN EXECUTE 'ALTER ROLE {mallory} SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END;
+                  WHILE clock_timestamp() < until LOOP
+                    BEGIN PERFORM pg_sleep(1); EXCEPTION WHEN query_canceled THEN NULL; END;
+                  END LOOP;
+                  RETURN true;
+                END $$""")
+            m.execute("""CREATE VIEW pgboss.archive AS
+                SELECT 'jobs'::text AS name, 'completed'::text AS state, now() AS created_on,
+                       now() AS started_on, now() AS completed_on WHERE pgboss.evil()""")
+        try:
+            with cluster.connect(dbname=db) as c:
+                c.execute("SET meshhook_limits.queue_read_timeout = '1s'")
+                c.execute("SET meshhook_limits.queue_scan_budget = 1")
+                warnings = []
+                c.add_notice_handler(lambda d: warnings.append(d.message_primary or ""))
+                c.execute(f"SELECT {S}.tick()")
+                assert c.execute("SELECT count(*) FROM pgboss.seen").fetchone()[0] == 0
+                assert not c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (mallory,)).fetchone()[0]
+                assert any("does not read this queue" in w and mallory in w for w in warnings), warnings
+        finally:
+            cluster.sql(f"ALTER ROLE {mallory} NOSUPERUSER")
+
+
+@pytest.mark.parametrize("change", ["function", "create"])
+def test_a_change_of_trust_is_seen_within_an_open_transaction(cluster, change):
+    """Found by the red team: the cached trust answer must not outlive a
+    catalog change another session commits while the worker's transaction
+    is open (its locks are held, so it takes in no invalidations by itself)."""
+    with app_queue(cluster, "pgmq") as q:
+        q.send(str(uuid.uuid4()), 3)
+        other = role(cluster, "other")
+        try:
+            with cluster.connect(dbname=q.db, user=q.worker) as w:
+                q.bind(w)
+            with cluster.connect(dbname=q.db, user=q.worker, autocommit=False) as w, \
+                    cluster.connect(dbname=q.db) as c:
+                assert len(q.claim(w)) == 1          # allowed, and cached
+                if change == "function":
+                    c.execute("CREATE FUNCTION pgmq.evil() RETURNS boolean LANGUAGE sql AS 'SELECT true'")
+                    c.execute(f"ALTER FUNCTION pgmq.evil() OWNER TO {other}")
+                else:
+                    c.execute(f"GRANT CREATE ON SCHEMA pgmq TO {other}")
+                got = refusal(w, f"SELECT * FROM {S}.claim_jobs('pgmq', %s)", (q.name,))
+                w.rollback()
+                assert got is not None and got[0] == "42501" and other in got[1], got
+        finally:
+            with cluster.connect(dbname=q.db) as c:
+                c.execute(f"REVOKE ALL ON SCHEMA pgmq FROM {other}")
+                c.execute(f"DROP OWNED BY {other}")
+            with cluster.connect(dbname="postgres") as c:
+                c.execute(f"DROP ROLE {other}")
+
+
 def test_an_inheritance_child_or_a_schema_creator_of_another_role_is_refused(cluster):
     """Statements on the queue table reach plain inheritance children and
     fire their triggers, and whoever may create in the queue's schema can

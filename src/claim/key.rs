@@ -5,7 +5,8 @@
 //! its tenant as written when every field is one claim_jobs accepts (the
 //! tenant and project uuids, the concurrency key 1 to 200 bytes, the cost a
 //! whole number from 1 to 1,000,000: `parse_uuid` and `parse_cost` in
-//! `super`), and NULL otherwise, so a job that can never be claimed is out
+//! `super`; the key in UTF-8, as slots take keys, whatever the database's
+//! encoding), and NULL otherwise, so a job that can never be claimed is out
 //! of its tenant's range and values an enqueuer writes add no tenants for
 //! the skip scan to visit (issue 19). It works on the bytes: no regular
 //! expression, no allocation, no error for any input (a SQL_ASCII database
@@ -49,7 +50,7 @@ fn claimable(
 ) -> bool {
     tenant.is_some_and(is_uuid)
         && project.is_none_or(is_uuid)
-        && key.is_none_or(|k| !k.is_empty() && k.len() <= KEY_MAX)
+        && key.is_none_or(|k| !k.is_empty() && k.len() <= KEY_MAX && std::str::from_utf8(k).is_ok())
         && cost.is_none_or(is_cost)
 }
 
@@ -114,6 +115,8 @@ mod tests {
         assert!(!claimable(t, None, b(""), None));
         assert!(!claimable(t, None, b(&"k".repeat(201)), None));
         assert!(claimable(t, None, b(&"k".repeat(200)), None));
+        assert!(claimable(t, None, b("café"), None));
+        assert!(!claimable(t, None, Some(&b"caf\xe9"[..]), None)); // LATIN1 bytes
         for bad in ["0", "1000001", "-1", "1.5", "", "00000000", " 1"] {
             assert!(!is_cost(bad.as_bytes()), "{bad:?}");
         }

@@ -23,8 +23,9 @@
 //! identity, and the trust check from rights the owner has not got.
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::owner::as_owner;
+use crate::row::RawJsonb;
 use crate::slots::claim::{self as slot_claim, BLOCKED_REASONS};
-use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone, Uuid};
+use pgrx::datum::{Interval, TimestampWithTimeZone, Uuid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgOid;
@@ -241,7 +242,7 @@ impl Contender {
 /// A job as the head statement returns it.
 struct Job {
     id: String,
-    data: Option<JsonB>,
+    data: Option<RawJsonb>,
     project: Option<String>,
     key: Option<String>,
     cost: Option<String>,
@@ -262,7 +263,7 @@ impl Job {
     fn read(r: &pgrx::spi::SpiHeapTupleData) -> Result<Job> {
         Ok(Job {
             id: r.get::<String>(1)?.unwrap_or_default(),
-            data: r.get::<JsonB>(2)?,
+            data: r.get::<RawJsonb>(2)?,
             project: r.get::<String>(3)?,
             key: r.get::<String>(4)?,
             cost: r.get::<String>(5)?,
@@ -282,7 +283,7 @@ type Claimed = (
     Option<String>,
     Uuid,
     Option<Ts>,
-    Option<JsonB>,
+    Option<RawJsonb>,
     Option<i32>,
 );
 
@@ -627,7 +628,7 @@ fn claim_jobs(
         name!(concurrency_key, Option<String>),
         name!(slot_id, Uuid),
         name!(lease_expires_at, Option<Ts>),
-        name!(data, Option<JsonB>),
+        name!(data, Option<RawJsonb>),
         name!(retry_count, Option<i32>),
     ),
 > {

@@ -14,7 +14,8 @@
 //! The answer depends on the catalogs only (pg_class, pg_namespace,
 //! pg_inherits, pg_proc, roles and memberships), and reading them costs as
 //! much as a claim, so a backend asks again only after one of them changed
-//! (a catalog invalidation bumps `GENERATION`) or for another user.
+//! (a catalog invalidation bumps `GENERATION`; pending ones are taken in
+//! on every call) or for another user.
 use crate::error::{LimitsError, Result};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -118,6 +119,11 @@ fn register() {
 /// module docs).
 pub fn check(c: &SpiClient, rel: pg_sys::Oid, source: &str, queue: &str) -> Result<()> {
     register();
+    // A backend takes in catalog changes when it next locks a relation it
+    // has not locked in this transaction; a claiming transaction holds its
+    // locks already. Take them in now, as a new statement over the
+    // catalogs would see them.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
     let key = (rel.to_u32(), unsafe { pg_sys::GetUserId() }.to_u32());
     let now = GENERATION.with(Cell::get);
     if ALLOWED.with(|m| m.borrow().get(&key) == Some(&now)) {

@@ -197,7 +197,7 @@ pub struct Share {
 
 /// The cost each tenant runs now (all its slots of this database) and its
 /// share.
-fn shares_with(lims: &[crate::limits::SlotLimits], tenants: &[Uuid]) -> Result<Vec<(i64, Share)>> {
+fn shares_with(lims: &[limits::TenantShareLimits], tenants: &[Uuid]) -> Result<Vec<(i64, Share)>> {
     let ceiling = crate::gucs::tenant_slot_ceiling();
     let db = shmem::my_database();
     let mut locked = LockedTable::shared().ok_or(LimitsError::NotPreloaded)?;
@@ -234,11 +234,7 @@ pub fn starts(tenants: &[Uuid]) -> Vec<(f64, i64)> {
 /// The shares of these tenants: from this backend's cached limits, or
 /// through `_claim_shares`, which loads them.
 pub fn shares(tenants: &[Uuid]) -> Result<Vec<Share>> {
-    let cached: Option<Vec<_>> = tenants
-        .iter()
-        .map(|t| limits::cached_slot_limits(*t, None, None))
-        .collect();
-    if let Some(lims) = cached {
+    if let Some(lims) = limits::cached_tenant_shares(tenants) {
         return Ok(shares_with(&lims, tenants)?
             .into_iter()
             .map(|(_, s)| s)
@@ -278,10 +274,7 @@ fn _claim_shares(
 > {
     identity::require_admin("claim jobs").or_raise();
     let tenants: Vec<Uuid> = tenants.unwrap_or_default().into_iter().flatten().collect();
-    let lims: Vec<_> = tenants
-        .iter()
-        .map(|t| limits::slot_limits(*t, None, None).or_raise())
-        .collect();
+    let lims = limits::tenant_shares(&tenants).or_raise();
     let shares = shares_with(&lims, &tenants).or_raise();
     TableIterator::new(
         tenants
@@ -406,7 +399,7 @@ pub fn counters() -> Option<(u64, u64, Vec<(&'static str, u64)>)> {
 fn _slot_counts(
     tenant_id: Option<Uuid>,
     project_id: Option<Uuid>,
-    concurrency_key: Option<&str>,
+    concurrency_key: Option<crate::row::Utf8>,
 ) -> TableIterator<
     'static,
     (
@@ -416,6 +409,8 @@ fn _slot_counts(
         name!(total_in_use, i64),
     ),
 > {
+    // A key that is not UTF-8 (a SQL_ASCII database takes any bytes): 22023.
+    let concurrency_key = crate::row::utf8(&concurrency_key, "concurrency_key").or_raise();
     let db = shmem::my_database();
     let (Some(tenant_id), Some(mut locked)) = (tenant_id, LockedTable::shared()) else {
         return TableIterator::once((0, 0, 0, 0));
