@@ -50,7 +50,28 @@ thread_local! {
 /// Registers the transaction callback that bumps the generation when a
 /// transaction that changed limits ends. From `_PG_init`.
 pub fn init() {
-    unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) };
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+/// A savepoint rolled back (or a PL/pgSQL exception block left) in a
+/// transaction that changed limits may have undone the change: this
+/// backend's caches may hold what it loaded in between, so they go.
+/// (Other backends never saw the change: it was not committed.)
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    _sub: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && BUMP_AT_END.with(|b| b.get()) {
+        if let Some(g) = generation() {
+            g.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 #[pgrx::pg_guard]

@@ -239,14 +239,18 @@ pub fn read_as_owner(
     } else {
         0
     };
+    // The answer is copied into the caller's memory, out of SPI's.
+    let cx = unsafe { pg_sys::CurrentMemoryContext };
     within(limit, &what, || {
         as_owner(owner, || {
             Spi::connect(|c| {
-                let rows = c.select(query, Some(1), &[at.into(), window.into()])?;
-                match rows.into_iter().next() {
-                    Some(r) => r.get::<RawJsonb>(1),
-                    None => Ok(None),
+                let rows = c
+                    .select(query, Some(1), &[at.into(), window.into()])?
+                    .first();
+                if rows.is_empty() {
+                    return Ok(None);
                 }
+                RawJsonb::copy(&rows, 1, cx)
             })
         })
         .map_err(LimitsError::from)

@@ -174,22 +174,39 @@ pgrx::impl_sql_translatable!(Utf8<'_>, arg_only = "TEXT");
 /// not break the claims, or the health, of a whole queue.
 pub struct RawJsonb(pg_sys::Datum);
 
-impl pgrx::FromDatum for RawJsonb {
-    /// Copied, detoasted, into the current memory context: read from SPI
-    /// (`get`), that is the context of the call that opened SPI, which
-    /// outlives SPI (a set-returning function's: every call of it).
-    unsafe fn from_polymorphic_datum(
-        datum: pg_sys::Datum,
-        is_null: bool,
-        _typoid: pg_sys::Oid,
-    ) -> Option<Self> {
-        if is_null {
-            return None;
+impl RawJsonb {
+    /// Column `n` (a jsonb column) of the current row of an SPI result,
+    /// None for NULL: copied, detoasted, into memory context `cx`, which
+    /// must outlive the answer (the calling function's: SPI's own memory
+    /// is gone once SPI is left, and the transaction's lasts too long for a
+    /// worker that claims in a loop).
+    pub fn copy(
+        rows: &pgrx::spi::SpiTupleTable,
+        n: usize,
+        cx: pg_sys::MemoryContext,
+    ) -> Result<Option<Self>, pgrx::spi::SpiError> {
+        let oid = rows.column_type_oid(n)?.value();
+        if oid != pg_sys::JSONBOID {
+            return Err(pgrx::spi::SpiError::DatumError(
+                pgrx::datum::TryFromDatumError::IncompatibleTypes {
+                    rust_type: "RawJsonb",
+                    rust_oid: pg_sys::JSONBOID,
+                    datum_type: format!("{oid:?}"),
+                    datum_oid: oid,
+                },
+            ));
         }
-        // SAFETY: a non-null jsonb datum (SPI's `get` checks the column's
-        // type against JSONBOID before this is called).
-        let copy = unsafe { pg_sys::pg_detoast_datum_copy(datum.cast_mut_ptr()) };
-        Some(RawJsonb(pg_sys::Datum::from(copy)))
+        Ok(rows.get_datum_by_ordinal(n)?.map(|d| {
+            // SAFETY: a non-null jsonb datum of the current row; `cx` is
+            // a live memory context (the caller's).
+            let copy = unsafe {
+                let old = pg_sys::MemoryContextSwitchTo(cx);
+                let copy = pg_sys::pg_detoast_datum_copy(d.cast_mut_ptr());
+                pg_sys::MemoryContextSwitchTo(old);
+                copy
+            };
+            RawJsonb(pg_sys::Datum::from(copy))
+        }))
     }
 }
 
@@ -203,7 +220,7 @@ impl pgrx::IntoDatum for RawJsonb {
     }
 }
 
-// SAFETY: the datum is a jsonb value, valid until the transaction ends.
+// SAFETY: the datum is a jsonb value in a context that outlives the call.
 unsafe impl pgrx::callconv::BoxRet for RawJsonb {
     unsafe fn box_into<'fcx>(
         self,

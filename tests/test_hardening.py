@@ -572,3 +572,23 @@ def test_renames_no_alter_table_trigger_sees_are_followed_and_drop_forgets(admin
     finally:
         admin.execute(f"DROP SCHEMA IF EXISTS {sch} CASCADE")
         admin.execute(f"DROP SCHEMA IF EXISTS {sch}_b CASCADE")
+
+
+def test_limits_of_a_change_rolled_back_to_a_savepoint_are_not_cached(cluster, tenant):
+    """Found by the red team: a limit set and then rolled back to a savepoint
+    (or a PL/pgSQL exception block) must not stay cached for the rest of the
+    transaction, neither for acquire_execution_slot nor for claim_jobs'
+    shares (the tenant's weight)."""
+    with cluster.connect() as c, c.transaction():
+        c.execute("SAVEPOINT s")
+        c.execute("SELECT meshhook_limits.set_limit('concurrent_executions', 0, %s)", (tenant,))
+        first = c.execute("SELECT granted FROM meshhook_limits.acquire_execution_slot(%s)", (tenant,)).fetchone()[0]
+        c.execute("ROLLBACK TO SAVEPOINT s")
+        again = c.execute("SELECT granted FROM meshhook_limits.acquire_execution_slot(%s)", (tenant,)).fetchone()[0]
+        assert (first, again) == (False, True)
+        c.execute("SAVEPOINT t")
+        c.execute("SELECT meshhook_limits.set_limit('fair_share_weight', 5, %s)", (tenant,))
+        shares = "SELECT weight FROM meshhook_limits._claim_shares(ARRAY[%s::uuid])"
+        assert c.execute(shares, (tenant,)).fetchone()[0] == 5.0
+        c.execute("ROLLBACK TO SAVEPOINT t")
+        assert c.execute(shares, (tenant,)).fetchone()[0] == 1.0

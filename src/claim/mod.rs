@@ -260,10 +260,12 @@ struct Job {
 }
 
 impl Job {
-    fn read(r: &pgrx::spi::SpiHeapTupleData) -> Result<Job> {
+    /// The first row of the head statement's answer; its data copied into
+    /// `cx` (the memory claim_jobs answers from).
+    fn read(r: &pgrx::spi::SpiTupleTable, cx: pg_sys::MemoryContext) -> Result<Job> {
         Ok(Job {
             id: r.get::<String>(1)?.unwrap_or_default(),
-            data: r.get::<RawJsonb>(2)?,
+            data: RawJsonb::copy(r, 2, cx)?,
             project: r.get::<String>(3)?,
             key: r.get::<String>(4)?,
             cost: r.get::<String>(5)?,
@@ -331,6 +333,9 @@ fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Resu
     if !crate::slots::table::available() {
         return Err(LimitsError::NotPreloaded);
     }
+    // The memory claim_jobs answers from (a set-returning function's, for
+    // all its calls): the claimed jobs' data is copied there.
+    let data_cx = unsafe { pg_sys::CurrentMemoryContext };
     Spi::connect_mut(|c| {
         let b = binding(c, source, queue)?;
         restore::ensure(c)?;
@@ -346,7 +351,7 @@ fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Resu
         PLANS.with(|p| {
             let mut plans = p.borrow_mut();
             let plans = plans.get_mut(&b.id).ok_or(LimitsError::NotPreloaded)?;
-            claim_with(c, &b, plans, batch as usize, lease)
+            claim_with(c, &b, plans, batch as usize, lease, data_cx)
         })
     })
 }
@@ -411,6 +416,7 @@ fn claim_with(
     plans: &mut Plans,
     batch: usize,
     lease: Option<Interval>,
+    data_cx: pg_sys::MemoryContext,
 ) -> Result<Vec<Claimed>> {
     let tenants = waiting_tenants(c, b.owner, plans)?;
     if tenants.is_empty() {
@@ -503,15 +509,13 @@ fn claim_with(
                     )
                 })?
             };
-            match head.into_iter().next() {
-                Some(job) => {
-                    found = Some(Job::read(&job)?);
-                    break;
-                }
+            let head = head.first();
+            if head.is_empty() {
                 // Nothing runnable left under it: deferred, or taken by others.
-                None => {
-                    t.spellings.remove(0);
-                }
+                t.spellings.remove(0);
+            } else {
+                found = Some(Job::read(&head, data_cx)?);
+                break;
             }
         }
         let Some(job) = found else {
