@@ -116,8 +116,8 @@ extension_sql_file!(
         "claim_slot_grants",
         "claim_count_grants",
         "claim_ended_grants",
-        slots::claim::_claim_slot,
-        slots::claim::_claim_shares,
+        slots::claimed::_claim_slot,
+        slots::claimed::_claim_shares,
         claim::claim_jobs
     ]
 );

@@ -289,7 +289,7 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
             vec![],
             f64::from(h.live),
         );
-        if let Some((claims, cost, blocked)) = crate::slots::claim::counters() {
+        if let Some((claims, cost, blocked)) = crate::slots::claimed::counters() {
             e.add(
                 "meshhook_limits_claims_total",
                 "counter",

@@ -11,8 +11,38 @@
 //! the skip scan to visit (issue 19). It works on the bytes: no regular
 //! expression, no allocation, no error for any input (a SQL_ASCII database
 //! stores any bytes, and an error here would refuse the send).
-use crate::slots::claim::{KEY_MAX, MAX_COST};
+use crate::slots::claimed::{KEY_MAX, MAX_COST};
+use pgrx::datum::Uuid;
 use pgrx::pg_sys;
+
+/// A tenant or project id as PostgreSQL's uuid input takes it in the common
+/// forms (hyphenated or not, any case); None for anything else, which is
+/// never claimed.
+pub(super) fn parse_uuid(s: &str) -> Option<Uuid> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    let hyphens_ok = s.len() == 32
+        || (s.len() == 36 && [8, 13, 18, 23].iter().all(|&i| s.as_bytes()[i] == b'-'));
+    if hex.len() != 32 || !hyphens_ok || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(Uuid::from_bytes(bytes))
+}
+
+/// A cost as the job's JSON gives it: missing is 1; a whole number from 1
+/// to 1,000,000 is itself; anything else is not valid.
+pub(super) fn parse_cost(s: Option<&str>) -> Option<i32> {
+    match s {
+        None => Some(1),
+        Some(s) if s.len() <= 7 && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<i32>().ok().filter(|c| (1..=MAX_COST).contains(c))
+        }
+        Some(_) => None,
+    }
+}
 
 crate::finfo_v1!(pg_finfo_meshhook_limits_claim_key);
 
@@ -86,15 +116,17 @@ COMMENT ON FUNCTION meshhook_limits._claim_key(text, text, text, text) IS
     name = "claim_key"
 );
 
-#[cfg(test)]
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
 mod tests {
-    use super::{claimable, is_cost, is_uuid};
+    use super::{claimable, is_cost, is_uuid, parse_cost, parse_uuid};
+    use pgrx::prelude::*;
 
     fn b(s: &str) -> Option<&[u8]> {
         Some(s.as_bytes())
     }
 
-    #[test]
+    #[pg_test]
     fn agrees_with_what_claim_jobs_parses() {
         let t = b("a0000000-0000-4000-8000-000000000001");
         assert!(claimable(t, None, None, None));
@@ -123,5 +155,46 @@ mod tests {
         assert!(is_cost(b"0000001"));
         assert!(!is_uuid(b"a0000000-0000-4000-8000-00000000000g"));
         assert!(!is_uuid(b"a00000000000-4000-8000-0000-00000001"));
+    }
+
+    #[pg_test]
+    fn tenant_ids_parse_as_postgresql_reads_them_or_not_at_all() {
+        let canonical = parse_uuid("a0000000-0000-4000-8000-000000000001").expect("hyphenated");
+        assert_eq!(
+            parse_uuid(
+                "A00000000000400080000000000000 01"
+                    .replace(' ', "")
+                    .as_str()
+            ),
+            Some(canonical)
+        );
+        assert_eq!(
+            parse_uuid("A0000000-0000-4000-8000-000000000001"),
+            Some(canonical)
+        );
+        for bad in [
+            "",
+            "bogus",
+            "a0000000-0000-4000-8000-00000000000",
+            "a0000000_0000_4000_8000_000000000001",
+            "a0000000-0000-4000-8000-00000000000g",
+            "{a0000000-0000-4000-8000-000000000001}",
+            "a000000-00000-4000-8000-000000000001",
+            "ä0000000-0000-4000-8000-00000000000",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
+    }
+
+    #[pg_test]
+    fn costs_are_whole_numbers_from_1_to_a_million() {
+        assert_eq!(parse_cost(None), Some(1));
+        assert_eq!(parse_cost(Some("1")), Some(1));
+        assert_eq!(parse_cost(Some("1000000")), Some(1_000_000));
+        for bad in [
+            "0", "-1", "1.5", "1e3", "", " 1", "1000001", "9999999", "x", "NaN",
+        ] {
+            assert_eq!(parse_cost(Some(bad)), None, "{bad}");
+        }
     }
 }

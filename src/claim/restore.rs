@@ -11,7 +11,7 @@
 use super::{parse_cost, parse_uuid};
 use crate::error::{OrRaise, Result};
 use crate::identity;
-use crate::slots::claim::KEY_MAX;
+use crate::slots::claimed::KEY_MAX;
 use crate::slots::restore::{self, Running};
 use pgrx::prelude::*;
 

@@ -16,7 +16,7 @@ use crate::shmem;
 use table::{CounterKey, LockedTable, RevokeReason, Slot, MAX_SLOTS, REVOKED, RUN_ID_MAX};
 use xact::Op;
 
-pub mod claim;
+pub mod claimed;
 mod definer;
 mod ended;
 mod fair;

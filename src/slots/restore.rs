@@ -130,7 +130,12 @@ pub fn insert(jobs: &[Running]) -> Result<(usize, usize)> {
             continue;
         }
         *held += job.cost;
-        let run_id = format!("{}{}/{}", super::claim::RUN_ID_PREFIX, job.binding, job.job);
+        let run_id = format!(
+            "{}{}/{}",
+            super::claimed::RUN_ID_PREFIX,
+            job.binding,
+            job.job
+        );
         if run_id.len() > RUN_ID_MAX {
             continue;
         }

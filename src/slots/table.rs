@@ -283,7 +283,7 @@ pub struct Header {
     /// Jobs claimed by claim_jobs, and their cost.
     pub claims: AtomicU64,
     pub claimed_cost: AtomicU64,
-    /// Jobs claim_jobs passed over, by reason (claim::BLOCKED_REASONS).
+    /// Jobs claim_jobs passed over, by reason (claimed::BLOCKED_REASONS).
     pub claim_blocked_by: [AtomicU64; 6],
     /// Revocations by RevokeReason (index = reason code); the total is their sum.
     pub revocations_by: [AtomicU64; 4],

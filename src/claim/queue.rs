@@ -1,0 +1,231 @@
+//! claim_jobs' side of the queue: the binding it claims through and the
+//! statements built for it (sql/claim.sql's `_claim_queries`: the skip scan
+//! over the tenants with a job due, a tenant's next job, and what the
+//! queue's own fetch does to the jobs it takes), prepared once per backend
+//! and binding and run as the queue table's owner in a security-restricted
+//! operation (`owner::as_owner`).
+use super::key::parse_uuid;
+use super::{invalid_job, trust, Ts};
+use crate::error::{LimitsError, Result};
+use crate::owner::as_owner;
+use pgrx::datum::{Interval, Uuid};
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgOid;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// How long a backend reuses the tenants a skip scan found before it scans
+/// again. Within it, a tenant whose jobs are gone costs one failed probe and
+/// a newly arrived tenant waits for the next scan.
+const TENANTS_FRESH_MICROS: i64 = 100_000;
+
+/// While it lives, the planner walks the claim index whatever statistics
+/// it has when one of the binding's statements is planned (a queue that
+/// just filled up looks empty to it, and a plan through pg-boss's
+/// (name, start_after) index and a sort reads every waiting job of the
+/// queue on every claim): sorts, sequential and bitmap scans (and JIT) are
+/// off, and the plan is the generic one (a custom plan per execution was
+/// an eighth of a claim's time, for the same plan). Only around the
+/// binding's own statements: the SQL of the limits must keep the planner's
+/// usual choices.
+pub(super) struct ClaimIndexOnly {
+    nest: i32,
+}
+
+impl ClaimIndexOnly {
+    pub(super) fn new() -> Self {
+        let nest = unsafe { pg_sys::NewGUCNestLevel() };
+        // And no JIT: the disabled paths' costs would pass jit_above_cost
+        // and compile each claim's statements (~10 ms) for a few rows.
+        for (name, value) in [
+            (c"enable_sort", c"off"),
+            // (An incremental sort would read a tenant's every job to order
+            // them by when they are due.)
+            (c"enable_incremental_sort", c"off"),
+            (c"enable_seqscan", c"off"),
+            (c"enable_bitmapscan", c"off"),
+            (c"jit", c"off"),
+            (c"plan_cache_mode", c"force_generic_plan"),
+        ] {
+            unsafe {
+                pg_sys::set_config_option(
+                    name.as_ptr(),
+                    value.as_ptr(),
+                    pg_sys::GucContext::PGC_USERSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                    pg_sys::GucAction::GUC_ACTION_SAVE,
+                    true,
+                    0,
+                    false,
+                );
+            }
+        }
+        ClaimIndexOnly { nest }
+    }
+}
+
+impl Drop for ClaimIndexOnly {
+    fn drop(&mut self) {
+        unsafe { pg_sys::AtEOXact_GUC(true, self.nest) };
+    }
+}
+
+/// A binding as claim_jobs needs it; `shape` is everything its statements
+/// are built from, so a re-bound queue gets new statements.
+pub(super) struct Binding {
+    pub(super) id: i64,
+    pub(super) pgmq: bool,
+    pub(super) shape: String,
+    /// The queue table's owner, whom its statements run as.
+    pub(super) owner: pg_sys::Oid,
+}
+
+/// A tenant the skip scan found: its id, as the JSON spells it, and since
+/// when its first job has been due.
+#[derive(Clone)]
+pub(super) struct Found {
+    pub(super) id: Uuid,
+    pub(super) spelling: String,
+    pub(super) at: Ts,
+}
+
+pub(super) struct Plans {
+    pub(super) shape: String,
+    pub(super) tenants: OwnedPreparedStatement,
+    pub(super) head: OwnedPreparedStatement,
+    pub(super) take: OwnedPreparedStatement,
+    /// The tenants with waiting jobs the last scan found (id, as the JSON
+    /// spells it, its next job's queue time), and when it ran.
+    pub(super) found: Vec<Found>,
+    pub(super) found_at: i64,
+}
+
+thread_local! {
+    pub(super) static PLANS: RefCell<HashMap<i64, Plans>> = RefCell::new(HashMap::new());
+    static BINDING: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+}
+
+// The shape has pg-boss's schema too (12 has columns 11 has not, and a
+// queue migrated from 11 to 12 needs 12's statements) and the table's name
+// (the statements name it: a renamed table gets statements that do).
+const BINDING_Q: &str =
+    "SELECT b.id, b.source, pg_catalog.concat_ws('|', b.source, b.queue, b.tenant_path,
+        b.project_path, b.key_path, b.cost_path, b.relation::oid, b.relation::text,
+        (SELECT count(*) FROM pg_catalog.pg_attribute a
+          WHERE a.attrelid = b.relation AND a.attname = 'blocked' AND NOT a.attisdropped)),
+        (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = b.relation),
+        b.relation::oid
+   FROM meshhook_limits._queue_binding($1, $2) b";
+
+pub(super) fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Binding> {
+    // Prepared once per backend (parsing it cost a fifth of a claim of 10);
+    // _queue_binding still runs, and checks the caller, on every call.
+    let fresh = BINDING.with(|q| q.borrow().is_none());
+    if fresh {
+        let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+        let prepared = c.prepare(BINDING_Q, &[text, text])?.keep();
+        BINDING.with(|q| *q.borrow_mut() = Some(prepared));
+    }
+    let rows = BINDING.with(|q| -> Result<_> {
+        let q = q.borrow();
+        let q = q.as_ref().ok_or(LimitsError::NotPreloaded)?;
+        Ok(c.select(q, Some(1), &[source.into(), queue.into()])?)
+    })?;
+    let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
+    // May this role claim from it, and trust its owners? (`trust`)
+    let relation = r.get::<pg_sys::Oid>(5)?.ok_or(LimitsError::NotPreloaded)?;
+    trust::check(c, relation, source, queue)?;
+    Ok(Binding {
+        id: r.get::<i64>(1)?.unwrap_or(0),
+        pgmq: r.get::<String>(2)?.as_deref() == Some("pgmq"),
+        shape: r.get::<String>(3)?.unwrap_or_default(),
+        owner: r.get::<pg_sys::Oid>(4)?.ok_or(LimitsError::NotPreloaded)?,
+    })
+}
+
+pub(super) fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
+    let rows = c.select(
+        "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
+        Some(1),
+        &[b.id.into()],
+    )?;
+    let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
+    let text = |i| -> Result<String> { Ok(r.get::<String>(i)?.unwrap_or_default()) };
+    let (tenants_q, head_q, take_q) = (text(1)?, text(2)?, text(3)?);
+    let text_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+    let texts_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
+    let take_args: &[PgOid] = if b.pgmq {
+        &[texts_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::INTERVALOID)]
+    } else {
+        &[texts_oid]
+    };
+    Ok(Plans {
+        shape: b.shape.clone(),
+        tenants: c.prepare(tenants_q.as_str(), &[])?.keep(),
+        head: c
+            .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
+            .keep(),
+        take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
+        found: Vec::new(),
+        found_at: i64::MIN,
+    })
+}
+
+/// The tenants with a job due: a skip scan over the binding's `_due` index
+/// (one probe per tenant with waiting jobs), or the last one's, if it is
+/// recent.
+pub(super) fn waiting_tenants(
+    c: &SpiClient,
+    owner: pg_sys::Oid,
+    plans: &mut Plans,
+) -> Result<Vec<Found>> {
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now.saturating_sub(plans.found_at) < TENANTS_FRESH_MICROS && now >= plans.found_at {
+        return Ok(plans.found.clone());
+    }
+    let mut found = Vec::new();
+    let scanned = {
+        let _pinned = ClaimIndexOnly::new();
+        as_owner(owner, || c.select(&plans.tenants, None, &[]))?
+    };
+    for r in scanned {
+        let key = r.get::<String>(1)?;
+        // A tenant none of whose jobs is due yet (deferred, or held by a
+        // flow): not a contender, and its jobs are not walked.
+        if key.is_some() && r.get::<bool>(3)? != Some(true) {
+            continue;
+        }
+        let at = r.get::<Ts>(2)?;
+        match key.as_deref().map(parse_uuid) {
+            Some(Some(id)) => found.push(Found {
+                id,
+                spelling: key.unwrap_or_default(),
+                at: at.ok_or(LimitsError::NotPreloaded)?,
+            }),
+            // No tenant, or not a tenant id: those jobs are never claimed
+            // (counted once a scan).
+            _ => invalid_job(),
+        }
+    }
+    plans.found.clone_from(&found);
+    plans.found_at = now;
+    Ok(found)
+}
+
+/// What the queue's own fetch does to the jobs it takes.
+pub(super) fn take(
+    c: &mut SpiClient,
+    b: &Binding,
+    plans: &Plans,
+    ids: Vec<&str>,
+    vt: Option<Interval>,
+) -> Result<()> {
+    let args: Vec<pgrx::datum::DatumWithOid> = match vt {
+        Some(vt) => vec![ids.into(), vt.into()],
+        None => vec![ids.into()],
+    };
+    let _pinned = ClaimIndexOnly::new();
+    as_owner(b.owner, || c.update(&plans.take, None, &args))?;
+    Ok(())
+}
