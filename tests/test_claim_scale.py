@@ -9,12 +9,12 @@ one-tenant resolution gives, and a new backend's first claim, and the
 first after a limit change, claim the right job among thousands of
 tenants. (Their cost is measured in benches/, never here.)
 """
-import subprocess
 import uuid
 
 import pytest
 
-from conftest import PG_BIN, ROOT, requires, set_limit
+from conftest import ROOT, set_limit
+from test_queue_owners import install_pgmq
 
 S = "meshhook_limits"
 PGMQ_SQL = ROOT / ".cache" / "pgmq" / "pgmq.sql"
@@ -64,9 +64,7 @@ def pgmq_db(cluster):
         c.execute(f"CREATE DATABASE {name}")
     with cluster.connect(dbname=name) as c:
         c.execute(f"CREATE EXTENSION {S}")
-    subprocess.run([f"{PG_BIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", cluster.host, "-p",
-                    str(cluster.port), "-U", "postgres", "-d", name, "-f", str(PGMQ_SQL)],
-                   check=True, capture_output=True, text=True, timeout=60)
+    install_pgmq(cluster, name)
     yield name
     with cluster.connect(dbname="postgres") as c:
         c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
