@@ -69,7 +69,10 @@
 #   BENCH_W_NOTOTAL      1: also a weights arm without the total limit [1]
 #   BENCH_RELEASE        1: noisy and weights loops also call release_execution_slot
 #                        after the complete (the slot ends with the job anyway) [0]
-#   BENCH_TP_ARMS        fetch, claim, claimrel (claim + explicit release) [fetch claim]
+#   BENCH_TP_ARMS        fetch, claim, claimrel (claim + explicit release), group
+#                        (pg-boss 12's fetch with groupConcurrency = BENCH_LIMIT, each
+#                        tenant a group; PGBOSS_MAJOR=12, pg-boss only) [fetch claim]
+#   BENCH_TP_TENANTS     tenants the throughput jobs belong to [100]
 #   BENCH_TP_MODES       steady (each iteration sends its batch first: a short queue)
 #                        and/or backlog (BENCH_TP_JOBS queued first) [steady backlog]
 #   BENCH_TP_SECONDS     measured seconds per throughput run [10]
@@ -122,7 +125,7 @@ TP_BATCH=${BENCH_TP_BATCH:-10}
 TP_JOBS=${BENCH_TP_JOBS:-200000}
 TP_ROUNDS=${BENCH_TP_ROUNDS:-3}
 TP_PGMQ=${BENCH_TP_PGMQ:-1}
-TP_TENANTS=100
+TP_TENANTS=${BENCH_TP_TENANTS:-100}
 BL_JOBS=${BENCH_BACKLOG_JOBS:-1000000}
 BL_REPS=${BENCH_BACKLOG_REPS:-21}
 HISTORY=${BENCH_HISTORY:-50000}
@@ -149,7 +152,9 @@ for s in $SCENARIOS; do
 done
 for a in $NOISY_ARMS; do [[ $a =~ ^[abcdeg]$ ]] || { echo "unknown noisy arm $a (a b c d e g)" >&2; exit 2; }; done
 if has "$NOISY_ARMS" g && [[ ${PGBOSS_MAJOR:-11} != 12 ]]; then echo "noisy arm g needs PGBOSS_MAJOR=12" >&2; exit 2; fi
-for a in $TP_ARMS; do [[ $a =~ ^(fetch|claim|claimrel)$ ]] || { echo "unknown throughput arm $a (fetch claim claimrel)" >&2; exit 2; }; done
+for a in $TP_ARMS; do [[ $a =~ ^(fetch|claim|claimrel|group)$ ]] || { echo "unknown throughput arm $a (fetch claim claimrel group)" >&2; exit 2; }; done
+if has "$TP_ARMS" group && [[ ${PGBOSS_MAJOR:-11} != 12 ]]; then echo "throughput arm group needs PGBOSS_MAJOR=12" >&2; exit 2; fi
+need_positive BENCH_TP_TENANTS "$TP_TENANTS"
 for m in $TP_MODES; do [[ $m =~ ^(steady|backlog)$ ]] || { echo "unknown throughput mode $m (steady backlog)" >&2; exit 2; }; done
 IFS=, read -r -a weights <<<"$W_WEIGHTS"
 if [[ -z ${BENCH_W_JOBS:-} ]]; then
@@ -350,10 +355,12 @@ fi
 declare -A TP_RUNS=()   # "source mode arm" → jobs/s of each round
 declare -A TP_LIVE=() TP_TICK=() TP_DRAIN=()  # "source mode" → claim arm: most live slots, the worker's longest tick, drain time
 tenant_expr="('00000000-0000-4000-8000-' || lpad((1 + g % $TP_TENANTS)::text, 12, '0'))"
-fill_pgboss() { # QUEUE: TP_JOBS waiting jobs of TP_TENANTS tenants, 1 ms apart (FIFO order defined)
-  q "INSERT INTO pgboss.job (name, data, policy, created_on, start_after)
+fill_pgboss() { # QUEUE [ARM]: TP_JOBS waiting jobs of TP_TENANTS tenants, 1 ms apart (FIFO order defined); arm group: each in its tenant's group
+  local group=NULL
+  [[ ${2:-} == group ]] && group="$tenant_expr"
+  q "INSERT INTO pgboss.job (name, data, policy, created_on, start_after$( [[ $group != NULL ]] && echo ', group_id'))
      SELECT '$1', jsonb_build_object('tenant_id', $tenant_expr), 'standard',
-            now() - ($TP_JOBS - g) * interval '1 ms', now() - ($TP_JOBS - g) * interval '1 ms'
+            now() - ($TP_JOBS - g) * interval '1 ms', now() - ($TP_JOBS - g) * interval '1 ms'$( [[ $group != NULL ]] && echo ", $group")
        FROM generate_series(1, $TP_JOBS) g" >/dev/null
   q "VACUUM ANALYZE pgboss.job" >/dev/null
 }
@@ -367,19 +374,20 @@ tp_run() { # SOURCE MODE ARM ROUND
   [[ $mode == steady ]] && produce=1
   if [[ $src == pgboss ]]; then
     qn="tp-$r-$mode-$arm"; create_queue "$DB" "$qn"
-    [[ $mode == backlog ]] && fill_pgboss "$qn"
+    [[ $mode == backlog ]] && fill_pgboss "$qn" "$arm"
   else
+    [[ $arm == group ]] && return 0   # pg-boss 12's only
     qn="tp_${r}_${mode}_$arm"; cmd=pgmq-throughput
     q "SELECT pgmq.create('$qn')" >/dev/null
     [[ $mode == backlog ]] && fill_pgmq "$qn"
   fi
-  [[ $arm != fetch ]] && q "SELECT meshhook_limits.bind_queue('$src', '$qn')" >/dev/null
+  [[ $arm != fetch && $arm != group ]] && q "SELECT meshhook_limits.bind_queue('$src', '$qn')" >/dev/null
   jf="$OUT/tp-$src-$mode-$arm-$r.json"
   local larm=$arm
   [[ $src == pgmq && $arm == fetch ]] && larm='read'
   q "CHECKPOINT" >/dev/null
   if run_load "$name" "$jf" "$cmd" --queue "$qn" --arm "$larm" --workers "$WORKERS" --batch "$TP_BATCH" \
-      --seconds "$TP_SECONDS" --warmup "$TP_WARMUP" --poll-ms "$POLL_MS" --produce "$produce" --tenants "$TP_TENANTS"; then
+      --seconds "$TP_SECONDS" --warmup "$TP_WARMUP" --poll-ms "$POLL_MS" --produce "$produce" --tenants "$TP_TENANTS" --limit "$LIMIT"; then
     load_checks "$name" "$jf"
     local jps waiting
     jps=$(json "$jf" .jobs_per_s)
@@ -401,7 +409,7 @@ tp_run() { # SOURCE MODE ARM ROUND
   # Before unbinding: an unbound queue's claims end only with their leases.
   slots_left "$name" 10
   [[ $arm == claim ]] && TP_DRAIN["$src $mode"]+="$DRAIN_S "
-  [[ $arm != fetch ]] && q "SELECT meshhook_limits.unbind_queue('$src', '$qn')" >/dev/null
+  [[ $arm != fetch && $arm != group ]] && q "SELECT meshhook_limits.unbind_queue('$src', '$qn')" >/dev/null
   if [[ $src == pgboss ]]; then drop_queue_jobs "$qn"; else q "SELECT pgmq.drop_queue('$qn')" >/dev/null; fi
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (!NR) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -637,6 +645,7 @@ report() {
     echo "- \`fetch\`: \`boss.fetch(q, {batchSize})\` + \`boss.complete(q, ids)\` (pgmq: \`pgmq.read(q, 30, n)\` + \`pgmq.archive(q, ids)\`)"
     echo "- \`claim\`: \`claim_jobs(source, q, n)\` + the same complete/archive; no release call: the extension ends the slot with the job"
     has "$TP_ARMS" claimrel && echo "- \`claimrel\`: \`claim\` + \`SELECT release_execution_slot(s) FROM unnest(slots)\`, a third statement"
+    has "$TP_ARMS" group && echo "- \`group\`: pg-boss 12's \`boss.fetch(q, {batchSize, groupConcurrency: $LIMIT})\` + \`boss.complete\`, each job in its tenant's group (pg-boss only)"
     echo
     echo "| source | mode | arm | jobs/s (median) | rounds | × fetch |"
     echo "| --- | --- | --- | ---: | --- | ---: |"
@@ -645,6 +654,7 @@ report() {
       for mode in $TP_MODES; do
         base=$(echo "${TP_RUNS["$src $mode fetch"]:-}" | median)
         for arm in $TP_ARMS; do
+          [[ $src == pgmq && $arm == group ]] && continue
           med=$(echo "${TP_RUNS["$src $mode $arm"]:-}" | median)
           echo "| $src | $mode | $arm | $med | ${TP_RUNS["$src $mode $arm"]:-} | $( [[ $arm == fetch ]] || ratio "$med" "$base") |"
         done

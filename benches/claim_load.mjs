@@ -9,7 +9,7 @@
 //   node benches/claim_load.mjs CONN init --queue Q
 //   node benches/claim_load.mjs CONN noisy --queue Q --arm claim|fetch|naive [options]
 //   node benches/claim_load.mjs CONN weights --queue Q --weights 1,2,4 [options]
-//   node benches/claim_load.mjs CONN throughput --queue Q --arm fetch|claim|claimrel [options]
+//   node benches/claim_load.mjs CONN throughput --queue Q --arm fetch|claim|claimrel|group [options]
 //   node benches/claim_load.mjs CONN pgmq-throughput --queue Q --arm read|claim|claimrel [options]
 //
 // CONN is libpq-style: "host=/tmp/x port=5432 user=postgres dbname=db".
@@ -23,7 +23,7 @@
 //             with --release 1 also SELECT release_execution_slot(slot)
 //             for each, right after the complete
 //   claimrel  (throughput) claim with the explicit release
-//   group     (noisy, pg-boss 12) boss.fetch(Q, { batchSize, groupConcurrency:
+//   group     (noisy and throughput, pg-boss 12) boss.fetch(Q, { batchSize, groupConcurrency:
 //             --limit }) with each job in its tenant's group: pg-boss 12's
 //             own per-group limit → sleep → boss.complete
 //   fetch     boss.fetch(Q, { batchSize }) → sleep → boss.complete: plain
@@ -134,7 +134,9 @@ function pgbossSource (boss, q, fetchOptions = {}) {
       return r.affected
     },
     async produce (datas) {
-      await boss.insert(q, datas.map(data => ({ data })))
+      // With groupConcurrency: each job in its tenant's group.
+      const group = fetchOptions.groupConcurrency ? data => ({ group: { id: data.tenant_id } }) : () => ({})
+      await boss.insert(q, datas.map(data => ({ data, ...group(data) })))
     },
     async putBack (jobs, retryAfter, mode) {
       if (mode === 'fail') {
@@ -640,8 +642,15 @@ async function main () {
       } else if (command === 'weights') {
         out = await weights(boss, conn, o)
       } else if (command === 'throughput') {
-        if (!['claim', 'claimrel', 'fetch'].includes(o.arm)) throw new Error('throughput needs --arm fetch|claim|claimrel')
-        out = await throughput(pgbossSource(boss, o.queue), conn, o)
+        if (!['claim', 'claimrel', 'fetch', 'group'].includes(o.arm)) throw new Error('throughput needs --arm fetch|claim|claimrel|group')
+        if (o.arm === 'group') {
+          // pg-boss 12's own per-group limit (each tenant a group of --limit).
+          if (PGBOSS_MAJOR < 12) throw new Error('--arm group needs pg-boss 12 (PGBOSS_MAJOR=12)')
+          out = await throughput(pgbossSource(boss, o.queue, { groupConcurrency: o.limit }), conn, { ...o, arm: 'fetch' })
+          out.arm = 'group'
+        } else {
+          out = await throughput(pgbossSource(boss, o.queue), conn, o)
+        }
       } else {
         throw new Error(`unknown command ${command}`)
       }

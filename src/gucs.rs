@@ -61,6 +61,9 @@ static TENANT_SLOT_CEILING: GucSetting<i32> = GucSetting::<i32>::new((SLOT_TABLE
 /// Waiters entries one tenant may hold at once (of the table's 1,024).
 static TENANT_WAITERS: GucSetting<i32> = GucSetting::<i32>::new(64);
 static QUEUE_READ_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
+/// Tenants a claiming backend keeps in a binding's run queue at most
+/// (`claim::runqueue`): about 150 bytes each.
+static CLAIM_MAX_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(200_000);
 /// The longest lease a slot may have (seconds).
 static MAX_LEASE: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 
@@ -176,6 +179,16 @@ fn define_postmaster_gucs() {
 }
 
 fn define_runtime_gucs() {
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.claim_max_tenants",
+        c"The most tenants with waiting jobs a claiming backend keeps in a bound queue's run queue.",
+        c"Past it, a scan keeps the tenants whose first due job has waited longest; the others are found by later scans.",
+        &CLAIM_MAX_TENANTS,
+        100,
+        10_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"meshhook_limits.tenant_slot_ceiling",
         c"The most execution slots one tenant may hold at once, whatever its concurrent_executions limit.",
@@ -373,6 +386,10 @@ pub fn metrics_tenant_labels() -> (bool, usize) {
 }
 
 /// The most live slots one tenant may hold, whatever its own limit.
+pub fn claim_max_tenants() -> usize {
+    usize::try_from(CLAIM_MAX_TENANTS.get()).unwrap_or(100)
+}
+
 pub fn tenant_slot_ceiling() -> i64 {
     i64::from(TENANT_SLOT_CEILING.get())
 }

@@ -145,9 +145,6 @@ pub struct GenerationCache<K, V> {
     map: HashMap<K, V>,
 }
 
-/// Entries of a `GenerationCache` at most (emptied when full).
-const MAX_ENTRIES: usize = 10_000;
-
 impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
     pub fn new() -> Self {
         GenerationCache {
@@ -177,6 +174,7 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
     /// there is cached.
     pub fn get_or_load(
         cell: &'static std::thread::LocalKey<RefCell<Self>>,
+        max: usize,
         key: K,
         load: impl FnOnce() -> Result<V>,
     ) -> Result<V> {
@@ -187,7 +185,7 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
             return Ok(v);
         }
         let v = load()?;
-        Self::store(cell, generation, MAX_ENTRIES, [(key, v)]);
+        Self::store(cell, generation, max, [(key, v)]);
         Ok(v)
     }
 
@@ -235,6 +233,11 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
 }
 
 type Key = ([u8; 16], Option<[u8; 16]>, Option<String>);
+
+/// Entries `CACHE` holds at most (emptied when full): one per tenant,
+/// project and key acquired for, and one per tenant claim_jobs met (about
+/// 150 bytes each, in the backends that claim or acquire for that many).
+const MAX_SLOT_LIMITS: usize = 200_000;
 
 thread_local! {
     static CACHE: RefCell<GenerationCache<Key, SlotLimits>> = RefCell::new(GenerationCache::new());
@@ -301,9 +304,12 @@ pub fn slot_limits(
     project: Option<pgrx::Uuid>,
     concurrency_key: Option<&str>,
 ) -> Result<SlotLimits> {
-    GenerationCache::get_or_load(&CACHE, key(tenant, project, concurrency_key), || {
-        load(tenant, project, concurrency_key)
-    })
+    GenerationCache::get_or_load(
+        &CACHE,
+        MAX_SLOT_LIMITS,
+        key(tenant, project, concurrency_key),
+        || load(tenant, project, concurrency_key),
+    )
 }
 
 /// Called by the triggers on limits, plans and plan assignments.
@@ -349,6 +355,21 @@ pub fn cached_tenant_shares(tenants: &[pgrx::Uuid]) -> Option<Vec<TenantShareLim
         .collect()
 }
 
+/// The generation limits loaded now are cached under; None when nothing
+/// loaded is cached (no shared memory; REPEATABLE READ or SERIALIZABLE).
+pub fn caching_generation() -> Option<u64> {
+    let shared = generation()?;
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return None;
+    }
+    Some(shared.load(Ordering::Acquire))
+}
+
+/// The cached share limits of one tenant, if this backend has them.
+pub fn cached_tenant_share(tenant: &pgrx::Uuid) -> Option<TenantShareLimits> {
+    GenerationCache::get(&TENANT_SHARES, tenant.as_bytes())
+}
+
 /// The share limits of these tenants, in their order: those this backend
 /// lacks loaded in one query (`_slot_limits_of`), however many.
 pub fn tenant_shares(tenants: &[pgrx::Uuid]) -> Result<Vec<TenantShareLimits>> {
@@ -369,10 +390,14 @@ pub fn tenant_shares(tenants: &[pgrx::Uuid]) -> Result<Vec<TenantShareLimits>> {
     if missing.is_empty() {
         return Ok(out.into_iter().flatten().collect());
     }
-    // update(), not select(): a fresh snapshot (see `load`).
-    let loaded: HashMap<[u8; 16], TenantShareLimits> = Spi::connect_mut(|c| {
+    // update(), not select(): a fresh snapshot (see `load`). The rows are
+    // `_slot_limits(tenant, NULL)`'s, so the slot limits of a job without a
+    // project or key are cached too (take_slot needs no query of its own).
+    let slot_generation = GenerationCache::current(&CACHE);
+    let rows: Vec<([u8; 16], SlotLimits)> = Spi::connect_mut(|c| {
         c.update(
-            "SELECT tenant_id, tenant_cap, weight FROM meshhook_limits._slot_limits_of($1)",
+            "SELECT tenant_id, tenant_cap, project_cap, exec_micros, memory_bytes, key_cap, total_cap, weight
+               FROM meshhook_limits._slot_limits_of($1)",
             None,
             &[missing.into()],
         )?
@@ -381,14 +406,33 @@ pub fn tenant_shares(tenants: &[pgrx::Uuid]) -> Result<Vec<TenantShareLimits>> {
                 r.get::<pgrx::Uuid>(1)?
                     .map(|t| *t.as_bytes())
                     .unwrap_or([0; 16]),
-                TenantShareLimits {
+                SlotLimits {
                     tenant_cap: r.get::<i64>(2)?,
-                    weight: r.get::<f64>(3)?,
+                    project_cap: r.get::<i64>(3)?,
+                    exec_micros: r.get::<i64>(4)?,
+                    memory_bytes: r.get::<i64>(5)?,
+                    key_cap: r.get::<i64>(6)?,
+                    total_cap: r.get::<i64>(7)?,
+                    weight: r.get::<f64>(8)?,
                 },
             ))
         })
-        .collect::<std::result::Result<HashMap<_, _>, _>>()
+        .collect::<std::result::Result<Vec<_>, _>>()
     })?;
+    if let Some(generation) = slot_generation {
+        let slot_rows = rows.iter().map(|(t, l)| ((*t, None, None), *l));
+        GenerationCache::store(&CACHE, generation, MAX_SLOT_LIMITS, slot_rows);
+    }
+    let loaded: HashMap<[u8; 16], TenantShareLimits> = rows
+        .into_iter()
+        .map(|(t, l)| {
+            let share = TenantShareLimits {
+                tenant_cap: l.tenant_cap,
+                weight: l.weight,
+            };
+            (t, share)
+        })
+        .collect();
     for (slot, t) in out.iter_mut().zip(tenants) {
         if slot.is_none() {
             *slot = Some(loaded.get(t.as_bytes()).copied().unwrap_or_default());

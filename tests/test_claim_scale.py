@@ -9,6 +9,7 @@ one-tenant resolution gives, and a new backend's first claim, and the
 first after a limit change, claim the right job among thousands of
 tenants. (Their cost is measured in benches/, never here.)
 """
+import time
 import uuid
 
 import pytest
@@ -99,3 +100,104 @@ def test_the_first_claims_among_thousands_of_tenants_take_the_right_job(cluster,
     finally:
         with cluster.connect(dbname=pgmq_db) as a:
             a.execute(f"SELECT {S}.unbind_queue('pgmq', 'wide')")
+
+
+# --------------------------------------------------------------------------- the run queue
+# A claiming backend keeps, per bound queue, the tenants its last scan found
+# (its run queue, docs/claiming.md "Cost"). What it must not lose.
+
+def _new_queue(conn, q):
+    conn.execute("SELECT pgmq.create(%s)", (q,))
+    conn.execute(f"SELECT {S}.bind_queue('pgmq', %s)", (q,))
+
+
+def _send(conn, q, tenants):
+    conn.execute("SELECT pgmq.send_batch(%s, ARRAY(SELECT jsonb_build_object('tenant_id', t) "
+                 "FROM unnest(%s::text[]) t))", (q, list(tenants)))
+
+
+def _claim(conn, q, batch=1):
+    return [(str(r[0]), r[1]) for r in conn.execute(
+        f"SELECT tenant_id, job_id FROM {S}.claim_jobs('pgmq', %s, %s)", (q, batch)).fetchall()]
+
+
+def _claim_until(conn, q, wanted, deadline_s=60):
+    """Claim one job at a time until every tenant of `wanted` has had one;
+    the tenants claimed, in order. Fails loudly past the deadline."""
+    order, missing = [], set(wanted)
+    deadline = time.monotonic() + deadline_s
+    while missing:
+        assert time.monotonic() < deadline, f"never claimed: {sorted(missing)}"
+        for t, _ in _claim(conn, q):
+            order.append(t)
+            missing.discard(t)
+    return order
+
+
+def test_tenants_whose_jobs_commit_after_a_scan_are_claimed(cluster, pgmq_db):
+    """A tenant whose first job commits after the claiming backend's scan
+    (its insert begun before), one whose first insert rolled back before
+    its next committed, and one whose probe found nothing before its next
+    job came: each is claimed by that backend while others keep it busy."""
+    q = "late"
+    busy = [str(uuid.uuid4()) for _ in range(3)]
+    late, rolled, drained = (str(uuid.uuid4()) for _ in range(3))
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        _send(a, q, busy * 300 + [drained])
+    with cluster.connect(dbname=pgmq_db) as w, \
+            cluster.connect(dbname=pgmq_db) as i1, cluster.connect(dbname=pgmq_db) as i2:
+        i1.execute("BEGIN")
+        _send(i1, q, [late])
+        i2.execute("BEGIN")
+        _send(i2, q, [rolled])
+        got = _claim(w, q, 8)                                 # the scan: neither is visible
+        assert late not in {t for t, _ in got} and rolled not in {t for t, _ in got}
+        i1.execute("COMMIT")
+        i2.execute("ROLLBACK")
+        _claim_until(w, q, [late])
+        # drained's one job claimed, then its probe finds nothing: it is out.
+        _claim_until(w, q, [drained])
+        with cluster.connect(dbname=pgmq_db) as a:
+            _send(a, q, [rolled, drained])
+        _claim_until(w, q, [rolled, drained])
+
+
+def test_a_tenant_parked_at_its_limit_is_back_when_its_job_ends(cluster, pgmq_db):
+    """A tenant at its limit is parked by the backend that found it so;
+    the end of its job (pgmq.delete, through the binding's trigger) brings
+    it back to that backend's next claim, not only to a later scan."""
+    q = "parked"
+    t, other = str(uuid.uuid4()), str(uuid.uuid4())
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        set_limit(a, "concurrent_executions", 1, tenant=t)
+        _send(a, q, [t, t] + [other] * 500)
+    with cluster.connect(dbname=pgmq_db) as w, cluster.connect(dbname=pgmq_db) as a:
+        first = _claim(w, q, 2)
+        assert sorted(x for x, _ in first) == sorted([t, other])
+        job = next(j for x, j in first if x == t)
+        assert [x for x, _ in _claim(w, q)] == [other]          # t is parked
+        a.execute("SELECT pgmq.delete(%s, %s::bigint)", (q, job))
+        assert [x for x, _ in _claim(w, q)] == [t]              # its next job at once
+
+
+def test_a_full_run_queue_keeps_the_tenants_that_waited_longest(cluster, pgmq_db):
+    """With more tenants waiting than claim_max_tenants, a scan keeps those
+    whose first job has waited longest (heavier tenants that came later do
+    not jump the line), and the others are claimed by later scans."""
+    q = "full"
+    first = [str(uuid.uuid4()) for _ in range(100)]
+    later = [str(uuid.uuid4()) for _ in range(150)]
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        _send(a, q, first)
+        a.execute("SELECT pg_sleep(0.01)")
+        _send(a, q, later)
+        for t in later[:20]:
+            set_limit(a, "fair_share_weight", 10, tenant=t)
+    with cluster.connect(dbname=pgmq_db) as w:
+        w.execute(f"SET {S}.claim_max_tenants = 100")
+        order = _claim_until(w, q, first + later)
+        assert set(order[:100]) == set(first)
+        assert len(order) == 250

@@ -29,12 +29,14 @@ use key::{parse_cost, parse_uuid};
 use pgrx::datum::{Interval, TimestampWithTimeZone, Uuid};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use queue::{binding, prepare, take, waiting_tenants, Binding, ClaimIndexOnly, Plans, PLANS};
+use queue::{binding, prepare, refresh, take, Binding, ClaimIndexOnly, Plans, PLANS};
+use runqueue::TenantKey;
 use std::collections::HashMap;
 
 mod key;
 mod queue;
 pub mod restore;
+mod runqueue;
 mod trust;
 
 type Ts = TimestampWithTimeZone;
@@ -45,41 +47,22 @@ type Ts = TimestampWithTimeZone;
 const PASSED_PER_TENANT: usize = 16;
 /// pgmq's visibility timeout when claim_jobs is given no lease.
 const PGMQ_DEFAULT_VT_MICROS: i64 = 30_000_000;
-/// A tenant competing for this call's claims.
-struct Contender {
-    id: Uuid,
-    /// The ways its jobs spell its id (what the index holds), each with
-    /// since when its first job has been due as the skip scan found it, or
-    /// the queue time of the last job claimed under it.
-    spellings: Vec<(String, Ts)>,
-    /// When its last claim was made (any claimer's; `slots::fair`).
-    served_at: Option<Ts>,
-    /// Where its next claim starts on the fair-share clock (`slots::fair`).
-    start: f64,
-    weight: f64,
-    live: bool,
+/// What one call did with a tenant it picked.
+#[derive(Default)]
+struct Visit {
     /// Jobs this call passed over (still waiting) or claimed (taken when
     /// the call ends): the head statement skips them.
     seen: Vec<String>,
     passed: usize,
 }
 
-impl Contender {
-    /// Since when it has waited, the tie-break: since its next job was
-    /// queued, or since it was last served, if later.
-    fn waiting_since(&self) -> Option<Ts> {
-        let next = self.spellings.iter().map(|s| s.1).min();
-        next.max(self.served_at)
-    }
-
-    /// Leave a job waiting; past enough of them, the tenant is done for
-    /// this call.
-    fn pass(&mut self, job: String) {
+impl Visit {
+    /// Leave a job waiting; true when the tenant is done for this call
+    /// (past enough of them).
+    fn pass(&mut self, job: String) -> bool {
         self.seen.push(job);
         self.passed += 1;
-        if self.passed >= PASSED_PER_TENANT {
-            self.live = false;
-        }
+        self.passed >= PASSED_PER_TENANT
     }
 }
 
@@ -178,42 +161,8 @@ fn claim_with(
     lease: Option<Interval>,
     data_cx: pg_sys::MemoryContext,
 ) -> Result<Vec<Claimed>> {
-    let tenants = waiting_tenants(c, b.owner, plans)?;
-    if tenants.is_empty() {
-        return Ok(Vec::new());
-    }
-    // One contender per tenant, however many ways its jobs spell its id.
-    // (Indexed by id: with thousands of tenants a search of the field for
-    // each would be quadratic.)
-    let mut field: Vec<Contender> = Vec::with_capacity(tenants.len());
-    let mut index: HashMap<[u8; 16], usize> = HashMap::with_capacity(tenants.len());
-    for f in tenants {
-        match index.get(f.id.as_bytes()) {
-            Some(&i) => field[i].spellings.push((f.spelling, f.at)),
-            None => {
-                index.insert(*f.id.as_bytes(), field.len());
-                field.push(Contender {
-                    id: f.id,
-                    spellings: vec![(f.spelling, f.at)],
-                    served_at: None,
-                    start: 0.0,
-                    weight: 1.0,
-                    live: true,
-                    seen: Vec::new(),
-                    passed: 0,
-                });
-            }
-        }
-    }
-    let ids: Vec<Uuid> = field.iter().map(|t| t.id).collect();
-    for (t, s) in field.iter_mut().zip(slot_claim::shares(&ids)?) {
-        t.weight = s.weight;
-        t.live = s.has_room;
-        if !s.has_room {
-            // Its next job is passed over: the tenant is at its limit.
-            slot_claim::count_blocked(BLOCKED_REASONS[0]);
-        }
-    }
+    refresh(c, b.owner, plans)?;
+    plans.run.unpark();
     // pgmq: the visibility timeout, which is also the slot's lease.
     let vt = b
         .pgmq
@@ -221,46 +170,26 @@ fn claim_with(
     let mut claimed = Vec::new();
     // The claimed jobs not taken yet (indexes into claimed).
     let mut pending = Vec::new();
+    let mut visits: HashMap<TenantKey, Visit> = HashMap::new();
+    // Tenants done for this call, back in the run queue when it ends.
+    let mut done = Vec::new();
+    let run = &mut plans.run;
     while claimed.len() < batch {
-        // Where each stands now (this call's and other claimers' claims
-        // moved the tags). Read for a lone tenant too: the start it is
-        // picked at moves the clock (`slots::fair`), or a tenant that
-        // claimed alone would run ahead of it and then wait for every
-        // newcomer to catch up.
-        // Only the tenants still in the running: a call that passes over
-        // many tenants must not read every tag again for each of them.
-        let live: Vec<usize> = (0..field.len()).filter(|&i| field[i].live).collect();
-        let live_ids: Vec<Uuid> = live.iter().map(|&i| field[i].id).collect();
-        for (&i, (start, served)) in live.iter().zip(slot_claim::starts(&live_ids)) {
-            let t = &mut field[i];
-            t.start = start;
-            t.served_at = (served != 0).then(|| Ts::try_from(served).ok()).flatten();
-        }
         // The tenant furthest below its share: the least start tag; on a
         // tie, the heavier (its share is the larger), then the one that has
-        // waited longest.
-        let Some(best) = field
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.live)
-            .min_by(|(_, x), (_, y)| {
-                x.start
-                    .total_cmp(&y.start)
-                    .then_with(|| y.weight.total_cmp(&x.weight))
-                    .then_with(|| x.waiting_since().cmp(&y.waiting_since()))
-            })
-            .map(|(i, _)| i)
-        else {
+        // waited longest (`runqueue`).
+        let Some(tenant) = run.pick()? else {
             break;
         };
-        let t = &mut field[best];
+        let t = run.get_mut(&tenant).ok_or(LimitsError::NotPreloaded)?;
+        let visit = visits.entry(tenant).or_default();
         // Its next job, under the spelling whose next job is oldest.
         t.spellings.sort_by_key(|s| s.1);
         let mut found = None;
         while let Some((spelling, _)) = t.spellings.first() {
             let head = {
                 let _pinned = ClaimIndexOnly::new();
-                let seen: Vec<&str> = t.seen.iter().map(String::as_str).collect();
+                let seen: Vec<&str> = visit.seen.iter().map(String::as_str).collect();
                 as_owner(b.owner, || {
                     c.update(
                         &plans.head,
@@ -279,9 +208,11 @@ fn claim_with(
             }
         }
         let Some(job) = found else {
-            t.live = false;
+            // Out of the run queue until a scan finds it again.
+            run.remove(&tenant);
             continue;
         };
+        let (id, start) = (t.id, t.start);
         // A project that is not a uuid, a cost that is not a whole number in
         // 1..1000000, or an empty or over-long key: never claimed.
         let project = match job.project.as_deref().map(parse_uuid) {
@@ -297,7 +228,11 @@ fn claim_with(
         // this is the guard, not the filter.)
         let (Some(project), Some(cost), true) = (project, cost, key_ok) else {
             invalid_job();
-            t.pass(job.id);
+            if visit.pass(job.id) {
+                done.push(tenant);
+            } else {
+                run.requeue(tenant);
+            }
             continue;
         };
         let mut run_id = format!("{}{}/{}", slot_claim::RUN_ID_PREFIX, b.id, job.id);
@@ -306,42 +241,52 @@ fn claim_with(
             run_id.push_str(g);
         }
         let answer = slot_claim::take_slot(
-            t.id,
+            id,
             project,
             job.key.as_deref(),
             cost,
             vt.or(lease),
             &run_id,
-            t.start,
+            start,
         )?;
         let Some(slot_id) = answer.slot_id.filter(|_| answer.granted) else {
-            t.pass(job.id);
+            let over = visit.pass(job.id);
             match answer.reason.as_deref() {
                 // Nobody can be admitted now.
-                Some("recovering") => break,
-                Some("total_limit") if cost == 1 => break,
-                // This tenant is done for this call.
-                Some("tenant_limit") if cost == 1 => t.live = false,
+                Some("recovering") => {
+                    done.push(tenant);
+                    break;
+                }
+                Some("total_limit") if cost == 1 => {
+                    done.push(tenant);
+                    break;
+                }
+                // At its limit: parked until one of its slots ends.
+                Some("tenant_limit") if cost == 1 => run.park(tenant),
                 // A job of another project or key, or a cheaper one, may
                 // still fit: the tenant's next job is tried.
-                _ => {}
+                _ if over => done.push(tenant),
+                _ => run.requeue(tenant),
             }
             continue;
         };
         // Taken with the others when the call ends (locked until then).
         if job.one_active {
-            take(c, b, plans, vec![job.id.as_str()], vt)?;
+            take(c, b, &plans.take, vec![job.id.as_str()], vt)?;
         } else {
             pending.push(claimed.len());
         }
-        t.seen.push(job.id.clone());
+        visit.seen.push(job.id.clone());
         // Served: on a tie, it goes after the tenants that waited longer.
         if let Some(at) = job.at {
-            t.spellings[0].1 = at;
+            if let Some(s) = t.spellings.first_mut() {
+                s.1 = at;
+            }
         }
+        run.requeue(tenant);
         claimed.push((
             job.id,
-            t.id,
+            id,
             project,
             job.key,
             slot_id,
@@ -350,25 +295,13 @@ fn claim_with(
             job.retry_count,
         ));
     }
+    for tenant in done {
+        plans.run.requeue(tenant);
+    }
     if !pending.is_empty() {
         let ids: Vec<&str> = pending.iter().map(|&i| claimed[i].0.as_str()).collect();
-        take(c, b, plans, ids, vt)?;
+        take(c, b, &plans.take, ids, vt)?;
     }
-    // The next calls of this backend (until the next skip scan) see the
-    // tenants as this one left them: served since, or with nothing left
-    // to claim under a spelling (dropped).
-    plans.found.retain_mut(|f| {
-        let Some(t) = index.get(f.id.as_bytes()).map(|&i| &field[i]) else {
-            return true;
-        };
-        match t.spellings.iter().find(|s| s.0 == f.spelling) {
-            Some(s) => {
-                f.at = s.1;
-                true
-            }
-            None => false,
-        }
-    });
     Ok(claimed)
 }
 

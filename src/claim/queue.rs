@@ -5,6 +5,7 @@
 //! and binding and run as the queue table's owner in a security-restricted
 //! operation (`owner::as_owner`).
 use super::key::parse_uuid;
+use super::runqueue::RunQueue;
 use super::{invalid_job, trust, Ts};
 use crate::error::{LimitsError, Result};
 use crate::owner::as_owner;
@@ -14,11 +15,6 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgOid;
 use std::cell::RefCell;
 use std::collections::HashMap;
-
-/// How long a backend reuses the tenants a skip scan found before it scans
-/// again. Within it, a tenant whose jobs are gone costs one failed probe and
-/// a newly arrived tenant waits for the next scan.
-const TENANTS_FRESH_MICROS: i64 = 100_000;
 
 /// While it lives, the planner walks the claim index whatever statistics
 /// it has when one of the binding's statements is planned (a queue that
@@ -83,7 +79,6 @@ pub(super) struct Binding {
 
 /// A tenant the skip scan found: its id, as the JSON spells it, and since
 /// when its first job has been due.
-#[derive(Clone)]
 pub(super) struct Found {
     pub(super) id: Uuid,
     pub(super) spelling: String,
@@ -95,10 +90,8 @@ pub(super) struct Plans {
     pub(super) tenants: OwnedPreparedStatement,
     pub(super) head: OwnedPreparedStatement,
     pub(super) take: OwnedPreparedStatement,
-    /// The tenants with waiting jobs the last scan found (id, as the JSON
-    /// spells it, its next job's queue time), and when it ran.
-    pub(super) found: Vec<Found>,
-    pub(super) found_at: i64,
+    /// The tenants with a job due, in the order claim_jobs serves them.
+    pub(super) run: RunQueue,
 }
 
 thread_local! {
@@ -167,23 +160,27 @@ pub(super) fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
             .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
             .keep(),
         take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
-        found: Vec::new(),
-        found_at: i64::MIN,
+        run: RunQueue::default(),
     })
 }
 
-/// The tenants with a job due: a skip scan over the binding's `_due` index
-/// (one probe per tenant with waiting jobs), or the last one's, if it is
-/// recent.
-pub(super) fn waiting_tenants(
-    c: &SpiClient,
-    owner: pg_sys::Oid,
-    plans: &mut Plans,
-) -> Result<Vec<Found>> {
+/// The run queue, filled again by a skip scan over the binding's `_due`
+/// index (one probe per tenant with waiting jobs) when it is stale, or
+/// else with its tenants' limits loaded (`runqueue`).
+pub(super) fn refresh(c: &SpiClient, owner: pg_sys::Oid, plans: &mut Plans) -> Result<()> {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    if now.saturating_sub(plans.found_at) < TENANTS_FRESH_MICROS && now >= plans.found_at {
-        return Ok(plans.found.clone());
+    if !plans.run.stale(now) {
+        return plans.run.load_limits();
     }
+    let found = waiting_tenants(c, owner, plans)?;
+    plans.run.refill(found);
+    let took = unsafe { pg_sys::GetCurrentTimestamp() }.saturating_sub(now);
+    plans.run.scanned(now, took);
+    Ok(())
+}
+
+/// The tenants with a job due (and the jobs without a tenant counted).
+fn waiting_tenants(c: &SpiClient, owner: pg_sys::Oid, plans: &Plans) -> Result<Vec<Found>> {
     let mut found = Vec::new();
     let scanned = {
         let _pinned = ClaimIndexOnly::new();
@@ -208,8 +205,6 @@ pub(super) fn waiting_tenants(
             _ => invalid_job(),
         }
     }
-    plans.found.clone_from(&found);
-    plans.found_at = now;
     Ok(found)
 }
 
@@ -217,7 +212,7 @@ pub(super) fn waiting_tenants(
 pub(super) fn take(
     c: &mut SpiClient,
     b: &Binding,
-    plans: &Plans,
+    statement: &OwnedPreparedStatement,
     ids: Vec<&str>,
     vt: Option<Interval>,
 ) -> Result<()> {
@@ -226,6 +221,6 @@ pub(super) fn take(
         None => vec![ids.into()],
     };
     let _pinned = ClaimIndexOnly::new();
-    as_owner(b.owner, || c.update(&plans.take, None, &args))?;
+    as_owner(b.owner, || c.update(statement, None, &args))?;
     Ok(())
 }

@@ -37,6 +37,10 @@ use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use table::{with_entries, BUCKETS, KEY_MAX, WAYS};
 
+/// Rules `RULES` caches at most (emptied when full): one per tenant and
+/// key this backend checked.
+const MAX_RULES: usize = 10_000;
+
 /// Now, in nanoseconds since 2000-01-01; `meshhook_limits.test_clock` (epoch
 /// seconds, superuser only) replaces the real clock for tests.
 pub fn now_ns() -> i64 {
@@ -218,9 +222,12 @@ fn load_rule(tenant: Uuid, key: &str) -> Result<Rule> {
 }
 
 fn rule(tenant: Uuid, key: &str) -> Result<Rule> {
-    GenerationCache::get_or_load(&RULES, (*tenant.as_bytes(), key.to_string()), || {
-        load_rule(tenant, key)
-    })
+    GenerationCache::get_or_load(
+        &RULES,
+        MAX_RULES,
+        (*tenant.as_bytes(), key.to_string()),
+        || load_rule(tenant, key),
+    )
 }
 
 fn validate(tenant: Option<Uuid>, key: Option<&str>) -> Result<(Uuid, &str)> {

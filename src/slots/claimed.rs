@@ -37,11 +37,16 @@ pub const KEY_MAX: usize = 200;
 pub const RUN_ID_PREFIX: &str = "claim/";
 
 pub fn count_blocked(reason: &str) {
+    count_blocked_jobs(reason, 1);
+}
+
+/// `jobs` jobs passed over for `reason`.
+pub fn count_blocked_jobs(reason: &str, jobs: u64) {
     if let (Some(h), Some(i)) = (
         table::header(),
         BLOCKED_REASONS.iter().position(|r| *r == reason),
     ) {
-        h.claim_blocked_by[i].fetch_add(1, Ordering::Relaxed);
+        h.claim_blocked_by[i].fetch_add(jobs, Ordering::Relaxed);
     }
 }
 
@@ -229,6 +234,21 @@ pub fn starts(tenants: &[Uuid]) -> Vec<(f64, i64)> {
         .fair
         .starts(db, tenants.iter().map(|t| t.as_bytes()));
     starts
+}
+
+/// Where the ring of tenants whose slots ended is now (`freed`).
+pub fn freed_mark() -> u64 {
+    LockedTable::shared().map_or(0, |mut locked| locked.table().freed.now())
+}
+
+/// The tenants of this database whose slots ended since `mark`, and the new
+/// mark; None when any tenant may have (more than the ring keeps ended).
+pub fn freed_since(mark: u64) -> (Option<Vec<[u8; 16]>>, u64) {
+    let db = shmem::my_database();
+    match LockedTable::shared() {
+        Some(mut locked) => locked.table().freed.since(mark, db),
+        None => (Some(Vec::new()), mark),
+    }
 }
 
 /// The shares of these tenants: from this backend's cached limits, or

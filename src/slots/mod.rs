@@ -21,6 +21,7 @@ mod definer;
 mod ended;
 mod fair;
 mod fallback;
+pub mod freed;
 pub mod listing;
 pub mod reap;
 pub mod restore;

@@ -320,6 +320,8 @@ pub struct Table {
     pub waiters: [Waiter; MAX_WAITERS],
     /// claim_jobs' fair share (`fair`): charged by each claim's grant.
     pub fair: super::fair::Clock,
+    /// The tenants whose slots stopped counting, latest last (`freed`).
+    pub freed: super::freed::Freed,
 }
 
 // Set once per process by the startup hook (inherited by forked backends).
@@ -676,6 +678,7 @@ impl Table {
         for key in CounterKey::all_of(s) {
             self.decr(&key, s.cost);
         }
+        self.freed.add(s.database, &s.tenant);
         self.header.live = self.header.live.saturating_sub(1);
         if self.header.waiting > 0 {
             // SAFETY: initialised at startup; broadcasting only sets latches.
