@@ -476,9 +476,11 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
 -- The statements claim_jobs (src/claim/mod.rs) runs for a binding, built once
 -- per backend and binding and kept as prepared plans:
 --   tenants: a skip scan over the _due index, one index probe per tenant
---            with waiting jobs: (tenant text, when its first job is due,
---            whether that is now); and a row with a NULL tenant when jobs
---            name no tenant;
+--            with waiting jobs, in chunks ($1 text: the tenants after this
+--            one, '' from the first; $2 integer: at most so many): (tenant
+--            text, when its first job is due, whether that is now); and,
+--            in the first chunk, a row with a NULL tenant when jobs name no
+--            tenant;
 --   head:    a tenant's next job in the queue's own order, locked,
 --            skipping the jobs this call passed over or claimed ($1 tenant
 --            text, $2 text[] job ids): (id, data, project, key, cost, gen,
@@ -517,16 +519,19 @@ BEGIN
   END IF;
   -- Over the _due index: per tenant, when its first job is due, and
   -- whether that is now (a tenant whose jobs are all deferred is left out
-  -- by claim_jobs, without a probe of its jobs).
+  -- by claim_jobs, without a probe of its jobs). A chunk of a scan: at most
+  -- $2 tenants, from the first after $1 ('' for the first chunk, which also
+  -- tells whether jobs without a tenant wait).
   tenants_q := pg_catalog.format($q$
-    WITH RECURSIVE t(tenant, at) AS (
-      (SELECT %1$s, %4$s FROM %2$s j WHERE %3$s AND %1$s IS NOT NULL ORDER BY %1$s, %4$s LIMIT 1)
+    WITH RECURSIVE t(tenant, at, n) AS (
+      (SELECT %1$s, %4$s, 1 FROM %2$s j WHERE %3$s AND %1$s > $1 ORDER BY %1$s, %4$s LIMIT 1)
       UNION ALL
-      SELECT x.tenant, x.at FROM t, LATERAL (
-        SELECT %1$s AS tenant, %4$s AS at FROM %2$s j WHERE %3$s AND %1$s > t.tenant ORDER BY %1$s, %4$s LIMIT 1) x)
+      SELECT x.tenant, x.at, t.n + 1 FROM t, LATERAL (
+        SELECT %1$s AS tenant, %4$s AS at FROM %2$s j WHERE %3$s AND %1$s > t.tenant ORDER BY %1$s, %4$s LIMIT 1) x
+       WHERE t.n < $2)
     SELECT tenant, at, at %5$s FROM t
     UNION ALL
-    (SELECT NULL, NULL, true FROM %2$s j WHERE %3$s AND %1$s IS NULL LIMIT 1) $q$,
+    (SELECT NULL, NULL, true FROM %2$s j WHERE $1 = '' AND %3$s AND %1$s IS NULL LIMIT 1) $q$,
     t_sql, rel,
     CASE WHEN b.source = 'pgboss' AND meshhook_limits._pgboss_major() >= 12 THEN waiting || ' AND NOT j.blocked'
          ELSE waiting END,

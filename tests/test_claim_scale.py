@@ -201,3 +201,36 @@ def test_a_full_run_queue_keeps_the_tenants_that_waited_longest(cluster, pgmq_db
         order = _claim_until(w, q, first + later)
         assert set(order[:100]) == set(first)
         assert len(order) == 250
+
+
+def test_tenants_past_the_first_chunk_of_the_scan_are_claimed(cluster, pgmq_db):
+    """The scan goes through the tenants 4,096 at a time: with 5,000 tenants
+    at their limit (0) and one with room whose id sorts last, a new
+    backend's first claim still finds it; then, with room for all, every
+    tenant is claimed, each once."""
+    q = "chunks"
+    n = 5000
+    many = sorted(str(uuid.uuid4()) for _ in range(n))
+    last = "ffffffff-ffff-4fff-bfff-ffffffffffff"
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        _send(a, q, many + [last])
+        a.execute("ANALYZE")
+        set_limit(a, "concurrent_executions", 0)
+        set_limit(a, "concurrent_executions", 1, tenant=last)
+    try:
+        with cluster.connect(dbname=pgmq_db) as w:
+            assert [t for t, _ in _claim(w, q, 5)] == [last]
+            with cluster.connect(dbname=pgmq_db) as a:
+                set_limit(a, "concurrent_executions", 1)
+            got, deadline = [], time.monotonic() + 120
+            while len(got) < n:
+                assert time.monotonic() < deadline, f"{n - len(got)} tenants never claimed"
+                batch = _claim(w, q, 100)
+                got += [t for t, _ in batch]
+                # Done: their slots end with them (the slot table is shared).
+                w.execute("SELECT pgmq.delete(%s, %s::bigint[])", (q, [j for _, j in batch]))
+            assert sorted(got) == many
+    finally:
+        with cluster.connect(dbname=pgmq_db) as a:
+            a.execute(f"DELETE FROM {S}.limits WHERE tenant_id IS NULL AND resource = 'concurrent_executions'")

@@ -29,7 +29,7 @@ use key::{parse_cost, parse_uuid};
 use pgrx::datum::{Interval, TimestampWithTimeZone, Uuid};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use queue::{binding, prepare, refresh, take, Binding, ClaimIndexOnly, Plans, PLANS};
+use queue::{binding, prepare, refresh, scan_on, take, Binding, ClaimIndexOnly, Plans, PLANS};
 use runqueue::TenantKey;
 use std::collections::HashMap;
 
@@ -45,6 +45,10 @@ type Ts = TimestampWithTimeZone;
 /// costs more than the room left, or it is not valid) before the tenant is
 /// done for the call.
 const PASSED_PER_TENANT: usize = 16;
+/// Chunks of the tenant scan a call adds when its run queue runs empty
+/// mid-pass (every tenant it holds at its limit, or without a runnable
+/// job), before it answers with what it has.
+const MORE_CHUNKS_PER_CALL: usize = 3;
 /// pgmq's visibility timeout when claim_jobs is given no lease.
 const PGMQ_DEFAULT_VT_MICROS: i64 = 30_000_000;
 /// What one call did with a tenant it picked.
@@ -161,7 +165,7 @@ fn claim_with(
     lease: Option<Interval>,
     data_cx: pg_sys::MemoryContext,
 ) -> Result<Vec<Claimed>> {
-    refresh(c, b.owner, plans)?;
+    refresh(c, b.owner, &plans.tenants, &mut plans.run)?;
     plans.run.unpark();
     // pgmq: the visibility timeout, which is also the slot's lease.
     let vt = b
@@ -174,11 +178,17 @@ fn claim_with(
     // Tenants done for this call, back in the run queue when it ends.
     let mut done = Vec::new();
     let run = &mut plans.run;
+    let mut chunks = 0;
     while claimed.len() < batch {
         // The tenant furthest below its share: the least start tag; on a
         // tie, the heavier (its share is the larger), then the one that has
         // waited longest (`runqueue`).
         let Some(tenant) = run.pick()? else {
+            // Empty mid-pass: the next chunks, a few at most.
+            if chunks < MORE_CHUNKS_PER_CALL && scan_on(c, b.owner, &plans.tenants, run)? {
+                chunks += 1;
+                continue;
+            }
             break;
         };
         let t = run.get_mut(&tenant).ok_or(LimitsError::NotPreloaded)?;

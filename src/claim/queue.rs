@@ -155,7 +155,12 @@ pub(super) fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
     };
     Ok(Plans {
         shape: b.shape.clone(),
-        tenants: c.prepare(tenants_q.as_str(), &[])?.keep(),
+        tenants: c
+            .prepare(
+                tenants_q.as_str(),
+                &[text_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::INT4OID)],
+            )?
+            .keep(),
         head: c
             .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
             .keep(),
@@ -164,30 +169,87 @@ pub(super) fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
     })
 }
 
-/// The run queue, filled again by a skip scan over the binding's `_due`
-/// index (one probe per tenant with waiting jobs) when it is stale, or
-/// else with its tenants' limits loaded (`runqueue`).
-pub(super) fn refresh(c: &SpiClient, owner: pg_sys::Oid, plans: &mut Plans) -> Result<()> {
+/// The run queue, given the next chunk of the skip scan over the binding's
+/// `_due` index (one probe per tenant with waiting jobs) when one is due,
+/// or else its tenants' limits (`runqueue`).
+pub(super) fn refresh(
+    c: &SpiClient,
+    owner: pg_sys::Oid,
+    tenants: &OwnedPreparedStatement,
+    run: &mut RunQueue,
+) -> Result<()> {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    if !plans.run.stale(now) {
-        return plans.run.load_limits();
+    match run.chunk_due(now) {
+        Some(after) => scan_chunk(c, owner, tenants, run, &after, now),
+        None => run.load_limits(),
     }
-    let found = waiting_tenants(c, owner, plans)?;
-    plans.run.refill(found);
-    let took = unsafe { pg_sys::GetCurrentTimestamp() }.saturating_sub(now);
-    plans.run.scanned(now, took);
+}
+
+/// The next chunk of the current pass, now: a call whose run queue ran
+/// empty mid-pass looks further.
+pub(super) fn scan_on(
+    c: &SpiClient,
+    owner: pg_sys::Oid,
+    tenants: &OwnedPreparedStatement,
+    run: &mut RunQueue,
+) -> Result<bool> {
+    let Some(after) = run.mid_pass() else {
+        return Ok(false);
+    };
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    scan_chunk(c, owner, tenants, run, &after, now)?;
+    Ok(true)
+}
+
+fn scan_chunk(
+    c: &SpiClient,
+    owner: pg_sys::Oid,
+    tenants: &OwnedPreparedStatement,
+    run: &mut RunQueue,
+    after: &str,
+    now: i64,
+) -> Result<()> {
+    let chunk = waiting_tenants(c, owner, tenants, after)?;
+    run.merge(chunk, now);
     Ok(())
 }
 
-/// The tenants with a job due (and the jobs without a tenant counted).
-fn waiting_tenants(c: &SpiClient, owner: pg_sys::Oid, plans: &Plans) -> Result<Vec<Found>> {
+/// One chunk of the skip scan: the tenants with a job due among the next
+/// `SCAN_CHUNK` tenants with waiting jobs after `after`.
+pub(super) struct Chunk {
+    pub(super) after: String,
+    pub(super) found: Vec<Found>,
+    /// The last tenant the chunk probed (due or not), unless the chunk
+    /// reached the end of the index.
+    pub(super) last: Option<String>,
+}
+
+/// Tenants one chunk of the skip scan probes at most (about 3 µs each).
+pub(super) const SCAN_CHUNK: usize = 4096;
+
+/// A chunk of the tenants with a job due (and, in the first chunk, the
+/// jobs without a tenant counted).
+fn waiting_tenants(
+    c: &SpiClient,
+    owner: pg_sys::Oid,
+    tenants: &OwnedPreparedStatement,
+    after: &str,
+) -> Result<Chunk> {
     let mut found = Vec::new();
     let scanned = {
         let _pinned = ClaimIndexOnly::new();
-        as_owner(owner, || c.select(&plans.tenants, None, &[]))?
+        let most = SCAN_CHUNK as i32;
+        as_owner(owner, || {
+            c.select(tenants, None, &[after.into(), most.into()])
+        })?
     };
+    let (mut probed, mut last) = (0, None);
     for r in scanned {
         let key = r.get::<String>(1)?;
+        if let Some(k) = &key {
+            probed += 1;
+            last = Some(k.clone());
+        }
         // A tenant none of whose jobs is due yet (deferred, or held by a
         // flow): not a contender, and its jobs are not walked.
         if key.is_some() && r.get::<bool>(3)? != Some(true) {
@@ -205,7 +267,11 @@ fn waiting_tenants(c: &SpiClient, owner: pg_sys::Oid, plans: &Plans) -> Result<V
             _ => invalid_job(),
         }
     }
-    Ok(found)
+    Ok(Chunk {
+        after: after.to_owned(),
+        found,
+        last: last.filter(|_| probed >= SCAN_CHUNK),
+    })
 }
 
 /// What the queue's own fetch does to the jobs it takes.

@@ -3,18 +3,21 @@
 //! (`slots::fair`), so that a claim looks at the tenants it serves, not at
 //! every tenant with waiting jobs.
 //!
-//! **Filled by the skip scan** (`queue::waiting_tenants`), which finds every
-//! tenant with a job due. Between scans the queue is kept as the claims leave
-//! it: a tenant whose probe finds nothing is removed until the next scan
-//! finds it again, as are tenants whose first job arrived since. A tenant
-//! at its limit is parked: it comes back when one of its slots ends (the
-//! slot table's ring of such tenants, `slots::freed`, read from where this
-//! backend last looked), when a limit changes anywhere, or with the next
-//! scan. A backend scans again when its last scan is
-//! `RESCAN_MIN_MICROS` old and its queue has run empty, and otherwise when
-//! the last scan is `RESCAN_FACTOR` times as old as it took (at least
-//! `RESCAN_MIN_MICROS`): scanning stays a tenth of the claiming time at any
-//! number of tenants, and a new tenant is seen within that interval
+//! **Filled by the skip scan** (`queue::waiting_tenants`), which finds the
+//! tenants with a job due in chunks of `queue::SCAN_CHUNK` (in the order of
+//! their ids as the jobs spell them), one chunk in a call at most: a chunk
+//! replaces what the queue held of its range of ids. Between chunks the
+//! queue is kept as the claims leave it: a tenant whose probe finds nothing
+//! is removed until a chunk finds it again, as are tenants whose first job
+//! arrived since. A tenant at its limit is parked: it comes back when one
+//! of its slots ends (the slot table's ring of such tenants,
+//! `slots::freed`, read from where this backend last looked), when a limit
+//! changes anywhere, or when a chunk finds it again. The next chunk is due
+//! `RESCAN_FACTOR` times as long after the last as it took, and a new pass
+//! over all the tenants no sooner than `RESCAN_MIN_MICROS` after the last
+//! began (or at once, mid-pass, when the queue has run empty): scanning is
+//! a tenth of the claiming time at most, a call scans 4,096 tenants at
+//! most, and a tenant whose first job arrives is seen within a pass
 //! (docs/claiming.md, "Cost").
 //!
 //! **The order** is a binary heap of keys: the start tag, then the heavier
@@ -27,22 +30,25 @@
 //! number of tenants. Where tags move back (the clock's rebase, the tag map's
 //! compaction) or a weight is raised, a tenant can be served later than its
 //! tag says, until the next scan, which reads every key afresh.
-use super::queue::Found;
+use super::queue::{Chunk, SCAN_CHUNK};
 use super::Ts;
 use crate::error::Result;
 use crate::limits;
 use crate::slots::claimed::{self as slot_claim, BLOCKED_REASONS};
 use pgrx::datum::Uuid;
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::ops::Bound;
 
-/// A scan is reused at least this long (and a tenant whose first job arrives
-/// waits at least this long to be seen).
+/// A pass of the scan starts this long after the last one at the soonest.
 const RESCAN_MIN_MICROS: i64 = 100_000;
-/// A scan is reused this many times as long as it took.
+/// The next chunk of the scan is due this many times as long after the
+/// last one as it took.
 const RESCAN_FACTOR: i64 = 10;
 /// Start tags read under one hold of the slot table's lock.
 const STARTS_CHUNK: usize = 1024;
+/// Tenants whose limits one call loads at most (about 3 µs each).
+const LOAD_CHUNK: usize = 4096;
 
 pub(super) type TenantKey = [u8; 16];
 
@@ -121,107 +127,185 @@ impl Eq for Key {}
 #[derive(Default)]
 pub(super) struct RunQueue {
     tenants: HashMap<TenantKey, Runnable>,
+    /// The tenant of each spelling in the queue, in the scan's order.
+    by_spelling: BTreeMap<String, TenantKey>,
     heap: BinaryHeap<Reverse<Key>>,
-    /// When the last scan started (a timestamp; None: never), and how long
-    /// it took, in microseconds.
-    scanned_at: Option<i64>,
-    scan_took: i64,
+    /// Where the next chunk starts (after this spelling); None: a new pass.
+    cursor: Option<String>,
+    /// When the current pass began, and when the next chunk is due
+    /// (timestamps; None: no chunk yet).
+    pass_started_at: i64,
+    next_chunk_at: Option<i64>,
     /// The limits generation under which every tenant's limits were
     /// cached in this backend (`load_limits`).
     limits_loaded: Option<u64>,
     /// Tenants at their limit, out of the heap, and the limits generation
     /// and the mark in the ring of freed tenants they were parked under.
-    parked: Vec<TenantKey>,
+    parked: HashSet<TenantKey>,
     parked_generation: Option<u64>,
     freed_mark: u64,
 }
 
 impl RunQueue {
-    /// Whether the tenants should be scanned again before this claim.
-    pub(super) fn stale(&self, now: i64) -> bool {
-        let Some(at) = self.scanned_at else {
-            return true;
+    /// Where the next chunk of the scan starts, if one is due before this
+    /// claim ('' for a new pass).
+    pub(super) fn chunk_due(&self, now: i64) -> Option<String> {
+        let after = || Some(self.cursor.clone().unwrap_or_default());
+        let Some(next) = self.next_chunk_at else {
+            return after();
         };
-        let age = now.saturating_sub(at);
-        if age < 0 {
-            // The clock moved back.
-            return true;
+        let mid_pass = self.cursor.is_some();
+        let empty = self.heap.is_empty();
+        if now >= next
+            || now < self.pass_started_at // the clock moved back
+            || (empty && (mid_pass || now.saturating_sub(self.pass_started_at) >= RESCAN_MIN_MICROS))
+        {
+            return after();
         }
-        let reuse = RESCAN_MIN_MICROS.max(self.scan_took.saturating_mul(RESCAN_FACTOR));
-        age >= reuse || (age >= RESCAN_MIN_MICROS && self.heap.is_empty())
+        None
     }
 
-    /// Replace the queue with what a scan found: every key read afresh
-    /// (start tags from the slot table, weights from this backend's cached
-    /// limits, 1 until a pick loads them).
-    pub(super) fn refill(&mut self, found: Vec<Found>) {
-        let generation = limits::caching_generation();
-        let mut all_cached = true;
-        self.parked.clear();
-        self.freed_mark = slot_claim::freed_mark();
-        let mut tenants: HashMap<TenantKey, Runnable> = HashMap::with_capacity(found.len());
-        for f in found {
+    /// Where the next chunk of the current pass starts, if a pass is under
+    /// way.
+    pub(super) fn mid_pass(&self) -> Option<String> {
+        self.cursor.clone()
+    }
+
+    /// Put in what a chunk of the scan found, started at `at`: what the
+    /// queue held of the chunk's range of spellings is replaced, and the
+    /// keys of the tenants found are read afresh (start tags from the slot
+    /// table, weights from this backend's cached limits, 1 until a pick or
+    /// `load_limits` loads them).
+    pub(super) fn merge(&mut self, chunk: Chunk, at: i64) {
+        if self.next_chunk_at.is_none() {
+            self.freed_mark = slot_claim::freed_mark();
+        }
+        if chunk.after.is_empty() {
+            self.pass_started_at = at;
+        }
+        // What the range held and the chunk did not find: gone.
+        let found: HashSet<&str> = chunk.found.iter().map(|f| f.spelling.as_str()).collect();
+        let upper = chunk
+            .last
+            .as_ref()
+            .map_or(Bound::Unbounded, Bound::Included);
+        let gone: Vec<String> = self
+            .by_spelling
+            .range::<String, _>((Bound::Excluded(&chunk.after), upper))
+            .filter(|(spelling, _)| !found.contains(spelling.as_str()))
+            .map(|(spelling, _)| spelling.clone())
+            .collect();
+        for spelling in gone {
+            if let Some(tenant) = self.by_spelling.remove(&spelling) {
+                self.drop_spelling(&tenant, &spelling);
+            }
+        }
+        // What it found: new, or back with its key read afresh.
+        let mut keys: Vec<TenantKey> = Vec::new();
+        for f in chunk.found {
             let key = *f.id.as_bytes();
-            let version = self
-                .tenants
-                .get(&key)
-                .map_or(0, |t| t.version.wrapping_add(1));
-            tenants
-                .entry(key)
-                .or_insert_with(|| Runnable {
-                    id: f.id,
-                    spellings: Vec::new(),
-                    start: 0.0,
-                    weight: 1.0,
-                    served_at: None,
-                    version,
-                    queued: true,
-                })
-                .spellings
-                .push((f.spelling, f.at));
-        }
-        let max = crate::gucs::claim_max_tenants();
-        if tenants.len() > max {
-            // Full: the tenants whose first due job has waited longest.
-            let mut by_wait: Vec<(Option<Ts>, TenantKey)> = tenants
-                .iter()
-                .map(|(k, t)| (t.spellings.iter().map(|s| s.1).min(), *k))
-                .collect();
-            by_wait.select_nth_unstable(max - 1);
-            for (_, k) in &by_wait[max..] {
-                tenants.remove(k);
+            let t = self.tenants.entry(key).or_insert_with(|| Runnable {
+                id: f.id,
+                spellings: Vec::new(),
+                start: 0.0,
+                weight: 1.0,
+                served_at: None,
+                version: 0,
+                queued: false,
+            });
+            match t.spellings.iter_mut().find(|s| s.0 == f.spelling) {
+                Some(s) => s.1 = f.at,
+                None => t.spellings.push((f.spelling.clone(), f.at)),
             }
+            self.by_spelling.insert(f.spelling, key);
+            keys.push(key);
         }
-        let ids: Vec<Uuid> = tenants.values().map(|t| t.id).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let ids: Vec<Uuid> = keys
+            .iter()
+            .filter_map(|k| self.tenants.get(k))
+            .map(|t| t.id)
+            .collect();
         // (A chunk at a time: the slot table's lock is not held for long.)
-        for chunk in ids.chunks(STARTS_CHUNK) {
-            for (id, (start, served)) in chunk.iter().zip(slot_claim::starts(chunk)) {
-                if let Some(t) = tenants.get_mut(id.as_bytes()) {
-                    t.start = start;
-                    t.served_at = served_at(served);
-                    match limits::cached_tenant_share(id) {
-                        Some(lim) => t.weight = lim.weight.unwrap_or(1.0),
-                        None => all_cached = false,
-                    }
+        for part in ids.chunks(STARTS_CHUNK) {
+            for (id, (start, served)) in part.iter().zip(slot_claim::starts(part)) {
+                let key = *id.as_bytes();
+                let Some(t) = self.tenants.get_mut(&key) else {
+                    continue;
+                };
+                t.start = start;
+                t.served_at = served_at(served);
+                match limits::cached_tenant_share(id) {
+                    Some(lim) => t.weight = lim.weight.unwrap_or(1.0),
+                    None => self.limits_loaded = None,
                 }
+                self.parked.remove(&key);
+                t.queued = true;
+                t.version = t.version.wrapping_add(1);
+                self.heap.push(Reverse(t.key(key)));
             }
         }
-        let keys: Vec<Reverse<Key>> = tenants.iter().map(|(k, t)| Reverse(t.key(*k))).collect();
+        self.keep_at_most(crate::gucs::claim_max_tenants());
+        if self.heap.len() > 2 * self.tenants.len() + SCAN_CHUNK {
+            self.rebuild_heap();
+        }
+        let took = unsafe { pgrx::pg_sys::GetCurrentTimestamp() }
+            .saturating_sub(at)
+            .max(0);
+        let mut next = at.saturating_add(took.saturating_mul(RESCAN_FACTOR));
+        if chunk.last.is_none() {
+            next = next.max(self.pass_started_at.saturating_add(RESCAN_MIN_MICROS));
+        }
+        self.cursor = chunk.last;
+        self.next_chunk_at = Some(next);
+    }
+
+    /// A spelling of this tenant is no longer in the queue; without any,
+    /// the tenant is not either.
+    fn drop_spelling(&mut self, tenant: &TenantKey, spelling: &str) {
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            t.spellings.retain(|s| s.0 != spelling);
+            if t.spellings.is_empty() {
+                self.tenants.remove(tenant);
+                self.parked.remove(tenant);
+            }
+        }
+    }
+
+    /// Full (`claim_max_tenants`): the tenants whose first due job has
+    /// waited longest stay.
+    fn keep_at_most(&mut self, max: usize) {
+        if self.tenants.len() <= max || max == 0 {
+            return;
+        }
+        let mut by_wait: Vec<(Option<Ts>, TenantKey)> = self
+            .tenants
+            .iter()
+            .map(|(k, t)| (t.spellings.iter().map(|s| s.1).min(), *k))
+            .collect();
+        by_wait.select_nth_unstable(max - 1);
+        for (_, k) in &by_wait[max..] {
+            self.remove(k);
+        }
+    }
+
+    /// The heap again from the tenants in it, without stale entries.
+    fn rebuild_heap(&mut self) {
+        let keys: Vec<Reverse<Key>> = self
+            .tenants
+            .iter()
+            .filter(|(_, t)| t.queued)
+            .map(|(k, t)| Reverse(t.key(*k)))
+            .collect();
         self.heap = BinaryHeap::from(keys);
-        self.tenants = tenants;
-        self.limits_loaded = generation.filter(|_| all_cached);
     }
 
-    /// The scan and refill started at `at` and took `took` microseconds.
-    pub(super) fn scanned(&mut self, at: i64, took: i64) {
-        self.scanned_at = Some(at);
-        self.scan_took = took.max(0);
-    }
-
-    /// Load the limits of every tenant in the queue this backend has not
-    /// cached, in one query (`slot_claim::shares`), and put the weights in
-    /// the keys. A call that scanned does not also load (each costs about
-    /// as much): until the next call, a pick loads its tenant's alone.
+    /// Load the limits of the tenants in the queue this backend has not
+    /// cached, `LOAD_CHUNK` at a time in one query (`slot_claim::shares`),
+    /// and put their weights in their keys. A call that scanned does not
+    /// also load (each costs about as much), and a call loads one chunk:
+    /// until all are loaded, a pick loads its tenant's alone.
     pub(super) fn load_limits(&mut self) -> Result<()> {
         let Some(generation) = limits::caching_generation() else {
             return Ok(());
@@ -229,31 +313,36 @@ impl RunQueue {
         if self.limits_loaded == Some(generation) {
             return Ok(());
         }
-        let missing: Vec<Uuid> = self
-            .tenants
-            .values()
-            .filter(|t| limits::cached_tenant_share(&t.id).is_none())
-            .map(|t| t.id)
-            .collect();
+        let mut missing: Vec<(TenantKey, Uuid)> = Vec::new();
+        let mut more = false;
+        for (k, t) in &self.tenants {
+            if limits::cached_tenant_share(&t.id).is_none() {
+                if missing.len() == LOAD_CHUNK {
+                    more = true;
+                    break;
+                }
+                missing.push((*k, t.id));
+            }
+        }
         if !missing.is_empty() {
-            slot_claim::shares(&missing)?;
-            for t in self.tenants.values_mut() {
-                if let Some(lim) = limits::cached_tenant_share(&t.id) {
-                    t.weight = lim.weight.unwrap_or(1.0);
+            let ids: Vec<Uuid> = missing.iter().map(|m| m.1).collect();
+            let shares = slot_claim::shares(&ids)?;
+            for ((k, _), share) in missing.iter().zip(shares) {
+                let Some(t) = self.tenants.get_mut(k) else {
+                    continue;
+                };
+                if t.weight != share.weight {
+                    t.weight = share.weight;
+                    if t.queued {
+                        t.version = t.version.wrapping_add(1);
+                        self.heap.push(Reverse(t.key(*k)));
+                    }
                 }
             }
-            let keys: Vec<Reverse<Key>> = self
-                .tenants
-                .iter_mut()
-                .filter(|(_, t)| t.queued)
-                .map(|(k, t)| {
-                    t.version = t.version.wrapping_add(1);
-                    Reverse(t.key(*k))
-                })
-                .collect();
-            self.heap = BinaryHeap::from(keys);
         }
-        self.limits_loaded = Some(generation);
+        if !more {
+            self.limits_loaded = Some(generation);
+        }
         Ok(())
     }
 
@@ -312,19 +401,24 @@ impl RunQueue {
         }
     }
 
-    /// Out until the next scan: it has nothing runnable left (or what it
-    /// has is locked by another claim).
+    /// Out until a chunk finds it again: it has nothing runnable left (or
+    /// what it has is locked by another claim).
     pub(super) fn remove(&mut self, tenant: &TenantKey) {
-        self.tenants.remove(tenant);
+        if let Some(t) = self.tenants.remove(tenant) {
+            for (spelling, _) in t.spellings {
+                self.by_spelling.remove(&spelling);
+            }
+        }
+        self.parked.remove(tenant);
     }
 
-    /// Out until one of its slots ends, a limit changes, or the next scan
-    /// (a picked tenant found at its limit).
+    /// Out until one of its slots ends, a limit changes, or a chunk finds
+    /// it again (a picked tenant found at its limit).
     pub(super) fn park(&mut self, tenant: TenantKey) {
         if self.parked.is_empty() {
             self.parked_generation = limits::caching_generation();
         }
-        self.parked.push(tenant);
+        self.parked.insert(tenant);
     }
 
     /// Back in the heap: the parked tenants one of whose slots ended since
@@ -340,13 +434,11 @@ impl RunQueue {
         let limits_changed = limits::caching_generation() != self.parked_generation
             || self.parked_generation.is_none();
         let back: Vec<TenantKey> = match freed {
-            Some(freed) if !limits_changed => {
-                let freed: std::collections::HashSet<TenantKey> = freed.into_iter().collect();
-                let (back, still) = self.parked.iter().partition(|t| freed.contains(*t));
-                self.parked = still;
-                back
-            }
-            _ => std::mem::take(&mut self.parked),
+            Some(freed) if !limits_changed => freed
+                .into_iter()
+                .filter(|t| self.parked.remove(t))
+                .collect(),
+            _ => self.parked.drain().collect(),
         };
         for tenant in back {
             self.requeue(tenant);
