@@ -73,6 +73,8 @@
 #                        (pg-boss 12's fetch with groupConcurrency = BENCH_LIMIT, each
 #                        tenant a group; PGBOSS_MAJOR=12, pg-boss only) [fetch claim]
 #   BENCH_TP_TENANTS     tenants the throughput jobs belong to [100]
+#   BENCH_SERVER_CONF    one more postgresql.conf line, e.g. 'synchronous_commit = off'
+#                        (the throughput arms without the wait for the WAL flush) []
 #   BENCH_TP_MODES       steady (each iteration sends its batch first: a short queue)
 #                        and/or backlog (BENCH_TP_JOBS queued first) [steady backlog]
 #   BENCH_TP_SECONDS     measured seconds per throughput run [10]
@@ -186,7 +188,7 @@ rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.txt "$OUT"/results.md
 # restart_grace = 0: slots are otherwise refused for a lease after start-up.
 # The worker ticks every second in $DB: it releases the slot of a completed job
 # claimed by claim_jobs (the throughput arm `claim` relies on that).
-start_cluster 'meshhook_limits.restart_grace = 0' "meshhook_limits.database = '$DB'" 'meshhook_limits.worker = on'
+start_cluster 'meshhook_limits.restart_grace = 0' "meshhook_limits.database = '$DB'" 'meshhook_limits.worker = on' ${BENCH_SERVER_CONF:+"$BENCH_SERVER_CONF"}
 bench_client_env
 q() { qdb "$DB" "$1"; }
 conn() { echo "host=$PGHOST port=$PGPORT user=postgres dbname=$1"; }

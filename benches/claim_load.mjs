@@ -233,6 +233,9 @@ function given (s, jobs, inWindow) {
   for (const j of jobs) {
     addTo(s.inHand, j.tenant, -1)
     addTo(s.inHandCost, j.tenant, -j.cost)
+    // Only the tenants in hand: integrate() walks them on every change (with
+    // 10,000 tenants, keeping the others made this process the bottleneck).
+    if (s.inHandCost[j.tenant] === 0) delete s.inHandCost[j.tenant]
     s.inHandTotal -= 1
   }
 }

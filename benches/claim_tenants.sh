@@ -18,7 +18,9 @@
 #   read      pgmq.read(r<N>, 30, 1) + pgmq.archive, LOOPS times: what the
 #             queue's own fetch and complete cost
 #   floor     SELECT 1 through the same loop
-# and the growth of `claim` against the smallest N. pg-boss 12's fetch and
+# and the growth of `claim` against the smallest N. Then what an enqueuer
+# can add (BENCH_HOSTILE, 100,000): deferred jobs of as many tenants, or jobs
+# whose tenant is not a uuid, next to 10 tenants with waiting jobs. pg-boss 12's fetch and
 # groupConcurrency fetch at many tenants: benches/claim.sh, throughput
 # scenario with BENCH_TP_TENANTS (benches/README.md).
 #
@@ -78,7 +80,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 LOOPS=${BENCH_LOOPS:-1000}
 need_positive BENCH_LOOPS "$LOOPS"
 rows=() sends=()
-base=""
+base="" base_mean="" base_n=""
 for n in $TENANTS; do
   per=$(( (3 * LOOPS + 3 * LOOPS + n - 1) / n )); (( per < 5 )) && per=5
   for qn in "t$n" "r$n"; do q "SELECT pgmq.create('$qn')" >/dev/null; done
@@ -123,11 +125,42 @@ SQL
   floor=$(loop_ms "PERFORM 1;" "$LOOPS")
   c50=$(field 1 "$claim") cmean=$(field 2 "$claim") r50=$(field 1 "$read")
   per8=$(awk -v a="$(field 2 "$claim8")" 'BEGIN { printf "%.3f", a / 8 }')
-  [[ -z $base ]] && base=$c50
+  [[ -z $base ]] && base=$c50 base_mean=$cmean base_n=$n
   rows+=("| $n | $first | $changed | $c50 | $cmean | $(field 3 "$claim") | $per8 | $r50 | $(field 1 "$floor") | $(ratio "$c50" "$r50") | $(ratio "$c50" "$base") |")
   echo "tenants $n: first $first ms, after set_limit $changed ms, claim+archive $claim, claim8 $claim8, read+archive $read, floor $floor (median mean max)" >&2
   q "SELECT meshhook_limits.unbind_queue('pgmq', 't$n')" >/dev/null
   for qn in "t$n" "r$n"; do q "SELECT pgmq.drop_queue('$qn')" >/dev/null; done
+done
+
+# What an enqueuer can add: 10 tenants with waiting jobs next to HOSTILE
+# deferred jobs of as many other tenants (pgmq.send_batch with an hour's
+# delay), or next to HOSTILE jobs whose tenant is not a uuid; claim + archive
+# of the 10 tenants' jobs as above, against the first N's.
+HOSTILE=${BENCH_HOSTILE:-100000}
+need_positive BENCH_HOSTILE "$HOSTILE"
+hrows=()
+for kind in deferred junk; do
+  qn="h_$kind"
+  q "SELECT pgmq.create('$qn')" >/dev/null
+  q "SELECT meshhook_limits.bind_queue('pgmq', '$qn')" >/dev/null
+  per=$(( (LOOPS + 9) / 10 + 5 ))
+  q "SELECT count(*) FROM pgmq.send_batch('$qn', ARRAY(SELECT jsonb_build_object('tenant_id', md5(t::text)::uuid)
+       FROM generate_series(1, 10) t, generate_series(1, $per)))" >/dev/null
+  if [[ $kind == deferred ]]; then
+    q "SELECT count(*) FROM pgmq.send_batch('$qn', ARRAY(SELECT jsonb_build_object('tenant_id', md5('d' || g)::uuid)
+         FROM generate_series(1, $HOSTILE) g), 3600)" >/dev/null
+  else
+    q "SELECT count(*) FROM pgmq.send_batch('$qn', ARRAY(SELECT jsonb_build_object('tenant_id', 'junk-' || g)
+         FROM generate_series(1, $HOSTILE) g))" >/dev/null
+  fi
+  q "VACUUM ANALYZE pgmq.q_$qn" >/dev/null
+  first=$(timed "SELECT * FROM meshhook_limits.claim_jobs('pgmq', '$qn', 1)")
+  claim=$(loop_ms "SELECT array_agg(job_id::bigint) INTO ids FROM meshhook_limits.claim_jobs('pgmq', '$qn', 1);
+    PERFORM pgmq.archive('$qn', ids);" "$LOOPS")
+  hrows+=("| $HOSTILE $kind | $first | $(field 1 "$claim") | $(field 2 "$claim") | $(field 3 "$claim") | $(ratio "$(field 1 "$claim")" "$base") | $(ratio "$(field 2 "$claim")" "$base_mean") |")
+  echo "hostile $kind: first $first ms, claim+archive $claim (median mean max)" >&2
+  q "SELECT meshhook_limits.unbind_queue('pgmq', '$qn')" >/dev/null
+  q "SELECT pgmq.drop_queue('$qn')" >/dev/null
 done
 
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -149,4 +182,11 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "| tenants | send_batch, unbound | bound | × | pgmq.send, unbound | bound | × |"
   echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   printf '%s\n' "${sends[@]}"
+  echo
+  echo "What an enqueuer can add: 10 tenants with waiting jobs next to $HOSTILE deferred jobs of as many tenants (an hour's delay),"
+  echo "or next to $HOSTILE jobs whose tenant is not a uuid. claim + archive of the 10 tenants' jobs, ms; × against $base_n tenants alone."
+  echo
+  echo "| next to | first claim | claim + archive (median) | mean | max | × median | × mean |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  printf '%s\n' "${hrows[@]}"
 } | tee "$OUT/results.md"
