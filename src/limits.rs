@@ -339,7 +339,7 @@ pub struct TenantShareLimits {
 /// waiting jobs on every scan, and a cache smaller than their number would
 /// be emptied and reloaded on every scan. About 50 bytes each, in the
 /// claiming backends only.
-const MAX_TENANT_SHARES: usize = 200_000;
+pub const MAX_TENANT_SHARES: usize = 200_000;
 
 thread_local! {
     static TENANT_SHARES: RefCell<GenerationCache<[u8; 16], TenantShareLimits>> =

@@ -234,3 +234,26 @@ def test_tenants_past_the_first_chunk_of_the_scan_are_claimed(cluster, pgmq_db):
     finally:
         with cluster.connect(dbname=pgmq_db) as a:
             a.execute(f"DELETE FROM {S}.limits WHERE tenant_id IS NULL AND resource = 'concurrent_executions'")
+
+
+def test_a_full_run_queue_does_not_fill_up_with_tenants_at_their_limit(cluster, pgmq_db):
+    """Tenants at their limit with a backlog have the oldest jobs; with more
+    of them than claim_max_tenants they must not take every place: a new
+    tenant with room is still claimed."""
+    q = "capped"
+    busy = [str(uuid.uuid4()) for _ in range(150)]
+    newcomer = str(uuid.uuid4())
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        set_limit(a, "concurrent_executions", 1)
+        _send(a, q, busy * 2)
+    with cluster.connect(dbname=pgmq_db) as w:
+        w.execute(f"SET {S}.claim_max_tenants = 100")
+        held = set()
+        deadline = time.monotonic() + 60
+        while len(held) < len(busy):                  # every busy tenant at its limit
+            assert time.monotonic() < deadline, f"{len(busy) - len(held)} busy tenants never claimed"
+            held |= {t for t, _ in _claim(w, q, 1000)}
+        with cluster.connect(dbname=pgmq_db) as a:
+            _send(a, q, [newcomer])
+        assert _claim_until(w, q, [newcomer]) == [newcomer]

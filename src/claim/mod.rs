@@ -146,8 +146,14 @@ fn claim(source: &str, queue: &str, batch: i32, lease: Option<Interval>) -> Resu
                 .is_none_or(|plans| plans.shape != b.shape)
         });
         if fresh {
-            let plans = prepare(c, &b)?;
-            PLANS.with(|p| p.borrow_mut().insert(b.id, plans));
+            let plans = prepare(c, &b, format!("{source} {queue}"))?;
+            PLANS.with(|p| {
+                let mut p = p.borrow_mut();
+                // An older binding of the same queue is gone: its run queue
+                // is not kept for the life of the backend.
+                p.retain(|id, old| *id == b.id || old.queue != plans.queue);
+                p.insert(b.id, plans)
+            });
         }
         PLANS.with(|p| {
             let mut plans = p.borrow_mut();
@@ -165,6 +171,9 @@ fn claim_with(
     lease: Option<Interval>,
     data_cx: pg_sys::MemoryContext,
 ) -> Result<Vec<Claimed>> {
+    // The limits generation the call's refusals were made under (at the
+    // latest): a tenant parked under it comes back once it moves.
+    let generation = crate::limits::caching_generation();
     refresh(c, b.owner, &plans.tenants, &mut plans.run)?;
     plans.run.unpark();
     // pgmq: the visibility timeout, which is also the slot's lease.
@@ -272,7 +281,7 @@ fn claim_with(
                     break;
                 }
                 // At its limit: parked until one of its slots ends.
-                Some("tenant_limit") if cost == 1 => run.park(tenant),
+                Some("tenant_limit") if cost == 1 => run.park(tenant, generation),
                 // A job of another project or key, or a cheaper one, may
                 // still fit: the tenant's next job is tried.
                 _ if over => done.push(tenant),

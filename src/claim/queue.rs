@@ -87,6 +87,10 @@ pub(super) struct Found {
 
 pub(super) struct Plans {
     pub(super) shape: String,
+    /// The queue ("source queue") the binding is of: a binding of it made
+    /// since (unbound and bound again, or a queue dropped and made again)
+    /// replaces this one's plans and run queue.
+    pub(super) queue: String,
     pub(super) tenants: OwnedPreparedStatement,
     pub(super) head: OwnedPreparedStatement,
     pub(super) take: OwnedPreparedStatement,
@@ -137,7 +141,7 @@ pub(super) fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Bindin
     })
 }
 
-pub(super) fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
+pub(super) fn prepare(c: &SpiClient, b: &Binding, queue: String) -> Result<Plans> {
     let rows = c.select(
         "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
         Some(1),
@@ -155,6 +159,7 @@ pub(super) fn prepare(c: &SpiClient, b: &Binding) -> Result<Plans> {
     };
     Ok(Plans {
         shape: b.shape.clone(),
+        queue,
         tenants: c
             .prepare(
                 tenants_q.as_str(),

@@ -240,13 +240,21 @@ impl RunQueue {
                     Some(lim) => t.weight = lim.weight.unwrap_or(1.0),
                     None => self.limits_loaded = None,
                 }
-                self.parked.remove(&key);
-                t.queued = true;
                 t.version = t.version.wrapping_add(1);
-                self.heap.push(Reverse(t.key(key)));
+                if !self.parked.contains(&key) {
+                    t.queued = true;
+                    self.heap.push(Reverse(t.key(key)));
+                }
             }
         }
         self.keep_at_most(crate::gucs::claim_max_tenants());
+        // The parked tenants it found (and kept) are back: their room is
+        // looked at again when they are picked.
+        for key in &keys {
+            if self.parked.remove(key) {
+                self.requeue(*key);
+            }
+        }
         if self.heap.len() > 2 * self.tenants.len() + SCAN_CHUNK {
             self.rebuild_heap();
         }
@@ -273,19 +281,25 @@ impl RunQueue {
         }
     }
 
-    /// Full (`claim_max_tenants`): the tenants whose first due job has
-    /// waited longest stay.
+    /// Full (`claim_max_tenants`): the tenants not known to be at their
+    /// limit stay first (those are the ones a claim can serve: tenants at
+    /// their limit with a backlog have the oldest jobs, and would otherwise
+    /// hold every place), then those whose first due job has waited
+    /// longest.
     fn keep_at_most(&mut self, max: usize) {
         if self.tenants.len() <= max || max == 0 {
             return;
         }
-        let mut by_wait: Vec<(Option<Ts>, TenantKey)> = self
+        let mut by_wait: Vec<(bool, Option<Ts>, TenantKey)> = self
             .tenants
             .iter()
-            .map(|(k, t)| (t.spellings.iter().map(|s| s.1).min(), *k))
+            .map(|(k, t)| {
+                let parked = self.parked.contains(k);
+                (parked, t.spellings.iter().map(|s| s.1).min(), *k)
+            })
             .collect();
         by_wait.select_nth_unstable(max - 1);
-        for (_, k) in &by_wait[max..] {
+        for (_, _, k) in &by_wait[max..] {
             self.remove(k);
         }
     }
@@ -311,6 +325,10 @@ impl RunQueue {
             return Ok(());
         };
         if self.limits_loaded == Some(generation) {
+            return Ok(());
+        }
+        if self.tenants.len() > limits::MAX_TENANT_SHARES {
+            // More than this backend caches: a pick loads its tenant's.
             return Ok(());
         }
         let mut missing: Vec<(TenantKey, Uuid)> = Vec::new();
@@ -359,6 +377,7 @@ impl RunQueue {
                 continue;
             }
             let (start, served) = slot_claim::starts(&[t.id])[0];
+            let seen = limits::caching_generation();
             let share = slot_claim::shares(&[t.id])?.remove(0);
             t.start = start;
             t.served_at = served_at(served);
@@ -367,7 +386,7 @@ impl RunQueue {
                 // Its next job is passed over: the tenant is at its limit.
                 slot_claim::count_blocked(BLOCKED_REASONS[0]);
                 t.queued = false;
-                self.park(top.tenant);
+                self.park(top.tenant, seen);
                 continue;
             }
             let now = t.key(top.tenant);
@@ -413,10 +432,13 @@ impl RunQueue {
     }
 
     /// Out until one of its slots ends, a limit changes, or a chunk finds
-    /// it again (a picked tenant found at its limit).
-    pub(super) fn park(&mut self, tenant: TenantKey) {
-        if self.parked.is_empty() {
-            self.parked_generation = limits::caching_generation();
+    /// it again (a picked tenant found at its limit under the limits
+    /// generation `seen`, read before its room was): the parked tenants
+    /// come back when the generation is no longer the oldest they were
+    /// parked under.
+    pub(super) fn park(&mut self, tenant: TenantKey, seen: Option<u64>) {
+        if self.parked.is_empty() || seen.is_none() || seen < self.parked_generation {
+            self.parked_generation = seen;
         }
         self.parked.insert(tenant);
     }
