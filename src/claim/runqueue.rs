@@ -5,8 +5,9 @@
 //!
 //! **Filled by the skip scan** (`queue::waiting_tenants`), which finds the
 //! tenants with a job due in chunks of `queue::SCAN_CHUNK` (in the order of
-//! their ids as the jobs spell them), one chunk in a call at most: a chunk
-//! replaces what the queue held of its range of ids. Between chunks the
+//! their ids as the jobs spell them), one chunk in a call (up to three
+//! more when the queue runs empty mid-pass, `claim::MORE_CHUNKS_PER_CALL`):
+//! a chunk replaces what the queue held of its range of ids. Between chunks the
 //! queue is kept as the claims leave it: a tenant whose probe finds nothing
 //! is removed until a chunk finds it again, as are tenants whose first job
 //! arrived since. A tenant at its limit is parked: it comes back when one
@@ -16,8 +17,8 @@
 //! `RESCAN_FACTOR` times as long after the last as it took, and a new pass
 //! over all the tenants no sooner than `RESCAN_MIN_MICROS` after the last
 //! began (or at once, mid-pass, when the queue has run empty): scanning is
-//! a tenth of the claiming time at most, a call scans 4,096 tenants at
-//! most, and a tenant whose first job arrives is seen within a pass
+//! about a tenth of the claiming time, a call scans 16,384 tenants at most,
+//! and a tenant whose first job arrives is seen within a pass
 //! (docs/claiming.md, "Cost").
 //!
 //! **The order** is a binary heap of keys: the start tag, then the heavier
@@ -29,7 +30,7 @@
 //! Each tenant is read about once per turn, so a pick costs O(log n) in the
 //! number of tenants. Where tags move back (the clock's rebase, the tag map's
 //! compaction) or a weight is raised, a tenant can be served later than its
-//! tag says, until the next scan, which reads every key afresh.
+//! tag says, until a chunk finds it again and reads its key afresh.
 use super::queue::{Chunk, SCAN_CHUNK};
 use super::Ts;
 use crate::error::Result;
