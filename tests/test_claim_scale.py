@@ -257,3 +257,50 @@ def test_a_full_run_queue_does_not_fill_up_with_tenants_at_their_limit(cluster, 
         with cluster.connect(dbname=pgmq_db) as a:
             _send(a, q, [newcomer])
         assert _claim_until(w, q, [newcomer]) == [newcomer]
+
+
+def test_concurrent_claimers_across_chunks_never_over_admit(cluster, pgmq_db):
+    """Four backends claim at once from 4,500 tenants (past one chunk of the
+    scan) with two jobs each and a limit of 1: every tenant is claimed
+    exactly once (its second job is refused while the first holds its
+    slot), and nothing is left unclaimed."""
+    import threading
+    q = "racing"
+    n = 4500
+    tenants = [str(uuid.uuid4()) for _ in range(n)]
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        set_limit(a, "concurrent_executions", 1)
+        _send(a, q, tenants * 2)
+    claimed, errors = [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 120
+
+    def claimer():
+        try:
+            with cluster.connect(dbname=pgmq_db) as w:
+                while time.monotonic() < deadline:
+                    with lock:
+                        if len(claimed) >= n:
+                            return
+                    got = _claim(w, q, 50)
+                    with lock:
+                        claimed.extend(got)
+        except Exception as e:          # reported below, with the others'
+            errors.append(e)
+
+    threads = [threading.Thread(target=claimer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        by_tenant = {}
+        for t, _ in claimed:
+            by_tenant[t] = by_tenant.get(t, 0) + 1
+        assert max(by_tenant.values()) == 1, "a tenant was claimed twice while at its limit"
+        assert sorted(by_tenant) == sorted(tenants)
+    finally:
+        with cluster.connect(dbname=pgmq_db) as a:     # their slots end with them
+            a.execute("SELECT pgmq.delete(%s, %s::bigint[])", (q, [j for _, j in claimed]))
