@@ -182,7 +182,7 @@ fn define_runtime_gucs() {
     GucRegistry::define_int_guc(
         c"meshhook_limits.claim_max_tenants",
         c"The most tenants with waiting jobs a claiming backend keeps in a bound queue's run queue.",
-        c"Past it, a scan keeps the tenants whose first due job has waited longest; the others are found by later scans.",
+        c"Past it, a scan keeps the tenants not known to be at their limit first, then those whose first due job has waited longest; the others are found by later scans.",
         &CLAIM_MAX_TENANTS,
         100,
         10_000_000,
@@ -385,11 +385,12 @@ pub fn metrics_tenant_labels() -> (bool, usize) {
     )
 }
 
-/// The most live slots one tenant may hold, whatever its own limit.
+/// The most tenants a claiming backend keeps in a binding's run queue.
 pub fn claim_max_tenants() -> usize {
     usize::try_from(CLAIM_MAX_TENANTS.get()).unwrap_or(100)
 }
 
+/// The most live slots one tenant may hold, whatever its own limit.
 pub fn tenant_slot_ceiling() -> i64 {
     i64::from(TENANT_SLOT_CEILING.get())
 }

@@ -193,11 +193,7 @@ impl<K: std::hash::Hash + Eq, V: Copy> GenerationCache<K, V> {
     /// with the cache emptied if it moved; None when nothing may be cached
     /// (no shared memory; REPEATABLE READ or SERIALIZABLE).
     fn current(cell: &'static std::thread::LocalKey<RefCell<Self>>) -> Option<u64> {
-        let shared = generation()?;
-        if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
-            return None;
-        }
-        let generation = shared.load(Ordering::Acquire);
+        let generation = caching_generation()?;
         cell.with(|c| {
             let mut c = c.borrow_mut();
             if c.generation != generation {
