@@ -7,11 +7,14 @@
 
 -- Alert rules. metric: queue.queued, queue.oldest_age_seconds,
 -- queue.error_rate, queue.failed_recent, pool.utilisation,
--- pool.idle_in_transaction, pool.waiting, tenant.usage_ratio.
+-- pool.idle_in_transaction, pool.waiting, tenant.usage_ratio, and of
+-- each PgBouncer (sql/pooler.sql): pooler.up, and per pool
+-- pooler.clients_waiting, pooler.maxwait_seconds, pooler.utilisation.
 CREATE TABLE meshhook_limits.alert_rules (
   name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
   metric text NOT NULL CHECK (metric IN ('queue.queued', 'queue.oldest_age_seconds', 'queue.error_rate',
-      'queue.failed_recent', 'pool.utilisation', 'pool.idle_in_transaction', 'pool.waiting', 'tenant.usage_ratio')),
+      'queue.failed_recent', 'pool.utilisation', 'pool.idle_in_transaction', 'pool.waiting', 'tenant.usage_ratio',
+      'pooler.up', 'pooler.clients_waiting', 'pooler.maxwait_seconds', 'pooler.utilisation')),
   comparison text NOT NULL DEFAULT '>' CHECK (comparison IN ('>', '>=', '<', '<=')),
   threshold numeric NOT NULL,
   -- Hysteresis: a firing alert resolves only once the value is back past this
@@ -33,7 +36,11 @@ INSERT INTO meshhook_limits.builtin_alert_rules (name, metric, threshold, resolv
   ('queue_oldest_age', 'queue.oldest_age_seconds', 300, 240, '1 minute', 'warning', 'the oldest waiting job is older than 5 minutes'),
   ('queue_error_rate', 'queue.error_rate', 0.2, 0.1, '5 minutes', 'critical', 'more than 20% of recent jobs failed'),
   ('pool_utilisation', 'pool.utilisation', 0.9, 0.85, '5 minutes', 'critical', 'connections above 90% of max_connections'),
-  ('tenant_near_limit', 'tenant.usage_ratio', 0.9, 0.8, '0', 'warning', 'a tenant uses more than 90% of a limit');
+  ('tenant_near_limit', 'tenant.usage_ratio', 0.9, 0.8, '0', 'warning', 'a tenant uses more than 90% of a limit'),
+  ('pooler_wait', 'pooler.maxwait_seconds', 1, 0.2, '30 seconds', 'warning',
+   'a client has waited more than 1 s for a server connection in a PgBouncer pool'),
+  ('pooler_saturation', 'pooler.clients_waiting', 4, 0, '1 minute', 'critical',
+   'more than 4 clients kept waiting for a server connection in a PgBouncer pool');
 
 CREATE TABLE meshhook_limits.alert_states (
   rule text NOT NULL,
@@ -91,6 +98,21 @@ BEGIN
                            WHEN 'pool.idle_in_transaction' THEN p.idle_in_transaction::numeric
                            ELSE p.waiting::numeric END
         FROM meshhook_limits.pool_samples p ORDER BY p.sampled_at DESC LIMIT 1;
+  ELSIF p_metric = 'pooler.up' THEN
+    RETURN QUERY
+      SELECT 'pooler:' || l.pooler, jsonb_build_object('pooler', l.pooler), NULL::uuid, l.up::int::numeric
+        FROM meshhook_limits._latest_pooler_samples() l;
+  ELSIF p_metric LIKE 'pooler.%' THEN
+    RETURN QUERY
+      SELECT 'pooler:' || x.pooler || ':' || x.database || ':' || x.user_name,
+             jsonb_build_object('pooler', x.pooler, 'database', x.database, 'user', x.user_name), NULL::uuid,
+             CASE p_metric WHEN 'pooler.clients_waiting' THEN x.clients_waiting::numeric
+                           WHEN 'pooler.maxwait_seconds' THEN x.maxwait_seconds
+                           ELSE round((x.servers_active + x.servers_idle + x.servers_used + x.servers_tested
+                                       + x.servers_login)::numeric / nullif(x.pool_size, 0), 4) END
+        FROM meshhook_limits._latest_pooler_samples() l
+        JOIN meshhook_limits.pooler_pool_samples x ON x.pooler = l.pooler AND x.sampled_at = l.sampled_at
+       WHERE l.up;
   ELSIF p_metric = 'tenant.usage_ratio' THEN
     -- Every tenant metered in the last day, with live slots, or storing data
     -- (none: skip planning the usage query at all, every tick).
@@ -248,7 +270,8 @@ BEGIN
   EXCEPTION WHEN check_violation OR not_null_violation THEN
     RAISE EXCEPTION 'invalid alert rule: %', SQLERRM USING ERRCODE = '22023',
       HINT = 'metric is one of queue.queued, queue.oldest_age_seconds, queue.error_rate, queue.failed_recent, '
-             'pool.utilisation, pool.idle_in_transaction, pool.waiting, tenant.usage_ratio; comparison one of > >= < <=; '
+             'pool.utilisation, pool.idle_in_transaction, pool.waiting, tenant.usage_ratio, pooler.up, '
+             'pooler.clients_waiting, pooler.maxwait_seconds, pooler.utilisation; comparison one of > >= < <=; '
              'severity info, warning or critical; for_duration >= 0';
   END;
 END

@@ -13,7 +13,11 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                        ELSE '{}'::uuid[] END) x),
   used AS (SELECT * FROM meshhook_limits._usage_ratios(ARRAY(SELECT tenant_id FROM tenants))),
   q AS (SELECT * FROM meshhook_limits._latest_queue_samples()),
-  p AS (SELECT * FROM meshhook_limits.pool_samples ORDER BY sampled_at DESC LIMIT 1)
+  p AS (SELECT * FROM meshhook_limits.pool_samples ORDER BY sampled_at DESC LIMIT 1),
+  pl AS (SELECT * FROM meshhook_limits._latest_pooler_samples()),
+  pp AS (SELECT x.*, jsonb_build_object('pooler', x.pooler, 'database', x.database, 'user', x.user_name) AS l
+           FROM meshhook_limits.pooler_pool_samples x JOIN pl ON pl.pooler = x.pooler AND pl.sampled_at = x.sampled_at
+          WHERE pl.up)
   -- Tenants
   SELECT 'meshhook_limits_tenant_limit', jsonb_build_object('tenant_id', u.tenant_id, 'resource', u.resource),
          u.limit_value::float8 FROM used u
@@ -57,6 +61,30 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                    a.value::text::float8 FROM p, jsonb_each(p.by_application) a
   UNION ALL SELECT 'meshhook_limits_pool_connections_by_role', jsonb_build_object('role', r.key),
                    r.value::text::float8 FROM p, jsonb_each(p.by_role) r
+  -- PgBouncer
+  UNION ALL SELECT 'meshhook_limits_pooler_up', jsonb_build_object('pooler', pl.pooler), pl.up::int::float8 FROM pl
+  UNION ALL SELECT 'meshhook_limits_pooler_sampled_timestamp_seconds', jsonb_build_object('pooler', pl.pooler),
+                   extract(epoch FROM pl.sampled_at)::float8 FROM pl
+  UNION ALL SELECT 'meshhook_limits_pooler_default_pool_size', jsonb_build_object('pooler', pl.pooler),
+                   pl.default_pool_size FROM pl WHERE pl.up AND pl.default_pool_size IS NOT NULL
+  UNION ALL SELECT 'meshhook_limits_pooler_transactions_total', jsonb_build_object('pooler', pl.pooler),
+                   pl.xact_count FROM pl WHERE pl.up AND pl.xact_count IS NOT NULL
+  UNION ALL SELECT 'meshhook_limits_pooler_queries_total', jsonb_build_object('pooler', pl.pooler),
+                   pl.query_count FROM pl WHERE pl.up AND pl.query_count IS NOT NULL
+  UNION ALL SELECT 'meshhook_limits_pooler_client_wait_seconds_total', jsonb_build_object('pooler', pl.pooler),
+                   pl.wait_time_us / 1e6 FROM pl WHERE pl.up AND pl.wait_time_us IS NOT NULL
+  UNION ALL SELECT 'meshhook_limits_pooler_avg_wait_seconds', jsonb_build_object('pooler', pl.pooler),
+                   pl.avg_wait_us / 1e6 FROM pl WHERE pl.up AND pl.avg_wait_us IS NOT NULL
+  UNION ALL SELECT 'meshhook_limits_pooler_clients_active', pp.l, pp.clients_active FROM pp
+  UNION ALL SELECT 'meshhook_limits_pooler_clients_waiting', pp.l, pp.clients_waiting FROM pp
+  UNION ALL SELECT 'meshhook_limits_pooler_maxwait_seconds', pp.l, pp.maxwait_seconds::float8 FROM pp
+  UNION ALL SELECT 'meshhook_limits_pooler_server_connections', pp.l || jsonb_build_object('state', s.k), s.v
+              FROM pp, LATERAL (VALUES ('active', pp.servers_active), ('idle', pp.servers_idle), ('used', pp.servers_used),
+                                       ('tested', pp.servers_tested), ('login', pp.servers_login)) s(k, v)
+  UNION ALL SELECT 'meshhook_limits_pooler_pool_size', pp.l, pp.pool_size FROM pp WHERE pp.pool_size IS NOT NULL
+  UNION ALL SELECT 'meshhook_limits_pooler_utilisation_ratio', pp.l,
+                   ((pp.servers_active + pp.servers_idle + pp.servers_used + pp.servers_tested + pp.servers_login)::numeric
+                    / pp.pool_size)::float8 FROM pp WHERE pp.pool_size > 0
   -- Alerts: every rule appears, with 0 when it has no series in that state.
   UNION ALL SELECT 'meshhook_limits_alerts', jsonb_build_object('rule', r.name, 'severity', r.severity, 'state', s.st),
                    (SELECT count(*) FROM meshhook_limits.alert_states a WHERE a.rule = r.name AND a.state = s.st)::float8

@@ -19,7 +19,7 @@ ALTER TABLE meshhook_limits.worker_state ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_all ON meshhook_limits.worker_state FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 GRANT SELECT ON meshhook_limits.worker_state TO PUBLIC;
 
--- One round: sample the queues and the pool, reap slots, evaluate alerts,
+-- One round: sample the queues, the pool and the poolers, reap slots, evaluate alerts,
 -- prune old samples. The worker runs it every sample_interval; without the
 -- worker, pg_cron can: SELECT cron.schedule('meshhook', '1 second', 'SELECT meshhook_limits.tick()').
 CREATE FUNCTION meshhook_limits.tick() RETURNS void
@@ -98,12 +98,22 @@ BEGIN
     RAISE WARNING 'meshhook_limits: sampling the pool failed: %', SQLERRM;
   END;
   BEGIN
+    PERFORM meshhook_limits._sample_poolers(t0);
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: sampling the poolers failed: %', SQLERRM;
+  END;
+  BEGIN
     PERFORM meshhook_limits._evaluate_alerts(t0);
   EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'meshhook_limits: evaluating alerts failed: %', SQLERRM;
   END;
   DELETE FROM meshhook_limits.queue_samples s WHERE s.sampled_at < t0 - keep;
   DELETE FROM meshhook_limits.pool_samples s WHERE s.sampled_at < t0 - GREATEST(keep, current_setting('meshhook_limits.pool_critical_for')::interval + interval '1 minute');
+  -- Pooler samples: at least the longest window pool sizing looks back over.
+  keep := GREATEST(current_setting('meshhook_limits.pooler_retention')::interval,
+                   (SELECT max(p.resize_every) + interval '1 minute' FROM meshhook_limits.poolers p));
+  DELETE FROM meshhook_limits.pooler_samples s WHERE s.sampled_at < t0 - keep;
+  DELETE FROM meshhook_limits.pooler_pool_samples s WHERE s.sampled_at < t0 - keep;
   DELETE FROM meshhook_limits.events e WHERE e.created_at < t0 - current_setting('meshhook_limits.event_retention')::interval;
   UPDATE meshhook_limits.worker_state SET last_tick = t0, ticks = ticks + 1,
          last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);

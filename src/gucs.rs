@@ -46,6 +46,13 @@ static QUEUE_SCAN_BUDGET: GucSetting<f64> = GucSetting::<f64>::new(0.005);
 static POOL_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.85);
 static POOL_CRITICAL: GucSetting<f64> = GucSetting::<f64>::new(0.9);
 static POOL_CRITICAL_FOR: GucSetting<i32> = GucSetting::<i32>::new(300);
+// PgBouncer sampling (sql/pooler.sql): how long a pooler may take to answer
+// before the tick gives up on it, how long its samples are kept, and the
+// client wait at which pooler_health() says warning and critical.
+static POOLER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static POOLER_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+static POOLER_WAIT_WARNING: GucSetting<i32> = GucSetting::<i32>::new(500);
+static POOLER_WAIT_CRITICAL: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// Whether metrics() carries per-tenant series.
 static METRICS_TENANT_LABELS: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -328,6 +335,47 @@ fn define_runtime_gucs() {
         86_400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.pooler_timeout",
+        c"How long the tick waits for a PgBouncer to answer one admin-console command.",
+        c"A pooler slower than this is recorded as down and the tick moves on. Connecting is bounded by \
+          connect_timeout in the pooler's conninfo (add_pooler adds one).",
+        &POOLER_TIMEOUT,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.pooler_retention",
+        c"How long PgBouncer samples (pooler_samples, pooler_pool_samples) are kept.",
+        c"",
+        &POOLER_RETENTION,
+        60,
+        366 * 86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.pooler_wait_warning",
+        c"Client wait in a PgBouncer pool (maxwait) at which pooler_health() says warning.",
+        c"",
+        &POOLER_WAIT_WARNING,
+        0,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"meshhook_limits.pooler_wait_critical",
+        c"Client wait in a PgBouncer pool (maxwait) at which pooler_health() says critical.",
+        c"",
+        &POOLER_WAIT_CRITICAL,
+        0,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
 }
 

@@ -107,7 +107,8 @@ extension_sql_file!(
     requires = ["session", owner::_read_as_owner]
 );
 extension_sql_file!("../sql/pool.sql", name = "pool", requires = ["queues"]);
-extension_sql_file!("../sql/alerts.sql", name = "alerts", requires = ["pool"]);
+extension_sql_file!("../sql/pooler.sql", name = "pooler", requires = ["pool"]);
+extension_sql_file!("../sql/alerts.sql", name = "alerts", requires = ["pooler"]);
 extension_sql_file!(
     "../sql/claim.sql",
     name = "claim",

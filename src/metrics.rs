@@ -175,6 +175,47 @@ fn meta(name: &str) -> (&'static str, &'static str) {
             ("gauge", "Client connections by application_name.")
         }
         "meshhook_limits_pool_connections_by_role" => ("gauge", "Client connections by role."),
+        "meshhook_limits_pooler_up" => (
+            "gauge",
+            "1 when the PgBouncer answered its last sample, 0 when it did not.",
+        ),
+        "meshhook_limits_pooler_clients_active" => {
+            ("gauge", "Clients linked to a server connection, per pool.")
+        }
+        "meshhook_limits_pooler_clients_waiting" => {
+            ("gauge", "Clients waiting for a server connection, per pool.")
+        }
+        "meshhook_limits_pooler_maxwait_seconds" => {
+            ("gauge", "How long the oldest waiting client of a pool has waited.")
+        }
+        "meshhook_limits_pooler_server_connections" => (
+            "gauge",
+            "Server connections of a pool by state (active, idle, used, tested, login).",
+        ),
+        "meshhook_limits_pooler_pool_size" => ("gauge", "The pool size of a pool's database."),
+        "meshhook_limits_pooler_utilisation_ratio" => {
+            ("gauge", "Server connections of a pool over its pool size.")
+        }
+        "meshhook_limits_pooler_default_pool_size" => {
+            ("gauge", "The pooler's default_pool_size.")
+        }
+        "meshhook_limits_pooler_transactions_total" => {
+            ("counter", "Transactions pooled since the pooler started.")
+        }
+        "meshhook_limits_pooler_queries_total" => {
+            ("counter", "Queries pooled since the pooler started.")
+        }
+        "meshhook_limits_pooler_client_wait_seconds_total" => (
+            "counter",
+            "Time clients spent waiting for a server connection since the pooler started.",
+        ),
+        "meshhook_limits_pooler_avg_wait_seconds" => (
+            "gauge",
+            "Average client wait over the pooler's last stats_period.",
+        ),
+        "meshhook_limits_pooler_sampled_timestamp_seconds" => {
+            ("gauge", "When the pooler was last sampled (Unix time).")
+        }
         "meshhook_limits_alerts" => (
             "gauge",
             "Alert series by rule, severity and state (pending, firing).",

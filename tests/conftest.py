@@ -113,6 +113,45 @@ class Cluster:
             return cur.fetchall() if cur.description else None
 
 
+class PgBouncer:
+    """A real PgBouncer in front of a test server (scripts/pgbouncer.sh):
+    transaction pooling, default_pool_size 2, admin console for postgres."""
+    SCRIPT = ROOT / "scripts" / "pgbouncer.sh"
+
+    def __init__(self, name: str, pg_port: int):
+        self.name, self.pg_port = name, pg_port
+
+    def start(self) -> None:
+        out = subprocess.run([str(self.SCRIPT), "start", self.name, str(self.pg_port)], check=True,
+                             capture_output=True, text=True).stdout
+        env = dict(part.split("=", 1) for part in out.replace("export ", "").split())
+        self.port, self.pid = int(env["PGBOUNCER_PORT"]), int(env["PGBOUNCER_PID"])
+
+    def stop(self) -> None:
+        subprocess.run([str(self.SCRIPT), "stop", self.name], check=True, capture_output=True)
+
+    @property
+    def conninfo(self) -> str:
+        return f"host=127.0.0.1 port={self.port} dbname=pgbouncer user=postgres"
+
+    def show(self, what: str) -> list[list[str]]:
+        """An admin-console command (simple query protocol, through psql)."""
+        out = subprocess.run([f"{PG_BIN}/psql", "-X", "-A", "-t", "-F", "\t", "-h", "127.0.0.1", "-p", str(self.port),
+                              "-U", "postgres", "-d", "pgbouncer", "-c", what],
+                             check=True, capture_output=True, text=True).stdout
+        return [line.split("\t") for line in out.splitlines() if line]
+
+    def config(self, key: str) -> str:
+        return next(r[1] for r in self.show("SHOW CONFIG") if r[0] == key)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 def fresh_cluster(suffix: str, *conf: str, dbname: str = "mltest", create_db: bool = True) -> Cluster:
     """A new throwaway cluster (any old one of that name is removed) with extra
     postgresql.conf lines; destroy it with `destroy_cluster`."""

@@ -36,7 +36,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import PG_BIN, ROOT, requires, rpc, set_limit, sqlstate
+from conftest import PG_BIN, ROOT, PgBouncer, requires, rpc, set_limit, sqlstate
 
 S = "meshhook_limits"
 DB = "mlmetrics"
@@ -49,8 +49,9 @@ HOSTILE_QUEUE = 'hostile"q\\x'           # pgmq refuses $ ; -- and ', not " or \
 HOSTILE_APP = 'app "quoted" back\\slash'
 PGBOSS_QUEUE = "payments"
 
-pytestmark = requires(all(os.access(p, os.X_OK) for p in (PROMTOOL, PROMETHEUS, EXPORTER)) and PGMQ_SQL.exists(),
-                      "promtool, prometheus, prometheus-postgres-exporter and pgmq's SQL")
+pytestmark = requires(all(os.access(p, os.X_OK) for p in (PROMTOOL, PROMETHEUS, EXPORTER)) and PGMQ_SQL.exists()
+                      and shutil.which("pgbouncer") is not None,
+                      "promtool, prometheus, prometheus-postgres-exporter, pgbouncer and pgmq's SQL")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -147,8 +148,20 @@ def mdb(cluster):
         # Two processed (archived: p50/p95 and throughput), one in flight, one waiting.
         for (msg_id,) in c.execute("SELECT msg_id FROM pgmq.read(%s, 30, 3)", (HOSTILE_QUEUE,)).fetchall()[:2]:
             c.execute("SELECT pgmq.archive(%s, %s::bigint)", (HOSTILE_QUEUE, msg_id))
+    # A PgBouncer sampled through dblink, with a client connected through it
+    # (a pool is listed from its first client on).
+    bouncer = PgBouncer(f"metrics-{os.getpid()}", cluster.port)
+    bouncer.start()
+    with cluster.connect(dbname=DB) as c:
+        c.execute("CREATE EXTENSION dblink")
+        c.execute(f"SELECT {S}.add_pooler('edge', %s)", (bouncer.conninfo,))
+    pooled = psycopg.connect(f"host=127.0.0.1 port={bouncer.port} user=postgres dbname={DB}",
+                             autocommit=True, prepare_threshold=None)
+    pooled.execute("SELECT 1")
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
-    yield {"cluster": cluster, "role": role, "viewer": viewer, "a": a, "b": b}
+    yield {"cluster": cluster, "role": role, "viewer": viewer, "a": a, "b": b, "pooled": pooled}
+    pooled.close()
+    bouncer.stop()
     with cluster.connect(dbname="postgres") as c:
         c.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
         c.execute(f"DROP ROLE IF EXISTS {role}")
@@ -438,6 +451,7 @@ def test_every_dashboard_query_returns_data(stack, activity):
     while True:
         # Keep things happening: rates need samples that move.
         conn.execute(f"SELECT {S}.check_rate_limit(%s, 'dash')", (a,))
+        activity["pooled"].execute("SELECT 1")  # pooled transactions: a rate that moves
         tick(conn)
         empty = [(title, ref, e) for title, ref, e in exprs if not stack.query(grafana_subst(e))]
         if not empty or time.time() > deadline:

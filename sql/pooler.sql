@@ -1,0 +1,539 @@
+-- meshhook_limits: The connection pooler: PgBouncer instances named by a superuser, sampled
+-- by the tick through dblink on their admin console (SHOW POOLS, DATABASES,
+-- TOTALS, CONFIG), pooler_health(), and pool sizing that acts (opt-in).
+-- Everything is schema-qualified; SECURITY DEFINER functions pin search_path.
+
+-- The poolers to sample. conninfo is a libpq connection string without a
+-- password, or the name of a dblink foreign server whose user mapping holds
+-- the credentials (add_pooler refuses passwords: this table is readable by
+-- monitors). sizing: off, dry_run (record what it would do) or on (apply).
+CREATE TABLE meshhook_limits.poolers (
+  name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+  conninfo text NOT NULL,
+  enabled boolean NOT NULL DEFAULT true,
+  sizing text NOT NULL DEFAULT 'off' CHECK (sizing IN ('off', 'dry_run', 'on')),
+  min_pool_size int NOT NULL DEFAULT 2 CHECK (min_pool_size >= 1),
+  max_pool_size int NOT NULL DEFAULT 50 CHECK (max_pool_size >= min_pool_size AND max_pool_size <= 100000),
+  -- The window a sizing decision looks back over, and the least time between two changes.
+  resize_every interval NOT NULL DEFAULT '1 minute' CHECK (resize_every >= interval '1 second'),
+  resized_at timestamptz
+);
+SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.poolers', '');
+ALTER TABLE meshhook_limits.poolers ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.poolers FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+GRANT SELECT ON meshhook_limits.poolers TO PUBLIC;
+
+-- One row per pooler per tick: reachable or not (and why), and SHOW TOTALS'
+-- counters (since the pooler started) for rates between two samples.
+CREATE TABLE meshhook_limits.pooler_samples (
+  pooler text NOT NULL,
+  sampled_at timestamptz NOT NULL,
+  up boolean NOT NULL,
+  error text,
+  version text,
+  default_pool_size int,
+  xact_count bigint,
+  query_count bigint,
+  wait_time_us bigint,
+  avg_wait_us bigint,
+  sample_ms numeric NOT NULL,
+  PRIMARY KEY (pooler, sampled_at)
+);
+CREATE INDEX pooler_samples_sampled_at ON meshhook_limits.pooler_samples (sampled_at);
+ALTER TABLE meshhook_limits.pooler_samples ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.pooler_samples FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+GRANT SELECT ON meshhook_limits.pooler_samples TO PUBLIC;
+
+-- One row per pool (database, user) of a reachable pooler per tick, from
+-- SHOW POOLS, with the database's pool size from SHOW DATABASES.
+CREATE TABLE meshhook_limits.pooler_pool_samples (
+  pooler text NOT NULL,
+  sampled_at timestamptz NOT NULL,
+  database text NOT NULL,
+  user_name text NOT NULL,
+  pool_mode text,
+  pool_size int,
+  clients_active int NOT NULL,
+  clients_waiting int NOT NULL,
+  servers_active int NOT NULL,
+  servers_idle int NOT NULL,
+  servers_used int NOT NULL,
+  servers_tested int NOT NULL,
+  servers_login int NOT NULL,
+  maxwait_seconds numeric NOT NULL,
+  status text NOT NULL,
+  PRIMARY KEY (pooler, sampled_at, database, user_name)
+);
+CREATE INDEX pooler_pool_samples_sampled_at ON meshhook_limits.pooler_pool_samples (sampled_at);
+ALTER TABLE meshhook_limits.pooler_pool_samples ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON meshhook_limits.pooler_pool_samples FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
+GRANT SELECT ON meshhook_limits.pooler_pool_samples TO PUBLIC;
+
+-- The schema of dblink when it is installed by a superuser, else NULL. Its
+-- functions are called schema-qualified with arguments of their exact types,
+-- so no other function of that schema can stand in for them.
+CREATE FUNCTION meshhook_limits._dblink_schema() RETURNS name
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT n.nspname
+    FROM pg_catalog.pg_extension e
+    JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+    JOIN pg_catalog.pg_roles r ON r.oid = e.extowner
+   WHERE e.extname = 'dblink' AND r.rolsuper
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._dblink_schema() FROM PUBLIC;
+
+-- The latest sample of every enabled pooler.
+CREATE FUNCTION meshhook_limits._latest_pooler_samples() RETURNS SETOF meshhook_limits.pooler_samples
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT l.* FROM meshhook_limits.poolers p
+   CROSS JOIN LATERAL (SELECT s.* FROM meshhook_limits.pooler_samples s WHERE s.pooler = p.name
+                        ORDER BY s.sampled_at DESC LIMIT 1) l
+   WHERE p.enabled
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._latest_pooler_samples() FROM PUBLIC;
+
+-- Send one admin-console command on connection p_conn and wait for its
+-- answer until p_deadline; the caller then reads it with dblink_get_result.
+CREATE FUNCTION meshhook_limits._pooler_send(p_dblink name, p_conn text, p_command text, p_deadline timestamptz)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE busy int;
+BEGIN
+  EXECUTE format('SELECT %I.dblink_send_query($1::text, $2::text)', p_dblink) USING p_conn, p_command;
+  LOOP
+    EXECUTE format('SELECT %I.dblink_is_busy($1::text)', p_dblink) INTO busy USING p_conn;
+    EXIT WHEN busy = 0;
+    IF pg_catalog.clock_timestamp() >= p_deadline THEN
+      RAISE EXCEPTION 'no answer to % within meshhook_limits.pooler_timeout (%)',
+        p_command, current_setting('meshhook_limits.pooler_timeout') USING ERRCODE = '08006';
+    END IF;
+    PERFORM pg_catalog.pg_sleep(0.001);
+  END LOOP;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_send(name, text, text, timestamptz) FROM PUBLIC;
+
+-- Rows of one admin-console command as text columns c1..cN (N = p_columns,
+-- the command's layout in this PgBouncer version).
+CREATE FUNCTION meshhook_limits._pooler_show(p_dblink name, p_conn text, p_command text, p_columns int,
+                                             p_deadline timestamptz)
+RETURNS SETOF text[] LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE cols text := (SELECT string_agg(format('c%s text', i), ', ' ORDER BY i) FROM generate_series(1, p_columns) i);
+        arr text := (SELECT string_agg(format('c%s', i), ', ' ORDER BY i) FROM generate_series(1, p_columns) i);
+BEGIN
+  PERFORM meshhook_limits._pooler_send(p_dblink, p_conn, p_command, p_deadline);
+  RETURN QUERY EXECUTE format('SELECT ARRAY[%s] FROM %I.dblink_get_result($1::text) AS t(%s)', arr, p_dblink, cols)
+    USING p_conn;
+  -- The end of the command's results (dblink needs it read before the next).
+  EXECUTE format('SELECT count(*) FROM %I.dblink_get_result($1::text) AS t(c1 text)', p_dblink) USING p_conn;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_show(name, text, text, int, timestamptz) FROM PUBLIC;
+
+-- Sample one pooler: a row in pooler_samples (up or down, with why) and one
+-- per pool in pooler_pool_samples; pool.pooler_down / pool.pooler_up on a
+-- change. A pooler that refuses, fails or answers slower than
+-- pooler_timeout is recorded as down; the tick goes on. One that timed out
+-- is tried again 10 s later, not at every tick.
+--
+-- The dblink connection is opened and closed within this call, except in a
+-- background worker (the tick's worker), which keeps it open between ticks:
+-- a named connection left in a client's session could be used by that
+-- client with the rights it was opened with.
+CREATE FUNCTION meshhook_limits._sample_pooler(p_pooler meshhook_limits.poolers, p_at timestamptz) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  db name := meshhook_limits._dblink_schema();
+  conn text := 'meshhook_limits_pooler:' || p_pooler.name;
+  keep boolean := (SELECT a.backend_type <> 'client backend'
+                     FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a);
+  t_start timestamptz := pg_catalog.clock_timestamp();
+  deadline timestamptz := pg_catalog.clock_timestamp() + current_setting('meshhook_limits.pooler_timeout')::interval;
+  last record;
+  v text; vnum int; pool_cols int; db_cols int;
+  pools jsonb; sizes jsonb; totals jsonb; dflt int; err text; detail text; state text;
+BEGIN
+  SELECT s.up, s.sampled_at, s.sample_ms INTO last FROM meshhook_limits.pooler_samples s
+   WHERE s.pooler = p_pooler.name ORDER BY s.sampled_at DESC LIMIT 1;
+  IF last.up = false AND last.sample_ms > 100 AND p_at < last.sampled_at + interval '10 seconds' THEN
+    RETURN;
+  END IF;
+  BEGIN
+    IF db IS NULL THEN
+      RAISE EXCEPTION 'extension dblink is not installed (by a superuser)' USING ERRCODE = '55000';
+    END IF;
+    IF NOT keep OR NOT conn = ANY (coalesce(meshhook_limits._pooler_connections(db), '{}')) THEN
+      PERFORM meshhook_limits._pooler_disconnect(db, conn);
+      EXECUTE format('SELECT %I.dblink_connect($1::text, $2::text)', db) USING conn, p_pooler.conninfo;
+    END IF;
+    SELECT r[1] INTO v FROM meshhook_limits._pooler_show(db, conn, 'SHOW VERSION', 1, deadline) r;
+    vnum := (SELECT m[1]::int * 100 + m[2]::int FROM regexp_match(v, '(\d+)\.(\d+)') m);
+    IF v NOT LIKE 'PgBouncer%' OR vnum IS NULL OR vnum < 118 THEN
+      RAISE EXCEPTION '% is not PgBouncer 1.18 or newer', coalesce(v, 'the server') USING ERRCODE = '0A000';
+    END IF;
+    -- The layouts of SHOW POOLS and SHOW DATABASES by version (columns are
+    -- only ever added; the ones read keep their places).
+    pool_cols := CASE WHEN vnum >= 124 THEN 17 ELSE 16 END;
+    db_cols := CASE WHEN vnum >= 124 THEN 17 WHEN vnum = 123 THEN 14 ELSE 13 END;
+    SELECT jsonb_agg(to_jsonb(r)) INTO pools FROM meshhook_limits._pooler_show(db, conn, 'SHOW POOLS', pool_cols, deadline) r;
+    SELECT jsonb_object_agg(r[1], r[6]) INTO sizes FROM meshhook_limits._pooler_show(db, conn, 'SHOW DATABASES', db_cols, deadline) r;
+    SELECT jsonb_object_agg(r[1], r[2]) INTO totals FROM meshhook_limits._pooler_show(db, conn, 'SHOW TOTALS', 2, deadline) r;
+    SELECT r[2]::int INTO dflt FROM meshhook_limits._pooler_show(db, conn, 'SHOW CONFIG', 4, deadline) r
+     WHERE r[1] = 'default_pool_size';
+    IF NOT keep THEN
+      PERFORM meshhook_limits._pooler_disconnect(db, conn);
+    END IF;
+    INSERT INTO meshhook_limits.pooler_samples
+    VALUES (p_pooler.name, p_at, true, NULL, v, dflt, (totals->>'total_xact_count')::bigint,
+            (totals->>'total_query_count')::bigint, (totals->>'total_wait_time')::bigint,
+            (totals->>'avg_wait_time')::bigint,
+            round(extract(epoch FROM pg_catalog.clock_timestamp() - t_start) * 1000, 3))
+    ON CONFLICT DO NOTHING;
+    -- The admin console's own pseudo-pool (database pgbouncer) is not a pool.
+    -- SHOW POOLS by column: 1 database, 2 user, 3 cl_active, 4 cl_waiting,
+    -- 7 sv_active, 10 sv_idle, 11 sv_used, 12 sv_tested, 13 sv_login,
+    -- 14 maxwait, 15 maxwait_us, 16 pool_mode (0-based below). The admin
+    -- console's own pseudo-pool (database pgbouncer) is not a pool.
+    INSERT INTO meshhook_limits.pooler_pool_samples
+    SELECT p_pooler.name, p_at, p.r->>0, p.r->>1, p.r->>15, (sizes->>(p.r->>0))::int,
+           (p.r->>2)::int, (p.r->>3)::int, (p.r->>6)::int, (p.r->>9)::int, (p.r->>10)::int, (p.r->>11)::int,
+           (p.r->>12)::int, w.maxwait,
+           CASE WHEN w.maxwait * 1000 >= meshhook_limits._setting_ms('meshhook_limits.pooler_wait_critical') THEN 'critical'
+                WHEN w.maxwait * 1000 >= meshhook_limits._setting_ms('meshhook_limits.pooler_wait_warning') THEN 'warning'
+                ELSE 'ok' END
+      FROM jsonb_array_elements(coalesce(pools, '[]')) AS p(r)
+      CROSS JOIN LATERAL (SELECT round((p.r->>13)::numeric + (p.r->>14)::numeric / 1000000, 6) AS maxwait) w
+     WHERE p.r->>0 <> 'pgbouncer'
+    ON CONFLICT DO NOTHING;
+    IF last.up = false THEN
+      PERFORM meshhook_limits._emit('pool.pooler_up', NULL, p_pooler.name, NULL, NULL,
+                                    jsonb_build_object('pooler', p_pooler.name, 'version', v, 'down_since',
+                                      (SELECT min(s.sampled_at) FROM meshhook_limits.pooler_samples s
+                                        WHERE s.pooler = p_pooler.name AND NOT s.up
+                                          AND s.sampled_at > coalesce((SELECT max(u.sampled_at) FROM meshhook_limits.pooler_samples u
+                                                                        WHERE u.pooler = p_pooler.name AND u.up AND u.sampled_at < p_at),
+                                                                      '-infinity'))));
+    END IF;
+    PERFORM meshhook_limits._size_pooler(p_pooler, p_at, db, conn, keep, deadline);
+  EXCEPTION WHEN OTHERS OR query_canceled THEN
+    GET STACKED DIAGNOSTICS err = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL, state = RETURNED_SQLSTATE;
+    err := err || coalesce(': ' || nullif(regexp_replace(detail, '\s+', ' ', 'g'), ''), '');
+    PERFORM meshhook_limits._pooler_disconnect(db, conn);
+    IF state = '57014' THEN
+      RAISE;  -- a cancel of the tick itself, not of the pooler
+    END IF;
+    INSERT INTO meshhook_limits.pooler_samples (pooler, sampled_at, up, error, sample_ms)
+    VALUES (p_pooler.name, p_at, false, left(err, 1000),
+            round(extract(epoch FROM pg_catalog.clock_timestamp() - t_start) * 1000, 3))
+    ON CONFLICT DO NOTHING;
+    IF last.up IS DISTINCT FROM false THEN
+      PERFORM meshhook_limits._emit('pool.pooler_down', NULL, p_pooler.name, NULL, NULL,
+                                    jsonb_build_object('pooler', p_pooler.name, 'error', left(err, 500)));
+    END IF;
+  END;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_pooler(meshhook_limits.poolers, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION meshhook_limits._pooler_connections(p_dblink name) RETURNS text[]
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE r text[];
+BEGIN
+  EXECUTE format('SELECT %I.dblink_get_connections()', p_dblink) INTO r;
+  RETURN r;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_connections(name) FROM PUBLIC;
+
+-- Close the named connection if it is open; never fails.
+CREATE FUNCTION meshhook_limits._pooler_disconnect(p_dblink name, p_conn text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF p_dblink IS NOT NULL AND p_conn = ANY (coalesce(meshhook_limits._pooler_connections(p_dblink), '{}')) THEN
+    EXECUTE format('SELECT %I.dblink_disconnect($1::text)', p_dblink) USING p_conn;
+  END IF;
+EXCEPTION WHEN OTHERS THEN
+  NULL;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_disconnect(name, text) FROM PUBLIC;
+
+-- A setting with a time unit, in milliseconds.
+CREATE FUNCTION meshhook_limits._setting_ms(p_name text) RETURNS numeric
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT extract(epoch FROM current_setting(p_name)::interval) * 1000
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._setting_ms(text) FROM PUBLIC;
+
+-- Every enabled pooler, each on its own (a failing one never stops the others).
+CREATE FUNCTION meshhook_limits._sample_poolers(p_at timestamptz) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE p meshhook_limits.poolers;
+BEGIN
+  FOR p IN SELECT * FROM meshhook_limits.poolers x WHERE x.enabled ORDER BY x.name LOOP
+    PERFORM meshhook_limits._sample_pooler(p, p_at);
+  END LOOP;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_poolers(timestamptz) FROM PUBLIC;
+
+-- The pool size to run with, from both sides over the pooler's last
+-- resize_every: raise when clients kept waiting (in at least half the
+-- samples, or the longest wait reached pooler_wait_warning) by the p95 of
+-- waiting clients of the busiest pool; lower when no client waited and the
+-- busiest pool used at most half its servers (p95), to that p95 plus 25%.
+-- Between the two nothing changes (hysteresis). Always within the pooler's
+-- min/max_pool_size, and within what the server has room for: max_connections
+-- minus superuser_reserved_connections and reserved_connections, minus the
+-- pools of the other poolers and this pooler's pools of their own size,
+-- shared by the pools that follow default_pool_size.
+CREATE FUNCTION meshhook_limits._pooler_size_advice(p_pooler meshhook_limits.poolers, p_at timestamptz)
+RETURNS TABLE(current_size int, recommended_size int, server_cap int, pools int, reason text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  cur int; n int; fixed int; others int; cap int; usable int;
+  w record; target int; why text;
+BEGIN
+  SELECT s.default_pool_size INTO cur FROM meshhook_limits.pooler_samples s
+   WHERE s.pooler = p_pooler.name AND s.up AND s.sampled_at <= p_at ORDER BY s.sampled_at DESC LIMIT 1;
+  IF cur IS NULL THEN
+    RETURN;
+  END IF;
+  -- The pools of the latest sample: those on the default size, and the rest.
+  SELECT count(*) FILTER (WHERE x.pool_size = cur), coalesce(sum(x.pool_size) FILTER (WHERE x.pool_size <> cur), 0)
+    INTO n, fixed
+    FROM meshhook_limits.pooler_pool_samples x
+   WHERE x.pooler = p_pooler.name
+     AND x.sampled_at = (SELECT max(y.sampled_at) FROM meshhook_limits.pooler_pool_samples y
+                          WHERE y.pooler = p_pooler.name AND y.sampled_at <= p_at);
+  n := GREATEST(n, 1);
+  SELECT coalesce(sum(x.pool_size), 0) INTO others
+    FROM meshhook_limits.pooler_pool_samples x
+    JOIN (SELECT y.pooler, max(y.sampled_at) AS at FROM meshhook_limits.pooler_pool_samples y
+           WHERE y.pooler <> p_pooler.name AND y.sampled_at > p_at - interval '5 minutes' GROUP BY y.pooler) l
+      ON l.pooler = x.pooler AND l.at = x.sampled_at;
+  usable := current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+            - coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0);
+  cap := GREATEST((usable - others - fixed) / n, 1);
+  SELECT count(DISTINCT x.sampled_at) AS samples,
+         count(DISTINCT x.sampled_at) FILTER (WHERE x.clients_waiting > 0) AS waited,
+         max(x.maxwait_seconds) AS maxwait,
+         min(x.sampled_at) AS first_at
+    INTO w
+    FROM meshhook_limits.pooler_pool_samples x
+   WHERE x.pooler = p_pooler.name AND x.sampled_at > p_at - p_pooler.resize_every AND x.sampled_at <= p_at;
+  IF w.samples < 2 OR NOT EXISTS (SELECT 1 FROM meshhook_limits.pooler_samples s
+                                    WHERE s.pooler = p_pooler.name AND s.sampled_at <= p_at - p_pooler.resize_every) THEN
+    RETURN QUERY SELECT cur, cur, cap, n, format('not enough samples yet: sizing looks back over %s', p_pooler.resize_every);
+    RETURN;
+  END IF;
+  IF w.waited * 2 >= w.samples OR w.maxwait * 1000 >= meshhook_limits._setting_ms('meshhook_limits.pooler_wait_warning') THEN
+    SELECT cur + GREATEST(ceil(percentile_cont(0.95) WITHIN GROUP (ORDER BY b.waiting))::int, 1) INTO target
+      FROM (SELECT max(x.clients_waiting) AS waiting FROM meshhook_limits.pooler_pool_samples x
+             WHERE x.pooler = p_pooler.name AND x.sampled_at > p_at - p_pooler.resize_every AND x.sampled_at <= p_at
+             GROUP BY x.sampled_at) b;
+    why := format('clients waited in %s of %s samples over %s (longest wait %s s): raise by the p95 of waiting clients',
+                  w.waited, w.samples, p_pooler.resize_every, round(w.maxwait, 3));
+  ELSIF w.waited = 0 THEN
+    SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY b.busy) INTO w.maxwait
+      FROM (SELECT max(x.servers_active) AS busy FROM meshhook_limits.pooler_pool_samples x
+             WHERE x.pooler = p_pooler.name AND x.sampled_at > p_at - p_pooler.resize_every AND x.sampled_at <= p_at
+             GROUP BY x.sampled_at) b;
+    IF w.maxwait * 2 <= cur THEN
+      target := ceil(w.maxwait * 1.25)::int;
+      why := format('no client waited over %s and the busiest pool used at most %s servers (p95) of %s: '
+                    'lower to that plus 25%%', p_pooler.resize_every, w.maxwait, cur);
+    ELSE
+      target := cur;
+      why := format('no client waited over %s; the busiest pool used %s servers (p95) of %s: keep',
+                    p_pooler.resize_every, w.maxwait, cur);
+    END IF;
+  ELSE
+    target := cur;
+    why := format('clients waited in %s of %s samples over %s: keep', w.waited, w.samples, p_pooler.resize_every);
+  END IF;
+  IF target > cap THEN
+    why := why || format('; capped at %s by the server''s %s usable connections (other pools hold %s) over %s pools',
+                         cap, usable, others + fixed, n);
+  END IF;
+  target := LEAST(GREATEST(target, p_pooler.min_pool_size), p_pooler.max_pool_size, GREATEST(cap, 1));
+  RETURN QUERY SELECT cur, target, cap, n, why;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_size_advice(meshhook_limits.poolers, timestamptz) FROM PUBLIC;
+
+-- Act on the advice when sizing is on (SET default_pool_size on the admin
+-- console) or record it when dry_run: at most once per resize_every, one
+-- event each (pool.resized, pool.resize_proposed) with before, after and why.
+CREATE FUNCTION meshhook_limits._size_pooler(p_pooler meshhook_limits.poolers, p_at timestamptz, p_dblink name,
+                                             p_conn text, p_keep boolean, p_deadline timestamptz)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE a record;
+BEGIN
+  IF p_pooler.sizing = 'off' OR p_at < p_pooler.resized_at + p_pooler.resize_every THEN
+    RETURN;
+  END IF;
+  SELECT * INTO a FROM meshhook_limits._pooler_size_advice(p_pooler, p_at);
+  IF a.recommended_size IS NULL OR a.recommended_size = a.current_size THEN
+    RETURN;
+  END IF;
+  IF p_pooler.sizing = 'on' THEN
+    IF NOT p_keep THEN
+      EXECUTE format('SELECT %I.dblink_connect($1::text, $2::text)', p_dblink) USING p_conn, p_pooler.conninfo;
+    END IF;
+    PERFORM meshhook_limits._pooler_send(p_dblink, p_conn, format('SET default_pool_size = %s', a.recommended_size),
+                                         p_deadline);
+    EXECUTE format('SELECT count(*) FROM %I.dblink_get_result($1::text, true) AS t(c1 text)', p_dblink) USING p_conn;
+    EXECUTE format('SELECT count(*) FROM %I.dblink_get_result($1::text) AS t(c1 text)', p_dblink) USING p_conn;
+    IF NOT p_keep THEN
+      PERFORM meshhook_limits._pooler_disconnect(p_dblink, p_conn);
+    END IF;
+  END IF;
+  UPDATE meshhook_limits.poolers p SET resized_at = p_at WHERE p.name = p_pooler.name;
+  PERFORM meshhook_limits._emit(CASE p_pooler.sizing WHEN 'on' THEN 'pool.resized' ELSE 'pool.resize_proposed' END,
+                                NULL, p_pooler.name, a.recommended_size, a.current_size,
+                                jsonb_build_object('pooler', p_pooler.name, 'before', a.current_size,
+                                                   'after', a.recommended_size, 'why', a.reason,
+                                                   'mode', p_pooler.sizing, 'min_pool_size', p_pooler.min_pool_size,
+                                                   'max_pool_size', p_pooler.max_pool_size, 'server_cap', a.server_cap,
+                                                   'pools', a.pools));
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._size_pooler(meshhook_limits.poolers, timestamptz, name, text, boolean, timestamptz) FROM PUBLIC;
+
+-- Name a PgBouncer to sample (superusers: the tick connects with the
+-- extension owner's rights, so where it connects is a superuser's choice).
+CREATE FUNCTION meshhook_limits.add_pooler(name text, conninfo text, enabled boolean DEFAULT true)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE ci text := conninfo;
+BEGIN
+  IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user), false) THEN
+    RAISE EXCEPTION 'only a superuser may add a pooler' USING ERRCODE = '42501',
+      HINT = 'the tick connects to it with the extension owner''s rights; ask a superuser to run add_pooler';
+  END IF;
+  IF meshhook_limits._dblink_schema() IS NULL THEN
+    RAISE EXCEPTION 'sampling PgBouncer needs the dblink extension' USING ERRCODE = '55000',
+      HINT = 'CREATE EXTENSION dblink (as a superuser), then add the pooler again';
+  END IF;
+  IF name IS NULL OR name !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
+    RAISE EXCEPTION 'invalid pooler name %', coalesce(quote_literal(name), 'NULL') USING ERRCODE = '22023',
+      HINT = 'letters, digits, _ . and -, starting with a letter or digit, at most 63 characters';
+  END IF;
+  IF ci IS NULL OR btrim(ci) = '' THEN
+    RAISE EXCEPTION 'conninfo must not be empty' USING ERRCODE = '22023',
+      HINT = 'a libpq connection string such as ''host=/var/run/postgresql port=6432 dbname=pgbouncer user=pgbouncer'', or the name of a dblink foreign server';
+  END IF;
+  IF ci ~* '(^|\s)password\s*=' OR ci ~* '^postgres(ql)?://[^/@]*:[^/@]*@' OR ci ~* '[?&]password=' THEN
+    RAISE EXCEPTION 'conninfo must not hold a password' USING ERRCODE = '22023',
+      HINT = 'poolers is readable by monitors: put the password in a dblink foreign server''s user mapping '
+             '(CREATE SERVER ... FOREIGN DATA WRAPPER dblink_fdw; CREATE USER MAPPING ...) and pass the server''s name, '
+             'or in the server''s ~/.pgpass';
+  END IF;
+  -- A connection string (not a foreign server's name) gets a connect
+  -- timeout, so that an unreachable pooler holds the tick at most that long.
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_foreign_server s WHERE s.srvname = ci)
+     AND ci ~ '=' AND ci !~* 'connect_timeout' THEN
+    ci := ci || ' connect_timeout=2';
+  END IF;
+  INSERT INTO meshhook_limits.poolers AS p (name, conninfo, enabled)
+  VALUES (add_pooler.name, ci, coalesce(enabled, true))
+  ON CONFLICT ON CONSTRAINT poolers_pkey DO UPDATE SET conninfo = EXCLUDED.conninfo, enabled = EXCLUDED.enabled;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits.add_pooler(text, text, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits.add_pooler(text, text, boolean) TO meshhook_limits_admin;
+
+CREATE FUNCTION meshhook_limits.drop_pooler(name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE found boolean;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('drop a pooler');
+  DELETE FROM meshhook_limits.poolers p WHERE p.name = drop_pooler.name;
+  found := FOUND;
+  DELETE FROM meshhook_limits.pooler_samples s WHERE s.pooler = drop_pooler.name;
+  DELETE FROM meshhook_limits.pooler_pool_samples s WHERE s.pooler = drop_pooler.name;
+  RETURN found;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits.drop_pooler(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits.drop_pooler(text) TO meshhook_limits_admin;
+
+-- Pool sizing of one pooler: off, dry_run or on, within [min_pool_size,
+-- max_pool_size], one change at most per resize_every. Arguments left NULL
+-- keep their value.
+CREATE FUNCTION meshhook_limits.set_pooler_sizing(name text, mode text, min_pool_size int DEFAULT NULL,
+                                                  max_pool_size int DEFAULT NULL, resize_every interval DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('set pool sizing');
+  IF mode IS NULL OR mode NOT IN ('off', 'dry_run', 'on') THEN
+    RAISE EXCEPTION 'invalid sizing mode %', coalesce(quote_literal(mode), 'NULL') USING ERRCODE = '22023',
+      HINT = 'off, dry_run (record what it would do) or on (apply it)';
+  END IF;
+  BEGIN
+    UPDATE meshhook_limits.poolers p
+       SET sizing = mode,
+           min_pool_size = coalesce(set_pooler_sizing.min_pool_size, p.min_pool_size),
+           max_pool_size = coalesce(set_pooler_sizing.max_pool_size, p.max_pool_size),
+           resize_every = coalesce(set_pooler_sizing.resize_every, p.resize_every)
+     WHERE p.name = set_pooler_sizing.name;
+  EXCEPTION WHEN check_violation THEN
+    RAISE EXCEPTION 'invalid pool sizing bounds' USING ERRCODE = '22023',
+      HINT = 'min_pool_size >= 1, max_pool_size >= min_pool_size and at most 100000, resize_every at least 1 second';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'no pooler named %', quote_literal(name) USING ERRCODE = '42704',
+      HINT = 'add it first with meshhook_limits.add_pooler(name, conninfo)';
+  END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits.set_pooler_sizing(text, text, int, int, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits.set_pooler_sizing(text, text, int, int, interval) TO meshhook_limits_admin;
+
+-- Per pooler and pool, from the latest sample: clients, servers, pool size
+-- and use, the longest wait, status (ok, warning, critical against
+-- pooler_wait_warning/critical; down when the pooler did not answer), and
+-- the pooler's transaction and query rates and average wait since the
+-- sample before. Monitors only (others get no rows).
+CREATE FUNCTION meshhook_limits.pooler_health()
+RETURNS TABLE(pooler text, database text, user_name text, status text, clients_active int, clients_waiting int,
+              servers_active int, servers_idle int, servers_used int, pool_size int, utilisation numeric,
+              maxwait_seconds numeric, pool_mode text, transactions_per_second numeric, queries_per_second numeric,
+              avg_wait_seconds numeric, sampled_at timestamptz, error text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  WITH l AS (SELECT * FROM meshhook_limits._latest_pooler_samples() WHERE meshhook_limits.can_monitor()),
+  r AS (
+    SELECT l.pooler, l.sampled_at, e.seconds,
+           (l.xact_count - b.xact_count) / e.seconds AS tps, (l.query_count - b.query_count) / e.seconds AS qps
+      FROM l
+      CROSS JOIN LATERAL (SELECT s.* FROM meshhook_limits.pooler_samples s
+                           WHERE s.pooler = l.pooler AND s.up AND s.sampled_at < l.sampled_at
+                           ORDER BY s.sampled_at DESC LIMIT 1) b
+      CROSS JOIN LATERAL (SELECT extract(epoch FROM l.sampled_at - b.sampled_at) AS seconds) e
+     WHERE l.up AND e.seconds > 0 AND l.xact_count >= b.xact_count)
+  SELECT l.pooler, x.database, x.user_name, CASE WHEN l.up THEN coalesce(x.status, 'ok') ELSE 'down' END,
+         x.clients_active, x.clients_waiting, x.servers_active, x.servers_idle, x.servers_used, x.pool_size,
+         round((x.servers_active + x.servers_used + x.servers_idle + x.servers_tested + x.servers_login)::numeric
+               / nullif(x.pool_size, 0), 4),
+         x.maxwait_seconds, x.pool_mode, round(r.tps, 3), round(r.qps, 3),
+         round(l.avg_wait_us / 1000000.0, 6), l.sampled_at, l.error
+    FROM l
+    LEFT JOIN meshhook_limits.pooler_pool_samples x ON x.pooler = l.pooler AND x.sampled_at = l.sampled_at
+    LEFT JOIN r ON r.pooler = l.pooler
+   ORDER BY l.pooler, x.database, x.user_name
+$$;
+
+-- What sizing would do now for each pooler (whether or not it is on).
+CREATE FUNCTION meshhook_limits.pooler_recommendation()
+RETURNS TABLE(pooler text, sizing text, current_size int, recommended_size int, min_pool_size int, max_pool_size int,
+              server_cap int, pools int, reasoning text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT p.name, p.sizing, a.current_size, a.recommended_size, p.min_pool_size, p.max_pool_size, a.server_cap, a.pools, a.reason
+    FROM meshhook_limits.poolers p
+    CROSS JOIN LATERAL meshhook_limits._pooler_size_advice(p, pg_catalog.now()) a
+   WHERE meshhook_limits.can_monitor()
+   ORDER BY p.name
+$$;

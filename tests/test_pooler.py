@@ -1,0 +1,382 @@
+"""The connection pooler: a real PgBouncer (Debian's package, started by
+scripts/pgbouncer.sh) in transaction pooling in front of the test server,
+sampled by tick() through dblink on its admin console.
+
+Load is real too: pgbench clients through PgBouncer running `pg_sleep` hold
+the pool's two server connections while the others wait in the pooler, so
+the numbers are steady while a test compares them with SHOW POOLS.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import PG_BIN, PgBouncer, requires, sqlstate
+
+pytestmark = requires(shutil.which("pgbouncer") is not None, "pgbouncer")
+
+@pytest.fixture(scope="module")
+def bouncer(cluster):
+    b = PgBouncer(f"pytest-{os.getpid()}", cluster.port)
+    b.start()
+    with cluster.connect() as c:
+        c.execute("CREATE SCHEMA IF NOT EXISTS dblink")
+        c.execute("CREATE EXTENSION IF NOT EXISTS dblink SCHEMA dblink")
+        # As in schema public, where dblink usually goes: anyone may call it.
+        c.execute("GRANT USAGE ON SCHEMA dblink TO PUBLIC")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def pooler(cluster, bouncer, admin):
+    """The PgBouncer added as pooler 'pgb', its pool back at size 2, no sizing."""
+    bouncer.show("SET default_pool_size = 2")
+    admin.execute("SELECT meshhook_limits.drop_pooler('pgb')")
+    admin.execute("DELETE FROM meshhook_limits.events WHERE payload->>'pooler' = 'pgb'")  # earlier tests'
+    admin.execute("SELECT meshhook_limits.add_pooler('pgb', %s)", (bouncer.conninfo,))
+    yield "pgb"
+    admin.execute("SELECT meshhook_limits.drop_pooler('pgb')")
+    bouncer.show("SET default_pool_size = 2")
+
+
+class Load:
+    """n pgbench clients through PgBouncer, each running one pg_sleep(600):
+    pool_size of them hold a server connection, the rest wait."""
+
+    def __init__(self, cluster, bouncer, clients: int):
+        self.cluster = cluster
+        self.proc = subprocess.Popen(
+            [f"{PG_BIN}/pgbench", "-n", "-h", "127.0.0.1", "-p", str(bouncer.port), "-U", "postgres",
+             "-c", str(clients), "-t", "1", "-f", "-", cluster.dbname],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        self.proc.stdin.write("SELECT pg_sleep(600) /* ml_pooler_load */;\n")
+        self.proc.stdin.close()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        # The sleeps PgBouncer had sent on: end them on the server.
+        self.cluster.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE query LIKE '%ml_pooler_load%' AND pid <> pg_backend_pid()")
+
+
+@pytest.fixture
+def load(cluster, bouncer):
+    started: list[Load] = []
+
+    def start(clients: int) -> Load:
+        started.append(Load(cluster, bouncer, clients))
+        return started[-1]
+    yield start
+    for ld in started:
+        ld.stop()
+
+
+def until(pred, timeout: float = 60, what: str = "condition", step: float = 0.05):
+    """Poll pred until it returns something truthy; fail loudly after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+def tick(admin) -> None:
+    admin.execute("SELECT meshhook_limits.tick()")
+
+
+def pool_row(bouncer, database: str) -> dict | None:
+    for r in bouncer.show("SHOW POOLS"):
+        if r[0] == database:
+            return {"cl_active": int(r[2]), "cl_waiting": int(r[3]), "sv_active": int(r[6]), "sv_idle": int(r[9]),
+                    "sv_used": int(r[10]), "maxwait": int(r[13]) + int(r[14]) / 1e6}
+    return None
+
+
+def health(admin, pooler: str) -> list[dict]:
+    cur = admin.execute("SELECT * FROM meshhook_limits.pooler_health() WHERE pooler = %s", (pooler,))
+    cols = [d.name for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def events(admin, event: str, pooler: str) -> list[dict]:
+    return [r[0] for r in admin.execute(
+        "SELECT payload FROM meshhook_limits.events WHERE event = %s AND payload->>'pooler' = %s ORDER BY id",
+        (event, pooler)).fetchall()]
+
+
+@pytest.mark.smoke
+def test_sampled_numbers_match_show_pools_under_a_pgbench_load(cluster, bouncer, pooler, admin, load):
+    load(8)
+    # Steady once the two servers run a sleep each and six clients wait.
+    until(lambda: (p := pool_row(bouncer, cluster.dbname)) and p["cl_waiting"] == 6 and p["sv_active"] == 2,
+          what="6 clients waiting in PgBouncer")
+    until(lambda: pool_row(bouncer, cluster.dbname)["maxwait"] > 0.05, what="a measurable wait")
+    tick(admin)
+    after = pool_row(bouncer, cluster.dbname)
+    [h] = [r for r in health(admin, pooler) if r["database"] == cluster.dbname]
+    assert h["status"] in ("ok", "warning", "critical")
+    assert (h["clients_active"], h["clients_waiting"], h["servers_active"], h["servers_idle"], h["servers_used"]) == \
+        (after["cl_active"], after["cl_waiting"], after["sv_active"], after["sv_idle"], after["sv_used"]) == (2, 6, 2, 0, 0)
+    assert h["pool_size"] == 2 and h["utilisation"] == 1
+    assert h["pool_mode"] == "transaction" and h["user_name"] == "postgres"
+    # maxwait grows: what the tick read lies between a read before and one after.
+    assert 0.05 < float(h["maxwait_seconds"]) <= after["maxwait"]
+    # The same numbers in metrics(), and the pooler is up.
+    text = admin.execute("SELECT meshhook_limits.metrics()").fetchone()[0]
+    labels = f'{{database="{cluster.dbname}",pooler="{pooler}",user="postgres"}}'
+    assert f"meshhook_limits_pooler_clients_waiting{labels} 6" in text
+    assert f'meshhook_limits_pooler_up{{pooler="{pooler}"}} 1' in text
+    assert f'meshhook_limits_pooler_server_connections{{database="{cluster.dbname}",pooler="{pooler}",state="active",user="postgres"}} 2' in text
+    assert "# TYPE meshhook_limits_pooler_transactions_total counter" in text
+    # The admin console's own pseudo-pool is not reported.
+    assert all(r["database"] != "pgbouncer" for r in health(admin, pooler))
+
+
+def test_rates_come_from_show_totals_between_two_samples(cluster, bouncer, pooler, admin):
+    tick(admin)
+    via = psycopg.connect(f"host=127.0.0.1 port={bouncer.port} user=postgres dbname={cluster.dbname}",
+                          autocommit=True, prepare_threshold=None)
+    with via:
+        for _ in range(50):
+            via.execute("SELECT 1")
+    # SHOW TOTALS is PgBouncer's running count: wait until it has the 50.
+    before = admin.execute("SELECT xact_count FROM meshhook_limits.pooler_samples WHERE pooler = %s", (pooler,)).fetchone()[0]
+    until(lambda: int(dict((r[0], r[1]) for r in bouncer.show("SHOW TOTALS"))["total_xact_count"]) >= before + 50,
+          what="PgBouncer to count 50 transactions")
+    tick(admin)
+    rows = health(admin, pooler)
+    assert rows and rows[0]["transactions_per_second"] > 0 and rows[0]["queries_per_second"] > 0
+
+
+def test_the_wait_alert_fires_and_resolves_for_a_listener(cluster, bouncer, pooler, admin, load):
+    admin.execute("SELECT meshhook_limits.set_alert_rule('pooler_wait', 'pooler.maxwait_seconds', 0.3, "
+                  "for_duration => '0', resolve_threshold => 0.1)")
+    try:
+        with cluster.connect() as listener:
+            listener.execute("LISTEN meshhook_limits")
+            ld = load(4)
+            until(lambda: pool_row(bouncer, cluster.dbname)["maxwait"] > 0.4, what="a client waiting 0.4 s")
+            tick(admin)
+            fired = next(p for n in listener.notifies(timeout=30)
+                         if (p := json.loads(n.payload))["event"] == "alert.firing" and p["rule"] == "pooler_wait")
+            assert fired["labels"] == {"pooler": pooler, "database": cluster.dbname, "user": "postgres"}
+            assert fired["value"] > 0.3 and fired["severity"] == "warning"
+            ld.stop()
+            until(lambda: pool_row(bouncer, cluster.dbname)["cl_waiting"] == 0, what="no client waiting")
+            tick(admin)
+            resolved = next(p for n in listener.notifies(timeout=30)
+                            if (p := json.loads(n.payload))["event"] == "alert.resolved" and p["rule"] == "pooler_wait")
+            assert resolved["labels"]["pooler"] == pooler and resolved["value"] <= 0.1
+    finally:
+        admin.execute("DELETE FROM meshhook_limits.alert_rules WHERE name = 'pooler_wait'")
+
+
+def test_a_stopped_pooler_is_down_with_an_event_and_the_tick_goes_on(cluster, bouncer, pooler, admin):
+    tick(admin)
+    ticks = admin.execute("SELECT ticks FROM meshhook_limits.worker_state").fetchone()[0]
+    with cluster.connect() as listener:
+        listener.execute("LISTEN meshhook_limits")
+        bouncer.stop()
+        try:
+            tick(admin)
+            down = next(p for n in listener.notifies(timeout=30)
+                        if (p := json.loads(n.payload))["event"] == "pool.pooler_down")
+            assert down["pooler"] == pooler and "connection" in down["error"]
+            [h] = health(admin, pooler)
+            assert h["status"] == "down" and h["database"] is None and "Connection refused" in h["error"]
+            # The tick went on: counted, and the server's pool sampled this tick too.
+            assert admin.execute("SELECT ticks FROM meshhook_limits.worker_state").fetchone()[0] == ticks + 1
+            at = admin.execute("SELECT sampled_at FROM meshhook_limits.pooler_samples WHERE pooler = %s "
+                               "ORDER BY sampled_at DESC LIMIT 1", (pooler,)).fetchone()[0]
+            assert admin.execute("SELECT count(*) FROM meshhook_limits.pool_samples WHERE sampled_at = %s",
+                                 (at,)).fetchone()[0] == 1
+            text = admin.execute("SELECT meshhook_limits.metrics()").fetchone()[0]
+            assert f'meshhook_limits_pooler_up{{pooler="{pooler}"}} 0' in text
+            # Still down at the next tick: one event, not one per tick.
+            tick(admin)
+            assert len(events(admin, "pool.pooler_down", pooler)) == 1
+        finally:
+            bouncer.start()
+        admin.execute("SELECT meshhook_limits.add_pooler('pgb', %s)", (bouncer.conninfo,))  # its new port
+        tick(admin)
+        up = next(p for n in listener.notifies(timeout=30) if (p := json.loads(n.payload))["event"] == "pool.pooler_up")
+        assert up["pooler"] == pooler and up["version"].startswith("PgBouncer")
+    assert health(admin, pooler)[0]["status"] != "down"
+
+
+def test_a_pooler_that_does_not_answer_holds_the_tick_only_until_its_timeouts(cluster, bouncer, pooler, admin):
+    tick(admin)
+    os.kill(bouncer.pid, signal.SIGSTOP)  # accepts connections (the kernel does), never answers
+    try:
+        t = time.monotonic()
+        tick(admin)
+        took = time.monotonic() - t
+        [h] = health(admin, pooler)
+        assert h["status"] == "down" and "timeout" in h["error"].lower(), h["error"]
+        assert took < 30, f"the tick waited {took:.1f} s for a stopped pooler"
+        # Tried again only 10 s later: the next ticks do not wait on it.
+        t = time.monotonic()
+        tick(admin)
+        assert time.monotonic() - t < took
+        assert admin.execute("SELECT count(*) FROM meshhook_limits.pooler_samples WHERE pooler = %s AND NOT up",
+                             (pooler,)).fetchone()[0] == 1
+    finally:
+        os.kill(bouncer.pid, signal.SIGCONT)
+
+
+def test_sizing_dry_run_records_and_on_raises_under_load_and_lowers_when_idle(cluster, bouncer, pooler, admin, load):
+    admin.execute("SELECT meshhook_limits.set_pooler_sizing('pgb', 'dry_run', 2, 5, '2 seconds')")
+    ld = load(8)
+    until(lambda: pool_row(bouncer, cluster.dbname)["cl_waiting"] == 6, what="6 clients waiting")
+
+    def ticked_until(event):
+        def check():
+            tick(admin)
+            return events(admin, event, pooler)
+        return until(check, what=event, step=0.2)
+    [proposed] = ticked_until("pool.resize_proposed")
+    assert (proposed["before"], proposed["after"], proposed["mode"]) == (2, 5, "dry_run")
+    assert "waited" in proposed["why"]
+    assert bouncer.config("default_pool_size") == "2"  # dry run: nothing applied
+
+    admin.execute("SELECT meshhook_limits.set_pooler_sizing('pgb', 'on')")  # bounds kept
+    [raised] = ticked_until("pool.resized")
+    assert (raised["before"], raised["after"]) == (2, 5)  # the p95 of 6 waiting, capped at max_pool_size
+    assert bouncer.config("default_pool_size") == "5"
+    until(lambda: pool_row(bouncer, cluster.dbname)["sv_active"] == 5, what="PgBouncer to use 5 servers")
+
+    ld.stop()
+    lowered = until(lambda: (tick(admin), events(admin, "pool.resized", pooler))[1][1:], what="a lowering", step=0.2)
+    assert (lowered[0]["before"], lowered[0]["after"]) == (5, 2)  # min_pool_size
+    assert "no client waited" in lowered[0]["why"]
+    assert bouncer.config("default_pool_size") == "2"
+    rec = admin.execute("SELECT * FROM meshhook_limits.pooler_recommendation()").fetchall()
+    assert rec and rec[0][0] == "pgb"
+
+
+def test_sizing_never_exceeds_what_the_server_has_room_for(cluster, bouncer, pooler, admin, load):
+    # A second PgBouncer whose pool may hold all but 3 of the server's usable connections.
+    usable = admin.execute("SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int"
+                           " - coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0)").fetchone()[0]
+    other = PgBouncer(f"pytest-other-{os.getpid()}", cluster.port)
+    other.start()
+    try:
+        other.show(f"SET default_pool_size = {usable - 3}")
+        with psycopg.connect(f"host=127.0.0.1 port={other.port} user=postgres dbname={cluster.dbname}",
+                             autocommit=True, prepare_threshold=None) as c:
+            c.execute("SELECT 1")  # its pool exists from the first client on
+        admin.execute("SELECT meshhook_limits.add_pooler('other', %s)", (other.conninfo,))
+        admin.execute("SELECT meshhook_limits.set_pooler_sizing('pgb', 'on', 2, 1000, '2 seconds')")
+        load(40)
+        until(lambda: pool_row(bouncer, cluster.dbname)["cl_waiting"] == 38, what="38 clients waiting")
+
+        def check():
+            tick(admin)
+            return events(admin, "pool.resized", pooler)
+        [raised] = until(check, what="pool.resized", step=0.2)
+        assert raised["after"] == 3 and raised["server_cap"] == 3, raised
+        assert "capped" in raised["why"]
+        assert bouncer.config("default_pool_size") == "3"
+    finally:
+        admin.execute("SELECT meshhook_limits.drop_pooler('other')")
+        other.stop()
+
+
+def test_add_pooler_refuses_bad_input_with_hints(cluster, bouncer, admin):
+    for conninfo in ("host=127.0.0.1 port=6432 dbname=pgbouncer user=x password=secret",
+                     "postgresql://x:secret@127.0.0.1:6432/pgbouncer",
+                     "host=127.0.0.1 dbname=pgbouncer PASSWORD = 'secret'"):
+        with pytest.raises(psycopg.Error) as e:
+            admin.execute("SELECT meshhook_limits.add_pooler('p', %s)", (conninfo,))
+        assert sqlstate(e) == "22023" and "user mapping" in e.value.diag.message_hint
+    for name in ("", "has space", "x" * 64, None):
+        with pytest.raises(psycopg.Error) as e:
+            admin.execute("SELECT meshhook_limits.add_pooler(%s, 'host=127.0.0.1')", (name,))
+        assert sqlstate(e) == "22023"
+    with pytest.raises(psycopg.Error) as e:
+        admin.execute("SELECT meshhook_limits.add_pooler('p', '  ')")
+    assert sqlstate(e) == "22023"
+    with pytest.raises(psycopg.Error) as e:
+        admin.execute("SELECT meshhook_limits.set_pooler_sizing('nope', 'on')")
+    assert sqlstate(e) == "42704" and "add_pooler" in e.value.diag.message_hint
+    admin.execute("SELECT meshhook_limits.add_pooler('p', %s)", (bouncer.conninfo,))
+    try:
+        # connect_timeout added to a connection string that has none.
+        assert admin.execute("SELECT conninfo FROM meshhook_limits.poolers WHERE name = 'p'").fetchone()[0] \
+            == bouncer.conninfo + " connect_timeout=2"
+        for args in ("'p', 'sometimes'", "'p', 'on', 0", "'p', 'on', 5, 4", "'p', 'on', 2, 5, '0'"):
+            with pytest.raises(psycopg.Error) as e:
+                admin.execute(f"SELECT meshhook_limits.set_pooler_sizing({args})")
+            assert sqlstate(e) == "22023", args
+    finally:
+        admin.execute("SELECT meshhook_limits.drop_pooler('p')")
+    # Without dblink: a clear error, not a failing tick later.
+    with cluster.connect(dbname="postgres") as c:
+        c.execute("DROP DATABASE IF EXISTS ml_nodblink")
+        c.execute("CREATE DATABASE ml_nodblink")
+    try:
+        with cluster.connect(dbname="ml_nodblink") as c:
+            c.execute("CREATE EXTENSION meshhook_limits")
+            with pytest.raises(psycopg.Error) as e:
+                c.execute("SELECT meshhook_limits.add_pooler('p', 'host=127.0.0.1')")
+            assert sqlstate(e) == "55000" and "CREATE EXTENSION dblink" in e.value.diag.message_hint
+    finally:
+        with cluster.connect(dbname="postgres") as c:
+            c.execute("DROP DATABASE ml_nodblink")
+
+
+@pytest.fixture
+def pooler_admin(cluster, admin):
+    """A login role that is an admin of the extension but not a superuser."""
+    role = f"ml_pooler_admin_{os.getpid()}"
+    admin.execute(f"DROP ROLE IF EXISTS {role}")
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    admin.execute(f"GRANT meshhook_limits_admin TO {role}")
+    with cluster.connect(user=role) as c:
+        yield c
+    admin.execute(f"DROP OWNED BY {role}")
+    admin.execute(f"DROP ROLE {role}")
+
+
+def test_an_admin_who_is_not_superuser_cannot_aim_the_tick_or_reuse_its_connection(cluster, bouncer, pooler,
+                                                                                  pooler_admin):
+    # Where the tick connects (with the extension owner's rights) is a superuser's choice.
+    with pytest.raises(psycopg.Error) as e:
+        pooler_admin.execute("SELECT meshhook_limits.add_pooler('mine', 'host=/var/run/postgresql dbname=postgres')")
+    assert sqlstate(e) == "42501"
+    # An admin may run the tick. The admin-console connection it opened as the
+    # extension owner is closed before it returns: nothing left to send
+    # SET, PAUSE or SHUTDOWN on.
+    pooler_admin.execute("SELECT meshhook_limits.tick()")
+    assert pooler_admin.execute("SELECT dblink.dblink_get_connections()").fetchone()[0] is None
+    with pytest.raises(psycopg.Error):
+        pooler_admin.execute("SELECT dblink.dblink_exec('meshhook_limits_pooler:pgb', 'SET default_pool_size = 100')")
+    assert bouncer.config("default_pool_size") == "2"
+    # Also when the tick is cancelled while the pooler does not answer.
+    os.kill(bouncer.pid, signal.SIGSTOP)
+    try:
+        pooler_admin.execute("SET statement_timeout = '300ms'")
+        try:
+            pooler_admin.execute("SELECT meshhook_limits.tick()")
+        except psycopg.errors.QueryCanceled:
+            pass
+        pooler_admin.execute("RESET statement_timeout")
+        assert pooler_admin.execute("SELECT dblink.dblink_get_connections()").fetchone()[0] is None
+    finally:
+        os.kill(bouncer.pid, signal.SIGCONT)
+    # Samples and health are for monitors; a plain role sees none.
+    assert pooler_admin.execute("SELECT count(*) FROM meshhook_limits.pooler_health()").fetchone()[0] >= 1
+    with cluster.connect(user="authenticator") as c:
+        assert c.execute("SELECT count(*) FROM meshhook_limits.pooler_health()").fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM meshhook_limits.poolers").fetchone()[0] == 0
