@@ -19,7 +19,9 @@ case $cmd in
     command -v pgbouncer >/dev/null || { echo "pgbouncer is not installed (scripts/setup.sh installs it)" >&2; exit 1; }
     mkdir -p /tmp/meshhook_limits "$base"; chown postgres "$base" 2>/dev/null || true
     if ! running; then
-      port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+      # A restart keeps the address of the first start.
+      port=$(sed -n "s/^listen_port = \([0-9]*\)/\1/p" "$base/pgbouncer.ini" 2>/dev/null || true)
+      [[ -n $port ]] || port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
       {
         echo "[databases]"
         echo "* = host=127.0.0.1 port=$pg_port"

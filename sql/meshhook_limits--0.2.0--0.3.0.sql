@@ -1283,7 +1283,7 @@ DECLARE
   deadline timestamptz := pg_catalog.clock_timestamp() + current_setting('meshhook_limits.pooler_timeout')::interval;
   last record;
   v text; vnum int; pool_cols int; db_cols int;
-  pools jsonb; sizes jsonb; totals jsonb; dflt int; err text; detail text; state text;
+  reused boolean; pools jsonb; sizes jsonb; totals jsonb; dflt int; err text; detail text; state text;
 BEGIN
   SELECT s.up, s.sampled_at, s.sample_ms INTO last FROM meshhook_limits.pooler_samples s
    WHERE s.pooler = p_pooler.name ORDER BY s.sampled_at DESC LIMIT 1;
@@ -1294,11 +1294,23 @@ BEGIN
     IF db IS NULL THEN
       RAISE EXCEPTION 'extension dblink is not installed (by a superuser)' USING ERRCODE = '55000';
     END IF;
-    IF NOT keep OR NOT conn = ANY (coalesce(meshhook_limits._pooler_connections(db), '{}')) THEN
+    reused := keep AND conn = ANY (coalesce(meshhook_limits._pooler_connections(db), '{}'));
+    IF NOT reused THEN
       PERFORM meshhook_limits._pooler_disconnect(db, conn);
       EXECUTE format('SELECT %I.dblink_connect($1::text, $2::text)', db) USING conn, p_pooler.conninfo;
     END IF;
-    SELECT r[1] INTO v FROM meshhook_limits._pooler_show(db, conn, 'SHOW VERSION', 1, deadline) r;
+    BEGIN
+      SELECT r[1] INTO v FROM meshhook_limits._pooler_show(db, conn, 'SHOW VERSION', 1, deadline) r;
+    EXCEPTION WHEN OTHERS THEN
+      IF NOT reused THEN
+        RAISE;
+      END IF;
+      -- A kept connection the pooler closed since (a restart, an idle
+      -- timeout) is not the pooler being down: once more, on a new one.
+      PERFORM meshhook_limits._pooler_disconnect(db, conn);
+      EXECUTE format('SELECT %I.dblink_connect($1::text, $2::text)', db) USING conn, p_pooler.conninfo;
+      SELECT r[1] INTO v FROM meshhook_limits._pooler_show(db, conn, 'SHOW VERSION', 1, deadline) r;
+    END;
     vnum := (SELECT m[1]::int * 100 + m[2]::int FROM regexp_match(v, '(\d+)\.(\d+)') m);
     IF v NOT LIKE 'PgBouncer%' OR vnum IS NULL OR vnum < 118 THEN
       RAISE EXCEPTION '% is not PgBouncer 1.18 or newer', coalesce(v, 'the server') USING ERRCODE = '0A000';

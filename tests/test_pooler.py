@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -208,7 +207,6 @@ def test_a_stopped_pooler_is_down_with_an_event_and_the_tick_goes_on(cluster, bo
             assert len(events(admin, "pool.pooler_down", pooler)) == 1
         finally:
             bouncer.start()
-        admin.execute("SELECT meshhook_limits.add_pooler('pgb', %s)", (bouncer.conninfo,))  # its new port
         tick(admin)
         up = next(p for n in listener.notifies(timeout=30) if (p := json.loads(n.payload))["event"] == "pool.pooler_up")
         assert up["pooler"] == pooler and up["version"].startswith("PgBouncer")
@@ -380,3 +378,40 @@ def test_an_admin_who_is_not_superuser_cannot_aim_the_tick_or_reuse_its_connecti
     with cluster.connect(user="authenticator") as c:
         assert c.execute("SELECT count(*) FROM meshhook_limits.pooler_health()").fetchone()[0] == 0
         assert c.execute("SELECT count(*) FROM meshhook_limits.poolers").fetchone()[0] == 0
+
+
+def test_the_worker_keeps_its_connection_and_a_closed_one_is_not_a_down_pooler():
+    """The background worker samples every tick on one kept connection; when
+    PgBouncer closed it between ticks (a restart here; an idle timeout or a
+    network blip alike), the next tick connects again instead of reporting
+    the pooler down."""
+    from conftest import destroy_cluster, fresh_cluster
+    c = fresh_cluster("poolerworker", "meshhook_limits.database = 'mltest'", "meshhook_limits.restart_grace = 0",
+                      "meshhook_limits.sample_interval = '5s'", "fsync = off")
+    b = PgBouncer(f"pytest-worker-{os.getpid()}", c.port)
+    try:
+        b.start()
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION dblink")
+            conn.execute("CREATE EXTENSION meshhook_limits")
+            conn.execute("SELECT meshhook_limits.add_pooler('w', %s)", (b.conninfo,))
+
+            def up_samples() -> int:
+                return conn.execute("SELECT count(*) FROM meshhook_limits.pooler_samples WHERE up").fetchone()[0]
+            until(lambda: up_samples() >= 2, what="the worker's samples")
+            # One admin-console client for the worker, kept across ticks.
+            clients = [r for r in b.show("SHOW CLIENTS") if r[2] == "pgbouncer"]
+            assert len(clients) == 2, clients  # the worker's and this SHOW's own
+            # PgBouncer restarts between two ticks (on the same address): the
+            # worker's kept connection is gone when the next tick uses it.
+            n = up_samples()
+            until(lambda: up_samples() > n, what="the next tick", step=0.05)
+            b.stop()
+            b.start()
+            until(lambda: up_samples() >= n + 3, what="2 more samples", step=0.2)
+            assert conn.execute("SELECT count(*) FROM meshhook_limits.pooler_samples WHERE NOT up").fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM meshhook_limits.events WHERE event = 'pool.pooler_down'"
+                                ).fetchone()[0] == 0
+    finally:
+        b.stop()
+        destroy_cluster(c)
