@@ -2,7 +2,8 @@
 # A throwaway PgBouncer (Debian's package) in front of a local PostgreSQL,
 # run as the `postgres` OS user (PgBouncer refuses root): transaction
 # pooling, default_pool_size 2, trust over 127.0.0.1, admin console
-# (database pgbouncer) for user postgres. Used by the tests, the demo and
+# (database pgbouncer) for user postgres, read-only (stats_users) for
+# user meshhook_stats. Used by the tests, the demo and
 # benches/pooler.sh.
 #   scripts/pgbouncer.sh start NAME PG_PORT [extra [pgbouncer] ini lines...]
 #   scripts/pgbouncer.sh stop NAME
@@ -32,6 +33,7 @@ case $cmd in
         echo "auth_type = trust"
         echo "auth_file = $base/users.txt"
         echo "admin_users = postgres"
+        echo "stats_users = meshhook_stats"
         echo "pool_mode = transaction"
         echo "default_pool_size = 2"
         echo "max_client_conn = 1000"
@@ -41,7 +43,7 @@ case $cmd in
         echo "pidfile = $base/pgbouncer.pid"
         for line in "$@"; do echo "$line"; done
       } >"$base/pgbouncer.ini"
-      echo '"postgres" ""' >"$base/users.txt"
+      printf '"postgres" ""\n"meshhook_stats" ""\n' >"$base/users.txt"
       chown postgres "$base"/* 2>/dev/null || true
       as_pg pgbouncer -d "$base/pgbouncer.ini"
       for _ in $(seq 1 100); do

@@ -1358,7 +1358,19 @@ BEGIN
                                                                         WHERE u.pooler = p_pooler.name AND u.up AND u.sampled_at < p_at),
                                                                       '-infinity'))));
     END IF;
-    PERFORM meshhook_limits._size_pooler(p_pooler, p_at, db, conn, keep, deadline);
+    -- Sizing on its own: a pooler that refuses SET (a stats_users login,
+    -- not admin_users) is still up; the failure is an event, once per
+    -- resize_every.
+    BEGIN
+      PERFORM meshhook_limits._size_pooler(p_pooler, p_at, db, conn, keep, deadline);
+    EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS err = MESSAGE_TEXT;
+      PERFORM meshhook_limits._pooler_disconnect(db, conn);
+      UPDATE meshhook_limits.poolers p SET resized_at = p_at WHERE p.name = p_pooler.name;
+      PERFORM meshhook_limits._emit('pool.resize_failed', NULL, p_pooler.name, NULL, NULL,
+                                    jsonb_build_object('pooler', p_pooler.name, 'mode', p_pooler.sizing,
+                                                       'error', left(err, 500)));
+    END;
   EXCEPTION WHEN OTHERS OR query_canceled THEN
     GET STACKED DIAGNOSTICS err = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL, state = RETURNED_SQLSTATE;
     err := err || coalesce(': ' || nullif(regexp_replace(detail, '\s+', ' ', 'g'), ''), '');

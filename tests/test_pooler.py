@@ -263,6 +263,34 @@ def test_sizing_dry_run_records_and_on_raises_under_load_and_lowers_when_idle(cl
     assert rec and rec[0][0] == "pgb"
 
 
+def test_a_read_only_login_samples_and_sizing_it_cannot_apply_is_an_event_not_a_down_pooler(
+        cluster, bouncer, admin, load):
+    """PgBouncer's stats_users may SHOW but not SET: sampling works, and
+    sizing that is on reports pool.resize_failed once per resize_every."""
+    admin.execute("SELECT meshhook_limits.drop_pooler('ro')")
+    admin.execute("DELETE FROM meshhook_limits.events WHERE payload->>'pooler' = 'ro'")
+    admin.execute("SELECT meshhook_limits.add_pooler('ro', %s)",
+                  (bouncer.conninfo.replace("user=postgres", "user=meshhook_stats"),))
+    try:
+        admin.execute("SELECT meshhook_limits.set_pooler_sizing('ro', 'on', 2, 5, '2 seconds')")
+        load(8)
+        until(lambda: pool_row(bouncer, cluster.dbname)["cl_waiting"] == 6, what="6 clients waiting")
+
+        def check():
+            tick(admin)
+            return events(admin, "pool.resize_failed", "ro")
+        [failed] = until(check, what="pool.resize_failed", step=0.2)
+        assert "admin access needed" in failed["error"] and failed["mode"] == "on"
+        assert bouncer.config("default_pool_size") == "2"
+        tick(admin)
+        assert all(r["status"] != "down" for r in health(admin, "ro"))
+        assert [r["clients_waiting"] for r in health(admin, "ro") if r["database"] == cluster.dbname] == [6]
+        assert events(admin, "pool.pooler_down", "ro") == []
+        assert len(events(admin, "pool.resize_failed", "ro")) == 1  # not again before resize_every
+    finally:
+        admin.execute("SELECT meshhook_limits.drop_pooler('ro')")
+
+
 def test_sizing_never_exceeds_what_the_server_has_room_for(cluster, bouncer, pooler, admin, load):
     # A second PgBouncer whose pool may hold all but 3 of the server's usable connections.
     usable = admin.execute("SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int"
