@@ -1,5 +1,5 @@
 # meshhook_limits — every target runs the same idempotent set-up first.
-.PHONY: all setup demo demo-stop test test-rust test-integration bench bench-slots bench-rate bench-metrics bench-pgboss bench-claim lint fmt clean
+.PHONY: all setup demo demo-stop test test-rust test-integration bench bench-slots bench-rate bench-metrics bench-pgboss bench-claim bench-pooler lint fmt clean
 
 all: demo
 
@@ -34,7 +34,7 @@ test-integration:
 	PG="$(FULL_PG) $(SMOKE_PG)" bash scripts/setup.sh --test
 	bash scripts/test.sh integration
 
-## make bench: every benchmark in benches/ (about 27 minutes; a quiet machine)
+## make bench: every benchmark in benches/ (about 31 minutes; a quiet machine)
 bench: setup
 	bash scripts/install-queue-systems.sh
 	bash benches/run.sh
@@ -42,6 +42,7 @@ bench: setup
 	bash benches/metrics.sh
 	bash benches/pgboss.sh
 	bash benches/claim.sh
+	bash benches/pooler.sh
 
 bench-claim: setup
 	bash scripts/install-queue-systems.sh
@@ -59,6 +60,9 @@ bench-metrics: setup
 bench-pgboss: setup
 	bash scripts/install-queue-systems.sh
 	bash benches/pgboss.sh
+
+bench-pooler: setup
+	bash benches/pooler.sh
 
 lint:
 	cargo fmt --check
