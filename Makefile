@@ -19,6 +19,7 @@ demo: setup
 	bash scripts/demo.sh
 
 demo-stop:
+	bash scripts/pgbouncer.sh stop demo
 	bash scripts/pg.sh stop demo
 
 ## make test: the same set-up for every version, then every test (pgrx unit tests + integration tests)

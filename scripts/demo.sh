@@ -117,6 +117,18 @@ SQL
 # Some connections for the pool to show: idle, and idle in a transaction.
 for i in 1 2 3; do psql -X -q -c "SELECT pg_sleep(6)" >/dev/null 2>&1 & done
 psql -X -q -c "BEGIN; SELECT pg_sleep(6); COMMIT" >/dev/null 2>&1 &
+# PgBouncer in front of the server (transaction pooling, a pool of 2),
+# sampled by the worker through dblink, with pool sizing in dry run; 12
+# clients through it, each transaction 20 ms on the server: most wait.
+bash scripts/pgbouncer.sh stop demo
+eval "$(bash scripts/pgbouncer.sh start demo "$PGPORT")"
+q -v port="$PGBOUNCER_PORT" >/dev/null <<'SQL'
+CREATE EXTENSION IF NOT EXISTS dblink;
+SELECT meshhook_limits.add_pooler('demo', 'host=127.0.0.1 port=' || :'port' || ' dbname=pgbouncer user=postgres');
+SELECT meshhook_limits.set_pooler_sizing('demo', 'dry_run', 2, 10, '5 seconds');
+SQL
+pgbench -n -h 127.0.0.1 -p "$PGBOUNCER_PORT" -U postgres -c 12 -T 20 -f <(echo 'SELECT pg_sleep(0.02);') \
+  meshhook_demo >/dev/null 2>&1 &
 # Wait for two ticks of the background worker (it connects within ~5 s of
 # the demo database being created).
 before=$(q -Atc "SELECT ticks FROM meshhook_limits.worker_state")
@@ -130,6 +142,14 @@ q -c "SELECT source, queue, queued, active, failed_recent, oldest_age, p50_ms, t
 title "pool pressure"
 q -c "SELECT max_connections, total, active, idle, idle_in_transaction, waiting, utilisation, longest_transaction, status, by_application FROM meshhook_limits.pool_pressure()"
 q -c "SELECT recommended_pool_size, observed_p95_active, reasoning FROM meshhook_limits.pool_recommendation()"
+# Sizing looks back 5 s before it proposes anything.
+for _ in $(seq 1 100); do
+  [[ $(q -Atc "SELECT count(*) FROM meshhook_limits.events WHERE event = 'pool.resize_proposed'") -gt 0 ]] && break
+  sleep 0.2
+done
+title "connection pooler: PgBouncer's pools, sampled through its admin console"
+q -c "SELECT pooler, database, status, clients_active, clients_waiting, servers_active, pool_size, maxwait_seconds, transactions_per_second FROM meshhook_limits.pooler_health()"
+q -c "SELECT payload->>'before' AS pool_size, payload->>'after' AS proposed, payload->>'why' AS why FROM meshhook_limits.events WHERE event = 'pool.resize_proposed' ORDER BY id LIMIT 1"
 title "alerts"
 q -c "SELECT rule, series, state, value, since FROM meshhook_limits.alert_states ORDER BY rule, series"
 title "events (also sent with NOTIFY on channel meshhook_limits)"
@@ -143,5 +163,5 @@ cat <<EOF2
 The demo server keeps running (the worker keeps sampling):
   $PG_BIN/psql -h $PGHOST -p $PGPORT -U postgres -d meshhook_demo
   LISTEN meshhook_limits;  -- in psql, to watch events arrive
-  make demo-stop           # stop it (scripts/pg.sh destroy demo removes it)
+  make demo-stop           # stop it and its PgBouncer (scripts/pg.sh destroy demo removes it)
 EOF2
