@@ -306,16 +306,17 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_poolers(timestamptz) FROM PUB
 -- waiting clients of the busiest pool; lower when no client waited and the
 -- busiest pool used at most half its servers (p95), to that p95 plus 25%.
 -- Between the two nothing changes (hysteresis). Always within the pooler's
--- min/max_pool_size, and within what the server has room for: max_connections
--- minus superuser_reserved_connections and reserved_connections, minus the
--- pools of the other poolers and this pooler's pools of their own size,
+-- min/max_pool_size, and within what the server has room for (which wins
+-- over min_pool_size): max_connections minus superuser_reserved_connections
+-- and reserved_connections, minus the pools of the other poolers, this
+-- pooler's pools of their own size and the sessions no pooler opened,
 -- shared by the pools that follow default_pool_size.
 CREATE FUNCTION meshhook_limits._pooler_size_advice(p_pooler meshhook_limits.poolers, p_at timestamptz)
 RETURNS TABLE(current_size int, recommended_size int, server_cap int, pools int, reason text)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
-  cur int; n int; fixed int; others int; cap int; usable int;
+  cur int; n int; fixed int; others int; pooled int; direct int; cap int; usable int;
   w record; target int; why text;
 BEGIN
   SELECT s.default_pool_size INTO cur FROM meshhook_limits.pooler_samples s
@@ -331,14 +332,22 @@ BEGIN
      AND x.sampled_at = (SELECT max(y.sampled_at) FROM meshhook_limits.pooler_pool_samples y
                           WHERE y.pooler = p_pooler.name AND y.sampled_at <= p_at);
   n := GREATEST(n, 1);
-  SELECT coalesce(sum(x.pool_size), 0) INTO others
+  -- The latest pools of every pooler sampled in the last 5 minutes: the
+  -- other poolers' pool sizes, and the server connections all of them use.
+  SELECT coalesce(sum(x.pool_size) FILTER (WHERE x.pooler <> p_pooler.name), 0),
+         coalesce(sum(x.servers_active + x.servers_idle + x.servers_used + x.servers_tested + x.servers_login), 0)
+    INTO others, pooled
     FROM meshhook_limits.pooler_pool_samples x
     JOIN (SELECT y.pooler, max(y.sampled_at) AS at FROM meshhook_limits.pooler_pool_samples y
-           WHERE y.pooler <> p_pooler.name AND y.sampled_at > p_at - interval '5 minutes' GROUP BY y.pooler) l
+           WHERE y.sampled_at > p_at - interval '5 minutes' AND y.sampled_at <= p_at GROUP BY y.pooler) l
       ON l.pooler = x.pooler AND l.at = x.sampled_at;
+  -- Sessions on the server that no pooler opened (clients connected
+  -- directly, the worker), from the server's own sample of this tick.
+  direct := GREATEST(coalesce((SELECT p.total FROM meshhook_limits.pool_samples p
+                                WHERE p.sampled_at <= p_at ORDER BY p.sampled_at DESC LIMIT 1), 0) - pooled, 0);
   usable := current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
             - coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0);
-  cap := GREATEST((usable - others - fixed) / n, 1);
+  cap := GREATEST((usable - others - fixed - direct) / n, 1);
   SELECT count(DISTINCT x.sampled_at) AS samples,
          count(DISTINCT x.sampled_at) FILTER (WHERE x.clients_waiting > 0) AS waited,
          max(x.maxwait_seconds) AS maxwait,
@@ -377,8 +386,8 @@ BEGIN
     why := format('clients waited in %s of %s samples over %s: keep', w.waited, w.samples, p_pooler.resize_every);
   END IF;
   IF target > cap THEN
-    why := why || format('; capped at %s by the server''s %s usable connections (other pools hold %s) over %s pools',
-                         cap, usable, others + fixed, n);
+    why := why || format('; capped at %s: the server''s %s usable connections, less %s held by other pools and %s '
+                         'sessions no pooler opened, over %s pools', cap, usable, others + fixed, direct, n);
   END IF;
   target := LEAST(GREATEST(target, p_pooler.min_pool_size), p_pooler.max_pool_size, GREATEST(cap, 1));
   RETURN QUERY SELECT cur, target, cap, n, why;
