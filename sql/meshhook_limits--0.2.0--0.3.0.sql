@@ -310,10 +310,14 @@ BEGIN
   DELETE FROM meshhook_limits.queue_samples s WHERE s.sampled_at < t0 - keep;
   DELETE FROM meshhook_limits.pool_samples s WHERE s.sampled_at < t0 - GREATEST(keep, current_setting('meshhook_limits.pool_critical_for')::interval + interval '1 minute');
   -- Pooler samples: at least the longest window pool sizing looks back over.
-  keep := GREATEST(current_setting('meshhook_limits.pooler_retention')::interval,
-                   (SELECT max(p.resize_every) + interval '1 minute' FROM meshhook_limits.poolers p));
-  DELETE FROM meshhook_limits.pooler_samples s WHERE s.sampled_at < t0 - keep;
-  DELETE FROM meshhook_limits.pooler_pool_samples s WHERE s.sampled_at < t0 - keep;
+  BEGIN
+    keep := GREATEST(current_setting('meshhook_limits.pooler_retention')::interval,
+                     (SELECT max(p.resize_every) + interval '1 minute' FROM meshhook_limits.poolers p));
+    DELETE FROM meshhook_limits.pooler_samples s WHERE s.sampled_at < t0 - keep;
+    DELETE FROM meshhook_limits.pooler_pool_samples s WHERE s.sampled_at < t0 - keep;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: pruning the pooler samples failed: %', SQLERRM;
+  END;
   DELETE FROM meshhook_limits.events e WHERE e.created_at < t0 - current_setting('meshhook_limits.event_retention')::interval;
   UPDATE meshhook_limits.worker_state SET last_tick = t0, ticks = ticks + 1,
          last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);
@@ -1148,7 +1152,7 @@ CREATE TABLE meshhook_limits.poolers (
   min_pool_size int NOT NULL DEFAULT 2 CHECK (min_pool_size >= 1),
   max_pool_size int NOT NULL DEFAULT 50 CHECK (max_pool_size >= min_pool_size AND max_pool_size <= 100000),
   -- The window a sizing decision looks back over, and the least time between two changes.
-  resize_every interval NOT NULL DEFAULT '1 minute' CHECK (resize_every >= interval '1 second'),
+  resize_every interval NOT NULL DEFAULT '1 minute' CHECK (resize_every BETWEEN interval '1 second' AND interval '1 day'),
   resized_at timestamptz
 );
 SELECT pg_catalog.pg_extension_config_dump('meshhook_limits.poolers', '');
@@ -1225,13 +1229,12 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._latest_pooler_samples() FROM PUBLIC;
 
--- Send one admin-console command on connection p_conn and wait for its
--- answer until p_deadline; the caller then reads it with dblink_get_result.
-CREATE FUNCTION meshhook_limits._pooler_send(p_dblink name, p_conn text, p_command text, p_deadline timestamptz)
+-- Wait until the answer on connection p_conn can be read without blocking,
+-- until p_deadline.
+CREATE FUNCTION meshhook_limits._pooler_wait(p_dblink name, p_conn text, p_command text, p_deadline timestamptz)
 RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE busy int;
 BEGIN
-  EXECUTE format('SELECT %I.dblink_send_query($1::text, $2::text)', p_dblink) USING p_conn, p_command;
   LOOP
     EXECUTE format('SELECT %I.dblink_is_busy($1::text)', p_dblink) INTO busy USING p_conn;
     EXIT WHEN busy = 0;
@@ -1243,7 +1246,45 @@ BEGIN
   END LOOP;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_wait(name, text, text, timestamptz) FROM PUBLIC;
+
+-- Send one admin-console command on connection p_conn and wait for its
+-- answer until p_deadline; the caller then reads it with dblink_get_result.
+CREATE FUNCTION meshhook_limits._pooler_send(p_dblink name, p_conn text, p_command text, p_deadline timestamptz)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  EXECUTE format('SELECT %I.dblink_send_query($1::text, $2::text)', p_dblink) USING p_conn, p_command;
+  PERFORM meshhook_limits._pooler_wait(p_dblink, p_conn, p_command, p_deadline);
+END
+$$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_send(name, text, text, timestamptz) FROM PUBLIC;
+
+-- What a pooler answered, made safe to keep: text valid in the database's
+-- encoding (else a stand-in naming its hash) and at most p_max characters;
+-- a number that is a plain non-negative integer up to p_max (else an error:
+-- the pooler is recorded as down with it).
+CREATE FUNCTION meshhook_limits._pooler_text(p text, p_max int DEFAULT 200) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM pg_catalog.convert_to(p, pg_catalog.getdatabaseencoding());  -- verifies the bytes
+  RETURN left(p, p_max);
+EXCEPTION WHEN OTHERS THEN
+  RETURN '(not valid ' || pg_catalog.getdatabaseencoding() || ': ' || left(pg_catalog.md5(p), 12) || ')';
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_text(text, int) FROM PUBLIC;
+
+CREATE FUNCTION meshhook_limits._pooler_number(p text, p_max bigint) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF meshhook_limits._pooler_text(p, 20) ~ '^[0-9]{1,18}$' AND p::bigint <= p_max THEN
+    RETURN p::bigint;
+  END IF;
+  RAISE EXCEPTION 'the pooler answered % where a number from 0 to % belongs',
+    coalesce(quote_literal(meshhook_limits._pooler_text(p, 40)), 'NULL'), p_max USING ERRCODE = '22003';
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_number(text, bigint) FROM PUBLIC;
 
 -- Rows of one admin-console command as text columns c1..cN (N = p_columns,
 -- the command's layout in this PgBouncer version).
@@ -1256,34 +1297,36 @@ BEGIN
   PERFORM meshhook_limits._pooler_send(p_dblink, p_conn, p_command, p_deadline);
   RETURN QUERY EXECUTE format('SELECT ARRAY[%s] FROM %I.dblink_get_result($1::text) AS t(%s)', arr, p_dblink, cols)
     USING p_conn;
-  -- The end of the command's results (dblink needs it read before the next).
+  -- The end of the command's results (dblink needs it read before the
+  -- next), once it has come: a pooler that never ends its answer must not
+  -- hold the tick in a read that waits for it.
+  PERFORM meshhook_limits._pooler_wait(p_dblink, p_conn, p_command, p_deadline);
   EXECUTE format('SELECT count(*) FROM %I.dblink_get_result($1::text) AS t(c1 text)', p_dblink) USING p_conn;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_show(name, text, text, int, timestamptz) FROM PUBLIC;
 
 -- Sample one pooler: a row in pooler_samples (up or down, with why) and one
--- per pool in pooler_pool_samples; pool.pooler_down / pool.pooler_up on a
--- change. A pooler that refuses, fails or answers slower than
--- pooler_timeout is recorded as down; the tick goes on. One that timed out
--- is tried again 10 s later, not at every tick.
+-- per pool in pooler_pool_samples (the 500 with the most clients waiting,
+-- then active); pool.pooler_down / pool.pooler_up on a change; then pool
+-- sizing. A pooler that refuses, fails, answers what is not a count where
+-- one belongs, or takes longer than pooler_timeout in all is recorded as
+-- down; the tick goes on. One that timed out is tried again 10 s later, not
+-- at every tick.
 --
--- The dblink connection is opened and closed within this call, except in a
--- background worker (the tick's worker), which keeps it open between ticks:
--- a named connection left in a client's session could be used by that
--- client with the rights it was opened with.
+-- The dblink connection is opened and closed within this call, which runs
+-- no code of anyone else's in between (_sample_poolers says where it may
+-- run at all, src/pooler.rs).
 CREATE FUNCTION meshhook_limits._sample_pooler(p_pooler meshhook_limits.poolers, p_at timestamptz) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   db name := meshhook_limits._dblink_schema();
-  conn text := 'meshhook_limits_pooler:' || p_pooler.name;
-  keep boolean := (SELECT a.backend_type <> 'client backend'
-                     FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a);
+  conn text := 'meshhook_limits_pooler_' || pg_catalog.md5(p_pooler.name);
   t_start timestamptz := pg_catalog.clock_timestamp();
   deadline timestamptz := pg_catalog.clock_timestamp() + current_setting('meshhook_limits.pooler_timeout')::interval;
   last record;
   v text; vnum int; pool_cols int; db_cols int;
-  reused boolean; pools jsonb; sizes jsonb; totals jsonb; dflt int; err text; detail text; state text;
+  pools jsonb; sizes jsonb; totals jsonb; dflt int; err text; detail text; state text;
 BEGIN
   SELECT s.up, s.sampled_at, s.sample_ms INTO last FROM meshhook_limits.pooler_samples s
    WHERE s.pooler = p_pooler.name ORDER BY s.sampled_at DESC LIMIT 1;
@@ -1294,60 +1337,58 @@ BEGIN
     IF db IS NULL THEN
       RAISE EXCEPTION 'extension dblink is not installed (by a superuser)' USING ERRCODE = '55000';
     END IF;
-    reused := keep AND conn = ANY (coalesce(meshhook_limits._pooler_connections(db), '{}'));
-    IF NOT reused THEN
-      PERFORM meshhook_limits._pooler_disconnect(db, conn);
-      EXECUTE format('SELECT %I.dblink_connect($1::text, $2::text)', db) USING conn, p_pooler.conninfo;
-    END IF;
-    BEGIN
-      SELECT r[1] INTO v FROM meshhook_limits._pooler_show(db, conn, 'SHOW VERSION', 1, deadline) r;
-    EXCEPTION WHEN OTHERS THEN
-      IF NOT reused THEN
-        RAISE;
-      END IF;
-      -- A kept connection the pooler closed since (a restart, an idle
-      -- timeout) is not the pooler being down: once more, on a new one.
-      PERFORM meshhook_limits._pooler_disconnect(db, conn);
-      EXECUTE format('SELECT %I.dblink_connect($1::text, $2::text)', db) USING conn, p_pooler.conninfo;
-      SELECT r[1] INTO v FROM meshhook_limits._pooler_show(db, conn, 'SHOW VERSION', 1, deadline) r;
-    END;
-    vnum := (SELECT m[1]::int * 100 + m[2]::int FROM regexp_match(v, '(\d+)\.(\d+)') m);
-    IF v NOT LIKE 'PgBouncer%' OR vnum IS NULL OR vnum < 118 THEN
-      RAISE EXCEPTION '% is not PgBouncer 1.18 or newer', coalesce(v, 'the server') USING ERRCODE = '0A000';
+    PERFORM meshhook_limits._pooler_disconnect(db, conn);
+    PERFORM meshhook_limits._pooler_connect(db, conn, p_pooler.conninfo,
+      GREATEST(ceil(extract(epoch FROM deadline - pg_catalog.clock_timestamp()) * 1000)::int, 1));
+    SELECT meshhook_limits._pooler_text(r[1]) INTO v
+      FROM meshhook_limits._pooler_show(db, conn, 'SHOW VERSION', 1, deadline) r;
+    vnum := (SELECT m[1]::int * 100 + m[2]::int FROM regexp_match(v, '^PgBouncer (\d{1,3})\.(\d{1,3})') m);
+    IF vnum IS NULL OR vnum < 118 THEN
+      RAISE EXCEPTION '% is not PgBouncer 1.18 or newer', coalesce(quote_literal(v), 'the server') USING ERRCODE = '0A000';
     END IF;
     -- The layouts of SHOW POOLS and SHOW DATABASES by version (columns are
     -- only ever added; the ones read keep their places).
     pool_cols := CASE WHEN vnum >= 124 THEN 17 ELSE 16 END;
     db_cols := CASE WHEN vnum >= 124 THEN 17 WHEN vnum = 123 THEN 14 ELSE 13 END;
-    SELECT jsonb_agg(to_jsonb(r)) INTO pools FROM meshhook_limits._pooler_show(db, conn, 'SHOW POOLS', pool_cols, deadline) r;
-    SELECT jsonb_object_agg(r[1], r[6]) INTO sizes FROM meshhook_limits._pooler_show(db, conn, 'SHOW DATABASES', db_cols, deadline) r;
-    SELECT jsonb_object_agg(r[1], r[2]) INTO totals FROM meshhook_limits._pooler_show(db, conn, 'SHOW TOTALS', 2, deadline) r;
-    SELECT r[2]::int INTO dflt FROM meshhook_limits._pooler_show(db, conn, 'SHOW CONFIG', 4, deadline) r
-     WHERE r[1] = 'default_pool_size';
-    IF NOT keep THEN
-      PERFORM meshhook_limits._pooler_disconnect(db, conn);
-    END IF;
-    INSERT INTO meshhook_limits.pooler_samples
-    VALUES (p_pooler.name, p_at, true, NULL, v, dflt, (totals->>'total_xact_count')::bigint,
-            (totals->>'total_query_count')::bigint, (totals->>'total_wait_time')::bigint,
-            (totals->>'avg_wait_time')::bigint,
-            round(extract(epoch FROM pg_catalog.clock_timestamp() - t_start) * 1000, 3))
-    ON CONFLICT DO NOTHING;
-    -- The admin console's own pseudo-pool (database pgbouncer) is not a pool.
     -- SHOW POOLS by column: 1 database, 2 user, 3 cl_active, 4 cl_waiting,
     -- 7 sv_active, 10 sv_idle, 11 sv_used, 12 sv_tested, 13 sv_login,
-    -- 14 maxwait, 15 maxwait_us, 16 pool_mode (0-based below). The admin
-    -- console's own pseudo-pool (database pgbouncer) is not a pool.
+    -- 14 maxwait, 15 maxwait_us, 16 pool_mode. The admin console's own
+    -- pseudo-pool (database pgbouncer) is not a pool.
+    SELECT jsonb_agg(y.a) INTO pools FROM (SELECT x.a FROM (
+      SELECT jsonb_build_array(meshhook_limits._pooler_text(r[1], 63), meshhook_limits._pooler_text(r[2], 63),
+               meshhook_limits._pooler_number(r[3], 1000000), meshhook_limits._pooler_number(r[4], 1000000),
+               meshhook_limits._pooler_number(r[7], 1000000), meshhook_limits._pooler_number(r[10], 1000000),
+               meshhook_limits._pooler_number(r[11], 1000000), meshhook_limits._pooler_number(r[12], 1000000),
+               meshhook_limits._pooler_number(r[13], 1000000),
+               meshhook_limits._pooler_number(r[14], 1000000000) + meshhook_limits._pooler_number(r[15], 999999) / 1000000.0,
+               meshhook_limits._pooler_text(r[16], 20)) AS a
+        FROM meshhook_limits._pooler_show(db, conn, 'SHOW POOLS', pool_cols, deadline) r
+       WHERE r[1] IS DISTINCT FROM 'pgbouncer') x
+     ORDER BY (x.a->>3)::bigint DESC, (x.a->>2)::bigint DESC, x.a->>0, x.a->>1
+     LIMIT 500) y;
+    SELECT jsonb_object_agg(meshhook_limits._pooler_text(r[1], 63), meshhook_limits._pooler_number(r[6], 100000)) INTO sizes
+      FROM meshhook_limits._pooler_show(db, conn, 'SHOW DATABASES', db_cols, deadline) r;
+    SELECT jsonb_object_agg(meshhook_limits._pooler_text(r[1], 63), r[2]) INTO totals
+      FROM meshhook_limits._pooler_show(db, conn, 'SHOW TOTALS', 2, deadline) r;
+    SELECT meshhook_limits._pooler_number(r[2], 100000) INTO dflt
+      FROM meshhook_limits._pooler_show(db, conn, 'SHOW CONFIG', 4, deadline) r
+     WHERE r[1] = 'default_pool_size';
+    INSERT INTO meshhook_limits.pooler_samples
+    VALUES (p_pooler.name, p_at, true, NULL, v, dflt,
+            meshhook_limits._pooler_number(totals->>'total_xact_count', 1000000000000000000),
+            meshhook_limits._pooler_number(totals->>'total_query_count', 1000000000000000000),
+            meshhook_limits._pooler_number(totals->>'total_wait_time', 1000000000000000000),
+            meshhook_limits._pooler_number(totals->>'avg_wait_time', 1000000000000000000),
+            round(extract(epoch FROM pg_catalog.clock_timestamp() - t_start) * 1000, 3))
+    ON CONFLICT DO NOTHING;
     INSERT INTO meshhook_limits.pooler_pool_samples
-    SELECT p_pooler.name, p_at, p.r->>0, p.r->>1, p.r->>15, (sizes->>(p.r->>0))::int,
-           (p.r->>2)::int, (p.r->>3)::int, (p.r->>6)::int, (p.r->>9)::int, (p.r->>10)::int, (p.r->>11)::int,
-           (p.r->>12)::int, w.maxwait,
-           CASE WHEN w.maxwait * 1000 >= meshhook_limits._setting_ms('meshhook_limits.pooler_wait_critical') THEN 'critical'
-                WHEN w.maxwait * 1000 >= meshhook_limits._setting_ms('meshhook_limits.pooler_wait_warning') THEN 'warning'
+    SELECT p_pooler.name, p_at, a->>0, a->>1, a->>10, (sizes->>(a->>0))::int,
+           (a->>2)::int, (a->>3)::int, (a->>4)::int, (a->>5)::int, (a->>6)::int, (a->>7)::int, (a->>8)::int,
+           round((a->>9)::numeric, 6),
+           CASE WHEN (a->>9)::numeric * 1000 >= meshhook_limits._setting_ms('meshhook_limits.pooler_wait_critical') THEN 'critical'
+                WHEN (a->>9)::numeric * 1000 >= meshhook_limits._setting_ms('meshhook_limits.pooler_wait_warning') THEN 'warning'
                 ELSE 'ok' END
-      FROM jsonb_array_elements(coalesce(pools, '[]')) AS p(r)
-      CROSS JOIN LATERAL (SELECT round((p.r->>13)::numeric + (p.r->>14)::numeric / 1000000, 6) AS maxwait) w
-     WHERE p.r->>0 <> 'pgbouncer'
+      FROM jsonb_array_elements(coalesce(pools, '[]')) a
     ON CONFLICT DO NOTHING;
     IF last.up = false THEN
       PERFORM meshhook_limits._emit('pool.pooler_up', NULL, p_pooler.name, NULL, NULL,
@@ -1362,29 +1403,29 @@ BEGIN
     -- not admin_users) is still up; the failure is an event, once per
     -- resize_every.
     BEGIN
-      PERFORM meshhook_limits._size_pooler(p_pooler, p_at, db, conn, keep, deadline);
+      PERFORM meshhook_limits._size_pooler(p_pooler, p_at, db, conn, deadline);
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS err = MESSAGE_TEXT;
-      PERFORM meshhook_limits._pooler_disconnect(db, conn);
       UPDATE meshhook_limits.poolers p SET resized_at = p_at WHERE p.name = p_pooler.name;
       PERFORM meshhook_limits._emit('pool.resize_failed', NULL, p_pooler.name, NULL, NULL,
                                     jsonb_build_object('pooler', p_pooler.name, 'mode', p_pooler.sizing,
-                                                       'error', left(err, 500)));
+                                                       'error', meshhook_limits._pooler_text(err, 500)));
     END;
+    PERFORM meshhook_limits._pooler_disconnect(db, conn);
   EXCEPTION WHEN OTHERS OR query_canceled THEN
     GET STACKED DIAGNOSTICS err = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL, state = RETURNED_SQLSTATE;
-    err := err || coalesce(': ' || nullif(regexp_replace(detail, '\s+', ' ', 'g'), ''), '');
     PERFORM meshhook_limits._pooler_disconnect(db, conn);
     IF state = '57014' THEN
-      RAISE;  -- a cancel of the tick itself, not of the pooler
+      RAISE;  -- a cancel of the tick itself (the pooler's deadline is 08006)
     END IF;
+    err := err || coalesce(': ' || nullif(regexp_replace(meshhook_limits._pooler_text(detail, 500), '\s+', ' ', 'g'), ''), '');
     INSERT INTO meshhook_limits.pooler_samples (pooler, sampled_at, up, error, sample_ms)
-    VALUES (p_pooler.name, p_at, false, left(err, 1000),
+    VALUES (p_pooler.name, p_at, false, meshhook_limits._pooler_text(err, 1000),
             round(extract(epoch FROM pg_catalog.clock_timestamp() - t_start) * 1000, 3))
     ON CONFLICT DO NOTHING;
     IF last.up IS DISTINCT FROM false THEN
       PERFORM meshhook_limits._emit('pool.pooler_down', NULL, p_pooler.name, NULL, NULL,
-                                    jsonb_build_object('pooler', p_pooler.name, 'error', left(err, 500)));
+                                    jsonb_build_object('pooler', p_pooler.name, 'error', meshhook_limits._pooler_text(err, 500)));
     END IF;
   END;
 END
@@ -1401,15 +1442,13 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_connections(name) FROM PUBLIC;
 
--- Close the named connection if it is open; never fails.
+-- Close the named connection if it is open.
 CREATE FUNCTION meshhook_limits._pooler_disconnect(p_dblink name, p_conn text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF p_dblink IS NOT NULL AND p_conn = ANY (coalesce(meshhook_limits._pooler_connections(p_dblink), '{}')) THEN
     EXECUTE format('SELECT %I.dblink_disconnect($1::text)', p_dblink) USING p_conn;
   END IF;
-EXCEPTION WHEN OTHERS THEN
-  NULL;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_disconnect(name, text) FROM PUBLIC;
@@ -1426,6 +1465,12 @@ CREATE FUNCTION meshhook_limits._sample_poolers(p_at timestamptz) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE p meshhook_limits.poolers;
 BEGIN
+  -- Only in the extension's worker or a superuser's own session (not an
+  -- admin's tick(), not code a table's owner planted): a connection opened
+  -- here has the extension owner's rights (src/pooler.rs).
+  IF NOT meshhook_limits._pooler_may_connect() THEN
+    RETURN;
+  END IF;
   FOR p IN SELECT * FROM meshhook_limits.poolers x WHERE x.enabled ORDER BY x.name LOOP
     PERFORM meshhook_limits._sample_pooler(p, p_at);
   END LOOP;
@@ -1439,8 +1484,8 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_poolers(timestamptz) FROM PUB
 -- waiting clients of the busiest pool; lower when no client waited and the
 -- busiest pool used at most half its servers (p95), to that p95 plus 25%.
 -- Between the two nothing changes (hysteresis). Always within the pooler's
--- min/max_pool_size, and within what the server has room for (which wins
--- over min_pool_size): max_connections minus superuser_reserved_connections
+-- min/max_pool_size, and within what the server has room for (min_pool_size
+-- wins over it): max_connections minus superuser_reserved_connections
 -- and reserved_connections, minus the pools of the other poolers, this
 -- pooler's pools of their own size and the sessions no pooler opened,
 -- shared by the pools that follow default_pool_size.
@@ -1449,7 +1494,7 @@ RETURNS TABLE(current_size int, recommended_size int, server_cap int, pools int,
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
-  cur int; n int; fixed int; others int; pooled int; direct int; cap int; usable int;
+  cur int; n bigint; fixed bigint; others bigint; pooled bigint; direct bigint; cap bigint; usable bigint;
   w record; target int; why text;
 BEGIN
   SELECT s.default_pool_size INTO cur FROM meshhook_limits.pooler_samples s
@@ -1490,7 +1535,8 @@ BEGIN
    WHERE x.pooler = p_pooler.name AND x.sampled_at > p_at - p_pooler.resize_every AND x.sampled_at <= p_at;
   IF w.samples < 2 OR NOT EXISTS (SELECT 1 FROM meshhook_limits.pooler_samples s
                                     WHERE s.pooler = p_pooler.name AND s.sampled_at <= p_at - p_pooler.resize_every) THEN
-    RETURN QUERY SELECT cur, cur, cap, n, format('not enough samples yet: sizing looks back over %s', p_pooler.resize_every);
+    RETURN QUERY SELECT cur, cur, LEAST(cap, 2147483647)::int, LEAST(n, 2147483647)::int,
+                        format('not enough samples yet: sizing looks back over %s', p_pooler.resize_every);
     RETURN;
   END IF;
   IF w.waited * 2 >= w.samples OR w.maxwait * 1000 >= meshhook_limits._setting_ms('meshhook_limits.pooler_wait_warning') THEN
@@ -1522,8 +1568,11 @@ BEGIN
     why := why || format('; capped at %s: the server''s %s usable connections, less %s held by other pools and %s '
                          'sessions no pooler opened, over %s pools', cap, usable, others + fixed, direct, n);
   END IF;
-  target := LEAST(GREATEST(target, p_pooler.min_pool_size), p_pooler.max_pool_size, GREATEST(cap, 1));
-  RETURN QUERY SELECT cur, target, cap, n, why;
+  -- Never above the server's room or max_pool_size, never below
+  -- min_pool_size (the admin's floor wins over the room).
+  target := LEAST(GREATEST(target, p_pooler.min_pool_size),
+                  GREATEST(LEAST(p_pooler.max_pool_size, cap), p_pooler.min_pool_size));
+  RETURN QUERY SELECT cur, target, LEAST(cap, 2147483647)::int, LEAST(n, 2147483647)::int, why;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_size_advice(meshhook_limits.poolers, timestamptz) FROM PUBLIC;
@@ -1532,7 +1581,7 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_size_advice(meshhook_limits.p
 -- console) or record it when dry_run: at most once per resize_every, one
 -- event each (pool.resized, pool.resize_proposed) with before, after and why.
 CREATE FUNCTION meshhook_limits._size_pooler(p_pooler meshhook_limits.poolers, p_at timestamptz, p_dblink name,
-                                             p_conn text, p_keep boolean, p_deadline timestamptz)
+                                             p_conn text, p_deadline timestamptz)
 RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE a record;
 BEGIN
@@ -1544,16 +1593,11 @@ BEGIN
     RETURN;
   END IF;
   IF p_pooler.sizing = 'on' THEN
-    IF NOT p_keep THEN
-      EXECUTE format('SELECT %I.dblink_connect($1::text, $2::text)', p_dblink) USING p_conn, p_pooler.conninfo;
-    END IF;
-    PERFORM meshhook_limits._pooler_send(p_dblink, p_conn, format('SET default_pool_size = %s', a.recommended_size),
+    PERFORM meshhook_limits._pooler_send(p_dblink, p_conn, format('SET default_pool_size = %s', a.recommended_size::int),
                                          p_deadline);
     EXECUTE format('SELECT count(*) FROM %I.dblink_get_result($1::text, true) AS t(c1 text)', p_dblink) USING p_conn;
+    PERFORM meshhook_limits._pooler_wait(p_dblink, p_conn, 'SET default_pool_size', p_deadline);
     EXECUTE format('SELECT count(*) FROM %I.dblink_get_result($1::text) AS t(c1 text)', p_dblink) USING p_conn;
-    IF NOT p_keep THEN
-      PERFORM meshhook_limits._pooler_disconnect(p_dblink, p_conn);
-    END IF;
   END IF;
   UPDATE meshhook_limits.poolers p SET resized_at = p_at WHERE p.name = p_pooler.name;
   PERFORM meshhook_limits._emit(CASE p_pooler.sizing WHEN 'on' THEN 'pool.resized' ELSE 'pool.resize_proposed' END,
@@ -1565,7 +1609,7 @@ BEGIN
                                                    'pools', a.pools));
 END
 $$;
-REVOKE EXECUTE ON FUNCTION meshhook_limits._size_pooler(meshhook_limits.poolers, timestamptz, name, text, boolean, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._size_pooler(meshhook_limits.poolers, timestamptz, name, text, timestamptz) FROM PUBLIC;
 
 -- Name a PgBouncer to sample (superusers: the tick connects with the
 -- extension owner's rights, so where it connects is a superuser's choice).
@@ -1574,7 +1618,9 @@ RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_cat
 #variable_conflict use_variable
 DECLARE ci text := conninfo;
 BEGIN
-  IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user), false) THEN
+  -- The caller itself, not the definer nor code a table's owner planted
+  -- (which runs as that owner, in any session, the worker's too).
+  IF NOT meshhook_limits._caller_is_superuser() THEN
     RAISE EXCEPTION 'only a superuser may add a pooler' USING ERRCODE = '42501',
       HINT = 'the tick connects to it with the extension owner''s rights; ask a superuser to run add_pooler';
   END IF;
@@ -1613,14 +1659,14 @@ GRANT EXECUTE ON FUNCTION meshhook_limits.add_pooler(text, text, boolean) TO mes
 CREATE FUNCTION meshhook_limits.drop_pooler(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
-DECLARE found boolean;
+DECLARE existed boolean;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('drop a pooler');
   DELETE FROM meshhook_limits.poolers p WHERE p.name = drop_pooler.name;
-  found := FOUND;
+  existed := FOUND;
   DELETE FROM meshhook_limits.pooler_samples s WHERE s.pooler = drop_pooler.name;
   DELETE FROM meshhook_limits.pooler_pool_samples s WHERE s.pooler = drop_pooler.name;
-  RETURN found;
+  RETURN existed;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits.drop_pooler(text) FROM PUBLIC;
@@ -1648,7 +1694,7 @@ BEGIN
      WHERE p.name = set_pooler_sizing.name;
   EXCEPTION WHEN check_violation THEN
     RAISE EXCEPTION 'invalid pool sizing bounds' USING ERRCODE = '22023',
-      HINT = 'min_pool_size >= 1, max_pool_size >= min_pool_size and at most 100000, resize_every at least 1 second';
+      HINT = 'min_pool_size >= 1, max_pool_size >= min_pool_size and at most 100000, resize_every from 1 second to 1 day';
   END;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'no pooler named %', quote_literal(name) USING ERRCODE = '42704',

@@ -110,10 +110,14 @@ BEGIN
   DELETE FROM meshhook_limits.queue_samples s WHERE s.sampled_at < t0 - keep;
   DELETE FROM meshhook_limits.pool_samples s WHERE s.sampled_at < t0 - GREATEST(keep, current_setting('meshhook_limits.pool_critical_for')::interval + interval '1 minute');
   -- Pooler samples: at least the longest window pool sizing looks back over.
-  keep := GREATEST(current_setting('meshhook_limits.pooler_retention')::interval,
-                   (SELECT max(p.resize_every) + interval '1 minute' FROM meshhook_limits.poolers p));
-  DELETE FROM meshhook_limits.pooler_samples s WHERE s.sampled_at < t0 - keep;
-  DELETE FROM meshhook_limits.pooler_pool_samples s WHERE s.sampled_at < t0 - keep;
+  BEGIN
+    keep := GREATEST(current_setting('meshhook_limits.pooler_retention')::interval,
+                     (SELECT max(p.resize_every) + interval '1 minute' FROM meshhook_limits.poolers p));
+    DELETE FROM meshhook_limits.pooler_samples s WHERE s.sampled_at < t0 - keep;
+    DELETE FROM meshhook_limits.pooler_pool_samples s WHERE s.sampled_at < t0 - keep;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: pruning the pooler samples failed: %', SQLERRM;
+  END;
   DELETE FROM meshhook_limits.events e WHERE e.created_at < t0 - current_setting('meshhook_limits.event_retention')::interval;
   UPDATE meshhook_limits.worker_state SET last_tick = t0, ticks = ticks + 1,
          last_tick_ms = round(extract(epoch FROM pg_catalog.clock_timestamp() - t0) * 1000, 3);

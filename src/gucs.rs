@@ -46,8 +46,8 @@ static QUEUE_SCAN_BUDGET: GucSetting<f64> = GucSetting::<f64>::new(0.005);
 static POOL_WARNING: GucSetting<f64> = GucSetting::<f64>::new(0.85);
 static POOL_CRITICAL: GucSetting<f64> = GucSetting::<f64>::new(0.9);
 static POOL_CRITICAL_FOR: GucSetting<i32> = GucSetting::<i32>::new(300);
-// PgBouncer sampling (sql/pooler.sql): how long a pooler may take to answer
-// before the tick gives up on it, how long its samples are kept, and the
+// PgBouncer sampling (sql/pooler.sql): how long a pooler's sample (connect,
+// commands, sizing) may take before the tick gives up on it, how long its samples are kept, and the
 // client wait at which pooler_health() says warning and critical.
 static POOLER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static POOLER_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86_400);
@@ -338,9 +338,8 @@ fn define_runtime_gucs() {
     );
     GucRegistry::define_int_guc(
         c"meshhook_limits.pooler_timeout",
-        c"How long the tick waits for a PgBouncer to answer one admin-console command.",
-        c"A pooler slower than this is recorded as down and the tick moves on. Connecting is bounded by \
-          connect_timeout in the pooler's conninfo (add_pooler adds one).",
+        c"How long the tick gives one PgBouncer to connect and answer its sample.",
+        c"A pooler slower than this is recorded as down and the tick moves on.",
         &POOLER_TIMEOUT,
         10,
         60_000,

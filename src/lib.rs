@@ -13,6 +13,7 @@ mod identity;
 mod limits;
 mod metrics;
 mod owner;
+mod pooler;
 mod rate;
 mod row;
 mod shmem;
@@ -107,7 +108,16 @@ extension_sql_file!(
     requires = ["session", owner::_read_as_owner]
 );
 extension_sql_file!("../sql/pool.sql", name = "pool", requires = ["queues"]);
-extension_sql_file!("../sql/pooler.sql", name = "pooler", requires = ["pool"]);
+extension_sql_file!(
+    "../sql/pooler.sql",
+    name = "pooler",
+    requires = [
+        "pool",
+        "pooler_connect_grants",
+        pooler::_pooler_may_connect,
+        pooler::_caller_is_superuser
+    ]
+);
 extension_sql_file!("../sql/alerts.sql", name = "alerts", requires = ["pooler"]);
 extension_sql_file!(
     "../sql/claim.sql",

@@ -76,14 +76,15 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
         .execute()
 }
 
-// PostgreSQL's timeouts (utils/timeout.h), which pgrx does not bind.
-// STATEMENT_TIMEOUT is the fourth TimeoutId in PostgreSQL 15 to 18.
-const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+// PostgreSQL's timeouts (utils/timeout.h), which pgrx does not bind (also
+// used by pooler.rs). STATEMENT_TIMEOUT is the fourth TimeoutId in
+// PostgreSQL 15 to 18.
+pub(crate) const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 extern "C-unwind" {
-    fn enable_timeout_at(id: std::ffi::c_int, fin_time: pg_sys::TimestampTz);
-    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
-    fn get_timeout_active(id: std::ffi::c_int) -> bool;
-    fn get_timeout_finish_time(id: std::ffi::c_int) -> pg_sys::TimestampTz;
+    pub(crate) fn enable_timeout_at(id: std::ffi::c_int, fin_time: pg_sys::TimestampTz);
+    pub(crate) fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    pub(crate) fn get_timeout_active(id: std::ffi::c_int) -> bool;
+    pub(crate) fn get_timeout_finish_time(id: std::ffi::c_int) -> pg_sys::TimestampTz;
 }
 
 /// Run `f` with the statement timeout due within `ms` milliseconds (or

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -344,12 +345,14 @@ def test_add_pooler_refuses_bad_input_with_hints(cluster, bouncer, admin):
         # connect_timeout added to a connection string that has none.
         assert admin.execute("SELECT conninfo FROM meshhook_limits.poolers WHERE name = 'p'").fetchone()[0] \
             == bouncer.conninfo + " connect_timeout=2"
-        for args in ("'p', 'sometimes'", "'p', 'on', 0", "'p', 'on', 5, 4", "'p', 'on', 2, 5, '0'"):
+        for args in ("'p', 'sometimes'", "'p', 'on', 0", "'p', 'on', 5, 4", "'p', 'on', 2, 5, '0'",
+                     "'p', 'on', 2, 5, '2 days'", "'p', 'on', 2, 5, '1000000 years'"):
             with pytest.raises(psycopg.Error) as e:
                 admin.execute(f"SELECT meshhook_limits.set_pooler_sizing({args})")
             assert sqlstate(e) == "22023", args
     finally:
-        admin.execute("SELECT meshhook_limits.drop_pooler('p')")
+        assert admin.execute("SELECT meshhook_limits.drop_pooler('p')").fetchone()[0] is True
+    assert admin.execute("SELECT meshhook_limits.drop_pooler('p')").fetchone()[0] is False
     # Without dblink: a clear error, not a failing tick later.
     with cluster.connect(dbname="postgres") as c:
         c.execute("DROP DATABASE IF EXISTS ml_nodblink")
@@ -378,47 +381,79 @@ def pooler_admin(cluster, admin):
     admin.execute(f"DROP ROLE {role}")
 
 
-def test_an_admin_who_is_not_superuser_cannot_aim_the_tick_or_reuse_its_connection(cluster, bouncer, pooler,
+def test_an_admin_who_is_not_superuser_cannot_aim_the_tick_or_reuse_its_connection(cluster, bouncer, pooler, admin,
                                                                                   pooler_admin):
     # Where the tick connects (with the extension owner's rights) is a superuser's choice.
     with pytest.raises(psycopg.Error) as e:
         pooler_admin.execute("SELECT meshhook_limits.add_pooler('mine', 'host=/var/run/postgresql dbname=postgres')")
     assert sqlstate(e) == "42501"
-    # An admin may run the tick. The admin-console connection it opened as the
-    # extension owner is closed before it returns: nothing left to send
-    # SET, PAUSE or SHUTDOWN on.
+    # An admin may run the tick, but it samples no pooler in the admin's
+    # session: a dblink connection opened there with the extension owner's
+    # rights (named connections outlive the call) could be taken over to
+    # send SET, PAUSE or SHUTDOWN.
+    n = admin.execute("SELECT count(*) FROM meshhook_limits.pooler_samples").fetchone()[0]
     pooler_admin.execute("SELECT meshhook_limits.tick()")
+    assert admin.execute("SELECT count(*) FROM meshhook_limits.pooler_samples").fetchone()[0] == n
     assert pooler_admin.execute("SELECT dblink.dblink_get_connections()").fetchone()[0] is None
     with pytest.raises(psycopg.Error):
-        pooler_admin.execute("SELECT dblink.dblink_exec('meshhook_limits_pooler:pgb', 'SET default_pool_size = 100')")
+        pooler_admin.execute("SELECT dblink.dblink_exec(c, 'SET default_pool_size = 100') "
+                             "FROM unnest(coalesce(dblink.dblink_get_connections(), '{x}')) c")
     assert bouncer.config("default_pool_size") == "2"
-    # Also when the tick is cancelled while the pooler does not answer.
+    # A superuser's tick opens and closes its connection within the call,
+    # also when the statement is cancelled while the pooler does not answer.
     os.kill(bouncer.pid, signal.SIGSTOP)
     try:
-        pooler_admin.execute("SET statement_timeout = '300ms'")
-        try:
-            pooler_admin.execute("SELECT meshhook_limits.tick()")
-        except psycopg.errors.QueryCanceled:
-            pass
-        pooler_admin.execute("RESET statement_timeout")
-        assert pooler_admin.execute("SELECT dblink.dblink_get_connections()").fetchone()[0] is None
+        admin.execute("SET statement_timeout = '300ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            admin.execute("SELECT meshhook_limits.tick()")
+        admin.execute("RESET statement_timeout")
+        assert admin.execute("SELECT dblink.dblink_get_connections()").fetchone()[0] is None
     finally:
+        admin.execute("RESET statement_timeout")
         os.kill(bouncer.pid, signal.SIGCONT)
     # Samples and health are for monitors; a plain role sees none.
+    tick(admin)
     assert pooler_admin.execute("SELECT count(*) FROM meshhook_limits.pooler_health()").fetchone()[0] >= 1
     with cluster.connect(user="authenticator") as c:
         assert c.execute("SELECT count(*) FROM meshhook_limits.pooler_health()").fetchone()[0] == 0
         assert c.execute("SELECT count(*) FROM meshhook_limits.poolers").fetchone()[0] == 0
 
 
-def test_the_worker_keeps_its_connection_and_a_closed_one_is_not_a_down_pooler():
-    """The background worker samples every tick on one kept connection; when
-    PgBouncer closed it between ticks (a restart here; an idle timeout or a
-    network blip alike), the next tick connects again instead of reporting
-    the pooler down."""
+def test_code_an_admin_planted_cannot_add_a_pooler_when_a_superuser_runs_it(cluster, admin, pooler_admin):
+    """An index expression of an admin's table runs as its owner whenever
+    anyone (a superuser's REINDEX or ANALYZE, the worker) touches the index:
+    add_pooler there would aim the tick at an address of the admin's choice,
+    where it would send the superuser's passfile password."""
+    role = pooler_admin.execute("SELECT current_user").fetchone()[0]
+    admin.execute(f"CREATE SCHEMA planted AUTHORIZATION {role}")
+    pooler_admin.execute("""
+      SET search_path = planted;
+      CREATE TABLE planted (x int);
+      CREATE FUNCTION planted_key(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+      BEGIN
+        BEGIN
+          PERFORM meshhook_limits.add_pooler('planted', 'host=127.0.0.1 port=1 dbname=pgbouncer user=postgres');
+        EXCEPTION WHEN insufficient_privilege THEN NULL;
+        END;
+        RETURN x;
+      END $$;
+      INSERT INTO planted VALUES (1);
+      CREATE INDEX planted_idx ON planted ((planted_key(x)));""")
+    try:
+        admin.execute("REINDEX TABLE planted.planted")
+        admin.execute("ANALYZE planted.planted")
+        assert admin.execute("SELECT count(*) FROM meshhook_limits.poolers WHERE name = 'planted'").fetchone()[0] == 0
+    finally:
+        admin.execute("DROP SCHEMA planted CASCADE")
+
+
+def test_the_worker_samples_and_keeps_no_connection_open_between_ticks():
+    """The background worker samples every tick, on a connection it opens and
+    closes within the tick: none is left for other code in the worker (a
+    queue owner's policy the tick reads through) to use."""
     from conftest import destroy_cluster, fresh_cluster
     c = fresh_cluster("poolerworker", "meshhook_limits.database = 'mltest'", "meshhook_limits.restart_grace = 0",
-                      "meshhook_limits.sample_interval = '5s'", "fsync = off")
+                      "meshhook_limits.sample_interval = '1s'", "fsync = off")
     b = PgBouncer(f"pytest-worker-{os.getpid()}", c.port)
     try:
         b.start()
@@ -430,19 +465,97 @@ def test_the_worker_keeps_its_connection_and_a_closed_one_is_not_a_down_pooler()
             def up_samples() -> int:
                 return conn.execute("SELECT count(*) FROM meshhook_limits.pooler_samples WHERE up").fetchone()[0]
             until(lambda: up_samples() >= 2, what="the worker's samples")
-            # One admin-console client for the worker, kept across ticks.
-            clients = [r for r in b.show("SHOW CLIENTS") if r[2] == "pgbouncer"]
-            assert len(clients) == 2, clients  # the worker's and this SHOW's own
-            # PgBouncer restarts between two ticks (on the same address): the
-            # worker's kept connection is gone when the next tick uses it.
+            # Between ticks only this SHOW's own admin-console client is there.
+            until(lambda: len([r for r in b.show("SHOW CLIENTS") if r[2] == "pgbouncer"]) == 1,
+                  what="no admin-console connection of the worker between ticks")
+            # A restart of PgBouncer between ticks costs nothing either.
             n = up_samples()
-            until(lambda: up_samples() > n, what="the next tick", step=0.05)
             b.stop()
             b.start()
-            until(lambda: up_samples() >= n + 3, what="2 more samples", step=0.2)
-            assert conn.execute("SELECT count(*) FROM meshhook_limits.pooler_samples WHERE NOT up").fetchone()[0] == 0
-            assert conn.execute("SELECT count(*) FROM meshhook_limits.events WHERE event = 'pool.pooler_down'"
-                                ).fetchone()[0] == 0
+            until(lambda: up_samples() >= n + 2, what="2 more samples", step=0.2)
     finally:
         b.stop()
         destroy_cluster(c)
+
+
+def good_answers() -> dict:
+    """What PgBouncer 1.18 answers, one pool: the hostile tests' starting point."""
+    return {"VERSION": {"rows": [["PgBouncer 1.18.0"]]},
+            "POOLS": {"ncols": 16, "rows": [["appdb", "app", "3", "1", "0", "0", "2", "0", "0", "1", "0", "0", "0",
+                                             "0", "5000", "transaction"]]},
+            "DATABASES": {"ncols": 13, "rows": [["appdb", "h", "5432", "appdb", "", "4", "0", "0", "transaction",
+                                                 "0", "0", "0", "0"]]},
+            "TOTALS": {"rows": [["total_xact_count", "10"], ["total_query_count", "10"], ["total_wait_time", "0"],
+                                ["avg_wait_time", "0"]]},
+            "CONFIG": {"ncols": 4, "rows": [["default_pool_size", "4", "20", "yes"]]}}
+
+
+@pytest.fixture
+def hostile(tmp_path, admin):
+    """A stand-in for PgBouncer that answers what the test writes (tests/hostile_pgbouncer.py)."""
+    import socket
+    import sys
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(good_answers()))
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "hostile_pgbouncer.py"), str(port), str(answers)])
+    until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, what="the hostile pooler to listen")
+    admin.execute("SELECT meshhook_limits.drop_pooler('evil')")
+    admin.execute("SELECT meshhook_limits.add_pooler('evil', %s)", (f"host=127.0.0.1 port={port} dbname=pgbouncer user=x",))
+    yield answers
+    admin.execute("SELECT meshhook_limits.drop_pooler('evil')")
+    proc.kill()
+    proc.wait()
+
+
+def test_a_hostile_pooler_cannot_break_the_tick_the_readers_or_another_pooler(cluster, pooler, admin, hostile):
+    admin.execute("SELECT meshhook_limits.set_pooler_sizing('pgb', 'dry_run', 2, 10)")
+
+    def sample(answers: dict) -> tuple:
+        hostile.write_text(json.dumps(answers))
+        tick(admin)   # never raises
+        row = admin.execute("SELECT up, error FROM meshhook_limits.pooler_samples WHERE pooler = 'evil' "
+                            "ORDER BY sampled_at DESC LIMIT 1").fetchone()
+        # The readers still answer, and the real pooler was sampled in the same tick.
+        assert admin.execute("SELECT meshhook_limits.metrics()").fetchone()[0]
+        health = admin.execute("SELECT pooler, status FROM meshhook_limits.pooler_health()").fetchall()
+        admin.execute("SELECT * FROM meshhook_limits.pooler_recommendation()").fetchall()
+        assert ("pgb", "ok") in health
+        return row
+
+    assert sample(good_answers()) == (True, None)
+    assert admin.execute("SELECT clients_waiting, pool_size FROM meshhook_limits.pooler_pool_samples "
+                         "WHERE pooler = 'evil' ORDER BY sampled_at DESC LIMIT 1").fetchone() == (1, 4)
+    # A database name that is not UTF-8 (any client of a wildcard [databases]
+    # entry can make PgBouncer list one) is kept as a stand-in.
+    bad_name = good_answers()
+    bad_name["POOLS"]["rows"][0][0] = "hex:61ff fe".replace(" ", "")
+    assert sample(bad_name) == (True, None)
+    name = admin.execute("SELECT database FROM meshhook_limits.pooler_pool_samples WHERE pooler = 'evil' "
+                         "ORDER BY sampled_at DESC LIMIT 1").fetchone()[0]
+    assert name.startswith("(not valid UTF8: ")
+    # Numbers that are not counts: the pooler is down, with why.
+    for where, row, col, junk in (("POOLS", 0, 13, "1e400"), ("POOLS", 0, 3, "-5"), ("DATABASES", 0, 5, "2000000000"),
+                                  ("TOTALS", 0, 1, "-9223372036854775808"), ("CONFIG", 0, 1, "lots")):
+        answers = good_answers()
+        answers[where]["rows"][row][col] = junk
+        up, error = sample(answers)
+        assert not up and "where a number from 0 to" in error, (where, junk, error)
+    # Not PgBouncer, or a layout it does not have.
+    for version in ("PostgreSQL 16.1", "PgBouncer 99.0"):
+        answers = good_answers()
+        answers["VERSION"]["rows"] = [[version]]
+        up, error = sample(answers)
+        assert not up and error, (version, error)
+    # An answer that never ends holds the tick only for pooler_timeout.
+    answers = good_answers()
+    answers["POOLS"]["no_end"] = True
+    t = time.monotonic()
+    up, error = sample(answers)
+    assert not up and "no answer to SHOW POOLS within" in error
+    assert time.monotonic() - t < 30
+    assert admin.execute("SELECT last_error IS NULL OR last_error NOT LIKE '%%XX000%%' FROM meshhook_limits.worker_state"
+                         ).fetchone()[0]

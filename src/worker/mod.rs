@@ -99,6 +99,7 @@ fn tick_once() -> bool {
 #[no_mangle]
 pub extern "C-unwind" fn meshhook_limits_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    crate::pooler::IN_WORKER.store(true, std::sync::atomic::Ordering::Relaxed);
     let db = BackgroundWorker::get_extra().to_string();
     let role = gucs::worker_role();
     BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
