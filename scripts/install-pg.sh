@@ -45,3 +45,15 @@ PY
   chmod -R a+rX "$tree"
   chmod a+rx "$dest"
 done
+
+# The wheels' modules that use libpq (dblink, postgres_fdw, the walreceiver)
+# look for it in /opt/postgresql/lib, where the wheels were built, and so
+# load Debian's older libpq (no PQcancelStart for 17 and 18): point them at
+# their own tree's. Also for trees unpacked before this step existed.
+for major in "$@"; do
+  [[ $major == 15 ]] && continue
+  for lib in "$dest/pg$major"/lib/{dblink,postgres_fdw,libpqwalreceiver}.so; do
+    [[ -f $lib ]] || continue
+    [[ $(patchelf --print-rpath "$lib") == '$ORIGIN' ]] || patchelf --set-rpath '$ORIGIN' "$lib"
+  done
+done

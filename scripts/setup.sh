@@ -21,7 +21,7 @@ SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 # Debian's PostgreSQL 15 always: it also makes the `postgres` OS user the
 # servers of every version run as.
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15
-          postgresql-contrib pgbouncer libclang-dev clang pkg-config sudo build-essential ca-certificates)
+          postgresql-contrib pgbouncer patchelf libclang-dev clang pkg-config sudo build-essential ca-certificates)
 [[ $WANT_TEST == 1 ]] && packages+=(python3-venv postgresql-15-cron prometheus prometheus-postgres-exporter)
 missing=()
 for p in "${packages[@]}"; do
