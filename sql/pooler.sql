@@ -189,7 +189,7 @@ DECLARE
   deadline timestamptz := pg_catalog.clock_timestamp() + current_setting('meshhook_limits.pooler_timeout')::interval;
   last record;
   v text; vnum int; pool_cols int; db_cols int;
-  pools jsonb; sizes jsonb; totals jsonb; dflt int; err text; detail text; state text;
+  pools jsonb; sizes jsonb; totals jsonb; dflt int; ev jsonb; err text; detail text; state text;
 BEGIN
   SELECT s.up, s.sampled_at, s.sample_ms INTO last FROM meshhook_limits.pooler_samples s
    WHERE s.pooler = p_pooler.name ORDER BY s.sampled_at DESC LIMIT 1;
@@ -253,6 +253,20 @@ BEGIN
                 ELSE 'ok' END
       FROM jsonb_array_elements(coalesce(pools, '[]')) a
     ON CONFLICT DO NOTHING;
+    -- Sizing on its own: a pooler that refuses SET (a stats_users login,
+    -- not admin_users) is still up; the failure is an event, once per
+    -- resize_every.
+    BEGIN
+      ev := meshhook_limits._size_pooler(p_pooler, p_at, db, conn, deadline);
+    EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS err = MESSAGE_TEXT;
+      UPDATE meshhook_limits.poolers p SET resized_at = p_at WHERE p.name = p_pooler.name;
+      ev := jsonb_build_object('event', 'pool.resize_failed', 'payload',
+                               jsonb_build_object('pooler', p_pooler.name, 'mode', p_pooler.sizing,
+                                                  'error', meshhook_limits._pooler_text(err, 500)));
+    END;
+    PERFORM meshhook_limits._pooler_disconnect(db, conn);
+    -- Events once the connection is closed (sending one may run Realtime's code).
     IF last.up = false THEN
       PERFORM meshhook_limits._emit('pool.pooler_up', NULL, p_pooler.name, NULL, NULL,
                                     jsonb_build_object('pooler', p_pooler.name, 'version', v, 'down_since',
@@ -262,19 +276,10 @@ BEGIN
                                                                         WHERE u.pooler = p_pooler.name AND u.up AND u.sampled_at < p_at),
                                                                       '-infinity'))));
     END IF;
-    -- Sizing on its own: a pooler that refuses SET (a stats_users login,
-    -- not admin_users) is still up; the failure is an event, once per
-    -- resize_every.
-    BEGIN
-      PERFORM meshhook_limits._size_pooler(p_pooler, p_at, db, conn, deadline);
-    EXCEPTION WHEN OTHERS THEN
-      GET STACKED DIAGNOSTICS err = MESSAGE_TEXT;
-      UPDATE meshhook_limits.poolers p SET resized_at = p_at WHERE p.name = p_pooler.name;
-      PERFORM meshhook_limits._emit('pool.resize_failed', NULL, p_pooler.name, NULL, NULL,
-                                    jsonb_build_object('pooler', p_pooler.name, 'mode', p_pooler.sizing,
-                                                       'error', meshhook_limits._pooler_text(err, 500)));
-    END;
-    PERFORM meshhook_limits._pooler_disconnect(db, conn);
+    IF ev IS NOT NULL THEN
+      PERFORM meshhook_limits._emit(ev->>'event', NULL, p_pooler.name, (ev->>'value')::numeric, (ev->>'limit')::numeric,
+                                    ev->'payload');
+    END IF;
   EXCEPTION WHEN OTHERS OR query_canceled THEN
     GET STACKED DIAGNOSTICS err = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL, state = RETURNED_SQLSTATE;
     PERFORM meshhook_limits._pooler_disconnect(db, conn);
@@ -441,19 +446,20 @@ $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_size_advice(meshhook_limits.poolers, timestamptz) FROM PUBLIC;
 
 -- Act on the advice when sizing is on (SET default_pool_size on the admin
--- console) or record it when dry_run: at most once per resize_every, one
--- event each (pool.resized, pool.resize_proposed) with before, after and why.
+-- console) or record it when dry_run: at most once per resize_every. Returns
+-- the event to send (pool.resized, pool.resize_proposed, with before, after
+-- and why), which the caller sends once the connection is closed.
 CREATE FUNCTION meshhook_limits._size_pooler(p_pooler meshhook_limits.poolers, p_at timestamptz, p_dblink name,
                                              p_conn text, p_deadline timestamptz)
-RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS jsonb LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE a record;
 BEGIN
   IF p_pooler.sizing = 'off' OR p_at < p_pooler.resized_at + p_pooler.resize_every THEN
-    RETURN;
+    RETURN NULL;
   END IF;
   SELECT * INTO a FROM meshhook_limits._pooler_size_advice(p_pooler, p_at);
   IF a.recommended_size IS NULL OR a.recommended_size = a.current_size THEN
-    RETURN;
+    RETURN NULL;
   END IF;
   IF p_pooler.sizing = 'on' THEN
     PERFORM meshhook_limits._pooler_send(p_dblink, p_conn, format('SET default_pool_size = %s', a.recommended_size::int),
@@ -463,13 +469,14 @@ BEGIN
     EXECUTE format('SELECT count(*) FROM %I.dblink_get_result($1::text) AS t(c1 text)', p_dblink) USING p_conn;
   END IF;
   UPDATE meshhook_limits.poolers p SET resized_at = p_at WHERE p.name = p_pooler.name;
-  PERFORM meshhook_limits._emit(CASE p_pooler.sizing WHEN 'on' THEN 'pool.resized' ELSE 'pool.resize_proposed' END,
-                                NULL, p_pooler.name, a.recommended_size, a.current_size,
-                                jsonb_build_object('pooler', p_pooler.name, 'before', a.current_size,
-                                                   'after', a.recommended_size, 'why', a.reason,
-                                                   'mode', p_pooler.sizing, 'min_pool_size', p_pooler.min_pool_size,
-                                                   'max_pool_size', p_pooler.max_pool_size, 'server_cap', a.server_cap,
-                                                   'pools', a.pools));
+  RETURN jsonb_build_object(
+    'event', CASE p_pooler.sizing WHEN 'on' THEN 'pool.resized' ELSE 'pool.resize_proposed' END,
+    'value', a.recommended_size, 'limit', a.current_size,
+    'payload', jsonb_build_object('pooler', p_pooler.name, 'before', a.current_size,
+                                  'after', a.recommended_size, 'why', a.reason,
+                                  'mode', p_pooler.sizing, 'min_pool_size', p_pooler.min_pool_size,
+                                  'max_pool_size', p_pooler.max_pool_size, 'server_cap', a.server_cap,
+                                  'pools', a.pools));
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._size_pooler(meshhook_limits.poolers, timestamptz, name, text, timestamptz) FROM PUBLIC;
