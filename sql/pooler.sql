@@ -69,6 +69,12 @@ ALTER TABLE meshhook_limits.pooler_pool_samples ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_all ON meshhook_limits.pooler_pool_samples FOR SELECT USING ((SELECT meshhook_limits.can_monitor()));
 GRANT SELECT ON meshhook_limits.pooler_pool_samples TO PUBLIC;
 
+-- The Rust parts (src/pooler.rs): internal, but add_pooler (which runs as
+-- its caller) asks _caller_is_superuser.
+REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_may_connect() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._caller_is_superuser() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION meshhook_limits._caller_is_superuser() TO meshhook_limits_admin;
+
 -- The schema of dblink when it is installed by a superuser, else NULL. Its
 -- functions are called schema-qualified with arguments of their exact types,
 -- so no other function of that schema can stand in for them.
@@ -158,7 +164,9 @@ DECLARE cols text := (SELECT string_agg(format('c%s text', i), ', ' ORDER BY i) 
         arr text := (SELECT string_agg(format('c%s', i), ', ' ORDER BY i) FROM generate_series(1, p_columns) i);
 BEGIN
   PERFORM meshhook_limits._pooler_send(p_dblink, p_conn, p_command, p_deadline);
-  RETURN QUERY EXECUTE format('SELECT ARRAY[%s] FROM %I.dblink_get_result($1::text) AS t(%s)', arr, p_dblink, cols)
+  -- At most 10,000 rows are looked at (pools are kept 500 at most).
+  RETURN QUERY EXECUTE format('SELECT ARRAY[%s] FROM %I.dblink_get_result($1::text) AS t(%s) LIMIT 10000',
+                              arr, p_dblink, cols)
     USING p_conn;
   -- The end of the command's results (dblink needs it read before the
   -- next), once it has come: a pooler that never ends its answer must not
@@ -199,6 +207,15 @@ BEGIN
   BEGIN
     IF db IS NULL THEN
       RAISE EXCEPTION 'extension dblink is not installed (by a superuser)' USING ERRCODE = '55000';
+    END IF;
+    -- dblink takes a conninfo that names a foreign server (its first 63
+    -- bytes) as that server: only a superuser's dblink_fdw server counts.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_foreign_server fs
+                WHERE fs.srvname = p_pooler.conninfo::name
+                  AND NOT ((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = fs.srvowner)
+                           AND fs.srvfdw = (SELECT w.oid FROM pg_catalog.pg_foreign_data_wrapper w WHERE w.fdwname = 'dblink_fdw'))) THEN
+      RAISE EXCEPTION 'foreign server % (named like this pooler''s conninfo) is not a superuser''s dblink_fdw server; not connecting',
+        quote_ident(p_pooler.conninfo::name) USING ERRCODE = '42501';
     END IF;
     PERFORM meshhook_limits._pooler_disconnect(db, conn);
     PERFORM meshhook_limits._pooler_connect(db, conn, p_pooler.conninfo,
@@ -300,27 +317,6 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_pooler(meshhook_limits.poolers, timestamptz) FROM PUBLIC;
 
-CREATE FUNCTION meshhook_limits._pooler_connections(p_dblink name) RETURNS text[]
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE r text[];
-BEGIN
-  EXECUTE format('SELECT %I.dblink_get_connections()', p_dblink) INTO r;
-  RETURN r;
-END
-$$;
-REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_connections(name) FROM PUBLIC;
-
--- Close the named connection if it is open.
-CREATE FUNCTION meshhook_limits._pooler_disconnect(p_dblink name, p_conn text) RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-  IF p_dblink IS NOT NULL AND p_conn = ANY (coalesce(meshhook_limits._pooler_connections(p_dblink), '{}')) THEN
-    EXECUTE format('SELECT %I.dblink_disconnect($1::text)', p_dblink) USING p_conn;
-  END IF;
-END
-$$;
-REVOKE EXECUTE ON FUNCTION meshhook_limits._pooler_disconnect(name, text) FROM PUBLIC;
-
 -- A setting with a time unit, in milliseconds.
 CREATE FUNCTION meshhook_limits._setting_ms(p_name text) RETURNS numeric
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -340,7 +336,11 @@ BEGIN
     RETURN;
   END IF;
   FOR p IN SELECT * FROM meshhook_limits.poolers x WHERE x.enabled ORDER BY x.name LOOP
-    PERFORM meshhook_limits._sample_pooler(p, p_at);
+    BEGIN
+      PERFORM meshhook_limits._sample_pooler(p, p_at);
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'meshhook_limits: sampling pooler % failed: %', quote_literal(p.name), SQLERRM;
+    END;
   END LOOP;
 END
 $$;
@@ -352,8 +352,8 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._sample_poolers(timestamptz) FROM PUB
 -- waiting clients of the busiest pool; lower when no client waited and the
 -- busiest pool used at most half its servers (p95), to that p95 plus 25%.
 -- Between the two nothing changes (hysteresis). Always within the pooler's
--- min/max_pool_size, and within what the server has room for (min_pool_size
--- wins over it): max_connections minus superuser_reserved_connections
+-- min/max_pool_size, and within what the server has room for (which wins
+-- over min_pool_size): max_connections minus superuser_reserved_connections
 -- and reserved_connections, minus the pools of the other poolers, this
 -- pooler's pools of their own size and the sessions no pooler opened,
 -- shared by the pools that follow default_pool_size.
@@ -400,7 +400,8 @@ BEGIN
          min(x.sampled_at) AS first_at
     INTO w
     FROM meshhook_limits.pooler_pool_samples x
-   WHERE x.pooler = p_pooler.name AND x.sampled_at > p_at - p_pooler.resize_every AND x.sampled_at <= p_at;
+   WHERE x.pooler = p_pooler.name AND x.sampled_at > p_at - p_pooler.resize_every AND x.sampled_at <= p_at
+     AND x.pool_size = cur;
   IF w.samples < 2 OR NOT EXISTS (SELECT 1 FROM meshhook_limits.pooler_samples s
                                     WHERE s.pooler = p_pooler.name AND s.sampled_at <= p_at - p_pooler.resize_every) THEN
     RETURN QUERY SELECT cur, cur, LEAST(cap, 2147483647)::int, LEAST(n, 2147483647)::int,
@@ -411,6 +412,7 @@ BEGIN
     SELECT cur + GREATEST(ceil(percentile_cont(0.95) WITHIN GROUP (ORDER BY b.waiting))::int, 1) INTO target
       FROM (SELECT max(x.clients_waiting) AS waiting FROM meshhook_limits.pooler_pool_samples x
              WHERE x.pooler = p_pooler.name AND x.sampled_at > p_at - p_pooler.resize_every AND x.sampled_at <= p_at
+               AND x.pool_size = cur
              GROUP BY x.sampled_at) b;
     why := format('clients waited in %s of %s samples over %s (longest wait %s s): raise by the p95 of waiting clients',
                   w.waited, w.samples, p_pooler.resize_every, round(w.maxwait, 3));
@@ -418,6 +420,7 @@ BEGIN
     SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY b.busy) INTO w.maxwait
       FROM (SELECT max(x.servers_active) AS busy FROM meshhook_limits.pooler_pool_samples x
              WHERE x.pooler = p_pooler.name AND x.sampled_at > p_at - p_pooler.resize_every AND x.sampled_at <= p_at
+               AND x.pool_size = cur
              GROUP BY x.sampled_at) b;
     IF w.maxwait * 2 <= cur THEN
       target := ceil(w.maxwait * 1.25)::int;
@@ -432,14 +435,15 @@ BEGIN
     target := cur;
     why := format('clients waited in %s of %s samples over %s: keep', w.waited, w.samples, p_pooler.resize_every);
   END IF;
+  -- Within [min_pool_size, max_pool_size], and never above the server's
+  -- room, which wins over min_pool_size: bounds are an admin's, the room
+  -- is every database's.
+  target := LEAST(GREATEST(target, p_pooler.min_pool_size), p_pooler.max_pool_size);
   IF target > cap THEN
     why := why || format('; capped at %s: the server''s %s usable connections, less %s held by other pools and %s '
                          'sessions no pooler opened, over %s pools', cap, usable, others + fixed, direct, n);
+    target := cap;
   END IF;
-  -- Never above the server's room or max_pool_size, never below
-  -- min_pool_size (the admin's floor wins over the room).
-  target := LEAST(GREATEST(target, p_pooler.min_pool_size),
-                  GREATEST(LEAST(p_pooler.max_pool_size, cap), p_pooler.min_pool_size));
   RETURN QUERY SELECT cur, target, LEAST(cap, 2147483647)::int, LEAST(n, 2147483647)::int, why;
 END
 $$;
@@ -483,13 +487,15 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._size_pooler(meshhook_limits.poolers,
 
 -- Name a PgBouncer to sample (superusers: the tick connects with the
 -- extension owner's rights, so where it connects is a superuser's choice).
+-- Runs as its caller.
 CREATE FUNCTION meshhook_limits.add_pooler(name text, conninfo text, enabled boolean DEFAULT true)
-RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE ci text := conninfo;
 BEGIN
-  -- The caller itself, not the definer nor code a table's owner planted
-  -- (which runs as that owner, in any session, the worker's too).
+  -- The caller itself (this function runs as its caller: an admin's
+  -- definer function calling it is the admin), outside code a table's
+  -- owner planted (which runs as that owner in any session).
   IF NOT meshhook_limits._caller_is_superuser() THEN
     RAISE EXCEPTION 'only a superuser may add a pooler' USING ERRCODE = '42501',
       HINT = 'the tick connects to it with the extension owner''s rights; ask a superuser to run add_pooler';
@@ -513,10 +519,18 @@ BEGIN
              'or in the server''s ~/.pgpass';
   END IF;
   -- A connection string (not a foreign server's name) gets a connect
-  -- timeout, so that an unreachable pooler holds the tick at most that long.
-  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_foreign_server s WHERE s.srvname = ci)
-     AND ci ~ '=' AND ci !~* 'connect_timeout' THEN
-    ci := ci || ' connect_timeout=2';
+  -- timeout, so that on PostgreSQL 15 (where dblink cannot be interrupted
+  -- while it connects) an unreachable pooler holds the tick at most that long.
+  IF ci ~* 'connect_timeout' AND ci !~* 'connect_timeout\s*=\s*''?([1-9]|10)''?(\s|&|$)' THEN
+    RAISE EXCEPTION 'connect_timeout must be from 1 to 10 seconds' USING ERRCODE = '22023',
+      HINT = 'the tick waits that long for an unreachable pooler on PostgreSQL 15; leave it out for 2';
+  END IF;
+  IF ci !~* 'connect_timeout' AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_foreign_server s WHERE s.srvname = ci::name) THEN
+    IF ci ~* '^postgres(ql)?://' THEN
+      ci := ci || CASE WHEN ci ~ '\?' THEN '&' ELSE '?' END || 'connect_timeout=2';
+    ELSIF ci ~ '=' THEN
+      ci := ci || ' connect_timeout=2';
+    END IF;
   END IF;
   INSERT INTO meshhook_limits.poolers AS p (name, conninfo, enabled)
   VALUES (add_pooler.name, ci, coalesce(enabled, true))

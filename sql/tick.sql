@@ -41,6 +41,13 @@ BEGIN
   -- The first call of a session (pg_cron opens one per run) loads the library
   -- here, which defines the settings read below.
   PERFORM meshhook_limits.require_admin_access('run tick()');
+  -- A pooler connection a cancelled tick left open in this backend is
+  -- closed before anyone else's code (a queue owner's) can run here.
+  BEGIN
+    PERFORM meshhook_limits._pooler_close_all();
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'meshhook_limits: closing pooler connections failed: %', SQLERRM;
+  END;
   win := current_setting('meshhook_limits.queue_window')::interval;
   keep := current_setting('meshhook_limits.retention')::interval;
   budget := current_setting('meshhook_limits.queue_scan_budget')::float8;

@@ -559,3 +559,24 @@ def test_a_hostile_pooler_cannot_break_the_tick_the_readers_or_another_pooler(cl
     assert time.monotonic() - t < 30
     assert admin.execute("SELECT last_error IS NULL OR last_error NOT LIKE '%%XX000%%' FROM meshhook_limits.worker_state"
                          ).fetchone()[0]
+
+
+def test_a_foreign_server_named_like_a_poolers_conninfo_is_not_followed(cluster, bouncer, pooler, admin, pooler_admin):
+    """dblink takes a conninfo that names a foreign server (its first 63
+    bytes) as that server, with the connecting role's user mapping or a
+    PUBLIC one. A role allowed to create foreign servers could name one
+    after a pooler's conninfo (monitors can read it) and send the tick
+    where it likes, with the server's ~/.pgpass password."""
+    role = pooler_admin.execute("SELECT current_user").fetchone()[0]
+    conninfo = admin.execute("SELECT conninfo FROM meshhook_limits.poolers WHERE name = 'pgb'").fetchone()[0]
+    admin.execute(f"GRANT USAGE ON FOREIGN DATA WRAPPER dblink_fdw TO {role}")
+    try:
+        pooler_admin.execute(f"""CREATE SERVER "{conninfo[:63]}" FOREIGN DATA WRAPPER dblink_fdw
+                                 OPTIONS (host '127.0.0.1', port '1', dbname 'pgbouncer')""")
+        pooler_admin.execute(f'CREATE USER MAPPING FOR PUBLIC SERVER "{conninfo[:63]}" OPTIONS (user \'postgres\')')
+        tick(admin)
+        [h] = health(admin, "pgb")
+        assert h["status"] == "down" and "not a superuser's dblink_fdw server" in h["error"], h["error"]
+    finally:
+        admin.execute(f'DROP SERVER IF EXISTS "{conninfo[:63]}" CASCADE')
+        admin.execute(f"REVOKE USAGE ON FOREIGN DATA WRAPPER dblink_fdw FROM {role}")
