@@ -118,9 +118,13 @@ fn within<R>(ms: i32, what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
             }
         })
         .finally(move || unsafe {
-            match outer {
-                Some(at) => enable_timeout_at(STATEMENT_TIMEOUT, at),
-                None => disable_timeout(STATEMENT_TIMEOUT, false),
+            // Only a timer we replaced is put back: re-arming the
+            // statement's own after it fired would cancel again at once.
+            if ours {
+                match outer {
+                    Some(at) => enable_timeout_at(STATEMENT_TIMEOUT, at),
+                    None => disable_timeout(STATEMENT_TIMEOUT, false),
+                }
             }
         })
         .execute()
