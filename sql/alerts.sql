@@ -276,3 +276,37 @@ BEGIN
   END;
 END
 $$;
+
+-- Undo what set_alert_rule did. drop_alert_rule removes a rule of the
+-- user's own (a built-in one is switched off with enabled => false);
+-- reset_alert_rule puts a built-in rule back as shipped. True when a row
+-- went; the rule's pending and firing series stop quietly at the next tick.
+CREATE FUNCTION meshhook_limits.drop_alert_rule(name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('manage alert rules');
+  IF EXISTS (SELECT 1 FROM meshhook_limits.builtin_alert_rules b WHERE b.name = drop_alert_rule.name) THEN
+    RAISE EXCEPTION 'alert rule % is built in and cannot be dropped', quote_literal(name) USING ERRCODE = '22023',
+      HINT = 'switch it off with set_alert_rule(name, metric, threshold, enabled => false), '
+             'or undo your changes to it with reset_alert_rule(name)';
+  END IF;
+  DELETE FROM meshhook_limits.alert_rules r WHERE r.name = drop_alert_rule.name;
+  RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.reset_alert_rule(name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('manage alert rules');
+  IF NOT EXISTS (SELECT 1 FROM meshhook_limits.builtin_alert_rules b WHERE b.name = reset_alert_rule.name) THEN
+    RAISE EXCEPTION 'no built-in alert rule %', coalesce(quote_literal(name), 'NULL') USING ERRCODE = '42704',
+      HINT = 'built-in rules: ' || (SELECT string_agg(b.name, ', ' ORDER BY b.name) FROM meshhook_limits.builtin_alert_rules b)
+             || '; remove a rule of your own with drop_alert_rule(name)';
+  END IF;
+  DELETE FROM meshhook_limits.alert_rules r WHERE r.name = reset_alert_rule.name;
+  RETURN FOUND;
+END
+$$;

@@ -2013,3 +2013,54 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   UNION ALL SELECT 'meshhook_limits_worker_queue_scan_timestamp_seconds', '{}'::jsonb, extract(epoch FROM w.queue_stats_at)::float8
               FROM meshhook_limits.worker_state w WHERE w.queue_stats_at IS NOT NULL
 $$;
+
+-- Undoing what set_alert_rule and set_queue_thresholds did (issue 22).
+-- Undo what set_alert_rule did. drop_alert_rule removes a rule of the
+-- user's own (a built-in one is switched off with enabled => false);
+-- reset_alert_rule puts a built-in rule back as shipped. True when a row
+-- went; the rule's pending and firing series stop quietly at the next tick.
+CREATE FUNCTION meshhook_limits.drop_alert_rule(name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('manage alert rules');
+  IF EXISTS (SELECT 1 FROM meshhook_limits.builtin_alert_rules b WHERE b.name = drop_alert_rule.name) THEN
+    RAISE EXCEPTION 'alert rule % is built in and cannot be dropped', quote_literal(name) USING ERRCODE = '22023',
+      HINT = 'switch it off with set_alert_rule(name, metric, threshold, enabled => false), '
+             'or undo your changes to it with reset_alert_rule(name)';
+  END IF;
+  DELETE FROM meshhook_limits.alert_rules r WHERE r.name = drop_alert_rule.name;
+  RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION meshhook_limits.reset_alert_rule(name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('manage alert rules');
+  IF NOT EXISTS (SELECT 1 FROM meshhook_limits.builtin_alert_rules b WHERE b.name = reset_alert_rule.name) THEN
+    RAISE EXCEPTION 'no built-in alert rule %', coalesce(quote_literal(name), 'NULL') USING ERRCODE = '42704',
+      HINT = 'built-in rules: ' || (SELECT string_agg(b.name, ', ' ORDER BY b.name) FROM meshhook_limits.builtin_alert_rules b)
+             || '; remove a rule of your own with drop_alert_rule(name)';
+  END IF;
+  DELETE FROM meshhook_limits.alert_rules r WHERE r.name = reset_alert_rule.name;
+  RETURN FOUND;
+END
+$$;
+
+-- Undo set_queue_thresholds for one (source, queue): the next more general
+-- row, or the defaults, apply again. True when a row went.
+CREATE FUNCTION meshhook_limits.reset_queue_thresholds(source text DEFAULT '*', queue text DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('set queue thresholds');
+  IF source IS NULL OR source NOT IN ('*', 'pgboss', 'pgmq') THEN
+    RAISE EXCEPTION 'source must be *, pgboss or pgmq' USING ERRCODE = '22023';
+  END IF;
+  DELETE FROM meshhook_limits.queue_thresholds t
+   WHERE t.source = reset_queue_thresholds.source AND t.queue IS NOT DISTINCT FROM reset_queue_thresholds.queue;
+  RETURN FOUND;
+END
+$$;

@@ -328,3 +328,19 @@ BEGIN
   END;
 END
 $$;
+
+-- Undo set_queue_thresholds for one (source, queue): the next more general
+-- row, or the defaults, apply again. True when a row went.
+CREATE FUNCTION meshhook_limits.reset_queue_thresholds(source text DEFAULT '*', queue text DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('set queue thresholds');
+  IF source IS NULL OR source NOT IN ('*', 'pgboss', 'pgmq') THEN
+    RAISE EXCEPTION 'source must be *, pgboss or pgmq' USING ERRCODE = '22023';
+  END IF;
+  DELETE FROM meshhook_limits.queue_thresholds t
+   WHERE t.source = reset_queue_thresholds.source AND t.queue IS NOT DISTINCT FROM reset_queue_thresholds.queue;
+  RETURN FOUND;
+END
+$$;

@@ -1,0 +1,64 @@
+"""What an admin set can be undone (issue 22): a user alert rule dropped, a
+built-in rule put back as shipped, a queue-threshold override removed; and
+only by admins."""
+import psycopg
+import pytest
+
+from conftest import rpc, sqlstate
+
+S = "meshhook_limits"
+
+
+def rule(admin, name):
+    return admin.execute(f"SELECT metric, threshold, resolve_threshold, for_duration::text, severity, enabled, origin "
+                         f"FROM {S}.effective_alert_rules WHERE name = %s", (name,)).fetchone()
+
+
+def test_a_user_alert_rule_is_dropped_and_a_builtin_one_reset(admin):
+    admin.execute(f"SELECT {S}.set_alert_rule('undo_mine', 'queue.queued', 5)")
+    assert rule(admin, "undo_mine")[-1] == "user"
+    assert admin.execute(f"SELECT {S}.drop_alert_rule('undo_mine')").fetchone()[0] is True
+    assert rule(admin, "undo_mine") is None
+    assert admin.execute(f"SELECT {S}.drop_alert_rule('undo_mine')").fetchone()[0] is False
+
+    shipped = rule(admin, "pool_utilisation")
+    assert shipped[-1] == "builtin"
+    # "Switch a built-in off" as docs/api.md shows replaces its other columns too ...
+    admin.execute(f"SELECT {S}.set_alert_rule('pool_utilisation', 'pool.utilisation', 0.9, enabled => false)")
+    assert rule(admin, "pool_utilisation") != shipped
+    # ... and a built-in rule cannot be dropped, only reset: back as shipped.
+    with pytest.raises(psycopg.Error) as e:
+        admin.execute(f"SELECT {S}.drop_alert_rule('pool_utilisation')")
+    assert sqlstate(e) == "22023" and "reset_alert_rule" in e.value.diag.message_hint
+    assert admin.execute(f"SELECT {S}.reset_alert_rule('pool_utilisation')").fetchone()[0] is True
+    assert rule(admin, "pool_utilisation") == shipped
+    assert admin.execute(f"SELECT {S}.reset_alert_rule('pool_utilisation')").fetchone()[0] is False
+    with pytest.raises(psycopg.Error) as e:
+        admin.execute(f"SELECT {S}.reset_alert_rule('undo_nope')")
+    assert sqlstate(e) == "42704" and "pool_utilisation" in e.value.diag.message_hint
+
+
+def test_a_queue_threshold_override_is_reset(admin):
+    admin.execute(f"SELECT {S}.set_queue_thresholds('pgmq', 'undo_q', warn_queued => 1, crit_queued => 2)")
+    admin.execute(f"SELECT {S}.set_queue_thresholds('pgmq', NULL, warn_queued => 3, crit_queued => 4)")
+    try:
+        assert admin.execute(f"SELECT {S}.reset_queue_thresholds('pgmq', 'undo_q')").fetchone()[0] is True
+        rows = admin.execute(f"SELECT queue FROM {S}.queue_thresholds WHERE source = 'pgmq' "
+                             "AND (queue IS NULL OR queue = 'undo_q')").fetchall()
+        assert rows == [(None,)]   # the source's default row stays
+        assert admin.execute(f"SELECT {S}.reset_queue_thresholds('pgmq', 'undo_q')").fetchone()[0] is False
+        with pytest.raises(psycopg.Error) as e:
+            admin.execute(f"SELECT {S}.reset_queue_thresholds('kafka', 'undo_q')")
+        assert sqlstate(e) == "22023"
+    finally:
+        admin.execute(f"SELECT {S}.reset_queue_thresholds('pgmq')")
+
+
+def test_only_admins_undo(cluster):
+    claims = {"role": "authenticated", "app_metadata": {"tenant_id": "00000000-0000-4000-8000-00000000000a"}}
+    with cluster.connect(user="authenticator") as c:
+        for stmt in (f"SELECT {S}.drop_alert_rule('x')", f"SELECT {S}.reset_alert_rule('pool_utilisation')",
+                     f"SELECT {S}.reset_queue_thresholds('pgmq', 'x')"):
+            with pytest.raises(psycopg.Error) as e:
+                rpc(c, claims, stmt)
+            assert sqlstate(e) == "42501", stmt
