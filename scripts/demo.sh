@@ -29,6 +29,7 @@ REPORTS=d0000000-0000-4000-8000-000000000004  # initech's project
 
 title "configuration: global defaults, plans free and pro, three tenants"
 q -v acme=$ACME -v globex=$GLOBEX -v initech=$INITECH -v reports=$REPORTS <<'SQL'
+\o /dev/null
 CREATE EXTENSION meshhook_limits;
 SELECT meshhook_limits.set_limit('concurrent_executions', 5);
 SELECT meshhook_limits.set_limit('execution_seconds', 900);
@@ -44,8 +45,8 @@ SELECT meshhook_limits.assign_plan(:'globex', 'free');
 SELECT meshhook_limits.assign_plan(:'initech', 'free');
 SELECT meshhook_limits.set_limit('concurrent_executions', 3, :'initech');          -- tenant override
 SELECT meshhook_limits.set_limit('concurrent_executions', 1, :'initech', :'reports'); -- one project
-\echo
-\echo effective limits of initech's project "reports" (most specific wins):
+\o
+\echo 'effective limits of initech''s project "reports" (most specific wins):'
 SELECT resource, limit_value, window_length, source
   FROM meshhook_limits.effective_limits(:'initech', :'reports');
 SQL
@@ -82,7 +83,7 @@ q -c "SELECT * FROM meshhook_limits.usage('$GLOBEX')"
 
 title "rate limit: acme may call its webhook endpoint 5/s with a burst of 3"
 q -v acme=$ACME <<'SQL'
-SELECT meshhook_limits.set_limit('requests_per_second', 5, :'acme', burst => 3);
+SELECT meshhook_limits.set_limit('requests_per_second', 5, :'acme', burst => 3) \g /dev/null
 SELECT n, r.* FROM generate_series(1, 5) n, LATERAL meshhook_limits.check_rate_limit(:'acme', 'webhooks', 1 + 0 * n) r;
 SQL
 
@@ -90,7 +91,7 @@ title "storage quota: globex may store 4 kB in tracked tables"
 q -v globex=$GLOBEX <<'SQL'
 CREATE TABLE workflow_runs (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id uuid NOT NULL, output text);
 SELECT meshhook_limits.track_storage('workflow_runs', 'tenant_id') AS bytes_counted;
-SELECT meshhook_limits.set_limit('storage_bytes', 4096, :'globex');
+SELECT meshhook_limits.set_limit('storage_bytes', 4096, :'globex') \g /dev/null
 INSERT INTO workflow_runs (tenant_id, output) SELECT :'globex', repeat('x', 300) FROM generate_series(1, 10);
 \set ON_ERROR_STOP 0
 \echo a statement that would exceed the quota is refused (53400):
@@ -106,13 +107,14 @@ title "queues: pg-boss (npm) and pgmq (crate SQL) with traffic"
 node scripts/demo/queue-traffic.mjs "$PGHOST" "$PGPORT" meshhook_demo
 q -f .cache/pgmq/pgmq.sql >/dev/null
 q <<'SQL'
-SELECT pgmq.create('webhook_retries');
-SELECT pgmq.send_batch('webhook_retries', array_fill('{"attempt": 1}'::jsonb, ARRAY[30]));
+SELECT pgmq.create('webhook_retries') \g /dev/null
+SELECT count(*) AS sent FROM pgmq.send_batch('webhook_retries', array_fill('{"attempt": 1}'::jsonb, ARRAY[30]));
 SELECT count(*) AS read_and_invisible FROM pgmq.read('webhook_retries', 60, 5);
-SELECT pgmq.archive('webhook_retries', msg_id) FROM pgmq.read('webhook_retries', 0, 4);
+SELECT count(*) FILTER (WHERE a) AS archived FROM pgmq.read('webhook_retries', 0, 4) r,
+       LATERAL pgmq.archive('webhook_retries', r.msg_id) a;
 -- An alert the demo can see fire: more than 100 jobs waiting in any queue.
 SELECT meshhook_limits.set_alert_rule('demo_backlog', 'queue.queued', 100, for_duration => '0',
-                                      severity => 'warning', resolve_threshold => 80);
+                                      severity => 'warning', resolve_threshold => 80) \g /dev/null
 SQL
 # Some connections for the pool to show: idle, and idle in a transaction.
 for i in 1 2 3; do psql -X -q -c "SELECT pg_sleep(6)" >/dev/null 2>&1 & done

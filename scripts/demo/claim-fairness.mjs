@@ -85,7 +85,7 @@ const fair = await run('demo.fair', async db => {
 })
 report('meshhook_limits.claim_jobs(): the noisy tenant is held to its share', fair)
 const { rows } = await setup.query(
-  `SELECT tenant_id, waiting, running, runnable, blocked, blocked_by FROM meshhook_limits.explain_queues()
+  `SELECT left(tenant_id::text, 8) || '…' AS tenant, waiting, running, runnable, blocked FROM meshhook_limits.explain_queues()
     WHERE queue = 'demo.fair' ORDER BY waiting DESC`)
 console.log('\nexplain_queues() afterwards:')
 console.table(rows)
