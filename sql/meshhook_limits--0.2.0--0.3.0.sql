@@ -1886,6 +1886,15 @@ RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_cat
 #variable_conflict use_column
 BEGIN
   PERFORM meshhook_limits.require_admin_access('manage alert rules');
+  -- The metrics of alert_rules' CHECK, named in a message of their own.
+  IF metric IS NULL OR metric NOT IN ('queue.queued', 'queue.oldest_age_seconds', 'queue.error_rate',
+      'queue.failed_recent', 'pool.utilisation', 'pool.idle_in_transaction', 'pool.waiting', 'tenant.usage_ratio',
+      'pooler.up', 'pooler.clients_waiting', 'pooler.maxwait_seconds', 'pooler.utilisation') THEN
+    RAISE EXCEPTION 'unknown alert metric %', coalesce(quote_literal(metric), 'NULL') USING ERRCODE = '22023',
+      HINT = 'metric is one of queue.queued, queue.oldest_age_seconds, queue.error_rate, queue.failed_recent, '
+             'pool.utilisation, pool.idle_in_transaction, pool.waiting, tenant.usage_ratio, pooler.up, '
+             'pooler.clients_waiting, pooler.maxwait_seconds, pooler.utilisation';
+  END IF;
   IF threshold IS NULL OR threshold = 'NaN' OR abs(threshold) > 1e18 THEN
     RAISE EXCEPTION 'threshold must be a number between -1e18 and 1e18' USING ERRCODE = '22023';
   END IF;

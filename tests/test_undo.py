@@ -1,4 +1,4 @@
-"""What an admin set can be undone (issue 22): a user alert rule dropped, a
+"""What an admin set can be undone, and said clearly (issue 22): a user alert rule dropped, a
 built-in rule put back as shipped, a queue-threshold override removed; and
 only by admins."""
 import psycopg
@@ -62,3 +62,11 @@ def test_only_admins_undo(cluster):
             with pytest.raises(psycopg.Error) as e:
                 rpc(c, claims, stmt)
             assert sqlstate(e) == "42501", stmt
+
+
+def test_a_bad_alert_metric_is_named_in_the_error(admin):
+    with pytest.raises(psycopg.Error) as e:
+        admin.execute(f"SELECT {S}.set_alert_rule('undo_bad', 'queue.qeued', 5)")
+    assert sqlstate(e) == "22023"
+    assert e.value.diag.message_primary == "unknown alert metric 'queue.qeued'"
+    assert "queue.queued" in e.value.diag.message_hint and "check constraint" not in str(e.value)
