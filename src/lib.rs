@@ -146,6 +146,8 @@ extension_sql_file!(
     name = "metrics_sql",
     requires = ["tick"]
 );
+// What each public function and table is for, once all of them exist.
+extension_sql_file!("../sql/comments.sql", name = "comments", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -70,3 +70,16 @@ def test_a_bad_alert_metric_is_named_in_the_error(admin):
     assert sqlstate(e) == "22023"
     assert e.value.diag.message_primary == "unknown alert metric 'queue.qeued'"
     assert "queue.queued" in e.value.diag.message_hint and "check constraint" not in str(e.value)
+
+
+def test_every_public_function_and_table_says_what_it_is_for(admin):
+    """COMMENT ON each function, table and view not named with a leading _
+    (sql/comments.sql and where they are written): \\df+ and \\dt+ explain
+    them."""
+    missing = [r[0] for r in admin.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'meshhook_limits'::regnamespace "
+        "AND p.proname NOT LIKE '\\_%' AND obj_description(p.oid, 'pg_proc') IS NULL "
+        "UNION ALL SELECT c.oid::regclass::text FROM pg_class c WHERE c.relnamespace = 'meshhook_limits'::regnamespace "
+        "AND c.relkind IN ('r', 'v') AND c.relname NOT LIKE '\\_%' AND obj_description(c.oid, 'pg_class') IS NULL "
+        "ORDER BY 1").fetchall()]
+    assert missing == []
