@@ -11,6 +11,11 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE r record;
 BEGIN
   PERFORM meshhook_limits.require_tenant_access(apply_session_limits.tenant_id);
+  IF NOT meshhook_limits._in_transaction_block() THEN
+    RAISE WARNING 'apply_session_limits outside a transaction block: its settings end with this statement'
+      USING ERRCODE = '25P01',
+            HINT = 'call it after BEGIN, in the transaction the limits are for (PostgREST runs each request in one)';
+  END IF;
   FOR r IN SELECT * FROM meshhook_limits._resolve(apply_session_limits.tenant_id, NULL) e
             WHERE e.resource IN ('execution_seconds', 'work_mem_bytes', 'temp_file_bytes') ORDER BY 1 LOOP
     setting := CASE r.resource WHEN 'execution_seconds' THEN 'statement_timeout'

@@ -16,6 +16,7 @@ mod owner;
 mod pooler;
 mod rate;
 mod row;
+mod session;
 mod shmem;
 mod slots;
 mod storage;
@@ -101,7 +102,11 @@ extension_sql_file!(
     name = "usage",
     requires = ["storage", slots::listing::live_slots, slots::listing::slots]
 );
-extension_sql_file!("../sql/session.sql", name = "session", requires = ["usage"]);
+extension_sql_file!(
+    "../sql/session.sql",
+    name = "session",
+    requires = ["usage", "session_grants"]
+);
 extension_sql_file!(
     "../sql/queues.sql",
     name = "queues",

@@ -83,3 +83,21 @@ def test_every_public_function_and_table_says_what_it_is_for(admin):
         "AND c.relkind IN ('r', 'v') AND c.relname NOT LIKE '\\_%' AND obj_description(c.oid, 'pg_class') IS NULL "
         "ORDER BY 1").fetchall()]
     assert missing == []
+
+
+def test_apply_session_limits_outside_a_transaction_block_warns(cluster, admin):
+    tenant = "00000000-0000-4000-8000-00000000000b"
+    admin.execute(f"SELECT {S}.set_limit('execution_seconds', 30, %s)", (tenant,))
+    try:
+        with cluster.connect() as c:   # autocommit: every statement its own transaction
+            notices = []
+            # (read in the handler: a notice's fields go with its result)
+            c.add_notice_handler(lambda d: notices.append((d.sqlstate, "after BEGIN" in (d.message_hint or ""))))
+            c.execute(f"SELECT * FROM {S}.apply_session_limits(%s)", (tenant,)).fetchall()
+            assert notices == [("25P01", True)]
+            notices.clear()
+            with c.transaction():
+                c.execute(f"SELECT * FROM {S}.apply_session_limits(%s)", (tenant,)).fetchall()
+            assert notices == []
+    finally:
+        admin.execute(f"SELECT {S}.clear_limit('execution_seconds', %s)", (tenant,))
