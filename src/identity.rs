@@ -167,7 +167,13 @@ pub fn require_act_for(tenant: pgrx::Uuid) -> Result<()> {
         // Never name the other tenant: its id may have come from a slot.
         Some(t) => Err(LimitsError::forbidden(
             format!("tenant {t} may not act for another tenant"),
-            "call with the tenant id of your own JWT claim",
+            // Where the caller's tenant came from: its JWT, or the setting.
+            if claims_text().filter(|_| claims_trusted()).is_some() {
+                "call with the tenant id of your own JWT claim"
+            } else {
+                "call with your own tenant id: the meshhook_limits.tenant_id of this session \
+                 (set for the login role with ALTER ROLE … SET)"
+            },
         )),
         None => Err(LimitsError::forbidden(
             "no tenant identity to act for a tenant",

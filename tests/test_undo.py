@@ -101,3 +101,26 @@ def test_apply_session_limits_outside_a_transaction_block_warns(cluster, admin):
             assert notices == []
     finally:
         admin.execute(f"SELECT {S}.clear_limit('execution_seconds', %s)", (tenant,))
+
+
+def test_a_worker_whose_tenant_comes_from_its_role_is_pointed_at_that_setting(cluster, admin):
+    """Issue 22: a worker bound to a tenant with ALTER ROLE … SET
+    meshhook_limits.tenant_id was told to use its JWT claim."""
+    mine, other = "00000000-0000-4000-8000-00000000000c", "00000000-0000-4000-8000-00000000000d"
+    admin.execute("DROP ROLE IF EXISTS ml_undo_worker")
+    admin.execute("CREATE ROLE ml_undo_worker LOGIN")
+    admin.execute(f"ALTER ROLE ml_undo_worker SET meshhook_limits.tenant_id = '{mine}'")
+    try:
+        with cluster.connect(user="ml_undo_worker") as c:
+            with pytest.raises(psycopg.Error) as e:
+                c.execute(f"SELECT * FROM {S}.acquire_execution_slot(%s)", (other,))
+            assert sqlstate(e) == "42501"
+            assert "meshhook_limits.tenant_id" in e.value.diag.message_hint
+            assert "JWT" not in e.value.diag.message_hint
+        with cluster.connect(user="authenticator") as c:   # through PostgREST: the JWT
+            claims = {"role": "authenticated", "app_metadata": {"tenant_id": mine}}
+            with pytest.raises(psycopg.Error) as e:
+                rpc(c, claims, f"SELECT * FROM {S}.acquire_execution_slot(%s)", (other,))
+            assert "JWT claim" in e.value.diag.message_hint
+    finally:
+        admin.execute("DROP ROLE ml_undo_worker")
