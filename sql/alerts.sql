@@ -249,16 +249,16 @@ CREATE FUNCTION meshhook_limits.set_alert_rule(name text, metric text, threshold
     description text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
+DECLARE
+  -- The metrics of alert_rules' CHECK, named in messages of their own.
+  known_metrics constant text[] := ARRAY['queue.queued', 'queue.oldest_age_seconds', 'queue.error_rate',
+    'queue.failed_recent', 'pool.utilisation', 'pool.idle_in_transaction', 'pool.waiting', 'tenant.usage_ratio',
+    'pooler.up', 'pooler.clients_waiting', 'pooler.maxwait_seconds', 'pooler.utilisation'];
 BEGIN
   PERFORM meshhook_limits.require_admin_access('manage alert rules');
-  -- The metrics of alert_rules' CHECK, named in a message of their own.
-  IF metric IS NULL OR metric NOT IN ('queue.queued', 'queue.oldest_age_seconds', 'queue.error_rate',
-      'queue.failed_recent', 'pool.utilisation', 'pool.idle_in_transaction', 'pool.waiting', 'tenant.usage_ratio',
-      'pooler.up', 'pooler.clients_waiting', 'pooler.maxwait_seconds', 'pooler.utilisation') THEN
+  IF metric IS NULL OR NOT metric = ANY (known_metrics) THEN
     RAISE EXCEPTION 'unknown alert metric %', coalesce(quote_literal(metric), 'NULL') USING ERRCODE = '22023',
-      HINT = 'metric is one of queue.queued, queue.oldest_age_seconds, queue.error_rate, queue.failed_recent, '
-             'pool.utilisation, pool.idle_in_transaction, pool.waiting, tenant.usage_ratio, pooler.up, '
-             'pooler.clients_waiting, pooler.maxwait_seconds, pooler.utilisation';
+      HINT = 'metric is one of ' || array_to_string(known_metrics, ', ');
   END IF;
   IF threshold IS NULL OR threshold = 'NaN' OR abs(threshold) > 1e18 THEN
     RAISE EXCEPTION 'threshold must be a number between -1e18 and 1e18' USING ERRCODE = '22023';
@@ -278,9 +278,7 @@ BEGIN
       enabled = EXCLUDED.enabled, description = EXCLUDED.description;
   EXCEPTION WHEN check_violation OR not_null_violation THEN
     RAISE EXCEPTION 'invalid alert rule: %', SQLERRM USING ERRCODE = '22023',
-      HINT = 'metric is one of queue.queued, queue.oldest_age_seconds, queue.error_rate, queue.failed_recent, '
-             'pool.utilisation, pool.idle_in_transaction, pool.waiting, tenant.usage_ratio, pooler.up, '
-             'pooler.clients_waiting, pooler.maxwait_seconds, pooler.utilisation; comparison one of > >= < <=; '
+      HINT = 'metric is one of ' || array_to_string(known_metrics, ', ') || '; comparison one of > >= < <=; '
              'severity info, warning or critical; for_duration >= 0';
   END;
 END
