@@ -243,9 +243,11 @@ $$;
 REVOKE EXECUTE ON FUNCTION meshhook_limits._evaluate_alerts(timestamptz) FROM PUBLIC;
 
 -- Alert rules: admins manage them with plain DML through this function.
-CREATE FUNCTION meshhook_limits.set_alert_rule(name text, metric text, threshold numeric,
-    comparison text DEFAULT '>', for_duration interval DEFAULT '0', severity text DEFAULT 'warning',
-    labels jsonb DEFAULT '{}', resolve_threshold numeric DEFAULT NULL, enabled boolean DEFAULT true,
+-- Arguments left out (or NULL) keep the rule's current values (a built-in
+-- one's as shipped); a new rule needs a metric and a threshold.
+CREATE FUNCTION meshhook_limits.set_alert_rule(name text, metric text DEFAULT NULL, threshold numeric DEFAULT NULL,
+    comparison text DEFAULT NULL, for_duration interval DEFAULT NULL, severity text DEFAULT NULL,
+    labels jsonb DEFAULT NULL, resolve_threshold numeric DEFAULT NULL, enabled boolean DEFAULT NULL,
     description text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
@@ -254,24 +256,44 @@ DECLARE
   known_metrics constant text[] := ARRAY['queue.queued', 'queue.oldest_age_seconds', 'queue.error_rate',
     'queue.failed_recent', 'pool.utilisation', 'pool.idle_in_transaction', 'pool.waiting', 'tenant.usage_ratio',
     'pooler.up', 'pooler.clients_waiting', 'pooler.maxwait_seconds', 'pooler.utilisation'];
+  r record;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('manage alert rules');
-  IF metric IS NULL OR NOT metric = ANY (known_metrics) THEN
-    RAISE EXCEPTION 'unknown alert metric %', coalesce(quote_literal(metric), 'NULL') USING ERRCODE = '22023',
+  IF set_alert_rule.name IS NULL THEN
+    RAISE EXCEPTION 'name must not be NULL' USING ERRCODE = '22023', HINT = 'name the rule to create or change';
+  END IF;
+  SELECT e.metric, e.comparison, e.threshold, e.resolve_threshold, e.for_duration, e.severity, e.labels, e.enabled,
+         e.description
+    INTO r FROM meshhook_limits.effective_alert_rules e WHERE e.name = set_alert_rule.name;
+  IF NOT FOUND AND (set_alert_rule.metric IS NULL OR set_alert_rule.threshold IS NULL) THEN
+    RAISE EXCEPTION 'alert rule % does not exist: a new rule needs a metric and a threshold',
+      quote_literal(left(set_alert_rule.name, 80)) USING ERRCODE = '22023',
+      HINT = 'set_alert_rule(name, metric, threshold, ...); metric is one of ' || array_to_string(known_metrics, ', ');
+  END IF;
+  r.metric := coalesce(set_alert_rule.metric, r.metric);
+  r.comparison := coalesce(set_alert_rule.comparison, r.comparison, '>');
+  r.threshold := coalesce(set_alert_rule.threshold, r.threshold);
+  r.resolve_threshold := coalesce(set_alert_rule.resolve_threshold, r.resolve_threshold);
+  r.for_duration := coalesce(set_alert_rule.for_duration, r.for_duration, interval '0');
+  r.severity := coalesce(set_alert_rule.severity, r.severity, 'warning');
+  r.labels := coalesce(set_alert_rule.labels, r.labels, '{}');
+  r.enabled := coalesce(set_alert_rule.enabled, r.enabled, true);
+  r.description := coalesce(set_alert_rule.description, r.description);
+  IF NOT r.metric = ANY (known_metrics) THEN
+    RAISE EXCEPTION 'unknown alert metric %', quote_literal(r.metric) USING ERRCODE = '22023',
       HINT = 'metric is one of ' || array_to_string(known_metrics, ', ');
   END IF;
-  IF threshold IS NULL OR threshold = 'NaN' OR abs(threshold) > 1e18 THEN
+  IF r.threshold = 'NaN' OR abs(r.threshold) > 1e18 THEN
     RAISE EXCEPTION 'threshold must be a number between -1e18 and 1e18' USING ERRCODE = '22023';
   END IF;
-  IF resolve_threshold = 'NaN' OR abs(resolve_threshold) > 1e18 THEN
+  IF r.resolve_threshold = 'NaN' OR abs(r.resolve_threshold) > 1e18 THEN
     RAISE EXCEPTION 'resolve_threshold must be NULL or a number between -1e18 and 1e18' USING ERRCODE = '22023';
   END IF;
   BEGIN
-    INSERT INTO meshhook_limits.alert_rules AS r (name, metric, comparison, threshold, resolve_threshold,
+    INSERT INTO meshhook_limits.alert_rules AS a (name, metric, comparison, threshold, resolve_threshold,
         for_duration, severity, labels, enabled, description)
-    VALUES (set_alert_rule.name, set_alert_rule.metric, set_alert_rule.comparison, set_alert_rule.threshold,
-            set_alert_rule.resolve_threshold, set_alert_rule.for_duration, set_alert_rule.severity,
-            coalesce(set_alert_rule.labels, '{}'), coalesce(set_alert_rule.enabled, true), set_alert_rule.description)
+    VALUES (set_alert_rule.name, r.metric, r.comparison, r.threshold, r.resolve_threshold, r.for_duration,
+            r.severity, r.labels, r.enabled, r.description)
     ON CONFLICT (name) DO UPDATE SET metric = EXCLUDED.metric, comparison = EXCLUDED.comparison,
       threshold = EXCLUDED.threshold, resolve_threshold = EXCLUDED.resolve_threshold,
       for_duration = EXCLUDED.for_duration, severity = EXCLUDED.severity, labels = EXCLUDED.labels,
@@ -295,7 +317,7 @@ BEGIN
   PERFORM meshhook_limits.require_admin_access('manage alert rules');
   IF EXISTS (SELECT 1 FROM meshhook_limits.builtin_alert_rules b WHERE b.name = drop_alert_rule.name) THEN
     RAISE EXCEPTION 'alert rule % is built in and cannot be dropped', quote_literal(name) USING ERRCODE = '22023',
-      HINT = 'switch it off with set_alert_rule(name, metric, threshold, enabled => false), '
+      HINT = 'switch it off with set_alert_rule(name, enabled => false), '
              'or undo your changes to it with reset_alert_rule(name)';
   END IF;
   DELETE FROM meshhook_limits.alert_rules r WHERE r.name = drop_alert_rule.name;

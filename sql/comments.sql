@@ -57,7 +57,7 @@ COMMENT ON FUNCTION meshhook_limits.apply_session_limits(uuid) IS
 COMMENT ON FUNCTION meshhook_limits.queue_health() IS
   'Monitors: per pg-boss and pgmq queue, from the latest tick: queued, active, failed, oldest age, percentiles, status.';
 COMMENT ON FUNCTION meshhook_limits.set_queue_thresholds(text, text, bigint, bigint, interval, interval, numeric, numeric) IS
-  'Admin: the thresholds of queue status for a source and queue (NULL queue: the source''s default).';
+  'Admin: the thresholds of queue status for a source and queue (NULL queue: the source''s default); arguments left out keep the values that apply now.';
 COMMENT ON FUNCTION meshhook_limits.reset_queue_thresholds(text, text) IS
   'Admin: remove thresholds set with set_queue_thresholds; the next more general ones apply.';
 
@@ -78,7 +78,7 @@ COMMENT ON FUNCTION meshhook_limits.pooler_recommendation() IS
 
 -- Alerts, events, metrics, the worker
 COMMENT ON FUNCTION meshhook_limits.set_alert_rule(text, text, numeric, text, interval, text, jsonb, numeric, boolean, text) IS
-  'Admin: add or replace an alert rule (a built-in one of the same name is overridden).';
+  'Admin: add an alert rule, or change one (a built-in one of the same name is overridden); arguments left out keep their values.';
 COMMENT ON FUNCTION meshhook_limits.drop_alert_rule(text) IS 'Admin: remove an alert rule of your own.';
 COMMENT ON FUNCTION meshhook_limits.reset_alert_rule(text) IS 'Admin: put a built-in alert rule back as shipped.';
 COMMENT ON FUNCTION meshhook_limits.install_realtime_policy() IS

@@ -1776,7 +1776,11 @@ RETURNS TABLE(pooler text, database text, user_name text, status text, clients_a
               servers_active int, servers_idle int, servers_used int, pool_size int, utilisation numeric,
               maxwait_seconds numeric, pool_mode text, transactions_per_second numeric, queries_per_second numeric,
               avg_wait_seconds numeric, sampled_at timestamptz, error text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read pooler health');
+  RETURN QUERY
   WITH l AS (SELECT * FROM meshhook_limits._latest_pooler_samples() WHERE meshhook_limits.can_monitor()),
   r AS (
     SELECT l.pooler, l.sampled_at, e.seconds,
@@ -1796,19 +1800,25 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     FROM l
     LEFT JOIN meshhook_limits.pooler_pool_samples x ON x.pooler = l.pooler AND x.sampled_at = l.sampled_at
     LEFT JOIN r ON r.pooler = l.pooler
-   ORDER BY l.pooler, x.database, x.user_name
+   ORDER BY l.pooler, x.database, x.user_name;
+END
 $$;
 
 -- What sizing would do now for each pooler (whether or not it is on).
 CREATE FUNCTION meshhook_limits.pooler_recommendation()
 RETURNS TABLE(pooler text, sizing text, current_size int, recommended_size int, min_pool_size int, max_pool_size int,
               server_cap int, pools int, reasoning text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read pooler recommendations');
+  RETURN QUERY
   SELECT p.name, p.sizing, a.current_size, a.recommended_size, p.min_pool_size, p.max_pool_size, a.server_cap, a.pools, a.reason
     FROM meshhook_limits.poolers p
     CROSS JOIN LATERAL meshhook_limits._pooler_size_advice(p, pg_catalog.now()) a
    WHERE meshhook_limits.can_monitor()
-   ORDER BY p.name
+   ORDER BY p.name;
+END
 $$;
 
 -- Alert metrics of the poolers, and two built-in rules on them.
@@ -1878,9 +1888,9 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION meshhook_limits.set_alert_rule(name text, metric text, threshold numeric,
-    comparison text DEFAULT '>', for_duration interval DEFAULT '0', severity text DEFAULT 'warning',
-    labels jsonb DEFAULT '{}', resolve_threshold numeric DEFAULT NULL, enabled boolean DEFAULT true,
+CREATE OR REPLACE FUNCTION meshhook_limits.set_alert_rule(name text, metric text DEFAULT NULL, threshold numeric DEFAULT NULL,
+    comparison text DEFAULT NULL, for_duration interval DEFAULT NULL, severity text DEFAULT NULL,
+    labels jsonb DEFAULT NULL, resolve_threshold numeric DEFAULT NULL, enabled boolean DEFAULT NULL,
     description text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
@@ -1889,24 +1899,44 @@ DECLARE
   known_metrics constant text[] := ARRAY['queue.queued', 'queue.oldest_age_seconds', 'queue.error_rate',
     'queue.failed_recent', 'pool.utilisation', 'pool.idle_in_transaction', 'pool.waiting', 'tenant.usage_ratio',
     'pooler.up', 'pooler.clients_waiting', 'pooler.maxwait_seconds', 'pooler.utilisation'];
+  r record;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('manage alert rules');
-  IF metric IS NULL OR NOT metric = ANY (known_metrics) THEN
-    RAISE EXCEPTION 'unknown alert metric %', coalesce(quote_literal(metric), 'NULL') USING ERRCODE = '22023',
+  IF set_alert_rule.name IS NULL THEN
+    RAISE EXCEPTION 'name must not be NULL' USING ERRCODE = '22023', HINT = 'name the rule to create or change';
+  END IF;
+  SELECT e.metric, e.comparison, e.threshold, e.resolve_threshold, e.for_duration, e.severity, e.labels, e.enabled,
+         e.description
+    INTO r FROM meshhook_limits.effective_alert_rules e WHERE e.name = set_alert_rule.name;
+  IF NOT FOUND AND (set_alert_rule.metric IS NULL OR set_alert_rule.threshold IS NULL) THEN
+    RAISE EXCEPTION 'alert rule % does not exist: a new rule needs a metric and a threshold',
+      quote_literal(left(set_alert_rule.name, 80)) USING ERRCODE = '22023',
+      HINT = 'set_alert_rule(name, metric, threshold, ...); metric is one of ' || array_to_string(known_metrics, ', ');
+  END IF;
+  r.metric := coalesce(set_alert_rule.metric, r.metric);
+  r.comparison := coalesce(set_alert_rule.comparison, r.comparison, '>');
+  r.threshold := coalesce(set_alert_rule.threshold, r.threshold);
+  r.resolve_threshold := coalesce(set_alert_rule.resolve_threshold, r.resolve_threshold);
+  r.for_duration := coalesce(set_alert_rule.for_duration, r.for_duration, interval '0');
+  r.severity := coalesce(set_alert_rule.severity, r.severity, 'warning');
+  r.labels := coalesce(set_alert_rule.labels, r.labels, '{}');
+  r.enabled := coalesce(set_alert_rule.enabled, r.enabled, true);
+  r.description := coalesce(set_alert_rule.description, r.description);
+  IF NOT r.metric = ANY (known_metrics) THEN
+    RAISE EXCEPTION 'unknown alert metric %', quote_literal(r.metric) USING ERRCODE = '22023',
       HINT = 'metric is one of ' || array_to_string(known_metrics, ', ');
   END IF;
-  IF threshold IS NULL OR threshold = 'NaN' OR abs(threshold) > 1e18 THEN
+  IF r.threshold = 'NaN' OR abs(r.threshold) > 1e18 THEN
     RAISE EXCEPTION 'threshold must be a number between -1e18 and 1e18' USING ERRCODE = '22023';
   END IF;
-  IF resolve_threshold = 'NaN' OR abs(resolve_threshold) > 1e18 THEN
+  IF r.resolve_threshold = 'NaN' OR abs(r.resolve_threshold) > 1e18 THEN
     RAISE EXCEPTION 'resolve_threshold must be NULL or a number between -1e18 and 1e18' USING ERRCODE = '22023';
   END IF;
   BEGIN
-    INSERT INTO meshhook_limits.alert_rules AS r (name, metric, comparison, threshold, resolve_threshold,
+    INSERT INTO meshhook_limits.alert_rules AS a (name, metric, comparison, threshold, resolve_threshold,
         for_duration, severity, labels, enabled, description)
-    VALUES (set_alert_rule.name, set_alert_rule.metric, set_alert_rule.comparison, set_alert_rule.threshold,
-            set_alert_rule.resolve_threshold, set_alert_rule.for_duration, set_alert_rule.severity,
-            coalesce(set_alert_rule.labels, '{}'), coalesce(set_alert_rule.enabled, true), set_alert_rule.description)
+    VALUES (set_alert_rule.name, r.metric, r.comparison, r.threshold, r.resolve_threshold, r.for_duration,
+            r.severity, r.labels, r.enabled, r.description)
     ON CONFLICT (name) DO UPDATE SET metric = EXCLUDED.metric, comparison = EXCLUDED.comparison,
       threshold = EXCLUDED.threshold, resolve_threshold = EXCLUDED.resolve_threshold,
       for_duration = EXCLUDED.for_duration, severity = EXCLUDED.severity, labels = EXCLUDED.labels,
@@ -2033,7 +2063,7 @@ BEGIN
   PERFORM meshhook_limits.require_admin_access('manage alert rules');
   IF EXISTS (SELECT 1 FROM meshhook_limits.builtin_alert_rules b WHERE b.name = drop_alert_rule.name) THEN
     RAISE EXCEPTION 'alert rule % is built in and cannot be dropped', quote_literal(name) USING ERRCODE = '22023',
-      HINT = 'switch it off with set_alert_rule(name, metric, threshold, enabled => false), '
+      HINT = 'switch it off with set_alert_rule(name, enabled => false), '
              'or undo your changes to it with reset_alert_rule(name)';
   END IF;
   DELETE FROM meshhook_limits.alert_rules r WHERE r.name = drop_alert_rule.name;
@@ -2078,6 +2108,124 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_in_transaction_block_wrapper';
 REVOKE EXECUTE ON FUNCTION meshhook_limits._in_transaction_block() FROM PUBLIC;
+
+-- No restart grace in a database whose extension is newer than the server's
+-- start (issue 22). Called by a fresh install only: a database upgraded here
+-- had the extension before, and its slots may predate the start.
+CREATE FUNCTION meshhook_limits."_extension_created"() RETURNS void
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_extension_created_wrapper';
+REVOKE EXECUTE ON FUNCTION meshhook_limits._extension_created() FROM PUBLIC;
+
+-- Readers of health and pressure refuse non-monitors with 42501 instead of
+-- answering no rows (issue 22).
+CREATE FUNCTION meshhook_limits."_require_monitor"(
+	"what" TEXT /* meshhook_limits::row::Utf8 */
+) RETURNS void
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_require_monitor_wrapper';
+REVOKE EXECUTE ON FUNCTION meshhook_limits._require_monitor(text) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION meshhook_limits.set_queue_thresholds(source text DEFAULT '*', queue text DEFAULT NULL,
+    warn_queued bigint DEFAULT NULL, crit_queued bigint DEFAULT NULL,
+    warn_oldest_age interval DEFAULT NULL, crit_oldest_age interval DEFAULT NULL,
+    warn_error_rate numeric DEFAULT NULL, crit_error_rate numeric DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  src text := coalesce(set_queue_thresholds.source, '*');
+  q text := set_queue_thresholds.queue;
+  cur record;
+BEGIN
+  PERFORM meshhook_limits.require_admin_access('set queue thresholds');
+  IF src NOT IN ('*', 'pgboss', 'pgmq') THEN
+    RAISE EXCEPTION 'source must be *, pgboss or pgmq' USING ERRCODE = '22023';
+  END IF;
+  SELECT t.* INTO cur
+    FROM (SELECT x.warn_queued, x.crit_queued, x.warn_oldest_age, x.crit_oldest_age, x.warn_error_rate,
+                 x.crit_error_rate, (x.queue IS NULL)::int * 2 + (x.source = '*')::int AS rank
+            FROM meshhook_limits.queue_thresholds x
+           WHERE x.source IN (src, '*') AND (x.queue = q OR x.queue IS NULL)
+          UNION ALL
+          SELECT 1000, 10000, interval '5 minutes', interval '15 minutes', 0.05, 0.20, 99) t
+   ORDER BY t.rank
+   LIMIT 1;
+  cur.warn_queued := coalesce(set_queue_thresholds.warn_queued, cur.warn_queued);
+  cur.crit_queued := coalesce(set_queue_thresholds.crit_queued, cur.crit_queued);
+  cur.warn_oldest_age := coalesce(set_queue_thresholds.warn_oldest_age, cur.warn_oldest_age);
+  cur.crit_oldest_age := coalesce(set_queue_thresholds.crit_oldest_age, cur.crit_oldest_age);
+  cur.warn_error_rate := coalesce(set_queue_thresholds.warn_error_rate, cur.warn_error_rate);
+  cur.crit_error_rate := coalesce(set_queue_thresholds.crit_error_rate, cur.crit_error_rate);
+  IF cur.warn_queued < 0 OR cur.crit_queued < cur.warn_queued OR cur.crit_oldest_age < cur.warn_oldest_age
+     OR cur.warn_oldest_age < interval '0' OR cur.warn_error_rate = 'NaN' OR cur.crit_error_rate = 'NaN'
+     OR cur.warn_error_rate < 0 OR cur.crit_error_rate < cur.warn_error_rate THEN
+    RAISE EXCEPTION 'invalid queue thresholds: queued % / %, oldest age % / %, error rate % / % (warning / critical)',
+      cur.warn_queued, cur.crit_queued, cur.warn_oldest_age, cur.crit_oldest_age, cur.warn_error_rate,
+      cur.crit_error_rate USING ERRCODE = '22023',
+      HINT = 'each critical threshold must be >= its warning threshold, and all >= 0; '
+             'arguments left out keep the values that apply now';
+  END IF;
+  INSERT INTO meshhook_limits.queue_thresholds AS t VALUES (src, q, cur.warn_queued, cur.crit_queued,
+      cur.warn_oldest_age, cur.crit_oldest_age, cur.warn_error_rate, cur.crit_error_rate)
+  ON CONFLICT (source, queue) DO UPDATE SET warn_queued = EXCLUDED.warn_queued, crit_queued = EXCLUDED.crit_queued,
+    warn_oldest_age = EXCLUDED.warn_oldest_age, crit_oldest_age = EXCLUDED.crit_oldest_age,
+    warn_error_rate = EXCLUDED.warn_error_rate, crit_error_rate = EXCLUDED.crit_error_rate;
+END
+$$;
+CREATE OR REPLACE FUNCTION meshhook_limits.queue_health()
+RETURNS TABLE(source text, queue text, queued bigint, active bigint, failed_recent bigint, oldest_age interval,
+              p50_ms numeric, p95_ms numeric, throughput_per_min numeric, error_rate numeric, status text,
+              sampled_at timestamptz, stats_sampled_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read queue health');
+  RETURN QUERY
+  SELECT s.source, s.queue, s.queued, s.active, s.failed_recent, s.oldest_age, s.p50_ms, s.p95_ms,
+         s.throughput_per_min, s.error_rate, s.status, s.sampled_at, s.stats_at
+    FROM meshhook_limits._latest_queue_samples() s
+   WHERE meshhook_limits.can_monitor()
+   ORDER BY 1, 2;
+END
+$$;
+CREATE OR REPLACE FUNCTION meshhook_limits.pool_pressure()
+RETURNS TABLE(max_connections int, total int, active int, idle int, idle_in_transaction int, waiting int,
+              utilisation numeric, longest_transaction interval, status text, sampled_at timestamptz,
+              by_application jsonb, by_role jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read pool pressure');
+  RETURN QUERY
+  SELECT p.max_connections, p.total, p.active, p.idle, p.idle_in_transaction, p.waiting, p.utilisation,
+         p.longest_transaction, p.status, p.sampled_at, p.by_application, p.by_role
+    FROM meshhook_limits.pool_samples p
+   WHERE meshhook_limits.can_monitor()
+   ORDER BY p.sampled_at DESC LIMIT 1;
+END
+$$;
+CREATE OR REPLACE FUNCTION meshhook_limits.pool_recommendation(lookback interval DEFAULT '1 hour')
+RETURNS TABLE(recommended_pool_size int, observed_p95_active numeric, observed_max_total int,
+              usable_connections int, samples bigint, reasoning text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read pool recommendations');
+  RETURN QUERY
+  WITH s AS (
+    SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY p.active)::numeric AS p95, max(p.total) AS mx,
+           max(p.max_connections) AS usable, count(*) AS n
+      FROM meshhook_limits.pool_samples p
+     WHERE p.sampled_at > pg_catalog.now() - lookback AND meshhook_limits.can_monitor())
+  SELECT LEAST(GREATEST(ceil(coalesce(s.p95, 0) * 1.25)::int, 2), (s.usable * 0.8)::int), s.p95, s.mx, s.usable, s.n,
+         format('p95 of active sessions over %s is %s; 25%% headroom gives %s; capped at 80%% of %s usable '
+                'connections. Size the transaction pool (e.g. PgBouncer default_pool_size summed over databases) '
+                'to this, and let clients queue in the pooler rather than hold idle server connections.',
+                lookback, coalesce(round(s.p95, 1), 0), ceil(coalesce(s.p95, 0) * 1.25), s.usable)
+    FROM s WHERE s.n > 0;
+END
+$$;
 CREATE OR REPLACE FUNCTION meshhook_limits.apply_session_limits(tenant_id uuid)
 RETURNS TABLE(setting text, value text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -2163,7 +2311,7 @@ COMMENT ON FUNCTION meshhook_limits.apply_session_limits(uuid) IS
 COMMENT ON FUNCTION meshhook_limits.queue_health() IS
   'Monitors: per pg-boss and pgmq queue, from the latest tick: queued, active, failed, oldest age, percentiles, status.';
 COMMENT ON FUNCTION meshhook_limits.set_queue_thresholds(text, text, bigint, bigint, interval, interval, numeric, numeric) IS
-  'Admin: the thresholds of queue status for a source and queue (NULL queue: the source''s default).';
+  'Admin: the thresholds of queue status for a source and queue (NULL queue: the source''s default); arguments left out keep the values that apply now.';
 COMMENT ON FUNCTION meshhook_limits.reset_queue_thresholds(text, text) IS
   'Admin: remove thresholds set with set_queue_thresholds; the next more general ones apply.';
 
@@ -2184,7 +2332,7 @@ COMMENT ON FUNCTION meshhook_limits.pooler_recommendation() IS
 
 -- Alerts, events, metrics, the worker
 COMMENT ON FUNCTION meshhook_limits.set_alert_rule(text, text, numeric, text, interval, text, jsonb, numeric, boolean, text) IS
-  'Admin: add or replace an alert rule (a built-in one of the same name is overridden).';
+  'Admin: add an alert rule, or change one (a built-in one of the same name is overridden); arguments left out keep their values.';
 COMMENT ON FUNCTION meshhook_limits.drop_alert_rule(text) IS 'Admin: remove an alert rule of your own.';
 COMMENT ON FUNCTION meshhook_limits.reset_alert_rule(text) IS 'Admin: put a built-in alert rule back as shipped.';
 COMMENT ON FUNCTION meshhook_limits.install_realtime_policy() IS

@@ -61,12 +61,17 @@ CREATE FUNCTION meshhook_limits.pool_pressure()
 RETURNS TABLE(max_connections int, total int, active int, idle int, idle_in_transaction int, waiting int,
               utilisation numeric, longest_transaction interval, status text, sampled_at timestamptz,
               by_application jsonb, by_role jsonb)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read pool pressure');
+  RETURN QUERY
   SELECT p.max_connections, p.total, p.active, p.idle, p.idle_in_transaction, p.waiting, p.utilisation,
          p.longest_transaction, p.status, p.sampled_at, p.by_application, p.by_role
     FROM meshhook_limits.pool_samples p
    WHERE meshhook_limits.can_monitor()
-   ORDER BY p.sampled_at DESC LIMIT 1
+   ORDER BY p.sampled_at DESC LIMIT 1;
+END
 $$;
 
 -- A pool size a DBA can act on: enough for the busiest moments seen (p95 of
@@ -75,7 +80,11 @@ $$;
 CREATE FUNCTION meshhook_limits.pool_recommendation(lookback interval DEFAULT '1 hour')
 RETURNS TABLE(recommended_pool_size int, observed_p95_active numeric, observed_max_total int,
               usable_connections int, samples bigint, reasoning text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read pool recommendations');
+  RETURN QUERY
   WITH s AS (
     SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY p.active)::numeric AS p95, max(p.total) AS mx,
            max(p.max_connections) AS usable, count(*) AS n
@@ -86,5 +95,6 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                 'connections. Size the transaction pool (e.g. PgBouncer default_pool_size summed over databases) '
                 'to this, and let clients queue in the pooler rather than hold idle server connections.',
                 lookback, coalesce(round(s.p95, 1), 0), ceil(coalesce(s.p95, 0) * 1.25), s.usable)
-    FROM s WHERE s.n > 0
+    FROM s WHERE s.n > 0;
+END
 $$;

@@ -599,7 +599,11 @@ RETURNS TABLE(pooler text, database text, user_name text, status text, clients_a
               servers_active int, servers_idle int, servers_used int, pool_size int, utilisation numeric,
               maxwait_seconds numeric, pool_mode text, transactions_per_second numeric, queries_per_second numeric,
               avg_wait_seconds numeric, sampled_at timestamptz, error text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read pooler health');
+  RETURN QUERY
   WITH l AS (SELECT * FROM meshhook_limits._latest_pooler_samples() WHERE meshhook_limits.can_monitor()),
   r AS (
     SELECT l.pooler, l.sampled_at, e.seconds,
@@ -619,17 +623,23 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     FROM l
     LEFT JOIN meshhook_limits.pooler_pool_samples x ON x.pooler = l.pooler AND x.sampled_at = l.sampled_at
     LEFT JOIN r ON r.pooler = l.pooler
-   ORDER BY l.pooler, x.database, x.user_name
+   ORDER BY l.pooler, x.database, x.user_name;
+END
 $$;
 
 -- What sizing would do now for each pooler (whether or not it is on).
 CREATE FUNCTION meshhook_limits.pooler_recommendation()
 RETURNS TABLE(pooler text, sizing text, current_size int, recommended_size int, min_pool_size int, max_pool_size int,
               server_cap int, pools int, reasoning text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read pooler recommendations');
+  RETURN QUERY
   SELECT p.name, p.sizing, a.current_size, a.recommended_size, p.min_pool_size, p.max_pool_size, a.server_cap, a.pools, a.reason
     FROM meshhook_limits.poolers p
     CROSS JOIN LATERAL meshhook_limits._pooler_size_advice(p, pg_catalog.now()) a
    WHERE meshhook_limits.can_monitor()
-   ORDER BY p.name
+   ORDER BY p.name;
+END
 $$;

@@ -294,38 +294,65 @@ CREATE FUNCTION meshhook_limits.queue_health()
 RETURNS TABLE(source text, queue text, queued bigint, active bigint, failed_recent bigint, oldest_age interval,
               p50_ms numeric, p95_ms numeric, throughput_per_min numeric, error_rate numeric, status text,
               sampled_at timestamptz, stats_sampled_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM meshhook_limits._require_monitor('read queue health');
+  RETURN QUERY
   SELECT s.source, s.queue, s.queued, s.active, s.failed_recent, s.oldest_age, s.p50_ms, s.p95_ms,
          s.throughput_per_min, s.error_rate, s.status, s.sampled_at, s.stats_at
     FROM meshhook_limits._latest_queue_samples() s
    WHERE meshhook_limits.can_monitor()
-   ORDER BY 1, 2
+   ORDER BY 1, 2;
+END
 $$;
 
+-- Arguments left out (or NULL) keep what applies to (source, queue) now: its
+-- own row, else the next more general one, else the defaults.
 CREATE FUNCTION meshhook_limits.set_queue_thresholds(source text DEFAULT '*', queue text DEFAULT NULL,
-    warn_queued bigint DEFAULT 1000, crit_queued bigint DEFAULT 10000,
-    warn_oldest_age interval DEFAULT '5 minutes', crit_oldest_age interval DEFAULT '15 minutes',
-    warn_error_rate numeric DEFAULT 0.05, crit_error_rate numeric DEFAULT 0.20)
+    warn_queued bigint DEFAULT NULL, crit_queued bigint DEFAULT NULL,
+    warn_oldest_age interval DEFAULT NULL, crit_oldest_age interval DEFAULT NULL,
+    warn_error_rate numeric DEFAULT NULL, crit_error_rate numeric DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
+DECLARE
+  src text := coalesce(set_queue_thresholds.source, '*');
+  q text := set_queue_thresholds.queue;
+  cur record;
 BEGIN
   PERFORM meshhook_limits.require_admin_access('set queue thresholds');
-  IF warn_queued IS NULL OR crit_queued IS NULL OR warn_queued < 0 OR crit_queued < warn_queued
-     OR warn_oldest_age IS NULL OR crit_oldest_age IS NULL OR crit_oldest_age < warn_oldest_age
-     OR warn_error_rate IS NULL OR crit_error_rate IS NULL OR warn_error_rate = 'NaN' OR crit_error_rate = 'NaN'
-     OR warn_error_rate < 0 OR crit_error_rate < warn_error_rate THEN
-    RAISE EXCEPTION 'invalid queue thresholds' USING ERRCODE = '22023',
-      HINT = 'each critical threshold must be >= its warning threshold, and all >= 0';
-  END IF;
-  BEGIN
-    INSERT INTO meshhook_limits.queue_thresholds AS t VALUES (coalesce(set_queue_thresholds.source, '*'),
-      set_queue_thresholds.queue, warn_queued, crit_queued, warn_oldest_age, crit_oldest_age, warn_error_rate, crit_error_rate)
-    ON CONFLICT (source, queue) DO UPDATE SET warn_queued = EXCLUDED.warn_queued, crit_queued = EXCLUDED.crit_queued,
-      warn_oldest_age = EXCLUDED.warn_oldest_age, crit_oldest_age = EXCLUDED.crit_oldest_age,
-      warn_error_rate = EXCLUDED.warn_error_rate, crit_error_rate = EXCLUDED.crit_error_rate;
-  EXCEPTION WHEN check_violation THEN
+  IF src NOT IN ('*', 'pgboss', 'pgmq') THEN
     RAISE EXCEPTION 'source must be *, pgboss or pgmq' USING ERRCODE = '22023';
-  END;
+  END IF;
+  SELECT t.* INTO cur
+    FROM (SELECT x.warn_queued, x.crit_queued, x.warn_oldest_age, x.crit_oldest_age, x.warn_error_rate,
+                 x.crit_error_rate, (x.queue IS NULL)::int * 2 + (x.source = '*')::int AS rank
+            FROM meshhook_limits.queue_thresholds x
+           WHERE x.source IN (src, '*') AND (x.queue = q OR x.queue IS NULL)
+          UNION ALL
+          SELECT 1000, 10000, interval '5 minutes', interval '15 minutes', 0.05, 0.20, 99) t
+   ORDER BY t.rank
+   LIMIT 1;
+  cur.warn_queued := coalesce(set_queue_thresholds.warn_queued, cur.warn_queued);
+  cur.crit_queued := coalesce(set_queue_thresholds.crit_queued, cur.crit_queued);
+  cur.warn_oldest_age := coalesce(set_queue_thresholds.warn_oldest_age, cur.warn_oldest_age);
+  cur.crit_oldest_age := coalesce(set_queue_thresholds.crit_oldest_age, cur.crit_oldest_age);
+  cur.warn_error_rate := coalesce(set_queue_thresholds.warn_error_rate, cur.warn_error_rate);
+  cur.crit_error_rate := coalesce(set_queue_thresholds.crit_error_rate, cur.crit_error_rate);
+  IF cur.warn_queued < 0 OR cur.crit_queued < cur.warn_queued OR cur.crit_oldest_age < cur.warn_oldest_age
+     OR cur.warn_oldest_age < interval '0' OR cur.warn_error_rate = 'NaN' OR cur.crit_error_rate = 'NaN'
+     OR cur.warn_error_rate < 0 OR cur.crit_error_rate < cur.warn_error_rate THEN
+    RAISE EXCEPTION 'invalid queue thresholds: queued % / %, oldest age % / %, error rate % / % (warning / critical)',
+      cur.warn_queued, cur.crit_queued, cur.warn_oldest_age, cur.crit_oldest_age, cur.warn_error_rate,
+      cur.crit_error_rate USING ERRCODE = '22023',
+      HINT = 'each critical threshold must be >= its warning threshold, and all >= 0; '
+             'arguments left out keep the values that apply now';
+  END IF;
+  INSERT INTO meshhook_limits.queue_thresholds AS t VALUES (src, q, cur.warn_queued, cur.crit_queued,
+      cur.warn_oldest_age, cur.crit_oldest_age, cur.warn_error_rate, cur.crit_error_rate)
+  ON CONFLICT (source, queue) DO UPDATE SET warn_queued = EXCLUDED.warn_queued, crit_queued = EXCLUDED.crit_queued,
+    warn_oldest_age = EXCLUDED.warn_oldest_age, crit_oldest_age = EXCLUDED.crit_oldest_age,
+    warn_error_rate = EXCLUDED.warn_error_rate, crit_error_rate = EXCLUDED.crit_error_rate;
 END
 $$;
 

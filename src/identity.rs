@@ -242,6 +242,34 @@ pub fn can_monitor() -> bool {
     caller_can_monitor()
 }
 
+/// 42501 unless the caller may read monitoring data (`can_monitor`).
+pub fn require_monitor(what: &str) -> Result<()> {
+    if caller_can_monitor() {
+        Ok(())
+    } else {
+        Err(LimitsError::forbidden(
+            format!("only monitoring roles may {what}"),
+            "grant meshhook_limits_monitor (read-only) or pg_monitor to the caller, \
+             or meshhook_limits_admin to change things too",
+        ))
+    }
+}
+
+/// Raise 42501 unless the caller may read monitoring data: the first
+/// statement of every reader of health and pressure (an empty answer would
+/// look like "nothing to report").
+#[pg_extern(stable, parallel_safe)]
+pub fn _require_monitor(what: crate::row::Utf8) {
+    use crate::error::OrRaise;
+    what.get("what").and_then(require_monitor).or_raise()
+}
+
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits._require_monitor(text) FROM PUBLIC;",
+    name = "require_monitor_grants",
+    requires = [_require_monitor]
+);
+
 /// Raise 42501 unless the caller is an administrator.
 #[pg_extern(stable, parallel_safe)]
 pub fn require_admin_access(action: crate::row::Utf8) {

@@ -27,6 +27,8 @@ pgrx::pg_module_magic!();
 /// Everything in shared memory, allocated when the library is preloaded.
 static SEGMENTS: &[&shmem::Segment] = &[
     &slots::table::SEGMENT,
+    // After the slot table: it sets when the table's restart grace ends.
+    &slots::grace::SEGMENT,
     &rate::table::SEGMENT,
     &limits::SEGMENT,
     &worker::launcher::SEGMENT,

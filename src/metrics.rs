@@ -406,12 +406,7 @@ fn shared(e: &mut Exposition, tenant_labels: bool, max_tenants: usize) -> Vec<St
 }
 
 fn render() -> Result<String> {
-    if !identity::caller_can_monitor() {
-        return Err(crate::error::LimitsError::forbidden(
-            "only monitoring roles may read metrics",
-            "grant meshhook_limits_monitor (read-only) or pg_monitor to the exporter's role",
-        ));
-    }
+    identity::require_monitor("read metrics")?;
     let (tenant_labels, max_tenants) = crate::gucs::metrics_tenant_labels();
     let mut e = Exposition::default();
     let busiest = shared(&mut e, tenant_labels, max_tenants);

@@ -265,6 +265,8 @@ def test_absurd_numbers_are_refused_at_the_door(cluster, admin, tenant, call):
 def test_restart_grace_does_not_follow_the_callers_default_lease(cluster, admin, tenant):
     admin.execute("ALTER SYSTEM SET meshhook_limits.restart_grace = -1")
     admin.execute("ALTER SYSTEM SET meshhook_limits.default_lease = 3")
+    # A slot held at shutdown: without one, a clean restart has no grace.
+    assert acquire(admin, str(uuid.uuid4()), lease="1 minute")[0]
     admin.close()
     cluster.restart()
     try:
@@ -459,8 +461,11 @@ def test_an_admin_cannot_track_a_table_it_does_not_own(cluster, admin, attacker)
 
 
 @pytest.mark.parametrize("call", [
-    "SELECT meshhook_limits.set_queue_thresholds('pgmq', 'q', crit_oldest_age => NULL)",
-    "SELECT meshhook_limits.set_queue_thresholds('pgmq', 'q', crit_error_rate => NULL)",
+    # NULL keeps a value (issue 22); a value below its warning is refused.
+    "SELECT meshhook_limits.set_queue_thresholds('pgmq', 'q', crit_oldest_age => '-1 second')",
+    "SELECT meshhook_limits.set_queue_thresholds('pgmq', 'q', crit_error_rate => -1)",
+    "SELECT meshhook_limits.set_alert_rule(NULL, 'pool.waiting', 1)",
+    "SELECT meshhook_limits.set_alert_rule('r_new_without_metric', threshold => 1)",
     "SELECT meshhook_limits.set_queue_thresholds('pgmq', 'q', warn_error_rate => 'NaN', crit_error_rate => 'NaN')",
     "SELECT meshhook_limits.set_alert_rule('r_nan', 'pool.waiting', 1, '<', resolve_threshold => 'NaN')",
     "SELECT meshhook_limits.set_alert_rule('r_big', 'pool.waiting', 1e400)",

@@ -612,16 +612,29 @@ def test_removed_queues_leave_queue_health(cluster, fresh_db):
 
 # --------------------------------------------------------------------------- who may read it
 
-def test_queue_health_is_admin_only(cluster, qdb, qconn):
+def test_queue_health_is_for_monitors_only(cluster, qdb, qconn):
     boss(cluster, qdb, "create-queue", name="visible_to_admins")
     tick(qconn)
     assert health(qconn)                       # the superuser sees rows
     t = str(uuid.uuid4())
     claims = {"role": "authenticated", "sub": str(uuid.uuid4()), "app_metadata": {"tenant_id": t}}
     with cluster.connect(dbname=qdb) as c:
-        # A tenant through RPC: no error, no rows (queue names are not tenant data).
-        assert rpc(c, claims, f"SELECT * FROM {S}.queue_health()") == []
-        assert rpc(c, None, f"SELECT * FROM {S}.queue_health()", role="anon") == []
+        # A tenant through RPC is refused, not answered "no queues" (queue
+        # names are not tenant data); so is every reader of health.
+        for reader in ("queue_health()", "pool_pressure()", "pool_recommendation()", "pooler_health()",
+                       "pooler_recommendation()"):
+            for who, role in ((claims, "authenticated"), (None, "anon")):
+                with pytest.raises(psycopg.Error) as e:
+                    rpc(c, who, f"SELECT * FROM {S}.{reader}", role=role)
+                assert sqlstate(e) == "42501", reader
+                assert "only monitoring roles may read" in e.value.diag.message_primary
+                assert "meshhook_limits_monitor" in e.value.diag.message_hint
+        c.execute("DROP ROLE IF EXISTS qh_monitor")
+        c.execute("CREATE ROLE qh_monitor LOGIN IN ROLE meshhook_limits_monitor")
+    with cluster.connect(dbname=qdb, user="qh_monitor") as m:
+        assert ("visible_to_admins",) in m.execute(f"SELECT queue FROM {S}.queue_health()").fetchall()
+        m.execute(f"SELECT * FROM {S}.pool_pressure()")
+    with cluster.connect(dbname=qdb) as c:
         assert rpc(c, claims, f"SELECT * FROM {S}.queue_samples") == []          # RLS
         with pytest.raises(psycopg.Error) as e:
             rpc(c, claims, f"SELECT {S}.tick()")

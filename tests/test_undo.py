@@ -54,6 +54,48 @@ def test_a_queue_threshold_override_is_reset(admin):
         admin.execute(f"SELECT {S}.reset_queue_thresholds('pgmq')")
 
 
+def test_set_calls_change_only_the_arguments_given(admin):
+    q = "partial_q"
+    th = lambda: admin.execute(f"SELECT warn_queued, crit_queued, warn_oldest_age::text, crit_error_rate::float "
+                               f"FROM {S}.queue_thresholds WHERE source = 'pgmq' AND queue IS NOT DISTINCT FROM %s",
+                               (q,)).fetchone()
+    try:
+        admin.execute(f"SELECT {S}.set_queue_thresholds('pgmq', NULL, crit_queued => 2000)")
+        # A new override starts from what applies now (the source's row), not the defaults.
+        admin.execute(f"SELECT {S}.set_queue_thresholds('pgmq', %s, warn_queued => 50)", (q,))
+        assert th() == (50, 2000, "00:05:00", 0.20)
+        admin.execute(f"SELECT {S}.set_queue_thresholds('pgmq', %s, crit_queued => 500)", (q,))
+        admin.execute(f"SELECT {S}.set_queue_thresholds('pgmq', %s, warn_oldest_age => '1 minute')", (q,))
+        admin.execute(f"SELECT {S}.set_queue_thresholds('pgmq', %s, crit_error_rate => NULL)", (q,))
+        assert th() == (50, 500, "00:01:00", 0.20)
+        # The merged values are checked, and the message shows them.
+        with pytest.raises(psycopg.Error) as e:
+            admin.execute(f"SELECT {S}.set_queue_thresholds('pgmq', %s, warn_queued => 600)", (q,))
+        assert sqlstate(e) == "22023" and "600 / 500" in e.value.diag.message_primary
+        assert th() == (50, 500, "00:01:00", 0.20)
+    finally:
+        admin.execute(f"SELECT {S}.reset_queue_thresholds('pgmq', %s)", (q,))
+        admin.execute(f"SELECT {S}.reset_queue_thresholds('pgmq')")
+
+    try:
+        shipped = rule(admin, "pool_utilisation")
+        admin.execute(f"SELECT {S}.set_alert_rule('pool_utilisation', enabled => false)")
+        off = rule(admin, "pool_utilisation")
+        assert off[:5] == shipped[:5] and off[5] is False and off[6] == "user"
+        admin.execute(f"SELECT {S}.set_alert_rule('pool_utilisation', enabled => true)")
+        assert rule(admin, "pool_utilisation")[:6] == shipped[:6]
+        admin.execute(f"SELECT {S}.set_alert_rule('partial_rule', 'queue.queued', 5, for_duration => '1 minute', "
+                      "severity => 'critical')")
+        admin.execute(f"SELECT {S}.set_alert_rule('partial_rule', threshold => 7)")
+        assert rule(admin, "partial_rule") == ("queue.queued", 7, None, "00:01:00", "critical", True, "user")
+        with pytest.raises(psycopg.Error) as e:
+            admin.execute(f"SELECT {S}.set_alert_rule('partial_new', threshold => 1)")
+        assert sqlstate(e) == "22023" and "needs a metric and a threshold" in e.value.diag.message_primary
+    finally:
+        admin.execute(f"SELECT {S}.reset_alert_rule('pool_utilisation')")
+        admin.execute(f"SELECT {S}.drop_alert_rule('partial_rule')")
+
+
 def test_only_admins_undo(cluster):
     claims = {"role": "authenticated", "app_metadata": {"tenant_id": "00000000-0000-4000-8000-00000000000a"}}
     with cluster.connect(user="authenticator") as c:

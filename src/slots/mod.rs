@@ -22,6 +22,7 @@ mod ended;
 mod fair;
 mod fallback;
 pub mod freed;
+pub mod grace;
 pub mod listing;
 pub mod reap;
 pub mod restore;
@@ -348,15 +349,18 @@ fn acquire(
     let grace_end = locked.table().header.grace_end;
     // A claim waits only until its database's claimed slots are rebuilt from
     // the queues (`restore`); other slots wait for the whole grace.
+    // A database whose extension is newer than the start has no holders
+    // from before it.
     let claims_restored = demand.claim.is_some() && locked.table().restored(db);
-    if now < grace_end && !claims_restored {
+    if now < grace_end && !claims_restored && !locked.table().created(db) {
         drop(locked);
-        return Ok(Some(refuse(
-            "recovering",
-            0,
-            lim.tenant_cap,
-            retry_after(Some(grace_end), now),
-        )));
+        if wait::current().is_none() && demand.claim.is_none() {
+            grace::notice_refused(grace_end, now);
+        }
+        // The time left, not capped by retry_after_max: nothing is
+        // granted before it.
+        let left = Interval::from_micros(grace_end.saturating_sub(now).max(10_000));
+        return Ok(Some(refuse("recovering", 0, lim.tenant_cap, left)));
     }
     let in_use = |locked: &mut LockedTable| -> Vec<i64> {
         checks

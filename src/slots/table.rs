@@ -9,12 +9,12 @@
 //! map) and never across SPI.
 //!
 //! Shared memory does not survive a restart or a crash; `grace_end` lets the
-//! slot logic refuse grants for `meshhook_limits.restart_grace` afterwards, so
-//! holders from before the restart learn from their next heartbeat that their
-//! slot is gone before anyone else is admitted in their place. Claimed jobs
-//! have a durable record, their queue: `restore` rebuilds their slots from it
-//! (a database at a time, marked `KIND_RESTORED`), and claiming in that
-//! database resumes then, grace or not.
+//! slot logic refuse grants for a while afterwards (`super::grace` decides
+//! how long), so holders from before the restart learn from their next
+//! heartbeat that their slot is gone before anyone else is admitted in their
+//! place. Claimed jobs have a durable record, their queue: `restore` rebuilds
+//! their slots from it (a database at a time, marked `KIND_RESTORED`), and
+//! claiming in that database resumes then, grace or not.
 use crate::shmem::{self, LwLockGuard, Segment};
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -57,6 +57,9 @@ pub const KIND_RESTORED: u8 = 6;
 /// Not a count: the pid of the backend rebuilding a database's claimed
 /// slots now (`restore`).
 pub const KIND_RESTORING: u8 = 7;
+/// Not a count: present (1) when the extension was created in the database
+/// after the server started, so no slot of it predates the start (`grace`).
+pub const KIND_CREATED: u8 = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -220,6 +223,15 @@ impl CounterKey {
         }
     }
 
+    pub fn created(database: u32) -> Self {
+        CounterKey {
+            database,
+            tenant: [0; 16],
+            project: [0; 16],
+            kind: KIND_CREATED,
+        }
+    }
+
     pub fn restoring(database: u32) -> Self {
         CounterKey {
             database,
@@ -342,10 +354,10 @@ unsafe fn startup() {
     unsafe {
         let (table, created) = shmem::init_struct::<Table>(c"meshhook_limits slot table");
         if created {
-            // All-zero is an empty table; the start time and grace go in now.
+            // All-zero is an empty table; the start time goes in now, the
+            // grace's end right after (`super::grace`).
             let now = pg_sys::GetCurrentTimestamp();
             (*table).header.started_at = now;
-            (*table).header.grace_end = now.saturating_add(crate::gucs::restart_grace_micros());
             pg_sys::ConditionVariableInit(&raw mut (*table).header.wakeup);
             let mut key = [0u8; 16];
             if !pg_sys::pg_strong_random(key.as_mut_ptr().cast(), key.len()) {
@@ -397,6 +409,31 @@ pub fn forget_databases(gone_ones: &[u32]) {
         t.decr(&key, count);
     }
     t.fair.forget_databases(gone_ones);
+}
+
+/// Set when the restart grace ends. From `super::grace`'s startup only, in
+/// the postmaster before any backend exists.
+pub fn set_grace_end(end: i64) {
+    let table = TABLE.load(Ordering::Acquire);
+    if !table.is_null() {
+        // SAFETY: the table lives in shared memory, and no other process
+        // reads it yet.
+        unsafe { (*table).header.grace_end = end };
+    }
+}
+
+/// The live slots, counted by the postmaster as it exits, when every other
+/// process has exited: without the lock, which the postmaster cannot take.
+/// None when there is no table.
+pub fn live_slots_at_exit() -> Option<usize> {
+    let table = TABLE.load(Ordering::Acquire);
+    if table.is_null() {
+        return None;
+    }
+    // SAFETY: the table lives in shared memory, and nobody else is left to
+    // change it.
+    let slots = unsafe { &(*table).slots };
+    Some(slots.iter().filter(|s| s.state == LIVE).count())
 }
 
 /// True when the library was preloaded and the table exists in this process.
@@ -632,6 +669,18 @@ impl Table {
             self.incr(&CounterKey::restored(database), 1);
         }
         self.set_restoring(database, None);
+    }
+
+    /// The extension was created in `database` after the server started
+    /// (`super::grace`).
+    pub fn created(&self, database: u32) -> bool {
+        self.find(&CounterKey::created(database)).is_ok()
+    }
+
+    pub fn mark_created(&mut self, database: u32) {
+        if !self.created(database) {
+            self.incr(&CounterKey::created(database), 1);
+        }
     }
 
     /// The backend rebuilding `database`'s claimed slots, if any.
