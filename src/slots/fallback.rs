@@ -1,7 +1,6 @@
 //! Slots without `shared_preload_libraries`: the same contract on the table
 //! `meshhook_limits.fallback_slots` (see sql/slots_fallback.sql). Slower, since every
 //! acquire and release writes a row, and announced once per session.
-use super::listing::SlotListing;
 use super::{Admission, Liveness, Ts};
 use crate::error::Result;
 use pgrx::datum::Uuid;
@@ -71,37 +70,4 @@ pub fn live(tenant: Uuid) -> Result<i64> {
         &[tenant.into()],
     )?
     .unwrap_or(0))
-}
-
-pub fn list(admin: bool, me: Option<Uuid>) -> Result<Vec<SlotListing>> {
-    Spi::connect(|c| {
-        let rows = c.select(
-            "SELECT slot_id, tenant_id, project_id, run_id, acquired_at, lease_expires_at, deadline, memory_peak
-               FROM meshhook_limits.fallback_slots WHERE $1 OR tenant_id = $2 ORDER BY acquired_at",
-            None,
-            &[admin.into(), me.into()],
-        )?;
-        let mut out = Vec::new();
-        for r in rows {
-            let (Some(id), Some(t), Some(at)) =
-                (r.get::<Uuid>(1)?, r.get::<Uuid>(2)?, r.get::<Ts>(5)?)
-            else {
-                continue;
-            };
-            out.push(SlotListing {
-                slot_id: id,
-                tenant_id: t,
-                project_id: r.get::<Uuid>(3)?,
-                run_id: r.get::<String>(4)?,
-                state: "live",
-                revoke_reason: None,
-                acquired_at: at,
-                lease_expires_at: r.get::<Ts>(6)?,
-                deadline: r.get::<Ts>(7)?,
-                memory_peak_bytes: r.get::<i64>(8)?.unwrap_or(0),
-                backend_pid: 0,
-            });
-        }
-        Ok(out)
-    })
 }

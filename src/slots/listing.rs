@@ -1,5 +1,6 @@
 //! What the slot table holds, for callers and monitors: live counts,
-//! the slots themselves, and the table's counters.
+//! the slots themselves, and the table's counters. Without shared memory the
+//! slots are the rows of `meshhook_limits.fallback_slots` (see `fallback`).
 // The row types of the SQL functions are spelt out in their signatures.
 #![allow(clippy::type_complexity)]
 use super::table::{self, CounterKey, LockedTable, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED};
@@ -86,7 +87,7 @@ fn list() -> Result<Vec<SlotListing>> {
             .filter(|s| s.state != table::FREE && s.database == shmem::my_database())
             .copied()
             .collect(),
-        None => return fallback::list(admin, me),
+        None => return list_fallback(admin, me),
     };
     Ok(snapshot
         .into_iter()
@@ -110,6 +111,40 @@ fn list() -> Result<Vec<SlotListing>> {
             })
         })
         .collect())
+}
+
+/// The rows of `meshhook_limits.fallback_slots` (all live) the caller may see.
+fn list_fallback(admin: bool, me: Option<Uuid>) -> Result<Vec<SlotListing>> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT slot_id, tenant_id, project_id, run_id, acquired_at, lease_expires_at, deadline, memory_peak
+               FROM meshhook_limits.fallback_slots WHERE $1 OR tenant_id = $2 ORDER BY acquired_at",
+            None,
+            &[admin.into(), me.into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (Some(id), Some(t), Some(at)) =
+                (r.get::<Uuid>(1)?, r.get::<Uuid>(2)?, r.get::<Ts>(5)?)
+            else {
+                continue;
+            };
+            out.push(SlotListing {
+                slot_id: id,
+                tenant_id: t,
+                project_id: r.get::<Uuid>(3)?,
+                run_id: r.get::<String>(4)?,
+                state: "live",
+                revoke_reason: None,
+                acquired_at: at,
+                lease_expires_at: r.get::<Ts>(6)?,
+                deadline: r.get::<Ts>(7)?,
+                memory_peak_bytes: r.get::<i64>(8)?.unwrap_or(0),
+                backend_pid: 0,
+            });
+        }
+        Ok(out)
+    })
 }
 
 /// Slots the caller may see: all for admins, its own for a tenant.
