@@ -1,7 +1,7 @@
 //! The shared rate table: `BUCKETS` sets of `WAYS` entries behind
 //! `PARTITIONS` LWLocks, in shared memory when the library is preloaded (a
-//! `shmem::Segment`). See the parent module for what an entry means and how
-//! a full set gives an entry away.
+//! `shmem::Segment`). See the parent module for what an entry is for and how
+//! a full set gives an entry away, and `gcra` for what its `tat` means.
 use crate::shmem::{self, LwLockGuard, Segment};
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
