@@ -12,9 +12,9 @@ demo_data=/tmp/meshhook_limits/demo/data
 if [[ -f $demo_data/PG_VERSION && $(cat "$demo_data/PG_VERSION") != "$PG_MAJOR" ]]; then
   bash scripts/pg.sh destroy demo
 fi
-# restart_grace = 0: the demo acquires slots the moment the server is up.
-# The background worker ticks in the demo database.
-eval "$(bash scripts/pg.sh start demo "meshhook_limits.restart_grace = 0" "meshhook_limits.database = 'meshhook_demo'")"
+# The background worker ticks in the demo database. No restart grace: the
+# extension is created in a fresh database after the server started.
+eval "$(bash scripts/pg.sh start demo "meshhook_limits.database = 'meshhook_demo'")"
 export PATH="$PG_BIN:$PATH"
 printf 'PostgreSQL %s\n' "$(psql -X -Atc 'SHOW server_version' -d postgres)"
 psql -X -q -d postgres -c "DROP DATABASE IF EXISTS meshhook_demo WITH (FORCE)" -c "CREATE DATABASE meshhook_demo"

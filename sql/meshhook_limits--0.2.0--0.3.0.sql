@@ -2127,6 +2127,109 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_require_monitor_wrapper';
 REVOKE EXECUTE ON FUNCTION meshhook_limits._require_monitor(text) FROM PUBLIC;
+
+-- The tick says a skipped pgmq queue once per process, queue and cause (issue 22).
+CREATE FUNCTION meshhook_limits."_queue_skip_is_new"(
+	"queue_key" TEXT, /* &str */
+	"sqlstate" TEXT /* &str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_queue_skip_is_new_wrapper';
+CREATE FUNCTION meshhook_limits."_queue_read"(
+	"queue_key" TEXT /* &str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_queue_read_wrapper';
+REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_skip_is_new(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_read(text) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION meshhook_limits._sample_pgmq(p_at timestamptz, p_window interval, p_full boolean DEFAULT true)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE q record; n bigint; qt text; at_ text; r record; a record; stats timestamptz;
+  v_p50 numeric; v_p95 numeric; v_tput numeric; owner text;
+  rows meshhook_limits.queue_samples[] := '{}';
+BEGIN
+  IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
+    RETURN 0;
+  END IF;
+  -- pgmq's tables are read as their owner (_read_as_owner), never as
+  -- ourselves, and only an administrator's (_tick_reads): the tick waits on
+  -- the code they run.
+  IF NOT meshhook_limits._tick_reads(pg_catalog.to_regclass('pgmq.meta')) THEN
+    RETURN 0;
+  END IF;
+  FOR q IN SELECT x.name FROM pg_catalog.jsonb_array_elements_text(meshhook_limits._read_as_owner(
+             pg_catalog.to_regclass('pgmq.meta'),
+             'SELECT coalesce(pg_catalog.jsonb_agg(m.queue_name::text), ''[]'') FROM pgmq.meta m')) AS x(name)
+            ORDER BY 1 LOOP
+    qt := lower('q_' || q.name);
+    at_ := lower('a_' || q.name);
+    -- Each queue in its own read-only subtransaction (no XID is assigned):
+    -- a broken or locked queue table is skipped with a warning, the others
+    -- are still sampled.
+    BEGIN
+      CONTINUE WHEN pg_catalog.to_regclass(format('pgmq.%I', qt)) IS NULL
+                 OR NOT meshhook_limits._tick_reads(pg_catalog.to_regclass(format('pgmq.%I', qt)));
+      SELECT * INTO r FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
+          pg_catalog.to_regclass(format('pgmq.%I', qt)),
+          format('SELECT pg_catalog.to_jsonb(x) FROM (SELECT count(*) FILTER (WHERE vt <= $1) AS visible,
+                         count(*) FILTER (WHERE vt > $1) AS invisible,
+                         min(enqueued_at) FILTER (WHERE vt <= $1) AS oldest FROM pgmq.%I) x', qt), p_at))
+        AS x(visible bigint, invisible bigint, oldest timestamptz);
+      v_p50 := NULL; v_p95 := NULL; v_tput := 0; stats := p_at;
+      IF NOT p_full THEN
+        -- (_latest_queue_samples() inline: as a function with a SET clause it
+        -- would be planned again for every queue)
+        SELECT p.p50_ms, p.p95_ms, p.throughput_per_min, p.stats_at INTO v_p50, v_p95, v_tput, stats
+          FROM meshhook_limits.queue_samples p
+         WHERE p.source = 'pgmq' AND p.queue = q.name
+           AND p.sampled_at = (SELECT w.queues_sampled_at FROM meshhook_limits.worker_state w);
+      ELSIF pg_catalog.to_regclass(format('pgmq.%I', at_)) IS NOT NULL
+            AND meshhook_limits._tick_reads(pg_catalog.to_regclass(format('pgmq.%I', at_))) THEN
+        SELECT * INTO a FROM pg_catalog.jsonb_to_record(meshhook_limits._read_as_owner(
+            pg_catalog.to_regclass(format('pgmq.%I', at_)),
+            format('SELECT pg_catalog.to_jsonb(x) FROM (
+               SELECT count(*) FILTER (WHERE archived_at > $1 - interval ''1 minute'') AS last_minute,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM archived_at - enqueued_at) * 1000) AS p95
+               FROM pgmq.%I WHERE archived_at > $1 - $2) x', at_), p_at, p_window))
+          AS x(last_minute bigint, p50 float8, p95 float8);
+        v_p50 := round(a.p50::numeric, 3); v_p95 := round(a.p95::numeric, 3); v_tput := coalesce(a.last_minute, 0);
+      END IF;
+      rows := rows || ROW(p_at, 'pgmq', q.name, r.visible, r.invisible, 0, p_at - r.oldest,
+                          v_p50, v_p95, coalesce(v_tput, 0), NULL,
+                          meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL), stats
+                         )::meshhook_limits.queue_samples;
+      PERFORM meshhook_limits._queue_read(pg_catalog.md5('pgmq:' || q.name));
+    EXCEPTION WHEN OTHERS THEN
+      -- Once per process, queue and cause: the worker tries every second.
+      IF meshhook_limits._queue_skip_is_new(pg_catalog.md5('pgmq:' || q.name), SQLSTATE) THEN
+        owner := (SELECT c.relowner::pg_catalog.regrole::text FROM pg_catalog.pg_class c
+                   WHERE c.oid = pg_catalog.to_regclass(format('pgmq.%I', qt)));
+        RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM
+          USING HINT = CASE SQLSTATE
+            WHEN '42501' THEN format('the tick reads each queue as its table''s owner, %s, which lacks a right it '
+                                     'needs: GRANT USAGE ON SCHEMA pgmq TO %s, and SELECT on the queue''s tables. ',
+                                     owner, owner)
+            WHEN '57014' THEN 'reading it took longer than meshhook_limits.queue_read_timeout: look for a lock '
+                              'held on its table, or raise the setting. '
+            ELSE '' END
+            || 'The queue keeps its last sample; this is said once per queue and cause until it is read again';
+      END IF;
+      rows := rows || ARRAY(SELECT ROW(p_at, p.source, p.queue, p.queued, p.active, p.failed_recent, p.oldest_age,
+                                       p.p50_ms, p.p95_ms, p.throughput_per_min, p.error_rate, p.status, p.stats_at
+                                      )::meshhook_limits.queue_samples
+                              FROM meshhook_limits._latest_queue_samples() p
+                             WHERE p.source = 'pgmq' AND p.queue = q.name);
+    END;
+  END LOOP;
+  INSERT INTO meshhook_limits.queue_samples SELECT * FROM unnest(rows);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
 CREATE OR REPLACE FUNCTION meshhook_limits.set_queue_thresholds(source text DEFAULT '*', queue text DEFAULT NULL,
     warn_queued bigint DEFAULT NULL, crit_queued bigint DEFAULT NULL,
     warn_oldest_age interval DEFAULT NULL, crit_oldest_age interval DEFAULT NULL,

@@ -198,7 +198,7 @@ CREATE FUNCTION meshhook_limits._sample_pgmq(p_at timestamptz, p_window interval
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE q record; n bigint; qt text; at_ text; r record; a record; stats timestamptz;
-  v_p50 numeric; v_p95 numeric; v_tput numeric;
+  v_p50 numeric; v_p95 numeric; v_tput numeric; owner text;
   rows meshhook_limits.queue_samples[] := '{}';
 BEGIN
   IF pg_catalog.to_regclass('pgmq.meta') IS NULL THEN
@@ -252,8 +252,22 @@ BEGIN
                           v_p50, v_p95, coalesce(v_tput, 0), NULL,
                           meshhook_limits._queue_status('pgmq', q.name, r.visible, p_at - r.oldest, NULL), stats
                          )::meshhook_limits.queue_samples;
+      PERFORM meshhook_limits._queue_read(pg_catalog.md5('pgmq:' || q.name));
     EXCEPTION WHEN OTHERS THEN
-      RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM;
+      -- Once per process, queue and cause: the worker tries every second.
+      IF meshhook_limits._queue_skip_is_new(pg_catalog.md5('pgmq:' || q.name), SQLSTATE) THEN
+        owner := (SELECT c.relowner::pg_catalog.regrole::text FROM pg_catalog.pg_class c
+                   WHERE c.oid = pg_catalog.to_regclass(format('pgmq.%I', qt)));
+        RAISE WARNING 'meshhook_limits: skipped pgmq queue %: %', quote_literal(q.name), SQLERRM
+          USING HINT = CASE SQLSTATE
+            WHEN '42501' THEN format('the tick reads each queue as its table''s owner, %s, which lacks a right it '
+                                     'needs: GRANT USAGE ON SCHEMA pgmq TO %s, and SELECT on the queue''s tables. ',
+                                     owner, owner)
+            WHEN '57014' THEN 'reading it took longer than meshhook_limits.queue_read_timeout: look for a lock '
+                              'held on its table, or raise the setting. '
+            ELSE '' END
+            || 'The queue keeps its last sample; this is said once per queue and cause until it is read again';
+      END IF;
       rows := rows || ARRAY(SELECT ROW(p_at, p.source, p.queue, p.queued, p.active, p.failed_recent, p.oldest_age,
                                        p.p50_ms, p.p95_ms, p.throughput_per_min, p.error_rate, p.status, p.stats_at
                                       )::meshhook_limits.queue_samples

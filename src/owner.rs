@@ -218,6 +218,43 @@ fn _tick_reads(rel: pg_sys::Oid) -> bool {
     }
 }
 
+thread_local! {
+    /// Queues the tick could not sample in this process, with why
+    /// (SQLSTATE), until it reads them again.
+    static SKIPPED: std::cell::RefCell<std::collections::HashSet<(String, String)>> = Default::default();
+}
+
+/// `_queue_skip_is_new(queue_key, sqlstate)`: true the first time in this
+/// process that the tick skips this queue for this cause (the worker tries
+/// every second; the warning is said once). `queue_key` is a digest of
+/// source and name (ASCII whatever the database's encoding).
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn _queue_skip_is_new(queue_key: &str, sqlstate: &str) -> bool {
+    SKIPPED.with(|s| {
+        s.borrow_mut()
+            .insert((queue_key.to_owned(), sqlstate.to_owned()))
+    })
+}
+
+/// `_queue_read(queue_key)`: the tick sampled the queue; a later failure is
+/// said again.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn _queue_read(queue_key: &str) {
+    SKIPPED.with(|s| {
+        let mut s = s.borrow_mut();
+        if !s.is_empty() {
+            s.retain(|(q, _)| q != queue_key);
+        }
+    });
+}
+
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_skip_is_new(text, text) FROM PUBLIC;\n\
+     REVOKE EXECUTE ON FUNCTION meshhook_limits._queue_read(text) FROM PUBLIC;",
+    name = "queue_skipped_grants",
+    requires = [_queue_skip_is_new, _queue_read]
+);
+
 pgrx::extension_sql!(
     "REVOKE EXECUTE ON FUNCTION meshhook_limits._tick_reads(oid) FROM PUBLIC;",
     name = "tick_reads_grants",

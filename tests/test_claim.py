@@ -1577,6 +1577,9 @@ def test_service_role_and_admin_members_claim(cluster, cdb, db, tenant):
             with cluster.connect(dbname=cdb, user=bare) as c:
                 got = _refusal(c, f"SELECT * FROM {S}.claim_jobs('pgboss', %s)", (q,))
                 assert got and got[0] == "42501" and "permission denied" in got[1], got
+                # The hint gives the GRANTs for this role (issue 22).
+                assert f"GRANT USAGE ON SCHEMA pgboss TO {bare}" in got[2], got
+                assert f"GRANT SELECT, UPDATE ON pgboss.job TO {bare}" in got[2], got
         finally:
             db.execute(f"DROP ROLE {bare}")
     finally:

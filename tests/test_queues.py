@@ -541,6 +541,45 @@ def test_pgmq_one_broken_queue_does_not_hide_the_others(cluster, qdb, qconn):
         c.execute(f"DROP TABLE pgmq.q_{broken}")
 
 
+def test_a_queue_whose_owner_lacks_usage_is_said_once_with_a_hint(cluster, qdb, qconn):
+    """A pgmq queue table owned by an admin role without USAGE on schema pgmq
+    cannot be read as its owner: the tick says so once per queue and cause
+    (not every second), with the GRANT to run, and again after it was read."""
+    c = qconn
+    name = f"nousage_{uuid.uuid4().hex[:6]}"
+    owner = f"nousage_owner_{uuid.uuid4().hex[:6]}"
+    c.execute(f"CREATE ROLE {owner} IN ROLE meshhook_limits_admin")
+    c.execute("SELECT pgmq.create(%s)", (name,))
+    c.execute(f"ALTER TABLE pgmq.q_{name} OWNER TO {owner}")
+    c.execute(f"ALTER TABLE pgmq.a_{name} OWNER TO {owner}")
+    public_usage = c.execute("SELECT has_schema_privilege('public', 'pgmq', 'USAGE')").fetchone()[0]
+    c.execute("REVOKE USAGE ON SCHEMA pgmq FROM PUBLIC")
+    hints = []
+    c.add_notice_handler(lambda d: hints.append((d.message_primary or "", d.message_hint or "")))
+    try:
+        assert not c.execute(f"SELECT has_schema_privilege('{owner}', 'pgmq', 'USAGE')").fetchone()[0]
+        mine = lambda ws: [w for w in ws if name in w]  # noqa: E731
+        first = mine(tick(c))
+        assert len(first) == 1 and "permission denied" in first[0], first
+        [(_, hint)] = [h for h in hints if name in h[0]]
+        assert f"GRANT USAGE ON SCHEMA pgmq TO {owner}" in hint and "once per queue and cause" in hint, hint
+        for _ in range(3):
+            assert mine(tick(c)) == []
+        # Read again once it may: then a new failure is said again.
+        c.execute(f"GRANT USAGE ON SCHEMA pgmq TO {owner}")
+        assert mine(tick(c)) == [] and name in health(c, "pgmq")
+        c.execute(f"REVOKE USAGE ON SCHEMA pgmq FROM {owner}")
+        assert len(mine(tick(c))) == 1
+    finally:
+        if public_usage:
+            c.execute("GRANT USAGE ON SCHEMA pgmq TO PUBLIC")
+        c.execute(f"ALTER TABLE pgmq.q_{name} OWNER TO postgres")
+        c.execute(f"ALTER TABLE pgmq.a_{name} OWNER TO postgres")
+        c.execute("SELECT pgmq.drop_queue(%s)", (name,))
+        c.execute(f"DROP OWNED BY {owner}")
+        c.execute(f"DROP ROLE {owner}")
+
+
 def test_locked_queue_table_does_not_stall_tick(cluster, qdb, qconn):
     """The worker keeps each transaction short: a queue table held under an
     ACCESS EXCLUSIVE lock by another transaction (TRUNCATE via

@@ -133,10 +133,7 @@ pub fn check(c: &SpiClient, rel: pg_sys::Oid, source: &str, queue: &str) -> Resu
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
     if r.get::<bool>(1)? != Some(true) {
         let table = r.get::<String>(2)?.unwrap_or_default();
-        return Err(LimitsError::forbidden(
-            format!("permission denied for table {table}: claim_jobs needs SELECT and UPDATE on it (and USAGE on its schema)"),
-            "grant the claiming role the queue system's rights on its tables, as its own workers have them",
-        ));
+        return Err(missing_rights(c, rel, &table));
     }
     let refuse = |why: String, hint: &str| {
         LimitsError::forbidden(
@@ -167,4 +164,30 @@ pub fn check(c: &SpiClient, rel: pg_sys::Oid, source: &str, queue: &str) -> Resu
     // a change during this one bumped the generation past `now`.
     ALLOWED.with(|m| m.borrow_mut().insert(key, now));
     Ok(())
+}
+
+/// 42501 for a claiming role without the queue system's rights on its
+/// table: the GRANTs that give them, for this role, schema and table.
+fn missing_rights(c: &SpiClient, rel: pg_sys::Oid, table: &str) -> LimitsError {
+    let names = c
+        .select(
+            "SELECT pg_catalog.quote_ident(current_user::text), c.relnamespace::pg_catalog.regnamespace::text
+               FROM pg_catalog.pg_class c WHERE c.oid = $1",
+            Some(1),
+            &[rel.into()],
+        )
+        .ok()
+        .and_then(|rows| rows.into_iter().next())
+        .and_then(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??)));
+    let hint = match names {
+        Some((role, schema)) => format!(
+            "give the claiming role the rights the queue system's own workers have: \
+             GRANT USAGE ON SCHEMA {schema} TO {role}; GRANT SELECT, UPDATE ON {table} TO {role}"
+        ),
+        None => "give the claiming role the rights the queue system's own workers have".to_owned(),
+    };
+    LimitsError::forbidden(
+        format!("permission denied for table {table}: claim_jobs needs SELECT and UPDATE on it and USAGE on its schema"),
+        hint,
+    )
 }
