@@ -6,6 +6,7 @@ SIGTERM. And tick() driven by pg_cron on a server without the preload."""
 import json
 import os
 import signal
+import statistics
 import subprocess
 import time
 import uuid
@@ -47,10 +48,33 @@ def state(c: Cluster):
                  "FROM meshhook_limits.worker_state")[0]
 
 
-def ticks_during(c: Cluster, seconds: float) -> int:
-    before = state(c)[0]
-    time.sleep(seconds)
-    return state(c)[0] - before
+def seconds_per_tick(c: Cluster, n: int, timeout: float = 60) -> float:
+    """The median time between the starts of the next n ticks, by the
+    worker's own clock (each tick takes one pool sample, stamped with its
+    start). A loaded machine can only make it longer than the interval; the
+    median leaves out a stray early tick (a wait the latch cut short). Fails
+    when n ticks take longer than timeout."""
+    [(last,)] = c.sql("SELECT max(sampled_at) FROM meshhook_limits.pool_samples")
+    q = "SELECT sampled_at FROM meshhook_limits.pool_samples WHERE sampled_at >= %s ORDER BY 1"
+    starts = wait_for(lambda: (r := [at for (at,) in c.sql(q, (last,))])[n:] and r, timeout)
+    assert starts, f"fewer than {n} ticks in {timeout} s"
+    return statistics.median((b - a).total_seconds() for a, b in zip(starts, starts[1:n + 1]))
+
+
+def reload_interval(c: Cluster, change: str) -> None:
+    """ALTER SYSTEM `change` (sample_interval), reload, and return once the
+    worker ticks at the new interval. A session started after the postmaster
+    reloaded sees the new pg_conf_load_time(); by then the postmaster has
+    signalled the worker, which ticks at most twice more (one tick in flight,
+    one at once on the signal) before it waits the new interval."""
+    with c.connect() as conn:
+        loaded = conn.execute("SELECT pg_conf_load_time()").fetchone()[0]
+        conn.execute(f"ALTER SYSTEM {change}")
+        conn.execute("SELECT pg_reload_conf()")
+    assert wait_for(lambda: c.sql("SELECT pg_conf_load_time() > %s", (loaded,))[0][0], 30), \
+        "the postmaster did not reload within 30 s"
+    ticks = state(c)[0]
+    assert wait_for(lambda: state(c)[0] >= ticks + 2, 30), "the worker stopped ticking on the reload"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +93,8 @@ def wc():
 def test_worker_starts_within_seconds_of_create_extension(wc):
     """The launcher serves a database once it exists and has the extension:
     before, no worker stays in it and nothing fails in the log; after
-    CREATE EXTENSION, one worker ticks there within seconds."""
+    CREATE EXTENSION, one worker ticks there at once (the launcher is woken,
+    not left to its next probe a minute later)."""
     with wc.connect(dbname="postgres") as conn:
         conn.execute(f"CREATE DATABASE {wc.dbname}")
 
@@ -85,39 +110,33 @@ def test_worker_starts_within_seconds_of_create_extension(wc):
         time.sleep(0.2)
     with wc.connect() as conn:
         conn.execute("CREATE EXTENSION meshhook_limits")
-    t0 = time.monotonic()
+    # The extension's install script wakes the launcher: without that, the
+    # next probe would be a minute after the one that found no extension.
     assert wait_for(lambda: state(wc)[0] >= 1, 30), "no tick within 30 s of CREATE EXTENSION"
-    # The extension's install script wakes the launcher: no 5 s wait.
-    assert time.monotonic() - t0 < 4
     assert len(connected()) == 1
     assert "does not exist" not in log_text(wc) and "FATAL" not in log_text(wc)
 
 
 @pytest.mark.smoke
 def test_worker_ticks_every_sample_interval(wc):
-    n = ticks_during(wc, 3.0)
-    assert 2 <= n <= 4, f"{n} ticks in 3 s at sample_interval = 1 s"
-    ticks, errors, last_error, age = state(wc)
+    # Never sooner than the interval; later only on a very busy machine.
+    spt = seconds_per_tick(wc, 4)
+    assert 0.9 <= spt < 3, f"{spt:.2f} s a tick at sample_interval = 1 s"
+    _, errors, last_error, _ = state(wc)
     assert errors == 0 and last_error is None
-    assert age < 1.5
     assert wc.sql("SELECT count(*) > 0 FROM meshhook_limits.pool_samples")[0][0]
 
 
 def test_sighup_reloads_sample_interval(wc):
     try:
-        with wc.connect() as conn:
-            conn.execute("ALTER SYSTEM SET meshhook_limits.sample_interval = '200ms'")
-            conn.execute("SELECT pg_reload_conf()")
-        time.sleep(0.5)
-        n = ticks_during(wc, 2.0)
-        assert 7 <= n <= 12, f"{n} ticks in 2 s at sample_interval = 200ms"
+        reload_interval(wc, "SET meshhook_limits.sample_interval = '200ms'")
+        # Not sooner than 200 ms, and sooner than any 1 s interval could be.
+        spt = seconds_per_tick(wc, 10)
+        assert 0.18 <= spt < 0.8, f"{spt:.3f} s a tick at sample_interval = 200ms"
     finally:
-        with wc.connect() as conn:
-            conn.execute("ALTER SYSTEM RESET meshhook_limits.sample_interval")
-            conn.execute("SELECT pg_reload_conf()")
-    time.sleep(0.5)
-    n = ticks_during(wc, 2.0)
-    assert 1 <= n <= 3, f"{n} ticks in 2 s after RESET (back to 1 s)"
+        reload_interval(wc, "RESET meshhook_limits.sample_interval")
+    spt = seconds_per_tick(wc, 4)
+    assert spt >= 0.9, f"{spt:.3f} s a tick after RESET (back to 1 s)"
 
 
 def test_worker_survives_failing_ticks(wc):
@@ -130,18 +149,17 @@ def test_worker_survives_failing_ticks(wc):
                      "FOR EACH STATEMENT EXECUTE FUNCTION public.ml_boom()")
         try:
             ticks0, errors0, _, _ = state(wc)
-            time.sleep(2.5)
+            assert wait_for(lambda: state(wc)[1] >= errors0 + 2, 30), f"not 2 failed ticks in 30 s: {state(wc)}"
             ticks1, errors1, last_error, _ = state(wc)
-            assert errors1 - errors0 >= 2, (errors0, errors1)
             assert "ml_boom: injected failure" in (last_error or "")
             assert ticks1 - ticks0 <= 1  # at most one tick that was already past the insert
             assert worker_pids(wc) == pids, "the worker died on a failing tick"
         finally:
             conn.execute("DROP TRIGGER ml_boom ON meshhook_limits.events")
             conn.execute("DROP FUNCTION public.ml_boom()")
-    assert wait_for(lambda: state(wc)[0] > ticks1, 2.5), "no tick after the cause was removed"
-    errors2 = state(wc)[1]
-    time.sleep(1.2)
+    assert wait_for(lambda: state(wc)[0] > ticks1, 30), "no tick within 30 s after the cause was removed"
+    ticks2, errors2, _, _ = state(wc)
+    assert wait_for(lambda: state(wc)[0] >= ticks2 + 2, 30), "the worker stopped ticking"
     assert state(wc)[1] == errors2, "still failing after the cause was removed"
     assert "meshhook_limits worker: tick failed" in log_text(wc)
     assert worker_pids(wc) == pids
@@ -154,18 +172,21 @@ def test_worker_reaps_expired_lease_and_notifies(wc):
         listener.execute("LISTEN meshhook_limits")
         set_limit(admin, "concurrent_executions", 5, tenant)
         row = acquire(admin, tenant, lease="1 second")
-        t0 = time.monotonic()
+        ticks0 = admin.execute("SELECT ticks FROM meshhook_limits.worker_state").fetchone()[0]
         assert row[0], row
         slot = str(row[1])
         got = None
-        for n in listener.notifies(timeout=4.0):
+        for n in listener.notifies(timeout=30):
             p = json.loads(n.payload)
             if p["event"] == "slot.revoked" and p.get("slot_id") == slot:
                 got = p
                 break
-        elapsed = time.monotonic() - t0
-        assert got is not None, "no slot.revoked within 4 s of a 1 s lease"
-        assert elapsed <= 3.0, f"slot.revoked {elapsed:.2f} s after acquire (lease 1 s)"
+        assert got is not None, "no slot.revoked within 30 s of a 1 s lease"
+        # Counted in ticks (a tick a second), not seconds, which a busy machine
+        # stretches: at most one tick in flight, one before the lease runs
+        # out, the one that reaps, and one more before this reads the count.
+        ticks = admin.execute("SELECT ticks FROM meshhook_limits.worker_state").fetchone()[0] - ticks0
+        assert ticks <= 4, f"slot.revoked {ticks} ticks after acquire (lease 1 s, a tick a second)"
         assert got["tenant_id"] == tenant and got["reason"] == "lease_expired"
         assert got["resource"] == "concurrent_executions"
         hb = admin.execute("SELECT alive, reason FROM meshhook_limits.heartbeat_execution_slot(%s)",
@@ -177,14 +198,12 @@ def test_worker_reaps_expired_lease_and_notifies(wc):
 def test_worker_comes_back_after_crash(wc):
     [pid] = worker_pids(wc)
     os.kill(pid, signal.SIGKILL)  # the postmaster resets every backend (crash recovery)
-    t0 = time.monotonic()
     time.sleep(0.3)
-    wc.wait_ready()
-    new = wait_for(lambda: [p for p in worker_pids(wc) if p != pid], 10)
-    assert new, "worker not back within 10 s of a crash"
+    wc.wait_ready(60)
+    new = wait_for(lambda: [p for p in worker_pids(wc) if p != pid], 60)
+    assert new, "worker not back within 60 s of a crash"
     before = state(wc)[0]
-    assert wait_for(lambda: state(wc)[0] >= before + 2, 4), "worker back but not ticking"
-    assert time.monotonic() - t0 < 10
+    assert wait_for(lambda: state(wc)[0] >= before + 2, 30), "worker back but not ticking"
     assert "terminated by signal 9" in log_text(wc)
 
 
@@ -193,19 +212,28 @@ def test_sigterm_worker_exits_and_is_restarted_after_5_s(wc):
     exits with code 1, and the launcher starts it again after 5 s --
     monitoring does not stop for good."""
     [pid] = worker_pids(wc)
-    assert wc.sql("SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
     t0 = time.monotonic()
-    assert wait_for(lambda: pid not in worker_pids(wc), 3), "worker still running 3 s after SIGTERM"
-    assert wait_for(lambda: f"(PID {pid}) exited with exit code 1" in log_text(wc), 2), log_text(wc)[-2000:]
+    assert wc.sql("SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
+    assert wait_for(lambda: pid not in worker_pids(wc), 30), "worker still running 30 s after SIGTERM"
+    assert wait_for(lambda: f"(PID {pid}) exited with exit code 1" in log_text(wc), 30), log_text(wc)[-2000:]
     assert "meshhook_limits worker exiting" in log_text(wc)
     ticks = state(wc)[0]
-    time.sleep(4.0)
-    assert worker_pids(wc) == [], "restarted before 5 s"
-    assert state(wc)[0] == ticks, "something ticked while the worker was gone"
-    new = wait_for(lambda: worker_pids(wc), 4)
-    assert new and new != [pid], "worker not restarted within 8 s of SIGTERM"
-    assert 4.5 <= time.monotonic() - t0 <= 8
-    assert wait_for(lambda: state(wc)[0] > ticks, 2.5), "restarted worker does not tick"
+    # Until the new worker shows (a busy machine only makes that later), with
+    # nothing ticking meanwhile; each round reads the ticks before the pids,
+    # so no new worker could have ticked before an empty list was read.
+    deadline = time.monotonic() + 60
+    while True:
+        now_ticks = state(wc)[0]
+        new = worker_pids(wc)
+        seen = time.monotonic()
+        if new:
+            break
+        assert now_ticks == ticks, "something ticked while the worker was gone"
+        assert seen < deadline, "worker not restarted within 60 s of SIGTERM"
+        time.sleep(0.05)
+    assert new != [pid]
+    assert seen - t0 >= 4.5, f"restarted {seen - t0:.2f} s after SIGTERM, before 5 s"
+    assert wait_for(lambda: state(wc)[0] > ticks, 30), "restarted worker does not tick"
 
 
 @pytest.fixture(scope="module", autouse=True)
