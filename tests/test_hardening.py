@@ -160,10 +160,20 @@ def test_project_counters_are_per_tenant(cluster, admin):
         assert r[0] == (True, "granted")
 
 
+def reload_until(cluster, setting: str, value: str) -> None:
+    """pg_reload_conf(), then wait until new sessions start with `value`
+    (the postmaster reloads when it gets to it: a busy machine takes longer)."""
+    cluster.sql("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 30
+    while cluster.sql(f"SHOW {setting}") != [(value,)]:
+        assert time.monotonic() < deadline, f"{setting} not {value} in new sessions 30 s after the reload"
+        time.sleep(0.05)
+
+
 def test_a_tenant_without_a_limit_cannot_take_the_whole_slot_table(cluster, admin, tenant):
+    default = admin.execute("SHOW meshhook_limits.tenant_slot_ceiling").fetchone()[0]
     admin.execute("ALTER SYSTEM SET meshhook_limits.tenant_slot_ceiling = 5")
-    admin.execute("SELECT pg_reload_conf()")
-    time.sleep(0.3)
+    reload_until(cluster, "meshhook_limits.tenant_slot_ceiling", "5")
     try:
         with cluster.connect() as c:
             got = [acquire(c, tenant, lease="1 minute") for _ in range(7)]
@@ -173,7 +183,7 @@ def test_a_tenant_without_a_limit_cannot_take_the_whole_slot_table(cluster, admi
             assert acquire(c, str(uuid.uuid4()))[0] is True
     finally:
         admin.execute("ALTER SYSTEM RESET meshhook_limits.tenant_slot_ceiling")
-        admin.execute("SELECT pg_reload_conf()")
+        reload_until(cluster, "meshhook_limits.tenant_slot_ceiling", default)
 
 
 def test_lease_is_bounded_by_max_lease(cluster, admin, tenant):
