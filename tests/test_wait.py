@@ -27,7 +27,7 @@ def wait_acquire(cluster, tenant, wait, out, key, project=None):
         out[key] = ("error", e.sqlstate, None, None, time.monotonic())
 
 
-def waiting_backends(admin, n, timeout=5.0):
+def waiting_backends(admin, n, timeout=30.0):
     """Wait until n backends sleep in acquire_execution_slot's wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -44,18 +44,18 @@ def test_a_waiter_is_granted_when_a_slot_is_released_not_at_its_timeout(cluster,
     set_limit(admin, "concurrent_executions", 1, tenant)
     held = acquire(admin, tenant)[1]
     out = {}
-    t = threading.Thread(target=wait_acquire, args=(cluster, tenant, "10 seconds", out, "w"))
+    t = threading.Thread(target=wait_acquire, args=(cluster, tenant, "60 seconds", out, "w"))
     t.start()
     waiting_backends(admin, 1)
     time.sleep(0.3)
     released_at = time.monotonic()
     assert admin.execute(f"SELECT {S}.release_execution_slot(%s)", (held,)).fetchone()[0] is True
-    t.join(10)
-    granted, reason, took, slot, done_at = out["w"]
+    t.join(60)
+    granted, reason, _, slot, done_at = out["w"]
     assert (granted, reason) == (True, "granted")
-    # Woken by the release, not by a timer running out.
-    assert done_at - released_at < 0.5
-    assert took < 2
+    # Woken by the release, not by its 60 s timer running out (with half of
+    # that as margin for a busy machine).
+    assert done_at - released_at < 30
     admin.execute(f"SELECT {S}.release_execution_slot(%s)", (slot,))
 
 
@@ -66,7 +66,7 @@ def test_a_waiter_that_finds_no_room_gets_the_usual_refusal_after_its_wait(clust
     wait_acquire(cluster, tenant, "700 milliseconds", out, "w")
     granted, reason, took, _, _ = out["w"]
     assert (granted, reason) == (False, "tenant_limit")
-    assert 0.6 < took < 2
+    assert 0.6 < took < 5  # ends at its 700 ms, not many times later
     # Without wait: refused at once, as before.
     t0 = time.monotonic()
     assert acquire(admin, tenant)[:3] == (False, None, "tenant_limit")
