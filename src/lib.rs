@@ -127,8 +127,8 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/alerts.sql", name = "alerts", requires = ["pooler"]);
 extension_sql_file!(
-    "../sql/claim.sql",
-    name = "claim",
+    "../sql/claim_bindings.sql",
+    name = "claim_bindings",
     requires = [
         "alerts",
         "claim_slot_grants",
@@ -140,10 +140,21 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../sql/claim_bind.sql",
+    name = "claim_bind",
+    requires = ["claim_bindings"]
+);
+extension_sql_file!("../sql/claim.sql", name = "claim", requires = ["claim_bind"]);
+extension_sql_file!(
+    "../sql/claim_explain.sql",
+    name = "claim_explain",
+    requires = ["claim"]
+);
+extension_sql_file!(
     "../sql/tick.sql",
     name = "tick",
     requires = [
-        "claim",
+        "claim_explain",
         slots::reap::reap_execution_slots,
         claim::restore::_restore_claims
     ]

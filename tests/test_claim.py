@@ -1,4 +1,4 @@
-"""Claiming (sql/claim.sql, src/slots/claim.rs): bind_queue, claim_jobs, the
+"""Claiming (sql/claim*.sql, src/claim/, src/slots/claimed.rs): bind_queue, claim_jobs, the
 tick ending a claim's slot with its job, explain_admission/explain_queues,
 against the real queue systems: pg-boss 11 through its own Node API
 (tests/node/pgboss_driver.mjs, tests/node/claim_driver.mjs) and pgmq from

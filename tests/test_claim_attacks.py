@@ -1,5 +1,5 @@
-"""Red-team attacks on claiming (sql/claim.sql, src/claim.rs,
-src/slots/claim.rs, src/slots/ended.rs, src/slots/wait.rs), performed as the
+"""Red-team attacks on claiming (sql/claim*.sql, src/claim/,
+src/slots/claimed.rs, src/slots/ended.rs, src/slots/wait.rs), performed as the
 attacker would: a tenant over Supabase RPC (`authenticated` with JWT claims),
 a plain login role, the owner of the pg-boss or pgmq schema, a queue worker
 that is not an admin, and a tenant that shapes its jobs' JSON.

@@ -1,4 +1,4 @@
-//! The key of a job in the claim index (`_claim_key_sql` in sql/claim.sql).
+//! The key of a job in the claim index (`_claim_key_sql` in sql/claim_bindings.sql).
 //!
 //! Both claim indexes of a binding, and so every send into a bound queue,
 //! compute it for every job: it must cost next to nothing. A job's key is

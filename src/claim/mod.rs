@@ -1,7 +1,7 @@
 //! claim_jobs: hand a worker the jobs whose every limit has room, with their
 //! slots, weighted-fair across tenants (docs/claiming.md).
 //!
-//! The queue side is SQL (sql/claim.sql): the binding, and three statements
+//! The queue side is SQL (sql/claim*.sql): the binding, and three statements
 //! built for it by `_claim_queries` (a skip scan over the claim index for
 //! the tenants with waiting jobs, a tenant's next job, and what the queue's
 //! own fetch does to the jobs it takes). They are prepared once per backend
