@@ -144,7 +144,11 @@ extension_sql_file!(
     name = "claim_bind",
     requires = ["claim_bindings"]
 );
-extension_sql_file!("../sql/claim.sql", name = "claim", requires = ["claim_bind"]);
+extension_sql_file!(
+    "../sql/claim.sql",
+    name = "claim",
+    requires = ["claim_bind"]
+);
 extension_sql_file!(
     "../sql/claim_explain.sql",
     name = "claim_explain",

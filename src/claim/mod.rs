@@ -36,6 +36,7 @@ use std::collections::HashMap;
 mod key;
 mod queue;
 pub mod restore;
+mod runnable;
 mod runqueue;
 mod trust;
 

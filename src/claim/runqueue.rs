@@ -32,12 +32,14 @@
 //! compaction) or a weight is raised, a tenant can be served later than its
 //! tag says, until a chunk finds it again and reads its key afresh.
 use super::queue::{Chunk, SCAN_CHUNK};
+pub(super) use super::runnable::TenantKey;
+use super::runnable::{Key, Runnable};
 use super::Ts;
 use crate::error::Result;
 use crate::limits;
 use crate::slots::claimed::{self as slot_claim, BLOCKED_REASONS};
 use pgrx::datum::Uuid;
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ops::Bound;
 
@@ -50,80 +52,6 @@ const RESCAN_FACTOR: i64 = 10;
 const STARTS_CHUNK: usize = 1024;
 /// Tenants whose limits one call loads at most (about 3 µs each).
 const LOAD_CHUNK: usize = 4096;
-
-pub(super) type TenantKey = [u8; 16];
-
-/// A tenant in the run queue.
-pub(super) struct Runnable {
-    pub(super) id: Uuid,
-    /// The ways its jobs spell its id (what the index holds), each with
-    /// since when its first job has been due as the skip scan found it, or
-    /// the queue time of the last job claimed under it.
-    pub(super) spellings: Vec<(String, Ts)>,
-    /// Its start tag as last read (never more than the true one).
-    pub(super) start: f64,
-    weight: f64,
-    /// When its last claim was made (any claimer's; `slots::fair`).
-    served_at: Option<Ts>,
-    /// The heap entry of this version is its live one; others are stale.
-    version: u32,
-    /// In the heap (not parked, and not picked by the call in progress).
-    queued: bool,
-}
-
-impl Runnable {
-    /// Since when it has waited, the last tie-break: since its next job was
-    /// queued, or since it was last served, if later.
-    fn waiting_since(&self) -> Option<Ts> {
-        let next = self.spellings.iter().map(|s| s.1).min();
-        next.max(self.served_at)
-    }
-
-    fn key(&self, tenant: TenantKey) -> Key {
-        Key {
-            start: self.start,
-            weight: self.weight,
-            since: self.waiting_since(),
-            tenant,
-            version: self.version,
-        }
-    }
-}
-
-/// Where a tenant stands in the pick: the least first.
-#[derive(Clone, Copy)]
-struct Key {
-    start: f64,
-    weight: f64,
-    since: Option<Ts>,
-    tenant: TenantKey,
-    version: u32,
-}
-
-impl Ord for Key {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.start
-            .total_cmp(&other.start)
-            .then_with(|| other.weight.total_cmp(&self.weight))
-            .then_with(|| self.since.cmp(&other.since))
-            .then_with(|| self.tenant.cmp(&other.tenant))
-            .then_with(|| self.version.cmp(&other.version))
-    }
-}
-
-impl PartialOrd for Key {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Key {}
 
 #[derive(Default)]
 pub(super) struct RunQueue {
