@@ -94,6 +94,7 @@ SELECT meshhook_limits.track_storage('workflow_runs', 'tenant_id') AS bytes_coun
 SELECT meshhook_limits.set_limit('storage_bytes', 4096, :'globex') \g /dev/null
 INSERT INTO workflow_runs (tenant_id, output) SELECT :'globex', repeat('x', 300) FROM generate_series(1, 10);
 \set ON_ERROR_STOP 0
+\set SHOW_CONTEXT never
 \echo a statement that would exceed the quota is refused (53400):
 INSERT INTO workflow_runs (tenant_id, output) SELECT :'globex', repeat('y', 300) FROM generate_series(1, 5);
 \set ON_ERROR_STOP 1
@@ -143,7 +144,7 @@ title "queue health (sampled by the background worker every second)"
 q -c "SELECT source, queue, queued, active, failed_recent, oldest_age, p50_ms, throughput_per_min, error_rate, status FROM meshhook_limits.queue_health()"
 title "pool pressure"
 q -c "SELECT max_connections, total, active, idle, idle_in_transaction, waiting, utilisation, longest_transaction, status, by_application FROM meshhook_limits.pool_pressure()"
-q -c "SELECT recommended_pool_size, observed_p95_active, reasoning FROM meshhook_limits.pool_recommendation()"
+q -P format=wrapped -P columns=100 -c "SELECT recommended_pool_size, observed_p95_active, reasoning FROM meshhook_limits.pool_recommendation()"
 # Sizing looks back 5 s before it proposes anything.
 for _ in $(seq 1 100); do
   [[ $(q -Atc "SELECT count(*) FROM meshhook_limits.events WHERE event = 'pool.resize_proposed'") -gt 0 ]] && break
