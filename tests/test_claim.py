@@ -1321,23 +1321,23 @@ def test_invalid_jobs_are_never_claimed_and_never_fail_the_call(cluster, cdb, db
 def test_many_invalid_jobs_do_not_stall_claiming(cluster, cdb, db, tenant):
     """A tenant whose queue head is 1,000 invalid jobs (a bad cost, say) must
     not make every claim_jobs call on the queue slow: the other tenants'
-    jobs are claimed at once, and so is nothing, quickly, after them."""
+    jobs are claimed, and so is nothing after them, each call looking at no
+    more than 16 of the invalid jobs (the most passed over per tenant per
+    call), not all 1,000. Counted (claim_blocked_total{reason=invalid_job}),
+    not timed, so a busy machine cannot fail it."""
     other = str(uuid.uuid4())
     q = new_boss_queue(cluster, cdb)
     send(cluster, cdb, q, [{"tenant_id": tenant, "cost": "x"}] * 1000)
     [good] = send(cluster, cdb, q, [{"tenant_id": other}])
     bind(db, "pgboss", q, cost_path="cost")
-    db.execute("SET statement_timeout = '1s'")
+    db.execute("SET statement_timeout = '60s'")   # guard: the test must not hang
     try:
         for want in ([good], []):
-            t0 = time.monotonic()
-            try:
-                got = claim(db, "pgboss", q, batch=10)
-            except psycopg.errors.QueryCanceled:
-                raise AssertionError("claim_jobs took over 1 s past 1,000 invalid jobs of one tenant") from None
-            took = time.monotonic() - t0
+            seen = blocked(metrics(db), "invalid_job")
+            got = claim(db, "pgboss", q, batch=10)
+            looked_at = blocked(metrics(db), "invalid_job") - seen
             assert [c["job_id"] for c in got] == want
-            assert took < 0.5, f"claim_jobs took {took:.2f} s past 1,000 invalid jobs of one tenant"
+            assert looked_at <= 16, f"claim_jobs looked at {looked_at:.0f} invalid jobs of one tenant"
     finally:
         db.execute("RESET statement_timeout")
 
