@@ -224,10 +224,10 @@ def test_a_pooler_that_does_not_answer_holds_the_tick_only_until_its_timeouts(cl
         [h] = health(admin, pooler)
         assert h["status"] == "down" and "timeout" in h["error"].lower(), h["error"]
         assert took < 30, f"the tick waited {took:.1f} s for a stopped pooler"
-        # Tried again only 10 s later: the next ticks do not wait on it.
-        t = time.monotonic()
+        # Tried again only 10 s later: the next tick does not wait on it. It
+        # does not try it at all (no second sample), which, unlike its
+        # duration, a busy machine cannot change.
         tick(admin)
-        assert time.monotonic() - t < took
         assert admin.execute("SELECT count(*) FROM meshhook_limits.pooler_samples WHERE pooler = %s AND NOT up",
                              (pooler,)).fetchone()[0] == 1
     finally:
