@@ -182,7 +182,9 @@ def activity(mdb):
     set_limit(conn, "api_calls", 1000, b, window_length="1 hour")
     live = conn.execute(f"SELECT granted, slot_id FROM {S}.acquire_execution_slot(%s, NULL, 'live', '10 minutes')",
                         (a,)).fetchone()
-    short = conn.execute(f"SELECT granted FROM {S}.acquire_execution_slot(%s, NULL, 'short', '1 second')",
+    # 'short' must still count for `refused`, the next statement, however
+    # slow the machine: a lease of some seconds, waited out below.
+    short = conn.execute(f"SELECT granted, slot_id FROM {S}.acquire_execution_slot(%s, NULL, 'short', '3 seconds')",
                          (a,)).fetchone()
     refused = conn.execute(f"SELECT granted, reason FROM {S}.acquire_execution_slot(%s)", (a,)).fetchone()
     assert live[0] and short[0] and refused == (False, "tenant_limit")
@@ -192,8 +194,13 @@ def activity(mdb):
     assert conn.execute(f"SELECT status FROM {S}.record_usage(%s, 'api_calls', 95)", (a,)).fetchone()[0] == "warning"
     conn.execute(f"SELECT {S}.record_usage(%s, 'api_calls', 10)", (b,))
     conn.execute("INSERT INTO docs SELECT %s, repeat('x', 1000) FROM generate_series(1, 5)", (a,))
-    time.sleep(1.2)
-    conn.execute(f"SELECT {S}.reap_execution_slots()")   # the short lease (unless the worker was first)
+    # The short lease runs out, and is revoked (by this reap, or the worker's).
+    deadline = time.monotonic() + 60
+    while conn.execute(f"SELECT count(*) FROM {S}.slots() WHERE slot_id = %s AND state = 'live'",
+                       (short[1],)).fetchone()[0]:
+        assert time.monotonic() < deadline, "the short lease was not revoked"
+        time.sleep(0.2)
+        conn.execute(f"SELECT {S}.reap_execution_slots()")
     tick(conn)
     after_text = metrics(conn)
     yield {**mdb, "conn": conn, "before": before, "after": parse(after_text), "text": after_text,
