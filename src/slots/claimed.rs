@@ -7,7 +7,8 @@
 //! how the tick finds the job it belongs to (`_claimed_slots`).
 // The row types of the SQL functions are spelt out in their signatures.
 #![allow(clippy::type_complexity)]
-use super::table::{self, CounterKey, LockedTable, LIVE};
+use super::counters::{self, CounterKey};
+use super::table::{self, LockedTable, LIVE};
 use super::{acquire, now, ts, Admission, Demand, Ts};
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::limits::{self, Mode};
@@ -81,7 +82,7 @@ fn count(answer: &Admission, cost: i32) {
 /// The claim digest of a claim's run id (`claim/<binding>/<job>`).
 fn digest_of(run_id: &str) -> Option<[u8; 16]> {
     let (binding, job) = run_id.strip_prefix(RUN_ID_PREFIX)?.split_once('/')?;
-    Some(table::claim_digest(binding.parse().ok()?, job))
+    Some(counters::claim_digest(binding.parse().ok()?, job))
 }
 
 thread_local! {
@@ -441,7 +442,9 @@ fn _slot_counts(
     let row = (
         count(CounterKey::tenant(db, t)),
         project_id.map_or(0, |p| count(CounterKey::project(db, t, p.as_bytes()))),
-        concurrency_key.map_or(0, |k| count(CounterKey::key(db, t, &table::key_digest(k)))),
+        concurrency_key.map_or(0, |k| {
+            count(CounterKey::key(db, t, &counters::key_digest(k)))
+        }),
         count(CounterKey::total(db)),
     );
     drop(locked);

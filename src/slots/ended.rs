@@ -2,6 +2,7 @@
 //! bind_queue puts on a bound queue's table releases the job's slot in the
 //! transaction that ends the job. The tick (`_end_claims`) catches what no
 //! trigger sees: a pgmq message whose visibility timeout passed.
+use super::counters;
 use super::table::{self, LockedTable};
 use super::xact::{self, Op};
 use crate::shmem;
@@ -50,7 +51,7 @@ fn _claim_ended<'a>(
     let (true, Some(job), true) = (schema_ok, job, table::available()) else {
         return Ok(None);
     };
-    let digest = table::claim_digest(binding, &job);
+    let digest = counters::claim_digest(binding, &job);
     let found = LockedTable::shared().and_then(|mut l| {
         let idx = l.table().claimed(shmem::my_database(), &digest)?;
         Some((idx, l.table().slots[idx].id))

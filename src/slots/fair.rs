@@ -52,10 +52,10 @@ pub struct Clock {
     tags: [Tag; CAP],
 }
 
-/// Keyed with the server's secret (`table::keyed_hash`): tenant ids come
+/// Keyed with the server's secret (`counters::keyed_hash`): tenant ids come
 /// from job data, and must not be able to build long probe chains.
 fn hash(kind: u8, database: u32, tenant: &[u8; 16]) -> usize {
-    (super::table::keyed_hash(kind, database, tenant, &[]) as usize) & (CAP - 1)
+    (super::counters::keyed_hash(kind, database, tenant, &[]) as usize) & (CAP - 1)
 }
 
 impl Clock {

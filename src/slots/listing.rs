@@ -3,7 +3,8 @@
 //! slots are the rows of `meshhook_limits.fallback_slots` (see `fallback`).
 // The row types of the SQL functions are spelt out in their signatures.
 #![allow(clippy::type_complexity)]
-use super::table::{self, CounterKey, LockedTable, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED};
+use super::counters::CounterKey;
+use super::table::{self, LockedTable, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED};
 use super::{fallback, ts, Ts};
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::{identity, shmem};

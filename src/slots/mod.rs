@@ -13,12 +13,15 @@ use crate::identity;
 use crate::limits::{self, Mode};
 use crate::row::datum;
 use crate::shmem;
-use table::{CounterKey, LockedTable, RevokeReason, Slot, MAX_SLOTS, REVOKED, RUN_ID_MAX};
+use counters::CounterKey;
+use table::{LockedTable, RevokeReason, Slot, MAX_SLOTS, REVOKED, RUN_ID_MAX};
 use xact::Op;
 
 pub mod claimed;
+mod counters;
 mod definer;
 mod ended;
+pub mod entries;
 mod fair;
 mod fallback;
 pub mod freed;
@@ -36,7 +39,7 @@ mod xact;
 pub struct Demand<'a> {
     pub key: Option<&'a str>,
     pub cost: u32,
-    /// A claimed job's digest (`table::claim_digest`).
+    /// A claimed job's digest (`counters::claim_digest`).
     pub claim: Option<[u8; 16]>,
     /// The start tag the claimer saw when it picked the tenant (`fair`).
     pub picked_at: Option<f64>,
@@ -304,7 +307,7 @@ fn acquire(
     let db = shmem::my_database();
     let t = *tenant.as_bytes();
     let p = project.map(|p| *p.as_bytes());
-    let k = demand.key.map(table::key_digest);
+    let k = demand.key.map(counters::key_digest);
     // No tenant holds more than the server's share, whatever its own limit
     // (or none): the table stays open to the others.
     let ceiling = crate::gucs::tenant_slot_ceiling();
@@ -415,7 +418,7 @@ fn acquire(
     let deadline = lim.exec_micros.map_or(i64::MAX, |m| now.saturating_add(m));
     let slot = locked.table().put_live(
         idx,
-        &table::NewSlot {
+        &entries::NewSlot {
             id,
             database: db,
             tenant: t,

@@ -7,7 +7,9 @@
 //! and gives each one its claimed slot here, unchecked (the job holds its
 //! room already), and marks the database restored (`Table::restored`): from
 //! then on its claims are admitted, restart grace or not.
-use super::table::{self, LockedTable, NewSlot, MAX_SLOTS, RUN_ID_MAX};
+use super::counters;
+use super::entries::NewSlot;
+use super::table::{LockedTable, MAX_SLOTS, RUN_ID_MAX};
 use super::{now, random_slot_id, with_index};
 use crate::error::{LimitsError, Result};
 use crate::shmem;
@@ -120,7 +122,7 @@ pub fn insert(jobs: &[Running]) -> Result<(usize, usize)> {
     }
     let (mut made, mut no_room) = (0, 0);
     for (job, random_id) in jobs.iter().zip(ids) {
-        let digest = table::claim_digest(job.binding, &job.job);
+        let digest = counters::claim_digest(job.binding, &job.job);
         if locked.table().claimed(db, &digest).is_some() {
             continue;
         }
@@ -154,7 +156,7 @@ pub fn insert(jobs: &[Running]) -> Result<(usize, usize)> {
                 database: db,
                 tenant: *job.tenant.as_bytes(),
                 project: job.project.map(|p| *p.as_bytes()),
-                key: job.key.as_deref().map(table::key_digest),
+                key: job.key.as_deref().map(counters::key_digest),
                 cost: job.cost,
                 claim: Some(digest),
                 // No transaction of ours: the tick may end it as soon as the

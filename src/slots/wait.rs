@@ -15,6 +15,7 @@
 //!   the waiter whose tenant runs fewest slots goes first, then the earlier.
 //!
 //! A call without `wait` is not a waiter and takes any room it finds.
+use super::counters::CounterKey;
 use super::table::{self, LockedTable, Table, Waiter};
 use super::{now, Admission};
 use crate::error::{LimitsError, Result};
@@ -52,7 +53,7 @@ pub(super) fn defer(t: &Table, w: usize, total_capped: bool) -> Option<&'static 
     let me = t.waiters[w];
     let (tenant_full, total_full) = (reason_code("tenant_limit"), reason_code("total_limit"));
     let recovering = reason_code("recovering");
-    let runs = |tenant: &[u8; 16]| t.count(&table::CounterKey::tenant(me.database, tenant));
+    let runs = |tenant: &[u8; 16]| t.count(&CounterKey::tenant(me.database, tenant));
     let mine = runs(&me.tenant);
     for o in t
         .waiters

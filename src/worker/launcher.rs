@@ -12,7 +12,7 @@
 //! Each worker registers itself in shared memory (`register_worker`): one per
 //! database, and the pid `utility` stops before DROP DATABASE. The launcher
 //! also drops what shared memory holds of a database it saw and no longer
-//! sees (`slots::table::forget_databases`). Each worker is a dynamic
+//! sees (`slots::entries::forget_databases`). Each worker is a dynamic
 //! background worker: it takes one of `max_worker_processes`.
 use super::{in_transaction, WORKER_TYPE};
 use crate::gucs;
@@ -291,7 +291,7 @@ pub extern "C-unwind" fn meshhook_limits_launcher_main(_arg: pg_sys::Datum) {
                 .filter(|d| oids.binary_search(d).is_err())
                 .collect();
             if !gone.is_empty() && !all.is_empty() {
-                crate::slots::table::forget_databases(&gone);
+                crate::slots::entries::forget_databases(&gone);
                 forget_databases(&gone);
             }
             known = oids;
