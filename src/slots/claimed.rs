@@ -7,9 +7,11 @@
 //! how the tick finds the job it belongs to (`_claimed_slots`).
 // The row types of the SQL functions are spelt out in their signatures.
 #![allow(clippy::type_complexity)]
+use super::acquire::{acquire, Demand};
+use super::admission::Admission;
+use super::clock::{now, ts, Ts};
 use super::counters::{self, CounterKey};
 use super::table::{self, LockedTable, LIVE};
-use super::{acquire, now, ts, Admission, Demand, Ts};
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::limits::{self, Mode};
 use crate::{identity, shmem};

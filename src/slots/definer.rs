@@ -3,7 +3,10 @@
 //! needs SQL, running as the extension's owner after the same identity check.
 // The row types of the SQL functions are spelt out in their signatures.
 #![allow(clippy::type_complexity)]
-use super::{acquire, release, Admission, Demand, Ts};
+use super::acquire::{acquire, Demand};
+use super::admission::Admission;
+use super::clock::Ts;
+use super::release::release;
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::limits::Mode;
 use pgrx::datum::{Interval, Uuid};

@@ -1,7 +1,9 @@
 //! Slots without `shared_preload_libraries`: the same contract on the table
 //! `meshhook_limits.fallback_slots` (see sql/slots_fallback.sql). Slower, since every
 //! acquire and release writes a row, and announced once per session.
-use super::{Admission, Liveness, Ts};
+use super::admission::Admission;
+use super::clock::Ts;
+use super::liveness::Liveness;
 use crate::error::Result;
 use pgrx::datum::Uuid;
 use pgrx::prelude::*;

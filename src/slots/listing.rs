@@ -3,9 +3,10 @@
 //! slots are the rows of `meshhook_limits.fallback_slots` (see `fallback`).
 // The row types of the SQL functions are spelt out in their signatures.
 #![allow(clippy::type_complexity)]
+use super::clock::{ts, Ts};
 use super::counters::CounterKey;
+use super::fallback;
 use super::table::{self, LockedTable, RevokeReason, Slot, LIVE, MAX_SLOTS, REVOKED};
-use super::{fallback, ts, Ts};
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::{identity, shmem};
 use pgrx::datum::Uuid;

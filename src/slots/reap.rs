@@ -1,8 +1,10 @@
 //! Reaping: slots whose lease or deadline has passed are revoked, and every
 //! revocation of this database is announced once (slot.revoked).
+use super::clock::now;
+use super::liveness::emit_revoked;
 use super::table::{LockedTable, RevokeReason, Slot, MAX_SLOTS};
 use super::xact::{self, Op};
-use super::{emit_revoked, fallback, now, table};
+use super::{fallback, table};
 use crate::error::{LimitsError, OrRaise, Result};
 use crate::{identity, shmem};
 use pgrx::prelude::*;

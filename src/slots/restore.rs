@@ -7,10 +7,11 @@
 //! and gives each one its claimed slot here, unchecked (the job holds its
 //! room already), and marks the database restored (`Table::restored`): from
 //! then on its claims are admitted, restart grace or not.
+use super::clock::now;
 use super::counters;
 use super::entries::NewSlot;
+use super::slot_id::{random_slot_id, with_index};
 use super::table::{LockedTable, MAX_SLOTS, RUN_ID_MAX};
-use super::{now, random_slot_id, with_index};
 use crate::error::{LimitsError, Result};
 use crate::shmem;
 use pgrx::datum::Uuid;

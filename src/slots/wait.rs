@@ -15,9 +15,10 @@
 //!   the waiter whose tenant runs fewest slots goes first, then the earlier.
 //!
 //! A call without `wait` is not a waiter and takes any room it finds.
+use super::admission::{count_refusal, Admission};
+use super::clock::now;
 use super::counters::CounterKey;
 use super::table::{self, LockedTable, Table, Waiter};
-use super::{now, Admission};
 use crate::error::{LimitsError, Result};
 use crate::shmem;
 use pgrx::datum::Interval;
@@ -193,7 +194,7 @@ pub fn acquire_waiting(
     .execute();
     if !answer.granted {
         // Only the final refusal counts, not every try in between.
-        super::count_refusal(answer.reason.as_deref().unwrap_or(""));
+        count_refusal(answer.reason.as_deref().unwrap_or(""));
     }
     answer
 }
