@@ -38,6 +38,7 @@ use super::Ts;
 use crate::error::Result;
 use crate::limits;
 use crate::slots::claimed::{self as slot_claim, BLOCKED_REASONS};
+use crate::slots::shares as slot_shares;
 use pgrx::datum::Uuid;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -107,7 +108,7 @@ impl RunQueue {
     /// `load_limits` loads them).
     pub(super) fn merge(&mut self, chunk: Chunk, at: i64) {
         if self.next_chunk_at.is_none() {
-            self.freed_mark = slot_claim::freed_mark();
+            self.freed_mark = slot_shares::freed_mark();
         }
         if chunk.after.is_empty() {
             self.pass_started_at = at;
@@ -158,7 +159,7 @@ impl RunQueue {
             .collect();
         // (A chunk at a time: the slot table's lock is not held for long.)
         for part in ids.chunks(STARTS_CHUNK) {
-            for (id, (start, served)) in part.iter().zip(slot_claim::starts(part)) {
+            for (id, (start, served)) in part.iter().zip(slot_shares::starts(part)) {
                 let key = *id.as_bytes();
                 let Some(t) = self.tenants.get_mut(&key) else {
                     continue;
@@ -245,7 +246,7 @@ impl RunQueue {
     }
 
     /// Load the limits of the tenants in the queue this backend has not
-    /// cached, `LOAD_CHUNK` at a time in one query (`slot_claim::shares`),
+    /// cached, `LOAD_CHUNK` at a time in one query (`slot_shares::shares`),
     /// and put their weights in their keys. A call that scanned does not
     /// also load (each costs about as much), and a call loads one chunk:
     /// until all are loaded, a pick loads its tenant's alone.
@@ -273,7 +274,7 @@ impl RunQueue {
         }
         if !missing.is_empty() {
             let ids: Vec<Uuid> = missing.iter().map(|m| m.1).collect();
-            let shares = slot_claim::shares(&ids)?;
+            let shares = slot_shares::shares(&ids)?;
             for ((k, _), share) in missing.iter().zip(shares) {
                 let Some(t) = self.tenants.get_mut(k) else {
                     continue;
@@ -305,9 +306,9 @@ impl RunQueue {
             if !t.queued || t.version != top.version {
                 continue;
             }
-            let (start, served) = slot_claim::starts(&[t.id])[0];
+            let (start, served) = slot_shares::starts(&[t.id])[0];
             let seen = limits::caching_generation();
-            let share = slot_claim::shares(&[t.id])?.remove(0);
+            let share = slot_shares::shares(&[t.id])?.remove(0);
             t.start = start;
             t.served_at = served_at(served);
             t.weight = share.weight;
@@ -377,7 +378,7 @@ impl RunQueue {
     /// ended than the ring keeps). Each tenant still parked counts as a job
     /// passed over at its limit, as it would if this call had picked it.
     pub(super) fn unpark(&mut self) {
-        let (freed, mark) = slot_claim::freed_since(self.freed_mark);
+        let (freed, mark) = slot_shares::freed_since(self.freed_mark);
         self.freed_mark = mark;
         if self.parked.is_empty() {
             return;

@@ -21,9 +21,10 @@
 //!   reused), its counts kept in step; `grace`: whether and how long slots
 //!   are refused after a start;
 //! - `admission`: acquire's answer, refusals, retry_after; `liveness`:
-//!   heartbeat's answer and the slot.revoked event; `slot_id`: slot ids,
-//!   made and looked up; `xact`: slot changes tied to the caller's
-//!   transaction;
+//!   heartbeat's answer and the slot.revoked event; `shares`: which tenant
+//!   claim_jobs serves next (shares, start tags, ended slots); `slot_id`:
+//!   slot ids, made and looked up; `xact`: slot changes tied to the
+//!   caller's transaction;
 //! - `ended`: the queue trigger that ends a claimed job's slot; `fallback`:
 //!   slots in a table when the library is not preloaded; `wait`: waiting
 //!   for room;
@@ -31,8 +32,9 @@
 //!   and `release`: a held slot kept alive, given back; `listing`: what the
 //!   table holds, for callers and monitors; `reap`: expired slots revoked
 //!   and announced;
-//! - `claimed`: a claimed job's slot, and tenants' shares (claim_jobs);
-//!   `definer`: the SECURITY DEFINER twins of acquire and release;
+//! - `claimed`: a claimed job's slot (claim_jobs), ended by the tick, and
+//!   the definer's half of `shares`; `definer`: the SECURITY DEFINER twins
+//!   of acquire and release;
 //! - `functions`: acquire_execution_slot, heartbeat_execution_slot and
 //!   release_execution_slot as SQL sees them; `restore`: claimed slots
 //!   rebuilt from the queues after a restart.
@@ -49,6 +51,7 @@ pub mod grace;
 
 mod admission;
 mod liveness;
+pub mod shares;
 mod slot_id;
 mod xact;
 
