@@ -125,7 +125,21 @@ extension_sql_file!(
         pooler::_caller_is_superuser
     ]
 );
-extension_sql_file!("../sql/alerts.sql", name = "alerts", requires = ["pooler"]);
+extension_sql_file!(
+    "../sql/pooler_sizing.sql",
+    name = "pooler_sizing",
+    requires = ["pooler"]
+);
+extension_sql_file!(
+    "../sql/pooler_api.sql",
+    name = "pooler_api",
+    requires = ["pooler_sizing"]
+);
+extension_sql_file!(
+    "../sql/alerts.sql",
+    name = "alerts",
+    requires = ["pooler_api"]
+);
 extension_sql_file!(
     "../sql/claim_bindings.sql",
     name = "claim_bindings",
