@@ -192,6 +192,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init(preloading);
     if preloading {
         shmem::init(SEGMENTS);
+        slots::grace::init();
         worker::register();
     }
     slots::init();

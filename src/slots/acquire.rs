@@ -280,8 +280,8 @@ fn checks_that_apply(
 /// are rebuilt from the queues (`restore`); other slots wait for the whole
 /// grace. A database whose extension is newer than the start has no
 /// holders from before it.
-fn restart_grace_end(t: &Table, db: u32, demand: &Demand, now: i64) -> Option<i64> {
-    let grace_end = t.header.grace_end;
+fn restart_grace_end(t: &mut Table, db: u32, demand: &Demand, now: i64) -> Option<i64> {
+    let grace_end = grace::grace_end(t, now);
     let claims_restored = demand.claim.is_some() && t.restored(db);
     (now < grace_end && !claims_restored && !t.created(db)).then_some(grace_end)
 }

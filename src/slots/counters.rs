@@ -29,9 +29,14 @@ pub const KIND_RESTORED: u8 = 6;
 /// Not a count: the pid of the backend rebuilding a database's claimed
 /// slots now (`restore`).
 pub const KIND_RESTORING: u8 = 7;
-/// Not a count: present (1) when the extension was created in the database
-/// after the server started, so no slot of it predates the start (`grace`).
+/// Not a count: whether the extension was created in the database after the
+/// server started, so no slot of it predates the start (`grace`).
 pub const KIND_CREATED: u8 = 8;
+/// The count of a `KIND_CREATED` mark: created since the start, or dropped
+/// since the start (a later create does not end the grace: holders of the
+/// dropped extension's slots may still run).
+pub const CREATED: u32 = 1;
+pub const DROPPED: u32 = 2;
 
 /// What a live count is kept for: a tenant of a database, or a project of
 /// a tenant of a database (projects are counted per tenant, so a tenant

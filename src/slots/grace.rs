@@ -12,16 +12,22 @@
 //! There is no grace when no slot can be held from before the start:
 //! - the server shut down cleanly with no live slot. The postmaster records
 //!   it as it exits (a file in the data directory naming the shutdown
-//!   checkpoint), and the next start trusts the record only when
-//!   `global/pg_control` still says "shut down" at that same checkpoint: a
-//!   crash, an immediate stop, a restored backup or a run in between all
-//!   fail that test and get the grace;
+//!   checkpoint; not in pg_upgrade's binary-upgrade runs), and the next
+//!   start trusts the record only when `global/pg_control` still says "shut
+//!   down" at that same checkpoint, then removes it: a crash, an immediate
+//!   stop or a run in between all fail that test and get the grace. (A
+//!   file-level copy taken while the server was stopped passes it: whoever
+//!   restores one removes the record, docs/operations.md.)
 //! - the extension was created in the database after the server started (a
-//!   first start after `initdb`, a new database, a restore): its install
-//!   script calls `_extension_created()`, which marks the database.
+//!   first start after `initdb`, a new database, a restore), and not dropped
+//!   since: its install script calls `_extension_created()`, which marks the
+//!   database when the transaction commits; a DROP EXTENSION (the object
+//!   access hook) marks it for good as "dropped".
 //!
 //! A crash of one backend restarts shared memory without the postmaster
-//! exiting: that is always a grace.
+//! exiting: that is always a grace. A standby promoted to primary starts a
+//! grace at its first acquire after the promotion: the old primary's holders
+//! may still run.
 use super::table::{self, LockedTable};
 use crate::error::LimitsError;
 use crate::shmem;
@@ -52,18 +58,38 @@ unsafe fn startup() {
     let crash_restart = STARTED_BEFORE.swap(true, Ordering::Relaxed);
     let grace = crate::gucs::restart_grace_micros();
     let clean = !crash_restart && clean_shutdown_recorded();
-    table::set_grace_end(if clean {
-        now
-    } else {
-        now.saturating_add(grace)
-    });
+    // Trusted once: the record never outlives the start it was for.
+    if clean && remove_durably(RECORD).is_err() {
+        pgrx::warning!("meshhook_limits: could not remove {RECORD} from the data directory");
+    }
+    let standby = std::path::Path::new("standby.signal").exists();
+    table::set_grace_end(
+        if clean {
+            now
+        } else {
+            now.saturating_add(grace)
+        },
+        standby,
+    );
     if clean {
         pgrx::log!("meshhook_limits: no restart grace: the server shut down cleanly with no execution slot held");
     }
+    // Registered at every start: a crash restart runs (and empties) the
+    // postmaster's exit callbacks.
     let postmaster = unsafe { pg_sys::IsPostmasterEnvironment && !pg_sys::IsUnderPostmaster };
-    if postmaster && !crash_restart {
+    if postmaster {
         unsafe { pg_sys::before_shmem_exit(Some(at_postmaster_exit), pg_sys::Datum::from(0)) };
     }
+}
+
+/// Under the table's lock, at an acquire: the end of the grace in force.
+/// On a promoted standby the first acquire starts a grace of its own.
+pub fn grace_end(t: &mut super::table::Table, now: i64) -> i64 {
+    if t.header.grace_at_promotion && !unsafe { pg_sys::RecoveryInProgress() } {
+        t.header.grace_at_promotion = false;
+        t.header.grace_end = now.saturating_add(crate::gucs::restart_grace_micros());
+    }
+    t.header.grace_end
 }
 
 /// The postmaster exits (every other process has): record a clean shutdown
@@ -72,8 +98,11 @@ unsafe fn startup() {
 unsafe extern "C-unwind" fn at_postmaster_exit(code: i32, _arg: pg_sys::Datum) {
     let held = table::live_slots_at_exit();
     let checkpoint = read_control_file().filter(|c| c.shut_down);
+    // pg_upgrade's runs of a cluster are no evidence about the holders of
+    // the cluster it replaces.
+    let upgrade = unsafe { pg_sys::IsBinaryUpgrade };
     match checkpoint {
-        Some(c) if code == 0 && held == Some(0) => {
+        Some(c) if code == 0 && held == Some(0) && !upgrade => {
             let body = format!("{} {}\n", c.system_identifier, c.checkpoint);
             let _ = write_durably(RECORD, body.as_bytes());
         }
@@ -115,6 +144,11 @@ fn clean_shutdown_recorded() -> bool {
     };
     control.shut_down
         && record.trim() == format!("{} {}", control.system_identifier, control.checkpoint)
+}
+
+fn remove_durably(path: &str) -> std::io::Result<()> {
+    std::fs::remove_file(path)?;
+    std::fs::File::open(".")?.sync_all()
 }
 
 fn write_durably(path: &str, body: &[u8]) -> std::io::Result<()> {
@@ -159,8 +193,50 @@ fn _extension_created() {
         )
         .raise();
     }
-    if let Some(mut locked) = LockedTable::exclusive() {
-        locked.table().mark_created(shmem::my_database());
+    // At commit: a CREATE EXTENSION rolled back (say after a DROP in the
+    // same transaction) changes nothing.
+    let db = shmem::my_database();
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
+        if let Some(mut locked) = LockedTable::exclusive() {
+            locked.table().mark_created(db);
+        }
+    });
+}
+
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+/// From `_PG_init` while preloading: watch for DROP EXTENSION
+/// meshhook_limits, after which no CREATE EXTENSION ends this start's grace
+/// in that database (holders of the dropped extension's slots may still
+/// run).
+pub fn init() {
+    unsafe {
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: i32,
+    arg: *mut std::ffi::c_void,
+) {
+    unsafe {
+        if let Some(prev) = PREV_OBJECT_ACCESS {
+            prev(access, class_id, object_id, sub_id, arg);
+        }
+        if access == pg_sys::ObjectAccessType::OAT_DROP
+            && class_id == pg_sys::ExtensionRelationId
+            && object_id == pg_sys::get_extension_oid(c"meshhook_limits".as_ptr(), true)
+        {
+            // At once, not at commit: a drop rolled back only costs a grace.
+            if let Some(mut locked) = LockedTable::exclusive() {
+                locked.table().mark_dropped(shmem::my_database());
+            }
+        }
     }
 }
 

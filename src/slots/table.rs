@@ -16,7 +16,7 @@
 //! place. Claimed jobs have a durable record, their queue: `restore` rebuilds
 //! their slots from it (a database at a time, marked `KIND_RESTORED`), and
 //! claiming in that database resumes then, grace or not.
-use super::counters::{self, CounterKey, Counters};
+use super::counters::{self, CounterKey, Counters, CREATED, DROPPED};
 use super::fair::Clock;
 use super::freed::Freed;
 use crate::shmem::{self, LwLockGuard, Segment};
@@ -120,6 +120,10 @@ pub struct Header {
     /// No slot is granted before this: `started_at` plus the restart grace
     /// in force when the server started (never a session's setting).
     pub grace_end: i64,
+    /// The server started as a standby: the first acquire after its
+    /// promotion starts a grace (`super::grace`), as the old primary's
+    /// holders may still run.
+    pub grace_at_promotion: bool,
     pub grants: AtomicU64,
     /// Refusals by reason (REFUSAL_REASONS); the total is their sum.
     pub refusals_by: [AtomicU64; 5],
@@ -211,12 +215,15 @@ unsafe fn startup() {
 
 /// Set when the restart grace ends. From `super::grace`'s startup only, in
 /// the postmaster before any backend exists.
-pub fn set_grace_end(end: i64) {
+pub fn set_grace_end(end: i64, at_promotion: bool) {
     let table = TABLE.load(Ordering::Acquire);
     if !table.is_null() {
         // SAFETY: the table lives in shared memory, and no other process
         // reads it yet.
-        unsafe { (*table).header.grace_end = end };
+        unsafe {
+            (*table).header.grace_end = end;
+            (*table).header.grace_at_promotion = at_promotion;
+        }
     }
 }
 
@@ -332,12 +339,22 @@ impl Table {
     /// The extension was created in `database` after the server started
     /// (`super::grace`).
     pub fn created(&self, database: u32) -> bool {
-        self.counters.contains(&CounterKey::created(database))
+        self.counters.get(&CounterKey::created(database)) == Some(CREATED)
     }
 
+    /// Created since the start, unless it was dropped since the start.
     pub fn mark_created(&mut self, database: u32) {
-        if !self.created(database) {
-            self.counters.incr(&CounterKey::created(database), 1);
+        if self.counters.get(&CounterKey::created(database)).is_none() {
+            self.counters.incr(&CounterKey::created(database), CREATED);
+        }
+    }
+
+    /// Dropped since the start: no later create ends the grace.
+    pub fn mark_dropped(&mut self, database: u32) {
+        let key = CounterKey::created(database);
+        let now = self.counters.get(&key).unwrap_or(0);
+        if now < DROPPED {
+            self.counters.incr(&key, DROPPED - now);
         }
     }
 
