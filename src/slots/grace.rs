@@ -69,7 +69,7 @@ unsafe fn startup() {
         } else {
             now.saturating_add(grace)
         },
-        standby,
+        if standby { grace } else { 0 },
     );
     if clean {
         pgrx::log!("meshhook_limits: no restart grace: the server shut down cleanly with no execution slot held");
@@ -85,9 +85,9 @@ unsafe fn startup() {
 /// Under the table's lock, at an acquire: the end of the grace in force.
 /// On a promoted standby the first acquire starts a grace of its own.
 pub fn grace_end(t: &mut super::table::Table, now: i64) -> i64 {
-    if t.header.grace_at_promotion && !unsafe { pg_sys::RecoveryInProgress() } {
-        t.header.grace_at_promotion = false;
-        t.header.grace_end = now.saturating_add(crate::gucs::restart_grace_micros());
+    if t.header.promotion_grace > 0 && !unsafe { pg_sys::RecoveryInProgress() } {
+        t.header.grace_end = now.saturating_add(t.header.promotion_grace);
+        t.header.promotion_grace = 0;
     }
     t.header.grace_end
 }

@@ -121,9 +121,10 @@ pub struct Header {
     /// in force when the server started (never a session's setting).
     pub grace_end: i64,
     /// The server started as a standby: the first acquire after its
-    /// promotion starts a grace (`super::grace`), as the old primary's
-    /// holders may still run.
-    pub grace_at_promotion: bool,
+    /// promotion starts a grace of this many microseconds (`super::grace`;
+    /// the server's setting at its start, never a session's), as the old
+    /// primary's holders may still run. 0: none.
+    pub promotion_grace: i64,
     pub grants: AtomicU64,
     /// Refusals by reason (REFUSAL_REASONS); the total is their sum.
     pub refusals_by: [AtomicU64; 5],
@@ -215,14 +216,14 @@ unsafe fn startup() {
 
 /// Set when the restart grace ends. From `super::grace`'s startup only, in
 /// the postmaster before any backend exists.
-pub fn set_grace_end(end: i64, at_promotion: bool) {
+pub fn set_grace_end(end: i64, promotion_grace: i64) {
     let table = TABLE.load(Ordering::Acquire);
     if !table.is_null() {
         // SAFETY: the table lives in shared memory, and no other process
         // reads it yet.
         unsafe {
             (*table).header.grace_end = end;
-            (*table).header.grace_at_promotion = at_promotion;
+            (*table).header.promotion_grace = promotion_grace;
         }
     }
 }
