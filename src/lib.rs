@@ -31,6 +31,7 @@ static SEGMENTS: &[&shmem::Segment] = &[
     &slots::grace::SEGMENT,
     &rate::table::SEGMENT,
     &limits::SEGMENT,
+    &claim::pacing::SEGMENT,
     &worker::launcher::SEGMENT,
 ];
 

@@ -236,6 +236,42 @@ def test_tenants_past_the_first_chunk_of_the_scan_are_claimed(cluster, pgmq_db):
             a.execute(f"DELETE FROM {S}.limits WHERE tenant_id IS NULL AND resource = 'concurrent_executions'")
 
 
+def test_a_newcomer_among_thousands_of_served_tenants_is_served_first(cluster, pgmq_db):
+    """4,095 tenants with two jobs each (and 300 others), every one claimed
+    once: their fair-share tags are all a job ahead of the clock. A tenant whose first
+    job arrives then starts at the clock, so a new backend's first claim is
+    its job. (The shared map of tags held 2,048 tenants' leads: the others
+    were back at the clock, tied with the newcomer, and won the tie on
+    their older jobs; the newcomer waited behind thousands.)"""
+    q = "newcomer"
+    n = 4095                        # with the newcomer: one chunk of the scan
+    tenants = [str(uuid.uuid4()) for _ in range(n)]
+    newcomer = "00000000-0000-4000-8000-000000000001"   # sorts first
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        _send(a, q, tenants * 2)
+        # 300 more tenants claimed first, elsewhere: with these, the tags
+        # of the 4,095 are more than the old map kept.
+        _new_queue(a, q + "_before")
+        _send(a, q + "_before", [str(uuid.uuid4()) for _ in range(300)])
+    with cluster.connect(dbname=pgmq_db) as w:
+        before = _claim(w, q + "_before", 300)
+        assert len(before) == 300
+        w.execute("SELECT pgmq.delete(%s, %s::bigint[])", (q + "_before", [j for _, j in before]))
+        seen, deadline = set(), time.monotonic() + 120
+        while len(seen) < n:
+            assert time.monotonic() < deadline, f"{n - len(seen)} tenants never claimed"
+            batch = _claim(w, q, min(100, n - len(seen)))
+            twice = [t for t, _ in batch if t in seen]
+            assert not twice, f"served twice in the first round after {len(seen)}: {twice[:3]} of {len(batch)}"
+            seen |= {t for t, _ in batch}
+            w.execute("SELECT pgmq.delete(%s, %s::bigint[])", (q, [j for _, j in batch]))
+    with cluster.connect(dbname=pgmq_db) as a:
+        _send(a, q, [newcomer])
+    with cluster.connect(dbname=pgmq_db) as w:           # a new backend: scans afresh
+        assert [t for t, _ in _claim(w, q, 1)] == [newcomer]
+
+
 def test_a_full_run_queue_does_not_fill_up_with_tenants_at_their_limit(cluster, pgmq_db):
     """Tenants at their limit with a backlog have the oldest jobs; with more
     of them than claim_max_tenants they must not take every place: a new

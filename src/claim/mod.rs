@@ -34,6 +34,7 @@ use runqueue::TenantKey;
 use std::collections::HashMap;
 
 mod key;
+pub(crate) mod pacing;
 mod queue;
 pub mod restore;
 mod runnable;

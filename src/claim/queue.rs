@@ -170,7 +170,7 @@ pub(super) fn prepare(c: &SpiClient, b: &Binding, queue: String) -> Result<Plans
             .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
             .keep(),
         take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
-        run: RunQueue::default(),
+        run: RunQueue::new(b.id),
     })
 }
 

@@ -31,6 +31,7 @@
 //! number of tenants. Where tags move back (the clock's rebase, the tag map's
 //! compaction) or a weight is raised, a tenant can be served later than its
 //! tag says, until a chunk finds it again and reads its key afresh.
+use super::pacing;
 use super::queue::{Chunk, SCAN_CHUNK};
 pub(super) use super::runnable::TenantKey;
 use super::runnable::{Key, Runnable};
@@ -56,6 +57,8 @@ const LOAD_CHUNK: usize = 4096;
 
 #[derive(Default)]
 pub(super) struct RunQueue {
+    /// The binding it is for (the scan's shared pace, `pacing`).
+    binding: i64,
     tenants: HashMap<TenantKey, Runnable>,
     /// The tenant of each spelling in the queue, in the scan's order.
     by_spelling: BTreeMap<String, TenantKey>,
@@ -66,6 +69,8 @@ pub(super) struct RunQueue {
     /// (timestamps; None: no chunk yet).
     pass_started_at: i64,
     next_chunk_at: Option<i64>,
+    /// A pass of the scan has reached the end of the index.
+    first_pass_done: bool,
     /// The limits generation under which every tenant's limits were
     /// cached in this backend (`load_limits`).
     limits_loaded: Option<u64>,
@@ -77,6 +82,13 @@ pub(super) struct RunQueue {
 }
 
 impl RunQueue {
+    pub(super) fn new(binding: i64) -> Self {
+        RunQueue {
+            binding,
+            ..Default::default()
+        }
+    }
+
     /// Where the next chunk of the scan starts, if one is due before this
     /// claim ('' for a new pass).
     pub(super) fn chunk_due(&self, now: i64) -> Option<String> {
@@ -86,10 +98,17 @@ impl RunQueue {
         };
         let mid_pass = self.cursor.is_some();
         let empty = self.heap.is_empty();
-        if now >= next
-            || now < self.pass_started_at // the clock moved back
+        if now < self.pass_started_at // the clock moved back
             || (empty && (mid_pass || now.saturating_sub(self.pass_started_at) >= RESCAN_MIN_MICROS))
         {
+            return after();
+        }
+        // Its own pace, and once its first pass is through, the binding's
+        // (all its claiming backends together, `pacing`).
+        let shared_due = || {
+            !self.first_pass_done || pacing::next_at(self.binding, now).is_none_or(|at| now >= at)
+        };
+        if now >= next && shared_due() {
             return after();
         }
         None
@@ -192,8 +211,10 @@ impl RunQueue {
             .saturating_sub(at)
             .max(0);
         let mut next = at.saturating_add(took.saturating_mul(RESCAN_FACTOR));
+        pacing::push(self.binding, next);
         if chunk.last.is_none() {
             next = next.max(self.pass_started_at.saturating_add(RESCAN_MIN_MICROS));
+            self.first_pass_done = true;
         }
         self.cursor = chunk.last;
         self.next_chunk_at = Some(next);
