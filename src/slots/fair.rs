@@ -52,24 +52,24 @@ struct Tag {
 
 /// The fair-share clock. All-zero is an empty one.
 #[repr(C)]
-pub struct Clock {
+pub struct Clock<const N: usize = CAP> {
     used: u32,
-    tags: [Tag; CAP],
+    tags: [Tag; N],
 }
 
 /// Keyed with the server's secret (`counters::keyed_hash`): tenant ids come
 /// from job data, and must not be able to build long probe chains.
-fn hash(kind: u8, database: u32, tenant: &[u8; 16]) -> usize {
-    (super::counters::keyed_hash(kind, database, tenant, &[]) as usize) & (CAP - 1)
+fn hash<const N: usize>(kind: u8, database: u32, tenant: &[u8; 16]) -> usize {
+    (super::counters::keyed_hash(kind, database, tenant, &[]) as usize) & (N - 1)
 }
 
-impl Clock {
+impl<const N: usize> Clock<N> {
     /// Ok(index) of the entry, or Err(index) of the free entry it would
     /// take (Err(FULL) if there is none: `set` keeps the map at most half
     /// full, so that is a bug, never a hang under the lock).
     fn find(&self, kind: u8, database: u32, tenant: &[u8; 16]) -> Result<usize, usize> {
-        let mut i = hash(kind, database, tenant);
-        for _ in 0..CAP {
+        let mut i = hash::<N>(kind, database, tenant);
+        for _ in 0..N {
             let t = &self.tags[i];
             if t.kind == EMPTY {
                 return Err(i);
@@ -77,9 +77,17 @@ impl Clock {
             if t.kind == kind && t.database == database && &t.tenant == tenant {
                 return Ok(i);
             }
-            i = (i + 1) & (CAP - 1);
+            i = (i + 1) & (N - 1);
         }
         Err(FULL)
+    }
+
+    /// The free entry a new tag would take (None if it is there, or the map
+    /// is full).
+    fn free_entry(&self, kind: u8, database: u32, tenant: &[u8; 16]) -> Option<usize> {
+        self.find(kind, database, tenant)
+            .err()
+            .filter(|&i| i != FULL)
     }
 
     fn get(&self, kind: u8, database: u32, tenant: &[u8; 16]) -> Option<f64> {
@@ -94,10 +102,10 @@ impl Clock {
             self.tags[i].charged_at = at;
             return;
         }
-        if self.used as usize >= CAP / 2 {
+        if self.used as usize >= N / 2 {
             self.compact();
         }
-        if let Err(i @ 0..CAP) = self.find(kind, database, tenant) {
+        if let Some(i) = self.free_entry(kind, database, tenant) {
             self.tags[i] = Tag {
                 kind,
                 database,
@@ -201,7 +209,7 @@ impl Clock {
         }
         self.used = 0;
         for t in tags {
-            if let Err(i @ 0..CAP) = self.find(t.kind, t.database, &t.tenant) {
+            if let Some(i) = self.free_entry(t.kind, t.database, &t.tenant) {
                 self.tags[i] = t;
                 self.used += 1;
             }
@@ -227,7 +235,7 @@ impl Clock {
         let mut kept = Vec::new();
         for (_, t) in ahead {
             let clock = usize::from(!databases.contains(&t.database));
-            if kept.len() + databases.len() + 1 + clock > CAP / 4 {
+            if kept.len() + databases.len() + 1 + clock > N / 4 {
                 break;
             }
             databases.insert(t.database);
@@ -246,13 +254,17 @@ impl Clock {
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]
 mod tests {
-    use super::{Clock, CAP, REBASE_AT};
+    use super::{Clock, REBASE_AT};
+
+    /// The map's behaviour at any size, on a small one (the server's takes
+    /// minutes to fill in a debug build).
+    const CAP: usize = 8192;
     use pgrx::prelude::*;
 
-    fn empty() -> Box<Clock> {
-        let layout = std::alloc::Layout::new::<Clock>();
+    fn empty() -> Box<Clock<CAP>> {
+        let layout = std::alloc::Layout::new::<Clock<CAP>>();
         // SAFETY: all-zero is an empty clock (as in shared memory).
-        unsafe { Box::from_raw(std::alloc::alloc_zeroed(layout).cast::<Clock>()) }
+        unsafe { Box::from_raw(std::alloc::alloc_zeroed(layout).cast::<Clock<CAP>>()) }
     }
 
     fn tenant(n: u32) -> [u8; 16] {
@@ -262,7 +274,7 @@ mod tests {
     }
 
     /// claim_jobs' rule: the least start tag, then the heavier.
-    fn pick(c: &Clock, db: u32, tenants: &[([u8; 16], f64)]) -> usize {
+    fn pick(c: &Clock<CAP>, db: u32, tenants: &[([u8; 16], f64)]) -> usize {
         (0..tenants.len())
             .min_by(|&x, &y| {
                 c.start(db, &tenants[x].0)
