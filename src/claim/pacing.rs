@@ -14,8 +14,10 @@
 //! backend alone.
 //!
 //! A backend's own pace still applies, and the shared one does not hold
-//! back a backend whose run queue is empty or whose first pass is not
-//! through (`runqueue::RunQueue::chunk_due`).
+//! back a backend whose run queue is empty (`runqueue::RunQueue::chunk_due`).
+//! It does hold back a new backend's first pass: exempted, eight workers
+//! started together each scanned all 100,000 tenants at their own pace
+//! (claim_jobs at 0.45 of pg-boss's fetch, against 0.74 paced).
 //!
 //! The clocks are a small open-addressed table keyed by (database,
 //! binding). A clock not pushed for a minute may be taken over by another

@@ -69,8 +69,6 @@ pub(super) struct RunQueue {
     /// (timestamps; None: no chunk yet).
     pass_started_at: i64,
     next_chunk_at: Option<i64>,
-    /// A pass of the scan has reached the end of the index.
-    first_pass_done: bool,
     /// The limits generation under which every tenant's limits were
     /// cached in this backend (`load_limits`).
     limits_loaded: Option<u64>,
@@ -103,12 +101,9 @@ impl RunQueue {
         {
             return after();
         }
-        // Its own pace, and once its first pass is through, the binding's
-        // (all its claiming backends together, `pacing`).
-        let shared_due = || {
-            !self.first_pass_done || pacing::next_at(self.binding, now).is_none_or(|at| now >= at)
-        };
-        if now >= next && shared_due() {
+        // Its own pace, and the binding's (all its claiming backends
+        // together, `pacing`).
+        if now >= next && pacing::next_at(self.binding, now).is_none_or(|at| now >= at) {
             return after();
         }
         None
@@ -214,7 +209,6 @@ impl RunQueue {
         pacing::push(self.binding, next);
         if chunk.last.is_none() {
             next = next.max(self.pass_started_at.saturating_add(RESCAN_MIN_MICROS));
-            self.first_pass_done = true;
         }
         self.cursor = chunk.last;
         self.next_chunk_at = Some(next);
