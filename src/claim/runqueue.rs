@@ -16,8 +16,10 @@
 //! changes anywhere, or when a chunk finds it again. The next chunk is due
 //! `RESCAN_FACTOR` times as long after the last as it took, and a new pass
 //! over all the tenants no sooner than `RESCAN_MIN_MICROS` after the last
-//! began (or at once, mid-pass, when the queue has run empty): scanning is
-//! about a tenth of the claiming time, a call scans 16,384 tenants at most,
+//! began (or at once, mid-pass, when the queue has run empty), and no
+//! sooner than the binding's shared clock allows (`pacing`): all of its
+//! claiming backends together scan about a tenth of the time, a call scans
+//! 16,384 tenants at most,
 //! and a tenant whose first job arrives is seen within a pass
 //! (docs/claiming.md, "Cost").
 //!
