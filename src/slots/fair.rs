@@ -255,11 +255,11 @@ impl<const N: usize> Clock<N> {
 #[pgrx::pg_schema]
 mod tests {
     use super::{Clock, REBASE_AT};
+    use pgrx::prelude::*;
 
     /// The map's behaviour at any size, on a small one (the server's takes
     /// minutes to fill in a debug build).
     const CAP: usize = 8192;
-    use pgrx::prelude::*;
 
     fn empty() -> Box<Clock<CAP>> {
         let layout = std::alloc::Layout::new::<Clock<CAP>>();
