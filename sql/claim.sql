@@ -38,17 +38,25 @@
 --   take:    what the queue's own fetch does to the jobs it takes, for the
 --            call's claimed jobs at once (a job of a one-active policy at
 --            once, so the next head sees it active) ($1 text[] job ids;
---            pgmq: $2 the visibility timeout).
+--            pgmq: $2 the visibility timeout);
+--   due:     the first $1 jobs due (integer), from the queue's own index
+--            on when jobs are due, grouped by tenant: (tenant text, when
+--            its first job is due, how many of the jobs read are its); NULL
+--            when the queue has no such index. A new pass reads these
+--            instead of scanning when few jobs are due (src/claim/queue.rs).
 -- Every path expression is spelt as in the index (_path_sql), so the planner
 -- uses it.
 CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
-RETURNS TABLE(tenants_q text, head_q text, take_q text)
+RETURNS TABLE(tenants_q text, head_q text, take_q text, due_q text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   b meshhook_limits.queue_bindings;
   t_sql text; p_sql text; k_sql text; c_sql text;
   waiting text;   -- the queue's waiting jobs, as in the index predicate
   rel text;
+  due_col text;   -- when a job is due (pg-boss start_after, pgmq vt) ...
+  due_now text;   -- ... and its test for "due now", as the queue's fetch spells it
+  fetchable text; -- the waiting jobs the queue's fetch may take (pg-boss 12: not blocked)
   v12 boolean;
   conds text;     -- pg-boss: what else the queue's fetch asks of a job it takes
   cols text;      -- the head statements' columns
@@ -66,6 +74,12 @@ BEGIN
     rel := b.relation::text;
     waiting := 'true';
   END IF;
+  due_col := CASE b.source WHEN 'pgboss' THEN 'j.start_after' ELSE 'j.vt' END;
+  due_now := CASE WHEN b.source = 'pgmq' THEN '<= pg_catalog.clock_timestamp()'
+                  WHEN meshhook_limits._pgboss_major() >= 12 THEN '<= pg_catalog.now()'
+                  ELSE '< pg_catalog.now()' END;
+  fetchable := CASE WHEN b.source = 'pgboss' AND meshhook_limits._pgboss_major() >= 12
+                    THEN waiting || ' AND NOT j.blocked' ELSE waiting END;
   -- Over the _due index: per tenant, when its first job is due, and
   -- whether that is now (a tenant whose jobs are all deferred is left out
   -- by claim_jobs, without a probe of its jobs). A chunk of a scan: at most
@@ -81,13 +95,32 @@ BEGIN
     SELECT tenant, at, at %5$s FROM t
     UNION ALL
     (SELECT NULL, NULL, true FROM %2$s j WHERE $1 = '' AND %3$s AND %1$s IS NULL LIMIT 1) $q$,
-    t_sql, rel,
-    CASE WHEN b.source = 'pgboss' AND meshhook_limits._pgboss_major() >= 12 THEN waiting || ' AND NOT j.blocked'
-         ELSE waiting END,
-    CASE b.source WHEN 'pgboss' THEN 'j.start_after' ELSE 'j.vt' END,
-    CASE WHEN b.source = 'pgmq' THEN '<= pg_catalog.clock_timestamp()'
-         WHEN meshhook_limits._pgboss_major() >= 12 THEN '<= pg_catalog.now()'
-         ELSE '< pg_catalog.now()' END);
+    t_sql, rel, fetchable, due_col, due_now);
+  -- The tenants with a job due, read from an index on when the queue's
+  -- jobs are due (pg-boss: the binding's _at index; pgmq: the queue's own
+  -- vt index): the first $1 jobs due, grouped by tenant
+  -- (tenant text, since when its first job has been due, how many of the
+  -- jobs read are its). With fewer than $1 jobs due, one such read finds
+  -- every tenant the skip scan would, however many tenants have only
+  -- deferred jobs. NULL when the queue has no such index: the read would
+  -- then walk the whole queue.
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = b.relation AND i.indisvalid
+                AND CASE b.source
+                      WHEN 'pgboss' THEN c.relname = b.index_name || '_at'
+                      ELSE i.indpred IS NULL AND i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute a
+                                                                 WHERE a.attrelid = i.indrelid AND a.attname = 'vt')
+                    END) THEN
+    due_q := pg_catalog.format($q$
+      SELECT d.tenant, pg_catalog.min(d.at), pg_catalog.count(*) FROM (
+        SELECT %1$s AS tenant, %4$s AS at FROM %2$s j WHERE %3$s AND %4$s %5$s ORDER BY %4$s LIMIT $1) d
+       GROUP BY d.tenant $q$,
+      t_sql, rel, fetchable, due_col,
+      -- (pgmq: due at the transaction's start, as for head: a bound of
+      -- the index scan, where clock_timestamp() would be a filter on
+      -- every deferred job after the due ones.)
+      CASE WHEN b.source = 'pgmq' THEN '<= pg_catalog.now()' ELSE due_now END);
+  END IF;
   IF b.source = 'pgboss' THEN
     v12 := meshhook_limits._pgboss_major() >= 12;
     -- Queues whose policy allows one active job per singleton key (pg-boss's

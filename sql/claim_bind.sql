@@ -150,7 +150,7 @@ BEGIN
   ON CONFLICT (id) DO NOTHING;
   -- Only the index and triggers bind_queue made: on the queue table.
   FOR t IN SELECT c.relname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-            WHERE i.indrelid = b.relation AND c.relname IN (b.index_name, b.index_name || '_due') LOOP
+            WHERE i.indrelid = b.relation AND c.relname IN (b.index_name, b.index_name || '_due', b.index_name || '_at') LOOP
     EXECUTE pg_catalog.format('DROP INDEX %I.%I',
       (SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE c.oid = b.relation), t);

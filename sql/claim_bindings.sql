@@ -228,7 +228,11 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_key_sql(meshhook_limits.queue_
 --                      first entry per tenant says whether the tenant has a
 --                      job due at all, so tenants whose jobs are all
 --                      deferred cost one probe a scan, never a walk through
---                      their jobs (issue 19, item 3).
+--                      their jobs (issue 19, item 3);
+--   <index_name>_at:   pg-boss: the queue's waiting jobs by when they are due
+--                      (pg-boss 12 has no such index of its own; pgmq's vt
+--                      index is one), for reading the jobs due instead of
+--                      scanning the tenants while few are (issue 20).
 CREATE FUNCTION meshhook_limits._create_claim_index(b meshhook_limits.queue_bindings)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -240,6 +244,10 @@ BEGIN
     EXECUTE pg_catalog.format(
       'CREATE INDEX %I ON pgboss.job (%s, start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state%s',
       b.index_name || '_due', meshhook_limits._claim_key_sql(b, ''), b.queue, 'active',
+      CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END);
+    EXECUTE pg_catalog.format(
+      'CREATE INDEX %I ON pgboss.job (start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state%s',
+      b.index_name || '_at', b.queue, 'active',
       CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END);
   ELSE
     EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id, vt)', b.index_name, b.relation,

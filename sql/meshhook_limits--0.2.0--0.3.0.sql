@@ -71,7 +71,7 @@ BEGIN
   ON CONFLICT (id) DO NOTHING;
   -- Only the index and triggers bind_queue made: on the queue table.
   FOR t IN SELECT c.relname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-            WHERE i.indrelid = b.relation AND c.relname IN (b.index_name, b.index_name || '_due') LOOP
+            WHERE i.indrelid = b.relation AND c.relname IN (b.index_name, b.index_name || '_due', b.index_name || '_at') LOOP
     EXECUTE pg_catalog.format('DROP INDEX %I.%I',
       (SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE c.oid = b.relation), t);
@@ -354,13 +354,16 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._pgboss_major() FROM PUBLIC;
 
 DROP FUNCTION meshhook_limits._claim_queries(bigint);
 CREATE FUNCTION meshhook_limits._claim_queries(p_binding bigint)
-RETURNS TABLE(tenants_q text, head_q text, take_q text)
+RETURNS TABLE(tenants_q text, head_q text, take_q text, due_q text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   b meshhook_limits.queue_bindings;
   t_sql text; p_sql text; k_sql text; c_sql text;
   waiting text;   -- the queue's waiting jobs, as in the index predicate
   rel text;
+  due_col text;   -- when a job is due (pg-boss start_after, pgmq vt) ...
+  due_now text;   -- ... and its test for "due now", as the queue's fetch spells it
+  fetchable text; -- the waiting jobs the queue's fetch may take (pg-boss 12: not blocked)
   v12 boolean;
   conds text;     -- pg-boss: what else the queue's fetch asks of a job it takes
   cols text;      -- the head statements' columns
@@ -378,6 +381,12 @@ BEGIN
     rel := b.relation::text;
     waiting := 'true';
   END IF;
+  due_col := CASE b.source WHEN 'pgboss' THEN 'j.start_after' ELSE 'j.vt' END;
+  due_now := CASE WHEN b.source = 'pgmq' THEN '<= pg_catalog.clock_timestamp()'
+                  WHEN meshhook_limits._pgboss_major() >= 12 THEN '<= pg_catalog.now()'
+                  ELSE '< pg_catalog.now()' END;
+  fetchable := CASE WHEN b.source = 'pgboss' AND meshhook_limits._pgboss_major() >= 12
+                    THEN waiting || ' AND NOT j.blocked' ELSE waiting END;
   -- Over the _due index: per tenant, when its first job is due, and
   -- whether that is now (a tenant whose jobs are all deferred is left out
   -- by claim_jobs, without a probe of its jobs). A chunk of a scan: at most
@@ -393,13 +402,32 @@ BEGIN
     SELECT tenant, at, at %5$s FROM t
     UNION ALL
     (SELECT NULL, NULL, true FROM %2$s j WHERE $1 = '' AND %3$s AND %1$s IS NULL LIMIT 1) $q$,
-    t_sql, rel,
-    CASE WHEN b.source = 'pgboss' AND meshhook_limits._pgboss_major() >= 12 THEN waiting || ' AND NOT j.blocked'
-         ELSE waiting END,
-    CASE b.source WHEN 'pgboss' THEN 'j.start_after' ELSE 'j.vt' END,
-    CASE WHEN b.source = 'pgmq' THEN '<= pg_catalog.clock_timestamp()'
-         WHEN meshhook_limits._pgboss_major() >= 12 THEN '<= pg_catalog.now()'
-         ELSE '< pg_catalog.now()' END);
+    t_sql, rel, fetchable, due_col, due_now);
+  -- The tenants with a job due, read from an index on when the queue's
+  -- jobs are due (pg-boss: the binding's _at index; pgmq: the queue's own
+  -- vt index): the first $1 jobs due, grouped by tenant
+  -- (tenant text, since when its first job has been due, how many of the
+  -- jobs read are its). With fewer than $1 jobs due, one such read finds
+  -- every tenant the skip scan would, however many tenants have only
+  -- deferred jobs. NULL when the queue has no such index: the read would
+  -- then walk the whole queue.
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = b.relation AND i.indisvalid
+                AND CASE b.source
+                      WHEN 'pgboss' THEN c.relname = b.index_name || '_at'
+                      ELSE i.indpred IS NULL AND i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute a
+                                                                 WHERE a.attrelid = i.indrelid AND a.attname = 'vt')
+                    END) THEN
+    due_q := pg_catalog.format($q$
+      SELECT d.tenant, pg_catalog.min(d.at), pg_catalog.count(*) FROM (
+        SELECT %1$s AS tenant, %4$s AS at FROM %2$s j WHERE %3$s AND %4$s %5$s ORDER BY %4$s LIMIT $1) d
+       GROUP BY d.tenant $q$,
+      t_sql, rel, fetchable, due_col,
+      -- (pgmq: due at the transaction's start, as for head: a bound of
+      -- the index scan, where clock_timestamp() would be a filter on
+      -- every deferred job after the due ones.)
+      CASE WHEN b.source = 'pgmq' THEN '<= pg_catalog.now()' ELSE due_now END);
+  END IF;
   IF b.source = 'pgboss' THEN
     v12 := meshhook_limits._pgboss_major() >= 12;
     -- Queues whose policy allows one active job per singleton key (pg-boss's
@@ -519,7 +547,11 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_key_sql(meshhook_limits.queue_
 --                      first entry per tenant says whether the tenant has a
 --                      job due at all, so tenants whose jobs are all
 --                      deferred cost one probe a scan, never a walk through
---                      their jobs (issue 19, item 3).
+--                      their jobs (issue 19, item 3);
+--   <index_name>_at:   pg-boss: the queue's waiting jobs by when they are due
+--                      (pg-boss 12 has no such index of its own; pgmq's vt
+--                      index is one), for reading the jobs due instead of
+--                      scanning the tenants while few are (issue 20).
 CREATE FUNCTION meshhook_limits._create_claim_index(b meshhook_limits.queue_bindings)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -531,6 +563,10 @@ BEGIN
     EXECUTE pg_catalog.format(
       'CREATE INDEX %I ON pgboss.job (%s, start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state%s',
       b.index_name || '_due', meshhook_limits._claim_key_sql(b, ''), b.queue, 'active',
+      CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END);
+    EXECUTE pg_catalog.format(
+      'CREATE INDEX %I ON pgboss.job (start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state%s',
+      b.index_name || '_at', b.queue, 'active',
       CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END);
   ELSE
     EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id, vt)', b.index_name, b.relation,

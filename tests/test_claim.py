@@ -1461,13 +1461,15 @@ def test_bind_rebind_unbind_manage_the_index(cluster, cdb, db, tenant):
                           "AND tgname LIKE %s", (f"meshhook\\_claim\\_{bid}\\_%",)).fetchone()[0]
 
     def indexes():
-        """The claim index of q (each comes with its _due index, checked here)."""
-        both = db.execute("SELECT c.relname, pg_get_indexdef(c.oid) FROM pg_index i "
+        """The claim index of q (each comes with its _due and _at indexes,
+        checked here)."""
+        all_ = db.execute("SELECT c.relname, pg_get_indexdef(c.oid) FROM pg_index i "
                           "JOIN pg_class c ON c.oid = i.indexrelid "
                           "WHERE i.indrelid = 'pgboss.job'::regclass AND c.relname LIKE 'meshhook_claim_%%' "
                           "AND pg_get_indexdef(c.oid) LIKE %s ORDER BY 1", (f"%{q}%",)).fetchall()
-        main = [(n, d) for n, d in both if not n.endswith("_due")]
-        assert sorted(n for n, _ in both if n.endswith("_due")) == [n + "_due" for n, _ in main]
+        main = [(n, d) for n, d in all_ if not n.endswith(("_due", "_at"))]
+        for suffix in ("_due", "_at"):
+            assert sorted(n for n, _ in all_ if n.endswith(suffix)) == [n + suffix for n, _ in main]
         return main
     b1 = bind(db, "pgboss", q)
     [(name, ddl)] = indexes()

@@ -340,3 +340,61 @@ def test_concurrent_claimers_across_chunks_never_over_admit(cluster, pgmq_db):
     finally:
         with cluster.connect(dbname=pgmq_db) as a:     # their slots end with them
             a.execute("SELECT pgmq.delete(%s, %s::bigint[])", (q, [j for _, j in claimed]))
+
+
+def _index_scans(conn, q):
+    """This transaction's scans of each index on the queue's table."""
+    return {r[0]: r[1] for r in conn.execute(
+        "SELECT c.relname, pg_stat_get_xact_numscans(i.indexrelid) FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass",
+        (f"pgmq.q_{q}",)).fetchall()}
+
+
+def test_a_first_claim_among_thousands_of_deferred_tenants_reads_only_the_due_jobs(cluster, pgmq_db):
+    """5,000 tenants whose only job is deferred an hour, and one with jobs
+    due whose id sorts last. A new backend's first claim takes that
+    tenant's job from one read of the due jobs on pgmq's vt index, without
+    probing the deferred tenants on the binding's `_due` index (as this
+    transaction's statistics count the scans); with more jobs due than the
+    read may take, or without the vt index, it scans, and claims the same."""
+    q = "deferred"
+    n = 5000
+    last = "ffffffff-ffff-4fff-bfff-ffffffffffff"
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        a.execute("SELECT pgmq.send_batch(%s, ARRAY(SELECT jsonb_build_object('tenant_id', gen_random_uuid()) "
+                  "FROM generate_series(1, %s)), 3600)", (q, n))
+        _send(a, q, [last] * 3)
+        a.execute("ANALYZE")
+        due_index = a.execute(f"SELECT index_name || '_due' FROM {S}.queue_bindings WHERE queue = %s",
+                              (q,)).fetchone()[0]
+        vt_index = a.execute(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_attribute t ON t.attrelid = i.indrelid AND t.attnum = i.indkey[0] "
+            "WHERE i.indrelid = %s::regclass AND t.attname = 'vt'", (f"pgmq.q_{q}",)).fetchone()[0]
+
+    def first_claim():
+        with cluster.connect(dbname=pgmq_db) as w:      # a new backend
+            w.execute("BEGIN")
+            got = [t for t, _ in _claim(w, q)]
+            scans = _index_scans(w, q)
+            w.execute("ROLLBACK")
+        return got, scans
+
+    got, scans = first_claim()
+    assert got == [last]
+    assert scans.get(due_index, 0) == 0, scans
+    assert scans.get(vt_index, 0) >= 1, scans
+    # More due than the read may take (2,048 at first): the scan, past its
+    # first chunk, finds the tenant.
+    with cluster.connect(dbname=pgmq_db) as a:
+        _send(a, q, [last] * 2100)
+    got, scans = first_claim()
+    assert got == [last]
+    assert scans.get(due_index, 0) > 4096, scans
+    # No index on vt (dropped by the queue's owner): the scan.
+    with cluster.connect(dbname=pgmq_db) as a:
+        a.execute(f"DROP INDEX pgmq.{vt_index}")
+    got, scans = first_claim()
+    assert got == [last]
+    assert scans.get(due_index, 0) > 4096, scans

@@ -1,10 +1,11 @@
 //! claim_jobs: hand a worker the jobs whose every limit has room, with their
 //! slots, weighted-fair across tenants (docs/claiming.md).
 //!
-//! The queue side is SQL (sql/claim*.sql): the binding, and three statements
+//! The queue side is SQL (sql/claim*.sql): the binding, and the statements
 //! built for it by `_claim_queries` (a skip scan over the claim index for
-//! the tenants with waiting jobs, a tenant's next job, and what the queue's
-//! own fetch does to the jobs it takes). They are prepared once per backend
+//! the tenants with waiting jobs, a read of the jobs due for the same when
+//! few are, a tenant's next job, and what the queue's own fetch does to the
+//! jobs it takes). They are prepared once per backend
 //! and binding and kept, so a claim plans nothing. The slot side is
 //! `slots::claimed`. This module is the loop between them.
 //!
@@ -29,12 +30,15 @@ use key::{parse_cost, parse_uuid};
 use pgrx::datum::{Interval, TimestampWithTimeZone, Uuid};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use queue::{binding, prepare, refresh, scan_on, take, Binding, ClaimIndexOnly, Plans, PLANS};
+use queue::{
+    binding, prepare, refresh, scan_on, take, Binding, ClaimIndexOnly, Finders, Plans, PLANS,
+};
 use runqueue::TenantKey;
 use std::collections::HashMap;
 
 mod key;
 pub(crate) mod pacing;
+mod pass;
 mod queue;
 pub mod restore;
 mod runnable;
@@ -176,7 +180,12 @@ fn claim_with(
     // The limits generation the call's refusals were made under (at the
     // latest): a tenant parked under it comes back once it moves.
     let generation = crate::limits::caching_generation();
-    refresh(c, b.owner, &plans.tenants, &mut plans.run)?;
+    let finders = Finders {
+        owner: b.owner,
+        tenants: &plans.tenants,
+        due: plans.due.as_ref(),
+    };
+    refresh(c, &finders, &mut plans.run)?;
     plans.run.unpark();
     // pgmq: the visibility timeout, which is also the slot's lease.
     let vt = b
@@ -196,7 +205,7 @@ fn claim_with(
         // waited longest (`runqueue`).
         let Some(tenant) = run.pick()? else {
             // Empty mid-pass: the next chunks, a few at most.
-            if chunks < MORE_CHUNKS_PER_CALL && scan_on(c, b.owner, &plans.tenants, run)? {
+            if chunks < MORE_CHUNKS_PER_CALL && scan_on(c, &finders, run)? {
                 chunks += 1;
                 continue;
             }

@@ -94,6 +94,10 @@ pub(super) struct Plans {
     pub(super) tenants: OwnedPreparedStatement,
     pub(super) head: OwnedPreparedStatement,
     pub(super) take: OwnedPreparedStatement,
+    /// The tenants with a job due, from an index on when jobs are due
+    /// (pg-boss: the binding's `_at`; pgmq: the queue's on `vt`; None: the
+    /// queue has no such index).
+    pub(super) due: Option<OwnedPreparedStatement>,
     /// The tenants with a job due, in the order claim_jobs serves them.
     pub(super) run: RunQueue,
 }
@@ -143,13 +147,15 @@ pub(super) fn binding(c: &SpiClient, source: &str, queue: &str) -> Result<Bindin
 
 pub(super) fn prepare(c: &SpiClient, b: &Binding, queue: String) -> Result<Plans> {
     let rows = c.select(
-        "SELECT tenants_q, head_q, take_q FROM meshhook_limits._claim_queries($1)",
+        "SELECT tenants_q, head_q, take_q, due_q FROM meshhook_limits._claim_queries($1)",
         Some(1),
         &[b.id.into()],
     )?;
     let r = rows.into_iter().next().ok_or(LimitsError::NotPreloaded)?;
     let text = |i| -> Result<String> { Ok(r.get::<String>(i)?.unwrap_or_default()) };
     let (tenants_q, head_q, take_q) = (text(1)?, text(2)?, text(3)?);
+    let due_q = r.get::<String>(4)?;
+    let int4_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::INT4OID);
     let text_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts_oid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
     let take_args: &[PgOid] = if b.pgmq {
@@ -160,63 +166,93 @@ pub(super) fn prepare(c: &SpiClient, b: &Binding, queue: String) -> Result<Plans
     Ok(Plans {
         shape: b.shape.clone(),
         queue,
-        tenants: c
-            .prepare(
-                tenants_q.as_str(),
-                &[text_oid, PgOid::BuiltIn(pg_sys::BuiltinOid::INT4OID)],
-            )?
-            .keep(),
+        tenants: c.prepare(tenants_q.as_str(), &[text_oid, int4_oid])?.keep(),
         head: c
             .prepare_mut(head_q.as_str(), &[text_oid, texts_oid])?
             .keep(),
         take: c.prepare_mut(take_q.as_str(), take_args)?.keep(),
+        due: match due_q {
+            Some(q) => Some(c.prepare(q.as_str(), &[int4_oid])?.keep()),
+            None => None,
+        },
         run: RunQueue::new(b.id),
     })
 }
 
+/// The statements that find the tenants with a job due, and whom they run as.
+pub(super) struct Finders<'a> {
+    pub(super) owner: pg_sys::Oid,
+    pub(super) tenants: &'a OwnedPreparedStatement,
+    pub(super) due: Option<&'a OwnedPreparedStatement>,
+}
+
 /// The run queue, given the next chunk of the skip scan over the binding's
 /// `_due` index (one probe per tenant with waiting jobs) when one is due,
-/// or else its tenants' limits (`runqueue`).
-pub(super) fn refresh(
-    c: &SpiClient,
-    owner: pg_sys::Oid,
-    tenants: &OwnedPreparedStatement,
-    run: &mut RunQueue,
-) -> Result<()> {
+/// or else its tenants' limits (`runqueue`). A new pass first reads the
+/// jobs due from an index on when they are due (`due_tenants`), when that is
+/// likely to find them all for less than the pass would cost.
+pub(super) fn refresh(c: &SpiClient, f: &Finders, run: &mut RunQueue) -> Result<()> {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    match run.chunk_due(now) {
-        Some(after) => scan_chunk(c, owner, tenants, run, &after, now),
-        None => run.load_limits(),
+    let Some(after) = run.chunk_due(now) else {
+        return run.load_limits();
+    };
+    if let (true, Some(due), Some(most)) = (after.is_empty(), f.due, run.pass.due_read_limit()) {
+        match due_tenants(c, f.owner, due, most)? {
+            Some(found) => {
+                run.merge_due(found, now);
+                return Ok(());
+            }
+            None => run.pass.due_read_missed(),
+        }
     }
+    scan_chunk(c, f, run, &after, now)
 }
 
 /// The next chunk of the current pass, now: a call whose run queue ran
 /// empty mid-pass looks further.
-pub(super) fn scan_on(
-    c: &SpiClient,
-    owner: pg_sys::Oid,
-    tenants: &OwnedPreparedStatement,
-    run: &mut RunQueue,
-) -> Result<bool> {
-    let Some(after) = run.mid_pass() else {
+pub(super) fn scan_on(c: &SpiClient, f: &Finders, run: &mut RunQueue) -> Result<bool> {
+    let Some(after) = run.pass.mid_pass() else {
         return Ok(false);
     };
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    scan_chunk(c, owner, tenants, run, &after, now)?;
+    scan_chunk(c, f, run, &after, now)?;
     Ok(true)
 }
 
-fn scan_chunk(
-    c: &SpiClient,
-    owner: pg_sys::Oid,
-    tenants: &OwnedPreparedStatement,
-    run: &mut RunQueue,
-    after: &str,
-    now: i64,
-) -> Result<()> {
-    let chunk = waiting_tenants(c, owner, tenants, after)?;
+fn scan_chunk(c: &SpiClient, f: &Finders, run: &mut RunQueue, after: &str, now: i64) -> Result<()> {
+    let chunk = waiting_tenants(c, f.owner, f.tenants, after)?;
     run.merge(chunk, now);
     Ok(())
+}
+
+/// The tenants with a job due, from one read of at most `most` due jobs in
+/// the order they became due (an index on it); None when
+/// there were as many (more may be due: the skip scan is needed).
+fn due_tenants(
+    c: &SpiClient,
+    owner: pg_sys::Oid,
+    due: &OwnedPreparedStatement,
+    most: i32,
+) -> Result<Option<Vec<Found>>> {
+    let read = {
+        let _pinned = ClaimIndexOnly::new();
+        as_owner(owner, || c.select(due, None, &[most.into()]))?
+    };
+    let (mut found, mut jobs) = (Vec::new(), 0i64);
+    for r in read {
+        jobs += r.get::<i64>(3)?.unwrap_or(0);
+        let key = r.get::<String>(1)?;
+        match key.as_deref().map(parse_uuid) {
+            Some(Some(id)) => found.push(Found {
+                id,
+                spelling: key.unwrap_or_default(),
+                at: r.get::<Ts>(2)?.ok_or(LimitsError::NotPreloaded)?,
+            }),
+            // As in the skip scan: never claimed, counted once a pass.
+            _ => invalid_job(),
+        }
+    }
+    Ok((jobs < i64::from(most)).then_some(found))
 }
 
 /// One chunk of the skip scan: the tenants with a job due among the next
@@ -227,6 +263,8 @@ pub(super) struct Chunk {
     /// The last tenant the chunk probed (due or not), unless the chunk
     /// reached the end of the index.
     pub(super) last: Option<String>,
+    /// The tenants it probed.
+    pub(super) probed: usize,
 }
 
 /// Tenants one chunk of the skip scan probes at most (about 3 µs each).
@@ -276,6 +314,7 @@ fn waiting_tenants(
         after: after.to_owned(),
         found,
         last: last.filter(|_| probed >= SCAN_CHUNK),
+        probed,
     })
 }
 

@@ -5,13 +5,16 @@
 //!
 //! **Filled by the skip scan** (`queue::waiting_tenants`), which finds the
 //! tenants with a job due in chunks of `queue::SCAN_CHUNK` (in the order of
-//! their ids as the jobs spell them), one chunk in a call (up to three
-//! more when the queue runs empty mid-pass, `claim::MORE_CHUNKS_PER_CALL`):
-//! a chunk replaces what the queue held of its range of ids. Between chunks the
-//! queue is kept as the claims leave it: a tenant whose probe finds nothing
-//! is removed until a chunk finds it again, as are tenants whose first job
-//! arrived since. A tenant at its limit is parked: it comes back when one
-//! of its slots ends (the slot table's ring of such tenants,
+//! their ids as the jobs spell them), one chunk in a call (up to three more
+//! when the queue runs empty mid-pass, `claim::MORE_CHUNKS_PER_CALL`): a
+//! chunk replaces what the queue held of its range of ids. A new pass first
+//! tries one read of the jobs due (`queue::due_tenants`, bounded by
+//! `due_read_limit`): when it finds fewer than it may read, it is the whole
+//! pass, with no probe of the tenants whose jobs are all deferred. Between
+//! chunks the queue is kept as the claims leave it: a tenant whose probe
+//! finds nothing is removed until a chunk finds it again, as are tenants
+//! whose first job arrived since. A tenant at its limit is parked: it comes
+//! back when one of its slots ends (the slot table's ring of such tenants,
 //! `slots::freed`, read from where this backend last looked), when a limit
 //! changes anywhere, or when a chunk finds it again. The next chunk is due
 //! `RESCAN_FACTOR` times as long after the last as it took, and a new pass
@@ -19,9 +22,8 @@
 //! began (or at once, mid-pass, when the queue has run empty), and no
 //! sooner than the binding's shared clock allows (`pacing`): all of its
 //! claiming backends together scan about a tenth of the time, a call scans
-//! 16,384 tenants at most,
-//! and a tenant whose first job arrives is seen within a pass
-//! (docs/claiming.md, "Cost").
+//! 16,384 tenants at most, and a tenant whose first job arrives is seen
+//! within a pass (docs/claiming.md, "Cost").
 //!
 //! **The order** is a binary heap of keys: the start tag, then the heavier
 //! weight, then the longer wait (claim_jobs' pick). Start tags only move
@@ -33,8 +35,8 @@
 //! number of tenants. Where tags move back (the clock's rebase, the tag map's
 //! compaction) or a weight is raised, a tenant can be served later than its
 //! tag says, until a chunk finds it again and reads its key afresh.
-use super::pacing;
-use super::queue::{Chunk, SCAN_CHUNK};
+use super::pass::Pass;
+use super::queue::{Chunk, Found, SCAN_CHUNK};
 pub(super) use super::runnable::TenantKey;
 use super::runnable::{Key, Runnable};
 use super::Ts;
@@ -47,30 +49,18 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ops::Bound;
 
-/// A pass of the scan starts this long after the last one at the soonest.
-const RESCAN_MIN_MICROS: i64 = 100_000;
-/// The next chunk of the scan is due this many times as long after the
-/// last one as it took.
-const RESCAN_FACTOR: i64 = 10;
 /// Start tags read under one hold of the slot table's lock.
 const STARTS_CHUNK: usize = 1024;
 /// Tenants whose limits one call loads at most (about 3 µs each).
 const LOAD_CHUNK: usize = 4096;
-
 #[derive(Default)]
 pub(super) struct RunQueue {
-    /// The binding it is for (the scan's shared pace, `pacing`).
-    binding: i64,
+    /// When it looks for tenants (`pass`).
+    pub(super) pass: Pass,
     tenants: HashMap<TenantKey, Runnable>,
     /// The tenant of each spelling in the queue, in the scan's order.
     by_spelling: BTreeMap<String, TenantKey>,
     heap: BinaryHeap<Reverse<Key>>,
-    /// Where the next chunk starts (after this spelling); None: a new pass.
-    cursor: Option<String>,
-    /// When the current pass began, and when the next chunk is due
-    /// (timestamps; None: no chunk yet).
-    pass_started_at: i64,
-    next_chunk_at: Option<i64>,
     /// The limits generation under which every tenant's limits were
     /// cached in this backend (`load_limits`).
     limits_loaded: Option<u64>,
@@ -84,7 +74,7 @@ pub(super) struct RunQueue {
 impl RunQueue {
     pub(super) fn new(binding: i64) -> Self {
         RunQueue {
-            binding,
+            pass: Pass::new(binding),
             ..Default::default()
         }
     }
@@ -92,29 +82,14 @@ impl RunQueue {
     /// Where the next chunk of the scan starts, if one is due before this
     /// claim ('' for a new pass).
     pub(super) fn chunk_due(&self, now: i64) -> Option<String> {
-        let after = || Some(self.cursor.clone().unwrap_or_default());
-        let Some(next) = self.next_chunk_at else {
-            return after();
-        };
-        let mid_pass = self.cursor.is_some();
-        let empty = self.heap.is_empty();
-        if now < self.pass_started_at // the clock moved back
-            || (empty && (mid_pass || now.saturating_sub(self.pass_started_at) >= RESCAN_MIN_MICROS))
-        {
-            return after();
-        }
-        // Its own pace, and the binding's (all its claiming backends
-        // together, `pacing`).
-        if now >= next && pacing::next_at(self.binding, now).is_none_or(|at| now >= at) {
-            return after();
-        }
-        None
+        self.pass.chunk_due(now, self.heap.is_empty())
     }
 
-    /// Where the next chunk of the current pass starts, if a pass is under
-    /// way.
-    pub(super) fn mid_pass(&self) -> Option<String> {
-        self.cursor.clone()
+    /// What a read of the due jobs found: every tenant with a job due, a
+    /// whole pass.
+    pub(super) fn merge_due(&mut self, found: Vec<Found>, at: i64) {
+        self.put("", None, found);
+        self.pass.looked("", None, None, at);
     }
 
     /// Put in what a chunk of the scan found, started at `at`: what the
@@ -123,22 +98,24 @@ impl RunQueue {
     /// table, weights from this backend's cached limits, 1 until a pick or
     /// `load_limits` loads them).
     pub(super) fn merge(&mut self, chunk: Chunk, at: i64) {
-        if self.next_chunk_at.is_none() {
+        self.put(&chunk.after, chunk.last.as_ref(), chunk.found);
+        self.pass
+            .looked(&chunk.after, chunk.last, Some(chunk.probed), at);
+    }
+
+    /// The tenants found with a job due between `after` and `last` (None:
+    /// the end), in place of what the queue held there.
+    fn put(&mut self, after: &str, last: Option<&String>, found: Vec<Found>) {
+        if self.pass.first() {
             self.freed_mark = slot_shares::freed_mark();
         }
-        if chunk.after.is_empty() {
-            self.pass_started_at = at;
-        }
         // What the range held and the chunk did not find: gone.
-        let found: HashSet<&str> = chunk.found.iter().map(|f| f.spelling.as_str()).collect();
-        let upper = chunk
-            .last
-            .as_ref()
-            .map_or(Bound::Unbounded, Bound::Included);
+        let found_spellings: HashSet<&str> = found.iter().map(|f| f.spelling.as_str()).collect();
+        let upper = last.map_or(Bound::Unbounded, |l| Bound::Included(l.as_str()));
         let gone: Vec<String> = self
             .by_spelling
-            .range::<String, _>((Bound::Excluded(&chunk.after), upper))
-            .filter(|(spelling, _)| !found.contains(spelling.as_str()))
+            .range::<str, _>((Bound::Excluded(after), upper))
+            .filter(|(spelling, _)| !found_spellings.contains(spelling.as_str()))
             .map(|(spelling, _)| spelling.clone())
             .collect();
         for spelling in gone {
@@ -148,7 +125,7 @@ impl RunQueue {
         }
         // What it found: new, or back with its key read afresh.
         let mut keys: Vec<TenantKey> = Vec::new();
-        for f in chunk.found {
+        for f in found {
             let key = *f.id.as_bytes();
             let t = self.tenants.entry(key).or_insert_with(|| Runnable {
                 id: f.id,
@@ -204,16 +181,6 @@ impl RunQueue {
         if self.heap.len() > 2 * self.tenants.len() + SCAN_CHUNK {
             self.rebuild_heap();
         }
-        let took = unsafe { pgrx::pg_sys::GetCurrentTimestamp() }
-            .saturating_sub(at)
-            .max(0);
-        let mut next = at.saturating_add(took.saturating_mul(RESCAN_FACTOR));
-        pacing::push(self.binding, next);
-        if chunk.last.is_none() {
-            next = next.max(self.pass_started_at.saturating_add(RESCAN_MIN_MICROS));
-        }
-        self.cursor = chunk.last;
-        self.next_chunk_at = Some(next);
     }
 
     /// A spelling of this tenant is no longer in the queue; without any,
