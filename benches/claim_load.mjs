@@ -11,6 +11,7 @@
 //   node benches/claim_load.mjs CONN weights --queue Q --weights 1,2,4 [options]
 //   node benches/claim_load.mjs CONN throughput --queue Q --arm fetch|claim|claimrel|group [options]
 //   node benches/claim_load.mjs CONN pgmq-throughput --queue Q --arm read|claim|claimrel [options]
+//   node benches/claim_load.mjs CONN send|pgmq-send --queue Q [--workers W --tenants N --seconds S --warmup S]
 //
 // CONN is libpq-style: "host=/tmp/x port=5432 user=postgres dbname=db".
 // Output: one JSON object on stdout; exit 1 on any error.
@@ -62,6 +63,10 @@
 //   The queue is filled by the caller (a backlog), or with --produce 1 each
 //   iteration first sends --batch jobs of --tenants tenants (boss.insert,
 //   pgmq.send_batch), so the queue stays short.
+// send / pgmq-send: enqueue cost (benches/enqueue.sh): W loops send one job
+//   each (boss.send(Q, data) / SELECT pgmq.send(Q, data)) of tenants
+//   1..--tenants in turn, with no sleep, for --warmup + --seconds; jobs sent
+//   in the measured window per second.
 //
 // Over-admission checks, in every arm that takes slots: (1) in the process,
 // the jobs each tenant has in hand (counted up when a claim returns, down
@@ -610,10 +615,34 @@ async function throughput (src, conn, o) {
   }
 }
 
+async function sendLoad (send, o) {
+  const start = Date.now()
+  const from = start + o.warmup * 1000
+  const to = from + o.seconds * 1000
+  let seq = 0
+  let inWindow = 0
+  await Promise.all(Array.from({ length: o.workers }, async () => {
+    while (Date.now() < to) {
+      await send({ tenant_id: tenant(1 + (seq++ * 7919) % o.tenants) })
+      const t = Date.now()
+      if (t >= from && t < to) inWindow++
+    }
+  }))
+  return { workers: o.workers, tenants: o.tenants, seconds: o.seconds, jobs_per_s: round(inWindow / o.seconds, 1), sent: seq }
+}
+
 async function main () {
   const [conn, command, ...rest] = process.argv.slice(2)
-  if (!conn || !command) throw new Error('usage: claim_load.mjs CONN init|noisy|weights|throughput|pgmq-throughput [options]')
+  if (!conn || !command) throw new Error('usage: claim_load.mjs CONN init|noisy|weights|throughput|pgmq-throughput|send|pgmq-send [options]')
   const o = parseArgs(rest)
+  if (command === 'pgmq-send') {
+    const pool = new pg.Pool({ ...parseConn(conn), max: o.workers + 1, application_name: 'claim_bench' })
+    try {
+      return await sendLoad(data => pool.query('SELECT pgmq.send($1, $2::jsonb)', [o.queue, data]), o)
+    } finally {
+      await pool.end()
+    }
+  }
   if (command === 'pgmq-throughput') {
     const pool = new pg.Pool({ ...parseConn(conn), max: o.workers + 1, application_name: 'claim_bench' })
     try {
@@ -642,6 +671,8 @@ async function main () {
       if (command === 'noisy') {
         if (!['claim', 'fetch', 'naive', 'group'].includes(o.arm)) throw new Error('noisy needs --arm claim|fetch|naive|group')
         out = await noisy(boss, conn, o)
+      } else if (command === 'send') {
+        out = await sendLoad(data => boss.send(o.queue, data), o)
       } else if (command === 'weights') {
         out = await weights(boss, conn, o)
       } else if (command === 'throughput') {

@@ -14,7 +14,7 @@
 //! backend alone.
 //!
 //! A backend's own pace still applies, and the shared one does not hold
-//! back a backend whose run queue is empty (`runqueue::RunQueue::chunk_due`).
+//! back a backend whose run queue is empty (`pass::Pass::chunk_due`).
 //! It does hold back a new backend's first pass: exempted, eight workers
 //! started together each scanned all 100,000 tenants at their own pace
 //! (claim_jobs at 0.45 of pg-boss's fetch, against 0.74 paced).
