@@ -35,7 +35,7 @@ test-integration:
 	PG="$(FULL_PG) $(SMOKE_PG)" bash scripts/setup.sh --test
 	bash scripts/test.sh integration
 
-## make bench: every benchmark in benches/ (about 31 minutes; a quiet machine)
+## make bench: every benchmark in benches/ (about 40 minutes; a quiet machine)
 bench: setup
 	bash scripts/install-queue-systems.sh
 	bash benches/run.sh
@@ -43,11 +43,15 @@ bench: setup
 	bash benches/metrics.sh
 	bash benches/pgboss.sh
 	bash benches/claim.sh
+	bash benches/claim_tenants.sh
+	bash benches/enqueue.sh
 	bash benches/pooler.sh
 
 bench-claim: setup
 	bash scripts/install-queue-systems.sh
 	bash benches/claim.sh
+	bash benches/claim_tenants.sh
+	bash benches/enqueue.sh
 
 bench-slots: setup
 	bash benches/run.sh
