@@ -72,14 +72,16 @@
 #   BENCH_TP_ARMS        fetch, claim, claimrel (claim + explicit release), group
 #                        (pg-boss 12's fetch with groupConcurrency = BENCH_LIMIT, each
 #                        tenant a group; PGBOSS_MAJOR=12, pg-boss only) [fetch claim]
-#   BENCH_TP_TENANTS     tenants the throughput jobs belong to [100]
+#   BENCH_TP_TENANTS     tenants the throughput jobs belong to; a list runs each
+#                        (e.g. "10 100 1000 10000 100000": claiming against the
+#                        number of tenants, issue 20) [100]
 #   BENCH_SERVER_CONF    one more postgresql.conf line, e.g. 'synchronous_commit = off'
 #                        (the throughput arms without the wait for the WAL flush) []
 #   BENCH_TP_MODES       steady (each iteration sends its batch first: a short queue)
 #                        and/or backlog (BENCH_TP_JOBS queued first) [steady backlog]
 #   BENCH_TP_SECONDS     measured seconds per throughput run [10]
 #   BENCH_TP_WARMUP      warm-up seconds per throughput run [2]
-#   BENCH_TP_BATCH       jobs per claim/fetch in throughput [10]
+#   BENCH_TP_BATCH       jobs per claim/fetch in throughput; a list runs each [10]
 #   BENCH_TP_JOBS        queued jobs per throughput run in mode backlog [200000]
 #   BENCH_TP_ROUNDS      interleaved rounds of the throughput arms [3]
 #   BENCH_TP_PGMQ        1: also pgmq (needs .cache/pgmq/pgmq.sql) [1]
@@ -139,7 +141,7 @@ BL_DB=backlog   # backlog, without the worker's sampling of its million jobs
 NOISY_TENANT=00000000-0000-4000-8000-000000001000
 OTHER_TENANT=00000000-0000-4000-8000-000000002000
 
-for v in WORKERS LIMIT QUIET_TENANTS QUIET_JOBS CAP W_SECONDS W_COST_MAX TP_SECONDS TP_BATCH TP_JOBS TP_ROUNDS BL_JOBS BL_REPS; do
+for v in WORKERS LIMIT QUIET_TENANTS QUIET_JOBS CAP W_SECONDS W_COST_MAX TP_SECONDS TP_JOBS TP_ROUNDS BL_JOBS BL_REPS; do
   need_positive "$v" "${!v}"
 done
 for v in RUN_MS POLL_MS NOISY_JOBS QUIET_DELAY W_WARMUP W_TOTAL TP_WARMUP BL_TENANTS HISTORY; do
@@ -156,7 +158,8 @@ for a in $NOISY_ARMS; do [[ $a =~ ^[abcdeg]$ ]] || { echo "unknown noisy arm $a 
 if has "$NOISY_ARMS" g && [[ ${PGBOSS_MAJOR:-11} != 12 ]]; then echo "noisy arm g needs PGBOSS_MAJOR=12" >&2; exit 2; fi
 for a in $TP_ARMS; do [[ $a =~ ^(fetch|claim|claimrel|group)$ ]] || { echo "unknown throughput arm $a (fetch claim claimrel group)" >&2; exit 2; }; done
 if has "$TP_ARMS" group && [[ ${PGBOSS_MAJOR:-11} != 12 ]]; then echo "throughput arm group needs PGBOSS_MAJOR=12" >&2; exit 2; fi
-need_positive BENCH_TP_TENANTS "$TP_TENANTS"
+for n in $TP_TENANTS; do need_positive BENCH_TP_TENANTS "$n"; done
+for b in $TP_BATCH; do need_positive BENCH_TP_BATCH "$b"; done
 for m in $TP_MODES; do [[ $m =~ ^(steady|backlog)$ ]] || { echo "unknown throughput mode $m (steady backlog)" >&2; exit 2; }; done
 IFS=, read -r -a weights <<<"$W_WEIGHTS"
 if [[ -z ${BENCH_W_JOBS:-} ]]; then
@@ -354,10 +357,13 @@ fi
 # a deep queue: `steady` (each loop iteration first sends its batch, so the
 # queue stays as short as the loops keep it; the insert is in both arms) and
 # `backlog` (TP_JOBS jobs queued before the run, no inserts).
-declare -A TP_RUNS=()   # "source mode arm" → jobs/s of each round
-declare -A TP_LIVE=() TP_TICK=() TP_DRAIN=()  # "source mode" → claim arm: most live slots, the worker's longest tick, drain time
-tenant_expr="('00000000-0000-4000-8000-' || lpad((1 + g % $TP_TENANTS)::text, 12, '0'))"
-fill_pgboss() { # QUEUE [ARM]: TP_JOBS waiting jobs of TP_TENANTS tenants, 1 ms apart (FIFO order defined); arm group: each in its tenant's group
+# Each case is a mode, a number of tenants (BENCH_TP_TENANTS) and a batch
+# (BENCH_TP_BATCH): "mode tenants batch".
+declare -A TP_RUNS=()   # "source case arm" → jobs/s of each round
+declare -A TP_LIVE=() TP_TICK=() TP_DRAIN=()  # "source case" → claim arm: most live slots, the worker's longest tick, drain time
+tp_n="" tp_b=""          # the case's tenants and batch, set before tp_run
+tenant_expr=""
+fill_pgboss() { # QUEUE [ARM]: TP_JOBS waiting jobs of tp_n tenants, 1 ms apart (FIFO order defined); arm group: each in its tenant's group
   local group=NULL
   [[ ${2:-} == group ]] && group="$tenant_expr"
   q "INSERT INTO pgboss.job (name, data, policy, created_on, start_after$( [[ $group != NULL ]] && echo ', group_id'))
@@ -371,25 +377,27 @@ fill_pgmq() { # QUEUE
        FROM generate_series(1, $TP_JOBS) g))" >/dev/null
   q "VACUUM ANALYZE pgmq.q_$1" >/dev/null
 }
-tp_run() { # SOURCE MODE ARM ROUND
-  local src=$1 mode=$2 arm=$3 r=$4 qn jf cmd=throughput produce=0 name="throughput $1 $2 $3 round $4"
+tp_run() { # SOURCE MODE ARM ROUND (the case's tenants and batch: tp_n, tp_b)
+  local src=$1 mode=$2 arm=$3 r=$4 qn jf cmd=throughput produce=0 name="throughput $1 $2 $tp_n tenants batch $tp_b $3 round $4"
+  local case="$mode $tp_n $tp_b"
   [[ $mode == steady ]] && produce=1
+  tenant_expr="('00000000-0000-4000-8000-' || lpad((1 + g % $tp_n)::text, 12, '0'))"
   if [[ $src == pgboss ]]; then
-    qn="tp-$r-$mode-$arm"; create_queue "$DB" "$qn"
+    qn="tp-$r-$mode-$tp_n-$tp_b-$arm"; create_queue "$DB" "$qn"
     [[ $mode == backlog ]] && fill_pgboss "$qn" "$arm"
   else
     [[ $arm == group ]] && return 0   # pg-boss 12's only
-    qn="tp_${r}_${mode}_$arm"; cmd=pgmq-throughput
+    qn="tp_${r}_${mode}_${tp_n}_${tp_b}_$arm"; cmd=pgmq-throughput
     q "SELECT pgmq.create('$qn')" >/dev/null
     [[ $mode == backlog ]] && fill_pgmq "$qn"
   fi
   [[ $arm != fetch && $arm != group ]] && q "SELECT meshhook_limits.bind_queue('$src', '$qn')" >/dev/null
-  jf="$OUT/tp-$src-$mode-$arm-$r.json"
+  jf="$OUT/tp-$src-$mode-$tp_n-$tp_b-$arm-$r.json"
   local larm=$arm
   [[ $src == pgmq && $arm == fetch ]] && larm='read'
   q "CHECKPOINT" >/dev/null
-  if run_load "$name" "$jf" "$cmd" --queue "$qn" --arm "$larm" --workers "$WORKERS" --batch "$TP_BATCH" \
-      --seconds "$TP_SECONDS" --warmup "$TP_WARMUP" --poll-ms "$POLL_MS" --produce "$produce" --tenants "$TP_TENANTS" --limit "$LIMIT"; then
+  if run_load "$name" "$jf" "$cmd" --queue "$qn" --arm "$larm" --workers "$WORKERS" --batch "$tp_b" \
+      --seconds "$TP_SECONDS" --warmup "$TP_WARMUP" --poll-ms "$POLL_MS" --produce "$produce" --tenants "$tp_n" --limit "$LIMIT"; then
     load_checks "$name" "$jf"
     local jps waiting
     jps=$(json "$jf" .jobs_per_s)
@@ -402,22 +410,22 @@ tp_run() { # SOURCE MODE ARM ROUND
       (( waiting > 0 )) || notes+=("$name: the backlog ran out before the end (BENCH_TP_JOBS); jobs/s is a lower bound")
     fi
     if [[ $arm == claim ]]; then
-      TP_LIVE["$src $mode"]+="$(json "$jf" .sampled_max_live_total) "
-      TP_TICK["$src $mode"]+="$(json "$jf" .max_tick_ms) "
+      TP_LIVE["$src $case"]+="$(json "$jf" .sampled_max_live_total) "
+      TP_TICK["$src $case"]+="$(json "$jf" .max_tick_ms) "
     fi
-    TP_RUNS["$src $mode $arm"]+="$jps "
-    printf '    %-7s %-8s %-9s round %s: %s jobs/s\n' "$src" "$mode" "$arm" "$r" "$jps" >&2
+    TP_RUNS["$src $case $arm"]+="$jps "
+    printf '    %-7s %-8s %7s tenants  batch %-3s %-9s round %s: %s jobs/s\n' "$src" "$mode" "$tp_n" "$tp_b" "$arm" "$r" "$jps" >&2
   fi
   # Before unbinding: an unbound queue's claims end only with their leases.
   slots_left "$name" 10
-  [[ $arm == claim ]] && TP_DRAIN["$src $mode"]+="$DRAIN_S "
+  [[ $arm == claim ]] && TP_DRAIN["$src $case"]+="$DRAIN_S "
   [[ $arm != fetch && $arm != group ]] && q "SELECT meshhook_limits.unbind_queue('$src', '$qn')" >/dev/null
   if [[ $src == pgboss ]]; then drop_queue_jobs "$qn"; else q "SELECT pgmq.drop_queue('$qn')" >/dev/null; fi
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (!NR) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 TP_CPU="" tp_sources=""
 if has "$SCENARIOS" throughput; then
-  echo "throughput: $TP_ROUNDS rounds × ($TP_MODES) × ($TP_ARMS), $WORKERS workers, batch $TP_BATCH, ${TP_SECONDS}s after ${TP_WARMUP}s" >&2
+  echo "throughput: $TP_ROUNDS rounds × ($TP_MODES) × tenants ($TP_TENANTS) × batch ($TP_BATCH) × ($TP_ARMS), $WORKERS workers, ${TP_SECONDS}s after ${TP_WARMUP}s" >&2
   clear_limits
   tp_sources=pgboss
   if [[ $TP_PGMQ == 1 ]]; then
@@ -428,8 +436,12 @@ if has "$SCENARIOS" throughput; then
   cpu_start
   for r in $(seq "$TP_ROUNDS"); do
     for mode in $TP_MODES; do
-      for src in $tp_sources; do
-        for arm in $TP_ARMS; do tp_run "$src" "$mode" "$arm" "$r"; done
+      for tp_n in $TP_TENANTS; do
+        for tp_b in $TP_BATCH; do
+          for src in $tp_sources; do
+            for arm in $TP_ARMS; do tp_run "$src" "$mode" "$arm" "$r"; done
+          done
+        done
       done
     done
   done
@@ -639,37 +651,47 @@ report() {
     echo "### Throughput, no limits"
     echo
     echo "No limit set at all; the queue bound with \`bind_queue(source, queue)\` for the claim arms. Each run on a new queue;"
-    echo "$WORKERS loops with no run time, batch $TP_BATCH, ${TP_SECONDS} s counted after ${TP_WARMUP} s; $TP_ROUNDS rounds, modes, sources"
-    echo "and arms interleaved within each round; the median is reported. Jobs of $TP_TENANTS tenants. Other CPU $TP_CPU."
+    echo "$WORKERS loops with no run time, ${TP_SECONDS} s counted after ${TP_WARMUP} s; $TP_ROUNDS rounds, modes, tenants, batches, sources"
+    echo "and arms interleaved within each round; the median is reported. Other CPU $TP_CPU."
     echo
-    echo "- mode \`steady\`: every iteration first sends its $TP_BATCH jobs (\`boss.insert\`, \`pgmq.send_batch\`), so the queue stays short; the insert is in both arms"
+    echo "- mode \`steady\`: every iteration first sends its batch of jobs (\`boss.insert\`, \`pgmq.send_batch\`), so the queue stays short; the insert is in both arms"
     echo "- mode \`backlog\`: $TP_JOBS jobs queued before the run (bulk INSERT 1 ms apart / \`pgmq.send_batch\`, then VACUUM ANALYZE), no inserts"
     echo "- \`fetch\`: \`boss.fetch(q, {batchSize})\` + \`boss.complete(q, ids)\` (pgmq: \`pgmq.read(q, 30, n)\` + \`pgmq.archive(q, ids)\`)"
     echo "- \`claim\`: \`claim_jobs(source, q, n)\` + the same complete/archive; no release call: the extension ends the slot with the job"
     has "$TP_ARMS" claimrel && echo "- \`claimrel\`: \`claim\` + \`SELECT release_execution_slot(s) FROM unnest(slots)\`, a third statement"
     has "$TP_ARMS" group && echo "- \`group\`: pg-boss 12's \`boss.fetch(q, {batchSize, groupConcurrency: $LIMIT})\` + \`boss.complete\`, each job in its tenant's group (pg-boss only)"
     echo
-    echo "| source | mode | arm | jobs/s (median) | rounds | × fetch |"
-    echo "| --- | --- | --- | ---: | --- | ---: |"
-    local src mode arm med base
+    echo "| source | mode | tenants | batch | arm | jobs/s (median) | rounds | × fetch |"
+    echo "| --- | --- | ---: | ---: | --- | ---: | --- | ---: |"
+    local src mode arm med base n b case
     for src in $tp_sources; do
       for mode in $TP_MODES; do
-        base=$(echo "${TP_RUNS["$src $mode fetch"]:-}" | median)
-        for arm in $TP_ARMS; do
-          [[ $src == pgmq && $arm == group ]] && continue
-          med=$(echo "${TP_RUNS["$src $mode $arm"]:-}" | median)
-          echo "| $src | $mode | $arm | $med | ${TP_RUNS["$src $mode $arm"]:-} | $( [[ $arm == fetch ]] || ratio "$med" "$base") |"
+        for n in $TP_TENANTS; do
+          for b in $TP_BATCH; do
+            case="$mode $n $b"
+            base=$(echo "${TP_RUNS["$src $case fetch"]:-}" | median)
+            for arm in $TP_ARMS; do
+              [[ $src == pgmq && $arm == group ]] && continue
+              med=$(echo "${TP_RUNS["$src $case $arm"]:-}" | median)
+              echo "| $src | $mode | $n | $b | $arm | $med | ${TP_RUNS["$src $case $arm"]:-} | $( [[ $arm == fetch ]] || ratio "$med" "$base") |"
+            done
+          done
         done
       done
     done
     echo
     for src in $tp_sources; do
       for mode in $TP_MODES; do
-        base=$(echo "${TP_RUNS["$src $mode fetch"]:-}" | median)
-        for arm in claim claimrel; do
-          [[ -n ${TP_RUNS["$src $mode $arm"]:-} && $base != n/a ]] || continue
-          med=$(echo "${TP_RUNS["$src $mode $arm"]}" | median)
-          echo "- $(verdict "$(ratio "$med" "$base")" '>=' 0.8): $src $mode $arm / fetch: $(ratio "$med" "$base") (target ≥ 0.8)"
+        for n in $TP_TENANTS; do
+          for b in $TP_BATCH; do
+            case="$mode $n $b"
+            base=$(echo "${TP_RUNS["$src $case fetch"]:-}" | median)
+            for arm in claim claimrel; do
+              [[ -n ${TP_RUNS["$src $case $arm"]:-} && $base != n/a ]] || continue
+              med=$(echo "${TP_RUNS["$src $case $arm"]}" | median)
+              echo "- $(verdict "$(ratio "$med" "$base")" '>=' 0.8): $src $mode, $n tenants, batch $b: $arm / fetch $(ratio "$med" "$base") (target ≥ 0.8)"
+            done
+          done
         done
       done
     done
