@@ -143,3 +143,45 @@ impl Pass {
         self.next_chunk_at = Some(next);
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::{Pass, DUE_READ_MIN, SCAN_CHUNK};
+    use pgrx::prelude::*;
+
+    /// How much a read of the due jobs may read, and when after a miss.
+    #[pg_test]
+    fn a_due_read_is_sized_by_the_last_scan_and_backs_off_after_misses() {
+        let mut p = Pass::new(-1);
+        assert_eq!(p.due_read_limit(), Some((SCAN_CHUNK / 2) as i32));
+        // Misses in a row: the next read 1, 3, 7 ... passes later.
+        for skipped in [1, 3, 7] {
+            p.due_read_missed();
+            for _ in 0..skipped {
+                assert_eq!(p.due_read_limit(), None);
+            }
+            assert!(p.due_read_limit().is_some());
+        }
+        for _ in 0..10 {
+            p.due_read_missed();
+        }
+        assert_eq!((0..63).filter(|_| p.due_read_limit().is_none()).count(), 63);
+        assert!(p.due_read_limit().is_some());
+        // A read that found every due job: the next miss backs off one pass.
+        let t = unsafe { pg_sys::GetCurrentTimestamp() };
+        p.looked("", None, None, t);
+        p.due_read_missed();
+        assert_eq!(p.due_read_limit(), None);
+        assert!(p.due_read_limit().is_some());
+        // Half what the last whole scan probed, within bounds; a chunk
+        // mid-pass does not count as a whole pass.
+        p.looked("", None, Some(100_000), t);
+        assert_eq!(p.due_read_limit(), Some(SCAN_CHUNK as i32));
+        p.looked("", Some("m".into()), Some(10), t);
+        assert_eq!(p.due_read_limit(), Some(SCAN_CHUNK as i32));
+        p.looked("m", None, Some(10), t);
+        assert_eq!(p.due_read_limit(), Some(DUE_READ_MIN as i32));
+        assert!(p.mid_pass().is_none());
+    }
+}

@@ -196,7 +196,13 @@ pub(super) fn refresh(c: &SpiClient, f: &Finders, run: &mut RunQueue) -> Result<
     let Some(after) = run.chunk_due(now) else {
         return run.load_limits();
     };
-    if let (true, Some(due), Some(most)) = (after.is_empty(), f.due, run.pass.due_read_limit()) {
+    // (A new pass only: the read stands for a whole pass, and its backoff
+    // counts passes.)
+    let most = match (after.is_empty(), f.due) {
+        (true, Some(due)) => run.pass.due_read_limit().map(|most| (due, most)),
+        _ => None,
+    };
+    if let Some((due, most)) = most {
         match due_tenants(c, f.owner, due, most)? {
             Some(found) => {
                 run.merge_due(found, now);
