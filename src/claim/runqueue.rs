@@ -232,8 +232,9 @@ impl RunQueue {
     /// Load the limits of the tenants in the queue this backend has not
     /// cached, `LOAD_CHUNK` at a time in one query (`slot_shares::shares`),
     /// and put their weights in their keys. A call that scanned does not
-    /// also load (each costs about as much), and a call loads one chunk:
-    /// until all are loaded, a pick loads its tenant's alone.
+    /// also load (each costs about as much), and a call loads one chunk;
+    /// a pick that meets a tenant not loaded yet loads a chunk too
+    /// (`load_chunk`).
     pub(super) fn load_limits(&mut self) -> Result<()> {
         let Some(generation) = limits::caching_generation() else {
             return Ok(());
@@ -245,10 +246,26 @@ impl RunQueue {
             // More than this backend caches: a pick loads its tenant's.
             return Ok(());
         }
+        if !self.load_chunk(None)? {
+            self.limits_loaded = Some(generation);
+        }
+        Ok(())
+    }
+
+    /// Load the limits of up to `LOAD_CHUNK` tenants in the queue this
+    /// backend has not cached, `first` first, in one query; whether more
+    /// are missing. (One tenant's alone costs about as much as 1,000 in
+    /// one query: 1.3 ms against 7.5 ms for 4,096. Loaded one at a time,
+    /// eight workers claiming 8 jobs a call from 10,000 tenants spent
+    /// three quarters of their time there.)
+    fn load_chunk(&mut self, first: Option<TenantKey>) -> Result<bool> {
         let mut missing: Vec<(TenantKey, Uuid)> = Vec::new();
         let mut more = false;
+        if let Some(t) = first.and_then(|k| self.tenants.get(&k)) {
+            missing.push((*t.id.as_bytes(), t.id));
+        }
         for (k, t) in &self.tenants {
-            if limits::cached_tenant_share(&t.id).is_none() {
+            if Some(*k) != first && limits::cached_tenant_share(&t.id).is_none() {
                 if missing.len() == LOAD_CHUNK {
                     more = true;
                     break;
@@ -272,10 +289,7 @@ impl RunQueue {
                 }
             }
         }
-        if !more {
-            self.limits_loaded = Some(generation);
-        }
-        Ok(())
+        Ok(more)
     }
 
     /// The tenant to serve next: the least key among those in the queue
@@ -284,12 +298,22 @@ impl RunQueue {
     /// (and counted as a blocked job).
     pub(super) fn pick(&mut self) -> Result<Option<TenantKey>> {
         while let Some(Reverse(top)) = self.heap.pop() {
-            let Some(t) = self.tenants.get_mut(&top.tenant) else {
+            let Some(t) = self.tenants.get(&top.tenant) else {
                 continue;
             };
             if !t.queued || t.version != top.version {
                 continue;
             }
+            // Its limits not loaded yet: with a chunk of others'.
+            if limits::cached_tenant_share(&t.id).is_none()
+                && limits::caching_generation().is_some()
+                && self.tenants.len() <= limits::MAX_TENANT_SHARES
+            {
+                self.load_chunk(Some(top.tenant))?;
+            }
+            let Some(t) = self.tenants.get_mut(&top.tenant) else {
+                continue;
+            };
             let (start, served) = slot_shares::starts(&[t.id])[0];
             let seen = limits::caching_generation();
             let share = slot_shares::shares(&[t.id])?.remove(0);
