@@ -398,3 +398,26 @@ def test_a_first_claim_among_thousands_of_deferred_tenants_reads_only_the_due_jo
     got, scans = first_claim()
     assert got == [last]
     assert scans.get(due_index, 0) > 4096, scans
+
+
+def test_a_first_claim_loads_the_limits_of_the_tenants_it_meets_together(cluster, pgmq_db):
+    """A new backend claiming 8 jobs among 3,000 tenants meets 8 tenants
+    whose limits it has not loaded: it loads them (and others') in one
+    query, not one query per tenant (each costs about as much as a
+    thousand together), as this transaction's function statistics count
+    the calls of `_claim_shares`."""
+    q = "loads"
+    tenants = [str(uuid.uuid4()) for _ in range(3000)]
+    with cluster.connect(dbname=pgmq_db) as a:
+        _new_queue(a, q)
+        _send(a, q, tenants * 2)
+        a.execute("ANALYZE")
+    with cluster.connect(dbname=pgmq_db) as w:
+        w.execute("SET track_functions = 'all'")
+        w.execute("BEGIN")
+        got = _claim(w, q, 8)
+        calls = w.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions "
+                          "WHERE funcname = '_claim_shares'").fetchone()[0]
+        w.execute("ROLLBACK")
+    assert len({t for t, _ in got}) == 8
+    assert calls <= 2, f"{calls} loads of limits for one claim of 8 tenants"
