@@ -401,13 +401,13 @@ def test_a_first_claim_among_thousands_of_deferred_tenants_reads_only_the_due_jo
 
 
 def test_a_first_claim_loads_the_limits_of_the_tenants_it_meets_together(cluster, pgmq_db):
-    """A new backend claiming 8 jobs among 3,000 tenants meets 8 tenants
-    whose limits it has not loaded: it loads them (and others') in one
-    query, not one query per tenant (each costs about as much as a
-    thousand together), as this transaction's function statistics count
+    """A new backend claiming 8 jobs among 1,000 tenants meets 8 tenants
+    whose limits it has not loaded: it loads them (and the others, 1,024
+    at a time) in one query, not one query per tenant (each costs about as
+    much as 500 together), as this transaction's function statistics count
     the calls of `_claim_shares`."""
     q = "loads"
-    tenants = [str(uuid.uuid4()) for _ in range(3000)]
+    tenants = [str(uuid.uuid4()) for _ in range(1000)]
     with cluster.connect(dbname=pgmq_db) as a:
         _new_queue(a, q)
         _send(a, q, tenants * 2)
