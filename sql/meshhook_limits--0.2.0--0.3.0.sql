@@ -409,10 +409,11 @@ BEGIN
   -- (tenant text, since when its first job has been due, how many of the
   -- jobs read are its). With fewer than $1 jobs due, one such read finds
   -- every tenant the skip scan would, however many tenants have only
-  -- deferred jobs. NULL when the queue has no such index: the read would
-  -- then walk the whole queue.
+  -- deferred jobs. NULL when the queue has no such index (a btree): the
+  -- read would then walk the whole queue.
   IF EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
               WHERE i.indrelid = b.relation AND i.indisvalid
+                AND c.relam = (SELECT am.oid FROM pg_catalog.pg_am am WHERE am.amname = 'btree')
                 AND CASE b.source
                       WHEN 'pgboss' THEN c.relname = b.index_name || '_at'
                       ELSE i.indpred IS NULL AND i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute a

@@ -107,8 +107,9 @@ def test_one_tenants_deferred_backlog_is_not_walked_by_every_claim(cluster, edb)
 
 def test_many_tenants_with_only_deferred_jobs_are_not_probed(cluster, edb):
     """3,000 tenants with one job each deferred a day, one with a job due:
-    a new backend finds it by reading the due jobs from the queue's own
-    index (pg-boss's job_i5, pgmq's vt index), not by probing every tenant
+    a new backend finds it by reading the due jobs from an index on when
+    they are due (pg-boss: the binding's _at index; pgmq: the queue's vt
+    index), not by probing every tenant
     (the skip scan would take 3,001 index scans); with 3,000 more jobs due
     than that read may take, by the skip scan, one probe per tenant."""
     dbname, source = edb

@@ -10,11 +10,12 @@
 //! claiming backends together scan about a tenth of the time.
 //!
 //! A new pass first reads the jobs due, from an index on when jobs are due
-//! (`queue::due_tenants`), at most half as many as the last
-//! pass probed tenants (`DUE_READ_MIN` to `SCAN_CHUNK`): with fewer due, that
-//! read is the whole pass, and tenants whose jobs are all deferred cost
-//! nothing. A read that found as many as it might is followed by a scan,
-//! and the next read waits 1, 3, 7 … 63 passes (`DUE_READ_MAX_BACKOFF`).
+//! (`queue::due_tenants`), at most half as many as the last pass probed
+//! tenants (`DUE_READ_MIN` to `SCAN_CHUNK`; none when it probed fewer than
+//! `DUE_READ_MIN`: scanning them is cheaper): with fewer due, that read is
+//! the whole pass, and tenants whose jobs are all deferred cost nothing. A
+//! read that found as many as it might is followed by a scan, and the next
+//! read waits 1, 3, 7 … 63 passes (`DUE_READ_MAX_BACKOFF`).
 use super::pacing;
 use super::queue::SCAN_CHUNK;
 
@@ -90,10 +91,14 @@ impl Pass {
     }
 
     /// How many due jobs a new pass may read instead of scanning (None:
-    /// scan this pass).
+    /// scan this pass). Not when the last pass probed fewer tenants than
+    /// the least read would read jobs: scanning them costs less.
     pub(super) fn due_read_limit(&mut self) -> Option<i32> {
         if self.due_skips > 0 {
             self.due_skips -= 1;
+            return None;
+        }
+        if self.last_probed.is_some_and(|p| p < DUE_READ_MIN) {
             return None;
         }
         let probed = self.last_probed.unwrap_or(SCAN_CHUNK);
@@ -180,8 +185,13 @@ mod tests {
         assert_eq!(p.due_read_limit(), Some(SCAN_CHUNK as i32));
         p.looked("", Some("m".into()), Some(10), t);
         assert_eq!(p.due_read_limit(), Some(SCAN_CHUNK as i32));
-        p.looked("m", None, Some(10), t);
+        p.looked("m", None, Some(300), t);
         assert_eq!(p.due_read_limit(), Some(DUE_READ_MIN as i32));
         assert!(p.mid_pass().is_none());
+        // Fewer tenants than the least read reads jobs: scanned.
+        p.looked("", None, Some(DUE_READ_MIN - 1), t);
+        assert_eq!(p.due_read_limit(), None);
+        p.looked("", None, Some(DUE_READ_MIN), t);
+        assert_eq!(p.due_read_limit(), Some(DUE_READ_MIN as i32));
     }
 }

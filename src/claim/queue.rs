@@ -189,8 +189,8 @@ pub(super) struct Finders<'a> {
 /// The run queue, given the next chunk of the skip scan over the binding's
 /// `_due` index (one probe per tenant with waiting jobs) when one is due,
 /// or else its tenants' limits (`runqueue`). A new pass first reads the
-/// jobs due from an index on when they are due (`due_tenants`), when that is
-/// likely to find them all for less than the pass would cost.
+/// jobs due from an index on when they are due (`due_tenants`), bounded
+/// by what the last pass cost (`pass::Pass::due_read_limit`).
 pub(super) fn refresh(c: &SpiClient, f: &Finders, run: &mut RunQueue) -> Result<()> {
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     let Some(after) = run.chunk_due(now) else {

@@ -51,10 +51,11 @@ use std::ops::Bound;
 
 /// Start tags read under one hold of the slot table's lock.
 const STARTS_CHUNK: usize = 1024;
-/// Tenants whose limits one call loads at most (about 2 µs each), and a
-/// pick that meets one not loaded (a new backend's first claim waits for
-/// it; each query costs about 1 ms more).
+/// Tenants whose limits a call without a scan loads at most, in one query
+/// (about 2 µs each, and 1 ms a query).
 const LOAD_CHUNK: usize = 4096;
+/// Tenants whose limits a pick that meets one not loaded loads at most
+/// (fewer: a new backend's first claim waits for them).
 const PICK_LOAD_CHUNK: usize = 1024;
 #[derive(Default)]
 pub(super) struct RunQueue {
