@@ -65,7 +65,6 @@ run() {
   node -p "JSON.parse(require('fs').readFileSync('$OUT/$1-$2-$3.json')).jobs_per_s"
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 rows=()
 for source in pgboss pgmq; do

@@ -247,18 +247,24 @@ fn due_tenants(
     let (mut found, mut jobs) = (Vec::new(), 0i64);
     for r in read {
         jobs += r.get::<i64>(3)?.unwrap_or(0);
-        let key = r.get::<String>(1)?;
-        match key.as_deref().map(parse_uuid) {
-            Some(Some(id)) => found.push(Found {
-                id,
-                spelling: key.unwrap_or_default(),
-                at: r.get::<Ts>(2)?.ok_or(LimitsError::NotPreloaded)?,
-            }),
-            // As in the skip scan: never claimed, counted once a pass.
-            _ => invalid_job(),
-        }
+        push_found(&mut found, r.get::<String>(1)?, r.get::<Ts>(2)?)?;
     }
     Ok((jobs < i64::from(most)).then_some(found))
+}
+
+/// A tenant found with a job due since `at`, as its jobs spell it; no
+/// tenant, or not a tenant id: those jobs are never claimed (counted once a
+/// pass).
+fn push_found(found: &mut Vec<Found>, key: Option<String>, at: Option<Ts>) -> Result<()> {
+    match key.as_deref().map(parse_uuid) {
+        Some(Some(id)) => found.push(Found {
+            id,
+            spelling: key.unwrap_or_default(),
+            at: at.ok_or(LimitsError::NotPreloaded)?,
+        }),
+        _ => invalid_job(),
+    }
+    Ok(())
 }
 
 /// One chunk of the skip scan: the tenants with a job due among the next
@@ -304,17 +310,7 @@ fn waiting_tenants(
         if key.is_some() && r.get::<bool>(3)? != Some(true) {
             continue;
         }
-        let at = r.get::<Ts>(2)?;
-        match key.as_deref().map(parse_uuid) {
-            Some(Some(id)) => found.push(Found {
-                id,
-                spelling: key.unwrap_or_default(),
-                at: at.ok_or(LimitsError::NotPreloaded)?,
-            }),
-            // No tenant, or not a tenant id: those jobs are never claimed
-            // (counted once a scan).
-            _ => invalid_job(),
-        }
+        push_found(&mut found, key, r.get::<Ts>(2)?)?;
     }
     Ok(Chunk {
         after: after.to_owned(),

@@ -57,6 +57,7 @@ const LOAD_CHUNK: usize = 4096;
 /// Tenants whose limits a pick that meets one not loaded loads at most
 /// (fewer: a new backend's first claim waits for them).
 const PICK_LOAD_CHUNK: usize = 1024;
+
 #[derive(Default)]
 pub(super) struct RunQueue {
     /// When it looks for tenants (`pass`).
