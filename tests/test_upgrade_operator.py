@@ -383,6 +383,10 @@ def test_operator_upgrade_from_0_2_0_with_claimed_jobs_in_flight(server_020):
                             ).fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM meshhook_limits.claim_jobs('pgmq', 'orders', 10)").fetchone() == (0,)
         assert conn.execute("SELECT meshhook_limits.live_slots(%s)", (t,)).fetchone() == (4,)
+        # The update gave the pg-boss binding its index on when jobs are
+        # due, which claim_jobs reads the due jobs through.
+        assert conn.execute("SELECT count(*) FROM meshhook_limits.queue_bindings b JOIN pg_class c "
+                            "ON c.relname = b.index_name || '_at' WHERE b.queue = 'webhooks'").fetchone() == (1,)
         conn.execute("UPDATE pgboss.job SET state = 'completed', completed_on = now() WHERE id = %s",
                      (boss_jobs[0][0],))
         got = conn.execute("SELECT job_id, retry_count FROM meshhook_limits.claim_jobs('pgboss', 'webhooks', 10)"
