@@ -103,6 +103,13 @@ def pool_row(bouncer, database: str) -> dict | None:
     return None
 
 
+def pool_stat(bouncer, database: str, column: str):
+    """One column of the database's SHOW POOLS row; None while PgBouncer has no
+    pool for it yet (no client has connected since it started or reloaded)."""
+    row = pool_row(bouncer, database)
+    return None if row is None else row[column]
+
+
 def health(admin, pooler: str) -> list[dict]:
     cur = admin.execute("SELECT * FROM meshhook_limits.pooler_health() WHERE pooler = %s", (pooler,))
     cols = [d.name for d in cur.description]
@@ -121,7 +128,7 @@ def test_sampled_numbers_match_show_pools_under_a_pgbench_load(cluster, bouncer,
     # Steady once the two servers run a sleep each and six clients wait.
     until(lambda: (p := pool_row(bouncer, cluster.dbname)) and p["cl_waiting"] == 6 and p["sv_active"] == 2,
           what="6 clients waiting in PgBouncer")
-    until(lambda: pool_row(bouncer, cluster.dbname)["maxwait"] > 0.05, what="a measurable wait")
+    until(lambda: (pool_stat(bouncer, cluster.dbname, "maxwait") or 0) > 0.05, what="a measurable wait")
     tick(admin)
     after = pool_row(bouncer, cluster.dbname)
     [h] = [r for r in health(admin, pooler) if r["database"] == cluster.dbname]
@@ -166,14 +173,14 @@ def test_the_wait_alert_fires_and_resolves_for_a_listener(cluster, bouncer, pool
         with cluster.connect() as listener:
             listener.execute("LISTEN meshhook_limits")
             ld = load(4)
-            until(lambda: pool_row(bouncer, cluster.dbname)["maxwait"] > 0.4, what="a client waiting 0.4 s")
+            until(lambda: (pool_stat(bouncer, cluster.dbname, "maxwait") or 0) > 0.4, what="a client waiting 0.4 s")
             tick(admin)
             fired = next(p for n in listener.notifies(timeout=30)
                          if (p := json.loads(n.payload))["event"] == "alert.firing" and p["rule"] == "pooler_wait")
             assert fired["labels"] == {"pooler": pooler, "database": cluster.dbname, "user": "postgres"}
             assert fired["value"] > 0.3 and fired["severity"] == "warning"
             ld.stop()
-            until(lambda: pool_row(bouncer, cluster.dbname)["cl_waiting"] == 0, what="no client waiting")
+            until(lambda: (pool_stat(bouncer, cluster.dbname, "cl_waiting") or 0) == 0, what="no client waiting")
             tick(admin)
             resolved = next(p for n in listener.notifies(timeout=30)
                             if (p := json.loads(n.payload))["event"] == "alert.resolved" and p["rule"] == "pooler_wait")
@@ -237,7 +244,7 @@ def test_a_pooler_that_does_not_answer_holds_the_tick_only_until_its_timeouts(cl
 def test_sizing_dry_run_records_and_on_raises_under_load_and_lowers_when_idle(cluster, bouncer, pooler, admin, load):
     admin.execute("SELECT meshhook_limits.set_pooler_sizing('pgb', 'dry_run', 2, 5, '2 seconds')")
     ld = load(8)
-    until(lambda: pool_row(bouncer, cluster.dbname)["cl_waiting"] == 6, what="6 clients waiting")
+    until(lambda: (pool_stat(bouncer, cluster.dbname, "cl_waiting") or 0) == 6, what="6 clients waiting")
 
     def ticked_until(event):
         def check():
@@ -253,7 +260,7 @@ def test_sizing_dry_run_records_and_on_raises_under_load_and_lowers_when_idle(cl
     [raised] = ticked_until("pool.resized")
     assert (raised["before"], raised["after"]) == (2, 5)  # the p95 of 6 waiting, capped at max_pool_size
     assert bouncer.config("default_pool_size") == "5"
-    until(lambda: pool_row(bouncer, cluster.dbname)["sv_active"] == 5, what="PgBouncer to use 5 servers")
+    until(lambda: (pool_stat(bouncer, cluster.dbname, "sv_active") or 0) == 5, what="PgBouncer to use 5 servers")
 
     ld.stop()
     lowered = until(lambda: (tick(admin), events(admin, "pool.resized", pooler))[1][1:], what="a lowering", step=0.2)
@@ -275,7 +282,7 @@ def test_a_read_only_login_samples_and_sizing_it_cannot_apply_is_an_event_not_a_
     try:
         admin.execute("SELECT meshhook_limits.set_pooler_sizing('ro', 'on', 2, 5, '2 seconds')")
         load(8)
-        until(lambda: pool_row(bouncer, cluster.dbname)["cl_waiting"] == 6, what="6 clients waiting")
+        until(lambda: (pool_stat(bouncer, cluster.dbname, "cl_waiting") or 0) == 6, what="6 clients waiting")
 
         def check():
             tick(admin)
@@ -308,7 +315,7 @@ def test_sizing_never_exceeds_what_the_server_has_room_for(cluster, bouncer, poo
         admin.execute("SELECT meshhook_limits.add_pooler('other', %s)", (other.conninfo,))
         admin.execute("SELECT meshhook_limits.set_pooler_sizing('pgb', 'on', 2, 1000, '2 seconds')")
         load(40)
-        until(lambda: pool_row(bouncer, cluster.dbname)["cl_waiting"] == 38, what="38 clients waiting")
+        until(lambda: (pool_stat(bouncer, cluster.dbname, "cl_waiting") or 0) == 38, what="38 clients waiting")
 
         def check():
             tick(admin)
