@@ -422,7 +422,6 @@ tp_run() { # SOURCE MODE ARM ROUND (the case's tenants and batch: tp_n, tp_b)
   [[ $arm != fetch && $arm != group ]] && q "SELECT meshhook_limits.unbind_queue('$src', '$qn')" >/dev/null
   if [[ $src == pgboss ]]; then drop_queue_jobs "$qn"; else q "SELECT pgmq.drop_queue('$qn')" >/dev/null; fi
 }
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (!NR) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 TP_CPU="" tp_sources=""
 if has "$SCENARIOS" throughput; then
   echo "throughput: $TP_ROUNDS rounds × ($TP_MODES) × tenants ($TP_TENANTS) × batch ($TP_BATCH) × ($TP_ARMS), $WORKERS workers, ${TP_SECONDS}s after ${TP_WARMUP}s" >&2

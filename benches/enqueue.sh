@@ -64,7 +64,6 @@ run() {
     >"$OUT/$1-$2-$3.json"
   node -p "JSON.parse(require('fs').readFileSync('$OUT/$1-$2-$3.json')).jobs_per_s"
 }
-median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 rows=()
 for source in pgboss pgmq; do
@@ -75,7 +74,7 @@ for source in pgboss pgmq; do
     else bound+=("$(run "$source" bound "$r")"); plain+=("$(run "$source" plain "$r")"); fi
     echo "$source round $r: unbound ${plain[-1]}, bound ${bound[-1]} jobs/s" >&2
   done
-  p=$(median "${plain[@]}") b=$(median "${bound[@]}")
+  p=$(echo "${plain[*]}" | median) b=$(echo "${bound[*]}" | median)
   label=$source; [[ $source == pgboss ]] && label="pg-boss $boss_version \`boss.send\`"
   [[ $source == pgmq ]] && label="\`pgmq.send\`"
   rows+=("| $label | $p | $b | $(ratio "$b" "$p") | ${plain[*]} | ${bound[*]} |")

@@ -250,6 +250,8 @@ end_checks() {
 
 calc() { awk "BEGIN { printf \"%.${1}f\", $2 }"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
+# The median of the numbers on stdin, separated by spaces or lines (n/a: none).
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (!NR) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 # floor (mean tps of the two SELECT 1 runs) and drift (start → end).
 floor_stats() {
   floor=$(calc 1 "(${TPS[floor_start]} + ${TPS[floor_end]}) / 2")

@@ -236,19 +236,18 @@ REVOKE EXECUTE ON FUNCTION meshhook_limits._claim_key_sql(meshhook_limits.queue_
 CREATE FUNCTION meshhook_limits._create_claim_index(b meshhook_limits.queue_bindings)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  waiting text;   -- pg-boss: the queue's waiting jobs ...
+  fetchable text; -- ... and those its fetch may take (pg-boss 12: not blocked)
 BEGIN
   IF b.source = 'pgboss' THEN
-    EXECUTE pg_catalog.format(
-      'CREATE INDEX %I ON pgboss.job (%s, priority DESC, created_on, id, start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state',
-      b.index_name, meshhook_limits._claim_key_sql(b, ''), b.queue, 'active');
-    EXECUTE pg_catalog.format(
-      'CREATE INDEX %I ON pgboss.job (%s, start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state%s',
-      b.index_name || '_due', meshhook_limits._claim_key_sql(b, ''), b.queue, 'active',
-      CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END);
-    EXECUTE pg_catalog.format(
-      'CREATE INDEX %I ON pgboss.job (start_after) WHERE name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state%s',
-      b.index_name || '_at', b.queue, 'active',
-      CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END);
+    waiting := pg_catalog.format('name = %L AND state OPERATOR(pg_catalog.<) %L::pgboss.job_state', b.queue, 'active');
+    fetchable := waiting || CASE WHEN meshhook_limits._pgboss_major() >= 12 THEN ' AND NOT blocked' ELSE '' END;
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON pgboss.job (%s, priority DESC, created_on, id, start_after) WHERE %s',
+      b.index_name, meshhook_limits._claim_key_sql(b, ''), waiting);
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON pgboss.job (%s, start_after) WHERE %s',
+      b.index_name || '_due', meshhook_limits._claim_key_sql(b, ''), fetchable);
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON pgboss.job (start_after) WHERE %s', b.index_name || '_at', fetchable);
   ELSE
     EXECUTE pg_catalog.format('CREATE INDEX %I ON %s (%s, msg_id, vt)', b.index_name, b.relation,
       meshhook_limits._claim_key_sql(b, ''));
